@@ -1,0 +1,86 @@
+// Weight names and shapes (Hugging Face's state-dict names and [out, in] layouts), LoRA adapter configs in
+// PEFT's format, token batches, and the validation every reader applies before a backend sees anything.
+#pragma once
+#include <array>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config.hpp"
+#include "tensor.hpp"
+
+namespace gemma {
+
+// The seven linear projections of a decoder layer, in HF module order.
+enum class Proj : uint8_t { q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj };
+inline constexpr int kNumProj = 7;
+inline constexpr std::array<Proj, kNumProj> kAllProj = {Proj::q_proj,    Proj::k_proj,  Proj::v_proj,   Proj::o_proj,
+                                                        Proj::gate_proj, Proj::up_proj, Proj::down_proj};
+const char* proj_name(Proj p);    // "q_proj"
+const char* proj_module(Proj p);  // "self_attn.q_proj", "mlp.gate_proj"
+int64_t proj_out(const Config& c, Proj p);
+int64_t proj_in(const Config& c, Proj p);
+
+// The four RMSNorms of a decoder layer, in the order they are applied.
+enum class Norm : uint8_t { input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm };
+inline constexpr std::array<Norm, 4> kAllNorms = {Norm::input_layernorm, Norm::post_attention_layernorm,
+                                                  Norm::pre_feedforward_layernorm, Norm::post_feedforward_layernorm};
+const char* norm_name(Norm n);
+
+inline const char* kEmbedName = "model.embed_tokens.weight";
+inline const char* kFinalNormName = "model.norm.weight";
+inline const char* kLmHeadName = "lm_head.weight";
+std::string proj_weight_name(int64_t layer, Proj p);
+std::string norm_weight_name(int64_t layer, Norm n);
+std::string lora_weight_name(int64_t layer, Proj p, char which);  // which: 'A' or 'B'
+
+struct WeightSpec {
+  std::string name;
+  Shape shape;
+};
+// All base weights of a config in HF state-dict order (embedding, then each layer, then the final norm).
+std::vector<WeightSpec> base_weight_specs(const Config& c);
+
+struct AdapterConfig {
+  int64_t r = 0;
+  double lora_alpha = 0;
+  std::vector<Proj> target_modules;
+  bool use_rslora = false;
+
+  bool targets(Proj p) const;
+  // PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA.
+  double scaling() const;
+};
+AdapterConfig parse_adapter_config_json(const std::string& text, const std::string& source);
+std::string to_adapter_config_json(const AdapterConfig& a);
+std::vector<WeightSpec> adapter_weight_specs(const Config& c, const AdapterConfig& a);
+
+inline constexpr int64_t kIgnoreIndex = -100;
+
+// A batch of token sequences in HF's causal-LM convention: position t is scored against labels[t + 1].
+struct Batch {
+  int64_t B = 0, T = 0;
+  std::vector<int64_t> input_ids;  // [B, T]
+  std::vector<int64_t> labels;     // [B, T], kIgnoreIndex where not scored
+  int64_t id(int64_t b, int64_t t) const { return input_ids[size_t(b * T + t)]; }
+  // The target scored at position t, or kIgnoreIndex (the last position has none).
+  int64_t target(int64_t b, int64_t t) const { return t + 1 < T ? labels[size_t(b * T + t + 1)] : kIgnoreIndex; }
+  int64_t count_targets() const;
+};
+// Splits a batch into micro-batches of `rows` sequences each (the last may be shorter).
+std::vector<Batch> split_batch(const Batch& b, int64_t rows);
+void validate_batch(const Config& c, const Batch& b, const std::string& source);
+
+struct Checkpoint {
+  Config config;
+  std::optional<AdapterConfig> adapter;
+  TensorMap weights;  // base weights and, when `adapter` is set, the adapter tensors
+};
+
+// Normalises names (drops PEFT's `base_model.model.` prefix), then checks that every tensor the config needs
+// is present with its exact shape and finite values, that nothing unknown is there, and that a stored
+// lm_head equals the embedding (Gemma 2 ties them). Tensors of layers beyond the config's depth are dropped
+// when `allow_deeper` (a checkpoint run with fewer layers), and rejected otherwise.
+void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper = false);
+
+}  // namespace gemma

@@ -1,0 +1,65 @@
+// The one description of a Gemma 2 model that every backend, reader and tool uses.
+// Field names are Hugging Face's config.json keys; the presets are the released models' exact values.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace gemma {
+
+enum class LayerType : uint8_t { sliding, full };
+
+struct Config {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;        // D
+  int64_t intermediate_size = 0;  // I
+  int64_t num_hidden_layers = 0;  // L
+  int64_t num_attention_heads = 0;  // H
+  int64_t num_key_value_heads = 0;  // KV
+  int64_t head_dim = 0;             // hd
+  double query_pre_attn_scalar = 0;  // attention scale is query_pre_attn_scalar^-0.5
+  std::optional<int64_t> sliding_window;  // W keys, the query's own included
+  std::optional<double> attn_logit_softcapping;   // null: the model has no attention cap
+  std::optional<double> final_logit_softcapping;  // null: the model has no final cap
+  double rope_theta = 10000.0;
+  double rms_norm_eps = 1e-6;
+  std::string hidden_activation = "gelu_pytorch_tanh";
+  int64_t max_position_embeddings = 8192;
+  std::vector<LayerType> layer_types;  // one per layer
+  int64_t pad_token_id = 0, eos_token_id = 1, bos_token_id = 2;
+
+  int64_t kv_groups() const { return num_attention_heads / num_key_value_heads; }
+};
+
+// Which of the two caps a run applies; the cap values themselves always come from the Config.
+struct Softcap {
+  bool attn = true;
+  bool logits = true;
+};
+// "none", "attn", "logits", "attn,logits" (also "logits,attn"); throws InputError naming `flag`.
+Softcap parse_softcap(const std::string& text, const std::string& flag);
+std::string softcap_name(Softcap s);   // "none", "attn", "logits", "attn,logits" (the CLI spelling)
+std::string softcap_combo(Softcap s);  // "none", "attn", "logits", "attn_logits" (the case-file group)
+// The four combinations in a fixed order: none, attn, logits, attn,logits.
+std::vector<Softcap> all_softcaps();
+// Every cap the config defines is on: the default when the user names none.
+Softcap config_softcaps(const Config& c);
+// Throws when `s` asks for a cap the config does not define (null in config.json).
+void check_softcap_available(const Config& c, Softcap s, const std::string& source);
+
+std::vector<std::string> preset_names();
+bool is_preset(const std::string& name);
+// A preset by name; throws InputError for an unknown one, listing the known ones.
+Config preset(const std::string& name);
+// The same model with only its first n layers (layer types kept): how true widths fit a small machine.
+Config with_layers(const Config& c, int64_t n);
+
+// Parses HF config.json text, old or new key style. `source` names the file in error messages.
+Config parse_config_json(const std::string& text, const std::string& source);
+// New-style HF config.json (layer_types, rope_parameters), readable by transformers 5.
+std::string to_config_json(const Config& c);
+// Throws InputError naming `source` and the first inconsistency found.
+void validate(const Config& c, const std::string& source);
+
+}  // namespace gemma

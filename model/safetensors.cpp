@@ -1,0 +1,244 @@
+#include "safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "errors.hpp"
+
+namespace gemma {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+std::string read_text_file(const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) fail(path, "no such file");
+  if (fs::is_directory(path, ec)) fail(path, "is a directory, expected a file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, "cannot open for reading");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) fail(path, "read error");
+  return ss.str();
+}
+
+namespace {
+
+// A read-only mapping of a whole file, unmapped when the last tensor aliasing it is gone.
+std::shared_ptr<const std::byte> map_file(const std::string& path, size_t& size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(path, "not a regular file");
+  }
+  size = size_t(st.st_size);
+  if (size == 0) {
+    ::close(fd);
+    fail(path, "empty file, not a safetensors file");
+  }
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (p == MAP_FAILED) fail(path, std::string("cannot map: ") + std::strerror(errno));
+  const size_t len = size;
+  return std::shared_ptr<const std::byte>(static_cast<const std::byte*>(p),
+                                          [len](const std::byte* q) { ::munmap(const_cast<std::byte*>(q), len); });
+}
+
+// Refuses duplicate keys at the top level of the header (nlohmann would silently keep the last one).
+json parse_header(const std::string& text, const std::string& path) {
+  std::set<std::string> seen;
+  json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json& parsed) {
+    if (ev == json::parse_event_t::key && depth == 1) {
+      const std::string k = parsed.get<std::string>();
+      if (!seen.insert(k).second) fail(path, "tensor '" + k + "' appears twice in the header");
+    }
+    return true;
+  };
+  try {
+    return json::parse(text, cb);
+  } catch (const json::exception& e) {
+    fail(path, std::string("header is not valid JSON: ") + e.what());
+  }
+}
+
+}  // namespace
+
+TensorMap read_safetensors(const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) fail(path, "no such file");
+  size_t size = 0;
+  auto base = map_file(path, size);
+  if (size < 8) fail(path, "file of " + std::to_string(size) + " bytes is too short for a safetensors header");
+  uint64_t n = 0;
+  std::memcpy(&n, base.get(), 8);  // little-endian u64, as the format says
+  if (n > 100u * 1024 * 1024) fail(path, "header length " + std::to_string(n) + " is absurdly large (> 100 MiB)");
+  if (n > size - 8)
+    fail(path, "header length " + std::to_string(n) + " runs beyond the end of the file (" + std::to_string(size) + " bytes)");
+  const std::string text(reinterpret_cast<const char*>(base.get()) + 8, size_t(n));
+  json h = parse_header(text, path);
+  if (!h.is_object()) fail(path, "header is not a JSON object");
+  const uint64_t data_size = size - 8 - n;
+  const std::byte* data = base.get() + 8 + n;
+
+  TensorMap out;
+  for (auto& [name, e] : h.items()) {
+    if (name == "__metadata__") {
+      if (!e.is_object()) fail(path, "__metadata__ is not an object");
+      continue;
+    }
+    const std::string where = "tensor '" + name + "'";
+    if (!e.is_object()) fail(path, where + " has a header entry that is not an object");
+    auto dt = e.find("dtype");
+    auto sh = e.find("shape");
+    auto off = e.find("data_offsets");
+    if (dt == e.end() || sh == e.end() || off == e.end())
+      fail(path, where + " lacks one of dtype, shape, data_offsets");
+    if (!dt->is_string()) fail(path, where + " has a dtype that is not a string");
+    const std::string dts = dt->get<std::string>();
+    DType d;
+    if (dts == "BF16") d = DType::bf16;
+    else if (dts == "F16") d = DType::f16;
+    else if (dts == "F32") d = DType::f32;
+    else if (dts == "F64") d = DType::f64;
+    else fail(path, where + " has dtype " + dts + "; only BF16, F16, F32, F64 are weights");
+    if (!sh->is_array() || sh->size() > 8) fail(path, where + " has a shape that is not a list of at most 8 sizes");
+    Shape shape;
+    uint64_t numel = 1;
+    for (const auto& s : *sh) {
+      if (!s.is_number_integer() || s.get<int64_t>() < 0) fail(path, where + " has a negative or non-integer size in its shape");
+      const uint64_t v = s.get<uint64_t>();
+      if (v != 0 && numel > (uint64_t(1) << 40) / v) fail(path, where + " has an absurdly large shape");
+      numel *= v;
+      shape.push_back(int64_t(v));
+    }
+    if (!off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
+      fail(path, where + " data_offsets must be two non-negative integers");
+    const uint64_t b = (*off)[0].get<uint64_t>(), en = (*off)[1].get<uint64_t>();
+    if (b > en || en > data_size)
+      fail(path, where + " data_offsets [" + std::to_string(b) + ", " + std::to_string(en) + "] fall outside the " +
+                     std::to_string(data_size) + " data bytes");
+    if (en - b != numel * dtype_size(d))
+      fail(path, where + " has " + std::to_string(en - b) + " data bytes, its shape " + shape_str(shape) + " and dtype " +
+                     dts + " need " + std::to_string(numel * dtype_size(d)));
+    Tensor t;
+    t.dtype = d;
+    t.shape = std::move(shape);
+    t.bytes = std::shared_ptr<const std::byte>(base, data + b);
+    out.emplace(name, std::move(t));
+  }
+  return out;
+}
+
+TensorMap read_safetensors_any(const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) fail(path, "no such file or directory");
+  if (!fs::is_directory(path, ec)) return read_safetensors(path);
+  const fs::path dir(path);
+  if (fs::exists(dir / "model.safetensors.index.json", ec)) {
+    const std::string ip = (dir / "model.safetensors.index.json").string();
+    json idx;
+    try {
+      idx = json::parse(read_text_file(ip));
+    } catch (const json::exception& e) {
+      fail(ip, std::string("malformed JSON: ") + e.what());
+    }
+    if (!idx.is_object() || !idx.contains("weight_map") || !idx["weight_map"].is_object())
+      fail(ip, "missing object 'weight_map'");
+    std::map<std::string, std::set<std::string>> by_file;
+    for (auto& [name, file] : idx["weight_map"].items()) {
+      if (!file.is_string()) fail(ip, "weight_map entry for '" + name + "' is not a file name");
+      const std::string f = file.get<std::string>();
+      if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
+        fail(ip, "shard name '" + f + "' must be a plain file name in the same directory");
+      by_file[f].insert(name);
+    }
+    TensorMap all;
+    for (const auto& [f, names] : by_file) {
+      const std::string sp = (dir / f).string();
+      TensorMap shard = read_safetensors(sp);
+      for (const auto& n : names) {
+        auto it = shard.find(n);
+        if (it == shard.end()) fail(sp, "missing tensor '" + n + "' that the index places in this shard");
+        if (!all.emplace(n, it->second).second) fail(sp, "tensor '" + n + "' appears in more than one shard");
+      }
+      for (const auto& [n, t] : shard)
+        if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in model.safetensors.index.json");
+    }
+    return all;
+  }
+  if (fs::exists(dir / "model.safetensors", ec)) return read_safetensors((dir / "model.safetensors").string());
+  if (fs::exists(dir / "adapter_model.safetensors", ec)) return read_safetensors((dir / "adapter_model.safetensors").string());
+  fail(path, "directory has neither model.safetensors nor model.safetensors.index.json");
+}
+
+void write_safetensors(const std::string& path, const TensorMap& tensors) {
+  json h = json::object();
+  uint64_t off = 0;
+  for (const auto& [name, t] : tensors) {
+    const char* d = t.dtype == DType::bf16 ? "BF16" : t.dtype == DType::f16 ? "F16" : t.dtype == DType::f32 ? "F32" : "F64";
+    const uint64_t n = uint64_t(t.numel()) * dtype_size(t.dtype);
+    h[name] = {{"dtype", d}, {"shape", t.shape}, {"data_offsets", {off, off + n}}};
+    off += n;
+  }
+  std::string text = h.dump();
+  while ((text.size() + 8) % 8) text += ' ';  // pad so the data starts 8-byte aligned, as HF does
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    if (!out) fail(path, "cannot write");
+    const uint64_t n = text.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out.write(text.data(), std::streamsize(n));
+    for (const auto& [name, t] : tensors)
+      out.write(reinterpret_cast<const char*>(t.bytes.get()), std::streamsize(uint64_t(t.numel()) * dtype_size(t.dtype)));
+    if (!out) {
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      fail(path, "write failed");
+    }
+  }
+  fs::rename(tmp, path);
+}
+
+Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
+                              const std::optional<std::string>& adapter_path, std::optional<int64_t> layers) {
+  Checkpoint ck;
+  ck.config = parse_config_json(read_text_file(config_path), config_path);
+  if (layers) ck.config = with_layers(ck.config, *layers);
+  ck.weights = read_safetensors_any(weights_path);
+  validate_checkpoint(ck, weights_path, /*allow_deeper=*/true);
+  if (adapter_path) {
+    std::error_code ec;
+    std::string cfg, tensors;
+    if (fs::is_directory(*adapter_path, ec)) {
+      cfg = (fs::path(*adapter_path) / "adapter_config.json").string();
+      tensors = (fs::path(*adapter_path) / "adapter_model.safetensors").string();
+    } else {
+      tensors = *adapter_path;
+      cfg = (fs::path(*adapter_path).parent_path() / "adapter_config.json").string();
+    }
+    AdapterConfig a = parse_adapter_config_json(read_text_file(cfg), cfg);
+    Checkpoint ad;
+    ad.config = ck.config;
+    ad.adapter = a;
+    ad.weights = read_safetensors(tensors);
+    // Base weights are already checked: validate the adapter tensors on their own, against base + adapter specs.
+    for (const auto& [n, t] : ck.weights) ad.weights.emplace(n, t);
+    validate_checkpoint(ad, tensors, /*allow_deeper=*/true);
+    ck = std::move(ad);
+  }
+  return ck;
+}
+
+}  // namespace gemma

@@ -1,0 +1,26 @@
+// Hugging Face checkpoints: safetensors files (single, or sharded with model.safetensors.index.json) next to
+// a config.json, and PEFT adapter directories. Files are memory-mapped and tensors alias the mapping, so a
+// 27b checkpoint run with two layers only ever touches the bytes of those two layers.
+#pragma once
+#include <optional>
+#include <string>
+
+#include "checkpoint.hpp"
+
+namespace gemma {
+
+// One .safetensors file (BF16, F16, F32, F64 tensors). Every structural problem is an InputError.
+TensorMap read_safetensors(const std::string& path);
+// A file, or a directory with model.safetensors or model.safetensors.index.json (+ shards).
+TensorMap read_safetensors_any(const std::string& path);
+// Writes a safetensors file atomically (temporary name, then rename).
+void write_safetensors(const std::string& path, const TensorMap& tensors);
+
+// config.json + weights (+ PEFT adapter directory or adapter_model.safetensors with adapter_config.json
+// beside it). `layers`, when set, keeps only the first layers (true widths on a small machine).
+Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
+                              const std::optional<std::string>& adapter_path, std::optional<int64_t> layers);
+
+std::string read_text_file(const std::string& path);
+
+}  // namespace gemma

@@ -1,0 +1,889 @@
+// The float64 reference of Gemma 2: forward and backward pass, LoRA, in one readable file.
+// Templated on the scalar type (Real): double for the reference, a 50-digit Boost.Multiprecision number
+// for the oracle. Every layer is a pair of free functions, layer_forward / layer_backward; gradients are
+// named d + the name of what they are the gradient of.
+//
+// Axis names (shared/spec/gemma2.md):
+//   B batch, T sequence, N = B*T rows, D hidden, H query heads, KV key/value heads, hd head_dim,
+//   I intermediate, V vocabulary, r LoRA rank. Activations are row-major (N, features).
+//
+// Frozen base weights stay in their file format and are converted block by block (Weight::load_rows),
+// so real 27b widths fit in memory. Each value that a low-precision trainer would store is passed
+// through cast(point, ...), a no-op under the f64 policy (policy.hpp).
+#pragma once
+#include <Eigen/Dense>
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "model/checkpoint.hpp"
+#include "model/errors.hpp"
+#include "reference/policy.hpp"
+#include "reference/scalar.hpp"
+
+namespace gemma::ref {
+
+template <class Real>
+using Mat = Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class Real>
+using Vec = Eigen::Matrix<Real, Eigen::Dynamic, 1>;
+
+// ----------------------------------------------------------------------------------------------------
+// Casts
+
+template <class Real>
+inline Real round_scalar(DType d, const Real& x) {
+  if (d == DType::f64) return x;
+  return Real(round_to(d, static_cast<double>(x)));
+}
+
+template <class Real>
+inline Real cast(const Policy& p, Cast c, const Real& x) {
+  return round_scalar(p[c], x);
+}
+
+template <class Real, class Derived>
+inline void cast(const Policy& p, Cast c, Eigen::MatrixBase<Derived>& m) {
+  const DType d = p[c];
+  if (d == DType::f64) return;
+  for (Eigen::Index i = 0; i < m.rows(); ++i)
+    for (Eigen::Index j = 0; j < m.cols(); ++j) m(i, j) = round_scalar(d, Real(m(i, j)));
+}
+
+template <class Real>
+inline void cast(const Policy& p, Cast c, Mat<Real>& m) {
+  const DType d = p[c];
+  if (d == DType::f64) return;
+  Real* x = m.data();
+  const int64_t n = m.size();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) x[i] = round_scalar(d, x[i]);
+}
+
+template <class Real>
+inline void cast(const Policy& p, Cast c, Vec<Real>& v) {
+  const DType d = p[c];
+  if (d == DType::f64) return;
+  for (Eigen::Index i = 0; i < v.size(); ++i) v(i) = round_scalar(d, v(i));
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Parameters
+
+// A weight matrix [out, in]: frozen in its file format (converted on use), or materialised in Real
+// (trainable, or small).
+template <class Real>
+struct Weight {
+  const Tensor* raw = nullptr;
+  Mat<Real> value;
+  int64_t rows = 0, cols = 0;
+
+  bool materialised() const { return raw == nullptr; }
+
+  // Rows [r0, r0 + n) as Real, into `out` (n, cols).
+  void load_rows(int64_t r0, int64_t n, Mat<Real>& out) const {
+    out.resize(n, cols);
+    if (materialised()) {
+      out = value.middleRows(r0, n);
+      return;
+    }
+    if constexpr (std::is_same_v<Real, double>) {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < n; ++i) raw->to_double((r0 + i) * cols, cols, out.data() + i * cols);
+    } else {
+      std::vector<double> buf(static_cast<size_t>(cols));
+      for (int64_t i = 0; i < n; ++i) {
+        raw->to_double((r0 + i) * cols, cols, buf.data());
+        for (int64_t j = 0; j < cols; ++j) out(i, j) = Real(buf[size_t(j)]);
+      }
+    }
+  }
+  // Rows converted per block: about 8 MB of float64 at a time.
+  int64_t block_rows() const { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, cols)); }
+};
+
+// A LoRA adapter on one projection: A (r, in), B (out, r); empty when the projection has none.
+template <class Real>
+struct Lora {
+  Mat<Real> A, B;
+  bool present() const { return A.size() > 0; }
+};
+
+template <class Real>
+struct Layer {
+  std::array<Weight<Real>, kNumProj> proj;  // indexed by Proj
+  std::array<Vec<Real>, 4> norm;            // indexed by Norm
+  std::array<Lora<Real>, kNumProj> lora;
+};
+
+// Holds pointers into the Checkpoint it was made from (frozen weights), which must outlive it.
+template <class Real>
+struct Model {
+  Model() = default;
+  Model(Model&&) = default;
+  Model& operator=(Model&&) = default;
+  Model(const Model&) = delete;
+
+  Config config;
+  Weight<Real> embed_tokens;  // (V, D), also the LM head
+  std::vector<Layer<Real>> layers;
+  Vec<Real> norm;  // final norm (D)
+  Real lora_scaling = Real(0);
+  bool train_all = false;  // gradients for every weight (no adapters) or for the adapters only
+  TensorMap rounded;       // base weights re-stored by the `weights` cast, kept alive here
+};
+
+// Builds the model from a validated checkpoint. Without adapters every weight is trainable and held in
+// Real; with adapters the base is frozen in its file format. The policy's `weights` and `adapters` casts are
+// applied here, once.
+template <class Real>
+Model<Real> make_model(const Checkpoint& ck, const Policy& policy);
+
+template <class Real>
+struct LayerGrads {
+  std::array<Mat<Real>, kNumProj> proj;
+  std::array<Vec<Real>, 4> norm;
+  std::array<Lora<Real>, kNumProj> lora;
+};
+
+// Gradients of the trainable weights; tensors of frozen weights stay empty.
+template <class Real>
+struct Grads {
+  Mat<Real> embed_tokens;
+  std::vector<LayerGrads<Real>> layers;
+  Vec<Real> norm;
+};
+
+template <class Real>
+Grads<Real> zero_grads(const Model<Real>& m);
+
+// Calls f(name, shape, param, grad, n) for every trainable tensor, in HF state-dict order, with pointers to
+// the parameter's and the gradient's n values (const when the model is).
+template <class M, class G, class F>
+void for_each_trainable(M& m, G& g, F&& f) {
+  const Config& c = m.config;
+  if (m.train_all) {
+    f(std::string(kEmbedName), Shape{c.vocab_size, c.hidden_size}, m.embed_tokens.value.data(), g.embed_tokens.data(),
+      int64_t(m.embed_tokens.value.size()));
+  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    auto& L = m.layers[size_t(l)];
+    auto& Gl = g.layers[size_t(l)];
+    auto norm = [&](Norm n) {
+      if (m.train_all)
+        f(norm_weight_name(l, n), Shape{c.hidden_size}, L.norm[size_t(n)].data(), Gl.norm[size_t(n)].data(),
+          int64_t(L.norm[size_t(n)].size()));
+    };
+    auto proj = [&](Proj p) {
+      auto& w = L.proj[size_t(p)];
+      if (m.train_all)
+        f(proj_weight_name(l, p), Shape{w.rows, w.cols}, w.value.data(), Gl.proj[size_t(p)].data(), int64_t(w.value.size()));
+      auto& a = L.lora[size_t(p)];
+      if (a.present()) {
+        auto& ga = Gl.lora[size_t(p)];
+        f(lora_weight_name(l, p, 'A'), Shape{a.A.rows(), a.A.cols()}, a.A.data(), ga.A.data(), int64_t(a.A.size()));
+        f(lora_weight_name(l, p, 'B'), Shape{a.B.rows(), a.B.cols()}, a.B.data(), ga.B.data(), int64_t(a.B.size()));
+      }
+    };
+    norm(Norm::input_layernorm);
+    for (Proj p : {Proj::q_proj, Proj::k_proj, Proj::v_proj, Proj::o_proj}) proj(p);
+    norm(Norm::post_attention_layernorm);
+    norm(Norm::pre_feedforward_layernorm);
+    for (Proj p : {Proj::gate_proj, Proj::up_proj, Proj::down_proj}) proj(p);
+    norm(Norm::post_feedforward_layernorm);
+  }
+  if (m.train_all)
+    f(std::string(kFinalNormName), Shape{c.hidden_size}, m.norm.data(), g.norm.data(), int64_t(m.norm.size()));
+}
+
+// ----------------------------------------------------------------------------------------------------
+// One run's settings
+
+struct RunOptions {
+  Softcap softcap;
+  Numerics numerics;
+  bool keep_logits = false;  // return the (capped) logits, e.g. to compare with /expected
+};
+
+template <class Real>
+struct Result {
+  Real loss_sum = Real(0);  // sum of per-token losses over the scored targets
+  int64_t tokens = 0;       // scored targets (labels != -100)
+  Mat<Real> logits;         // (N, V) after the final cap, when RunOptions::keep_logits
+};
+
+// Fixed per-run quantities the layer functions share.
+template <class Real>
+struct Ctx {
+  const Config& cfg;
+  const Policy& policy;
+  const Semantics& sem;
+  int64_t B, T;
+  bool attn_cap_on, final_cap_on;
+  Real attn_cap, final_cap;
+  Real scale;  // query_pre_attn_scalar^-0.5
+  Mat<Real> rope_cos, rope_sin;  // (T, hd/2)
+
+  bool sliding(int64_t layer) const {
+    const bool s = cfg.layer_types[size_t(layer)] == LayerType::sliding;
+    return sem.sliding_odd_layers ? !s : s;
+  }
+  // Key j is visible to query i (same sequence): causal, and within the window on sliding layers.
+  bool visible(int64_t layer, int64_t i, int64_t j) const {
+    if (j > i) return false;
+    if (!sliding(layer)) return true;
+    return i - j <= *cfg.sliding_window + sem.window_extra - 1;
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------
+// RMSNorm: out = x * rsqrt(mean(x^2) + eps) * (1 + w), per row.
+
+template <class Real>
+void rmsnorm_forward(const Mat<Real>& x,  // (N, D) input
+                     const Vec<Real>& w,  // (D) weight, scale is 1 + w
+                     const Ctx<Real>& ctx,
+                     Mat<Real>& out,    // (N, D)
+                     Vec<Real>& rstd) { // (N) 1 / rms, kept for the backward
+  using std::sqrt;
+  const Policy& p = ctx.policy;
+  const int64_t N = x.rows(), D = x.cols();
+  out.resize(N, D);
+  rstd.resize(N);
+  Vec<Real> scale(D);
+  for (int64_t j = 0; j < D; ++j) scale(j) = cast(p, Cast::norm_scale, Real(1) + w(j));
+  const Real eps = Real(ctx.cfg.rms_norm_eps);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    Real ss = Real(0);
+    for (int64_t j = 0; j < D; ++j) {
+      const Real v = cast(p, Cast::norm_in, x(i, j));
+      ss += v * v;
+    }
+    const Real r = Real(1) / sqrt(ss / Real(D) + eps);
+    rstd(i) = r;
+    for (int64_t j = 0; j < D; ++j) {
+      const Real xhat = cast(p, Cast::norm_normed, cast(p, Cast::norm_in, x(i, j)) * r);
+      out(i, j) = cast(p, Cast::norm_out, xhat * scale(j));
+    }
+  }
+}
+
+// dx = r (dxhat - xhat mean(dxhat * xhat)), dxhat = dout (1 + w); dw = sum over rows of dout * xhat.
+template <class Real>
+void rmsnorm_backward(const Mat<Real>& dout,  // (N, D)
+                      const Mat<Real>& x,     // (N, D) forward input
+                      const Vec<Real>& rstd,  // (N)
+                      const Vec<Real>& w,     // (D)
+                      const Ctx<Real>& ctx,
+                      Mat<Real>& dx,          // (N, D), overwritten
+                      Vec<Real>* dw) {        // (D), accumulated; null when w is frozen
+  const Policy& p = ctx.policy;
+  const int64_t N = x.rows(), D = x.cols();
+  dx.resize(N, D);
+  Mat<Real> xhat(N, D);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    Real dot = Real(0);
+    for (int64_t j = 0; j < D; ++j) {
+      xhat(i, j) = cast(p, Cast::norm_in, x(i, j)) * rstd(i);
+      dot += dout(i, j) * (Real(1) + w(j)) * xhat(i, j);
+    }
+    const Real mean = dot / Real(D);
+    for (int64_t j = 0; j < D; ++j) dx(i, j) = rstd(i) * (dout(i, j) * (Real(1) + w(j)) - xhat(i, j) * mean);
+  }
+  if (dw && !ctx.sem.rmsnorm_no_weight_grad) {
+    for (int64_t j = 0; j < D; ++j) {
+      Real s = Real(0);
+      for (int64_t i = 0; i < N; ++i) s += dout(i, j) * xhat(i, j);
+      (*dw)(j) += s;
+    }
+  }
+  cast(p, Cast::grad_act, dx);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Projections (HF nn.Linear, no bias) with an optional LoRA adapter: y = x W^T + s (x A^T) B^T.
+
+template <class Real>
+void linear_forward(const Mat<Real>& x, const Weight<Real>& W, Mat<Real>& y) {  // (N, in) -> (N, out)
+  y.resize(x.rows(), W.rows);
+  if (W.materialised()) {
+    y.noalias() = x * W.value.transpose();
+    return;
+  }
+  Mat<Real> blk;
+  const int64_t R = W.block_rows();
+  for (int64_t r0 = 0; r0 < W.rows; r0 += R) {
+    const int64_t n = std::min(R, W.rows - r0);
+    W.load_rows(r0, n, blk);
+    y.middleCols(r0, n).noalias() = x * blk.transpose();
+  }
+}
+
+template <class Real>
+void linear_backward_input(const Mat<Real>& dy, const Weight<Real>& W, Mat<Real>& dx) {  // dx (N, in) += dy W
+  if (W.materialised()) {
+    dx.noalias() += dy * W.value;
+    return;
+  }
+  Mat<Real> blk;
+  const int64_t R = W.block_rows();
+  for (int64_t r0 = 0; r0 < W.rows; r0 += R) {
+    const int64_t n = std::min(R, W.rows - r0);
+    W.load_rows(r0, n, blk);
+    dx.noalias() += dy.middleCols(r0, n) * blk;
+  }
+}
+
+template <class Real>
+void projection_forward(const Mat<Real>& x,        // (N, in), already cast to the matmul input format
+                        const Weight<Real>& W,     // (out, in)
+                        const Lora<Real>& lora,
+                        const Real& s,             // LoRA scaling
+                        const Policy& p,
+                        Mat<Real>& y,              // (N, out)
+                        Mat<Real>& xa) {           // (N, r) x A^T, kept for the backward
+  linear_forward(x, W, y);
+  cast(p, Cast::matmul_out, y);
+  if (!lora.present()) return;
+  xa.noalias() = x * lora.A.transpose();
+  cast(p, Cast::lora_mid, xa);
+  Mat<Real> delta = (xa * lora.B.transpose()) * s;
+  cast(p, Cast::matmul_out, delta);
+  y += delta;
+  cast(p, Cast::matmul_out, y);
+}
+
+template <class Real>
+void projection_backward(const Mat<Real>& dy,   // (N, out)
+                         const Mat<Real>& x,    // (N, in) forward input
+                         const Weight<Real>& W, const Lora<Real>& lora, const Real& s,
+                         const Mat<Real>& xa,   // (N, r)
+                         Mat<Real>& dx,         // (N, in), accumulated
+                         Mat<Real>* dW,         // (out, in), accumulated; null when frozen
+                         Lora<Real>* dlora) {   // accumulated; null when there is no adapter
+  linear_backward_input(dy, W, dx);
+  if (dW) dW->noalias() += dy.transpose() * x;
+  if (!lora.present()) return;
+  const Mat<Real> dxa = (dy * lora.B) * s;  // (N, r)
+  dx.noalias() += dxa * lora.A;
+  if (dlora) {
+    dlora->B.noalias() += (dy.transpose() * xa) * s;
+    dlora->A.noalias() += dxa.transpose() * x;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Rotary embeddings, half-split convention: pairs (j, j + hd/2) rotate by angle t * inv_freq[j].
+
+template <class Real>
+void rope_tables(const Config& cfg, const Policy& p, int64_t T, Mat<Real>& cosv, Mat<Real>& sinv) {
+  using std::cos;
+  using std::pow;
+  using std::sin;
+  const int64_t half = cfg.head_dim / 2;
+  cosv.resize(T, half);
+  sinv.resize(T, half);
+  for (int64_t k = 0; k < half; ++k) {
+    const Real inv_freq =
+        cast(p, Cast::rope_inputs, Real(1) / pow(Real(cfg.rope_theta), Real(2 * k) / Real(cfg.head_dim)));
+    for (int64_t t = 0; t < T; ++t) {
+      const Real angle = cast(p, Cast::rope_angle, cast(p, Cast::rope_inputs, Real(t)) * inv_freq);
+      cosv(t, k) = cast(p, Cast::rope_cossin, Real(cos(angle)));
+      sinv(t, k) = cast(p, Cast::rope_cossin, Real(sin(angle)));
+    }
+  }
+}
+
+// Rotates every head of x (N, heads*hd) in place; `inverse` applies the transpose (the backward).
+template <class Real>
+void rope_apply(Mat<Real>& x, int64_t heads, const Ctx<Real>& ctx, bool inverse) {
+  const int64_t hd = ctx.cfg.head_dim, half = hd / 2, N = x.rows();
+  const Real sign = inverse ? Real(-1) : Real(1);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = n % ctx.T;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t k = 0; k < half; ++k) {
+        const Real c = ctx.rope_cos(t, k), s = sign * ctx.rope_sin(t, k);
+        Real& a = x(n, h * hd + k);
+        Real& b = x(n, h * hd + k + half);
+        const Real a0 = a, b0 = b;
+        a = a0 * c - b0 * s;
+        b = b0 * c + a0 * s;
+      }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Attention: s = scale q.k, capped s = c tanh(s / c) before the mask, softmax over visible keys, o = P v.
+
+template <class Real>
+struct AttnCache {
+  std::vector<Mat<Real>> S;  // B*H of (T, T): scale * q.k before the cap (visible entries)
+  std::vector<Mat<Real>> P;  // B*H of (T, T): probabilities, exactly 0 where masked
+};
+
+template <class Real>
+void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
+                       const Mat<Real>& k,  // (N, KV*hd) after RoPE
+                       const Mat<Real>& v,  // (N, KV*hd)
+                       int64_t layer, const Ctx<Real>& ctx,
+                       Mat<Real>& out,      // (N, H*hd)
+                       AttnCache<Real>& cache) {
+  using std::exp;
+  const Config& c = ctx.cfg;
+  const Policy& p = ctx.policy;
+  const int64_t B = ctx.B, T = ctx.T, H = c.num_attention_heads, hd = c.head_dim, G = c.kv_groups();
+  out.setZero(B * T, H * hd);
+  cache.S.assign(size_t(B * H), Mat<Real>());
+  cache.P.assign(size_t(B * H), Mat<Real>());
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H, g = h / G;  // query head h reads kv head h / (H / KV)
+    Mat<Real>& S = cache.S[size_t(bh)];
+    Mat<Real>& P = cache.P[size_t(bh)];
+    S.setZero(T, T);
+    P.setZero(T, T);
+    for (int64_t i = 0; i < T; ++i) {
+      Real mx = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j <= i; ++j) {
+        if (!ctx.visible(layer, i, j)) continue;
+        Real dot = Real(0);
+        for (int64_t d = 0; d < hd; ++d) dot += q(b * T + i, h * hd + d) * k(b * T + j, g * hd + d);
+        S(i, j) = cast(p, Cast::attn_scores, dot * ctx.scale);
+        const Real s = cast(p, Cast::attn_capped, ctx.attn_cap_on ? softcap(S(i, j), ctx.attn_cap) : S(i, j));
+        P(i, j) = s;  // capped score for now, probability below
+        if (s > mx) mx = s;
+      }
+      Real sum = Real(0);
+      for (int64_t j = 0; j <= i; ++j) {
+        if (!ctx.visible(layer, i, j)) continue;
+        P(i, j) = exp(P(i, j) - mx);
+        sum += P(i, j);
+      }
+      for (int64_t j = 0; j <= i; ++j) {
+        if (!ctx.visible(layer, i, j)) continue;
+        P(i, j) = cast(p, Cast::attn_probs, P(i, j) / sum);
+        for (int64_t d = 0; d < hd; ++d) out(b * T + i, h * hd + d) += P(i, j) * v(b * T + j, g * hd + d);
+      }
+    }
+  }
+  cast(p, Cast::attn_out, out);
+}
+
+template <class Real>
+void attention_backward(const Mat<Real>& dout,  // (N, H*hd)
+                        const Mat<Real>& q, const Mat<Real>& k, const Mat<Real>& v, const AttnCache<Real>& cache,
+                        int64_t layer, const Ctx<Real>& ctx,
+                        Mat<Real>& dq,  // (N, H*hd)
+                        Mat<Real>& dk,  // (N, KV*hd)
+                        Mat<Real>& dv) {  // (N, KV*hd)
+  const Config& c = ctx.cfg;
+  const int64_t B = ctx.B, T = ctx.T, H = c.num_attention_heads, KV = c.num_key_value_heads, hd = c.head_dim,
+                G = c.kv_groups();
+  dq.setZero(B * T, H * hd);
+  dk.setZero(B * T, KV * hd);
+  dv.setZero(B * T, KV * hd);
+  // One task per (sequence, kv head): it owns that head's dk and dv and its query heads' dq.
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bg = 0; bg < B * KV; ++bg) {
+    const int64_t b = bg / KV, g = bg % KV;
+    std::vector<Real> dP(static_cast<size_t>(T));
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+      const Mat<Real>& S = cache.S[size_t(b * H + h)];
+      const Mat<Real>& P = cache.P[size_t(b * H + h)];
+      for (int64_t i = 0; i < T; ++i) {
+        Real rowdot = Real(0);
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!ctx.visible(layer, i, j)) continue;
+          Real d = Real(0);
+          for (int64_t e = 0; e < hd; ++e) d += dout(b * T + i, h * hd + e) * v(b * T + j, g * hd + e);
+          dP[size_t(j)] = d;
+          rowdot += P(i, j) * d;
+        }
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!ctx.visible(layer, i, j)) continue;
+          for (int64_t e = 0; e < hd; ++e) dv(b * T + j, g * hd + e) += P(i, j) * dout(b * T + i, h * hd + e);
+          Real dS = P(i, j) * (dP[size_t(j)] - rowdot);  // softmax backward
+          if (ctx.attn_cap_on && !ctx.sem.attn_softcap_grad_missing) dS *= softcap_grad(S(i, j), ctx.attn_cap);
+          dS *= ctx.scale;
+          for (int64_t e = 0; e < hd; ++e) {
+            dq(b * T + i, h * hd + e) += dS * k(b * T + j, g * hd + e);
+            dk(b * T + j, g * hd + e) += dS * q(b * T + i, h * hd + e);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Decoder layer
+
+template <class Real>
+struct LayerCache {
+  Mat<Real> x;                     // (N, D) residual stream entering the layer
+  Mat<Real> xn1;                   // (N, D) input_layernorm output (the q/k/v input)
+  Vec<Real> rstd1, rstd2, rstd3, rstd4;
+  std::array<Mat<Real>, kNumProj> xa;  // (N, r) per adapted projection
+  Mat<Real> q, k, v;               // (N, H*hd), (N, KV*hd) x2; q and k after RoPE
+  AttnCache<Real> attn;
+  Mat<Real> att;                   // (N, H*hd) attention output (the o_proj input)
+  Mat<Real> o;                     // (N, D) o_proj output (post_attention_layernorm input)
+  Mat<Real> x_mid;                 // (N, D) residual after the attention block
+  Mat<Real> xn2;                   // (N, D) pre_feedforward_layernorm output
+  Mat<Real> gate, up;              // (N, I)
+  Mat<Real> act;                   // (N, I) gelu(gate) * up (the down_proj input)
+  Mat<Real> down;                  // (N, D) down_proj output (post_feedforward_layernorm input)
+};
+
+template <class Real>
+Real activation(const Real& x, const Semantics& sem) {
+  return sem.gelu_exact ? gelu_erf(x) : gelu_tanh(x);
+}
+template <class Real>
+Real activation_grad(const Real& x, const Semantics& sem) {
+  return sem.gelu_exact ? gelu_erf_grad(x) : gelu_tanh_grad(x);
+}
+
+template <class Real>
+void layer_forward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx<Real>& ctx,
+                   Mat<Real>& x,  // (N, D) residual stream, updated in place
+                   LayerCache<Real>& c) {
+  const Policy& p = ctx.policy;
+  const auto P = [](Proj q) { return size_t(q); };
+  c.x = x;
+  rmsnorm_forward(x, L.norm[size_t(Norm::input_layernorm)], ctx, c.xn1, c.rstd1);
+  cast(p, Cast::matmul_in, c.xn1);
+  projection_forward(c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, p, c.q, c.xa[P(Proj::q_proj)]);
+  projection_forward(c.xn1, L.proj[P(Proj::k_proj)], L.lora[P(Proj::k_proj)], s, p, c.k, c.xa[P(Proj::k_proj)]);
+  projection_forward(c.xn1, L.proj[P(Proj::v_proj)], L.lora[P(Proj::v_proj)], s, p, c.v, c.xa[P(Proj::v_proj)]);
+  rope_apply(c.q, ctx.cfg.num_attention_heads, ctx, false);
+  rope_apply(c.k, ctx.cfg.num_key_value_heads, ctx, false);
+  cast(p, Cast::rope_out, c.q);
+  cast(p, Cast::rope_out, c.k);
+  attention_forward(c.q, c.k, c.v, layer, ctx, c.att, c.attn);
+  cast(p, Cast::matmul_in, c.att);
+  projection_forward(c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, p, c.o, c.xa[P(Proj::o_proj)]);
+  Mat<Real> h;
+  rmsnorm_forward(c.o, L.norm[size_t(Norm::post_attention_layernorm)], ctx, h, c.rstd2);
+  x += h;
+  cast(p, Cast::residual, x);
+  c.x_mid = x;
+
+  rmsnorm_forward(x, L.norm[size_t(Norm::pre_feedforward_layernorm)], ctx, c.xn2, c.rstd3);
+  cast(p, Cast::matmul_in, c.xn2);
+  projection_forward(c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, p, c.gate, c.xa[P(Proj::gate_proj)]);
+  projection_forward(c.xn2, L.proj[P(Proj::up_proj)], L.lora[P(Proj::up_proj)], s, p, c.up, c.xa[P(Proj::up_proj)]);
+  c.act.resize(c.gate.rows(), c.gate.cols());
+  const int64_t n = c.gate.size();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const Real a = cast(p, Cast::gelu, activation(c.gate.data()[i], ctx.sem));
+    c.act.data()[i] = cast(p, Cast::geglu, a * c.up.data()[i]);
+  }
+  cast(p, Cast::matmul_in, c.act);
+  projection_forward(c.act, L.proj[P(Proj::down_proj)], L.lora[P(Proj::down_proj)], s, p, c.down, c.xa[P(Proj::down_proj)]);
+  rmsnorm_forward(c.down, L.norm[size_t(Norm::post_feedforward_layernorm)], ctx, h, c.rstd4);
+  x += h;
+  cast(p, Cast::residual, x);
+}
+
+template <class Real>
+void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx<Real>& ctx, const LayerCache<Real>& c,
+                    Mat<Real>& dx,  // (N, D) gradient of the layer output in, of the layer input out
+                    LayerGrads<Real>* g, bool train_all) {
+  const Policy& p = ctx.policy;
+  const auto P = [](Proj q) { return size_t(q); };
+  auto dW = [&](Proj q) { return (g && train_all) ? &g->proj[P(q)] : nullptr; };
+  auto dN = [&](Norm n) { return (g && train_all) ? &g->norm[size_t(n)] : nullptr; };
+  auto dA = [&](Proj q) { return (g && L.lora[P(q)].present()) ? &g->lora[P(q)] : nullptr; };
+
+  // x_out = x_mid + post_feedforward_layernorm(down)
+  Mat<Real> ddown;
+  rmsnorm_backward(dx, c.down, c.rstd4, L.norm[size_t(Norm::post_feedforward_layernorm)], ctx, ddown,
+                   dN(Norm::post_feedforward_layernorm));
+  Mat<Real> dact = Mat<Real>::Zero(c.act.rows(), c.act.cols());
+  projection_backward(ddown, c.act, L.proj[P(Proj::down_proj)], L.lora[P(Proj::down_proj)], s, c.xa[P(Proj::down_proj)],
+                      dact, dW(Proj::down_proj), dA(Proj::down_proj));
+  cast(p, Cast::grad_act, dact);
+  Mat<Real> dgate(c.gate.rows(), c.gate.cols()), dup(c.up.rows(), c.up.cols());
+  const int64_t n = c.gate.size();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const Real gt = c.gate.data()[i];
+    dgate.data()[i] = dact.data()[i] * c.up.data()[i] * activation_grad(gt, ctx.sem);
+    dup.data()[i] = dact.data()[i] * cast(p, Cast::gelu, activation(gt, ctx.sem));
+  }
+  cast(p, Cast::grad_act, dgate);
+  cast(p, Cast::grad_act, dup);
+  Mat<Real> dxn2 = Mat<Real>::Zero(c.xn2.rows(), c.xn2.cols());
+  projection_backward(dgate, c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, c.xa[P(Proj::gate_proj)],
+                      dxn2, dW(Proj::gate_proj), dA(Proj::gate_proj));
+  projection_backward(dup, c.xn2, L.proj[P(Proj::up_proj)], L.lora[P(Proj::up_proj)], s, c.xa[P(Proj::up_proj)], dxn2,
+                      dW(Proj::up_proj), dA(Proj::up_proj));
+  cast(p, Cast::grad_act, dxn2);
+  Mat<Real> dtmp;
+  rmsnorm_backward(dxn2, c.x_mid, c.rstd3, L.norm[size_t(Norm::pre_feedforward_layernorm)], ctx, dtmp,
+                   dN(Norm::pre_feedforward_layernorm));
+  dx += dtmp;  // now d x_mid
+  cast(p, Cast::grad_act, dx);
+
+  // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
+  Mat<Real> d_o;
+  rmsnorm_backward(dx, c.o, c.rstd2, L.norm[size_t(Norm::post_attention_layernorm)], ctx, d_o,
+                   dN(Norm::post_attention_layernorm));
+  Mat<Real> datt = Mat<Real>::Zero(c.att.rows(), c.att.cols());
+  projection_backward(d_o, c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, c.xa[P(Proj::o_proj)], datt,
+                      dW(Proj::o_proj), dA(Proj::o_proj));
+  cast(p, Cast::grad_act, datt);
+  Mat<Real> dq, dk, dv;
+  attention_backward(datt, c.q, c.k, c.v, c.attn, layer, ctx, dq, dk, dv);
+  rope_apply(dq, ctx.cfg.num_attention_heads, ctx, true);
+  rope_apply(dk, ctx.cfg.num_key_value_heads, ctx, true);
+  cast(p, Cast::grad_act, dq);
+  cast(p, Cast::grad_act, dk);
+  cast(p, Cast::grad_act, dv);
+  Mat<Real> dxn1 = Mat<Real>::Zero(c.xn1.rows(), c.xn1.cols());
+  projection_backward(dq, c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, c.xa[P(Proj::q_proj)], dxn1,
+                      dW(Proj::q_proj), dA(Proj::q_proj));
+  projection_backward(dk, c.xn1, L.proj[P(Proj::k_proj)], L.lora[P(Proj::k_proj)], s, c.xa[P(Proj::k_proj)], dxn1,
+                      dW(Proj::k_proj), dA(Proj::k_proj));
+  projection_backward(dv, c.xn1, L.proj[P(Proj::v_proj)], L.lora[P(Proj::v_proj)], s, c.xa[P(Proj::v_proj)], dxn1,
+                      dW(Proj::v_proj), dA(Proj::v_proj));
+  cast(p, Cast::grad_act, dxn1);
+  rmsnorm_backward(dxn1, c.x, c.rstd1, L.norm[size_t(Norm::input_layernorm)], ctx, dtmp, dN(Norm::input_layernorm));
+  dx += dtmp;
+  cast(p, Cast::grad_act, dx);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Final softcap + cross-entropy, fused per row: z = c tanh(l / c); loss = logsumexp(z) - z_y;
+// d loss / d l_j = scale (softmax(z)_j - [j == y]) sech^2(l_j / c).
+
+template <class Real>
+Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; overwritten with d/d logits
+                           const Batch& batch, const Ctx<Real>& ctx,
+                           const Real& grad_scale,  // 1 / (targets normalising the mean); 0: forward only
+                           Mat<Real>* capped) {     // (N, V) logits after the cap, when wanted
+  using std::exp;
+  using std::log;
+  const Policy& p = ctx.policy;
+  const int64_t N = logits.rows(), V = logits.cols();
+  if (capped) capped->resize(N, V);
+  std::vector<Real> row_loss(size_t(N), Real(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t y = batch.target(n / ctx.T, n % ctx.T);
+    std::vector<Real> z(static_cast<size_t>(V));
+    Real mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < V; ++j) {
+      const Real l = logits(n, j);
+      z[size_t(j)] = cast(p, Cast::logits_capped, ctx.final_cap_on ? softcap(l, ctx.final_cap) : l);
+      if (z[size_t(j)] > mx) mx = z[size_t(j)];
+    }
+    if (capped)
+      for (int64_t j = 0; j < V; ++j) (*capped)(n, j) = z[size_t(j)];
+    if (y == kIgnoreIndex) {
+      logits.row(n).setZero();
+      continue;
+    }
+    Real sum = Real(0);
+    for (int64_t j = 0; j < V; ++j) sum += exp(z[size_t(j)] - mx);
+    const Real lse = mx + log(sum);
+    row_loss[size_t(n)] = lse - z[size_t(y)];
+    for (int64_t j = 0; j < V; ++j) {
+      Real d = exp(z[size_t(j)] - lse) - (j == y ? Real(1) : Real(0));
+      if (ctx.final_cap_on) d *= softcap_grad(logits(n, j), ctx.final_cap);
+      logits(n, j) = d * grad_scale;
+    }
+  }
+  Real total = Real(0);
+  for (int64_t n = 0; n < N; ++n) total = cast(p, Cast::loss, total + row_loss[size_t(n)]);
+  return total;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The whole model
+
+// Forward (and, when g is given, backward) over one batch. The loss is returned as a sum over scored
+// targets; gradients are accumulated into g scaled by grad_scale, so that micro-batches of one step are
+// normalised by the step's total target count (gemma2.md, loss). g must come from zero_grads(m).
+template <class Real>
+Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const RunOptions& opt, const Real& grad_scale,
+                              Grads<Real>* g) {
+  using std::sqrt;
+  const Config& cfg = m.config;
+  const Policy& p = opt.numerics.policy;
+  const Semantics& sem = opt.numerics.semantics;
+  Ctx<Real> ctx{cfg, p, sem, batch.B, batch.T, opt.softcap.attn, opt.softcap.logits,
+                Real(cfg.attn_logit_softcapping.value_or(1.0)), Real(cfg.final_logit_softcapping.value_or(1.0)),
+                Real(0), {}, {}};
+  ctx.scale = Real(1) / sqrt(Real(sem.query_pre_attn_scalar.value_or(cfg.query_pre_attn_scalar)));
+  rope_tables(cfg, p, batch.T, ctx.rope_cos, ctx.rope_sin);
+  const int64_t N = batch.B * batch.T, D = cfg.hidden_size;
+
+  // Embedding times sqrt(D) (rounded to the activation format where the policy says so).
+  const Real normalizer = cast(p, Cast::normalizer, Real(sqrt(Real(D))));
+  Mat<Real> x(N, D);
+  {
+    Mat<Real> row;
+    for (int64_t n = 0; n < N; ++n) {
+      m.embed_tokens.load_rows(batch.id(n / batch.T, n % batch.T), 1, row);
+      for (int64_t j = 0; j < D; ++j)
+        x(n, j) = cast(p, Cast::embed_scaled, cast(p, Cast::embed_out, row(0, j)) * normalizer);
+    }
+  }
+
+  std::vector<LayerCache<Real>> caches(size_t(cfg.num_hidden_layers));
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    layer_forward(m.layers[size_t(l)], m.lora_scaling, l, ctx, x, caches[size_t(l)]);
+
+  Mat<Real> xf;
+  Vec<Real> rstd_f;
+  rmsnorm_forward(x, m.norm, ctx, xf, rstd_f);
+  cast(p, Cast::matmul_in, xf);
+  Mat<Real> logits;
+  linear_forward(xf, m.embed_tokens, logits);
+  cast(p, Cast::logits, logits);
+
+  Result<Real> r;
+  r.tokens = batch.count_targets();
+  r.loss_sum = loss_forward_backward(logits, batch, ctx, g ? grad_scale : Real(0), opt.keep_logits ? &r.logits : nullptr);
+  if (!g) return r;
+
+  Mat<Real>& dlogits = logits;
+  cast(p, Cast::grad_act, dlogits);
+  Mat<Real> dxf = Mat<Real>::Zero(N, D);
+  linear_backward_input(dlogits, m.embed_tokens, dxf);
+  if (m.train_all) g->embed_tokens.noalias() += dlogits.transpose() * xf;
+  cast(p, Cast::grad_act, dxf);
+  Mat<Real> dx;
+  rmsnorm_backward(dxf, x, rstd_f, m.norm, ctx, dx, m.train_all ? &g->norm : nullptr);
+
+  for (int64_t l = cfg.num_hidden_layers - 1; l >= 0; --l)
+    layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, caches[size_t(l)], dx, &g->layers[size_t(l)], m.train_all);
+
+  if (m.train_all)
+    for (int64_t n = 0; n < N; ++n)
+      g->embed_tokens.row(batch.id(n / batch.T, n % batch.T)) += dx.row(n) * normalizer;
+  return r;
+}
+
+// Mean loss and its gradients over one step made of micro-batches: every micro-batch's gradient is scaled
+// by 1 / (targets in the whole step), the correct normalisation (gemma2.md).
+template <class Real>
+Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, const RunOptions& opt, Grads<Real>& g) {
+  int64_t total = 0;
+  for (const Batch& b : micro) total += b.count_targets();
+  if (total == 0) throw InputError("batch: every label is ignored (-100): the mean loss is undefined (0/0)");
+  const Real scale = Real(1) / Real(total);
+  Real sum = Real(0);
+  for (const Batch& b : micro) sum += forward_backward(m, b, opt, scale, &g).loss_sum;
+  if (!opt.numerics.policy.exact()) {
+    for_each_trainable(m, g, [&](const std::string&, const Shape&, const Real*, Real* gr, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) gr[i] = cast(opt.numerics.policy, Cast::grads, gr[i]);
+    });
+  }
+  return sum / Real(total);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Construction
+
+template <class Real>
+Model<Real> make_model(const Checkpoint& ck, const Policy& policy) {
+  const Config& c = ck.config;
+  Model<Real> m;
+  m.config = c;
+  m.train_all = !ck.adapter.has_value();
+  if (ck.adapter) m.lora_scaling = Real(ck.adapter->scaling());
+
+  auto tensor = [&](const std::string& name) -> const Tensor& {
+    auto it = ck.weights.find(name);
+    if (it == ck.weights.end()) throw InputError("checkpoint: missing tensor '" + name + "'");
+    return it->second;
+  };
+  // The `weights` cast: re-store a frozen tensor once in the policy's format (a no-op for bf16 weights
+  // under a bf16 policy).
+  auto frozen = [&](const std::string& name) -> const Tensor* {
+    const Tensor& t = tensor(name);
+    const DType d = policy[Cast::weights];
+    if (d == DType::f64 || d == t.dtype) return &t;
+    std::vector<double> v = t.to_double();
+    m.rounded[name] = tensor_from_doubles(d, t.shape, v);
+    return &m.rounded[name];
+  };
+  auto matrix = [&](const std::string& name, Weight<Real>& w) {
+    const Tensor& t = tensor(name);
+    w.rows = t.rows();
+    w.cols = t.cols();
+    if (!m.train_all) {
+      w.raw = frozen(name);
+      return;
+    }
+    w.value.resize(w.rows, w.cols);
+    std::vector<double> v = t.to_double();
+    for (int64_t i = 0; i < t.numel(); ++i) w.value.data()[i] = cast(policy, Cast::weights, Real(v[size_t(i)]));
+  };
+  auto vector = [&](const std::string& name, Vec<Real>& out) {
+    std::vector<double> v = tensor(name).to_double();
+    out.resize(int64_t(v.size()));
+    for (size_t i = 0; i < v.size(); ++i) out(int64_t(i)) = cast(policy, Cast::weights, Real(v[i]));
+  };
+  auto adapter = [&](const std::string& name, Mat<Real>& out) {
+    const Tensor& t = tensor(name);
+    std::vector<double> v = t.to_double();
+    out.resize(t.rows(), t.cols());
+    for (int64_t i = 0; i < t.numel(); ++i) out.data()[i] = cast(policy, Cast::adapters, Real(v[size_t(i)]));
+  };
+
+  matrix(kEmbedName, m.embed_tokens);
+  m.layers.resize(size_t(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    Layer<Real>& L = m.layers[size_t(l)];
+    for (Proj p : kAllProj) {
+      matrix(proj_weight_name(l, p), L.proj[size_t(p)]);
+      if (ck.adapter && ck.adapter->targets(p)) {
+        adapter(lora_weight_name(l, p, 'A'), L.lora[size_t(p)].A);
+        adapter(lora_weight_name(l, p, 'B'), L.lora[size_t(p)].B);
+      }
+    }
+    for (Norm n : kAllNorms) vector(norm_weight_name(l, n), L.norm[size_t(n)]);
+  }
+  vector(kFinalNormName, m.norm);
+  return m;
+}
+
+template <class Real>
+Grads<Real> zero_grads(const Model<Real>& m) {
+  const Config& c = m.config;
+  Grads<Real> g;
+  if (m.train_all) {
+    g.embed_tokens = Mat<Real>::Zero(c.vocab_size, c.hidden_size);
+    g.norm = Vec<Real>::Zero(c.hidden_size);
+  }
+  g.layers.resize(m.layers.size());
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    const Layer<Real>& L = m.layers[l];
+    LayerGrads<Real>& G = g.layers[l];
+    for (Proj p : kAllProj) {
+      const auto i = size_t(p);
+      if (m.train_all) G.proj[i] = Mat<Real>::Zero(L.proj[i].rows, L.proj[i].cols);
+      if (L.lora[i].present()) {
+        G.lora[i].A = Mat<Real>::Zero(L.lora[i].A.rows(), L.lora[i].A.cols());
+        G.lora[i].B = Mat<Real>::Zero(L.lora[i].B.rows(), L.lora[i].B.cols());
+      }
+    }
+    if (m.train_all)
+      for (Norm n : kAllNorms) G.norm[size_t(n)] = Vec<Real>::Zero(c.hidden_size);
+  }
+  return g;
+}
+
+}  // namespace gemma::ref

@@ -1,0 +1,77 @@
+// How a run's numerics differ from exact float64 HF semantics: a precision policy (the cast points where a
+// low-precision trainer rounds a value to its storage format) and semantic switches (the known variants and
+// bugs of shared/spec/gemma2.md). The reference always computes in its scalar type; a cast rounds exactly
+// (dtype.hpp) and the arithmetic carries on in float64, so the reference reproduces a trainer's rounding
+// decisions without its accumulation order.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/dtype.hpp"
+
+namespace gemma::ref {
+
+enum class Cast : uint8_t {
+  weights,         // base weights as loaded
+  embed_out,       // embedding rows after the lookup
+  normalizer,      // sqrt(hidden_size)
+  embed_scaled,    // embedding times normalizer: the residual stream's first value
+  norm_in,         // RMSNorm input as the norm sees it
+  norm_normed,     // x * rsqrt(mean(x^2) + eps) before the (1 + w) multiply
+  norm_scale,      // (1 + w)
+  norm_out,        // RMSNorm output
+  matmul_in,       // activations entering q/k/v/o/gate/up/down (and their adapters)
+  matmul_out,      // outputs of those products
+  lora_mid,        // x A^T inside an adapter
+  rope_inputs,     // positions and inverse frequencies
+  rope_angle,      // position * inv_freq
+  rope_cossin,     // cos and sin tables
+  rope_out,        // rotated q and k
+  attn_scores,     // scale * q.k, before the cap
+  attn_capped,     // after the cap
+  attn_probs,      // softmax output
+  attn_out,        // P v
+  gelu,            // gelu(gate)
+  geglu,           // gelu(gate) * up
+  residual,        // residual stream after each add
+  logits,          // LM-head output before the final cap
+  logits_capped,   // after the final cap
+  loss,            // the running sum of per-token losses
+  grad_act,        // activation gradients passed between operations in the backward
+  grads,           // weight gradients as returned
+  adapters,        // LoRA weights as stored
+  optimizer_state, // AdamW moments
+  count
+};
+inline constexpr int kNumCasts = int(Cast::count);
+const char* cast_name(Cast c);
+
+struct Policy {
+  std::string name = "f64";
+  std::array<DType, kNumCasts> fmt{};  // f64 everywhere: no rounding
+  DType& operator[](Cast c) { return fmt[size_t(c)]; }
+  DType operator[](Cast c) const { return fmt[size_t(c)]; }
+  bool exact() const;
+};
+
+// Departures from the model's definition, one per row of the spec's bug table that is not a cast.
+struct Semantics {
+  bool gelu_exact = false;               // erf GELU instead of the tanh approximation
+  std::optional<double> query_pre_attn_scalar;  // overrides the config's (qpas-head-dim)
+  bool sliding_odd_layers = false;       // window on odd layers instead of even
+  int64_t window_extra = 0;              // sliding-off-by-one: the window admits W + 1 keys
+  bool padded_vocab_unmasked = false;    // padded LM-head columns left in the softmax
+  bool rmsnorm_no_weight_grad = false;   // RMSNorm weight gradients dropped
+  bool attn_softcap_grad_missing = false;  // attention cap's derivative omitted in the backward
+  bool operator==(const Semantics&) const = default;
+};
+
+struct Numerics {
+  Policy policy;
+  Semantics semantics;
+};
+
+}  // namespace gemma::ref

@@ -1,0 +1,34 @@
+// The float64 reference as the tools use it: one call gives the mean loss, the gradients of the trainable
+// weights by name, and optionally the logits; a directional finite-difference check tests the backward pass
+// against the forward pass on any input.
+#pragma once
+#include <vector>
+
+#include "reference/gemma2.hpp"
+
+namespace gemma::ref {
+
+struct Output {
+  double loss = 0;      // mean over scored targets
+  int64_t tokens = 0;   // scored targets
+  TensorMap grads;      // float64, named like the weights (adapters only, when the checkpoint has them)
+  std::vector<double> logits;  // (B, T, V) after the final cap, when asked for
+};
+
+// Forward and backward on one batch, split into micro-batches of `micro_rows` sequences (0: one batch);
+// gradients are normalised by the whole batch's target count.
+Output run(const Checkpoint& ck, const Batch& batch, const RunOptions& opt, int64_t micro_rows = 0);
+
+struct DirectionalCheck {
+  double analytic = 0;  // g . u from the backward pass
+  double numeric = 0;   // Richardson-extrapolated central difference of the forward loss along u
+  double rel_err = 0;   // |numeric - analytic| / |analytic|
+  double step = 0;      // h
+  int64_t tensors = 0;  // trainable tensors in the direction
+};
+
+// u is every trainable tensor's gradient scaled to unit norm, so each tensor weighs the same: a tensor whose
+// gradient is wrong by a factor (1 + e) moves the result by about e / (number of tensors).
+DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, const RunOptions& opt, const TensorMap& grads);
+
+}  // namespace gemma::ref

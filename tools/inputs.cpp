@@ -1,0 +1,76 @@
+#include "tools/inputs.hpp"
+
+#include "model/errors.hpp"
+#include "model/safetensors.hpp"
+#include "model/synthetic.hpp"
+
+namespace gemma::tools {
+
+AdapterConfig synthetic_adapter_config(int64_t r) {
+  AdapterConfig a;
+  a.r = r;
+  a.lora_alpha = 2.0 * double(r);
+  a.target_modules.assign(kAllProj.begin(), kAllProj.end());
+  return a;
+}
+
+namespace {
+
+Batch batch_for(const Config& c, const InputSpec& s, int64_t dflt_b, int64_t dflt_t) {
+  const int64_t B = s.batch.value_or(dflt_b), T = s.seq.value_or(dflt_t);
+  if (B < 1) fail("--batch", "must be at least 1, got " + std::to_string(B));
+  if (T < 2) fail("--seq", "must be at least 2 (position t is scored against token t + 1), got " + std::to_string(T));
+  if (T > c.max_position_embeddings)
+    fail("--seq", std::to_string(T) + " exceeds max_position_embeddings " + std::to_string(c.max_position_embeddings));
+  return synthetic_batch(c, B, T, s.seed);
+}
+
+}  // namespace
+
+Inputs load_inputs(const InputSpec& s) {
+  const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
+  if (given != 1) fail("verify", "give exactly one of --model, --case, or --config with --weights");
+  if (s.lora_r < 0) fail("--lora-r", "must be 0 (train every weight) or a rank >= 1");
+  Inputs in;
+  if (s.case_path) {
+    const char* fixed = "does not apply to --case (the case file fixes the model and the batch)";
+    if (s.layers) fail("--layers", fixed);
+    if (s.seq) fail("--seq", fixed);
+    if (s.batch) fail("--batch", fixed);
+    CaseFile cf = read_case(*s.case_path);
+    in.model = std::move(cf.model);
+    in.batch = std::move(cf.batch);
+    in.expected = std::move(cf.expected);
+    in.provenance = std::move(cf.provenance);
+    in.source = *s.case_path;
+    in.description = "case " + *s.case_path;
+  } else if (s.model) {
+    Config c = preset(*s.model);
+    const bool released = c.vocab_size == 256000;
+    const int64_t L = s.layers.value_or(released ? kDefaultPresetLayers : c.num_hidden_layers);
+    const int64_t full_depth = c.num_hidden_layers;
+    c = with_layers(c, L);
+    in.model.config = c;
+    in.model.weights = synthetic_weights(c, s.seed);
+    if (s.lora_r > 0) {
+      in.model.adapter = synthetic_adapter_config(s.lora_r);
+      TensorMap a = synthetic_adapters(c, *in.model.adapter, s.seed);
+      in.model.weights.insert(a.begin(), a.end());
+    }
+    in.batch = batch_for(c, s, 2, released ? 32 : 20);
+    in.source = "preset:" + *s.model;
+    in.description = *s.model + " (synthetic bf16 weights, seed " + std::to_string(s.seed) + "; " + std::to_string(L) +
+                     " of " + std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) + ")";
+  } else {
+    if (!s.config || !s.weights) fail("verify", "--config and --weights go together");
+    in.model = load_hf_checkpoint(*s.config, *s.weights, s.adapter, s.layers);
+    in.batch = batch_for(in.model.config, s, 1, 32);
+    validate_batch(in.model.config, in.batch, "synthetic batch");
+    in.source = *s.weights;
+    in.description = "checkpoint " + *s.weights + " (" + std::to_string(in.model.config.num_hidden_layers) + " layers)";
+  }
+  if (in.batch.count_targets() == 0) fail(in.source, "every label is ignored (-100): the mean loss is undefined (0/0)");
+  return in;
+}
+
+}  // namespace gemma::tools

@@ -1,0 +1,40 @@
+// What a tool runs on: a preset with synthetic weights, a case file, or an HF checkpoint directory, plus a
+// batch. Shared by verify, train and make-goldens so that every tool accepts the same inputs the same way.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+
+#include "model/casefile.hpp"
+
+namespace gemma::tools {
+
+struct InputSpec {
+  std::optional<std::string> model;    // --model PRESET (synthetic weights)
+  std::optional<std::string> case_path;  // --case FILE
+  std::optional<std::string> config, weights, adapter;  // --config/--weights/--adapter
+  std::optional<int64_t> layers, seq, batch;
+  uint64_t seed = 0;
+  int64_t lora_r = 8;  // synthetic adapters; 0 trains every weight
+};
+
+struct Inputs {
+  Checkpoint model;
+  Batch batch;
+  std::map<std::string, Expected> expected;       // from a case file
+  std::map<std::string, std::string> provenance;  // attributes on /expected
+  std::string description;                        // one line for the report header
+  std::string source;                             // "preset:gemma2-27b", a case path, a checkpoint path
+};
+
+// Default depth of a synthetic run of a released preset: the true widths with few layers fit this
+// project's 24 GB CPU machine; both layer kinds (sliding, global) are present with two.
+inline constexpr int64_t kDefaultPresetLayers = 2;
+
+Inputs load_inputs(const InputSpec& spec);
+
+// Synthetic LoRA adapters in PEFT's layout on all seven projections, alpha = 2r.
+AdapterConfig synthetic_adapter_config(int64_t r);
+
+}  // namespace gemma::tools

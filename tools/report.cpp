@@ -1,0 +1,126 @@
+#include "tools/report.hpp"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include "model/errors.hpp"
+
+namespace gemma::tools {
+
+const Check& Report::add(std::string name, double value, double tolerance, std::string why) {
+  Check c{std::move(name), value, tolerance, std::move(why), std::isfinite(value) && value <= tolerance};
+  checks.push_back(c);
+  std::printf("  %-58s %11.3e  tol %9.2e  %s\n", c.name.c_str(), c.value, c.tolerance, c.pass ? "OK" : "FAIL");
+  std::fflush(stdout);
+  return checks.back();
+}
+
+bool Report::all_pass() const { return passed() == int(checks.size()); }
+
+int Report::passed() const {
+  int n = 0;
+  for (const auto& c : checks) n += c.pass;
+  return n;
+}
+
+void Report::print_summary() const { std::printf("%d/%zu checks passed\n", passed(), checks.size()); }
+
+double rel_err(double a, double b) {
+  const double d = std::fabs(a - b);
+  return b == 0 ? d : d / std::fabs(b);
+}
+
+namespace {
+
+std::string xml_escape(const std::string& s) {
+  std::string r;
+  for (char ch : s) {
+    switch (ch) {
+      case '&': r += "&amp;"; break;
+      case '<': r += "&lt;"; break;
+      case '>': r += "&gt;"; break;
+      case '"': r += "&quot;"; break;
+      default: r += ch;
+    }
+  }
+  return r;
+}
+
+void write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp);
+    if (!out) fail(path, "cannot write");
+    out << text;
+    if (!out) {
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      fail(path, "write failed");
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    fail(path, "cannot write: " + ec.message());
+  }
+}
+
+}  // namespace
+
+void write_junit(const std::string& path, const std::string& suite, const Report& r) {
+  std::string x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
+  x += "<testsuites>\n<testsuite name=\"" + xml_escape(suite) + "\" tests=\"" + std::to_string(r.checks.size()) +
+       "\" failures=\"" + std::to_string(r.checks.size() - size_t(r.passed())) + "\">\n";
+  for (const auto& c : r.checks) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "value %.6e, tolerance %.3e", c.value, c.tolerance);
+    x += "  <testcase classname=\"" + xml_escape(suite) + "\" name=\"" + xml_escape(c.name) + "\">";
+    if (!c.pass) x += "<failure message=\"" + xml_escape(buf) + "\">" + xml_escape(c.why) + "</failure>";
+    x += "<system-out>" + xml_escape(std::string(buf) + "; " + c.why) + "</system-out></testcase>\n";
+  }
+  x += "</testsuite>\n</testsuites>\n";
+  write_text_atomically(path, x);
+}
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  // NaN and infinity are not JSON: they are written as null.
+  const std::string text = j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  if (path == "-") {
+    std::cout << text;
+    return;
+  }
+  write_text_atomically(path, text);
+}
+
+nlohmann::json checks_json(const Report& r) {
+  nlohmann::json a = nlohmann::json::array();
+  for (const auto& c : r.checks) {
+    nlohmann::json o = {{"name", c.name}, {"tolerance", c.tolerance}, {"pass", c.pass}, {"why", c.why}};
+    o["value"] = std::isfinite(c.value) ? nlohmann::json(c.value) : nlohmann::json(nullptr);
+    a.push_back(o);
+  }
+  return a;
+}
+
+void progress(const std::string& message) {
+  static const auto t0 = std::chrono::steady_clock::now();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "[%6.1fs] %s\n", s, message.c_str());
+  std::fflush(stderr);
+}
+
+double peak_rss_bytes() {
+  struct rusage u {};
+  ::getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_maxrss) * 1024.0;
+}
+
+}  // namespace gemma::tools

@@ -1,0 +1,42 @@
+// Checks and how they are reported: one line per check with value, tolerance and OK/FAIL, then
+// "N/M checks passed" (the shape of ggml's test-backend-ops), plus JSON and JUnit XML for CI systems.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace gemma::tools {
+
+struct Check {
+  std::string name;
+  double value = 0;      // the measured error (NaN fails)
+  double tolerance = 0;  // passes when value <= tolerance
+  std::string why;       // where the tolerance comes from
+  bool pass = false;
+};
+
+struct Report {
+  std::vector<Check> checks;
+
+  // Records and prints a check; a NaN value never passes.
+  const Check& add(std::string name, double value, double tolerance, std::string why);
+  bool all_pass() const;
+  int passed() const;
+  void print_summary() const;  // "N/M checks passed"
+};
+
+// Relative error |a - b| / |b| (absolute when b is 0).
+double rel_err(double a, double b);
+
+// JUnit XML with one testcase per check; written atomically.
+void write_junit(const std::string& path, const std::string& suite, const Report& r);
+// Writes JSON text atomically to `path`, or to stdout for "-".
+void write_json(const std::string& path, const nlohmann::json& j);
+nlohmann::json checks_json(const Report& r);
+
+// "[ 12.3s] message" on stderr: progress for runs that take a while.
+void progress(const std::string& message);
+// Peak resident memory of this process in bytes.
+double peak_rss_bytes();
+
+}  // namespace gemma::tools
