@@ -131,10 +131,34 @@ struct Model {
   Weight<Real> embed_tokens;  // (V, D), also the LM head
   std::vector<Layer<Real>> layers;
   Vec<Real> norm;  // final norm (D)
+  // LM-head rows beyond the vocabulary (a padded head, e.g. the 256128 rows of the original JAX checkpoints,
+  // or a kernel's multiple of 128). No token maps to them; their logits are masked out of the softmax.
+  Weight<Real> embed_pad;  // (P, D), P = 0 when the head is not padded
   Real lora_scaling = Real(0);
   bool train_all = false;  // gradients for every weight (no adapters) or for the adapters only
-  TensorMap rounded;       // base weights re-stored by the `weights` cast, kept alive here
+  TensorMap owned;         // tensors made here (rounded by the `weights` cast, padding rows), kept alive
 };
+
+// Pads the LM head with `rows` (P, D) beyond the vocabulary; trainable (and reported, with its gradient that
+// must come out exactly zero) when the model trains every weight.
+template <class Real>
+void pad_vocab(Model<Real>& m, const Tensor& rows) {
+  m.owned["padding"] = rows;
+  const Tensor& t = m.owned["padding"];
+  Weight<Real>& w = m.embed_pad;
+  w.rows = t.rows();
+  w.cols = t.cols();
+  if (w.cols != m.config.hidden_size) throw InputError("padding rows: width " + std::to_string(w.cols) + " is not hidden_size");
+  if (!m.train_all) {
+    w.raw = &t;
+    return;
+  }
+  w.raw = nullptr;
+  w.value.resize(w.rows, w.cols);
+  const std::vector<double> v = t.to_double();
+  for (int64_t i = 0; i < t.numel(); ++i) w.value.data()[i] = Real(v[size_t(i)]);
+}
+inline const char* kEmbedPadName = "model.embed_tokens.weight:padding";
 
 // Builds the model from a validated checkpoint. Without adapters every weight is trainable and held in
 // Real; with adapters the base is frozen in its file format. The policy's `weights` and `adapters` casts are
@@ -153,6 +177,7 @@ struct LayerGrads {
 template <class Real>
 struct Grads {
   Mat<Real> embed_tokens;
+  Mat<Real> embed_pad;  // (P, D) when the head is padded and every weight trains
   std::vector<LayerGrads<Real>> layers;
   Vec<Real> norm;
 };
@@ -168,6 +193,9 @@ void for_each_trainable(M& m, G& g, F&& f) {
   if (m.train_all) {
     f(std::string(kEmbedName), Shape{c.vocab_size, c.hidden_size}, m.embed_tokens.value.data(), g.embed_tokens.data(),
       int64_t(m.embed_tokens.value.size()));
+    if (m.embed_pad.rows > 0)
+      f(std::string(kEmbedPadName), Shape{m.embed_pad.rows, c.hidden_size}, m.embed_pad.value.data(), g.embed_pad.data(),
+        int64_t(m.embed_pad.value.size()));
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     auto& L = m.layers[size_t(l)];
@@ -668,22 +696,28 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
 
 template <class Real>
 Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; overwritten with d/d logits
+                           Mat<Real>& pad,     // (N, P) logits of padded rows (P may be 0); overwritten likewise
                            const Batch& batch, const Ctx<Real>& ctx,
                            const Real& grad_scale,  // 1 / (targets normalising the mean); 0: forward only
                            Mat<Real>* capped) {     // (N, V) logits after the cap, when wanted
   using std::exp;
   using std::log;
   const Policy& p = ctx.policy;
-  const int64_t N = logits.rows(), V = logits.cols();
+  const int64_t N = logits.rows(), V = logits.cols(), P = pad.cols();
+  // Padded columns are excluded from the softmax (their probability is exactly 0), not set to 0: a capped
+  // logit of 0 would still take probability mass (gemma2.md, vocabulary padding).
+  const bool pad_in_softmax = ctx.sem.padded_vocab_unmasked && P > 0;
   if (capped) capped->resize(N, V);
   std::vector<Real> row_loss(size_t(N), Real(0));
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const int64_t y = batch.target(n / ctx.T, n % ctx.T);
-    std::vector<Real> z(static_cast<size_t>(V));
+    const int64_t cols = pad_in_softmax ? V + P : V;
+    auto raw = [&](int64_t j) -> Real { return j < V ? logits(n, j) : pad(n, j - V); };
+    std::vector<Real> z(static_cast<size_t>(cols));
     Real mx = -std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < V; ++j) {
-      const Real l = logits(n, j);
+    for (int64_t j = 0; j < cols; ++j) {
+      const Real l = raw(j);
       z[size_t(j)] = cast(p, Cast::logits_capped, ctx.final_cap_on ? softcap(l, ctx.final_cap) : l);
       if (z[size_t(j)] > mx) mx = z[size_t(j)];
     }
@@ -691,17 +725,19 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
       for (int64_t j = 0; j < V; ++j) (*capped)(n, j) = z[size_t(j)];
     if (y == kIgnoreIndex) {
       logits.row(n).setZero();
+      if (P) pad.row(n).setZero();
       continue;
     }
     Real sum = Real(0);
-    for (int64_t j = 0; j < V; ++j) sum += exp(z[size_t(j)] - mx);
+    for (int64_t j = 0; j < cols; ++j) sum += exp(z[size_t(j)] - mx);
     const Real lse = mx + log(sum);
     row_loss[size_t(n)] = lse - z[size_t(y)];
-    for (int64_t j = 0; j < V; ++j) {
+    for (int64_t j = 0; j < cols; ++j) {
       Real d = exp(z[size_t(j)] - lse) - (j == y ? Real(1) : Real(0));
-      if (ctx.final_cap_on) d *= softcap_grad(logits(n, j), ctx.final_cap);
-      logits(n, j) = d * grad_scale;
+      if (ctx.final_cap_on) d *= softcap_grad(raw(j), ctx.final_cap);
+      (j < V ? logits(n, j) : pad(n, j - V)) = d * grad_scale;
     }
+    if (!pad_in_softmax && P) pad.row(n).setZero();  // masked: no gradient reaches the padded rows
   }
   Real total = Real(0);
   for (int64_t n = 0; n < N; ++n) total = cast(p, Cast::loss, total + row_loss[size_t(n)]);
@@ -748,20 +784,30 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   Vec<Real> rstd_f;
   rmsnorm_forward(x, m.norm, ctx, xf, rstd_f);
   cast(p, Cast::matmul_in, xf);
-  Mat<Real> logits;
+  // The real vocabulary's logits are computed exactly as without padding, so padding cannot change them.
+  Mat<Real> logits, pad_logits(N, 0);
   linear_forward(xf, m.embed_tokens, logits);
   cast(p, Cast::logits, logits);
+  if (m.embed_pad.rows > 0) {
+    linear_forward(xf, m.embed_pad, pad_logits);
+    cast(p, Cast::logits, pad_logits);
+  }
 
   Result<Real> r;
   r.tokens = batch.count_targets();
-  r.loss_sum = loss_forward_backward(logits, batch, ctx, g ? grad_scale : Real(0), opt.keep_logits ? &r.logits : nullptr);
+  r.loss_sum = loss_forward_backward(logits, pad_logits, batch, ctx, g ? grad_scale : Real(0),
+                                     opt.keep_logits ? &r.logits : nullptr);
   if (!g) return r;
 
   Mat<Real>& dlogits = logits;
   cast(p, Cast::grad_act, dlogits);
   Mat<Real> dxf = Mat<Real>::Zero(N, D);
   linear_backward_input(dlogits, m.embed_tokens, dxf);
-  if (m.train_all) g->embed_tokens.noalias() += dlogits.transpose() * xf;
+  if (m.embed_pad.rows > 0 && sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxf);
+  if (m.train_all) {
+    g->embed_tokens.noalias() += dlogits.transpose() * xf;
+    if (m.embed_pad.rows > 0) g->embed_pad.noalias() += pad_logits.transpose() * xf;
+  }
   cast(p, Cast::grad_act, dxf);
   Mat<Real> dx;
   rmsnorm_backward(dxf, x, rstd_f, m.norm, ctx, dx, m.train_all ? &g->norm : nullptr);
@@ -816,8 +862,8 @@ Model<Real> make_model(const Checkpoint& ck, const Policy& policy) {
     const DType d = policy[Cast::weights];
     if (d == DType::f64 || d == t.dtype) return &t;
     std::vector<double> v = t.to_double();
-    m.rounded[name] = tensor_from_doubles(d, t.shape, v);
-    return &m.rounded[name];
+    m.owned[name] = tensor_from_doubles(d, t.shape, v);
+    return &m.owned[name];
   };
   auto matrix = [&](const std::string& name, Weight<Real>& w) {
     const Tensor& t = tensor(name);
@@ -866,6 +912,7 @@ Grads<Real> zero_grads(const Model<Real>& m) {
   Grads<Real> g;
   if (m.train_all) {
     g.embed_tokens = Mat<Real>::Zero(c.vocab_size, c.hidden_size);
+    g.embed_pad = Mat<Real>::Zero(m.embed_pad.rows, c.hidden_size);
     g.norm = Vec<Real>::Zero(c.hidden_size);
   }
   g.layers.resize(m.layers.size());

@@ -238,3 +238,41 @@ TEST(SlidingWindow, OneSlidingLayerModelIgnoresTokensBeyondTheWindowEndToEnd) {
     }
   }
 }
+
+// ------------------------------------------------------------------------------------------------------
+// Padded vocabulary
+
+TEST(PaddedVocab, MaskedPaddingLeavesLossAndGradientsBitIdenticalAndGetsZeroGradient) {
+  Case k = make_case(preset("gemma2-tiny"), 0, 4, 2, 12);
+  const Config& c = k.ck.config;
+  const int64_t P = 512 - c.vocab_size;  // pad 384 to a multiple of 128, like a kernel would
+  std::vector<double> rows(static_cast<size_t>(P * c.hidden_size));
+  const uint64_t key = stream_key(77, "pad");
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = 5.0 * stream_uniform(key, i);  // arbitrary, large
+  const Tensor pad = tensor_from_doubles(DType::f32, {P, c.hidden_size}, rows);
+
+  RunOptions opt;
+  Model<double> plain = make_model<double>(k.ck, opt.numerics.policy);
+  Grads<double> g0 = zero_grads(plain);
+  const double l0 = step_loss_and_grads(plain, {k.batch}, opt, g0);
+
+  Model<double> padded = make_model<double>(k.ck, opt.numerics.policy);
+  pad_vocab(padded, pad);
+  Grads<double> g1 = zero_grads(padded);
+  const double l1 = step_loss_and_grads(padded, {k.batch}, opt, g1);
+  EXPECT_EQ(l0, l1);
+  EXPECT_TRUE(g0.embed_tokens == g1.embed_tokens);
+  EXPECT_TRUE(g0.layers[0].proj[0] == g1.layers[0].proj[0]);
+  EXPECT_TRUE(g0.norm == g1.norm);
+  EXPECT_EQ(g1.embed_pad.rows(), P);
+  EXPECT_EQ(g1.embed_pad.cwiseAbs().maxCoeff(), 0.0);
+
+  // Left in the softmax (the padded-vocab-unmasked bug), the padding steals probability mass.
+  RunOptions bug = opt;
+  bug.numerics.semantics.padded_vocab_unmasked = true;
+  Grads<double> g2 = zero_grads(padded);
+  const double l2 = step_loss_and_grads(padded, {k.batch}, bug, g2);
+  std::printf("loss %.17g, padded %.17g, padded unmasked %.17g\n", l0, l1, l2);
+  EXPECT_GT(std::fabs(l2 - l0) / l0, 1e-3);
+  EXPECT_GT(g2.embed_pad.cwiseAbs().maxCoeff(), 0.0);
+}
