@@ -381,7 +381,7 @@ void projection_forward(const Mat<Real>& x,        // (N, in), already cast to t
   xa.noalias() = x * lora.A.transpose();
   cast(p, Cast::lora_mid, xa);
   Mat<Real> delta = (xa * lora.B.transpose()) * s;
-  cast(p, Cast::matmul_out, delta);
+  cast(p, Cast::lora_out, delta);
   y += delta;
   cast(p, Cast::matmul_out, y);
 }

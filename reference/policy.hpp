@@ -26,6 +26,7 @@ enum class Cast : uint8_t {
   matmul_in,       // activations entering q/k/v/o/gate/up/down (and their adapters)
   matmul_out,      // outputs of those products
   lora_mid,        // x A^T inside an adapter
+  lora_out,        // s (x A^T) B^T, the adapter's contribution before it is added to the base output
   rope_inputs,     // positions and inverse frequencies
   rope_angle,      // position * inv_freq
   rope_cossin,     // cos and sin tables
@@ -73,5 +74,12 @@ struct Numerics {
   Policy policy;
   Semantics semantics;
 };
+
+// Named policies (policies.cpp):
+Policy policy_f64();      // no rounding anywhere: the float64 reference itself
+Policy policy_hf_bf16();  // HF transformers eager + PEFT with the model in bf16 (adapters kept in fp32)
+Policy policy_fast();     // exactly the cast points of the CUDA trainer in fast/
+// By name: "f64", "hf-bf16", "fast"; throws InputError for another name.
+Policy policy_named(const std::string& name);
 
 }  // namespace gemma::ref
