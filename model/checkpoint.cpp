@@ -5,6 +5,7 @@
 #include <set>
 
 #include "errors.hpp"
+#include "json_brief.hpp"
 
 namespace gemma {
 
@@ -92,14 +93,15 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const std::stri
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error for bad syntax, out_of_range for a number no double holds (1e999): both are bad files.
     fail(source, std::string("malformed JSON: ") + e.what());
   }
   if (!j.is_object()) fail(source, "adapter config is not a JSON object");
   AdapterConfig a;
   auto it = j.find("peft_type");
   if (it != j.end() && !(it->is_string() && it->get<std::string>() == "LORA"))
-    fail(source, "peft_type is " + it->dump() + ", only \"LORA\" is supported");
+    fail(source, "peft_type is " + json_brief(*it) + ", only \"LORA\" is supported");
   it = j.find("r");
   if (it == j.end() || !it->is_number_integer()) fail(source, "adapter config needs an integer 'r'");
   a.r = it->get<int64_t>();
@@ -130,7 +132,7 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const std::stri
   }
   it = j.find("bias");
   if (it != j.end() && !(it->is_string() && it->get<std::string>() == "none"))
-    fail(source, "bias " + it->dump() + " is not supported (only \"none\")");
+    fail(source, "bias " + json_brief(*it) + " is not supported (only \"none\")");
 
   it = j.find("target_modules");
   if (it == j.end()) fail(source, "adapter config needs 'target_modules'");
@@ -143,7 +145,7 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const std::stri
     }
   } else if (it->is_array()) {
     for (const auto& e : *it) {
-      if (!e.is_string()) fail(source, "target_modules entries must be strings, got " + e.dump());
+      if (!e.is_string()) fail(source, "target_modules entries must be strings, got " + json_brief(e));
       names.push_back(e.get<std::string>());
     }
   } else {
@@ -290,6 +292,9 @@ void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_d
     if (allow_deeper && l >= c.num_hidden_layers) continue;
     if (!ck.adapter && n.find(".lora_") != std::string::npos)
       fail(source, "adapter tensor '" + n + "' present but no adapter config was given");
+    if (ck.adapter && n.find(".lora_") != std::string::npos)
+      fail(source, "adapter tensor '" + n + "' is for a module that target_modules does not list, or of a layer " +
+                       "the config does not have");
     fail(source, "unexpected tensor '" + n + "'");
   }
   for (const auto& [n, t] : kept) {

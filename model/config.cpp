@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "errors.hpp"
+#include "json_brief.hpp"
 
 namespace gemma {
 
@@ -139,10 +140,10 @@ struct Reader {
       double d = v.get<double>();
       if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return int64_t(d);
     }
-    fail(source, "key '" + key + "' must be an integer, got " + v.dump());
+    fail(source, "key '" + key + "' must be an integer, got " + json_brief(v));
   }
   double number(const json& v, const std::string& key) const {
-    if (!v.is_number()) fail(source, "key '" + key + "' must be a number, got " + v.dump());
+    if (!v.is_number()) fail(source, "key '" + key + "' must be a number, got " + json_brief(v));
     return v.get<double>();
   }
   double number(const char* key) const {
@@ -174,14 +175,15 @@ Config parse_config_json(const std::string& text, const std::string& source) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error for bad syntax, out_of_range for a number no double holds (1e999): both are bad files.
     fail(source, std::string("malformed JSON: ") + e.what());
   }
   if (!j.is_object()) fail(source, "config is not a JSON object");
   Reader r{j, source};
   if (const json* mt = r.find("model_type")) {
     if (!mt->is_string() || mt->get<std::string>() != "gemma2")
-      fail(source, "model_type is " + mt->dump() + ", expected \"gemma2\"");
+      fail(source, "model_type is " + json_brief(*mt) + ", expected \"gemma2\"");
   }
   Config c;
   c.vocab_size = r.integer("vocab_size");
@@ -208,7 +210,7 @@ Config parse_config_json(const std::string& text, const std::string& source) {
     Reader rr{*rp, source};
     if (const json* rt = rr.find("rope_type")) {
       if (!rt->is_string() || rt->get<std::string>() != "default")
-        fail(source, "rope_parameters.rope_type " + rt->dump() + " is not supported (only \"default\")");
+        fail(source, "rope_parameters.rope_type " + json_brief(*rt) + " is not supported (only \"default\")");
     }
     c.rope_theta = rr.number("rope_theta");
   } else if (r.find("rope_theta")) {
@@ -217,7 +219,7 @@ Config parse_config_json(const std::string& text, const std::string& source) {
     fail(source, "missing key 'rope_theta' (or 'rope_parameters.rope_theta')");
   }
   if (const json* rs = r.find("rope_scaling"); rs && !rs->is_null())
-    fail(source, "rope_scaling is not supported by Gemma 2 (got " + rs->dump() + ")");
+    fail(source, "rope_scaling is not supported by Gemma 2 (got " + json_brief(*rs) + ")");
 
   // Old configs say hidden_act; new ones hidden_activation. Gemma 2 uses the tanh approximation.
   const json* act = r.find("hidden_activation");
@@ -242,7 +244,7 @@ Config parse_config_json(const std::string& text, const std::string& source) {
   if (const json* lt = r.find("layer_types"); lt && !lt->is_null()) {
     if (!lt->is_array()) fail(source, "layer_types must be a list");
     for (const auto& e : *lt) {
-      if (!e.is_string()) fail(source, "layer_types entries must be strings, got " + e.dump());
+      if (!e.is_string()) fail(source, "layer_types entries must be strings, got " + json_brief(e));
       const auto s = e.get<std::string>();
       if (s == "sliding_attention") c.layer_types.push_back(LayerType::sliding);
       else if (s == "full_attention") c.layer_types.push_back(LayerType::full);

@@ -36,6 +36,8 @@ struct Config {
 struct Softcap {
   bool attn = true;
   bool logits = true;
+  // Spelled out: the CUDA sources that include this header are compiled as C++17.
+  bool operator==(const Softcap& o) const { return attn == o.attn && logits == o.logits; }
 };
 // "none", "attn", "logits", "attn,logits" (also "logits,attn"); throws InputError naming `flag`.
 Softcap parse_softcap(const std::string& text, const std::string& flag);

@@ -15,6 +15,19 @@ void quiet() {
   }
 }
 
+std::string innermost_error() {
+  std::string r;
+  // Walking upward starts at the most specific error, where the library detected the problem.
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_UPWARD,
+      [](unsigned n, const H5E_error2_t* e, void* out) -> herr_t {
+        if (n == 0 && e->desc) *static_cast<std::string*>(out) = e->desc;
+        return 0;
+      },
+      &r);
+  return r;
+}
+
 bool exists(const H5::Group& g, const std::string& path) {
   std::string prefix;
   size_t start = 0;
@@ -22,7 +35,10 @@ bool exists(const H5::Group& g, const std::string& path) {
     size_t slash = path.find('/', start);
     std::string part = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
     prefix += (prefix.empty() ? "" : "/") + part;
-    if (H5Lexists(g.getId(), prefix.c_str(), H5P_DEFAULT) <= 0) return false;
+    const htri_t r = H5Lexists(g.getId(), prefix.c_str(), H5P_DEFAULT);
+    // Negative is a damaged group, not an absent member: reporting "missing" would blame the wrong thing.
+    if (r < 0) throw H5::GroupIException("exists", "cannot look up '" + prefix + "'");
+    if (r == 0) return false;
     if (slash == std::string::npos) break;
     start = slash + 1;
   }
@@ -40,6 +56,11 @@ std::string read_string_attr(const H5::H5Object& o, const std::string& name, con
   return guard(path, "attribute '" + name + "'", [&] {
     H5::Attribute a = o.openAttribute(name);
     if (a.getTypeClass() != H5T_STRING) fail(path, "attribute '" + name + "' is not a string");
+    // The C++ API reads a variable-length string into one char*: a string array would write past it.
+    const H5::DataSpace sp = a.getSpace();
+    if (sp.getSimpleExtentType() != H5S_SCALAR && sp.getSimpleExtentNpoints() != 1)
+      fail(path, "attribute '" + name + "' holds " + std::to_string(sp.getSimpleExtentNpoints()) +
+                     " strings, expected one");
     std::string s;
     a.read(a.getStrType(), s);
     return s;
@@ -60,6 +81,7 @@ constexpr int64_t kMaxElements = int64_t(1) << 31;
 
 Shape dataset_shape(const H5::DataSet& ds, const std::string& name, const std::string& path) {
   H5::DataSpace sp = ds.getSpace();
+  if (sp.getSimpleExtentType() == H5S_NULL) fail(path, "'" + name + "' is an empty (null) dataset");
   const int rank = sp.getSimpleExtentNdims();
   if (rank < 0 || rank > 8) fail(path, "'" + name + "' has an unsupported rank " + std::to_string(rank));
   std::vector<hsize_t> dims(static_cast<size_t>(rank));
@@ -75,15 +97,25 @@ Shape dataset_shape(const H5::DataSet& ds, const std::string& name, const std::s
   return s;
 }
 
+// Charges a dataset's in-memory size to `budget` before it is read (see the header).
+void charge(int64_t* budget, int64_t bytes, const std::string& name, const std::string& path) {
+  if (!budget) return;
+  if (bytes > *budget)
+    fail(path, "'" + name + "' would take " + std::to_string(bytes) +
+                   " bytes in memory, more than the file's size allows (corrupt, or a decompression bomb)");
+  *budget -= bytes;
+}
+
 }  // namespace
 
-Tensor read_float_tensor(const H5::Group& g, const std::string& name, const std::string& path) {
+Tensor read_float_tensor(const H5::Group& g, const std::string& name, const std::string& path, int64_t* budget) {
   return guard(path, "reading '" + name + "'", [&] {
     if (!exists(g, name)) fail(path, "missing dataset '" + name + "'");
     H5::DataSet ds = g.openDataSet(name);
     if (ds.getTypeClass() != H5T_FLOAT) fail(path, "'" + name + "' is not a floating-point dataset");
     const size_t width = ds.getFloatType().getSize();
     Shape s = dataset_shape(ds, name, path);
+    charge(budget, shape_numel(s) * (width > 4 ? 8 : 4), name, path);
     if (width > 4) {
       OwnedTensor o = make_tensor(DType::f64, s);
       if (o.t.numel()) ds.read(o.raw, H5::PredType::NATIVE_DOUBLE);
@@ -96,20 +128,22 @@ Tensor read_float_tensor(const H5::Group& g, const std::string& name, const std:
   });
 }
 
-std::vector<int64_t> read_int_dataset(const H5::Group& g, const std::string& name, const std::string& path, Shape& shape) {
+std::vector<int64_t> read_int_dataset(const H5::Group& g, const std::string& name, const std::string& path, Shape& shape,
+                                      int64_t* budget) {
   return guard(path, "reading '" + name + "'", [&] {
     if (!exists(g, name)) fail(path, "missing dataset '" + name + "'");
     H5::DataSet ds = g.openDataSet(name);
     if (ds.getTypeClass() != H5T_INTEGER) fail(path, "'" + name + "' is not an integer dataset");
     shape = dataset_shape(ds, name, path);
+    charge(budget, shape_numel(shape) * 8, name, path);
     std::vector<int64_t> v(size_t(shape_numel(shape)));
     if (!v.empty()) ds.read(v.data(), H5::PredType::NATIVE_INT64);
     return v;
   });
 }
 
-double read_scalar(const H5::Group& g, const std::string& name, const std::string& path) {
-  Tensor t = read_float_tensor(g, name, path);
+double read_scalar(const H5::Group& g, const std::string& name, const std::string& path, int64_t* budget) {
+  Tensor t = read_float_tensor(g, name, path, budget);
   if (t.numel() != 1) fail(path, "'" + name + "' must be a scalar, has shape " + shape_str(t.shape));
   return t.at(0);
 }

@@ -23,6 +23,11 @@ std::string read_text_file(const std::string& path) {
   std::error_code ec;
   if (!fs::exists(path, ec)) fail(path, "no such file");
   if (fs::is_directory(path, ec)) fail(path, "is a directory, expected a file");
+  // /dev/zero or a FIFO would be read forever; configs and shard indexes are kilobytes.
+  if (!fs::is_regular_file(path, ec)) fail(path, "is not a regular file");
+  const uint64_t size = fs::file_size(path, ec);
+  if (!ec && size > (uint64_t(64) << 20))
+    fail(path, "is " + std::to_string(size) + " bytes; a JSON config or index is at most a few megabytes");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, "cannot open for reading");
   std::ostringstream ss;
@@ -208,7 +213,12 @@ void write_safetensors(const std::string& path, const TensorMap& tensors) {
       fail(path, "write failed");
     }
   }
-  fs::rename(tmp, path);
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    fail(path, "cannot write: " + ec.message());
+  }
 }
 
 Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
@@ -220,6 +230,7 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
   validate_checkpoint(ck, weights_path, /*allow_deeper=*/true);
   if (adapter_path) {
     std::error_code ec;
+    if (!fs::exists(*adapter_path, ec)) fail(*adapter_path, "no such adapter file or directory");
     std::string cfg, tensors;
     if (fs::is_directory(*adapter_path, ec)) {
       cfg = (fs::path(*adapter_path) / "adapter_config.json").string();
@@ -233,6 +244,12 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
     ad.config = ck.config;
     ad.adapter = a;
     ad.weights = read_safetensors(tensors);
+    // A base weight in the adapter file would silently replace the checkpoint's (emplace keeps the first).
+    for (const auto& [n, t] : ad.weights) {
+      const std::string name = n.rfind("base_model.model.", 0) == 0 ? n.substr(17) : n;
+      if (ck.weights.count(name) || name == kLmHeadName)
+        fail(tensors, "tensor '" + n + "' is a base weight; an adapter file holds only lora_A and lora_B tensors");
+    }
     // Base weights are already checked: validate the adapter tensors on their own, against base + adapter specs.
     for (const auto& [n, t] : ck.weights) ad.weights.emplace(n, t);
     validate_checkpoint(ad, tensors, /*allow_deeper=*/true);

@@ -1,5 +1,6 @@
 #include "synthetic.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace gemma {
@@ -17,9 +18,13 @@ double synthetic_std(const Config& c, const std::string& name) {
     return name.size() >= suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0;
   };
   if (name == kEmbedName) {
-    // logit = xf . e with rms(xf) ~ 1: std(logit) = std(e) sqrt(D).
+    // The tied head makes the logit of the input token itself about share * rms(x0) * sqrt(D), where
+    // x0 = e * sqrt(D) is the embedding output and share its part of the final residual stream (about a
+    // half with two layers, whose post-norms each add rms ~1). rms(x0) = 1 balances x0 against the layers
+    // (so the normalizer's rounding shows) and puts that logit near the final cap at real widths; narrow
+    // test models scale it up to reach the cap too.
     const double cap = c.final_logit_softcapping.value_or(30.0);
-    return 0.5 * cap / std::sqrt(D);
+    return std::max(1.0, 1.5 * cap / std::sqrt(D)) / std::sqrt(D);
   }
   if (ends("layernorm.weight") || name == kFinalNormName) return 0.5 / std::sqrt(3.0);  // uniform in +-0.5
   if (ends("q_proj.weight") || ends("k_proj.weight")) {

@@ -23,8 +23,8 @@ inline double stream_uniform(uint64_t key, uint64_t i) {
 }
 
 // Standard deviation the synthetic generator gives a weight, chosen so that the model exercises what a
-// test must see: attention scores with a spread of a quarter of the attention cap, final logits with a
-// spread of half the final cap (so both caps bend the values noticeably), unit-scale activations elsewhere,
+// test must see: attention scores with a spread of a quarter of the attention cap and the largest final
+// logits near the final cap (so both caps bend the values noticeably), unit-scale activations elsewhere,
 // and norm weights far from zero (so a missing (1 + w) shows).
 double synthetic_std(const Config& c, const std::string& name);
 

@@ -136,6 +136,7 @@ struct Model {
   Weight<Real> embed_pad;  // (P, D), P = 0 when the head is not padded
   Real lora_scaling = Real(0);
   bool train_all = false;  // gradients for every weight (no adapters) or for the adapters only
+  bool train_norms = false;  // with adapters: the RMSNorm weights train too (cheap at any width)
   TensorMap owned;         // tensors made here (rounded by the `weights` cast, padding rows), kept alive
 };
 
@@ -201,7 +202,7 @@ void for_each_trainable(M& m, G& g, F&& f) {
     auto& L = m.layers[size_t(l)];
     auto& Gl = g.layers[size_t(l)];
     auto norm = [&](Norm n) {
-      if (m.train_all)
+      if (m.train_all || m.train_norms)
         f(norm_weight_name(l, n), Shape{c.hidden_size}, L.norm[size_t(n)].data(), Gl.norm[size_t(n)].data(),
           int64_t(L.norm[size_t(n)].size()));
     };
@@ -223,7 +224,7 @@ void for_each_trainable(M& m, G& g, F&& f) {
     for (Proj p : {Proj::gate_proj, Proj::up_proj, Proj::down_proj}) proj(p);
     norm(Norm::post_feedforward_layernorm);
   }
-  if (m.train_all)
+  if (m.train_all || m.train_norms)
     f(std::string(kFinalNormName), Shape{c.hidden_size}, m.norm.data(), g.norm.data(), int64_t(m.norm.size()));
 }
 
@@ -625,11 +626,11 @@ void layer_forward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx
 template <class Real>
 void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx<Real>& ctx, const LayerCache<Real>& c,
                     Mat<Real>& dx,  // (N, D) gradient of the layer output in, of the layer input out
-                    LayerGrads<Real>* g, bool train_all) {
+                    LayerGrads<Real>* g, bool train_all, bool train_norms) {
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
   auto dW = [&](Proj q) { return (g && train_all) ? &g->proj[P(q)] : nullptr; };
-  auto dN = [&](Norm n) { return (g && train_all) ? &g->norm[size_t(n)] : nullptr; };
+  auto dN = [&](Norm n) { return (g && train_norms) ? &g->norm[size_t(n)] : nullptr; };
   auto dA = [&](Proj q) { return (g && L.lora[P(q)].present()) ? &g->lora[P(q)] : nullptr; };
 
   // x_out = x_mid + post_feedforward_layernorm(down)
@@ -810,14 +811,19 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   }
   cast(p, Cast::grad_act, dxf);
   Mat<Real> dx;
-  rmsnorm_backward(dxf, x, rstd_f, m.norm, ctx, dx, m.train_all ? &g->norm : nullptr);
+  rmsnorm_backward(dxf, x, rstd_f, m.norm, ctx, dx, (m.train_all || m.train_norms) ? &g->norm : nullptr);
 
   for (int64_t l = cfg.num_hidden_layers - 1; l >= 0; --l)
-    layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, caches[size_t(l)], dx, &g->layers[size_t(l)], m.train_all);
+    layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, caches[size_t(l)], dx, &g->layers[size_t(l)], m.train_all,
+                   m.train_all || m.train_norms);
 
+  // HF builds the embedding as nn.Embedding(..., padding_idx=pad_token_id): the pad row gets no gradient
+  // from lookups (its LM-head gradient above still counts, since the head is the same tensor).
   if (m.train_all)
-    for (int64_t n = 0; n < N; ++n)
-      g->embed_tokens.row(batch.id(n / batch.T, n % batch.T)) += dx.row(n) * normalizer;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t id = batch.id(n / batch.T, n % batch.T);
+      if (id != cfg.pad_token_id) g->embed_tokens.row(id) += dx.row(n) * normalizer;
+    }
   return r;
 }
 
@@ -828,15 +834,28 @@ Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, 
   int64_t total = 0;
   for (const Batch& b : micro) total += b.count_targets();
   if (total == 0) throw InputError("batch: every label is ignored (-100): the mean loss is undefined (0/0)");
-  const Real scale = Real(1) / Real(total);
-  Real sum = Real(0);
-  for (const Batch& b : micro) sum += forward_backward(m, b, opt, scale, &g).loss_sum;
+  Real mean = Real(0);
+  if (opt.numerics.semantics.grad_accum_mean_of_means) {
+    // The pre-October-2024 HF Trainer normalisation: a micro-batch with one target weighs as much as one
+    // with a thousand.
+    const Real k = Real(int64_t(micro.size()));
+    for (const Batch& b : micro) {
+      const int64_t n = b.count_targets();
+      if (n == 0) continue;
+      mean += forward_backward(m, b, opt, Real(1) / (Real(n) * k), &g).loss_sum / (Real(n) * k);
+    }
+  } else {
+    const Real scale = Real(1) / Real(total);
+    Real sum = Real(0);
+    for (const Batch& b : micro) sum += forward_backward(m, b, opt, scale, &g).loss_sum;
+    mean = sum / Real(total);
+  }
   if (!opt.numerics.policy.exact()) {
     for_each_trainable(m, g, [&](const std::string&, const Shape&, const Real*, Real* gr, int64_t n) {
       for (int64_t i = 0; i < n; ++i) gr[i] = cast(opt.numerics.policy, Cast::grads, gr[i]);
     });
   }
-  return sum / Real(total);
+  return mean;
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -913,8 +932,8 @@ Grads<Real> zero_grads(const Model<Real>& m) {
   if (m.train_all) {
     g.embed_tokens = Mat<Real>::Zero(c.vocab_size, c.hidden_size);
     g.embed_pad = Mat<Real>::Zero(m.embed_pad.rows, c.hidden_size);
-    g.norm = Vec<Real>::Zero(c.hidden_size);
   }
+  if (m.train_all || m.train_norms) g.norm = Vec<Real>::Zero(c.hidden_size);
   g.layers.resize(m.layers.size());
   for (size_t l = 0; l < m.layers.size(); ++l) {
     const Layer<Real>& L = m.layers[l];
@@ -927,7 +946,7 @@ Grads<Real> zero_grads(const Model<Real>& m) {
         G.lora[i].B = Mat<Real>::Zero(L.lora[i].B.rows(), L.lora[i].B.cols());
       }
     }
-    if (m.train_all)
+    if (m.train_all || m.train_norms)
       for (Norm n : kAllNorms) G.norm[size_t(n)] = Vec<Real>::Zero(c.hidden_size);
   }
   return g;

@@ -27,12 +27,28 @@ Policy policy_hf_bf16() {
   return p;
 }
 
-// Placeholder until fast/ defines its cast points: the CUDA trainer's policy is kept in sync with its
-// kernels there (see fast/README.md).
+// The CUDA trainer in fast/ (fast/README.md lists the kernel behind each entry). bf16: the base weights, the
+// embedding table and its normalizer (48.0, 59.75, 68.0), every product input (norm outputs feeding a product,
+// the attention output, GeGLU's output) and output, rotated q and k, the attention probabilities (the P of
+// P V, rounded after normalising, as the reference orders it), and every activation gradient passed between
+// kernels. fp32: the residual stream (so the embedding product and the post-norm residual adds round to fp32),
+// everything inside RMSNorm, RoPE's tables (built in float64 and rounded once), attention scores before and after
+// the cap, GELU, the logits before and after the final cap, the adapter branch (its products run on the exact
+// three-way bf16 split of the fp32 values), gradients, adapters and AdamW moments. The loss's running sum is
+// float64 (per-token fp32 losses summed in double on the host). What remains between the two is fp32 arithmetic:
+// accumulation order, and fp32 exp/tanh/division in place of the reference's float64 ones.
 Policy policy_fast() {
-  Policy p = policy_hf_bf16();
+  Policy p;
   p.name = "fast";
-  return p;
+  for (Cast c : {Cast::weights, Cast::embed_out, Cast::normalizer, Cast::matmul_in, Cast::matmul_out, Cast::rope_out,
+                 Cast::attn_probs, Cast::attn_out, Cast::geglu, Cast::grad_act})
+    p[c] = DType::bf16;
+  for (Cast c : {Cast::embed_scaled, Cast::norm_in, Cast::norm_normed, Cast::norm_scale, Cast::norm_out, Cast::lora_mid,
+                 Cast::lora_out, Cast::rope_inputs, Cast::rope_angle, Cast::rope_cossin, Cast::attn_scores,
+                 Cast::attn_capped, Cast::gelu, Cast::residual, Cast::logits, Cast::logits_capped, Cast::grads,
+                 Cast::adapters, Cast::optimizer_state})
+    p[c] = DType::f32;
+  return p;  // Cast::loss stays f64
 }
 
 Policy policy_named(const std::string& name) {

@@ -67,6 +67,7 @@ struct Semantics {
   bool padded_vocab_unmasked = false;    // padded LM-head columns left in the softmax
   bool rmsnorm_no_weight_grad = false;   // RMSNorm weight gradients dropped
   bool attn_softcap_grad_missing = false;  // attention cap's derivative omitted in the backward
+  bool grad_accum_mean_of_means = false;   // each micro-batch normalised by its own target count, then averaged
   bool operator==(const Semantics&) const = default;
 };
 

@@ -1,5 +1,6 @@
 #include "reference/run.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace gemma::ref {
@@ -35,7 +36,13 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   double analytic = 0, param_sq = 0;
   int64_t param_n = 0;
   for_each_trainable(m, dir, [&](const std::string& name, const Shape&, const double* p, double* u, int64_t n) {
-    const std::vector<double> g = grads.at(name).to_double();
+    std::vector<double> g = grads.at(name).to_double();
+    // The pad row's gradient omits its lookups by HF's rule (padding_idx), so it is not the loss's
+    // derivative: the direction leaves that row alone.
+    if (name == kEmbedName) {
+      const int64_t D = m.config.hidden_size, pad = m.config.pad_token_id;
+      if (pad >= 0 && pad < m.config.vocab_size) std::fill(g.begin() + pad * D, g.begin() + (pad + 1) * D, 0.0);
+    }
     double norm = 0;
     for (int64_t i = 0; i < n; ++i) norm += g[size_t(i)] * g[size_t(i)];
     norm = std::sqrt(norm);

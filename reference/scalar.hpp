@@ -35,10 +35,17 @@ inline T softcap_grad(const T& x, const T& c) {
   using std::exp;
   const T ax = abs(x);
   const T a = ax / c;
+  const T e0 = exp(T(-2) * a);
+  // e0 == 0: the true value (< 4 e^{-745}) underflows too; skipping the correction also keeps x = +-inf
+  // (where the residual is inf - inf) at the limit 0 instead of NaN.
+  if (e0 == T(0)) return e0;
   const T da = quotient_residual(ax, a, c) / c;
-  const T e = exp(T(-2) * a) * (T(1) - T(2) * da);
+  const T e = e0 * (T(1) - T(2) * da);
   const T one_e = T(1) + e;
-  return T(4) * e / (one_e * one_e);
+  // For tiny |x| the roundings of 1 + e and its square can give 1 + 2^-52, while the true value is <= 1:
+  // clamping only moves the result toward it (and keeps NaN a NaN).
+  const T r = T(4) * e / (one_e * one_e);
+  return r > T(1) ? T(1) : r;
 }
 
 // The form every buggy implementation uses, kept to show (in tests) what it loses.
@@ -50,7 +57,9 @@ inline T softcap_grad_naive(const T& x, const T& c) {
 }
 
 // gelu_pytorch_tanh: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), rewritten as x * sigmoid(2u)
-// (1 + tanh(u) = 2 / (1 + exp(-2u))) so that the left tail does not cancel to zero.
+// (1 + tanh(u) = 2 / (1 + exp(-2u))) so that the left tail does not cancel to zero. sigmoid(2u) is taken from
+// e = exp(-2|u|) <= 1 on both sides: exp(-2u) itself overflows for x < -21.16, while the result is a double
+// down to x = -21.54 (normal to -21.18), and 1 - s became inf / inf = NaN in the derivative for every x below.
 template <class T>
 inline T gelu_tanh_inner(const T& x) {
   return boost::math::constants::root_two_div_pi<T>() * (x + T(0.044715) * x * x * x);
@@ -58,20 +67,28 @@ inline T gelu_tanh_inner(const T& x) {
 
 template <class T>
 inline T gelu_tanh(const T& x) {
+  using std::abs;
   using std::exp;
   const T u = gelu_tanh_inner(x);
-  return x / (T(1) + exp(T(-2) * u));
+  const T e = exp(T(-2) * abs(u));
+  if (u >= T(0)) return x / (T(1) + e);
+  if (e == T(0)) return -T(0);  // underflowed, like the true value; x = -inf gives the limit, not -inf * 0
+  return x * e / (T(1) + e);
 }
 
 // d gelu_tanh / dx = s + x * 2 u'(x) * s * (1 - s), s = sigmoid(2u); 1 - s is sigmoid(-2u), computed as such
 // so that it keeps its relative accuracy when s is close to 1.
 template <class T>
 inline T gelu_tanh_grad(const T& x) {
+  using std::abs;
   using std::exp;
   const T u = gelu_tanh_inner(x);
-  const T e = exp(T(-2) * u);
-  const T s = T(1) / (T(1) + e);
-  const T one_minus_s = e / (T(1) + e);
+  const T e = exp(T(-2) * abs(u));
+  const T big = T(1) / (T(1) + e), small = e / (T(1) + e);
+  const T s = u >= T(0) ? big : small;
+  const T one_minus_s = u >= T(0) ? small : big;
+  // e == 0: s (1 - s) is exactly 0, and x u'(x) may be inf (|x| > 1.3e154), which would make 0 * inf = NaN.
+  if (e == T(0)) return s;
   const T du = boost::math::constants::root_two_div_pi<T>() * (T(1) + T(3) * T(0.044715) * x * x);
   return s + x * T(2) * du * s * one_minus_s;
 }

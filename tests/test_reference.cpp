@@ -31,6 +31,10 @@ TEST_P(GradientCheck, EveryTrainableTensorMatchesFiniteDifferences) {
   const bool adapters = std::get<1>(GetParam());
   // gemma2-tiny: grouped KV heads, query_pre_attn_scalar != head_dim, window 8 < T = 12.
   Case k = make_case(preset("gemma2-tiny"), adapters ? 4 : 0, 11, 2, 12);
+  // HF's embedding drops the pad row's lookup gradient (padding_idx), which is not the loss's derivative:
+  // keep the pad token out of this batch (PadRowGetsNoLookupGradient tests that rule).
+  for (auto& id : k.batch.input_ids)
+    if (id == k.ck.config.pad_token_id) id = 1;
   RunOptions opt;
   opt.softcap = sc;
   Model<double> m = make_model<double>(k.ck, opt.numerics.policy);
@@ -275,4 +279,49 @@ TEST(PaddedVocab, MaskedPaddingLeavesLossAndGradientsBitIdenticalAndGetsZeroGrad
   std::printf("loss %.17g, padded %.17g, padded unmasked %.17g\n", l0, l1, l2);
   EXPECT_GT(std::fabs(l2 - l0) / l0, 1e-3);
   EXPECT_GT(g2.embed_pad.cwiseAbs().maxCoeff(), 0.0);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Embedding padding_idx
+
+TEST(Embedding, PadRowGetsNoLookupGradientButKeepsItsLmHeadGradient) {
+  // HF: nn.Embedding(vocab, hidden, padding_idx=pad_token_id). With token 0 in the batch, compare
+  // pad_token_id = 0 (HF's rule drops row 0's lookup gradient) against pad_token_id = 5 (absent from the
+  // batch: row 0 gets its full derivative, which finite differences confirm).
+  Case k = make_case(preset("gemma2-tiny"), 0, 12, 2, 12);
+  for (auto& id : k.batch.input_ids)
+    if (id == 5) id = 6;
+  k.batch.input_ids[3] = 0;
+  k.batch.input_ids[17] = 0;
+  RunOptions opt;
+  auto grads_with_pad = [&](int64_t pad) {
+    Checkpoint ck = k.ck;
+    ck.config.pad_token_id = pad;
+    Model<double> m = make_model<double>(ck, opt.numerics.policy);
+    Grads<double> g = zero_grads(m);
+    step_loss_and_grads(m, {k.batch}, opt, g);
+    return g.embed_tokens;
+  };
+  const Mat<double> hf = grads_with_pad(0), full = grads_with_pad(5);
+  const int64_t V = hf.rows(), D = hf.cols();
+  EXPECT_TRUE(hf.bottomRows(V - 1) == full.bottomRows(V - 1)) << "only row 0 may differ";
+  const double lookup_part = (full.row(0) - hf.row(0)).norm();
+  std::printf("row 0: |full| %.6e, |HF (lookup dropped)| %.6e, |dropped part| %.6e\n", full.row(0).norm(), hf.row(0).norm(),
+              lookup_part);
+  EXPECT_GT(lookup_part, 1e-3 * full.row(0).norm());
+
+  // The full derivative of row 0 against central differences (direction: alternating signs).
+  Model<double> m = make_model<double>(k.ck, opt.numerics.policy);
+  const double h = 1e-5;
+  auto loss_at = [&](double t) {
+    for (int64_t j = 0; j < D; ++j) m.embed_tokens.value(0, j) += (j % 2 ? t : -t);
+    const double l = forward_backward<double>(m, k.batch, opt, 0.0, nullptr).loss_sum / double(k.batch.count_targets());
+    for (int64_t j = 0; j < D; ++j) m.embed_tokens.value(0, j) -= (j % 2 ? t : -t);
+    return l;
+  };
+  const double numeric = (loss_at(h) - loss_at(-h)) / (2 * h);
+  double analytic = 0;
+  for (int64_t j = 0; j < D; ++j) analytic += full(0, j) * (j % 2 ? 1.0 : -1.0);
+  // Central differences with h = 1e-5 on weights of rms ~0.1: truncation ~h^2 ~ 1e-10 relative.
+  EXPECT_NEAR(numeric, analytic, 1e-6 * full.row(0).norm() * std::sqrt(double(D)));
 }

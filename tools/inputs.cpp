@@ -1,5 +1,9 @@
 #include "tools/inputs.hpp"
 
+#include <unistd.h>
+
+#include <cstdio>
+
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
@@ -22,6 +26,16 @@ Batch batch_for(const Config& c, const InputSpec& s, int64_t dflt_b, int64_t dfl
   if (T < 2) fail("--seq", "must be at least 2 (position t is scored against token t + 1), got " + std::to_string(T));
   if (T > c.max_position_embeddings)
     fail("--seq", std::to_string(T) + " exceeds max_position_embeddings " + std::to_string(c.max_position_embeddings));
+  // The float64 logits alone take B * T * V * 8 bytes. Refusing a batch that cannot fit up front beats being
+  // killed by the kernel's OOM killer (a signal, no message) half an hour into the run.
+  const double logits_bytes = double(B) * double(T) * double(c.vocab_size) * 8.0;
+  const double memory = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+  if (memory > 0 && logits_bytes > memory) {
+    char msg[200];
+    std::snprintf(msg, sizeof msg, "%lld x --seq %lld needs %.3g GB for the float64 logits alone; this machine has %.3g GB",
+                  (long long)B, (long long)T, logits_bytes / 1e9, memory / 1e9);
+    fail("--batch", msg);
+  }
   return synthetic_batch(c, B, T, s.seed);
 }
 
@@ -29,7 +43,7 @@ Batch batch_for(const Config& c, const InputSpec& s, int64_t dflt_b, int64_t dfl
 
 Inputs load_inputs(const InputSpec& s) {
   const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
-  if (given != 1) fail("verify", "give exactly one of --model, --case, or --config with --weights");
+  if (given != 1) fail("--model/--case/--config", "give exactly one of --model, --case, or --config with --weights");
   if (s.lora_r < 0) fail("--lora-r", "must be 0 (train every weight) or a rank >= 1");
   Inputs in;
   if (s.case_path) {

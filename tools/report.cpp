@@ -14,10 +14,10 @@
 
 namespace gemma::tools {
 
-const Check& Report::add(std::string name, double value, double tolerance, std::string why) {
+const Check& Report::add(std::string name, double value, double tolerance, std::string why, bool print) {
   Check c{std::move(name), value, tolerance, std::move(why), std::isfinite(value) && value <= tolerance};
   checks.push_back(c);
-  std::printf("  %-58s %11.3e  tol %9.2e  %s\n", c.name.c_str(), c.value, c.tolerance, c.pass ? "OK" : "FAIL");
+  if (print) std::printf("  %-72s %11.3e  tol %9.2e  %s\n", c.name.c_str(), c.value, c.tolerance, c.pass ? "OK" : "FAIL");
   std::fflush(stdout);
   return checks.back();
 }
@@ -74,6 +74,16 @@ void write_text_atomically(const std::string& path, const std::string& text) {
 }
 
 }  // namespace
+
+void check_output_path(const std::string& path, const std::string& flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (path.empty()) fail(flag, "empty file name");
+  if (fs::is_directory(path, ec)) fail(flag, "'" + path + "' is a directory, expected a file name");
+  const fs::path dir = fs::path(path).parent_path();
+  if (!dir.empty() && !fs::is_directory(dir, ec))
+    fail(flag, "cannot write '" + path + "': directory '" + dir.string() + "' does not exist");
+}
 
 void write_junit(const std::string& path, const std::string& suite, const Report& r) {
   std::string x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";

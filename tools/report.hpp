@@ -19,7 +19,7 @@ struct Report {
   std::vector<Check> checks;
 
   // Records and prints a check; a NaN value never passes.
-  const Check& add(std::string name, double value, double tolerance, std::string why);
+  const Check& add(std::string name, double value, double tolerance, std::string why, bool print = true);
   bool all_pass() const;
   int passed() const;
   void print_summary() const;  // "N/M checks passed"
@@ -27,6 +27,10 @@ struct Report {
 
 // Relative error |a - b| / |b| (absolute when b is 0).
 double rel_err(double a, double b);
+
+// Refuses an output path before any work is done: its directory must exist and the path must not be a
+// directory. `flag` names the option in the error ("--json: ...").
+void check_output_path(const std::string& path, const std::string& flag);
 
 // JUnit XML with one testcase per check; written atomically.
 void write_junit(const std::string& path, const std::string& suite, const Report& r);

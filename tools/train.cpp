@@ -8,6 +8,10 @@
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
 #include "reference/adamw.hpp"
+#ifdef GEMMA_HAVE_FAST
+#include "fast/fast.hpp"
+#endif
+#include "tools/fast_backend.hpp"
 #include "tools/inputs.hpp"
 #include "tools/report.hpp"
 
@@ -34,8 +38,41 @@ void check_finite(int64_t step, size_t micro, const std::string& what, double v)
   }
 }
 
+// The same steps on the CUDA trainer: its loss per step, device time, peak device memory.
+int train_fast(const Inputs& in, Softcap sc, const TrainOptions& o, bool synthetic_data, uint64_t seed) {
+#ifdef GEMMA_HAVE_FAST
+  if (!in.model.adapter) fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (--lora-r >= 1)");
+  const Config& c = in.model.config;
+  fast::Trainer trainer(in.model, o.adamw, sc);
+  std::printf("train (fast, CUDA): %s; softcap %s; %lld steps of %lld x %lld tokens in %lld micro-batches; AdamW lr %g wd %g\n",
+              in.description.c_str(), softcap_name(sc).c_str(), (long long)o.steps, (long long)in.batch.B,
+              (long long)in.batch.T, (long long)o.micro_batches, o.adamw.lr, o.adamw.weight_decay);
+  nlohmann::json log = nlohmann::json::array();
+  for (int64_t step = 1; step <= o.steps; ++step) {
+    const Batch batch =
+        synthetic_data && step > 1 ? synthetic_batch(c, in.batch.B, in.batch.T, seed + uint64_t(step) * 7919) : in.batch;
+    const fast::Trainer::Step st = trainer.step(batch, o.micro_batches);
+    check_finite(step, 0, "loss", st.loss);
+    std::printf("step %4lld  loss %.12f  targets %lld  %.3f s on the device\n", (long long)step, st.loss,
+                (long long)st.tokens, st.seconds);
+    std::fflush(stdout);
+    log.push_back({{"step", step}, {"loss", st.loss}, {"targets", st.tokens}, {"seconds", st.seconds}});
+  }
+  std::printf("peak device memory %.2f GB\n", double(trainer.peak_device_bytes()) / 1e9);
+  if (o.log_path)
+    write_json(*o.log_path, {{"source", in.source}, {"backend", "fast"}, {"softcap", softcap_name(sc)}, {"steps", log},
+                             {"peak_device_bytes", trainer.peak_device_bytes()}});
+  return 0;
+#else
+  (void)in, (void)sc, (void)o, (void)synthetic_data, (void)seed;
+  fail("--backend fast", "this build has no CUDA backend");
+#endif
+}
+
 int run_train(const InputSpec& spec, const TrainOptions& o) {
-  if (o.backend != "reference") fail("--backend", "the fast CUDA backend is not built into this train");
+  if (o.backend != "reference" && o.backend != "fast") fail("--backend", "'" + o.backend + "' is not one of reference, fast");
+  std::string why;
+  if (o.backend == "fast" && !fast_available(&why)) fail("--backend fast", why);
   if (o.steps < 1) fail("--steps", "must be at least 1");
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
   if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
@@ -47,6 +84,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     fail("--micro-batches", std::to_string(o.micro_batches) + " does not divide the batch of " + std::to_string(in.batch.B));
   const bool synthetic_data = !spec.case_path;
 
+  if (o.backend == "fast") return train_fast(in, sc, o, synthetic_data, spec.seed);
   ref::RunOptions opt;
   opt.softcap = sc;
   ref::Model<double> m = ref::make_model<double>(in.model, opt.numerics.policy);
@@ -88,6 +126,11 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
 
 }  // namespace
 
+// CLI11 reads "-1" into an unsigned seed as 2^64 - 1 without a word; a user who typed it meant something else.
+const CLI::Validator kNonNegativeSeed(
+    [](std::string& v) { return v.find('-') != std::string::npos ? "a seed is a non-negative integer, got " + v : std::string(); },
+    "SEED");
+
 int main(int argc, char** argv) {
   CLI::App app{"train: finetune Gemma 2 (LoRA or full weights) with AdamW and gradient accumulation"};
   InputSpec spec;
@@ -101,7 +144,7 @@ int main(int argc, char** argv) {
   app.add_option("--layers", spec.layers, "layers of a synthetic or checkpoint run");
   app.add_option("--seq", spec.seq, "sequence length of synthetic batches");
   app.add_option("--batch", spec.batch, "sequences per step of synthetic batches");
-  app.add_option("--seed", seed, "seed of synthetic weights and batches");
+  app.add_option("--seed", seed, "seed of synthetic weights and batches")->check(kNonNegativeSeed);
   app.add_option("--lora-r", spec.lora_r, "rank of synthetic LoRA adapters; 0 trains every weight");
   app.add_option("--steps", o.steps, "optimizer steps");
   app.add_option("--micro-batches", o.micro_batches, "micro-batches per step (gradient accumulation)");
@@ -130,5 +173,9 @@ int main(int argc, char** argv) {
   } catch (const std::runtime_error& e) {
     std::fprintf(stderr, "train: stopped: %s\n", e.what());
     return 1;
+  } catch (const std::exception& e) {
+    // As in verify: a bug, but reported as one line and a status, never as an abort.
+    std::fprintf(stderr, "train: internal error: %s\n", e.what());
+    return 3;
   }
 }

@@ -5,11 +5,16 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "model/errors.hpp"
 #include "model/h5util.hpp"
 #include "reference/run.hpp"
+#include "tools/compare.hpp"
+#include "tools/diagnose.hpp"
+#include "tools/fast_backend.hpp"
+#include "tools/golden.hpp"
 #include "tools/inputs.hpp"
 #include "tools/report.hpp"
 
@@ -18,45 +23,6 @@ using namespace gemma::tools;
 
 namespace {
 
-struct Tolerances {
-  double loss, grads, logits;
-  std::string why;
-};
-
-// Tolerances against /expected depend on who computed it. Two float64 implementations of the same math
-// differ only by rounding in different operation orders: about 1e-15 relative per reduction, amplified by
-// the loss's conditioning; the bounds are the project's stated agreement targets (README, "Accuracy"), which
-// the held-out HF cases meet with margin. HF as shipped computes RMSNorm, RoPE and the attention softmax in
-// float32 inside a float64 model, which moves the loss by 1e-9..1e-8 relative.
-Tolerances tolerances_for(const std::map<std::string, std::string>& prov) {
-  auto it = prov.find("expected_kind");
-  const std::string kind = it == prov.end() ? "" : it->second;
-  if (kind == "hf-float64-shipped")
-    return {1e-7, 1e-6, 1e-6, "HF as shipped: float32 RMSNorm, RoPE and softmax inside a float64 model"};
-  if (kind == "hf-float64-patched")
-    return {1e-11, 1e-9, 1e-11, "HF float64 (norm, RoPE, softmax patched to float64): float64 rounding only"};
-  return {1e-11, 1e-9, 1e-11, "float64 vs float64: rounding of different operation orders only"};
-}
-
-double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-}
-
-// Largest |a - b| over the largest |b|: a relative error that stays meaningful for logits near zero.
-double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::fabs(a[i] - b[i]));
-    den = std::max(den, std::fabs(b[i]));
-  }
-  return den == 0 ? num : num / den;
-}
-
 void dump_grads(const std::string& path, const TensorMap& grads) {
   h5::write_atomically(path, [&](H5::H5File& f) {
     H5::Group g = f.createGroup("grads");
@@ -64,24 +30,46 @@ void dump_grads(const std::string& path, const TensorMap& grads) {
   });
 }
 
-int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_flag, const std::string& backend,
+int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_flag,
+               const std::optional<std::string>& backend_flag,
                const std::optional<std::string>& json_path, const std::optional<std::string>& junit_path,
                const std::optional<std::string>& dump_path) {
   const auto t0 = std::chrono::steady_clock::now();
+  std::string why_no_fast;
+  const bool have_fast = fast_available(&why_no_fast);
+  // Default (contract.md): both backends where a CUDA device exists, else the reference alone.
+  const std::string backend = backend_flag.value_or(have_fast ? "both" : "reference");
   if (backend != "reference" && backend != "fast" && backend != "both")
     fail("--backend", "'" + backend + "' is not one of reference, fast, both");
-  if (backend != "reference") fail("--backend", "the fast CUDA backend is not built into this verify");
+  const bool run_ref = backend != "fast", run_fast = backend != "reference";
+  if (run_fast && !have_fast) fail("--backend " + backend, why_no_fast);
+  // Output paths are checked before the run and the files written only after it, all or none: a run that
+  // fails (exit 2) leaves no file for a CI step to pick up as if it were a result.
+  std::vector<std::pair<std::string, std::string>> outputs;  // (flag, path)
+  if (json_path && *json_path != "-") outputs.emplace_back("--json", *json_path);
+  if (junit_path) outputs.emplace_back("--junit", *junit_path);
+  if (dump_path) outputs.emplace_back("--dump-grads", *dump_path);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    check_output_path(outputs[i].second, outputs[i].first);
+    for (size_t j = 0; j < i; ++j)
+      if (std::error_code e1, e2; std::filesystem::weakly_canonical(outputs[i].second, e1) ==
+                                  std::filesystem::weakly_canonical(outputs[j].second, e2))
+        fail(outputs[i].first, "'" + outputs[i].second + "' is also the file of " + outputs[j].first);
+  }
 
   Inputs in = load_inputs(spec);
   const Config& c = in.model.config;
   std::vector<Softcap> combos;
-  if (softcap_flag) {
+  if (softcap_flag && *softcap_flag == "all") {
+    combos = all_softcaps();
+  } else if (softcap_flag) {
     combos.push_back(parse_softcap(*softcap_flag, "--softcap"));
   } else {
     combos.push_back(config_softcaps(c));
   }
   for (Softcap s : combos) check_softcap_available(c, s, "--softcap");
   if (dump_path && combos.size() != 1) fail("--dump-grads", "needs a single --softcap combination");
+  if (dump_path && !run_ref) fail("--dump-grads", "writes the reference backend's gradients: not with --backend fast");
 
   int64_t params = 0;
   for (const auto& [n, t] : in.model.weights) params += t.numel();
@@ -90,12 +78,13 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                         " parameters do not fit in memory as float64; use LoRA adapters (--lora-r) or fewer layers");
 
   std::printf("verify: %s\n", in.description.c_str());
-  std::printf("  batch %lld x %lld, %lld scored targets; %s; backend reference (float64)\n", (long long)in.batch.B,
+  std::printf("  batch %lld x %lld, %lld scored targets; %s; backend %s\n", (long long)in.batch.B,
               (long long)in.batch.T, (long long)in.batch.count_targets(),
               in.model.adapter ? ("LoRA r=" + std::to_string(in.model.adapter->r) + " on " +
                                   std::to_string(in.model.adapter->target_modules.size()) + " projections, gradients for adapters")
                                      .c_str()
-                               : "gradients for every weight");
+                               : "gradients for every weight",
+              backend == "both" ? "reference (float64) and fast (CUDA)" : backend == "fast" ? "fast (CUDA)" : "reference (float64)");
   const Tolerances tol = tolerances_for(in.provenance);
   Report report;
   nlohmann::json runs = nlohmann::json::array();
@@ -106,19 +95,40 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     opt.softcap = sc;
     auto exp_it = in.expected.find(combo);
     const Expected* ex = exp_it == in.expected.end() ? nullptr : &exp_it->second;
-    opt.keep_logits = ex && ex->logits;
+    // The golden of this exact recipe, when the project keeps one; its hash is checked before it is trusted.
+    std::optional<Golden> golden;
+    const std::optional<GoldenRecipe> recipe = recipe_of(spec, sc);
+    std::string golden_path;
+    if (recipe) {
+      golden_path = std::string(kGoldenDir) + "/" + recipe->file_name();
+      if (std::filesystem::exists(golden_path)) {
+        check_manifest(golden_path);
+        golden = read_golden(golden_path);
+        if (!(golden->recipe == *recipe)) fail(golden_path, "its recipe does not match its file name");
+      }
+    }
+    const std::string pre = "[" + softcap_name(sc) + "] ";
+    nlohmann::json results = nlohmann::json::object();
+    if (!run_ref) {
+      const FastResult fr = compare_fast(report, pre, in, sc, nullptr);
+      std::printf("[softcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
+                  softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
+      results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
+      runs.push_back({{"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+      continue;
+    }
+    opt.keep_logits = (ex && ex->logits) || golden || run_fast;
     progress("reference forward + backward, softcap " + softcap_name(sc));
     ref::Output out = ref::run(in.model, in.batch, opt);
     std::printf("[softcap %s] reference loss %.17g over %lld targets\n", softcap_name(sc).c_str(), out.loss,
                 (long long)out.tokens);
-    const std::string pre = "[" + softcap_name(sc) + "] ";
-    if (ex) {
-      if (ex->loss) report.add(pre + "loss vs expected (rel)", rel_err(out.loss, *ex->loss), tol.loss, tol.why);
-      if (ex->logits) report.add(pre + "logits vs expected (max rel)", max_rel(out.logits, ex->logits->to_double()), tol.logits, tol.why);
-      for (const auto& [name, t] : ex->grads) {
-        auto it = out.grads.find(name);
-        report.add(pre + "grad " + name + " (rel L2)", rel_l2(it->second.to_double(), t.to_double()), tol.grads, tol.why);
-      }
+    if (ex) compare_expected(report, pre, out, *ex, tol);
+    if (golden) {
+      std::printf("  golden %s (sha256 matches the manifest; %s, %s)\n", golden_path.c_str(),
+                  golden->provenance["generator"].c_str(), golden->provenance["date"].c_str());
+      compare_golden(report, pre, *golden, golden_from(*recipe, in.batch, c.vocab_size, out), GoldenTolerances{});
+    } else if (recipe) {
+      std::printf("  no golden for this recipe (%s): self-checks only\n", recipe->file_name().c_str());
     }
     progress("directional finite-difference check (4 forward passes)");
     ref::DirectionalCheck fd = ref::directional_check(in.model, in.batch, opt, out.grads);
@@ -128,52 +138,103 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     // direction weighs each of at most ~100 tensors equally).
     report.add(pre + "backward vs finite differences of forward (rel)", fd.rel_err, 1e-7,
                "directional derivative along per-tensor unit gradients, " + std::to_string(fd.tensors) + " tensors");
-    nlohmann::json r = {{"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}},
-                        {"results", {{"reference", {{"loss", out.loss}, {"tokens", out.tokens}}}}}};
-    runs.push_back(r);
+    results["reference"] = {{"loss", out.loss}, {"tokens", out.tokens}};
+    if (run_fast) {
+      const FastResult fr = compare_fast(report, pre, in, sc, &out);
+      std::printf("[softcap %s] fast loss %.10g over %lld targets, %.3f s on the device, peak %.2f GB\n",
+                  softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
+      results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
+    }
+    runs.push_back({{"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
     last_grads = std::move(out.grads);
   }
   report.print_summary();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("time %.1f s, peak memory %.2f GB\n", secs, peak_rss_bytes() / 1e9);
 
-  if (dump_path) dump_grads(*dump_path, last_grads);
-  if (junit_path) write_junit(*junit_path, "verify " + in.source, report);
-  if (json_path) {
-    nlohmann::json j = runs[0];
-    j["checks"] = checks_json(report);
-    j["pass"] = report.all_pass();
-    j["source"] = in.source;
-    j["seconds"] = secs;
-    j["peak_rss_bytes"] = peak_rss_bytes();
-    write_json(*json_path, j);
+  std::vector<std::string> written;  // removed again if a later output fails: all or none
+  try {
+    if (dump_path) {
+      dump_grads(*dump_path, last_grads);
+      written.push_back(*dump_path);
+    }
+    if (junit_path) {
+      write_junit(*junit_path, "verify " + in.source, report);
+      written.push_back(*junit_path);
+    }
+    if (json_path) {
+      // One combination: the contract's shape. --softcap all: "softcap" is "all" and "results" holds one
+      // entry per combination, keyed by its case-file name (none, attn, logits, attn_logits).
+      nlohmann::json j = runs[0];
+      if (runs.size() > 1) {
+        j["softcap"] = "all";
+        j["results"] = nlohmann::json::object();
+        for (const auto& r : runs)
+          j["results"][softcap_combo({r["softcap"]["attn"].get<bool>(), r["softcap"]["logits"].get<bool>()})] = r["results"];
+      }
+      j["checks"] = checks_json(report);
+      j["pass"] = report.all_pass();
+      j["source"] = in.source;
+      j["seconds"] = secs;
+      j["peak_rss_bytes"] = peak_rss_bytes();
+      write_json(*json_path, j);
+    }
+  } catch (...) {
+    std::error_code ec;
+    for (const auto& p : written) std::filesystem::remove(p, ec);
+    throw;
   }
   return report.all_pass() ? 0 : 1;
 }
 
 }  // namespace
 
+// CLI11 reads "-1" into an unsigned seed as 2^64 - 1 without a word; a user who typed it meant something else.
+const CLI::Validator kNonNegativeSeed(
+    [](std::string& v) { return v.find('-') != std::string::npos ? "a seed is a non-negative integer, got " + v : std::string(); },
+    "SEED");
+
 int main(int argc, char** argv) {
   CLI::App app{"verify: Gemma 2 finetuning numerics against the float64 reference"};
   InputSpec spec;
   std::optional<std::string> softcap, json_path, junit_path, dump_path;
-  std::string backend = "reference";
+  std::optional<std::string> backend;
   std::optional<uint64_t> seed;
   app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro)");
   app.add_option("--case", spec.case_path, "HDF5 case file (shared/spec/contract.md)");
   app.add_option("--config", spec.config, "HF config.json");
   app.add_option("--weights", spec.weights, "safetensors file or checkpoint directory");
   app.add_option("--adapter", spec.adapter, "PEFT adapter directory or adapter_model.safetensors");
-  app.add_option("--softcap", softcap, "none | attn | logits | attn,logits (values from the config)");
-  app.add_option("--backend", backend, "reference | fast | both");
+  app.add_option("--softcap", softcap, "none | attn | logits | attn,logits | all (values from the config)");
+  app.add_option("--backend", backend, "reference | fast | both (default: both where a CUDA device exists)");
   app.add_option("--layers", spec.layers, "layers of a synthetic or checkpoint run");
   app.add_option("--seq", spec.seq, "sequence length T of a synthetic batch");
   app.add_option("--batch", spec.batch, "sequences B of a synthetic batch");
-  app.add_option("--seed", seed, "seed of synthetic weights and batch");
+  app.add_option("--seed", seed, "seed of synthetic weights and batch")->check(kNonNegativeSeed);
   app.add_option("--lora-r", spec.lora_r, "rank of synthetic LoRA adapters on all seven projections; 0 trains every weight");
   app.add_option("--json", json_path, "write the results as JSON (- for stdout)");
   app.add_option("--junit", junit_path, "write JUnit XML, one testcase per check");
   app.add_option("--dump-grads", dump_path, "write /grads/<name> (float64) of the reference backend to an HDF5 file");
+
+  CLI::App* diag = app.add_subcommand("diagnose", "the bug-impact table: every known variant vs the correct bf16 policy and f64");
+  InputSpec dspec;
+  DiagnoseOptions dopt;
+  std::optional<uint64_t> dseed;
+  diag->add_option("--model", dspec.model, "preset with synthetic weights");
+  diag->add_option("--case", dspec.case_path, "HDF5 case file");
+  diag->add_option("--config", dspec.config, "HF config.json");
+  diag->add_option("--weights", dspec.weights, "safetensors file or checkpoint directory");
+  diag->add_option("--adapter", dspec.adapter, "PEFT adapter directory or adapter_model.safetensors");
+  diag->add_option("--softcap", dopt.softcap, "none | attn | logits | attn,logits");
+  diag->add_option("--layers", dspec.layers, "layers of a synthetic run");
+  diag->add_option("--seq", dspec.seq, "sequence length of a synthetic batch (default 40)");
+  diag->add_option("--batch", dspec.batch, "sequences of a synthetic batch (default 2, one per micro-batch)");
+  diag->add_option("--seed", dseed, "seed of synthetic weights and batch");
+  diag->add_option("--lora-r", dspec.lora_r, "rank of synthetic LoRA adapters");
+  diag->add_option("--window", dopt.window, "sliding window of a synthetic run (default: shrunk below the sequence)");
+  diag->add_option("--policy", dopt.policy, "the correct bf16 policy the variants deviate from (hf-bf16, fast)");
+  diag->add_option("--noise-seeds", dopt.noise_seeds, "seeds for the bf16 noise estimate (default 2)");
+  diag->add_option("--json", dopt.json_path, "write the table as JSON (- for stdout)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -183,7 +244,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (seed) spec.seed = *seed;
+  if (dseed) dspec.seed = *dseed;
   try {
+    if (*diag) return run_diagnose(dspec, dopt);
     return run_verify(spec, softcap, backend, json_path, junit_path, dump_path);
   } catch (const InputError& e) {
     std::fprintf(stderr, "verify: %s\n", e.what());

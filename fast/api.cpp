@@ -1,0 +1,107 @@
+// fast.hpp on top of the engine: input checks, micro-batch split, timing.
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+
+#include "fast/engine.hpp"
+#include "fast/fast.hpp"
+#include "reference/adamw.hpp"
+
+namespace gemma::fast {
+
+bool device_available(std::string* why) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why) *why = std::string("no usable CUDA device (cudaGetDeviceCount: ") + cudaGetErrorString(e) + ")";
+    return false;
+  }
+  if (n == 0) {
+    if (why) *why = "no CUDA device";
+    return false;
+  }
+  cudaDeviceProp p{};
+  const cudaError_t e2 = cudaGetDeviceProperties(&p, 0);
+  if (e2 != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why) *why = std::string("CUDA device 0 unusable (cudaGetDeviceProperties: ") + cudaGetErrorString(e2) + ")";
+    return false;
+  }
+  // The kernels are built for sm_90 with compute_90 PTX: Hopper, or later through the driver's JIT.
+  if (p.major < 9) {
+    if (why)
+      *why = std::string("CUDA device 0 (") + p.name + ") is sm_" + std::to_string(p.major) + std::to_string(p.minor) +
+             "; the fast trainer is built for sm_90 (Hopper)";
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+std::vector<Batch> split_micro(const Batch& b, int64_t micro_batches) {
+  if (micro_batches < 1 || micro_batches > b.B)
+    fail("micro_batches", std::to_string(micro_batches) + " is outside 1.." + std::to_string(b.B) +
+                              " (the batch has " + std::to_string(b.B) + " sequences)");
+  return split_batch(b, (b.B + micro_batches - 1) / micro_batches);
+}
+
+double since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+Output run(const Checkpoint& ck, const Batch& batch, const Options& opt) {
+  check_softcap_available(ck.config, opt.softcap, "fast");
+  validate_batch(ck.config, batch, "batch");
+  for (int64_t row : opt.logit_rows)
+    if (row < 0 || row >= batch.B * batch.T)
+      fail("logit_rows", "row " + std::to_string(row) + " is outside the batch's " +
+                             std::to_string(batch.B * batch.T) + " rows");
+  const std::vector<Batch> micro = split_micro(batch, opt.micro_batches);
+  Engine e(ck, {opt.softcap, opt.recompute, opt.offload});
+  const auto t0 = std::chrono::steady_clock::now();
+  Engine::Pass p = e.forward_backward(micro, opt.logit_rows);
+  e.synchronize();
+  Output out;
+  out.seconds = since(t0);
+  out.loss = p.loss_sum / double(p.tokens);
+  out.tokens = p.tokens;
+  out.grads = e.grads();
+  out.logits = std::move(p.logits);
+  out.peak_device_bytes = e.peak_bytes();
+  return out;
+}
+
+Trainer::Trainer(const Checkpoint& ck, const ref::AdamWConfig& a, Softcap softcap, TrainerOptions o)
+    : config_(ck.config), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
+  check_softcap_available(ck.config, softcap, "fast");
+  engine_ = std::make_unique<Engine>(ck, EngineOptions{softcap, o.recompute, o.offload});
+}
+
+Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const ref::AdamWConfig& a, Softcap softcap,
+                 TrainerOptions o)
+    : config_(c), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
+  check_softcap_available(c, softcap, "fast");
+  engine_ = std::make_unique<Engine>(c, ad, seed, EngineOptions{softcap, o.recompute, o.offload});
+}
+
+Trainer::~Trainer() = default;
+
+Trainer::Step Trainer::step(const Batch& batch, int64_t micro_batches) {
+  validate_batch(config_, batch, "batch");
+  const std::vector<Batch> micro = split_micro(batch, micro_batches);
+  const auto t0 = std::chrono::steady_clock::now();
+  Engine::Pass p = engine_->forward_backward(micro, {});
+  engine_->adamw_step({lr_, beta1_, beta2_, eps_, weight_decay_});
+  engine_->synchronize();
+  return {p.loss_sum / double(p.tokens), p.tokens, since(t0)};
+}
+
+TensorMap Trainer::adapters() const { return engine_->adapters(); }
+size_t Trainer::peak_device_bytes() const { return engine_->peak_bytes(); }
+std::string Trainer::profile() const { return engine_->profile(); }
+
+}  // namespace gemma::fast

@@ -1,0 +1,623 @@
+// Attention, flash style: no T x T tensor is ever stored. Grouped KV heads (query head h reads kv head
+// h / (H / KV)), the attention softcap c tanh(s / c) applied to the scores before the mask, the sliding window
+// (key j visible to query i iff 0 <= i - j <= W - 1) on sliding layers, causal everywhere. bf16 tensor-core
+// products (mma.sync m16n8k16) with fp32 accumulation; softmax, softcap and its derivative in fp32.
+//
+// Forward, two passes over the keys per query tile: the first finds each row's max m and sum l of
+// exp(z - m) (online, rescaling l as m grows); the second recomputes the capped scores z, forms the
+// normalised probabilities P = exp(z - m) / l, rounds them to bf16 (attn_probs) and accumulates O = P V in fp32.
+// This is the reference's order exactly (normalise, round, multiply), which a one-pass online softmax (round the
+// unnormalised exp, divide O at the end) is not. O is kept in fp32 for the backward and rounded once to bf16
+// (attn_out). Cast points: attn_scores f32, attn_capped f32, attn_probs bf16, attn_out bf16.
+//
+// Backward recomputes the scores from q and k (pre-cap and post-cap scores are never both stored), rebuilds the
+// same bf16 P from the saved m and l, and uses dS = P (dP - D) sech^2(s / c) scale with D = rowsum(dO * O) and
+// sech^2 of the recomputed pre-cap score (omitting it is the flash-attn 2.6.0 bug). dS stays fp32: the products
+// dQ = dS K and dK = dS^T Q use its exact three-way bf16 split (common.cuh), so no rounding the reference does not
+// have. dK and dV come from one kernel (a block per key tile, looping over the group's query heads and the query
+// tiles that see it), dQ from another (a block per query tile): no atomics, so the sums' order is fixed and two
+// runs give the same bits.
+#pragma once
+#include <cstdint>
+
+#include "fast/common.cuh"
+#include "model/errors.hpp"
+
+namespace gemma::fast {
+namespace {
+
+struct AttnParams {
+  // q head h starts at q + h*hd, kv head g at k + g*hd and v + g*hd; tokens are rows with stride ld_qkv.
+  const bf16* q = nullptr;
+  const bf16* k = nullptr;
+  const bf16* v = nullptr;
+  int64_t ld_qkv = 0;
+  int B = 0, T = 0, H = 0, KV = 0, hd = 0;
+  float scale = 1;  // query_pre_attn_scalar^-0.5
+  bool cap_on = false;
+  float cap = 1;
+  int window = 0;          // 0: every past key; else keys with 0 <= i - j <= window - 1
+  bool drop_sech2 = false; // the attn_sech2 fault
+  bool vec = false;        // 16-byte tile loads are legal (set by the launchers)
+  bool ldm = false;        // fragments through ldmatrix (attn_ldmatrix(); set by the launchers)
+  // forward outputs; dout, dq are read/written with the same row stride ld_o = H*hd
+  bf16* att = nullptr;  // (N, H*hd)
+  float* o32 = nullptr; // (N, H*hd)
+  int64_t ld_o = 0;
+  float* m = nullptr;   // (B, H, T) row max of the capped scores
+  float* l = nullptr;   // (B, H, T) sum of exp(z - m)
+  // backward
+  const bf16* dout = nullptr;  // (N, H*hd)
+  float* Dv = nullptr;         // (B, H, T) rowsum(dout * o32)
+  float* dq = nullptr;         // (N, H*hd)
+  float* dk = nullptr;         // (N, KV*hd)
+  float* dv = nullptr;         // (N, KV*hd)
+  int64_t ld_dkv = 0;
+};
+
+constexpr int kAttnThreads = 128;  // 4 warps, 16 rows each
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
+  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t ld_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ bool attn_visible(int i, int j, int T, int window) {
+  return i < T && j <= i && (window <= 0 || i - j < window);
+}
+
+__device__ __forceinline__ float attn_capped(float s, const AttnParams& p) {
+  return p.cap_on ? p.cap * tanhf(s / p.cap) : s;
+}
+
+// Shared-memory tile s (rows x HDP, row stride HDP + 8) = rows [row0, row0 + rows) of a head in global memory,
+// zero beyond T and beyond hd (zero padding leaves every dot product exact).
+template <int HDP>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t ld_g, int row0, int rows, int T, int hd,
+                                          bool vec) {
+  constexpr int LDS = HDP + 8, CH = HDP / 8;
+  for (int idx = threadIdx.x; idx < rows * CH; idx += blockDim.x) {
+    const int r = idx / CH, c = (idx - r * CH) * 8;
+    bf16* dst = s + r * LDS + c;
+    const int row = row0 + r;
+    if (vec && row < T && c + 8 <= hd) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(g + int64_t(row) * ld_g + c);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        dst[e] = (row < T && c + e < hd) ? g[int64_t(row) * ld_g + c + e] : __float2bfloat16_rn(0.0f);
+    }
+  }
+}
+
+// acc (16 x 8*NT) = A rows [r0, r0 + 16) times B^T, both tiles stored [row][HDP]: for A the rows are the output
+// rows, for B the output columns. mma fragment layouts (PTX ISA, m16n8k16): lane = 4 g + t; A holds
+// (g | g+8, 2t.. | 2t+8..), B holds (k 2t.. | 2t+8.., n g), C holds (g | g+8, 2t, 2t+1).
+// LDM: the same fragments through ldmatrix (one instruction per fragment instead of 32-bit loads per register):
+// with x4, lanes 8m..8m+7 address the rows of 8x8 matrix m, and each lane receives (row g, columns 2t, 2t+1)
+// of each matrix, which is the A fragment for matrices (rows r0 | r0+8) x (columns k0 | k0+8) in that order,
+// and two B fragments (n-tiles nt, nt+1) for matrices (rows n0 | n0+8) x (columns k0 | k0+8).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <int HDP, int NT, bool LDM>
+__device__ __forceinline__ void tile_abt(float (&acc)[NT][4], const bf16* As, int r0, const bf16* Bs, int lane) {
+  constexpr int LDS = HDP + 8;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < HDP / 16; ++kk) {
+    uint32_t a[4];
+    if constexpr (LDM) {
+      const int m = lane >> 3, rr = lane & 7;
+      const bf16* pa = As + (r0 + rr + 8 * (m & 1)) * LDS + kk * 16 + 8 * (m >> 1);
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                   : "r"(smem_addr(pa)));
+    } else {
+      const bf16* pa = As + (r0 + g) * LDS + kk * 16 + 2 * t;
+      a[0] = ld_u32(pa);
+      a[1] = ld_u32(pa + 8 * LDS);
+      a[2] = ld_u32(pa + 8);
+      a[3] = ld_u32(pa + 8 * LDS + 8);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[2][2];
+      if constexpr (LDM) {
+        // matrices: 0 = (n-tile nt, k0), 1 = (nt, k0 + 8), 2 = (nt + 1, k0), 3 = (nt + 1, k0 + 8)
+        const int m = lane >> 3, rr = lane & 7;
+        const bf16* pb = Bs + ((nt + (m >> 1)) * 8 + rr) * LDS + kk * 16 + 8 * (m & 1);
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(b[0][0]), "=r"(b[0][1]), "=r"(b[1][0]), "=r"(b[1][1])
+                     : "r"(smem_addr(pb)));
+      } else {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const bf16* pb = Bs + ((nt + u) * 8 + g) * LDS + kk * 16 + 2 * t;
+          b[u][0] = ld_u32(pb);
+          b[u][1] = ld_u32(pb + 8);
+        }
+      }
+      mma16816(acc[nt], a, b[0]);
+      mma16816(acc[nt + 1], a, b[1]);
+    }
+  }
+}
+
+// B fragment for k rows [k0, k0 + 16) and n columns [n0, n0 + 8) of a tile stored [k][n] (row stride LDS).
+// LDM: ldmatrix .trans, lanes 0-7 addressing rows k0..k0+7 and lanes 8-15 rows k0+8..k0+15 (at column n0):
+// each lane receives (rows 2t, 2t+1; column g) of each 8x8 matrix, the B fragment.
+template <bool LDM>
+__device__ __forceinline__ void frag_b_kn(uint32_t (&b)[2], const bf16* s, int LDS, int k0, int n0, int lane) {
+  if constexpr (LDM) {
+    const bf16* p = s + (k0 + (lane & 15)) * LDS + n0;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(smem_addr(p)));
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+    const bf16* p = s + (k0 + 2 * t) * LDS + n0 + g;
+    b[0] = pack_bf16(p[0], p[LDS]);
+    b[1] = pack_bf16(p[8 * LDS], p[9 * LDS]);
+  }
+}
+
+// The C fragments of a 16 x 32 tile (4 n-tiles) as the A fragments of two k16 steps (the k index is the column).
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[2][4], const bf16 (&x)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    a[kk][0] = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
+    a[kk][1] = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
+    a[kk][2] = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[kk][3] = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward: a block per (query tile of 64, head, sequence).
+
+template <int HDP, bool LDM>
+__global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnParams p) {
+  constexpr int BR = 64, BC = 32, LDS = HDP + 8, NTD = HDP / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem);
+  bf16* Ks = Qs + BR * LDS;
+  bf16* Vs = Ks + BC * LDS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int i0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (p.H / p.KV);
+  const int64_t tok0 = int64_t(b) * p.T;
+  const bf16* qg = p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd;
+  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  load_tile<HDP>(Qs, qg, p.ld_qkv, i0, BR, p.T, p.hd, p.vec);
+
+  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  const int j_end = min(p.T, i0 + BR);
+  const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
+  const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
+
+  // Pass 1: row max and sum.
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+  for (int kt = kt0; kt < kt1; ++kt) {
+    __syncthreads();
+    load_tile<HDP>(Ks, kg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
+    __syncthreads();
+    float s[4][4];
+    tile_abt<HDP, 4, LDM>(s, Qs, warp * 16, Ks, lane);
+    float z[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = kt * BC + nt * 8 + 2 * t + (e & 1);
+        z[nt][e] = attn_visible(row[e >> 1], j, p.T, p.window) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p)
+                                                                : -INFINITY;
+      }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(z[nt][2 * hr], z[nt][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mnew = fmaxf(mrow[hr], mx);
+      const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
+      float sum = 0;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) sum += expf(z[nt][2 * hr] - mref) + expf(z[nt][2 * hr + 1] - mref);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      lrow[hr] = lrow[hr] * expf(mrow[hr] - mref) + sum;
+      mrow[hr] = mnew;
+    }
+  }
+
+  // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
+  float o[NTD][4];
+#pragma unroll
+  for (int nd = 0; nd < NTD; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+  for (int kt = kt0; kt < kt1; ++kt) {
+    __syncthreads();
+    load_tile<HDP>(Ks, kg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
+    load_tile<HDP>(Vs, vg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
+    __syncthreads();
+    float s[4][4];
+    tile_abt<HDP, 4, LDM>(s, Qs, warp * 16, Ks, lane);
+    bf16 pb[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
+        float pv = 0.0f;
+        if (attn_visible(row[hr], j, p.T, p.window))
+          pv = expf(attn_capped(__fmul_rn(s[nt][e], p.scale), p) - mrow[hr]) / lrow[hr];
+        pb[nt][e] = __float2bfloat16_rn(pv);
+      }
+    uint32_t aP[2][4];
+    c_to_a(aP, pb);
+#pragma unroll
+    for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t bb[2];
+        frag_b_kn<LDM>(bb, Vs, LDS, kk * 16, nd * 8, lane);
+        mma16816(o[nd], aP[kk], bb);
+      }
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row[hr];
+    if (r >= p.T) continue;
+    const int64_t base = (tok0 + r) * p.ld_o + int64_t(h) * p.hd;
+#pragma unroll
+    for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = nd * 8 + 2 * t + c;
+        if (d < p.hd) {
+          p.o32[base + d] = o[nd][2 * hr + c];
+          p.att[base + d] = __float2bfloat16_rn(o[nd][2 * hr + c]);
+        }
+      }
+    if (t == 0) {
+      const int64_t si = (int64_t(b) * p.H + h) * p.T + r;
+      p.m[si] = mrow[hr];
+      p.l[si] = lrow[hr];
+    }
+  }
+}
+
+// D = rowsum(dO * O) per (token, head), the softmax backward's rowsum(P * dP) (equal in exact arithmetic, since
+// O = P V with the same bf16 P; O is the fp32 sum, so no rounding enters here). A warp per (token, head).
+__global__ void attn_rowdot_kernel(const AttnParams p) {
+  const int64_t gw = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (gw >= int64_t(p.B) * p.T * p.H) return;
+  const int64_t n = gw / p.H;
+  const int h = int(gw - n * p.H);
+  const int64_t base = n * p.ld_o + int64_t(h) * p.hd;
+  float s = 0;
+  for (int d = lane; d < p.hd; d += 32) s += __bfloat162float(p.dout[base + d]) * p.o32[base + d];
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) {
+    const int64_t b = n / p.T, t = n - b * p.T;
+    p.Dv[(b * p.H + h) * p.T + t] = s;
+  }
+}
+
+// dS for one score: P (dP - D) sech^2(s / c) scale, with P rebuilt exactly as the forward's bf16 probability.
+__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float l, float D, bool vis, float& p_out,
+                                         const AttnParams& p) {
+  if (!vis) {
+    p_out = 0.0f;
+    return 0.0f;
+  }
+  const float s = __fmul_rn(acc_s, p.scale);
+  const float P = round_bf16(expf(attn_capped(s, p) - m) / l);
+  p_out = P;
+  float ds = P * (dp - D);
+  if (p.cap_on && !p.drop_sech2) ds *= softcap_grad(s, p.cap);
+  return ds * p.scale;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dQ: a block per (query tile of 64, head, sequence), looping over the key tiles the tile sees.
+
+template <int HDP, bool LDM>
+__global__ void __launch_bounds__(kAttnThreads) attn_dq_kernel(const AttnParams p) {
+  constexpr int BR = 64, BC = 32, LDS = HDP + 8, NTD = HDP / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem);
+  bf16* dOs = Qs + BR * LDS;
+  bf16* Ks = dOs + BR * LDS;
+  bf16* Vs = Ks + BC * LDS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int i0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (p.H / p.KV);
+  const int64_t tok0 = int64_t(b) * p.T;
+  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  load_tile<HDP>(Qs, p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd, p.ld_qkv, i0, BR, p.T, p.hd, p.vec);
+  load_tile<HDP>(dOs, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, i0, BR, p.T, p.hd, p.vec);
+
+  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  float mrow[2], lrow[2], Drow[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const bool ok = row[hr] < p.T;
+    const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
+    mrow[hr] = ok ? p.m[si] : 0.0f;
+    lrow[hr] = ok ? p.l[si] : 1.0f;
+    Drow[hr] = ok ? p.Dv[si] : 0.0f;
+  }
+  const int j_end = min(p.T, i0 + BR);
+  const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
+  const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
+
+  float dq[NTD][4];
+#pragma unroll
+  for (int nd = 0; nd < NTD; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+  for (int kt = kt0; kt < kt1; ++kt) {
+    __syncthreads();
+    load_tile<HDP>(Ks, kg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
+    load_tile<HDP>(Vs, vg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
+    __syncthreads();
+    float s[4][4], dp[4][4];
+    tile_abt<HDP, 4, LDM>(s, Qs, warp * 16, Ks, lane);
+    tile_abt<HDP, 4, LDM>(dp, dOs, warp * 16, Vs, lane);
+    bf16 x1[4][4], x2[4][4], x3[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
+        float pv;
+        const float ds = attn_ds(s[nt][e], dp[nt][e], mrow[hr], lrow[hr], Drow[hr],
+                                 attn_visible(row[hr], j, p.T, p.window), pv, p);
+        split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
+      }
+    uint32_t a1[2][4], a2[2][4], a3[2][4];
+    c_to_a(a1, x1);
+    c_to_a(a2, x2);
+    c_to_a(a3, x3);
+#pragma unroll
+    for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t bb[2];
+        frag_b_kn<LDM>(bb, Ks, LDS, kk * 16, nd * 8, lane);
+        mma16816(dq[nd], a1[kk], bb);
+        mma16816(dq[nd], a2[kk], bb);
+        mma16816(dq[nd], a3[kk], bb);
+      }
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row[hr];
+    if (r >= p.T) continue;
+    const int64_t base = (tok0 + r) * p.ld_o + int64_t(h) * p.hd;
+#pragma unroll
+    for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = nd * 8 + 2 * t + c;
+        if (d < p.hd) p.dq[base + d] = dq[nd][2 * hr + c];
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dK, dV: a block per (key tile of 64, kv head x head-dim chunk, sequence). Each warp owns 16 keys; the block
+// loops over the kv head's query heads and the query tiles (32 queries) that can see its keys. For hd > 128 the
+// head dimension of dK and dV is split into chunks of 128 (a grid dimension), so the fp32 accumulators fit in
+// registers; the scores are recomputed per chunk.
+
+template <int HDP, bool LDM>
+__global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParams p) {
+  constexpr int BK = 64, BQ = 32, LDS = HDP + 8, DC = HDP > 128 ? 128 : HDP, NTD = DC / 8, NCH = HDP / DC;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem);
+  bf16* Vs = Ks + BK * LDS;
+  bf16* Qs = Vs + BK * LDS;
+  bf16* dOs = Qs + BQ * LDS;
+  float* mS = reinterpret_cast<float*>(dOs + BQ * LDS);
+  float* lS = mS + BQ;
+  float* DS = lS + BQ;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int j0 = blockIdx.x * BK, chunk = blockIdx.y % NCH, kvh = blockIdx.y / NCH, b = blockIdx.z;
+  const int d0 = chunk * DC;
+  const int64_t tok0 = int64_t(b) * p.T;
+  load_tile<HDP>(Ks, p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, BK, p.T, p.hd, p.vec);
+  load_tile<HDP>(Vs, p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, BK, p.T, p.hd, p.vec);
+
+  const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  const int G = p.H / p.KV;
+  const int i_begin = j0;
+  const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
+  const int qt0 = i_begin / BQ, qt1 = i_begin < i_end ? (i_end + BQ - 1) / BQ : qt0;
+
+  float dk[NTD][4], dv[NTD][4];
+#pragma unroll
+  for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.0f;
+
+  for (int hq = kvh * G; hq < kvh * G + G; ++hq) {
+    const bf16* qg = p.q + tok0 * p.ld_qkv + int64_t(hq) * p.hd;
+    const bf16* dog = p.dout + tok0 * p.ld_o + int64_t(hq) * p.hd;
+    for (int qt = qt0; qt < qt1; ++qt) {
+      __syncthreads();
+      load_tile<HDP>(Qs, qg, p.ld_qkv, qt * BQ, BQ, p.T, p.hd, p.vec);
+      load_tile<HDP>(dOs, dog, p.ld_o, qt * BQ, BQ, p.T, p.hd, p.vec);
+      if (threadIdx.x < BQ) {
+        const int i = qt * BQ + threadIdx.x;
+        const bool ok = i < p.T;
+        const int64_t si = (int64_t(b) * p.H + hq) * p.T + i;
+        mS[threadIdx.x] = ok ? p.m[si] : 0.0f;
+        lS[threadIdx.x] = ok ? p.l[si] : 1.0f;
+        DS[threadIdx.x] = ok ? p.Dv[si] : 0.0f;
+      }
+      __syncthreads();
+      float st[4][4], dpt[4][4];
+      tile_abt<HDP, 4, LDM>(st, Ks, warp * 16, Qs, lane);   // S^T: keys x queries
+      tile_abt<HDP, 4, LDM>(dpt, Vs, warp * 16, dOs, lane); // dP^T
+      bf16 pb[4][4], x1[4][4], x2[4][4], x3[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ci = nt * 8 + 2 * t + (e & 1);
+          const int i = qt * BQ + ci, j = key[e >> 1];
+          float pv;
+          const float ds =
+              attn_ds(st[nt][e], dpt[nt][e], mS[ci], lS[ci], DS[ci], attn_visible(i, j, p.T, p.window), pv, p);
+          pb[nt][e] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
+          split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
+        }
+      uint32_t aP[2][4], a1[2][4], a2[2][4], a3[2][4];
+      c_to_a(aP, pb);
+      c_to_a(a1, x1);
+      c_to_a(a2, x2);
+      c_to_a(a3, x3);
+#pragma unroll
+      for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          uint32_t bb[2];
+          frag_b_kn<LDM>(bb, dOs, LDS, kk * 16, d0 + nd * 8, lane);
+          mma16816(dv[nd], aP[kk], bb);
+          frag_b_kn<LDM>(bb, Qs, LDS, kk * 16, d0 + nd * 8, lane);
+          mma16816(dk[nd], a1[kk], bb);
+          mma16816(dk[nd], a2[kk], bb);
+          mma16816(dk[nd], a3[kk], bb);
+        }
+    }
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int j = key[hr];
+    if (j >= p.T) continue;
+    const int64_t base = (tok0 + j) * p.ld_dkv + int64_t(kvh) * p.hd + d0;
+#pragma unroll
+    for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = nd * 8 + 2 * t + c;
+        if (d0 + d < p.hd) {
+          p.dk[base + d] = dk[nd][2 * hr + c];
+          p.dv[base + d] = dv[nd][2 * hr + c];
+        }
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers
+
+inline int attn_hdp(int hd) {
+  if (hd <= 16) return 16;
+  if (hd <= 32) return 32;
+  if (hd <= 64) return 64;
+  if (hd <= 128) return 128;
+  if (hd <= 256) return 256;
+  throw InputError("fast: head_dim " + std::to_string(hd) + " is above the 256 the attention kernels support");
+}
+
+// The window a layer's attention uses: W keys on sliding layers (one more under the `window` fault), 0 (every
+// past key) on global ones.
+inline int attn_window(bool sliding, int64_t W) { return sliding ? int(W) + (faults().window ? 1 : 0) : 0; }
+
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+inline void attn_set_vec(AttnParams& p) {
+  p.ldm = attn_ldmatrix();
+  p.vec = p.hd % 8 == 0 && p.ld_qkv % 8 == 0 && p.ld_o % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
+          aligned16(p.v) && (p.dout == nullptr || aligned16(p.dout));
+}
+
+template <int HDP, bool LDM>
+void attn_forward_launch(const AttnParams& p, cudaStream_t st) {
+  const int smem = (64 + 32 + 32) * (HDP + 8) * int(sizeof(bf16));
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_forward_kernel<HDP, LDM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
+  attn_forward_kernel<HDP, LDM><<<grid, kAttnThreads, smem, st>>>(p);
+  GEMMA_LAUNCHED("attn_forward_kernel");
+}
+
+template <int HDP, bool LDM>
+void attn_backward_launch(const AttnParams& p, cudaStream_t st) {
+  const int smem_dq = (64 + 64 + 32 + 32) * (HDP + 8) * int(sizeof(bf16));
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_dq_kernel<HDP, LDM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq));
+  const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
+  attn_dq_kernel<HDP, LDM><<<grid_q, kAttnThreads, smem_dq, st>>>(p);
+  GEMMA_LAUNCHED("attn_dq_kernel");
+  const int smem_kv = (64 + 64 + 32 + 32) * (HDP + 8) * int(sizeof(bf16)) + 3 * 32 * int(sizeof(float));
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_kernel<HDP, LDM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_kv));
+  constexpr int nch = HDP > 128 ? HDP / 128 : 1;
+  const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV * nch), unsigned(p.B));
+  attn_dkdv_kernel<HDP, LDM><<<grid_k, kAttnThreads, smem_kv, st>>>(p);
+  GEMMA_LAUNCHED("attn_dkdv_kernel");
+}
+
+template <int HDP>
+void attn_forward_hdp(const AttnParams& p, cudaStream_t st) {
+  if (p.ldm)
+    attn_forward_launch<HDP, true>(p, st);
+  else
+    attn_forward_launch<HDP, false>(p, st);
+}
+
+template <int HDP>
+void attn_backward_hdp(const AttnParams& p, cudaStream_t st) {
+  if (p.ldm)
+    attn_backward_launch<HDP, true>(p, st);
+  else
+    attn_backward_launch<HDP, false>(p, st);
+}
+
+// att, o32, m, l from q, k, v.
+inline void attention_forward(AttnParams p, cudaStream_t st) {
+  if (p.B == 0 || p.T == 0) return;
+  attn_set_vec(p);
+  switch (attn_hdp(p.hd)) {
+    case 16: return attn_forward_hdp<16>(p, st);
+    case 32: return attn_forward_hdp<32>(p, st);
+    case 64: return attn_forward_hdp<64>(p, st);
+    case 128: return attn_forward_hdp<128>(p, st);
+    default: return attn_forward_hdp<256>(p, st);
+  }
+}
+
+// dq, dk, dv (fp32, before the RoPE backward) from dout (bf16), o32, m, l and a recomputation of the scores.
+inline void attention_backward(AttnParams p, cudaStream_t st) {
+  if (p.B == 0 || p.T == 0) return;
+  attn_set_vec(p);
+  const int64_t warps = int64_t(p.B) * p.T * p.H;
+  attn_rowdot_kernel<<<unsigned((warps * 32 + 255) / 256), 256, 0, st>>>(p);
+  GEMMA_LAUNCHED("attn_rowdot_kernel");
+  switch (attn_hdp(p.hd)) {
+    case 16: return attn_backward_hdp<16>(p, st);
+    case 32: return attn_backward_hdp<32>(p, st);
+    case 64: return attn_backward_hdp<64>(p, st);
+    case 128: return attn_backward_hdp<128>(p, st);
+    default: return attn_backward_hdp<256>(p, st);
+  }
+}
+
+}  // namespace
+}  // namespace gemma::fast

@@ -1,0 +1,127 @@
+// fast_bench: training throughput and peak GPU memory of the fast trainer on a released Gemma 2 shape, with
+// synthetic bf16 weights generated on the device. Not a test: it reports, docs/benchmarks.md records.
+//
+//   fast_bench --model gemma2-9b --batch 2 --seq 1024 --rank 32 --warmup 2 --steps 5
+//
+// Tokens/s is batch * seq over the median of the timed optimizer steps (forward, backward, AdamW; each step
+// ends with a device synchronize), after the warm-up steps. Peak memory is the trainer's own peak of device
+// allocations (what torch.cuda.max_memory_allocated reports for PyTorch), and the device's used memory.
+#include <cuda_runtime_api.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "fast/device.hpp"
+#include "fast/fast.hpp"
+#include "model/synthetic.hpp"
+#include "reference/adamw.hpp"
+
+using namespace gemma;
+
+namespace {
+
+// Parameters of the base model (the tied embedding counted once).
+double base_params(const Config& c) {
+  double n = double(c.vocab_size) * double(c.hidden_size) + double(c.hidden_size);
+  for (Proj p : kAllProj) n += double(proj_in(c, p)) * double(proj_out(c, p)) * double(c.num_hidden_layers);
+  n += 4.0 * double(c.hidden_size) * double(c.num_hidden_layers);
+  return n;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"fast_bench: tokens/s and peak GPU memory of the fast trainer"};
+  std::string model = "gemma2-9b", softcap = "attn,logits", json;
+  int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0;
+  bool no_recompute = false, offload = false;
+  app.add_option("--model", model, "preset");
+  app.add_option("--batch", B, "sequences per step");
+  app.add_option("--seq", T, "sequence length");
+  app.add_option("--rank", rank, "LoRA rank on all seven projections (alpha = rank)");
+  app.add_option("--warmup", warmup, "untimed steps first");
+  app.add_option("--steps", steps, "timed steps");
+  app.add_option("--micro-batches", micro, "gradient accumulation");
+  app.add_option("--layers", layers, "use only the first N layers (0: all)");
+  app.add_option("--softcap", softcap, "none|attn|logits|attn,logits");
+  app.add_flag("--no-recompute", no_recompute, "keep every layer's activations (no activation checkpointing)");
+  app.add_flag("--offload", offload, "activation checkpoints in pinned host memory");
+  app.add_option("--json", json, "append one JSON line with the result");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    std::string why;
+    if (!fast::device_available(&why)) {
+      std::fprintf(stderr, "fast_bench: %s\n", why.c_str());
+      return 2;
+    }
+    Config c = preset(model);
+    if (layers > 0) c = with_layers(c, layers);
+    const Softcap sc = parse_softcap(softcap, "--softcap");
+    AdapterConfig a;
+    a.r = rank;
+    a.lora_alpha = double(rank);
+    a.target_modules.assign(kAllProj.begin(), kAllProj.end());
+    ref::AdamWConfig h;
+    fast::TrainerOptions o;
+    o.recompute = !no_recompute;
+    o.offload = offload;
+    fast::Trainer tr(c, a, 1234, h, sc, o);
+    const Batch batch = synthetic_batch(c, B, T, 99, 0.0);
+    std::vector<double> secs;
+    double last_loss = 0;
+    for (int64_t s = 0; s < warmup + steps; ++s) {
+      const fast::Trainer::Step st = tr.step(batch, micro);
+      last_loss = st.loss;
+      std::printf("step %lld: loss %.6f, %.3f s%s\n", (long long)s, st.loss, st.seconds, s < warmup ? " (warm-up)" : "");
+      if (s >= warmup) secs.push_back(st.seconds);
+      if (!std::isfinite(st.loss)) {
+        std::fprintf(stderr, "fast_bench: non-finite loss\n");
+        return 1;
+      }
+    }
+    std::sort(secs.begin(), secs.end());
+    const double med = secs[secs.size() / 2], tps = double(B * T) / med;
+    size_t free_b = 0, total_b = 0;
+    GEMMA_CUDA(cudaMemGetInfo(&free_b, &total_b));
+    cudaDeviceProp prop{};
+    GEMMA_CUDA(cudaGetDeviceProperties(&prop, 0));
+    const double N = base_params(c);
+    // LoRA with a frozen base: forward 2N, input gradients 2N, recomputed forward 2N FLOPs per token (plus
+    // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without.
+    const double flops_tok = (o.recompute ? 6.0 : 4.0) * N;
+    const double gib = double(1ull << 30);
+    std::printf("\n%s (%lld layers), batch %lld x %lld, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
+                model.c_str(), (long long)c.num_hidden_layers, (long long)B, (long long)T, (long long)rank,
+                softcap_name(sc).c_str(), o.recompute ? "activation checkpointing" : "no recompute",
+                offload ? " (offloaded)" : "", prop.name);
+    std::printf("median step %.3f s over %lld steps (min %.3f, max %.3f): %.0f tokens/s\n", med, (long long)steps,
+                secs.front(), secs.back(), tps);
+    std::printf("model FLOPs (%.0fN per token, N = %.3g): %.0f TFLOP/s\n", flops_tok / N, N, flops_tok * tps / 1e12);
+    std::printf("peak device allocations %.2f GiB; device memory in use at the end %.2f GiB of %.2f GiB\n",
+                double(tr.peak_device_bytes()) / gib, double(total_b - free_b) / gib, double(total_b) / gib);
+    const std::string prof = tr.profile();
+    if (!prof.empty()) std::printf("%s", prof.c_str());
+    if (!json.empty()) {
+      std::ofstream f(json, std::ios::app);
+      f << "{\"model\":\"" << model << "\",\"layers\":" << c.num_hidden_layers << ",\"batch\":" << B << ",\"seq\":" << T
+        << ",\"rank\":" << rank << ",\"softcap\":\"" << softcap_name(sc) << "\",\"recompute\":" << (o.recompute ? 1 : 0)
+        << ",\"offload\":" << (offload ? 1 : 0) << ",\"median_s\":" << med << ",\"tokens_per_s\":" << tps
+        << ",\"peak_gib\":" << double(tr.peak_device_bytes()) / gib
+        << ",\"device_used_gib\":" << double(total_b - free_b) / gib << ",\"loss\":" << last_loss << ",\"gpu\":\""
+        << prop.name << "\"}\n";
+    }
+    return 0;
+  } catch (const InputError& e) {
+    std::fprintf(stderr, "fast_bench: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fast_bench: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,96 @@
+// Device plumbing for the fast trainer: checks on every CUDA and cuBLAS call that name the call, file and line;
+// device memory that is named, counted (the peak is exact) and fails with a clear out-of-memory message; the
+// fault switches that let a GPU run prove the tests can fail.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <string>
+#include <utility>
+
+namespace gemma::fast {
+
+[[noreturn]] void cuda_fail(cudaError_t e, const char* call, const char* file, int line);
+[[noreturn]] void cublas_fail(cublasStatus_t s, const char* call, const char* file, int line);
+
+#define GEMMA_CUDA(call)                                                                   \
+  do {                                                                                     \
+    const cudaError_t gemma_e_ = (call);                                                   \
+    if (gemma_e_ != cudaSuccess) ::gemma::fast::cuda_fail(gemma_e_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+#define GEMMA_CUBLAS(call)                                                                        \
+  do {                                                                                            \
+    const cublasStatus_t gemma_s_ = (call);                                                       \
+    if (gemma_s_ != CUBLAS_STATUS_SUCCESS) ::gemma::fast::cublas_fail(gemma_s_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// After every kernel launch: a bad launch configuration shows here, with the kernel's name.
+#define GEMMA_LAUNCHED(kernel)                                                                          \
+  do {                                                                                                  \
+    const cudaError_t gemma_e_ = cudaGetLastError();                                                    \
+    if (gemma_e_ != cudaSuccess) ::gemma::fast::cuda_fail(gemma_e_, "launch of " kernel, __FILE__, __LINE__); \
+  } while (0)
+
+struct MemoryTracker {
+  size_t current = 0, peak = 0;
+};
+
+// cudaMalloc, counted in `t`; on failure an OutOfMemory naming `what`, the size, the free memory and a hint.
+void* device_alloc(size_t bytes, const std::string& what, MemoryTracker& t);
+void device_free(void* p, size_t bytes, MemoryTracker& t) noexcept;
+
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(size_t n, const std::string& what, MemoryTracker& t) : n_(n), t_(&t) {
+    p_ = static_cast<T*>(device_alloc(n * sizeof(T), what, t));
+  }
+  ~DeviceArray() { reset(); }
+  DeviceArray(DeviceArray&& o) noexcept { swap(o); }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    if (this != &o) {
+      reset();
+      swap(o);
+    }
+    return *this;
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  void reset() noexcept {
+    if (p_) device_free(p_, n_ * sizeof(T), *t_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+
+ private:
+  void swap(DeviceArray& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    std::swap(t_, o.t_);
+  }
+  T* p_ = nullptr;
+  size_t n_ = 0;
+  MemoryTracker* t_ = nullptr;
+};
+
+// Deliberate bugs, switched on by the environment variable GEMMA_FAST_FAULT (a comma-separated list), so that a
+// GPU run can show each test failing on the bug it exists to catch. Off unless named; never set in production.
+struct Faults {
+  bool attn_sech2 = false;     // "attn_sech2": attention backward without the softcap derivative (flash-attn 2.6.0)
+  bool window = false;         // "window": sliding window one key too wide (HF flash path, issue #39408)
+  bool logits_sech2 = false;   // "logits_sech2": final softcap derivative dropped in the loss backward
+  bool pad_unmasked = false;   // "pad_unmasked": padded vocabulary columns left in the softmax
+  bool norm_plain_w = false;   // "norm_plain_w": RMSNorm scaled by w instead of (1 + w)
+};
+const Faults& faults();
+
+// Attention fragments through ldmatrix (the default) or, with GEMMA_FAST_LDMATRIX=0, through plain shared loads.
+bool attn_ldmatrix();
+
+}  // namespace gemma::fast

@@ -1,0 +1,811 @@
+// The fast trainer's engine: weights and adapters on the device, and the schedule of one optimizer step.
+//
+// Layout. Base weights are bf16, fused by shared input: W_qkv = [q; k; v] (QKV, D), W_o (D, HD),
+// W_gu = [gate; up] (2I, D), W_down (D, I); the embedding is padded to Vp = a multiple of 128 rows (nonzero rows
+// no token maps to, masked out of the softmax). Norm weights are kept as fp32 (1 + w). Adapters: every A and B
+// in one fp32 allocation (HF order), with gradients and AdamW moments alike, and their bf16 splits (lora.cuh).
+//
+// Step. Per micro-batch: embedding into the fp32 residual; per layer, the layer's input residual is the only
+// activation kept (activation checkpointing; optionally in pinned host memory); the head runs chunked over
+// tokens (loss.cuh); the backward recomputes each layer's forward from its checkpoint, then runs its backward.
+// Without recompute every layer keeps its activations (faster, about 0.35 GB per layer of gemma2-9b at 2 x 1024).
+// Adapter gradients accumulate in fp32 over the micro-batches, each scaled by 1 / (the step's scored targets).
+// The rounding points are those of the reference's `fast` policy (fast/README.md lists them per kernel).
+#include "fast/engine.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <cstdlib>
+#include <map>
+#include <sstream>
+#include <string>
+
+#include "fast/adamw.cuh"
+#include "fast/attention.cuh"
+#include "fast/embedding.cuh"
+#include "fast/fast.hpp"
+#include "fast/geglu.cuh"
+#include "fast/gemm.cuh"
+#include "fast/lora.cuh"
+#include "fast/loss.cuh"
+#include "fast/rmsnorm.cuh"
+#include "fast/rope.cuh"
+#include "fast/synthetic.cuh"
+#include "model/dtype.hpp"
+#include "model/errors.hpp"
+#include "model/synthetic.hpp"
+
+namespace gemma::fast {
+
+namespace {
+
+enum Group { kQKV = 0, kO = 1, kGU = 2, kDown = 3 };
+
+struct LayerWeights {
+  DeviceArray<bf16> qkv, o, gu, down;  // fused [out, in]
+  DeviceArray<float> scale;            // (4, D): 1 + w for the four norms, in Norm order
+};
+
+// One layer's activations as its backward reads them.
+struct Acts {
+  DeviceArray<bf16> xn1, qkv, att, o, xn2, gu, act, down;
+  DeviceArray<float> o32, x_mid, rstd, m, l;
+  std::array<DeviceArray<bf16>, 4> L;  // split adapter inputs per group
+};
+
+const char* kPaddingName = "model.embed_tokens.weight:padding";
+
+}  // namespace
+
+struct Engine::Impl {
+  Config cfg;
+  AdapterConfig ad;
+  EngineOptions opt;
+  int64_t D = 0, I = 0, H = 0, KV = 0, hd = 0, L = 0, V = 0, Vp = 0, QKV = 0, HD = 0, KVHD = 0;
+  int r = 0;
+  float s = 0, normalizer = 0, eps = 0;
+  MemoryTracker mem;
+  cudaStream_t stream = nullptr, copy = nullptr;
+  cudaEvent_t ev_written[2] = {}, ev_copied[2] = {}, ev_free[2] = {}, ev_loaded[2] = {};
+  std::unique_ptr<Blas> blas;
+
+  DeviceArray<bf16> embed;
+  std::vector<LayerWeights> layers;
+  DeviceArray<float> final_scale;
+
+  struct AdapterTensor {
+    std::string name;
+    Shape shape;
+    int64_t offset;
+  };
+  std::vector<AdapterTensor> tensors;
+  int64_t n_params = 0;
+  DeviceArray<float> params, grads, adam_m, adam_v;
+  int64_t adam_t = 0;
+  DeviceArray<bf16> splits;
+  std::vector<std::array<LoraGroupDev, 4>> groups;
+  int np_max = 0;
+  int64_t gpart_max = 0;
+
+  // Work buffers, sized for the largest micro-batch seen.
+  int64_t capB = 0, capT = 0, capN = 0, cap_slots = 0, chunk_rows = 0;
+  DeviceArray<int32_t> ids, targets;
+  DeviceArray<int> slots;
+  DeviceArray<float> cosv, sinv;
+  std::vector<DeviceArray<float>> ckpt;
+  float* host_ckpt = nullptr;
+  size_t host_ckpt_bytes = 0;
+  std::vector<Acts> acts;
+  DeviceArray<float> x_scratch;
+  DeviceArray<bf16> dres, dsmall, dgu, datt, dqkv, Lb;
+  DeviceArray<float> dacc, dQ, dK, dV, Dv, part, gpart;
+  DeviceArray<bf16> xf, dxf, dlog;
+  DeviceArray<float> rstd_f, logits, row_loss, capped;
+  std::vector<int32_t> ids_h, tgt_h, slot_h;
+  std::vector<float> loss_h;
+
+  // Profile (GEMMA_FAST_PROFILE=1): device time between consecutive marks, summed per segment name.
+  bool prof_on = false;
+  std::vector<std::pair<std::string, cudaEvent_t>> marks;
+  std::map<std::string, double> prof_ms;
+  int64_t prof_steps = 0;
+  bool prof_skip = false;
+  const char* phase = "fwd";
+
+  void mark(const std::string& name) {
+    if (!prof_on) return;
+    cudaEvent_t e;
+    GEMMA_CUDA(cudaEventCreate(&e));
+    GEMMA_CUDA(cudaEventRecord(e, stream));
+    marks.emplace_back(name, e);
+  }
+  void prof_begin() {
+    if (!prof_on) return;
+    marks.clear();
+    mark("");
+  }
+  void prof_end() {
+    if (!prof_on) return;
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    for (size_t i = 1; i < marks.size() && !prof_skip; ++i) {
+      float ms = 0;
+      GEMMA_CUDA(cudaEventElapsedTime(&ms, marks[i - 1].second, marks[i].second));
+      prof_ms[marks[i].first] += ms;
+    }
+    for (auto& m : marks) GEMMA_CUDA(cudaEventDestroy(m.second));
+    marks.clear();
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Construction
+
+  void init(const Config& c, const AdapterConfig& a, const EngineOptions& o) {
+    cfg = c;
+    ad = a;
+    opt = o;
+    if (opt.offload && !opt.recompute)
+      throw InputError("fast: offloading activation checkpoints needs recompute (activation checkpointing)");
+    if (ad.r < 1) throw InputError("fast: LoRA rank must be at least 1");
+    D = c.hidden_size;
+    I = c.intermediate_size;
+    H = c.num_attention_heads;
+    KV = c.num_key_value_heads;
+    hd = c.head_dim;
+    L = c.num_hidden_layers;
+    V = c.vocab_size;
+    Vp = padded_vocab(V);
+    QKV = (H + 2 * KV) * hd;
+    HD = H * hd;
+    KVHD = KV * hd;
+    r = int(ad.r);
+    s = float(ad.scaling());
+    normalizer = bf16_to_float(float_to_bf16(float(std::sqrt(double(D)))));
+    eps = float(c.rms_norm_eps);
+    (void)attn_hdp(int(hd));  // rejects an unsupported head_dim before anything is allocated
+
+    GEMMA_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    GEMMA_CUDA(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking));
+    for (int i = 0; i < 2; ++i) {
+      GEMMA_CUDA(cudaEventCreateWithFlags(&ev_written[i], cudaEventDisableTiming));
+      GEMMA_CUDA(cudaEventCreateWithFlags(&ev_copied[i], cudaEventDisableTiming));
+      GEMMA_CUDA(cudaEventCreateWithFlags(&ev_free[i], cudaEventDisableTiming));
+      GEMMA_CUDA(cudaEventCreateWithFlags(&ev_loaded[i], cudaEventDisableTiming));
+    }
+    blas = std::make_unique<Blas>(stream, mem);
+    const char* prof = std::getenv("GEMMA_FAST_PROFILE");
+    prof_on = prof && std::string(prof) == "1";
+
+    embed = DeviceArray<bf16>(size_t(Vp * D), "the embedding (vocabulary padded to a multiple of 128)", mem);
+    layers.resize(size_t(L));
+    for (auto& lw : layers) {
+      lw.qkv = DeviceArray<bf16>(size_t(QKV * D), "q|k|v_proj weights", mem);
+      lw.o = DeviceArray<bf16>(size_t(D * HD), "o_proj weight", mem);
+      lw.gu = DeviceArray<bf16>(size_t(2 * I * D), "gate|up_proj weights", mem);
+      lw.down = DeviceArray<bf16>(size_t(D * I), "down_proj weight", mem);
+      lw.scale = DeviceArray<float>(size_t(4 * D), "RMSNorm scales", mem);
+    }
+    final_scale = DeviceArray<float>(size_t(D), "final norm scale", mem);
+
+    int64_t off = 0;
+    for (const WeightSpec& w : adapter_weight_specs(cfg, ad)) {
+      tensors.push_back({w.name, w.shape, off});
+      off += shape_numel(w.shape);
+    }
+    n_params = off;
+    params = DeviceArray<float>(size_t(n_params), "LoRA adapters (fp32)", mem);
+    grads = DeviceArray<float>(size_t(n_params), "LoRA gradients (fp32)", mem);
+    adam_m = DeviceArray<float>(size_t(n_params), "AdamW first moments", mem);
+    adam_v = DeviceArray<float>(size_t(n_params), "AdamW second moments", mem);
+    GEMMA_CUDA(cudaMemsetAsync(grads.get(), 0, size_t(n_params) * 4, stream));
+    GEMMA_CUDA(cudaMemsetAsync(adam_m.get(), 0, size_t(n_params) * 4, stream));
+    GEMMA_CUDA(cudaMemsetAsync(adam_v.get(), 0, size_t(n_params) * 4, stream));
+    wire_groups();
+  }
+
+  int64_t tensor_offset(const std::string& name) const {
+    for (const auto& t : tensors)
+      if (t.name == name) return t.offset;
+    throw InputError("fast: no adapter tensor '" + name + "'");
+  }
+
+  void wire_groups() {
+    groups.assign(size_t(L), {});
+    auto align8 = [](int64_t n) { return (n + 7) / 8 * 8; };
+    int64_t total = 0;
+    // Two passes: count the bf16 split elements, then hand out pointers.
+    for (int pass = 0; pass < 2; ++pass) {
+      int64_t at = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        auto& G = groups[size_t(l)];
+        G[kQKV].in = D;
+        G[kQKV].out_total = QKV;
+        G[kO].in = HD;
+        G[kO].out_total = D;
+        G[kGU].in = D;
+        G[kGU].out_total = 2 * I;
+        G[kDown].in = I;
+        G[kDown].out_total = D;
+        if (pass == 1) {
+          G[kQKV].W = layers[size_t(l)].qkv.get();
+          G[kO].W = layers[size_t(l)].o.get();
+          G[kGU].W = layers[size_t(l)].gu.get();
+          G[kDown].W = layers[size_t(l)].down.get();
+        }
+        for (auto& g : G) g.projs.clear();
+        for (Proj p : kAllProj) {
+          if (!ad.targets(p)) continue;
+          int gi = kQKV;
+          int64_t col = 0;
+          switch (p) {
+            case Proj::q_proj: gi = kQKV; col = 0; break;
+            case Proj::k_proj: gi = kQKV; col = HD; break;
+            case Proj::v_proj: gi = kQKV; col = HD + KVHD; break;
+            case Proj::o_proj: gi = kO; col = 0; break;
+            case Proj::gate_proj: gi = kGU; col = 0; break;
+            case Proj::up_proj: gi = kGU; col = I; break;
+            case Proj::down_proj: gi = kDown; col = 0; break;
+          }
+          LoraProjDev P;
+          P.out = proj_out(cfg, p);
+          P.col = col;
+          if (pass == 1) {
+            const int64_t oa = tensor_offset(lora_weight_name(l, p, 'A')), ob = tensor_offset(lora_weight_name(l, p, 'B'));
+            P.A = params.get() + oa;
+            P.B = params.get() + ob;
+            P.gA = grads.get() + oa;
+            P.gB = grads.get() + ob;
+            P.Bfwd = splits.get() + at;
+          }
+          at += align8(P.out * 6 * r);
+          G[size_t(gi)].projs.push_back(P);
+          gpart_max = std::max(gpart_max, 3 * int64_t(r) * std::max(P.out, proj_in(cfg, p)));
+        }
+        for (auto& g : G) {
+          const int64_t np = int64_t(g.projs.size());
+          np_max = std::max<int>(np_max, int(np));
+          if (pass == 1) g.Abwd = splits.get() + at;
+          at += align8(6 * r * np * g.in);
+        }
+      }
+      if (pass == 0) {
+        total = at;
+        splits = DeviceArray<bf16>(size_t(std::max<int64_t>(total, 1)), "LoRA bf16 splits", mem);
+      }
+    }
+  }
+
+  void prepare_splits() {
+    for (auto& G : groups)
+      for (auto& g : G) lora_prepare(g, r, stream);
+  }
+
+  // Host to device through the compute stream (a non-blocking stream does not wait for cudaMemcpy's legacy
+  // stream), finished before the host buffer can go away.
+  void h2d(void* dst, const void* src, size_t bytes) {
+    GEMMA_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+  }
+
+  void upload_bf16(bf16* dst, const Tensor& t) {
+    const int64_t n = t.numel();
+    if (t.dtype == DType::bf16) {
+      h2d(dst, t.bytes.get(), size_t(n) * 2);
+      return;
+    }
+    // The `weights` cast: round to bf16 exactly as the reference does (dtype.hpp), block by block.
+    const int64_t blk = int64_t(1) << 20;
+    std::vector<double> d;
+    std::vector<uint16_t> b;
+    for (int64_t i0 = 0; i0 < n; i0 += blk) {
+      const int64_t m = std::min(blk, n - i0);
+      d.resize(size_t(m));
+      b.resize(size_t(m));
+      t.to_double(i0, m, d.data());
+      for (int64_t i = 0; i < m; ++i) b[size_t(i)] = float_to_bf16(float(d[size_t(i)]));
+      h2d(dst + i0, b.data(), size_t(m) * 2);
+    }
+  }
+
+  void upload_f32(float* dst, const Tensor& t) {
+    std::vector<double> d = t.to_double();
+    std::vector<float> f(d.size());
+    for (size_t i = 0; i < d.size(); ++i) f[i] = float(d[i]);
+    h2d(dst, f.data(), f.size() * 4);
+  }
+
+  void upload_norm(float* scale, const Tensor& t) {
+    DeviceArray<bf16> tmp(size_t(D), "norm weight upload", mem);
+    upload_bf16(tmp.get(), t);
+    norm_scale(scale, tmp.get(), D, stream);
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+  }
+
+  void fill_padding() {
+    if (Vp == V) return;
+    // Nonzero rows of the embedding's scale: unmasked, they would take probability mass (and a test would see it).
+    synthetic_bf16(embed.get() + V * D, Vp - V, D, D, stream_key(0, kPaddingName),
+                   std::sqrt(3.0) * synthetic_std(cfg, kEmbedName), stream);
+  }
+
+  void load(const Checkpoint& ck) {
+    auto need = [&](const std::string& name) -> const Tensor& {
+      auto it = ck.weights.find(name);
+      if (it == ck.weights.end()) throw InputError("fast: checkpoint has no tensor '" + name + "'");
+      return it->second;
+    };
+    upload_bf16(embed.get(), need(kEmbedName));
+    fill_padding();
+    for (int64_t l = 0; l < L; ++l) {
+      LayerWeights& w = layers[size_t(l)];
+      upload_bf16(w.qkv.get(), need(proj_weight_name(l, Proj::q_proj)));
+      upload_bf16(w.qkv.get() + HD * D, need(proj_weight_name(l, Proj::k_proj)));
+      upload_bf16(w.qkv.get() + (HD + KVHD) * D, need(proj_weight_name(l, Proj::v_proj)));
+      upload_bf16(w.o.get(), need(proj_weight_name(l, Proj::o_proj)));
+      upload_bf16(w.gu.get(), need(proj_weight_name(l, Proj::gate_proj)));
+      upload_bf16(w.gu.get() + I * D, need(proj_weight_name(l, Proj::up_proj)));
+      upload_bf16(w.down.get(), need(proj_weight_name(l, Proj::down_proj)));
+      for (Norm n : kAllNorms) upload_norm(w.scale.get() + int64_t(n) * D, need(norm_weight_name(l, n)));
+    }
+    upload_norm(final_scale.get(), need(kFinalNormName));
+    for (const auto& t : tensors) upload_f32(params.get() + t.offset, need(t.name));
+    prepare_splits();
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+  }
+
+  void generate(uint64_t seed) {
+    auto gen = [&](bf16* dst, const std::string& name, int64_t rows, int64_t cols) {
+      synthetic_bf16(dst, rows, cols, cols, stream_key(seed, name), std::sqrt(3.0) * synthetic_std(cfg, name), stream);
+    };
+    gen(embed.get(), kEmbedName, V, D);
+    fill_padding();
+    DeviceArray<bf16> tmp(size_t(D), "norm weight generation", mem);
+    auto norm = [&](float* scale, const std::string& name) {
+      gen(tmp.get(), name, 1, D);
+      norm_scale(scale, tmp.get(), D, stream);
+    };
+    for (int64_t l = 0; l < L; ++l) {
+      LayerWeights& w = layers[size_t(l)];
+      gen(w.qkv.get(), proj_weight_name(l, Proj::q_proj), HD, D);
+      gen(w.qkv.get() + HD * D, proj_weight_name(l, Proj::k_proj), KVHD, D);
+      gen(w.qkv.get() + (HD + KVHD) * D, proj_weight_name(l, Proj::v_proj), KVHD, D);
+      gen(w.o.get(), proj_weight_name(l, Proj::o_proj), D, HD);
+      gen(w.gu.get(), proj_weight_name(l, Proj::gate_proj), I, D);
+      gen(w.gu.get() + I * D, proj_weight_name(l, Proj::up_proj), I, D);
+      gen(w.down.get(), proj_weight_name(l, Proj::down_proj), D, I);
+      for (Norm n : kAllNorms) norm(w.scale.get() + int64_t(n) * D, norm_weight_name(l, n));
+    }
+    norm(final_scale.get(), kFinalNormName);
+    // synthetic_adapters: A uniform with std 1/sqrt(in), B with std 0.25/sqrt(r), both rounded to bf16.
+    for (const auto& t : tensors) {
+      const bool is_a = t.name.find("lora_A") != std::string::npos;
+      const double sd = is_a ? 1.0 / std::sqrt(double(t.shape[1])) : 0.25 / std::sqrt(double(ad.r));
+      synthetic_f32(params.get() + t.offset, shape_numel(t.shape), stream_key(seed, t.name), std::sqrt(3.0) * sd,
+                    stream);
+    }
+    prepare_splits();
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+  }
+
+  ~Impl() {
+    if (stream) cudaStreamSynchronize(stream);
+    if (copy) cudaStreamSynchronize(copy);
+    blas.reset();
+    if (host_ckpt) cudaFreeHost(host_ckpt);
+    for (int i = 0; i < 2; ++i) {
+      if (ev_written[i]) cudaEventDestroy(ev_written[i]);
+      if (ev_copied[i]) cudaEventDestroy(ev_copied[i]);
+      if (ev_free[i]) cudaEventDestroy(ev_free[i]);
+      if (ev_loaded[i]) cudaEventDestroy(ev_loaded[i]);
+    }
+    if (copy) cudaStreamDestroy(copy);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Work buffers
+
+  void release_work() {
+    ids.reset();
+    targets.reset();
+    slots.reset();
+    cosv.reset();
+    sinv.reset();
+    ckpt.clear();
+    if (host_ckpt) {
+      GEMMA_CUDA(cudaFreeHost(host_ckpt));
+      host_ckpt = nullptr;
+    }
+    acts.clear();
+    for (auto* a : {&x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &logits, &row_loss}) a->reset();
+    for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf, &dlog}) a->reset();
+  }
+
+  void ensure(int64_t B, int64_t T) {
+    if (B <= capB && T <= capT) return;
+    prof_skip = true;  // a step that allocates is not a step to time
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    GEMMA_CUDA(cudaStreamSynchronize(copy));
+    release_work();
+    capB = std::max(capB, B);
+    capT = std::max(capT, T);
+    const int64_t N = capB * capT;
+    capN = N;
+    auto F = [&](int64_t n, const std::string& what) { return DeviceArray<float>(size_t(std::max<int64_t>(n, 1)), what, mem); };
+    auto Hf = [&](int64_t n, const std::string& what) { return DeviceArray<bf16>(size_t(std::max<int64_t>(n, 1)), what, mem); };
+    ids = DeviceArray<int32_t>(size_t(N), "token ids", mem);
+    targets = DeviceArray<int32_t>(size_t(N), "targets", mem);
+    slots = DeviceArray<int>(size_t(N), "logit row slots", mem);
+    {
+      std::vector<float> c, sn;
+      rope_tables(capT, hd, cfg.rope_theta, c, sn);
+      cosv = F(int64_t(c.size()), "RoPE cos table");
+      sinv = F(int64_t(sn.size()), "RoPE sin table");
+      h2d(cosv.get(), c.data(), c.size() * 4);
+      h2d(sinv.get(), sn.data(), sn.size() * 4);
+    }
+    const int64_t nck = opt.offload ? 2 : L + 1;
+    for (int64_t i = 0; i < nck; ++i) ckpt.push_back(F(N * D, "activation checkpoints (an fp32 residual per layer)"));
+    if (opt.offload) {
+      host_ckpt_bytes = size_t(L) * size_t(N * D) * 4;
+      const cudaError_t e = cudaMallocHost(&host_ckpt, host_ckpt_bytes);
+      if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError();
+        host_ckpt = nullptr;
+        throw OutOfMemory("fast: out of pinned host memory for offloaded activation checkpoints (" +
+                          std::to_string(host_ckpt_bytes >> 20) + " MiB); hint: fewer sequences per micro-batch");
+      }
+      GEMMA_CUDA(e);
+    }
+    const int64_t nacts = opt.recompute ? 1 : L;
+    acts.resize(size_t(nacts));
+    for (Acts& A : acts) {
+      A.xn1 = Hf(N * D, "activations: input_layernorm output");
+      A.qkv = Hf(N * QKV, "activations: q|k|v");
+      A.att = Hf(N * HD, "activations: attention output");
+      A.o32 = F(N * HD, "activations: attention output (fp32)");
+      A.m = F(capB * H * capT, "activations: softmax max");
+      A.l = F(capB * H * capT, "activations: softmax sum");
+      A.o = Hf(N * D, "activations: o_proj output");
+      A.x_mid = F(N * D, "activations: mid-layer residual");
+      A.xn2 = Hf(N * D, "activations: pre_feedforward_layernorm output");
+      A.gu = Hf(N * 2 * I, "activations: gate|up");
+      A.act = Hf(N * I, "activations: GeGLU output");
+      A.down = Hf(N * D, "activations: down_proj output");
+      A.rstd = F(4 * N, "activations: RMSNorm 1/rms");
+      const auto& G = groups.empty() ? std::array<LoraGroupDev, 4>{} : groups[0];
+      for (int g = 0; g < 4; ++g) A.L[size_t(g)] = Hf(N * 6 * r * int64_t(G[size_t(g)].projs.size()), "activations: LoRA splits");
+    }
+    x_scratch = F(N * D, "recomputed layer output");
+    dres = Hf(N * D, "residual gradient");
+    dsmall = Hf(N * D, "norm-input gradient");
+    dgu = Hf(N * 2 * I, "gate|up gradient");
+    datt = Hf(N * HD, "attention-output gradient");
+    dqkv = Hf(N * QKV, "q|k|v gradient");
+    // Backward: the fp32 product sums of the input gradients; forward: the fp32 adapter terms of a group's output.
+    dacc = F(N * std::max({D, I, HD, QKV, 2 * I}), "fp32 product sums (input gradients, adapter terms)");
+    dQ = F(N * HD, "dq (fp32)");
+    dK = F(N * KVHD, "dk (fp32)");
+    dV = F(N * KVHD, "dv (fp32)");
+    Dv = F(capB * H * capT, "attention rowsum(dO O)");
+    part = F(N * 3 * r * np_max, "LoRA partial products");
+    Lb = Hf(N * 6 * r * np_max, "LoRA backward splits");
+    gpart = F(gpart_max, "LoRA gradient partials");
+    xf = Hf(N * D, "final norm output");
+    dxf = Hf(N * D, "final norm output gradient");
+    rstd_f = F(N, "final norm 1/rms");
+    row_loss = F(N, "per-token losses");
+    // Logits chunks of about 512 MiB (fp32 logits and bf16 gradients): the (N, V) matrix never exists at once.
+    chunk_rows = std::clamp<int64_t>((int64_t(512) << 20) / (Vp * 6), 1, N);
+    logits = F(chunk_rows * Vp, "logits chunk (fp32)");
+    dlog = Hf(chunk_rows * Vp, "logits-gradient chunk (bf16)");
+  }
+
+  void ensure_slots(int64_t n) {
+    if (n <= cap_slots) return;
+    capped = DeviceArray<float>(size_t(n * V), "requested logit rows", mem);
+    cap_slots = n;
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Layers
+
+  Acts& acts_for(int64_t l) { return acts[opt.recompute ? 0 : size_t(l)]; }
+
+  AttnParams attn_params(int64_t l, int64_t B, int64_t T, Acts& A) {
+    AttnParams p;
+    p.q = A.qkv.get();
+    p.k = A.qkv.get() + HD;
+    p.v = A.qkv.get() + HD + KVHD;
+    p.ld_qkv = QKV;
+    p.B = int(B);
+    p.T = int(T);
+    p.H = int(H);
+    p.KV = int(KV);
+    p.hd = int(hd);
+    p.scale = float(1.0 / std::sqrt(cfg.query_pre_attn_scalar));
+    p.cap_on = opt.softcap.attn;
+    p.cap = float(cfg.attn_logit_softcapping.value_or(1.0));
+    const bool sliding = cfg.layer_types[size_t(l)] == LayerType::sliding && cfg.sliding_window.has_value();
+    p.window = attn_window(sliding, cfg.sliding_window.value_or(0));
+    p.drop_sech2 = faults().attn_sech2;
+    p.att = A.att.get();
+    p.o32 = A.o32.get();
+    p.ld_o = HD;
+    p.m = A.m.get();
+    p.l = A.l.get();
+    p.dout = datt.get();
+    p.Dv = Dv.get();
+    p.dq = dQ.get();
+    p.dk = dK.get();
+    p.dv = dV.get();
+    p.ld_dkv = KVHD;
+    return p;
+  }
+
+  void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T) {
+    Acts& A = acts_for(l);
+    const LayerWeights& W = layers[size_t(l)];
+    auto& G = groups[size_t(l)];
+    const int64_t N = B * T;
+    cublasHandle_t h = blas->h;
+    rmsnorm_forward_in(A.xn1.get(), A.rstd.get(), x_in, W.scale.get(), N, D, eps, stream);
+    const std::string ph = phase;
+    mark(ph + " norms, rope, geglu");
+    group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream);
+    mark(ph + " q|k|v_proj + LoRA");
+    rope_forward(A.qkv.get(), QKV, N, T, int(H), int(hd), cosv.get(), sinv.get(), stream);
+    rope_forward(A.qkv.get() + HD, QKV, N, T, int(KV), int(hd), cosv.get(), sinv.get(), stream);
+    mark(ph + " norms, rope, geglu");
+    attention_forward(attn_params(l, B, T, A), stream);
+    mark(ph + " attention");
+    group_forward(h, G[kO], r, s, A.att.get(), N, A.o.get(), A.L[kO].get(), part.get(), dacc.get(), stream);
+    mark(ph + " o_proj + LoRA");
+    rmsnorm_forward_post(A.x_mid.get(), A.rstd.get() + N, A.o.get(), W.scale.get() + D, x_in, N, D, eps, stream);
+    rmsnorm_forward_in(A.xn2.get(), A.rstd.get() + 2 * N, A.x_mid.get(), W.scale.get() + 2 * D, N, D, eps, stream);
+    mark(ph + " norms, rope, geglu");
+    group_forward(h, G[kGU], r, s, A.xn2.get(), N, A.gu.get(), A.L[kGU].get(), part.get(), dacc.get(), stream);
+    mark(ph + " gate|up_proj + LoRA");
+    geglu_forward(A.act.get(), A.gu.get(), N, I, stream);
+    mark(ph + " norms, rope, geglu");
+    group_forward(h, G[kDown], r, s, A.act.get(), N, A.down.get(), A.L[kDown].get(), part.get(), dacc.get(), stream);
+    mark(ph + " down_proj + LoRA");
+    rmsnorm_forward_post(x_out, A.rstd.get() + 3 * N, A.down.get(), W.scale.get() + 3 * D, A.x_mid.get(), N, D, eps,
+                         stream);
+    mark(ph + " norms, rope, geglu");
+  }
+
+  // dres holds d(layer output) on entry and d(layer input) on exit.
+  void layer_backward(int64_t l, const float* x_in, int64_t B, int64_t T) {
+    Acts& A = acts_for(l);
+    const LayerWeights& W = layers[size_t(l)];
+    auto& G = groups[size_t(l)];
+    const int64_t N = B * T;
+    cublasHandle_t h = blas->h;
+    // x_out = x_mid + post_feedforward_layernorm(down)
+    rmsnorm_backward_post(dsmall.get(), dres.get(), A.down.get(), A.rstd.get() + 3 * N, W.scale.get() + 3 * D, N, D,
+                          stream);
+    mark("bwd norms, rope, geglu");
+    group_backward(h, G[kDown], r, s, A.act.get(), dsmall.get(), A.L[kDown].get(), N, dacc.get(), part.get(), Lb.get(),
+                   gpart.get(), stream);
+    mark("bwd down_proj + LoRA");
+    geglu_backward(dgu.get(), dacc.get(), A.gu.get(), N, I, stream);
+    mark("bwd norms, rope, geglu");
+    group_backward(h, G[kGU], r, s, A.xn2.get(), dgu.get(), A.L[kGU].get(), N, dacc.get(), part.get(), Lb.get(),
+                   gpart.get(), stream);
+    mark("bwd gate|up_proj + LoRA");
+    rmsnorm_backward_in(dres.get(), dacc.get(), A.x_mid.get(), A.rstd.get() + 2 * N, W.scale.get() + 2 * D, N, D,
+                        stream);
+    // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
+    rmsnorm_backward_post(dsmall.get(), dres.get(), A.o.get(), A.rstd.get() + N, W.scale.get() + D, N, D, stream);
+    mark("bwd norms, rope, geglu");
+    group_backward(h, G[kO], r, s, A.att.get(), dsmall.get(), A.L[kO].get(), N, dacc.get(), part.get(), Lb.get(),
+                   gpart.get(), stream);
+    to_bf16(datt.get(), HD, dacc.get(), HD, N, HD, stream);
+    mark("bwd o_proj + LoRA");
+    attention_backward(attn_params(l, B, T, A), stream);
+    mark("bwd attention");
+    rope_backward(dqkv.get(), QKV, dQ.get(), HD, N, T, int(H), int(hd), cosv.get(), sinv.get(), stream);
+    rope_backward(dqkv.get() + HD, QKV, dK.get(), KVHD, N, T, int(KV), int(hd), cosv.get(), sinv.get(), stream);
+    to_bf16(dqkv.get() + HD + KVHD, QKV, dV.get(), KVHD, N, KVHD, stream);
+    mark("bwd norms, rope, geglu");
+    group_backward(h, G[kQKV], r, s, A.xn1.get(), dqkv.get(), A.L[kQKV].get(), N, dacc.get(), part.get(), Lb.get(),
+                   gpart.get(), stream);
+    mark("bwd q|k|v_proj + LoRA");
+    rmsnorm_backward_in(dres.get(), dacc.get(), x_in, A.rstd.get(), W.scale.get(), N, D, stream);
+    mark("bwd norms, rope, geglu");
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Checkpoints: L + 1 device buffers, or two device slots backed by pinned host memory.
+
+  float* ck_dev(int64_t l) { return opt.offload ? ckpt[size_t(l % 2)].get() : ckpt[size_t(l)].get(); }
+  float* ck_host(int64_t l, int64_t N) { return host_ckpt + size_t(l) * size_t(N * D); }
+
+  void micro_step(int64_t B, int64_t T, float grad_scale) {
+    const int64_t N = B * T;
+    const size_t ck_bytes = size_t(N * D) * 4;
+    auto saved = [&](int64_t l) {  // checkpoint l is written: copy it out
+      if (!opt.offload || l >= L) return;
+      GEMMA_CUDA(cudaEventRecord(ev_written[l % 2], stream));
+      GEMMA_CUDA(cudaStreamWaitEvent(copy, ev_written[l % 2], 0));
+      GEMMA_CUDA(cudaMemcpyAsync(ck_host(l, N), ck_dev(l), ck_bytes, cudaMemcpyDeviceToHost, copy));
+      GEMMA_CUDA(cudaEventRecord(ev_copied[l % 2], copy));
+    };
+    embed_forward(ck_dev(0), ids.get(), embed.get(), N, D, normalizer, stream);
+    saved(0);
+    mark("embedding");
+    phase = "fwd";
+    for (int64_t l = 0; l < L; ++l) {
+      if (opt.offload && l + 1 >= 2) GEMMA_CUDA(cudaStreamWaitEvent(stream, ev_copied[(l + 1) % 2], 0));
+      layer_forward(l, ck_dev(l), ck_dev(l + 1), B, T);
+      saved(l + 1);
+    }
+
+    // Head: final norm, then the LM head and the loss chunk by chunk.
+    rmsnorm_forward_in(xf.get(), rstd_f.get(), ck_dev(L), final_scale.get(), N, D, eps, stream);
+    mark("fwd norms, rope, geglu");
+    for (int64_t c0 = 0; c0 < N; c0 += chunk_rows) {
+      LossChunk c;
+      c.xf = xf.get() + c0 * D;
+      c.E = embed.get();
+      c.target = targets.get() + c0;
+      c.capped_slot = slots.get() + c0;
+      c.rows = std::min(chunk_rows, N - c0);
+      c.D = D;
+      c.V = V;
+      c.Vp = Vp;
+      c.cap_on = opt.softcap.logits;
+      c.cap = float(cfg.final_logit_softcapping.value_or(1.0));
+      c.grad_scale = grad_scale;
+      c.logits = logits.get();
+      c.dlog = dlog.get();
+      c.row_loss = row_loss.get() + c0;
+      c.capped_out = capped.get();
+      c.dxf = dxf.get() + c0 * D;
+      lm_head_loss_chunk(blas->h, c, stream);
+    }
+    mark("LM head + softcap + cross-entropy (fwd and bwd)");
+    rmsnorm_backward_final(dres.get(), dxf.get(), ck_dev(L), rstd_f.get(), final_scale.get(), N, D, stream);
+    mark("bwd norms, rope, geglu");
+    if (opt.offload) GEMMA_CUDA(cudaEventRecord(ev_free[L % 2], stream));
+    phase = "recompute";
+
+    for (int64_t l = L - 1; l >= 0; --l) {
+      if (opt.offload) {
+        if (l <= L - 2) GEMMA_CUDA(cudaStreamWaitEvent(stream, ev_loaded[l % 2], 0));
+        if (l >= 1) {  // prefetch checkpoint l - 1 into the slot the layer above has finished with
+          GEMMA_CUDA(cudaStreamWaitEvent(copy, ev_free[(l - 1) % 2], 0));
+          GEMMA_CUDA(cudaMemcpyAsync(ck_dev(l - 1), ck_host(l - 1, N), ck_bytes, cudaMemcpyHostToDevice, copy));
+          GEMMA_CUDA(cudaEventRecord(ev_loaded[(l - 1) % 2], copy));
+        }
+      }
+      if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
+      if (opt.recompute) layer_forward(l, ck_dev(l), x_scratch.get(), B, T);
+      layer_backward(l, ck_dev(l), B, T);
+      if (opt.offload) GEMMA_CUDA(cudaEventRecord(ev_free[l % 2], stream));
+    }
+  }
+
+  Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows) {
+    int64_t total = 0;
+    for (const Batch& b : micro) total += b.count_targets();
+    if (total == 0) throw InputError("batch: every label is ignored (-100): the mean loss is undefined (0/0)");
+    prof_begin();
+    GEMMA_CUDA(cudaMemsetAsync(grads.get(), 0, size_t(n_params) * 4, stream));
+    const float grad_scale = float(1.0 / double(total));
+    Pass out;
+    out.tokens = total;
+    int64_t row0 = 0;
+    for (const Batch& mb : micro) {
+      ensure(mb.B, mb.T);
+      const int64_t N = mb.B * mb.T;
+      ids_h.assign(size_t(N), 0);
+      tgt_h.assign(size_t(N), -100);
+      slot_h.assign(size_t(N), -1);
+      for (int64_t n = 0; n < N; ++n) {
+        ids_h[size_t(n)] = int32_t(mb.input_ids[size_t(n)]);
+        tgt_h[size_t(n)] = int32_t(mb.target(n / mb.T, n % mb.T));
+      }
+      std::vector<int64_t> slot_rows;
+      for (int64_t row : logit_rows)
+        if (row >= row0 && row < row0 + N && slot_h[size_t(row - row0)] < 0) {
+          slot_h[size_t(row - row0)] = int(slot_rows.size());
+          slot_rows.push_back(row);
+        }
+      ensure_slots(int64_t(slot_rows.size()));
+      GEMMA_CUDA(cudaMemcpyAsync(ids.get(), ids_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+      GEMMA_CUDA(cudaMemcpyAsync(targets.get(), tgt_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+      GEMMA_CUDA(cudaMemcpyAsync(slots.get(), slot_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+      mark("inputs");
+      micro_step(mb.B, mb.T, grad_scale);
+      loss_h.assign(size_t(N), 0.0f);
+      GEMMA_CUDA(cudaMemcpyAsync(loss_h.data(), row_loss.get(), size_t(N) * 4, cudaMemcpyDeviceToHost, stream));
+      GEMMA_CUDA(cudaStreamSynchronize(stream));
+      for (float x : loss_h) out.loss_sum += double(x);
+      for (size_t k = 0; k < slot_rows.size(); ++k) {
+        std::vector<float> row(static_cast<size_t>(V));
+        GEMMA_CUDA(cudaMemcpy(row.data(), capped.get() + int64_t(k) * V, size_t(V) * 4, cudaMemcpyDeviceToHost));
+        out.logits[slot_rows[k]] = std::move(row);
+      }
+      row0 += N;
+    }
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    prof_end();
+    if (prof_on && !prof_skip) ++prof_steps;
+    prof_skip = false;
+    return out;
+  }
+
+  void adamw_step(const AdamWHyper& hp) {
+    prof_begin();
+    ++adam_t;
+    adamw_update(params.get(), grads.get(), adam_m.get(), adam_v.get(), n_params,
+                 adamw_scalars(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, adam_t), stream);
+    prepare_splits();
+    mark("AdamW + bf16 splits of the adapters");
+    prof_end();
+  }
+
+  std::string profile() const {
+    if (!prof_on || prof_steps == 0) return "";
+    double total = 0;
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto& [name, ms] : prof_ms) {
+      total += ms;
+      rows.emplace_back(ms / double(prof_steps), name);
+    }
+    std::sort(rows.rbegin(), rows.rend());
+    std::ostringstream o;
+    char b[160];
+    std::snprintf(b, sizeof b, "device time per step, %lld steps (events between segments):\n", (long long)prof_steps);
+    o << b;
+    for (const auto& [ms, name] : rows) {
+      std::snprintf(b, sizeof b, "  %-52s %9.2f ms %5.1f%%\n", name.c_str(), ms, 100.0 * ms * double(prof_steps) / total);
+      o << b;
+    }
+    std::snprintf(b, sizeof b, "  %-52s %9.2f ms\n", "total", total / double(prof_steps));
+    o << b;
+    return o.str();
+  }
+
+  TensorMap download(const float* src) const {
+    std::vector<float> all(static_cast<size_t>(n_params));
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    GEMMA_CUDA(cudaMemcpy(all.data(), src, all.size() * 4, cudaMemcpyDeviceToHost));
+    TensorMap m;
+    for (const auto& t : tensors) {
+      OwnedTensor o = make_tensor(DType::f32, t.shape);
+      std::memcpy(o.raw, all.data() + t.offset, size_t(shape_numel(t.shape)) * 4);
+      m[t.name] = o.t;
+    }
+    return m;
+  }
+};
+
+Engine::Engine(const Checkpoint& ck, const EngineOptions& o) : impl_(std::make_unique<Impl>()) {
+  if (!ck.adapter) throw InputError("fast: the fast trainer finetunes LoRA adapters; the checkpoint has none");
+  impl_->init(ck.config, *ck.adapter, o);
+  impl_->load(ck);
+}
+
+Engine::Engine(const Config& c, const AdapterConfig& a, uint64_t seed, const EngineOptions& o)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->init(c, a, o);
+  impl_->generate(seed);
+}
+
+Engine::~Engine() = default;
+
+Engine::Pass Engine::forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows) {
+  return impl_->forward_backward(micro, logit_rows);
+}
+void Engine::adamw_step(const AdamWHyper& h) { impl_->adamw_step(h); }
+void Engine::synchronize() { GEMMA_CUDA(cudaStreamSynchronize(impl_->stream)); }
+TensorMap Engine::adapters() const { return impl_->download(impl_->params.get()); }
+TensorMap Engine::grads() const { return impl_->download(impl_->grads.get()); }
+size_t Engine::peak_bytes() const { return impl_->mem.peak; }
+std::string Engine::profile() const { return impl_->profile(); }
+
+}  // namespace gemma::fast

@@ -1,0 +1,56 @@
+// The CUDA engine behind fast.hpp's run and Trainer: device weights, adapters, optimizer state and the forward /
+// backward schedule. A plain C++ header (the CUDA state hides behind a pointer), implemented in engine.cu.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/checkpoint.hpp"
+
+namespace gemma::fast {
+
+struct EngineOptions {
+  Softcap softcap;
+  bool recompute = true;  // one fp32 residual per layer kept; the layer is recomputed in the backward
+  bool offload = false;   // those residuals in pinned host memory, copied on a second stream
+};
+
+struct AdamWHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+};
+
+class Engine {
+ public:
+  // Weights from a checkpoint with adapters (the base is frozen). Throws InputError without adapters.
+  Engine(const Checkpoint& ck, const EngineOptions& o);
+  // Synthetic weights generated on the device, the bits of model/synthetic.hpp's generators.
+  Engine(const Config& c, const AdapterConfig& a, uint64_t seed, const EngineOptions& o);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  struct Pass {
+    double loss_sum = 0;  // sum of per-target losses
+    int64_t tokens = 0;   // scored targets over all micro-batches
+    std::map<int64_t, std::vector<float>> logits;  // requested rows of the flattened batch -> capped logits
+  };
+  // Forward and backward over the micro-batches of one step: adapter gradients are zeroed, then accumulated
+  // with every micro-batch scaled by 1 / (the step's scored targets). Waits for the device.
+  Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows);
+  void adamw_step(const AdamWHyper& h);  // one optimizer step on the accumulated gradients
+  void synchronize();
+
+  TensorMap adapters() const;  // fp32, HF names
+  TensorMap grads() const;     // fp32, HF names
+  size_t peak_bytes() const;
+  // With GEMMA_FAST_PROFILE=1: device time per step by schedule segment (CUDA events); empty otherwise.
+  std::string profile() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gemma::fast

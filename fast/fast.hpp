@@ -1,0 +1,95 @@
+// The fast CUDA trainer's host API: a plain C++ header (no CUDA types), so that tools built with g++ include it.
+// LoRA finetuning of Gemma 2 on the GPU: bf16 storage, fp32 accumulation, cuBLAS products, fused kernels, AdamW
+// on the fp32 adapters. Its rounding points are exactly the reference's `fast` precision policy
+// (reference/policies.cpp, fast/README.md), so the two agree to fp32 accumulation order.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model/checkpoint.hpp"
+#include "model/errors.hpp"
+
+namespace gemma::ref {
+struct AdamWConfig;  // reference/adamw.hpp
+}
+
+namespace gemma::fast {
+
+// A CUDA or cuBLAS call failed: the message names the call, the file and the line. A bug or a broken device,
+// not bad input.
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The device ran out of memory. An InputError (the tools exit 2): the message gives the size asked for, what it
+// was for, the free memory, and what to change (micro-batches, sequence length, checkpoint offload).
+struct OutOfMemory : InputError {
+  using InputError::InputError;
+};
+
+// False, with the reason, when there is no usable CUDA device (no driver, no device, or one this build's
+// sm_90 code cannot run on).
+bool device_available(std::string* why);
+
+struct Options {
+  Softcap softcap;
+  int64_t micro_batches = 1;        // gradient accumulation: the batch's sequences split into this many parts
+  std::vector<int64_t> logit_rows;  // rows n of the flattened (B*T) batch whose capped logits (length V) to return
+  bool recompute = true;            // activation checkpointing: keep one residual per layer, recompute the rest
+  bool offload = false;             // keep those checkpoints in pinned host memory (needs recompute)
+};
+
+struct Output {
+  double loss = 0;     // mean over scored targets
+  int64_t tokens = 0;  // scored targets
+  TensorMap grads;     // fp32 gradients of the LoRA adapters, named like the weights (lora_weight_name)
+  std::map<int64_t, std::vector<float>> logits;  // row -> capped logits, for Options::logit_rows
+  double seconds = 0;                            // forward + backward on the device (weights' upload excluded)
+  size_t peak_device_bytes = 0;                  // peak of this run's device allocations
+};
+
+// Loss and adapter gradients on a validated Checkpoint with adapters (the base is frozen).
+Output run(const Checkpoint& ck, const Batch& batch, const Options& opt);
+
+struct TrainerOptions {
+  bool recompute = true;
+  bool offload = false;
+};
+
+class Engine;
+
+// Persistent weights on the device; AdamW (torch.optim.AdamW semantics) on the fp32 adapters.
+class Trainer {
+ public:
+  Trainer(const Checkpoint& ck, const ref::AdamWConfig& adamw, Softcap softcap, TrainerOptions o = {});
+  // Synthetic weights generated on the device, bit-identical to model/synthetic.hpp's synthetic_weights and
+  // synthetic_adapters for (c, a, seed): a benchmark needs no 18 GB host copy of a 9b model.
+  Trainer(const Config& c, const AdapterConfig& a, uint64_t seed, const ref::AdamWConfig& adamw, Softcap softcap,
+          TrainerOptions o = {});
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  struct Step {
+    double loss;
+    int64_t tokens;
+    double seconds;
+  };
+  Step step(const Batch& batch, int64_t micro_batches);  // one optimizer step (gradient accumulation inside)
+  TensorMap adapters() const;                           // current fp32 adapter weights, HF names
+  size_t peak_device_bytes() const;
+  // With the environment variable GEMMA_FAST_PROFILE=1: device time per step by schedule segment; else empty.
+  std::string profile() const;
+
+ private:
+  std::unique_ptr<Engine> engine_;
+  Config config_;
+  double lr_, beta1_, beta2_, eps_, weight_decay_;
+};
+
+}  // namespace gemma::fast

@@ -1,0 +1,21 @@
+// A JSON value quoted in an error message. Scalars and flat lists appear as written; anything nested is
+// named by its kind: dumping it could print megabytes, and dump() recurses as deep as the input nests, so
+// a hostile file of a million '[' would overflow the stack while we report it.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace gemma {
+
+inline std::string json_brief(const nlohmann::json& v) {
+  if (v.is_structured()) {
+    bool flat = v.size() <= 8;
+    for (const auto& e : v) flat = flat && !e.is_structured();
+    if (!flat) return v.is_array() ? "a list of " + std::to_string(v.size()) + " entries" : "an object";
+  }
+  std::string s = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  if (s.size() > 120) s = s.substr(0, 117) + "...";
+  return s;
+}
+
+}  // namespace gemma

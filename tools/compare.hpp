@@ -1,0 +1,31 @@
+// Comparing a reference (or fast) run with expected results: the error measures and the tolerances, shared
+// by verify and the tests so that the tests check what verify ships.
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+#include "model/casefile.hpp"
+#include "reference/run.hpp"
+#include "tools/report.hpp"
+
+namespace gemma::tools {
+
+struct Tolerances {
+  double loss, grads, logits;
+  std::string why;
+};
+
+// Tolerances against /expected depend on who computed it (attribute expected_kind on /expected).
+Tolerances tolerances_for(const std::map<std::string, std::string>& provenance);
+
+// sqrt(sum (a - b)^2 / sum b^2)
+double rel_l2(const std::vector<double>& a, const std::vector<double>& b);
+// max |a - b| / max |b|: a relative error that stays meaningful for values near zero.
+double max_rel(const std::vector<double>& a, const std::vector<double>& b);
+
+// Adds one check per expected quantity (loss, logits, every gradient), named "<prefix>...".
+void compare_expected(Report& r, const std::string& prefix, const ref::Output& out, const Expected& ex,
+                      const Tolerances& tol);
+
+}  // namespace gemma::tools

@@ -1,0 +1,315 @@
+#include "tools/diagnose.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "model/errors.hpp"
+#include "model/synthetic.hpp"
+#include "reference/gemma2.hpp"
+#include "tools/report.hpp"
+
+namespace gemma::tools {
+
+namespace {
+
+// The model and batch every variant runs on, so that differences come from the variant alone.
+struct Setting {
+  Checkpoint ck;
+  std::vector<Batch> micro;  // one optimizer step's micro-batches
+  Tensor pad_rows;           // LM-head padding rows (zeros), P x D
+  std::vector<std::string> notes;
+};
+
+struct Outcome {
+  double loss = 0;
+  std::vector<double> grads;  // every trainable tensor, concatenated in state-dict order
+};
+
+Outcome run_once(const Setting& s, const ref::RunOptions& opt) {
+  ref::Model<double> m = ref::make_model<double>(s.ck, opt.numerics.policy);
+  m.train_norms = !m.train_all;  // norm-weight gradients are what the rmsnorm-no-weight-grad bug drops
+  if (s.pad_rows.numel() > 0) ref::pad_vocab(m, s.pad_rows);
+  ref::Grads<double> g = ref::zero_grads(m);
+  Outcome o;
+  o.loss = ref::step_loss_and_grads(m, s.micro, opt, g);
+  ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, const double*, const double* gr, int64_t n) {
+    o.grads.insert(o.grads.end(), gr, gr + n);
+  });
+  return o;
+}
+
+double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+double cosine(const std::vector<double>& a, const std::vector<double>& b) {
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    ab += a[i] * b[i];
+    aa += a[i] * a[i];
+    bb += b[i] * b[i];
+  }
+  return (aa == 0 || bb == 0) ? 0.0 : ab / std::sqrt(aa * bb);
+}
+
+struct Variant {
+  std::string id, source;
+  // Applies the deviation to the correct run's options; returns why it cannot act here, or "".
+  std::function<std::string(ref::RunOptions&, const Config&, const Setting&)> apply;
+};
+
+std::vector<Variant> variants() {
+  using ref::Cast;
+  return {
+      {"normalizer-exact", "gemma_pytorch before PR #67",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         o.numerics.policy[Cast::normalizer] = DType::f64;
+         return std::string();
+       }},
+      {"rmsnorm-early-downcast", "gemma_pytorch before PR #67",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         // Llama style: the normalised x is cast to bf16, then multiplied by a bf16 (1 + w).
+         o.numerics.policy[Cast::norm_normed] = DType::bf16;
+         o.numerics.policy[Cast::norm_scale] = DType::bf16;
+         return std::string();
+       }},
+      {"rope-bf16", "HF before 4.38.2; Keras mixed_bfloat16",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         o.numerics.policy[Cast::rope_inputs] = DType::bf16;
+         o.numerics.policy[Cast::rope_angle] = DType::bf16;
+         return std::string();
+       }},
+      {"gelu-exact", "HF/gemma_pytorch before March 2024",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         o.numerics.semantics.gelu_exact = true;
+         return std::string();
+       }},
+      {"qpas-head-dim", "JAX / gemma_pytorch, July 2024",
+       [](ref::RunOptions& o, const Config& c, const Setting&) {
+         // 27b: head_dim^-0.5 instead of 144^-0.5. Where the two agree (2b, 9b), the early 9b value 224.
+         o.numerics.semantics.query_pre_attn_scalar =
+             c.query_pre_attn_scalar != double(c.head_dim) ? double(c.head_dim) : 224.0;
+         return std::string();
+       }},
+      {"sliding-odd-layers", "first HF Gemma 2 release (PR #31775)",
+       [](ref::RunOptions& o, const Config& c, const Setting& s) {
+         o.numerics.semantics.sliding_odd_layers = true;
+         return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
+       }},
+      {"sliding-off-by-one", "HF flash-attention path (issue #39408)",
+       [](ref::RunOptions& o, const Config& c, const Setting& s) {
+         o.numerics.semantics.window_extra = 1;
+         return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
+       }},
+      {"no-attn-softcap", "HF SDPA path; several inference engines",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         const bool on = o.softcap.attn;
+         o.softcap.attn = false;
+         return on ? std::string() : "attention cap is off in this run";
+       }},
+      {"no-logit-softcap", "Cut Cross-Entropy's Gemma 2 patch (issue #48)",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         const bool on = o.softcap.logits;
+         o.softcap.logits = false;
+         return on ? std::string() : "final cap is off in this run";
+       }},
+      {"padded-vocab-unmasked", "any kernel padding the LM head",
+       [](ref::RunOptions& o, const Config&, const Setting& s) {
+         o.numerics.semantics.padded_vocab_unmasked = true;
+         return s.pad_rows.numel() > 0 ? std::string() : "head not padded";
+       }},
+      {"grad-accum-mean-of-means", "HF Trainer / TRL before Oct 2024",
+       [](ref::RunOptions& o, const Config&, const Setting& s) {
+         o.numerics.semantics.grad_accum_mean_of_means = true;
+         std::vector<int64_t> n;
+         for (const Batch& b : s.micro) n.push_back(b.count_targets());
+         bool unequal = false;
+         for (int64_t x : n) unequal |= x != n[0];
+         return unequal ? std::string() : "micro-batches have equal target counts";
+       }},
+      {"rmsnorm-no-weight-grad", "Unsloth kernels",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         o.numerics.semantics.rmsnorm_no_weight_grad = true;
+         return std::string();
+       }},
+      {"softcap-grad-missing", "flash-attn 2.6.0/2.6.1 (NaN/wrong grads)",
+       [](ref::RunOptions& o, const Config&, const Setting&) {
+         o.numerics.semantics.attn_softcap_grad_missing = true;
+         return o.softcap.attn ? std::string() : "attention cap is off in this run";
+       }},
+  };
+}
+
+// The diagnosis setting for a synthetic run: a short window so that sequences exceed it, two micro-batches
+// with very different target counts, and a head padded like the original JAX checkpoints (256128 rows).
+Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint64_t seed) {
+  Config c = preset(*spec.model);
+  const bool released = c.vocab_size == 256000;
+  const int64_t full_depth = c.num_hidden_layers;
+  c = with_layers(c, spec.layers.value_or(released ? kDefaultPresetLayers : c.num_hidden_layers));
+  const int64_t B = spec.batch.value_or(2), T = spec.seq.value_or(40);
+  if (B < 2) fail("--batch", "diagnose needs at least 2 sequences (micro-batches with unequal target counts)");
+  if (T < 4 || T > c.max_position_embeddings) fail("--seq", "must be between 4 and max_position_embeddings");
+  Setting s;
+  const int64_t W = d.window.value_or(c.sliding_window && T <= *c.sliding_window ? std::max<int64_t>(2, 2 * T / 5)
+                                                                                   : c.sliding_window.value_or(T));
+  if (W < 1) fail("--window", "must be at least 1");
+  if (c.sliding_window && W != *c.sliding_window)
+    s.notes.push_back("sliding window shrunk from " + std::to_string(*c.sliding_window) + " to " + std::to_string(W) +
+                      " so that sequences of " + std::to_string(T) + " exceed it");
+  c.sliding_window = W;
+  s.ck.config = c;
+  s.ck.weights = synthetic_weights(c, seed);
+  s.ck.adapter = synthetic_adapter_config(spec.lora_r > 0 ? spec.lora_r : 8);
+  TensorMap a = synthetic_adapters(c, *s.ck.adapter, seed);
+  s.ck.weights.insert(a.begin(), a.end());
+  Batch batch = synthetic_batch(c, B, T, seed);
+  // Sequence 0 keeps only its last quarter of targets: micro-batch target counts differ by about 4x.
+  for (int64_t t = 1; t < 3 * T / 4; ++t) batch.labels[size_t(t)] = kIgnoreIndex;
+  s.micro = split_batch(batch, 1);
+  const int64_t padded = (c.vocab_size / 128 + 1) * 128;
+  s.pad_rows = make_tensor(DType::bf16, {padded - c.vocab_size, c.hidden_size}).t;
+  s.notes.insert(s.notes.begin(),
+                 *spec.model + " (synthetic bf16 weights, " + std::to_string(c.num_hidden_layers) + " of " +
+                     std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) + ")");
+  s.notes.push_back("LM head padded to " + std::to_string(padded) + " rows with zero rows (masked except in padded-vocab-unmasked)");
+  return s;
+}
+
+Setting case_setting(const Inputs& in) {
+  Setting s;
+  s.ck = in.model;
+  s.micro = in.batch.B >= 2 ? split_batch(in.batch, (in.batch.B + 1) / 2) : std::vector<Batch>{in.batch};
+  const Config& c = s.ck.config;
+  const int64_t padded = (c.vocab_size / 128 + 1) * 128;
+  s.pad_rows = make_tensor(DType::bf16, {padded - c.vocab_size, c.hidden_size}).t;
+  s.notes.push_back(in.description);
+  s.notes.push_back("LM head padded to " + std::to_string(padded) + " rows with zero rows (masked except in padded-vocab-unmasked)");
+  return s;
+}
+
+std::string sci(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2e", v);
+  return b;
+}
+
+}  // namespace
+
+int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (d.noise_seeds < 1) fail("--noise-seeds", "must be at least 1");
+  const ref::Policy policy = ref::policy_named(d.policy);
+  if (policy.exact()) fail("--policy", "the correct policy must round somewhere (f64 is what it is compared with)");
+  const bool synthetic = spec.model.has_value();
+  if (!synthetic && d.window) fail("--window", "applies to synthetic runs (--model) only");
+
+  Setting s;
+  if (synthetic) {
+    s = synthetic_setting(spec, d, spec.seed);
+  } else {
+    s = case_setting(load_inputs(spec));
+  }
+  const Config& c = s.ck.config;
+  const Softcap sc = d.softcap ? parse_softcap(*d.softcap, "--softcap") : config_softcaps(c);
+  check_softcap_available(c, sc, "--softcap");
+
+  std::printf("verify diagnose: %s\n", s.notes[0].c_str());
+  for (size_t i = 1; i < s.notes.size(); ++i) std::printf("  %s\n", s.notes[i].c_str());
+  std::string counts;
+  for (const Batch& b : s.micro) counts += (counts.empty() ? "" : ", ") + std::to_string(b.count_targets());
+  std::printf("  %zu micro-batches of %lld x %lld (scored targets %s); softcap %s; gradients of LoRA r=%lld + RMSNorm weights\n",
+              s.micro.size(), (long long)s.micro[0].B, (long long)s.micro[0].T, counts.c_str(), softcap_name(sc).c_str(),
+              (long long)(s.ck.adapter ? s.ck.adapter->r : 0));
+
+  ref::RunOptions exact, correct;
+  exact.softcap = correct.softcap = sc;
+  correct.numerics.policy = policy;
+
+  // bf16 noise: how far the correct low-precision policy itself is from float64, over several seeds (fresh
+  // weights and batch each) for synthetic runs. A variant stands above the noise when its distance from the
+  // correct policy exceeds 3 times the largest such distance.
+  progress("float64 and " + policy.name + " runs for the noise estimate");
+  const Outcome f64 = run_once(s, exact);
+  const Outcome pol = run_once(s, correct);
+  double noise_loss = rel_err(pol.loss, f64.loss), noise_grad = rel_l2(pol.grads, f64.grads);
+  int64_t seeds = 1;
+  for (int64_t k = 1; synthetic && k < d.noise_seeds; ++k) {
+    progress("noise seed " + std::to_string(k + 1) + " of " + std::to_string(d.noise_seeds));
+    const Setting sk = synthetic_setting(spec, d, spec.seed + uint64_t(k));
+    const Outcome a = run_once(sk, exact), b = run_once(sk, correct);
+    noise_loss = std::max(noise_loss, rel_err(b.loss, a.loss));
+    noise_grad = std::max(noise_grad, rel_l2(b.grads, a.grads));
+    ++seeds;
+  }
+  const double factor = 3.0;
+  std::printf("  float64 loss %.12g, %s loss %.12g\n", f64.loss, policy.name.c_str(), pol.loss);
+  std::printf("  bf16 noise (%s vs float64, max over %lld seed%s): loss %s rel, gradients %s rel L2; detectable = above %gx that\n",
+              policy.name.c_str(), (long long)seeds, seeds > 1 ? "s" : "", sci(noise_loss).c_str(), sci(noise_grad).c_str(),
+              factor);
+  std::printf("\n%-25s %-41s %9s %9s %9s %9s %9s %8s  %s\n", "variant", "where it happened", "dL f64", "rel", "dL policy",
+              "rel", "grad L2", "cosine", "detectable");
+
+  nlohmann::json jv = nlohmann::json::array();
+  int detected = 0, applicable = 0;
+  for (const Variant& v : variants()) {
+    ref::RunOptions o = correct;
+    const std::string na = v.apply(o, c, s);
+    progress("variant " + v.id);
+    const Outcome r = run_once(s, o);
+    const double dl_f64 = r.loss - f64.loss, dl_pol = r.loss - pol.loss;
+    const double rl_f64 = rel_err(r.loss, f64.loss), rl_pol = rel_err(r.loss, pol.loss);
+    const double g_l2 = rel_l2(r.grads, pol.grads), g_cos = cosine(r.grads, pol.grads);
+    const bool detectable = rl_pol > factor * noise_loss || g_l2 > factor * noise_grad;
+    if (na.empty()) {
+      ++applicable;
+      detected += detectable;
+    }
+    std::printf("%-25s %-41s %9.2e %9.2e %9.2e %9.2e %9.2e %8.5f  %s\n", v.id.c_str(), v.source.c_str(), dl_f64, rl_f64, dl_pol,
+                rl_pol, g_l2, g_cos, !na.empty() ? ("n/a: " + na).c_str() : detectable ? "yes" : "no");
+    std::fflush(stdout);
+    nlohmann::json j = {{"id", v.id},
+                        {"source", v.source},
+                        {"loss", r.loss},
+                        {"loss_abs_diff_vs_f64", dl_f64},
+                        {"loss_rel_diff_vs_f64", rl_f64},
+                        {"loss_abs_diff_vs_policy", dl_pol},
+                        {"loss_rel_diff_vs_policy", rl_pol},
+                        {"grad_rel_l2_vs_policy", g_l2},
+                        {"grad_cosine_vs_policy", g_cos},
+                        {"detectable", na.empty() && detectable}};
+    if (!na.empty()) j["not_applicable"] = na;
+    jv.push_back(j);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("\n%d/%d applicable variants stand above bf16 noise; %.1f s, peak memory %.2f GB\n", detected, applicable, secs,
+              peak_rss_bytes() / 1e9);
+  if (d.json_path) {
+    nlohmann::json j;
+    j["setting"] = s.notes;
+    j["policy"] = policy.name;
+    j["softcap"] = {{"attn", sc.attn}, {"logits", sc.logits}};
+    j["loss_f64"] = f64.loss;
+    j["loss_policy"] = pol.loss;
+    j["noise"] = {{"loss_rel", noise_loss},
+                  {"grad_rel_l2", noise_grad},
+                  {"seeds", seeds},
+                  {"factor", factor},
+                  {"definition", "max over seeds of the correct policy's distance to float64; detectable = a variant's "
+                                 "distance to the correct policy above factor x noise"}};
+    j["variants"] = jv;
+    j["seconds"] = secs;
+    write_json(*d.json_path, j);
+  }
+  return 0;
+}
+
+}  // namespace gemma::tools

@@ -1,0 +1,21 @@
+// verify diagnose: the bug-impact table. Runs every known variant and bug of shared/spec/gemma2.md against
+// the correct bf16 policy and float64 on the same weights and batch, and says which stand above bf16 noise.
+#pragma once
+#include <optional>
+#include <string>
+
+#include "tools/inputs.hpp"
+
+namespace gemma::tools {
+
+struct DiagnoseOptions {
+  std::optional<std::string> softcap;  // default: every cap the config defines
+  std::optional<std::string> json_path;
+  std::string policy = "hf-bf16";  // the correct low-precision policy the variants deviate from
+  int64_t noise_seeds = 2;         // seeds over which the correct policy's distance to f64 is measured
+  std::optional<int64_t> window;   // sliding window of a synthetic run (default: shrunk below T when T <= W)
+};
+
+int run_diagnose(const InputSpec& spec, const DiagnoseOptions& opt);
+
+}  // namespace gemma::tools

@@ -1,0 +1,895 @@
+#!/usr/bin/env python3
+"""Independent cross-check of the Gemma 2 float64 reference against Hugging Face transformers.
+
+Computes, with transformers' own Gemma2 code run in float64 on the CPU, the expected loss, logits and
+gradients of a case file (HDF5, layout in shared/spec/contract.md) and writes them to its
+/expected/<combo>/ group, so that the C++ reference can be checked against code it shares nothing with.
+
+    hf_crosscheck.py fill CASE.h5 [--out OUT.h5] [--shipped] [--combos none,attn,logits,attn_logits]
+    hf_crosscheck.py make-cases OUTDIR --count N --seed S [--shipped]
+
+By default ("patched") the places where HF computes in float32 even inside a float64 model are replaced by
+float64 versions of the same formulas: Gemma2RMSNorm.forward (x.float()), the rotary embedding (inv_freq,
+cos and sin in float32), eager_attention_forward (softmax with dtype=float32) and the causal-LM loss
+(logits.float() before the cross-entropy). With --shipped HF runs exactly as released, which shows how far
+HF-as-shipped is from float64. Every run is also compared with a second, plain-torch float64
+implementation of shared/spec/gemma2.md written here; in patched mode they must agree to 1e-12.
+
+make-cases writes case_000.h5, ... (tiny random models covering GQA 1/2/4, query_pre_attn_scalar != head_dim,
+T > sliding window, ignored labels, LoRA subsets with and without rsLoRA, old and new config key styles, an
+odd vocabulary) and fills each. Their input_ids avoid pad_token_id 0: HF builds nn.Embedding(padding_idx=0),
+which drops that row's lookup gradient (the C++ reference follows HF there; fill notes it when it happens).
+
+Needs torch, transformers 5.x, peft (only for adapter cases), h5py and numpy; no network.
+Exit status: 0 ok, 1 the self-check failed, 2 bad input (one line on stderr). A transformers or peft that
+is not shaped as this script expects raises PatchError (traceback, exit 1) rather than computing quietly.
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from collections import Counter
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+COMBOS = ("none", "attn", "logits", "attn_logits")
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+PROJ = ATTN_PROJ + MLP_PROJ
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+LORA_RE = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight$")
+TOL_LOSS = 1e-12   # patched HF vs the plain-torch self-check, relative
+TOL_ARRAY = 1e-10  # same for logits and gradients, norm-wise relative
+COUNTS = Counter()  # calls into the patched functions: proves they are what actually ran
+_PATCH = {"mode": None}
+
+
+class CaseError(Exception):
+    """Bad or unsupported input: exit 2 with one line."""
+
+
+class CheckFailed(Exception):
+    """HF and the independent implementation disagree: exit 1."""
+
+
+class PatchError(RuntimeError):
+    """The installed transformers/peft is not shaped the way this script expects."""
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading and validating a case
+# ----------------------------------------------------------------------------------------------------------
+
+def _attr_text(attrs, key, required=True):
+    if key not in attrs:
+        if required:
+            raise CaseError(f"root attribute '{key}' is missing")
+        return None
+    v = attrs[key]
+    if isinstance(v, np.ndarray):
+        if v.size != 1:
+            raise CaseError(f"root attribute '{key}' is an array, expected one string")
+        v = v.reshape(-1)[0]
+    if isinstance(v, (bytes, np.bytes_)):
+        v = bytes(v).decode("utf-8")
+    if not isinstance(v, str):
+        raise CaseError(f"root attribute '{key}' is not a string")
+    return v
+
+
+def _int(raw, key, default=None, minimum=1):
+    v = raw.get(key, default)
+    if v is None:
+        raise CaseError(f"config_json lacks '{key}'")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < minimum:
+        raise CaseError(f"config_json '{key}' = {v!r} is not an integer >= {minimum}")
+    return int(v)
+
+
+def _cap(raw, key, default):
+    v = raw.get(key, default)  # HF's defaults: absent -> 50 / 30, null -> off
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise CaseError(f"config_json '{key}' = {v!r} is not a positive number or null")
+    return float(v)
+
+
+def parse_config(text):
+    """The spec's reading of config.json (old or new key style), independent of HF's."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise CaseError(f"config_json is not valid JSON: {e}")
+    if not isinstance(raw, dict):
+        raise CaseError("config_json is not a JSON object")
+    if raw.get("model_type", "gemma2") != "gemma2":
+        raise CaseError(f"config_json model_type is {raw.get('model_type')!r}, expected 'gemma2'")
+    s = argparse.Namespace(raw=raw)
+    s.V, s.D, s.I = _int(raw, "vocab_size"), _int(raw, "hidden_size"), _int(raw, "intermediate_size")
+    s.L, s.H, s.KV = _int(raw, "num_hidden_layers"), _int(raw, "num_attention_heads"), _int(raw, "num_key_value_heads")
+    s.hd = _int(raw, "head_dim")
+    s.qpas = _int(raw, "query_pre_attn_scalar", 256)
+    s.W = _int(raw, "sliding_window", 4096)
+    if s.H % s.KV or s.hd % 2:
+        raise CaseError(f"num_attention_heads {s.H} not a multiple of num_key_value_heads {s.KV}, or odd head_dim {s.hd}")
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise CaseError(f"config_json rms_norm_eps = {eps!r} is not a positive number")
+    s.eps = float(eps)
+    s.attn_cap = _cap(raw, "attn_logit_softcapping", 50.0)
+    s.final_cap = _cap(raw, "final_logit_softcapping", 30.0)
+    rp = raw.get("rope_parameters")
+    if raw.get("rope_scaling") is not None:
+        raise CaseError("config_json rope_scaling is not supported (default RoPE only)")
+    if rp is not None:
+        if not isinstance(rp, dict) or rp.get("rope_type", rp.get("type", "default")) != "default":
+            raise CaseError(f"config_json rope_parameters {rp!r}: only rope_type 'default' is supported")
+        theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
+        if "rope_theta" in raw and raw["rope_theta"] != theta:
+            raise CaseError("config_json has different rope_theta top level and in rope_parameters")
+    else:
+        theta = raw.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
+        raise CaseError(f"config_json rope_theta = {theta!r} is not a number > 1")
+    s.theta = float(theta)
+    lt = raw.get("layer_types")
+    if lt is None:  # old style: layer i slides when i is even
+        lt = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.L)]
+    if not isinstance(lt, list) or len(lt) != s.L or any(t not in ("sliding_attention", "full_attention") for t in lt):
+        raise CaseError(f"config_json layer_types {lt!r} is not a list of {s.L} 'sliding_attention'/'full_attention'")
+    s.layer_types = list(lt)
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise CaseError(f"config_json activation {act!r} is not supported (gelu_pytorch_tanh only)")
+    if raw.get("tie_word_embeddings", True) is not True:
+        raise CaseError("config_json tie_word_embeddings must be true")
+    if raw.get("attention_bias", False) or raw.get("use_bidirectional_attention"):
+        raise CaseError("config_json attention_bias / use_bidirectional_attention are not supported")
+    pad = raw.get("pad_token_id", 0)
+    s.pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else None
+    return s
+
+
+def parse_adapter(text):
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise CaseError(f"adapter_config_json is not valid JSON: {e}")
+    if not isinstance(raw, dict):
+        raise CaseError("adapter_config_json is not a JSON object")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise CaseError(f"adapter_config_json peft_type {raw.get('peft_type')!r} is not LORA")
+    bad = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
+                       "layers_to_transform", "layers_pattern") if raw.get(k)]
+    if raw.get("bias", "none") not in (None, "none"):
+        bad.append("bias")
+    if bad:
+        raise CaseError(f"adapter_config_json uses unsupported settings: {', '.join(bad)}")
+    r, alpha, tm = raw.get("r"), raw.get("lora_alpha"), raw.get("target_modules")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CaseError(f"adapter_config_json r = {r!r} is not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise CaseError(f"adapter_config_json lora_alpha = {alpha!r} is not a positive number")
+    if not (isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
+        raise CaseError(f"adapter_config_json target_modules = {tm!r} is not a string or list of strings")
+    if raw.get("lora_dropout"):
+        log(f"  note: adapter lora_dropout = {raw['lora_dropout']} ignored: expected values are dropout-free")
+    rs = bool(raw.get("use_rslora", False))
+    return argparse.Namespace(r=r, alpha=alpha, target_modules=tm, use_rslora=rs,
+                              scaling=alpha / math.sqrt(r) if rs else alpha / r)
+
+
+def proj_shape(s, proj):
+    """[out, in] of a projection, HF layout."""
+    return {"q_proj": (s.H * s.hd, s.D), "k_proj": (s.KV * s.hd, s.D), "v_proj": (s.KV * s.hd, s.D),
+            "o_proj": (s.D, s.H * s.hd), "gate_proj": (s.I, s.D), "up_proj": (s.I, s.D),
+            "down_proj": (s.D, s.I)}[proj]
+
+
+def base_shapes(s):
+    shapes = {"model.embed_tokens.weight": (s.V, s.D), "model.norm.weight": (s.D,)}
+    for l in range(s.L):
+        for p in PROJ:
+            shapes[f"model.layers.{l}.{'self_attn' if p in ATTN_PROJ else 'mlp'}.{p}.weight"] = proj_shape(s, p)
+        for n in NORMS:
+            shapes[f"model.layers.{l}.{n}.weight"] = (s.D,)
+    return shapes
+
+
+def read_case(path):
+    if not os.path.isfile(path):
+        raise CaseError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CaseError(f"{path}: not a readable HDF5 file ({e})")
+    with f:
+        spec = parse_config(_attr_text(f.attrs, "config_json"))
+        atext = _attr_text(f.attrs, "adapter_config_json", required=False)
+        adapter = parse_adapter(atext) if atext is not None else None
+        if not isinstance(f.get("weights"), h5py.Group):
+            raise CaseError("/weights group is missing")
+        tensors = {}
+        for name, obj in f["weights"].items():
+            if not isinstance(obj, h5py.Dataset):
+                raise CaseError(f"/weights/{name} is not a dataset")
+            if obj.dtype.kind != "f" or obj.dtype.itemsize not in (2, 4, 8):
+                raise CaseError(f"/weights/{name} has dtype {obj.dtype}, expected float16/32/64")
+            arr = np.asarray(obj[()], dtype=np.float64)
+            if not np.all(np.isfinite(arr)):
+                raise CaseError(f"/weights/{name} has non-finite values")
+            tensors[name] = arr
+        ids_labels = []
+        for key in ("input_ids", "labels"):
+            obj = f.get(key)
+            if not isinstance(obj, h5py.Dataset) or obj.dtype.kind not in "iu" or obj.ndim != 2:
+                raise CaseError(f"/{key} is missing or not a 2-D integer dataset")
+            ids_labels.append(np.asarray(obj[()], dtype=np.int64))
+    ids, labels = ids_labels
+    s = spec
+    base, lora = {}, {}
+    for name, arr in tensors.items():
+        m = LORA_RE.match(name)
+        if m:
+            mod, proj, ab = m.groups()
+            if proj not in PROJ or (".self_attn." in mod) != (proj in ATTN_PROJ) or int(mod.split(".")[2]) >= s.L:
+                raise CaseError(f"/weights/{name}: not an adapter on a projection of this model")
+            if ab in lora.setdefault(mod, {}):
+                raise CaseError(f"/weights/{name}: adapter tensor given twice (with and without prefix)")
+            lora[mod][ab] = arr
+        elif "lora_" in name:
+            raise CaseError(f"/weights/{name}: unrecognised adapter tensor name")
+        else:
+            base[name] = arr
+    shapes = base_shapes(s)
+    for name in sorted(shapes):
+        if name not in base:
+            raise CaseError(f"/weights/{name} is missing")
+        if base[name].shape != shapes[name]:
+            raise CaseError(f"/weights/{name} has shape {base[name].shape}, expected {shapes[name]}")
+    for name in sorted(base):
+        if name not in shapes and name != "lm_head.weight":
+            raise CaseError(f"/weights/{name} is not a weight of this model")
+    if "lm_head.weight" in base:
+        if not np.array_equal(base.pop("lm_head.weight"), base["model.embed_tokens.weight"]):
+            raise CaseError("/weights/lm_head.weight differs from model.embed_tokens.weight (the model is tied)")
+    if lora and adapter is None:
+        raise CaseError("adapter tensors present but no adapter_config_json")
+    if adapter is not None and not lora:
+        raise CaseError("adapter_config_json present but no lora_A/lora_B tensors")
+    for mod, ab in sorted(lora.items()):
+        if set(ab) != {"A", "B"}:
+            raise CaseError(f"{mod}: needs both lora_A and lora_B")
+        out_f, in_f = proj_shape(s, mod.rsplit(".", 1)[1])
+        if ab["A"].shape != (adapter.r, in_f) or ab["B"].shape != (out_f, adapter.r):
+            raise CaseError(f"{mod}: lora_A {ab['A'].shape} / lora_B {ab['B'].shape}, expected "
+                            f"{(adapter.r, in_f)} / {(out_f, adapter.r)}")
+    if ids.shape != labels.shape or ids.shape[1] < 2:
+        raise CaseError(f"/input_ids {ids.shape} and /labels {labels.shape} must both be [B, T] with T >= 2")
+    if ids.min() < 0 or ids.max() >= s.V:
+        raise CaseError(f"/input_ids has ids outside [0, {s.V})")
+    if np.any((labels != -100) & ((labels < 0) | (labels >= s.V))):
+        raise CaseError(f"/labels has values outside [0, {s.V}) other than -100")
+    if not np.any(labels[:, 1:] != -100):
+        raise CaseError("/labels scores no target (every labels[:, 1:] is -100)")
+    return argparse.Namespace(spec=s, adapter=adapter, base=base, lora=lora, ids=ids, labels=labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# float64 replacements of HF's float32 islands (same formulas, no downcast)
+# ----------------------------------------------------------------------------------------------------------
+
+def _rmsnorm_forward64(self, x):
+    COUNTS["rmsnorm"] += 1
+    x64 = x.to(torch.float64)
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (y * (1.0 + self.weight.to(torch.float64))).type_as(x)
+
+
+def _rope_init64(config=None, device=None, seq_len=None, *args, **kwargs):
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict) or "rope_theta" not in rp:
+        raise PatchError(f"expected transformers 5.x config.rope_parameters with rope_theta, got {rp!r}")
+    if rp.get("rope_type", "default") != "default" or rp.get("partial_rotary_factor", 1.0) != 1.0:
+        raise PatchError(f"only default full RoPE is patched, got {rp!r}")
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float64) / dim
+    return 1.0 / (float(rp["rope_theta"]) ** exponent), 1.0
+
+
+@torch.no_grad()
+def _rope_forward64(self, x, position_ids, *args, **kwargs):
+    COUNTS["rope"] += 1
+    inv = self.inv_freq.to(device=x.device, dtype=torch.float64)
+    freqs = position_ids.to(device=x.device, dtype=torch.float64)[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scale = float(self.attention_scaling)
+    return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+
+def _repeat_kv(t, n):
+    b, kv, s, d = t.shape
+    return t if n == 1 else t[:, :, None].expand(b, kv, n, s, d).reshape(b, kv * n, s, d)
+
+
+def _eager_attention64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    COUNTS["attn"] += 1
+    if scaling is None:
+        scaling = module.head_dim ** -0.5
+    key = _repeat_kv(key, module.num_key_value_groups)
+    value = _repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        if query.shape[2] > 1:
+            raise PatchError("eager attention got no mask: HF relied on something else for causality")
+    elif attention_mask.dtype == torch.bool:
+        raise PatchError("eager attention got a boolean mask, expected HF's additive float mask")
+    else:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float64).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _causal_lm_loss64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kw):
+    COUNTS["loss"] += 1
+    if num_items_in_batch is not None:
+        raise PatchError("loss called with num_items_in_batch; this script expects a plain mean")
+    logits = logits.to(torch.float64)  # HF does logits.float(), which is a downcast in a float64 model
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return F.cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+                           ignore_index=ignore_index, reduction="mean")
+
+
+PATCH_SENTENCE = ("transformers' Gemma2RMSNorm.forward, Gemma2RotaryEmbedding.forward (with "
+                  "compute_default_rope_parameters for inv_freq) and modeling_gemma2.eager_attention_forward were "
+                  "replaced by float64 versions of the same formulas, and LOSS_MAPPING['ForCausalLM'] by the same "
+                  "shifted mean cross-entropy without the logits.float() downcast")
+
+
+def install_patches(shipped):
+    if _PATCH["mode"] is not None:
+        if _PATCH["mode"] != shipped:
+            raise RuntimeError("patched and shipped modes cannot be mixed in one process")
+        return
+    import transformers.loss.loss_utils as lu
+    import transformers.models.gemma2.modeling_gemma2 as mg
+    for name in ("Gemma2RMSNorm", "Gemma2RotaryEmbedding", "Gemma2ForCausalLM", "eager_attention_forward"):
+        if not hasattr(mg, name):
+            raise PatchError(f"transformers.models.gemma2.modeling_gemma2.{name} not found")
+    original_eager = mg.eager_attention_forward
+    if shipped:
+        def counted_eager(*args, **kwargs):  # counts only, so that we know eager is what ran
+            COUNTS["attn"] += 1
+            return original_eager(*args, **kwargs)
+        mg.eager_attention_forward = counted_eager
+    else:
+        if not callable(getattr(mg.Gemma2RotaryEmbedding, "compute_default_rope_parameters", None)):
+            raise PatchError("Gemma2RotaryEmbedding.compute_default_rope_parameters not found (transformers 5.x?)")
+        if "ForCausalLM" not in getattr(lu, "LOSS_MAPPING", {}):
+            raise PatchError("transformers.loss.loss_utils.LOSS_MAPPING['ForCausalLM'] not found")
+        mg.Gemma2RMSNorm.forward = _rmsnorm_forward64
+        mg.Gemma2RotaryEmbedding.forward = _rope_forward64
+        mg.Gemma2RotaryEmbedding.compute_default_rope_parameters = staticmethod(_rope_init64)
+        mg.eager_attention_forward = _eager_attention64
+        lu.LOSS_MAPPING["ForCausalLM"] = _causal_lm_loss64
+    _PATCH.update(mode=shipped, mg=mg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The HF run
+# ----------------------------------------------------------------------------------------------------------
+
+def combo_caps(s, combo):
+    attn, final = combo in ("attn", "attn_logits"), combo in ("logits", "attn_logits")
+    if (attn and s.attn_cap is None) or (final and s.final_cap is None):
+        raise CaseError(f"combo '{combo}' needs a cap that config_json sets to null; choose --combos")
+    return (s.attn_cap if attn else None), (s.final_cap if final else None)
+
+
+def build_hf_config(s, attn_cap, final_cap):
+    from transformers import Gemma2Config
+    d = copy.deepcopy(s.raw)
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window", "max_position_embeddings"):
+        if isinstance(d.get(k), float):  # HF 5 configs are strictly typed dataclasses
+            d[k] = int(d[k])
+    for k in ("rms_norm_eps", "initializer_range", "attention_dropout", "rope_theta"):
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool):
+            d[k] = float(d[k])
+    if isinstance(d.get("rope_parameters"), dict) and isinstance(d["rope_parameters"].get("rope_theta"), int):
+        d["rope_parameters"]["rope_theta"] = float(d["rope_parameters"]["rope_theta"])
+    d.update(attn_logit_softcapping=attn_cap, final_logit_softcapping=final_cap, use_cache=False, attention_dropout=0.0)
+    try:
+        cfg = Gemma2Config.from_dict(d)
+    except Exception as e:
+        raise CaseError(f"transformers rejected config_json: {type(e).__name__}: {e}")
+    cfg._attn_implementation = "eager"
+    rp = getattr(cfg, "rope_parameters", None)
+    seen = {"layer_types": list(getattr(cfg, "layer_types", None) or []),
+            "rope_theta": rp.get("rope_theta") if isinstance(rp, dict) else None,
+            "rope_type": rp.get("rope_type") if isinstance(rp, dict) else None,
+            "sliding_window": cfg.sliding_window, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+            "attn_logit_softcapping": cfg.attn_logit_softcapping, "final_logit_softcapping": cfg.final_logit_softcapping}
+    want = {"layer_types": s.layer_types, "rope_theta": s.theta, "rope_type": "default", "sliding_window": s.W,
+            "query_pre_attn_scalar": s.qpas, "head_dim": s.hd, "rms_norm_eps": s.eps,
+            "attn_logit_softcapping": attn_cap, "final_logit_softcapping": final_cap}
+    diff = [f"{k}: HF {seen[k]!r} vs spec {want[k]!r}" for k in want if seen[k] != want[k]]
+    if diff:
+        raise CheckFailed("transformers reads config_json differently from the spec: " + "; ".join(diff))
+    return cfg
+
+
+def _check_patched_model(mg, model, s):
+    norms = [m for m in model.modules() if isinstance(m, mg.Gemma2RMSNorm)]
+    if len(norms) != 4 * s.L + 1 or any(type(m).forward is not _rmsnorm_forward64 for m in norms):
+        raise PatchError(f"expected {4 * s.L + 1} Gemma2RMSNorm modules running the float64 forward")
+    ropes = [m for m in model.modules() if isinstance(m, mg.Gemma2RotaryEmbedding)]
+    want = 1.0 / (s.theta ** (torch.arange(0, s.hd, 2, dtype=torch.float64) / s.hd))
+    for m in ropes:
+        if type(m).forward is not _rope_forward64 or getattr(m, "rope_type", "default") != "default":
+            raise PatchError("Gemma2RotaryEmbedding does not run the float64 forward")
+        if m.inv_freq.dtype != torch.float64 or not torch.equal(m.inv_freq, want) or float(m.attention_scaling) != 1.0:
+            raise PatchError("Gemma2RotaryEmbedding.inv_freq is not the float64 1/theta^(2k/hd) "
+                             "(compute_default_rope_parameters patch not used by this transformers)")
+    if not ropes:
+        raise PatchError("no Gemma2RotaryEmbedding module in the model")
+    if mg.eager_attention_forward is not _eager_attention64:
+        raise PatchError("modeling_gemma2.eager_attention_forward was replaced behind our back")
+
+
+def run_hf(case, attn_cap, final_cap):
+    s, mg = case.spec, _PATCH["mg"]
+    cfg = build_hf_config(s, attn_cap, final_cap)
+    torch.manual_seed(0)  # HF's random init is overwritten, but keep the run reproducible anyway
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = mg.Gemma2ForCausalLM(cfg).to(torch.float64)
+        if model.config._attn_implementation != "eager":
+            raise PatchError(f"model runs attention '{model.config._attn_implementation}', not eager")
+        if model.lm_head.weight is not model.model.embed_tokens.weight:
+            model.tie_weights()
+            if model.lm_head.weight is not model.model.embed_tokens.weight:
+                raise PatchError("lm_head.weight is not tied to model.embed_tokens.weight")
+        own = model.state_dict()
+        buffers = {n for n, _ in model.named_buffers()}
+        sd = {n: torch.from_numpy(a) for n, a in case.base.items()}
+        if "lm_head.weight" in own:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        for n in own:
+            if n in buffers and n not in sd:
+                sd[n] = own[n]  # persistent buffers, if any: keep HF's own
+        model.load_state_dict(sd, strict=True)
+        model.eval()
+        runner = model
+        if case.lora:
+            runner = _attach_lora(model, case)
+        elif not all(p.requires_grad for p in model.parameters()):
+            raise PatchError("some base parameters do not require grad")
+        runner.eval()
+    finally:
+        torch.set_default_dtype(previous)
+    if not all(p.dtype == torch.float64 for p in runner.parameters()):
+        raise PatchError("some parameters are not float64")
+    if not _PATCH["mode"]:
+        _check_patched_model(mg, model, s)
+    COUNTS.clear()
+    ids, labels = torch.from_numpy(case.ids), torch.from_numpy(case.labels)
+    out = runner(input_ids=ids, labels=labels, use_cache=False)
+    if COUNTS["attn"] != s.L:
+        raise PatchError(f"eager_attention_forward ran {COUNTS['attn']} times for {s.L} layers: not eager?")
+    if not _PATCH["mode"]:
+        if COUNTS["rmsnorm"] != 4 * s.L + 1 or COUNTS["rope"] < 1 or COUNTS["loss"] != 1:
+            raise PatchError(f"patched functions were not all used: {dict(COUNTS)}")
+        if out.loss.dtype != torch.float64 or out.logits.dtype != torch.float64:
+            raise PatchError(f"loss {out.loss.dtype} / logits {out.logits.dtype} are not float64")
+    out.loss.backward()
+    grads = {}
+    if case.lora:
+        for mod in sorted(case.lora):
+            m = model.get_submodule(mod)
+            for ab, layer in (("A", m.lora_A["default"]), ("B", m.lora_B["default"])):
+                grads[f"{mod}.lora_{ab}.weight"] = layer.weight.grad
+    else:
+        for name in sorted(case.base):
+            grads[name] = model.get_parameter(name).grad
+    missing = [n for n, g in grads.items() if g is None]
+    if missing:
+        raise PatchError(f"no gradient reached {missing[:3]}")
+    return {"loss": float(out.loss.item()), "loss_dtype": str(out.loss.dtype).replace("torch.", ""),
+            "logits": out.logits.detach().to(torch.float64).numpy(),
+            "grads": {n: g.detach().to(torch.float64).numpy() for n, g in grads.items()}}
+
+
+def _attach_lora(model, case):
+    import peft
+    a = case.adapter
+    config = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, target_modules=a.target_modules, use_rslora=a.use_rslora,
+                             lora_dropout=0.0, bias="none")
+    peft_model = peft.get_peft_model(model, config)  # model is modified in place; adapter name "default"
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    if adapted != set(case.lora):
+        raise CaseError(f"adapter_config_json target_modules adapt {sorted(adapted - set(case.lora))[:3]} without "
+                        f"tensors, or tensors exist for unadapted {sorted(set(case.lora) - adapted)[:3]}")
+    with torch.no_grad():
+        for mod, ab in case.lora.items():
+            m = model.get_submodule(mod)
+            m.lora_A["default"].weight.copy_(torch.from_numpy(ab["A"]))
+            m.lora_B["default"].weight.copy_(torch.from_numpy(ab["B"]))
+            if m.scaling["default"] != a.scaling:
+                raise PatchError(f"{mod}: PEFT scaling {m.scaling['default']} != expected {a.scaling}")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if len(trainable) != 2 * len(case.lora) or not all(".lora_A.default." in n or ".lora_B.default." in n
+                                                        for n in trainable):
+        raise PatchError(f"PEFT left other parameters trainable: {trainable[:4]}")
+    return peft_model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Independent plain-torch float64 implementation of shared/spec/gemma2.md (no HF code)
+# ----------------------------------------------------------------------------------------------------------
+
+def run_reference(case, attn_cap, final_cap):
+    s, f64 = case.spec, torch.float64
+    w = {n: torch.tensor(a, dtype=f64, requires_grad=not case.lora) for n, a in case.base.items()}
+    lora = {m: {k: torch.tensor(v, dtype=f64, requires_grad=True) for k, v in ab.items()} for m, ab in case.lora.items()}
+    scaling = case.adapter.scaling if case.adapter else 0.0
+    ids, labels = torch.from_numpy(case.ids), torch.from_numpy(case.labels)
+    B, T = ids.shape
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + s.eps) * (1.0 + weight)
+
+    def linear(x, mod):
+        y = x @ w[mod + ".weight"].T
+        if mod in lora:
+            y = y + ((x @ lora[mod]["A"].T) @ lora[mod]["B"].T) * scaling
+        return y
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+    angle = torch.arange(T, dtype=f64)[:, None] * (1.0 / (s.theta ** (torch.arange(0, s.hd, 2, dtype=f64) / s.hd)))
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    half = s.hd // 2
+
+    def rope(t):  # [B, heads, T, hd], half-split rotate_half convention
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    qi, kj = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    causal = kj <= qi
+    window = causal & (qi - kj <= s.W - 1)
+    kv_of_head = torch.div(torch.arange(s.H), s.H // s.KV, rounding_mode="floor")
+
+    x = w["model.embed_tokens.weight"][ids] * math.sqrt(s.D)
+    for l in range(s.L):
+        p = f"model.layers.{l}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q = linear(h, p + "self_attn.q_proj").view(B, T, s.H, s.hd).transpose(1, 2)
+        k = linear(h, p + "self_attn.k_proj").view(B, T, s.KV, s.hd).transpose(1, 2)
+        v = linear(h, p + "self_attn.v_proj").view(B, T, s.KV, s.hd).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k[:, kv_of_head], v[:, kv_of_head]
+        sc = (q @ k.transpose(-1, -2)) * (s.qpas ** -0.5)
+        if attn_cap is not None:
+            sc = attn_cap * torch.tanh(sc / attn_cap)
+        visible = window if s.layer_types[l] == "sliding_attention" else causal
+        prob = torch.softmax(sc.masked_fill(~visible, float("-inf")), dim=-1)
+        o = (prob @ v).transpose(1, 2).reshape(B, T, s.H * s.hd)
+        x = x + rms(linear(o, p + "self_attn.o_proj"), w[p + "post_attention_layernorm.weight"])
+        h = rms(x, w[p + "pre_feedforward_layernorm.weight"])
+        m = linear(gelu_tanh(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        x = x + rms(m, w[p + "post_feedforward_layernorm.weight"])
+    logits = rms(x, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+    if final_cap is not None:
+        logits = final_cap * torch.tanh(logits / final_cap)
+    z, y = logits[:, :-1].reshape(-1, s.V), labels[:, 1:].reshape(-1)
+    keep = y != -100
+    zk = z[keep]
+    loss = (torch.logsumexp(zk, -1) - zk.gather(1, y[keep][:, None])[:, 0]).sum() / keep.sum()
+    loss.backward()
+    if case.lora:
+        grads = {f"{m}.lora_{k}.weight": t.grad for m, ab in lora.items() for k, t in ab.items()}
+    else:
+        grads = {n: t.grad for n, t in w.items()}
+    return {"loss": float(loss.item()), "logits": logits.detach().numpy(),
+            "grads": {n: g.numpy() for n, g in grads.items()}}
+
+
+def compare(case, hf, ref):
+    """Relative differences HF vs the independent implementation; the pad row is handled separately."""
+    rel = lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+    loss_rel = abs(hf["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-300)
+    logits_rel = rel(hf["logits"], ref["logits"])
+    if set(hf["grads"]) != set(ref["grads"]):
+        raise CheckFailed(f"gradient names differ: {sorted(set(hf['grads']) ^ set(ref['grads']))[:4]}")
+    worst, note = ("", 0.0), None
+    pad = case.spec.pad
+    for name in sorted(hf["grads"]):
+        a, b = hf["grads"][name], ref["grads"][name]
+        if name == "model.embed_tokens.weight" and pad is not None and np.any(case.ids == pad):
+            # HF builds nn.Embedding(padding_idx=pad_token_id): that row gets no lookup gradient
+            note = (f"input_ids contain pad_token_id {pad}: HF's expected gradient of model.embed_tokens.weight row "
+                    f"{pad} omits the lookup contribution (nn.Embedding padding_idx), unlike the spec; the self-check "
+                    f"compares the other rows only", rel(a[pad], b[pad]))
+            a, b = np.delete(a, pad, axis=0), np.delete(b, pad, axis=0)
+        r = rel(a, b)
+        if r >= worst[1]:
+            worst = (name, r)
+    return loss_rel, logits_rel, worst, note
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fill
+# ----------------------------------------------------------------------------------------------------------
+
+def _versions():
+    import transformers
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = "not installed"
+    return {"transformers_version": transformers.__version__, "torch_version": torch.__version__,
+            "peft_version": peft_version, "python_version": platform.python_version()}
+
+
+def fill_case(path, out_path, shipped, combos, command):
+    case = read_case(path)
+    s = case.spec
+    caps = {c: combo_caps(s, c) for c in combos}
+    install_patches(shipped)
+    mode = "shipped" if shipped else "patched"
+    lora_txt = (f" lora r={case.adapter.r} alpha={case.adapter.alpha} rslora={case.adapter.use_rslora} "
+                f"on {len(case.lora)} modules" if case.lora else "")
+    log(f"{path}: V={s.V} D={s.D} I={s.I} L={s.L} H={s.H} KV={s.KV} hd={s.hd} qpas={s.qpas} W={s.W} "
+        f"B,T={case.ids.shape[0]},{case.ids.shape[1]}{lora_txt}  [HF float64 {mode}]")
+    results, notes, diffs = {}, set(), []
+    for combo in combos:
+        attn_cap, final_cap = caps[combo]
+        hf = run_hf(case, attn_cap, final_cap)
+        ref = run_reference(case, attn_cap, final_cap)
+        loss_rel, logits_rel, worst, note = compare(case, hf, ref)
+        if note:
+            notes.add(note[0])
+            log(f"  note: {note[0]} (row {s.pad} differs by {note[1]:.3e} relative)")
+        log(f"  [{combo:11s}] HF loss {hf['loss']:.17g} ({hf['loss_dtype']})  self-check {ref['loss']:.17g}  "
+            f"rel diff {loss_rel:.2e}  logits {logits_rel:.2e}  grads {worst[1]:.2e} ({worst[0]})")
+        if not shipped and (loss_rel > TOL_LOSS or logits_rel > TOL_ARRAY or worst[1] > TOL_ARRAY):
+            raise CheckFailed(f"{path} [{combo}]: patched HF and the independent float64 implementation differ "
+                              f"(loss {loss_rel:.2e} > {TOL_LOSS:g}, or logits {logits_rel:.2e} / grads "
+                              f"{worst[1]:.2e} > {TOL_ARRAY:g}): a patch did not take effect or semantics differ")
+        hf["selfcheck"] = f"loss {loss_rel:.3e}, logits {logits_rel:.3e}, grads {worst[1]:.3e}"
+        diffs.append(f"{combo}: {loss_rel:.3e}")
+        results[combo] = hf
+    attrs = dict(_versions())
+    attrs.update(expected_kind=f"hf-float64-{mode}", generator="tools/hf_crosscheck.py", command=command,
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 patches="none (HF as shipped)" if shipped else PATCH_SENTENCE,
+                 selfcheck_rel_diff="; ".join(diffs) + " (relative loss difference to an independent plain-torch "
+                                    "float64 implementation of shared/spec/gemma2.md)")
+    if notes:
+        attrs["notes"] = " ".join(sorted(notes))
+    write_expected(path, out_path, results, attrs)
+    log(f"  wrote /expected ({', '.join(combos)}) to {out_path}")
+    return results
+
+
+def _atomic_target(out_path):
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".hf_crosscheck.", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    return tmp
+
+
+def _finish(tmp, out_path):
+    mode = os.stat(out_path).st_mode & 0o777 if os.path.exists(out_path) else 0o644
+    os.chmod(tmp, mode)
+    os.replace(tmp, out_path)
+
+
+def write_expected(src_path, out_path, results, attrs):
+    # A fresh file (not an edit in place): HDF5 never reclaims a deleted /expected, refills would grow the file.
+    tmp = _atomic_target(out_path)
+    try:
+        with h5py.File(src_path, "r") as src, h5py.File(tmp, "w") as dst:
+            for k in src.attrs:
+                aid = src.attrs.get_id(k)
+                dst.attrs.create(k, src.attrs[k], shape=aid.shape, dtype=aid.dtype)
+            for k in src:
+                if k != "expected":
+                    src.copy(src[k], dst, name=k)
+            g = dst.create_group("expected")
+            for k, v in attrs.items():
+                g.attrs[k] = str(v)
+            for combo, r in results.items():
+                cg = g.create_group(combo)
+                cg.attrs["selfcheck_rel_diff"] = r["selfcheck"]
+                cg.attrs["hf_loss_dtype"] = r["loss_dtype"]
+                cg.create_dataset("loss", data=np.float64(r["loss"]))
+                cg.create_dataset("logits", data=np.asarray(r["logits"], dtype=np.float64))
+                gg = cg.create_group("grads")
+                for name, arr in sorted(r["grads"].items()):
+                    gg.create_dataset(name, data=np.asarray(arr, dtype=np.float64))
+        _finish(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# make-cases
+# ----------------------------------------------------------------------------------------------------------
+
+def generate_case(i, rng):
+    """Tiny random Gemma 2, scaled so that both softcaps bite; the feature mix cycles with i."""
+    groups = (1, 2, 4)[i % 3]
+    L = (2, 3, 1, 1, 2, 3, 3, 1, 2)[i % 9]  # every (groups, L) pair once per 9 cases
+    KV = int(rng.integers(1, 3))
+    H, hd = KV * groups, 2 * int(rng.integers(2, 9))
+    # transformers 5 refuses a hidden size that is not a multiple of the head count (even though Gemma 2
+    # itself decouples head_dim from hidden / heads): round D up to one.
+    D, I = int(rng.integers(16, 49)), int(rng.integers(32, 97))
+    D = -(-D // H) * H
+    V = 97 if i == 0 else int(rng.integers(64, 161))
+    W, T, B = int(rng.integers(3, 7)), int(rng.integers(8, 17)), int(rng.integers(1, 4))
+    if i % 4 == 3:
+        qpas = hd
+    else:
+        qpas = int(rng.choice([c for c in {2 * hd, hd // 2, max(1, D // H), int(rng.integers(4, 65))} if c != hd]))
+    old_style, use_lora = i % 2 == 0, (i // 2) % 2 == 1
+    attn_cap, final_cap = (20.0, 10.0) if i % 5 == 4 else (50.0, 30.0)
+    theta = float(rng.choice([10000.0, 10000.0, 500.0]))
+    cfg = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": V, "hidden_size": D,
+           "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+           "head_dim": hd, "query_pre_attn_scalar": qpas, "sliding_window": W, "attn_logit_softcapping": attn_cap,
+           "final_logit_softcapping": final_cap, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+           "max_position_embeddings": 8192, "tie_word_embeddings": True, "attention_bias": False,
+           "attention_dropout": 0.0, "initializer_range": 0.02, "pad_token_id": 0, "eos_token_id": 1,
+           "bos_token_id": 2, "use_cache": True}
+    if old_style:
+        cfg.update(rope_theta=theta, hidden_act="gelu_pytorch_tanh", torch_dtype="float32")
+    else:
+        cfg.update(rope_parameters={"rope_theta": theta, "rope_type": "default"}, dtype="float32",
+                   layer_types=["sliding_attention" if l % 2 == 0 else "full_attention" for l in range(L)])
+    s = parse_config(json.dumps(cfg))
+    # Scales: (1+w) of the pre-norms has rms ~1.04; logits std ~ 0.5 * final cap, scores std ~ 0.25 * attn cap;
+    # post-norm gains put the branches at about half the embedding's scale so the layers matter.
+    g = math.sqrt(1.0 + 1.0 / 12.0)
+    sig_e = 0.5 * final_cap / (math.sqrt(D) * g)
+    sig_qk = math.sqrt(0.25 * attn_cap * math.sqrt(qpas) / (D * math.sqrt(hd) * g * g))
+    post_gain = 0.5 * sig_e * math.sqrt(D)
+    sig = {"q_proj": sig_qk, "k_proj": sig_qk, "v_proj": D ** -0.5, "o_proj": (H * hd) ** -0.5,
+           "gate_proj": D ** -0.5, "up_proj": D ** -0.5, "down_proj": I ** -0.5}
+    weights = {"model.embed_tokens.weight": rng.standard_normal((V, D)) * sig_e,
+               "model.norm.weight": rng.uniform(-0.5, 0.5, D)}
+    for l in range(L):
+        for p in PROJ:
+            weights[f"model.layers.{l}.{'self_attn' if p in ATTN_PROJ else 'mlp'}.{p}.weight"] = \
+                rng.standard_normal(proj_shape(s, p)) * sig[p]
+        for n in NORMS:
+            u = rng.uniform(-0.5, 0.5, D)
+            weights[f"model.layers.{l}.{n}.weight"] = post_gain * (1.0 + u) - 1.0 if n.startswith("post") else u
+    adapter, lora_txt = None, "no lora"
+    if use_lora:
+        targets = [p for p in PROJ if p in set(rng.choice(PROJ, size=int(rng.integers(1, 8)), replace=False))]
+        r = int(rng.integers(1, 5))
+        alpha = int(rng.choice([r, 2 * r, 16]))
+        rslora = (i // 4) % 2 == 0
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        prefix = "base_model.model." if i % 3 == 0 else ""
+        adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+                   "target_modules": targets, "use_rslora": rslora, "bias": "none"}
+        for l in range(L):
+            for p in targets:
+                mod = f"model.layers.{l}.{'self_attn' if p in ATTN_PROJ else 'mlp'}.{p}"
+                out_f, in_f = proj_shape(s, p)
+                weights[f"{prefix}{mod}.lora_A.weight"] = rng.standard_normal((r, in_f)) * in_f ** -0.5
+                weights[f"{prefix}{mod}.lora_B.weight"] = rng.standard_normal((out_f, r)) * (
+                    0.5 * sig[p] * math.sqrt(in_f) / (math.sqrt(r) * scaling))
+        lora_txt = f"lora {'+'.join(targets)} r={r} alpha={alpha}{' rslora' if rslora else ''}{' prefixed' if prefix else ''}"
+    # Token 0 is pad_token_id: HF's nn.Embedding(padding_idx=0) would drop its lookup gradient, which the spec
+    # does not model, so the generated inputs avoid it.
+    ids = rng.integers(1, V, size=(B, T)).astype(np.int64)
+    labels = ids.copy()
+    if i % 4 != 1:
+        labels[rng.random((B, T)) < 0.25] = -100
+    if not np.any(labels[:, 1:] != -100):
+        labels[0, 1] = ids[0, 1]
+    features = (f"V={V} D={D} I={I} L={L} H={H} KV={KV} (x{groups}) hd={hd} qpas={qpas} W={W} T={T} B={B} "
+                f"{'old' if old_style else 'new'}-style caps={attn_cap:g}/{final_cap:g} theta={theta:g} "
+                f"ignored={int(np.sum(labels[:, 1:] == -100))} {lora_txt}")
+    return cfg, adapter, {n: a.astype(np.float32) for n, a in weights.items()}, ids, labels, features
+
+
+def write_case(path, cfg, adapter, weights, ids, labels):
+    tmp = _atomic_target(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["config_json"] = json.dumps(cfg, indent=2)
+            if adapter is not None:
+                f.attrs["adapter_config_json"] = json.dumps(adapter, indent=2)
+            for name, arr in sorted(weights.items()):
+                f.create_dataset(f"weights/{name}", data=arr)
+            f.create_dataset("input_ids", data=ids)
+            f.create_dataset("labels", data=labels)
+        _finish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def make_cases(outdir, count, seed, shipped, command):
+    if count < 1:
+        raise CaseError("--count must be at least 1")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise CaseError(f"{outdir} exists and is not a directory")
+    os.makedirs(outdir, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        cfg, adapter, weights, ids, labels, features = generate_case(i, rng)
+        path = os.path.join(outdir, f"case_{i:03d}.h5")
+        write_case(path, cfg, adapter, weights, ids, labels)
+        results = fill_case(path, path, shipped, COMBOS, command)
+        log(f"case_{i:03d}.h5: {features} | loss " + " ".join(f"{c}={results[c]['loss']:.12g}" for c in COMBOS))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    fp = sub.add_parser("fill", help="compute /expected for one case file")
+    fp.add_argument("case")
+    fp.add_argument("--out", help="write here (the input is copied) instead of in place")
+    fp.add_argument("--shipped", action="store_true", help="run HF as released (float32 islands kept)")
+    fp.add_argument("--combos", default=",".join(COMBOS), help="comma list of none,attn,logits,attn_logits")
+    mp = sub.add_parser("make-cases", help="generate random small cases and fill them")
+    mp.add_argument("outdir")
+    mp.add_argument("--count", type=int, required=True)
+    mp.add_argument("--seed", type=int, required=True)
+    mp.add_argument("--shipped", action="store_true")
+    args = ap.parse_args(argv)
+    command = shlex.join(sys.argv if argv is None else [sys.argv[0]] + list(argv))
+    try:
+        if args.cmd == "fill":
+            combos = [c.strip() for c in args.combos.split(",") if c.strip()]
+            bad = [c for c in combos if c not in COMBOS]
+            if bad or not combos or len(set(combos)) != len(combos):
+                raise CaseError(f"--combos {args.combos!r}: use distinct names from {','.join(COMBOS)}")
+            fill_case(args.case, args.out or args.case, args.shipped, combos, command)
+        else:
+            make_cases(args.outdir, args.count, args.seed, args.shipped, command)
+    except CaseError as e:
+        print(f"hf_crosscheck: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except CheckFailed as e:
+        print(f"hf_crosscheck: self-check failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+// make-case: writes a case file (shared/spec/contract.md) with seeded synthetic weights and batch, for the
+// HF cross-check (tools/hf_crosscheck.py fills its /expected) and for goldens. Shape knobs override a preset
+// so that cases cover grouped-KV ratios, rank-stabilised LoRA and windows shorter than the sequence.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "model/casefile.hpp"
+#include "model/errors.hpp"
+#include "model/synthetic.hpp"
+#include "tools/inputs.hpp"
+
+using namespace gemma;
+
+int main(int argc, char** argv) {
+  CLI::App app{"make-case: a case file with synthetic weights and batch"};
+  std::string model = "gemma2-tiny", out;
+  std::optional<int64_t> layers, kv_heads, window, pad_token_uses;
+  std::optional<double> qpas;
+  int64_t B = 2, T = 20, lora_r = 0;
+  uint64_t seed = 0;
+  bool rslora = false;
+  app.add_option("--model", model, "preset the case starts from");
+  app.add_option("--out", out, "case file to write")->required();
+  app.add_option("--layers", layers, "number of layers");
+  app.add_option("--kv-heads", kv_heads, "num_key_value_heads (query heads per KV head = heads / this)");
+  app.add_option("--window", window, "sliding_window");
+  app.add_option("--qpas", qpas, "query_pre_attn_scalar");
+  app.add_option("--batch", B, "sequences");
+  app.add_option("--seq", T, "sequence length");
+  app.add_option("--seed", seed, "seed of weights and batch");
+  app.add_option("--lora-r", lora_r, "LoRA rank on all seven projections (0: no adapters, every weight trains)");
+  app.add_flag("--rslora", rslora, "rank-stabilised LoRA scaling alpha / sqrt(r)");
+  app.add_option("--pad-token-uses", pad_token_uses, "put the pad token (id 0) at this many positions");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "make-case: %s\n", e.what());
+    return 2;
+  }
+  try {
+    Config c = preset(model);
+    if (layers) {
+      // Deeper than the preset is allowed here: the layer types keep alternating, sliding first.
+      if (*layers < 1 || *layers > 64) fail("--layers", "must be in 1..64");
+      c.num_hidden_layers = *layers;
+      c.layer_types.clear();
+      for (int64_t l = 0; l < *layers; ++l) c.layer_types.push_back(l % 2 == 0 ? LayerType::sliding : LayerType::full);
+    }
+    if (kv_heads) c.num_key_value_heads = *kv_heads;
+    if (window) c.sliding_window = *window;
+    if (qpas) c.query_pre_attn_scalar = *qpas;
+    validate(c, "make-case");
+    CaseFile cf;
+    cf.model.config = c;
+    cf.model.weights = synthetic_weights(c, seed);
+    if (lora_r > 0) {
+      AdapterConfig a = tools::synthetic_adapter_config(lora_r);
+      a.use_rslora = rslora;
+      cf.model.adapter = a;
+      TensorMap t = synthetic_adapters(c, a, seed);
+      cf.model.weights.insert(t.begin(), t.end());
+    }
+    cf.batch = synthetic_batch(c, B, T, seed);
+    for (int64_t i = 0; pad_token_uses && i < *pad_token_uses && i < B * T; ++i)
+      cf.batch.input_ids[size_t((i * 7 + 3) % (B * T))] = c.pad_token_id;
+    validate_batch(c, cf.batch, out);
+    write_case(out, cf);
+    std::printf("%s: %s, %lld x %lld, %s\n", out.c_str(), model.c_str(), (long long)B, (long long)T,
+                lora_r > 0 ? ("LoRA r=" + std::to_string(lora_r) + (rslora ? " rslora" : "")).c_str() : "full weights");
+    return 0;
+  } catch (const InputError& e) {
+    std::fprintf(stderr, "make-case: %s\n", e.what());
+    return 2;
+  }
+}
