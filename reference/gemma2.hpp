@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -40,9 +41,23 @@ inline Real round_scalar(DType d, const Real& x) {
   return Real(round_to(d, static_cast<double>(x)));
 }
 
+// The policy's jitter: x (1 +- jitter), the sign a hash of x's bits and the cast point, so that a run is
+// still deterministic.
+template <class Real>
+inline Real jittered(const Policy& p, Cast c, const Real& x) {
+  if (p.jitter == 0) return x;
+  const double v = static_cast<double>(x);
+  uint64_t b;
+  std::memcpy(&b, &v, 8);
+  b ^= (uint64_t(c) + 64 * p.jitter_seed) * 0x9e3779b97f4a7c15ull;
+  b = (b ^ (b >> 31)) * 0xbf58476d1ce4e5b9ull;
+  return Real(v * (1.0 + ((b >> 40) & 1 ? p.jitter : -p.jitter)));
+}
+
 template <class Real>
 inline Real cast(const Policy& p, Cast c, const Real& x) {
-  return round_scalar(p[c], x);
+  if (p[c] == DType::f64) return x;
+  return round_scalar(p[c], jittered(p, c, x));
 }
 
 template <class Real, class Derived>
@@ -50,7 +65,7 @@ inline void cast(const Policy& p, Cast c, Eigen::MatrixBase<Derived>& m) {
   const DType d = p[c];
   if (d == DType::f64) return;
   for (Eigen::Index i = 0; i < m.rows(); ++i)
-    for (Eigen::Index j = 0; j < m.cols(); ++j) m(i, j) = round_scalar(d, Real(m(i, j)));
+    for (Eigen::Index j = 0; j < m.cols(); ++j) m(i, j) = round_scalar(d, jittered(p, c, Real(m(i, j))));
 }
 
 template <class Real>
@@ -60,14 +75,14 @@ inline void cast(const Policy& p, Cast c, Mat<Real>& m) {
   Real* x = m.data();
   const int64_t n = m.size();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) x[i] = round_scalar(d, x[i]);
+  for (int64_t i = 0; i < n; ++i) x[i] = round_scalar(d, jittered(p, c, x[i]));
 }
 
 template <class Real>
 inline void cast(const Policy& p, Cast c, Vec<Real>& v) {
   const DType d = p[c];
   if (d == DType::f64) return;
-  for (Eigen::Index i = 0; i < v.size(); ++i) v(i) = round_scalar(d, v(i));
+  for (Eigen::Index i = 0; i < v.size(); ++i) v(i) = round_scalar(d, jittered(p, c, v(i)));
 }
 
 // ----------------------------------------------------------------------------------------------------

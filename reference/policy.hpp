@@ -53,6 +53,12 @@ const char* cast_name(Cast c);
 struct Policy {
   std::string name = "f64";
   std::array<DType, kNumCasts> fmt{};  // f64 everywhere: no rounding
+  // Relative size of a deterministic +-perturbation applied to every value just before it is rounded (0: none).
+  // A trainer accumulating in fp32 hands its roundings values that differ from float64's by about this much;
+  // running the policy with and without it measures how far such differences alone can move the results
+  // (verify uses it to derive the fast backend's tolerance).
+  double jitter = 0;
+  uint64_t jitter_seed = 0;  // which +- pattern: runs with different seeds are equally valid fp32 trainers
   DType& operator[](Cast c) { return fmt[size_t(c)]; }
   DType operator[](Cast c) const { return fmt[size_t(c)]; }
   bool exact() const;

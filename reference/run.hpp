@@ -23,6 +23,7 @@ struct DirectionalCheck {
   double analytic = 0;  // g . u from the backward pass
   double numeric = 0;   // Richardson-extrapolated central difference of the forward loss along u
   double rel_err = 0;   // |numeric - analytic| / |analytic|
+  double fd_err = 0;    // the extrapolation's own error estimate, relative to |analytic|
   double step = 0;      // h
   int64_t tensors = 0;  // trainable tensors in the direction
 };

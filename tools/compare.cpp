@@ -5,17 +5,20 @@
 namespace gemma::tools {
 
 // Two float64 implementations of the same math differ only by rounding in different operation orders:
-// about 1e-16 per operation, grown by the loss's conditioning and by long reductions. Measured against the
-// HF cross-check cases (goldens/hf and 22 held-out cases): loss <= 4e-16, logits <= 6e-16 relative,
-// gradients <= 1e-14 relative L2. The tolerances keep three orders of magnitude above that and are the
-// project's stated agreement targets (README, "Accuracy of the reference"). HF as shipped computes RMSNorm,
-// RoPE, the attention softmax and the loss in float32 inside a float64 model; measured 7e-8 on the loss
-// and 9e-6 on gradients.
+// about 1e-16 per operation, grown by the loss's conditioning and by long reductions. Measured against HF
+// (goldens/hf, and 24 independent held-out cases, 4 combinations each): loss <= 6.7e-16, logits <= 1.3e-14
+// relative, gradients <= 1.1e-13 relative L2. The tolerances keep two to four orders of magnitude above that
+// and are the project's stated agreement targets.
+// HF as shipped computes RMSNorm, the rotary tables, the attention softmax and the loss in float32 inside a
+// float64 model and returns a float32 loss: its loss carries that number's own rounding (2^-24 relative per
+// half ulp) plus a few float32 operations, so 8 half ulps (4.8e-7); logits and gradients inherit the float32
+// norms' 2^-24 relative rounding, amplified by the layers (measured on the 24 held-out cases: loss 2.0e-7,
+// logits 2.5e-6, gradients 1.4e-5 at most).
 Tolerances tolerances_for(const std::map<std::string, std::string>& prov) {
   auto it = prov.find("expected_kind");
   const std::string kind = it == prov.end() ? "" : it->second;
   if (kind == "hf-float64-shipped")
-    return {1e-7, 1e-4, 1e-6, "HF as shipped: float32 RMSNorm, RoPE, softmax and loss inside a float64 model"};
+    return {8 * 0x1p-24, 1e-4, 1e-5, "HF as shipped: float32 RMSNorm, RoPE, softmax and loss inside a float64 model"};
   if (kind == "hf-float64-patched")
     return {1e-11, 1e-9, 1e-11, "HF float64 (norm, RoPE, softmax, loss patched to float64): float64 rounding only"};
   return {1e-11, 1e-9, 1e-11, "float64 vs float64: rounding of different operation orders only"};

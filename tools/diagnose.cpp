@@ -62,6 +62,7 @@ double cosine(const std::vector<double>& a, const std::vector<double>& b) {
 
 struct Variant {
   std::string id, source;
+  bool trained_like_head = false;  // runs in the trained-like head setting (synthetic runs only)
   // Applies the deviation to the correct run's options; returns why it cannot act here, or "".
   std::function<std::string(ref::RunOptions&, const Config&, const Setting&)> apply;
 };
@@ -69,64 +70,65 @@ struct Variant {
 std::vector<Variant> variants() {
   using ref::Cast;
   return {
-      {"normalizer-exact", "gemma_pytorch before PR #67",
-       [](ref::RunOptions& o, const Config&, const Setting&) {
+      {"normalizer-exact", "gemma_pytorch before PR #67", false,
+       [](ref::RunOptions& o, const Config& c, const Setting&) {
          o.numerics.policy[Cast::normalizer] = DType::f64;
-         return std::string();
+         const double n = std::sqrt(double(c.hidden_size));
+         return round_to(DType::bf16, n) == n ? std::string("sqrt(hidden_size) is exact in bf16") : std::string();
        }},
-      {"rmsnorm-early-downcast", "gemma_pytorch before PR #67",
+      {"rmsnorm-early-downcast", "gemma_pytorch before PR #67", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          // Llama style: the normalised x is cast to bf16, then multiplied by a bf16 (1 + w).
          o.numerics.policy[Cast::norm_normed] = DType::bf16;
          o.numerics.policy[Cast::norm_scale] = DType::bf16;
          return std::string();
        }},
-      {"rope-bf16", "HF before 4.38.2; Keras mixed_bfloat16",
+      {"rope-bf16", "HF before 4.38.2; Keras mixed_bfloat16", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          o.numerics.policy[Cast::rope_inputs] = DType::bf16;
          o.numerics.policy[Cast::rope_angle] = DType::bf16;
          return std::string();
        }},
-      {"gelu-exact", "HF/gemma_pytorch before March 2024",
+      {"gelu-exact", "HF/gemma_pytorch before March 2024", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          o.numerics.semantics.gelu_exact = true;
          return std::string();
        }},
-      {"qpas-head-dim", "JAX / gemma_pytorch, July 2024",
+      {"qpas-head-dim", "JAX / gemma_pytorch, July 2024", false,
        [](ref::RunOptions& o, const Config& c, const Setting&) {
          // 27b: head_dim^-0.5 instead of 144^-0.5. Where the two agree (2b, 9b), the early 9b value 224.
          o.numerics.semantics.query_pre_attn_scalar =
              c.query_pre_attn_scalar != double(c.head_dim) ? double(c.head_dim) : 224.0;
          return std::string();
        }},
-      {"sliding-odd-layers", "first HF Gemma 2 release (PR #31775)",
+      {"sliding-odd-layers", "first HF Gemma 2 release (PR #31775)", false,
        [](ref::RunOptions& o, const Config& c, const Setting& s) {
          o.numerics.semantics.sliding_odd_layers = true;
          return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
        }},
-      {"sliding-off-by-one", "HF flash-attention path (issue #39408)",
+      {"sliding-off-by-one", "HF flash-attention path (issue #39408)", false,
        [](ref::RunOptions& o, const Config& c, const Setting& s) {
          o.numerics.semantics.window_extra = 1;
          return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
        }},
-      {"no-attn-softcap", "HF SDPA path; several inference engines",
+      {"no-attn-softcap", "HF SDPA path; several inference engines", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          const bool on = o.softcap.attn;
          o.softcap.attn = false;
          return on ? std::string() : "attention cap is off in this run";
        }},
-      {"no-logit-softcap", "Cut Cross-Entropy's Gemma 2 patch (issue #48)",
+      {"no-logit-softcap", "Cut Cross-Entropy's Gemma 2 patch (issue #48)", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          const bool on = o.softcap.logits;
          o.softcap.logits = false;
          return on ? std::string() : "final cap is off in this run";
        }},
-      {"padded-vocab-unmasked", "any kernel padding the LM head",
+      {"padded-vocab-unmasked", "any kernel padding the LM head", true,
        [](ref::RunOptions& o, const Config&, const Setting& s) {
          o.numerics.semantics.padded_vocab_unmasked = true;
          return s.pad_rows.numel() > 0 ? std::string() : "head not padded";
        }},
-      {"grad-accum-mean-of-means", "HF Trainer / TRL before Oct 2024",
+      {"grad-accum-mean-of-means", "HF Trainer / TRL before Oct 2024", false,
        [](ref::RunOptions& o, const Config&, const Setting& s) {
          o.numerics.semantics.grad_accum_mean_of_means = true;
          std::vector<int64_t> n;
@@ -135,12 +137,12 @@ std::vector<Variant> variants() {
          for (int64_t x : n) unequal |= x != n[0];
          return unequal ? std::string() : "micro-batches have equal target counts";
        }},
-      {"rmsnorm-no-weight-grad", "Unsloth kernels",
+      {"rmsnorm-no-weight-grad", "Unsloth kernels", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          o.numerics.semantics.rmsnorm_no_weight_grad = true;
          return std::string();
        }},
-      {"softcap-grad-missing", "flash-attn 2.6.0/2.6.1 (NaN/wrong grads)",
+      {"softcap-grad-missing", "flash-attn 2.6.0/2.6.1 (NaN/wrong grads)", false,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          o.numerics.semantics.attn_softcap_grad_missing = true;
          return o.softcap.attn ? std::string() : "attention cap is off in this run";
@@ -184,6 +186,39 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   return s;
 }
 
+// A head like a trained model's, for the padded-vocabulary bug: zero-filled padding rows give logits of 0,
+// which only take probability mass when most real logits sit below 0, as in trained LMs (gemma2.md: "a zero
+// logit stays 0 after the cap and steals probability mass"). Synthetic logits are centred at 0 and dominated by
+// the input token's own logit, so this setting (1) raises the post-attention and post-feedforward norm scales
+// to about 4, as in Gemma 2, so that the layers rather than the embedding dominate the residual stream, and
+// (2) gives every embedding row a shared component on one dimension in 8, which the final norm's scale (1 + w)
+// maps to -1, so that the whole vocabulary's logits shift down by about `shift`.
+void make_head_trained_like(Setting& s, double shift) {
+  Config& c = s.ck.config;
+  const int64_t D = c.hidden_size, L = c.num_hidden_layers;
+  auto edit = [&](const std::string& name, const std::function<double(int64_t, double)>& f) {
+    Tensor& t = s.ck.weights.at(name);
+    std::vector<double> v = t.to_double();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = f(int64_t(i), v[i]);
+    t = tensor_from_doubles(t.dtype, t.shape, v);
+  };
+  for (int64_t l = 0; l < L; ++l)
+    for (Norm n : {Norm::post_attention_layernorm, Norm::post_feedforward_layernorm})
+      edit(norm_weight_name(l, n), [](int64_t, double w) { return w + 3.0; });
+  // The shared component m on D/8 dimensions shifts a logit by about -(D/8) m^2 sqrt(D) / rms(x_L), where
+  // rms(x_L)^2 = 1 + (D/8) m^2 + 2L * 16 (the embedding output, its shared part, 2L post-norm outputs of
+  // scale ~4). With a = (D/8) m^2: a sqrt(D) / sqrt(1 + 32 L + a) = shift, solved by fixed-point iteration.
+  double a = 1.0;
+  for (int it = 0; it < 50; ++it) a = shift * std::sqrt(1.0 + 32.0 * double(L) + a) / std::sqrt(double(D));
+  const double m = std::sqrt(8.0 * a / double(D));
+  edit(kEmbedName, [&](int64_t i, double e) { return (i % D) % 8 == 0 ? e + m : e; });
+  edit(kFinalNormName, [&](int64_t i, double w) { return i % 8 == 0 ? -2.0 : w; });
+  char b[200];
+  std::snprintf(b, sizeof b, "trained-like head: post-norm scales raised by 3, shared embedding component %.4f on every 8th "
+                "dimension mapped to -1 by the final norm (logits shifted down by about %.0f)", m, shift);
+  s.notes.push_back(b);
+}
+
 Setting case_setting(const Inputs& in) {
   Setting s;
   s.ck = in.model;
@@ -204,6 +239,38 @@ std::string sci(double v) {
 
 }  // namespace
 
+namespace {
+
+// The reference points of one setting: float64, the correct policy, and the correct policy's spread when only
+// fp32-level details change (jitter seeds): the bf16 noise two equally correct bf16 trainers show.
+struct Baseline {
+  Outcome f64, pol;
+  double noise_loss = 0, noise_grad = 0;
+};
+
+// 2^-23: a value an fp32 trainer hands to a rounding differs from float64's by about one fp32 ulp.
+constexpr double kJitter = 0x1p-23;
+
+Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::RunOptions& correct, int64_t seeds,
+                  const std::string& what) {
+  Baseline b;
+  progress("float64 and " + correct.numerics.policy.name + " runs (" + what + ")");
+  b.f64 = run_once(s, exact);
+  b.pol = run_once(s, correct);
+  for (int64_t k = 1; k <= seeds; ++k) {
+    progress("noise: " + correct.numerics.policy.name + " with jitter seed " + std::to_string(k) + " (" + what + ")");
+    ref::RunOptions o = correct;
+    o.numerics.policy.jitter = kJitter;
+    o.numerics.policy.jitter_seed = uint64_t(k);
+    const Outcome r = run_once(s, o);
+    b.noise_loss = std::max(b.noise_loss, rel_err(r.loss, b.pol.loss));
+    b.noise_grad = std::max(b.noise_grad, rel_l2(r.grads, b.pol.grads));
+  }
+  return b;
+}
+
+}  // namespace
+
 int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   const auto t0 = std::chrono::steady_clock::now();
   if (d.noise_seeds < 1) fail("--noise-seeds", "must be at least 1");
@@ -212,15 +279,11 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   const bool synthetic = spec.model.has_value();
   if (!synthetic && d.window) fail("--window", "applies to synthetic runs (--model) only");
 
-  Setting s;
-  if (synthetic) {
-    s = synthetic_setting(spec, d, spec.seed);
-  } else {
-    s = case_setting(load_inputs(spec));
-  }
+  Setting s = synthetic ? synthetic_setting(spec, d, spec.seed) : case_setting(load_inputs(spec));
   const Config& c = s.ck.config;
   const Softcap sc = d.softcap ? parse_softcap(*d.softcap, "--softcap") : config_softcaps(c);
   check_softcap_available(c, sc, "--softcap");
+  const std::vector<Variant> vs = variants();
 
   std::printf("verify diagnose: %s\n", s.notes[0].c_str());
   for (size_t i = 1; i < s.notes.size(); ++i) std::printf("  %s\n", s.notes[i].c_str());
@@ -233,51 +296,61 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   ref::RunOptions exact, correct;
   exact.softcap = correct.softcap = sc;
   correct.numerics.policy = policy;
-
-  // bf16 noise: how far the correct low-precision policy itself is from float64, over several seeds (fresh
-  // weights and batch each) for synthetic runs. A variant stands above the noise when its distance from the
-  // correct policy exceeds 3 times the largest such distance.
-  progress("float64 and " + policy.name + " runs for the noise estimate");
-  const Outcome f64 = run_once(s, exact);
-  const Outcome pol = run_once(s, correct);
-  double noise_loss = rel_err(pol.loss, f64.loss), noise_grad = rel_l2(pol.grads, f64.grads);
-  int64_t seeds = 1;
-  for (int64_t k = 1; synthetic && k < d.noise_seeds; ++k) {
-    progress("noise seed " + std::to_string(k + 1) + " of " + std::to_string(d.noise_seeds));
-    const Setting sk = synthetic_setting(spec, d, spec.seed + uint64_t(k));
-    const Outcome a = run_once(sk, exact), b = run_once(sk, correct);
-    noise_loss = std::max(noise_loss, rel_err(b.loss, a.loss));
-    noise_grad = std::max(noise_grad, rel_l2(b.grads, a.grads));
-    ++seeds;
-  }
   const double factor = 3.0;
-  std::printf("  float64 loss %.12g, %s loss %.12g\n", f64.loss, policy.name.c_str(), pol.loss);
-  std::printf("  bf16 noise (%s vs float64, max over %lld seed%s): loss %s rel, gradients %s rel L2; detectable = above %gx that\n",
-              policy.name.c_str(), (long long)seeds, seeds > 1 ? "s" : "", sci(noise_loss).c_str(), sci(noise_grad).c_str(),
-              factor);
+  const Baseline main_b = baseline(s, exact, correct, d.noise_seeds, "main setting");
+
+  // The trained-like head setting, for the variants that need it.
+  std::optional<Setting> head;
+  std::optional<Baseline> head_b;
+  for (const Variant& v : vs)
+    if (v.trained_like_head && synthetic && !head) {
+      head = s;
+      head->notes.clear();
+      make_head_trained_like(*head, 6.0);
+      head_b = baseline(*head, exact, correct, d.noise_seeds, "trained-like head");
+    }
+
+  auto print_noise = [&](const char* what, const Baseline& b) {
+    std::printf("  %s: float64 loss %.10g, %s loss %.10g (bf16 error %s); noise = %s's spread over %lld jitter seeds: "
+                "loss %s rel, gradients %s rel L2\n",
+                what, b.f64.loss, policy.name.c_str(), b.pol.loss, sci(rel_err(b.pol.loss, b.f64.loss)).c_str(),
+                policy.name.c_str(), (long long)d.noise_seeds, sci(b.noise_loss).c_str(), sci(b.noise_grad).c_str());
+  };
+  print_noise("main setting", main_b);
+  if (head) {
+    std::printf("  %s\n", head->notes[0].c_str());
+    print_noise("trained-like head", *head_b);
+  }
+  std::printf("  detectable: loss or gradients move further from %s than %gx their noise (jitter %.1e, fp32-sized)\n",
+              policy.name.c_str(), factor, kJitter);
   std::printf("\n%-25s %-41s %9s %9s %9s %9s %9s %8s  %s\n", "variant", "where it happened", "dL f64", "rel", "dL policy",
               "rel", "grad L2", "cosine", "detectable");
 
   nlohmann::json jv = nlohmann::json::array();
   int detected = 0, applicable = 0;
-  for (const Variant& v : variants()) {
+  for (const Variant& v : vs) {
+    const bool use_head = v.trained_like_head && head.has_value();
+    const Setting& vs_setting = use_head ? *head : s;
+    const Baseline& b = use_head ? *head_b : main_b;
     ref::RunOptions o = correct;
-    const std::string na = v.apply(o, c, s);
+    const std::string na = v.apply(o, c, vs_setting);
     progress("variant " + v.id);
-    const Outcome r = run_once(s, o);
-    const double dl_f64 = r.loss - f64.loss, dl_pol = r.loss - pol.loss;
-    const double rl_f64 = rel_err(r.loss, f64.loss), rl_pol = rel_err(r.loss, pol.loss);
-    const double g_l2 = rel_l2(r.grads, pol.grads), g_cos = cosine(r.grads, pol.grads);
-    const bool detectable = rl_pol > factor * noise_loss || g_l2 > factor * noise_grad;
+    const Outcome r = run_once(vs_setting, o);
+    const double dl_f64 = r.loss - b.f64.loss, dl_pol = r.loss - b.pol.loss;
+    const double rl_f64 = rel_err(r.loss, b.f64.loss), rl_pol = rel_err(r.loss, b.pol.loss);
+    const double g_l2 = rel_l2(r.grads, b.pol.grads), g_cos = cosine(r.grads, b.pol.grads);
+    const bool detectable = rl_pol > factor * b.noise_loss || g_l2 > factor * b.noise_grad;
     if (na.empty()) {
       ++applicable;
       detected += detectable;
     }
+    const std::string verdict = !na.empty() ? "n/a: " + na : std::string(detectable ? "yes" : "no") + (use_head ? " (head)" : "");
     std::printf("%-25s %-41s %9.2e %9.2e %9.2e %9.2e %9.2e %8.5f  %s\n", v.id.c_str(), v.source.c_str(), dl_f64, rl_f64, dl_pol,
-                rl_pol, g_l2, g_cos, !na.empty() ? ("n/a: " + na).c_str() : detectable ? "yes" : "no");
+                rl_pol, g_l2, g_cos, verdict.c_str());
     std::fflush(stdout);
     nlohmann::json j = {{"id", v.id},
                         {"source", v.source},
+                        {"setting", use_head ? "trained-like head" : "main"},
                         {"loss", r.loss},
                         {"loss_abs_diff_vs_f64", dl_f64},
                         {"loss_rel_diff_vs_f64", rl_f64},
@@ -293,18 +366,27 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   std::printf("\n%d/%d applicable variants stand above bf16 noise; %.1f s, peak memory %.2f GB\n", detected, applicable, secs,
               peak_rss_bytes() / 1e9);
   if (d.json_path) {
+    auto noise = [&](const Baseline& b) {
+      return nlohmann::json{{"loss_rel", b.noise_loss},      {"grad_rel_l2", b.noise_grad},
+                            {"loss_f64", b.f64.loss},         {"loss_policy", b.pol.loss},
+                            {"bf16_error_loss_rel", rel_err(b.pol.loss, b.f64.loss)},
+                            {"bf16_error_grad_rel_l2", rel_l2(b.pol.grads, b.f64.grads)}};
+    };
     nlohmann::json j;
     j["setting"] = s.notes;
     j["policy"] = policy.name;
     j["softcap"] = {{"attn", sc.attn}, {"logits", sc.logits}};
-    j["loss_f64"] = f64.loss;
-    j["loss_policy"] = pol.loss;
-    j["noise"] = {{"loss_rel", noise_loss},
-                  {"grad_rel_l2", noise_grad},
-                  {"seeds", seeds},
-                  {"factor", factor},
-                  {"definition", "max over seeds of the correct policy's distance to float64; detectable = a variant's "
-                                 "distance to the correct policy above factor x noise"}};
+    j["noise"] = noise(main_b);
+    j["noise"]["seeds"] = d.noise_seeds;
+    j["noise"]["jitter"] = kJitter;
+    j["noise"]["factor"] = factor;
+    j["noise"]["definition"] =
+        "spread (max over jitter seeds) of the correct policy when every value it rounds is first perturbed by +-jitter "
+        "(an fp32-sized difference); detectable = a variant's distance to the correct policy above factor x that spread";
+    if (head) {
+      j["noise"]["trained_like_head"] = noise(*head_b);
+      j["trained_like_head"] = head->notes;
+    }
     j["variants"] = jv;
     j["seconds"] = secs;
     write_json(*d.json_path, j);

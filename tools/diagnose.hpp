@@ -12,7 +12,7 @@ struct DiagnoseOptions {
   std::optional<std::string> softcap;  // default: every cap the config defines
   std::optional<std::string> json_path;
   std::string policy = "hf-bf16";  // the correct low-precision policy the variants deviate from
-  int64_t noise_seeds = 2;         // seeds over which the correct policy's distance to f64 is measured
+  int64_t noise_seeds = 3;         // jitter seeds over which the correct policy's spread (the bf16 noise) is measured
   std::optional<int64_t> window;   // sliding window of a synthetic run (default: shrunk below T when T <= W)
 };
 

@@ -26,6 +26,7 @@ namespace {
 struct Family {
   std::string name;
   double max_abs = 0, rel_l2_policy = 0, rel_l2_f64 = 0, policy_vs_f64 = 0;
+  double jitter = 0;  // how far fp32-sized jitter moves the fast-policy reference (max over two patterns)
 };
 
 double max_abs(const std::vector<double>& a, const std::vector<double>& b) {
@@ -52,6 +53,16 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
   po.numerics.policy = ref::policy_fast();
   po.keep_logits = true;
   const ref::Output pol = ref::run(in.model, in.batch, po);
+  // The same emulation with every value perturbed by +-2^-23 (one fp32 ulp, the size of an fp32 accumulation
+  // difference) before it is rounded, two patterns: how far fp32-level differences alone move the results.
+  std::vector<ref::Output> jit;
+  for (uint64_t seed : {1, 2}) {
+    progress("fast policy with fp32-sized jitter, seed " + std::to_string(seed));
+    ref::RunOptions jo = po;
+    jo.numerics.policy.jitter = 0x1p-23;
+    jo.numerics.policy.jitter_seed = seed;
+    jit.push_back(ref::run(in.model, in.batch, jo));
+  }
 
   progress("fast backend (CUDA) forward + backward");
   fast::Options fo;
@@ -74,6 +85,7 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
     Family f{"loss"};
     f.max_abs = std::fabs(out.loss - pol.loss);
     f.rel_l2_policy = rel_err(out.loss, pol.loss);
+    for (const auto& j : jit) f.jitter = std::max(f.jitter, rel_err(j.loss, pol.loss));
     if (f64) {
       f.rel_l2_f64 = rel_err(out.loss, f64->loss);
       f.policy_vs_f64 = rel_err(pol.loss, f64->loss);
@@ -90,6 +102,7 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
     Family f{"logits (rows 0, N/2, N-1)"};
     f.max_abs = max_abs(got, want);
     f.rel_l2_policy = rel_l2(got, want);
+    for (const auto& j : jit) f.jitter = std::max(f.jitter, rel_l2(row_logits(j.logits), want));
     if (f64) {
       const std::vector<double> exact = row_logits(f64->logits);
       f.rel_l2_f64 = rel_l2(got, exact);
@@ -104,6 +117,7 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
     Family f{"grad " + name};
     f.max_abs = max_abs(got, want);
     f.rel_l2_policy = rel_l2(got, want);
+    for (const auto& j : jit) f.jitter = std::max(f.jitter, rel_l2(j.grads.at(name).to_double(), want));
     if (f64) {
       const std::vector<double> exact = f64->grads.at(name).to_double();
       f.rel_l2_f64 = rel_l2(got, exact);
@@ -112,39 +126,40 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
     fams.push_back(f);
   }
 
-  // Against the fast-policy reference, the two sides round at the same points; what remains is fp32
-  // accumulation order (~1e-7 relative), which now and then moves a value across a bf16 rounding boundary
-  // (2^-8 relative). Most rows then agree to ~1e-7, but a flip inside an ill-conditioned row (attention with
-  // near-tied top keys) carries that row to its full bf16-vs-float64 distance (docs/fast.md). So: loss 1e-4
-  // relative (the target, met everywhere measured); gradients the 1e-3 or a quarter of the
-  // fast policy's own distance to float64, whichever is larger (measured 5e-5..0.19 of that distance on
-  // passing cases; cuBLAS's double rounding of a bf16 beta=1 add, a real bug, measured 0.4..1);
-  // logits are bf16 outputs, one flipped rounding is 2^-8: rel L2 4e-3.
-  // Against float64: the fast policy's own measured distance to float64 (the bf16 error every correct
-  // bf16 trainer makes), times 2 for the accumulation differences on top, plus the policy tolerance.
-  std::printf("  %-62s %10s %12s %9s %12s %9s\n", "fast backend, per tensor family", "max abs", "relL2 fastpol", "tol",
-              "relL2 f64", "tol");
-  for (const Family& f : fams) {
+  // Against the fast-policy reference both sides round at the same points; what separates them is fp32
+  // accumulation order, ~1 fp32 ulp per value. How much such differences can move the results is measured,
+  // not assumed: the fast-policy reference itself, jittered by +-2^-23 before every rounding, moves by `jitter`
+  // (a bf16 rounding flipped by it propagates; peaked attention rows make that chaotic: at true 27b widths a
+  // 1e-7 jitter moves gradients by ~5e-2). The fast backend must stay within 3 x that of the emulation, and
+  // never needs to beat the targets (loss 1e-4, gradients 1e-3; logits 4e-3, one bf16 flip).
+  // Against float64: the fast policy's own distance to float64 (the bf16 error of any correct bf16 trainer)
+  // times 2, plus the policy tolerance.
+  auto tol_policy = [](const Family& f) {
     const bool is_loss = f.name == "loss", is_logits = f.name.rfind("logits", 0) == 0;
-    const double tol_pol = is_loss ? 1e-4 : is_logits ? 4e-3 : std::max(1e-3, 0.25 * f.policy_vs_f64);
-    const double tol_f64 = 2.0 * f.policy_vs_f64 + tol_pol;
-    std::printf("  %-62s %10.3e %12.3e %9.1e %12.3e %9.2e  %s\n", f.name.c_str(), f.max_abs, f.rel_l2_policy, tol_pol,
-                f64 ? f.rel_l2_f64 : std::nan(""), f64 ? tol_f64 : std::nan(""),
-                (f.rel_l2_policy <= tol_pol && (!f64 || f.rel_l2_f64 <= tol_f64)) ? "OK" : "FAIL");
+    return std::max(is_loss ? 1e-4 : is_logits ? 4e-3 : 1e-3, 3.0 * f.jitter);
+  };
+  std::printf("  %-58s %10s %12s %9s %9s %12s %9s\n", "fast backend, per tensor family", "max abs", "relL2 fastpol",
+              "jitter", "tol", "relL2 f64", "tol");
+  for (const Family& f : fams) {
+    const double tp = tol_policy(f), tf = 2.0 * f.policy_vs_f64 + tp;
+    std::printf("  %-58s %10.3e %12.3e %9.2e %9.2e %12.3e %9.2e  %s\n", f.name.c_str(), f.max_abs, f.rel_l2_policy, f.jitter,
+                tp, f64 ? f.rel_l2_f64 : std::nan(""), f64 ? tf : std::nan(""),
+                (f.rel_l2_policy <= tp && (!f64 || f.rel_l2_f64 <= tf)) ? "OK" : "FAIL");
   }
   for (const Family& f : fams) {
-    const bool is_loss = f.name == "loss", is_logits = f.name.rfind("logits", 0) == 0;
-    const double tol_pol = is_loss ? 1e-4 : is_logits ? 4e-3 : std::max(1e-3, 0.25 * f.policy_vs_f64);
-    r.add(prefix + "fast vs fast-policy reference: " + f.name, f.rel_l2_policy, tol_pol,
-          "same rounding points; fp32 accumulation order only (max abs " + std::to_string(f.max_abs) + ")", false);
+    const double tp = tol_policy(f);
+    r.add(prefix + "fast vs fast-policy reference: " + f.name, f.rel_l2_policy, tp,
+          "same rounding points, fp32 accumulation order only: max(target, 3 x the emulation's own move under fp32 jitter " +
+              std::to_string(f.jitter) + "); max abs " + std::to_string(f.max_abs),
+          false);
     if (f64)
-      r.add(prefix + "fast vs float64: " + f.name, f.rel_l2_f64, 2.0 * f.policy_vs_f64 + tol_pol,
+      r.add(prefix + "fast vs float64: " + f.name, f.rel_l2_f64, 2.0 * f.policy_vs_f64 + tp,
             "2 x the fast policy's own distance to float64 (" + std::to_string(f.policy_vs_f64) + ") + the policy tolerance",
             false);
   }
-  std::printf("  tolerances: vs the fast-policy reference (same rounding points, fp32 accumulation order only): loss 1e-4,\n"
-              "  gradients max(1e-3, 1/4 of the fast policy's own distance to float64), logits 4e-3 (one bf16 flip);\n"
-              "  vs float64: 2 x the fast policy's own distance to float64 plus that tolerance.\n");
+  std::printf("  tolerances: vs the fast-policy reference, max(target, 3 x the emulation's own move under fp32-sized\n"
+              "  jitter) with targets loss 1e-4, gradients 1e-3, logits 4e-3; vs float64, 2 x the fast policy's own\n"
+              "  distance to float64 plus that tolerance.\n");
 #endif
   return res;
 }

@@ -130,14 +130,18 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     } else if (recipe) {
       std::printf("  no golden for this recipe (%s): self-checks only\n", recipe->file_name().c_str());
     }
-    progress("directional finite-difference check (4 forward passes)");
+    progress("directional finite-difference check (6 forward passes)");
     ref::DirectionalCheck fd = ref::directional_check(in.model, in.batch, opt, out.grads);
-    // Richardson-extrapolated central differences: truncation O(h^4) ~ 1e-16 relative at h = 1e-4 of the
-    // parameter scale; loss rounding (~1e-15 relative) divided by h contributes ~1e-11 / |g.u|. 1e-7 leaves
-    // four orders of margin while a single tensor's gradient off by 1e-5 relative still fails it (the
-    // direction weighs each of at most ~100 tensors equally).
-    report.add(pre + "backward vs finite differences of forward (rel)", fd.rel_err, 1e-7,
-               "directional derivative along per-tensor unit gradients, " + std::to_string(fd.tensors) + " tensors");
+    // Richardson-extrapolated central differences at h = 1e-4 of the parameter scale: on ordinary inputs the
+    // truncation left is ~1e-13 and the loss's rounding over h ~1e-11 relative, so 1e-7 has four orders of
+    // margin while one tensor's gradient off by 1e-5 relative still fails it (the direction weighs each of
+    // at most ~100 tensors equally). Where the loss is sharply curved (very peaked attention) the
+    // extrapolation's own error estimate fd_err is larger; the check then allows 3 x that estimate, but never
+    // more than 1e-4: a difference the finite differences cannot resolve is a failure, not a pass.
+    const double fd_tol = std::min(1e-4, std::max(1e-7, 3 * fd.fd_err));
+    report.add(pre + "backward vs finite differences of forward (rel)", fd.rel_err, fd_tol,
+               "directional derivative along per-tensor unit gradients, " + std::to_string(fd.tensors) +
+                   " tensors; finite-difference error estimate " + std::to_string(fd.fd_err));
     results["reference"] = {{"loss", out.loss}, {"tokens", out.tokens}};
     if (run_fast) {
       const FastResult fr = compare_fast(report, pre, in, sc, &out);
@@ -233,7 +237,7 @@ int main(int argc, char** argv) {
   diag->add_option("--lora-r", dspec.lora_r, "rank of synthetic LoRA adapters");
   diag->add_option("--window", dopt.window, "sliding window of a synthetic run (default: shrunk below the sequence)");
   diag->add_option("--policy", dopt.policy, "the correct bf16 policy the variants deviate from (hf-bf16, fast)");
-  diag->add_option("--noise-seeds", dopt.noise_seeds, "seeds for the bf16 noise estimate (default 2)");
+  diag->add_option("--noise-seeds", dopt.noise_seeds, "jitter seeds for the bf16 noise estimate (default 3)");
   diag->add_option("--json", dopt.json_path, "write the table as JSON (- for stdout)");
   try {
     app.parse(argc, argv);
