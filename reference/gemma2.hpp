@@ -250,6 +250,10 @@ struct RunOptions {
   Softcap softcap;
   Numerics numerics;
   bool keep_logits = false;  // return the (capped) logits, e.g. to compare with /expected
+  // Positions run from position_offset to position_offset + T - 1 (HF position_ids), as for a chunk from deep
+  // inside a long document. Exact RoPE only sees position differences, so the offset changes nothing but the
+  // rounding of positions and angles (what the rope-bf16 bug gets wrong).
+  int64_t position_offset = 0;
 };
 
 template <class Real>
@@ -425,7 +429,7 @@ void projection_backward(const Mat<Real>& dy,   // (N, out)
 // Rotary embeddings, half-split convention: pairs (j, j + hd/2) rotate by angle t * inv_freq[j].
 
 template <class Real>
-void rope_tables(const Config& cfg, const Policy& p, int64_t T, Mat<Real>& cosv, Mat<Real>& sinv) {
+void rope_tables(const Config& cfg, const Policy& p, int64_t T, int64_t offset, Mat<Real>& cosv, Mat<Real>& sinv) {
   using std::cos;
   using std::pow;
   using std::sin;
@@ -436,7 +440,7 @@ void rope_tables(const Config& cfg, const Policy& p, int64_t T, Mat<Real>& cosv,
     const Real inv_freq =
         cast(p, Cast::rope_inputs, Real(1) / pow(Real(cfg.rope_theta), Real(2 * k) / Real(cfg.head_dim)));
     for (int64_t t = 0; t < T; ++t) {
-      const Real angle = cast(p, Cast::rope_angle, cast(p, Cast::rope_inputs, Real(t)) * inv_freq);
+      const Real angle = cast(p, Cast::rope_angle, cast(p, Cast::rope_inputs, Real(offset + t)) * inv_freq);
       cosv(t, k) = cast(p, Cast::rope_cossin, Real(cos(angle)));
       sinv(t, k) = cast(p, Cast::rope_cossin, Real(sin(angle)));
     }
@@ -777,7 +781,7 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
                 Real(cfg.attn_logit_softcapping.value_or(1.0)), Real(cfg.final_logit_softcapping.value_or(1.0)),
                 Real(0), {}, {}};
   ctx.scale = Real(1) / sqrt(Real(sem.query_pre_attn_scalar.value_or(cfg.query_pre_attn_scalar)));
-  rope_tables(cfg, p, batch.T, ctx.rope_cos, ctx.rope_sin);
+  rope_tables(cfg, p, batch.T, opt.position_offset, ctx.rope_cos, ctx.rope_sin);
   const int64_t N = batch.B * batch.T, D = cfg.hidden_size;
 
   // Embedding times sqrt(D) (rounded to the activation format where the policy says so).

@@ -57,7 +57,7 @@ struct RefCtx {
                                                     cfg.attn_logit_softcapping.value_or(1.0),
                                                     cfg.final_logit_softcapping.value_or(1.0),
                                                     1.0 / std::sqrt(cfg.query_pre_attn_scalar), {}, {}});
-    rope_tables(cfg, policy, T, ctx->rope_cos, ctx->rope_sin);
+    rope_tables(cfg, policy, T, 0, ctx->rope_cos, ctx->rope_sin);
   }
 };
 

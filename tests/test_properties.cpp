@@ -71,7 +71,7 @@ Ctx<double> make_ctx(const Config& cfg, const Policy& p, const Semantics& s, int
                      bool final_on, double final_cap) {
   Ctx<double> c{cfg, p, s, B, T, attn_on, final_on, cfg.attn_logit_softcapping.value_or(50.0), final_cap,
                 1.0 / std::sqrt(cfg.query_pre_attn_scalar), {}, {}};
-  rope_tables(cfg, p, T, c.rope_cos, c.rope_sin);
+  rope_tables(cfg, p, T, 0, c.rope_cos, c.rope_sin);
   return c;
 }
 

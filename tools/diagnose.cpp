@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <nlohmann/json.hpp>
 
@@ -20,24 +21,31 @@ struct Setting {
   Checkpoint ck;
   std::vector<Batch> micro;  // one optimizer step's micro-batches
   Tensor pad_rows;           // LM-head padding rows (zeros), P x D
+  int64_t position_offset = 0;
   std::vector<std::string> notes;
 };
 
 struct Outcome {
   double loss = 0;
-  std::vector<double> grads;  // every trainable tensor, concatenated in state-dict order
+  std::vector<double> grads;        // every trainable tensor, concatenated in state-dict order
+  std::vector<std::string> names;   // those tensors' names
+  std::vector<size_t> offsets;      // tensor i is grads[offsets[i], offsets[i + 1])
 };
 
-Outcome run_once(const Setting& s, const ref::RunOptions& opt) {
+Outcome run_once(const Setting& s, ref::RunOptions opt) {
+  opt.position_offset = s.position_offset;
   ref::Model<double> m = ref::make_model<double>(s.ck, opt.numerics.policy);
   m.train_norms = !m.train_all;  // norm-weight gradients are what the rmsnorm-no-weight-grad bug drops
   if (s.pad_rows.numel() > 0) ref::pad_vocab(m, s.pad_rows);
   ref::Grads<double> g = ref::zero_grads(m);
   Outcome o;
   o.loss = ref::step_loss_and_grads(m, s.micro, opt, g);
-  ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, const double*, const double* gr, int64_t n) {
+  ref::for_each_trainable(m, g, [&](const std::string& name, const Shape&, const double*, const double* gr, int64_t n) {
+    o.names.push_back(name);
+    o.offsets.push_back(o.grads.size());
     o.grads.insert(o.grads.end(), gr, gr + n);
   });
+  o.offsets.push_back(o.grads.size());
   return o;
 }
 
@@ -48,6 +56,20 @@ double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
     den += b[i] * b[i];
   }
   return std::sqrt(num / den);
+}
+
+// Relative L2 distance of each tensor of a to the same tensor of b (NaN where b's tensor is all zero).
+std::vector<double> rel_l2_per_tensor(const Outcome& a, const Outcome& b) {
+  std::vector<double> r(b.names.size());
+  for (size_t i = 0; i < r.size(); ++i) {
+    double num = 0, den = 0;
+    for (size_t k = b.offsets[i]; k < b.offsets[i + 1]; ++k) {
+      num += (a.grads[k] - b.grads[k]) * (a.grads[k] - b.grads[k]);
+      den += b.grads[k] * b.grads[k];
+    }
+    r[i] = den > 0 ? std::sqrt(num / den) : std::nan("");
+  }
+  return r;
 }
 
 double cosine(const std::vector<double>& a, const std::vector<double>& b) {
@@ -62,7 +84,7 @@ double cosine(const std::vector<double>& a, const std::vector<double>& b) {
 
 struct Variant {
   std::string id, source;
-  bool trained_like_head = false;  // runs in the trained-like head setting (synthetic runs only)
+  bool trained_like = false;  // synthetic runs: measured on weights shaped like a trained model (else as drawn)
   // Applies the deviation to the correct run's options; returns why it cannot act here, or "".
   std::function<std::string(ref::RunOptions&, const Config&, const Setting&)> apply;
 };
@@ -76,25 +98,25 @@ std::vector<Variant> variants() {
          const double n = std::sqrt(double(c.hidden_size));
          return round_to(DType::bf16, n) == n ? std::string("sqrt(hidden_size) is exact in bf16") : std::string();
        }},
-      {"rmsnorm-early-downcast", "gemma_pytorch before PR #67", false,
+      {"rmsnorm-early-downcast", "gemma_pytorch before PR #67", true,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          // Llama style: the normalised x is cast to bf16, then multiplied by a bf16 (1 + w).
          o.numerics.policy[Cast::norm_normed] = DType::bf16;
          o.numerics.policy[Cast::norm_scale] = DType::bf16;
          return std::string();
        }},
-      {"rope-bf16", "HF before 4.38.2; Keras mixed_bfloat16", false,
+      {"rope-bf16", "HF before 4.38.2; Keras mixed_bfloat16", true,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          o.numerics.policy[Cast::rope_inputs] = DType::bf16;
          o.numerics.policy[Cast::rope_angle] = DType::bf16;
          return std::string();
        }},
-      {"gelu-exact", "HF/gemma_pytorch before March 2024", false,
+      {"gelu-exact", "HF/gemma_pytorch before March 2024", true,
        [](ref::RunOptions& o, const Config&, const Setting&) {
          o.numerics.semantics.gelu_exact = true;
          return std::string();
        }},
-      {"qpas-head-dim", "JAX / gemma_pytorch, July 2024", false,
+      {"qpas-head-dim", "JAX / gemma_pytorch, July 2024", true,
        [](ref::RunOptions& o, const Config& c, const Setting&) {
          // 27b: head_dim^-0.5 instead of 144^-0.5. Where the two agree (2b, 9b), the early 9b value 224.
          o.numerics.semantics.query_pre_attn_scalar =
@@ -186,14 +208,28 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   return s;
 }
 
-// A head like a trained model's, for the padded-vocabulary bug: zero-filled padding rows give logits of 0,
-// which only take probability mass when most real logits sit below 0, as in trained LMs (gemma2.md: "a zero
-// logit stays 0 after the cap and steals probability mass"). Synthetic logits are centred at 0 and dominated by
-// the input token's own logit, so this setting (1) raises the post-attention and post-feedforward norm scales
-// to about 4, as in Gemma 2, so that the layers rather than the embedding dominate the residual stream, and
-// (2) gives every embedding row a shared component on one dimension in 8, which the final norm's scale (1 + w)
-// maps to -1, so that the whole vocabulary's logits shift down by about `shift`.
-void make_head_trained_like(Setting& s, double shift) {
+// Finetuning sequences are hundreds to thousands of tokens long, and most tokens sit far from position 0, where
+// rounding a position or an angle costs most. Exact RoPE sees only position differences, so placing the batch
+// at the end of a 4096-token sequence changes nothing but that rounding.
+int64_t trained_like_offset(const Config& c, int64_t T, const DiagnoseOptions& d) {
+  const int64_t off = d.position_offset.value_or(std::max<int64_t>(0, std::min<int64_t>(4096, c.max_position_embeddings) - T));
+  if (off < 0 || off + T > c.max_position_embeddings)
+    fail("--position-offset", "positions must stay within 0 .. max_position_embeddings - 1");
+  return off;
+}
+
+// Weights shaped like a trained Gemma 2's. Synthetic weights as drawn give a residual stream dominated by the
+// embedding and logits centred at 0, led by the input token's own logit: the layers barely move the loss, so a
+// bug inside them hides under the logits' bf16 rounding, and zero-filled padded vocabulary rows (logit 0) take
+// no probability mass, while in a trained LM most logits sit below 0 and a zero logit "stays 0 after the cap
+// and steals probability mass" (gemma2.md). So (1) the post-attention and post-feedforward norm scales go to
+// about 4, as in the released checkpoints, making the layers dominate the residual stream, and (2) every
+// embedding row gets a shared component on one dimension in 8, which the final norm's scale (1 + w) maps to -1,
+// shifting the whole vocabulary's logits down by about `shift`, and (3) q_proj is scaled by `q_scale`: the
+// drawn weights spread attention scores over about a quarter of the cap so that the cap acts, which makes
+// every softmax nearly one-hot (a changed scale or rotation barely moves it) and its bf16 noise large; most
+// heads of a trained model are cooler.
+void make_trained_like(Setting& s, double shift, double q_scale) {
   Config& c = s.ck.config;
   const int64_t D = c.hidden_size, L = c.num_hidden_layers;
   auto edit = [&](const std::string& name, const std::function<double(int64_t, double)>& f) {
@@ -213,15 +249,20 @@ void make_head_trained_like(Setting& s, double shift) {
   const double m = std::sqrt(8.0 * a / double(D));
   edit(kEmbedName, [&](int64_t i, double e) { return (i % D) % 8 == 0 ? e + m : e; });
   edit(kFinalNormName, [&](int64_t i, double w) { return i % 8 == 0 ? -2.0 : w; });
-  char b[200];
-  std::snprintf(b, sizeof b, "trained-like head: post-norm scales raised by 3, shared embedding component %.4f on every 8th "
-                "dimension mapped to -1 by the final norm (logits shifted down by about %.0f)", m, shift);
+  for (int64_t l = 0; l < L; ++l) edit(proj_weight_name(l, Proj::q_proj), [&](int64_t, double w) { return w * q_scale; });
+  char b[320];
+  std::snprintf(b, sizeof b, "trained-like weights: post-norm scales raised by 3, shared embedding component %.4f on every 8th "
+                "dimension mapped to -1 by the final norm (logits shifted down by about %.0f), q_proj scaled by %g (attention "
+                "scores spread %g times as wide)", m, shift, q_scale, q_scale);
   s.notes.push_back(b);
 }
 
-Setting case_setting(const Inputs& in) {
+Setting case_setting(const Inputs& in, const DiagnoseOptions& d) {
   Setting s;
   s.ck = in.model;
+  s.position_offset = d.position_offset.value_or(0);
+  if (s.position_offset < 0 || s.position_offset + in.batch.T > s.ck.config.max_position_embeddings)
+    fail("--position-offset", "positions must stay within 0 .. max_position_embeddings - 1");
   s.micro = in.batch.B >= 2 ? split_batch(in.batch, (in.batch.B + 1) / 2) : std::vector<Batch>{in.batch};
   const Config& c = s.ck.config;
   const int64_t padded = (c.vocab_size / 128 + 1) * 128;
@@ -246,6 +287,7 @@ namespace {
 struct Baseline {
   Outcome f64, pol;
   double noise_loss = 0, noise_grad = 0;
+  std::vector<double> noise_tensor;  // per trainable tensor: its relative L2 spread over the jitter seeds
 };
 
 // 2^-23: a value an fp32 trainer hands to a rounding differs from float64's by about one fp32 ulp.
@@ -265,6 +307,9 @@ Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::Run
     const Outcome r = run_once(s, o);
     b.noise_loss = std::max(b.noise_loss, rel_err(r.loss, b.pol.loss));
     b.noise_grad = std::max(b.noise_grad, rel_l2(r.grads, b.pol.grads));
+    const std::vector<double> t = rel_l2_per_tensor(r, b.pol);
+    if (b.noise_tensor.empty()) b.noise_tensor.assign(t.size(), 0.0);
+    for (size_t i = 0; i < t.size(); ++i) b.noise_tensor[i] = std::max(b.noise_tensor[i], t[i]);
   }
   return b;
 }
@@ -279,11 +324,12 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   const bool synthetic = spec.model.has_value();
   if (!synthetic && d.window) fail("--window", "applies to synthetic runs (--model) only");
 
-  Setting s = synthetic ? synthetic_setting(spec, d, spec.seed) : case_setting(load_inputs(spec));
+  Setting s = synthetic ? synthetic_setting(spec, d, spec.seed) : case_setting(load_inputs(spec), d);
   const Config& c = s.ck.config;
   const Softcap sc = d.softcap ? parse_softcap(*d.softcap, "--softcap") : config_softcaps(c);
   check_softcap_available(c, sc, "--softcap");
   const std::vector<Variant> vs = variants();
+  const int64_t trained_offset = synthetic ? trained_like_offset(c, s.micro[0].T, d) : 0;  // checked before any run
 
   std::printf("verify diagnose: %s\n", s.notes[0].c_str());
   for (size_t i = 1; i < s.notes.size(); ++i) std::printf("  %s\n", s.notes[i].c_str());
@@ -297,17 +343,24 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   exact.softcap = correct.softcap = sc;
   correct.numerics.policy = policy;
   const double factor = 3.0;
-  const Baseline main_b = baseline(s, exact, correct, d.noise_seeds, "main setting");
+  const char* main_name = synthetic ? "weights as drawn" : "case file";
+  const Baseline main_b = baseline(s, exact, correct, d.noise_seeds, main_name);
 
-  // The trained-like head setting, for the variants that need it.
-  std::optional<Setting> head;
-  std::optional<Baseline> head_b;
+  // The trained-like setting, for the variants measured there.
+  std::optional<Setting> trained;
+  std::optional<Baseline> trained_b;
   for (const Variant& v : vs)
-    if (v.trained_like_head && synthetic && !head) {
-      head = s;
-      head->notes.clear();
-      make_head_trained_like(*head, 6.0);
-      head_b = baseline(*head, exact, correct, d.noise_seeds, "trained-like head");
+    if (v.trained_like && synthetic && !trained) {
+      trained = s;
+      trained->notes.clear();
+      make_trained_like(*trained, 6.0, 0.25);
+      const int64_t T = s.micro[0].T;
+      trained->position_offset = trained_offset;
+      if (trained->position_offset > 0)
+        trained->notes[0] += "; positions " + std::to_string(trained->position_offset) + " .. " +
+                             std::to_string(trained->position_offset + T - 1) + " (the end of a " +
+                             std::to_string(trained->position_offset + T) + "-token sequence)";
+      trained_b = baseline(*trained, exact, correct, d.noise_seeds, "trained-like weights");
     }
 
   auto print_noise = [&](const char* what, const Baseline& b) {
@@ -316,41 +369,61 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
                 what, b.f64.loss, policy.name.c_str(), b.pol.loss, sci(rel_err(b.pol.loss, b.f64.loss)).c_str(),
                 policy.name.c_str(), (long long)d.noise_seeds, sci(b.noise_loss).c_str(), sci(b.noise_grad).c_str());
   };
-  print_noise("main setting", main_b);
-  if (head) {
-    std::printf("  %s\n", head->notes[0].c_str());
-    print_noise("trained-like head", *head_b);
+  print_noise(main_name, main_b);
+  if (trained) {
+    std::printf("  %s\n", trained->notes[0].c_str());
+    print_noise("trained-like weights", *trained_b);
   }
-  std::printf("  detectable: loss or gradients move further from %s than %gx their noise (jitter %.1e, fp32-sized)\n",
-              policy.name.c_str(), factor, kJitter);
-  std::printf("\n%-25s %-41s %9s %9s %9s %9s %9s %8s  %s\n", "variant", "where it happened", "dL f64", "rel", "dL policy",
-              "rel", "grad L2", "cosine", "detectable");
+  std::printf("  detectable: the loss, or the gradient of some tensor, moves further from %s than %gx its own noise\n"
+              "  (jitter %.1e, fp32-sized; each tensor's noise is its own spread, so a bug confined to a few tensors is\n"
+              "  not drowned by the rest); the control row is %s itself under jitter seed %lld, which must come out \"no\"\n",
+              policy.name.c_str(), factor, kJitter, policy.name.c_str(), (long long)(d.noise_seeds + 1));
+  std::printf("\n%-25s %-41s %-7s %9s %9s %9s %9s %9s %8s %8s  %s\n", "variant", "where it happened", "weights", "dL f64", "rel",
+              "dL policy", "rel", "grad L2", "cosine", "x noise", "detectable (largest move)");
+
+  // How far an outcome is from the correct policy, in units of the noise: the loss, and the tensor that moved most.
+  struct Assessment {
+    double ratio = 0;          // largest of the loss's and every tensor's move / noise
+    std::string where;         // "loss" or the tensor's name
+    double where_move = 0, where_noise = 0;
+  };
+  auto assess = [&](const Outcome& r, const Baseline& b) {
+    Assessment a;
+    const double rl = rel_err(r.loss, b.pol.loss);
+    a.ratio = b.noise_loss > 0 ? rl / b.noise_loss : (rl > 0 ? INFINITY : 0.0);
+    a.where = "loss";
+    a.where_move = rl;
+    a.where_noise = b.noise_loss;
+    const std::vector<double> t = rel_l2_per_tensor(r, b.pol);
+    for (size_t i = 0; i < t.size(); ++i) {
+      if (std::isnan(t[i])) continue;  // the correct policy's gradient of this tensor is zero
+      const double q = b.noise_tensor[i] > 0 ? t[i] / b.noise_tensor[i] : (t[i] > 0 ? INFINITY : 0.0);
+      if (q > a.ratio) a = {q, r.names[i], t[i], b.noise_tensor[i]};
+    }
+    return a;
+  };
 
   nlohmann::json jv = nlohmann::json::array();
   int detected = 0, applicable = 0;
-  for (const Variant& v : vs) {
-    const bool use_head = v.trained_like_head && head.has_value();
-    const Setting& vs_setting = use_head ? *head : s;
-    const Baseline& b = use_head ? *head_b : main_b;
-    ref::RunOptions o = correct;
-    const std::string na = v.apply(o, c, vs_setting);
-    progress("variant " + v.id);
-    const Outcome r = run_once(vs_setting, o);
+  auto report_row = [&](const std::string& id, const std::string& source, const Outcome& r, const Baseline& b,
+                        const std::string& na, bool use_trained) {
     const double dl_f64 = r.loss - b.f64.loss, dl_pol = r.loss - b.pol.loss;
     const double rl_f64 = rel_err(r.loss, b.f64.loss), rl_pol = rel_err(r.loss, b.pol.loss);
     const double g_l2 = rel_l2(r.grads, b.pol.grads), g_cos = cosine(r.grads, b.pol.grads);
-    const bool detectable = rl_pol > factor * b.noise_loss || g_l2 > factor * b.noise_grad;
-    if (na.empty()) {
-      ++applicable;
-      detected += detectable;
-    }
-    const std::string verdict = !na.empty() ? "n/a: " + na : std::string(detectable ? "yes" : "no") + (use_head ? " (head)" : "");
-    std::printf("%-25s %-41s %9.2e %9.2e %9.2e %9.2e %9.2e %8.5f  %s\n", v.id.c_str(), v.source.c_str(), dl_f64, rl_f64, dl_pol,
-                rl_pol, g_l2, g_cos, verdict.c_str());
+    const Assessment a = assess(r, b);
+    const bool detectable = na.empty() && a.ratio > factor;
+    char where[160];
+    std::snprintf(where, sizeof where, "%s %s vs noise %s", a.where.c_str(), sci(a.where_move).c_str(),
+                  sci(a.where_noise).c_str());
+    const std::string verdict =
+        !na.empty() ? "n/a: " + na : std::string(detectable ? "yes" : "no") + " (" + where + ")";
+    std::printf("%-25s %-41s %-7s %9.2e %9.2e %9.2e %9.2e %9.2e %8.5f %8.2f  %s\n", id.c_str(), source.c_str(),
+                !synthetic ? "case" : use_trained ? "trained" : "drawn", dl_f64, rl_f64, dl_pol, rl_pol, g_l2, g_cos, a.ratio,
+                verdict.c_str());
     std::fflush(stdout);
-    nlohmann::json j = {{"id", v.id},
-                        {"source", v.source},
-                        {"setting", use_head ? "trained-like head" : "main"},
+    nlohmann::json j = {{"id", id},
+                        {"source", source},
+                        {"setting", !synthetic ? "case file" : use_trained ? "trained-like weights" : "weights as drawn"},
                         {"loss", r.loss},
                         {"loss_abs_diff_vs_f64", dl_f64},
                         {"loss_rel_diff_vs_f64", rl_f64},
@@ -358,16 +431,53 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
                         {"loss_rel_diff_vs_policy", rl_pol},
                         {"grad_rel_l2_vs_policy", g_l2},
                         {"grad_cosine_vs_policy", g_cos},
-                        {"detectable", na.empty() && detectable}};
+                        {"noise_ratio", a.ratio},
+                        {"largest_move", {{"where", a.where}, {"rel", a.where_move}, {"noise", a.where_noise}}},
+                        {"detectable", detectable}};
     if (!na.empty()) j["not_applicable"] = na;
+    return std::pair{j, detectable};
+  };
+
+  for (const Variant& v : vs) {
+    const bool use_trained = v.trained_like && trained.has_value();
+    const Setting& vs_setting = use_trained ? *trained : s;
+    const Baseline& b = use_trained ? *trained_b : main_b;
+    ref::RunOptions o = correct;
+    const std::string na = v.apply(o, c, vs_setting);
+    progress("variant " + v.id);
+    const Outcome r = run_once(vs_setting, o);
+    auto [j, detectable] = report_row(v.id, v.source, r, b, na, use_trained);
+    if (na.empty()) {
+      ++applicable;
+      detected += detectable;
+    }
     jv.push_back(j);
   }
+  // The criterion's own check, in each setting: an equally correct run must not be called a bug.
+  nlohmann::json jcontrol = nlohmann::json::array();
+  bool control_flagged = false;
+  for (bool in_trained : {false, true}) {
+    if (in_trained && !trained) continue;
+    ref::RunOptions o = correct;
+    o.numerics.policy.jitter = kJitter;
+    o.numerics.policy.jitter_seed = uint64_t(d.noise_seeds + 1);
+    progress(std::string("control: ") + policy.name + " with jitter seed " + std::to_string(d.noise_seeds + 1));
+    const Outcome r = run_once(in_trained ? *trained : s, o);
+    auto [j, flagged] = report_row("control", policy.name + ", jitter seed " + std::to_string(d.noise_seeds + 1), r,
+                                   in_trained ? *trained_b : main_b, "", in_trained);
+    control_flagged |= flagged;
+    jcontrol.push_back(j);
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("\n%d/%d applicable variants stand above bf16 noise; %.1f s, peak memory %.2f GB\n", detected, applicable, secs,
+  std::printf("\n%d/%d applicable variants stand above bf16 noise (control: %s); %.1f s, peak memory %.2f GB\n", detected,
+              applicable, control_flagged ? "DETECTED, the noise estimate is too small" : "not detected", secs,
               peak_rss_bytes() / 1e9);
   if (d.json_path) {
     auto noise = [&](const Baseline& b) {
+      nlohmann::json per_tensor;
+      for (size_t i = 0; i < b.noise_tensor.size(); ++i) per_tensor[b.pol.names[i]] = b.noise_tensor[i];
       return nlohmann::json{{"loss_rel", b.noise_loss},      {"grad_rel_l2", b.noise_grad},
+                            {"grad_rel_l2_per_tensor", per_tensor},
                             {"loss_f64", b.f64.loss},         {"loss_policy", b.pol.loss},
                             {"bf16_error_loss_rel", rel_err(b.pol.loss, b.f64.loss)},
                             {"bf16_error_grad_rel_l2", rel_l2(b.pol.grads, b.f64.grads)}};
@@ -382,12 +492,14 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     j["noise"]["factor"] = factor;
     j["noise"]["definition"] =
         "spread (max over jitter seeds) of the correct policy when every value it rounds is first perturbed by +-jitter "
-        "(an fp32-sized difference); detectable = a variant's distance to the correct policy above factor x that spread";
-    if (head) {
-      j["noise"]["trained_like_head"] = noise(*head_b);
-      j["trained_like_head"] = head->notes;
+        "(an fp32-sized difference), for the loss and for each gradient tensor; detectable = the loss or some tensor moves "
+        "from the correct policy by more than factor x its own spread (noise_ratio = the largest move / noise)";
+    if (trained) {
+      j["noise"]["trained_like"] = noise(*trained_b);
+      j["trained_like"] = trained->notes;
     }
     j["variants"] = jv;
+    j["control"] = jcontrol;
     j["seconds"] = secs;
     write_json(*d.json_path, j);
   }

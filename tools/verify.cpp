@@ -236,6 +236,8 @@ int main(int argc, char** argv) {
   diag->add_option("--seed", dseed, "seed of synthetic weights and batch");
   diag->add_option("--lora-r", dspec.lora_r, "rank of synthetic LoRA adapters");
   diag->add_option("--window", dopt.window, "sliding window of a synthetic run (default: shrunk below the sequence)");
+  diag->add_option("--position-offset", dopt.position_offset,
+                   "first position: of the trained-like setting of a synthetic run (default: the batch ends at position 4095), or of a case file's batch (default 0)");
   diag->add_option("--policy", dopt.policy, "the correct bf16 policy the variants deviate from (hf-bf16, fast)");
   diag->add_option("--noise-seeds", dopt.noise_seeds, "jitter seeds for the bf16 noise estimate (default 3)");
   diag->add_option("--json", dopt.json_path, "write the table as JSON (- for stdout)");
