@@ -58,6 +58,12 @@ double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
   return std::sqrt(num / den);
 }
 
+double l2_norm(const std::vector<double>& a) {
+  double s = 0;
+  for (double x : a) s += x * x;
+  return std::sqrt(s);
+}
+
 // Relative L2 distance of each tensor of a to the same tensor of b (NaN where b's tensor is all zero).
 std::vector<double> rel_l2_per_tensor(const Outcome& a, const Outcome& b) {
   std::vector<double> r(b.names.size());
@@ -288,6 +294,7 @@ struct Baseline {
   Outcome f64, pol;
   double noise_loss = 0, noise_grad = 0;
   std::vector<double> noise_tensor;  // per trainable tensor: its relative L2 spread over the jitter seeds
+  std::vector<std::vector<double>> jitter_grads;  // each jitter seed's gradients, for projections on a fingerprint
 };
 
 // 2^-23: a value an fp32 trainer hands to a rounding differs from float64's by about one fp32 ulp.
@@ -305,6 +312,7 @@ Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::Run
     o.numerics.policy.jitter = kJitter;
     o.numerics.policy.jitter_seed = uint64_t(k);
     const Outcome r = run_once(s, o);
+    b.jitter_grads.push_back(r.grads);
     b.noise_loss = std::max(b.noise_loss, rel_err(r.loss, b.pol.loss));
     b.noise_grad = std::max(b.noise_grad, rel_l2(r.grads, b.pol.grads));
     const std::vector<double> t = rel_l2_per_tensor(r, b.pol);
@@ -438,6 +446,55 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     return std::pair{j, detectable};
   };
 
+  // A bug's fingerprint: the gradient change it makes in exact arithmetic, e = g(float64 + bug) - g(float64 +
+  // the correct policy's choice at the same place). Where a variant's move is lost in bf16 noise as a whole,
+  // the question becomes a matched filter's: does the bf16 run move along e, and further than the jitter runs
+  // move along e? Noise spread over millions of gradient entries projects onto one direction with a small
+  // fraction of its size, while a systematic effect keeps its own. The test is one-sided (the move must point
+  // the bug's way) and uses the same factor and max-over-seeds noise; the control rows are projected on every
+  // fingerprint too. It costs one or two float64 runs per variant, so it runs only where the direct test fails.
+  struct Fingerprint {
+    std::string id;
+    bool in_trained = false;
+    std::vector<double> unit;  // e / |e|
+  };
+  std::vector<Fingerprint> fingerprints;
+  auto project = [](const std::vector<double>& g, const std::vector<double>& ref_g, const std::vector<double>& unit) {
+    double p = 0;
+    for (size_t i = 0; i < unit.size(); ++i) p += (g[i] - ref_g[i]) * unit[i];
+    return p;
+  };
+  auto projection_noise = [&](const Baseline& b, const std::vector<double>& unit) {
+    double n = 0;
+    for (const auto& jg : b.jitter_grads) n = std::max(n, std::abs(project(jg, b.pol.grads, unit)));
+    return n;
+  };
+  auto is_exact = [&](const ref::RunOptions& o) {
+    return o.numerics.policy.exact() && o.numerics.semantics == ref::Semantics{} && o.softcap == exact.softcap;
+  };
+  auto fingerprint_of = [&](const Variant& v, const ref::RunOptions& o, const Setting& st, const Baseline& b) {
+    ref::RunOptions ev = exact, ec = exact;
+    ev.softcap = o.softcap;
+    ev.numerics.semantics = o.numerics.semantics;
+    for (int i = 0; i < ref::kNumCasts; ++i)
+      if (o.numerics.policy.fmt[size_t(i)] != correct.numerics.policy.fmt[size_t(i)]) {
+        ev.numerics.policy.fmt[size_t(i)] = o.numerics.policy.fmt[size_t(i)];
+        ec.numerics.policy.fmt[size_t(i)] = correct.numerics.policy.fmt[size_t(i)];
+      }
+    progress("fingerprint of " + v.id + " in float64");
+    const Outcome fv = is_exact(ev) ? b.f64 : run_once(st, ev);
+    const Outcome fc = is_exact(ec) ? b.f64 : run_once(st, ec);
+    std::vector<double> e(fv.grads.size());
+    double n2 = 0;
+    for (size_t i = 0; i < e.size(); ++i) {
+      e[i] = fv.grads[i] - fc.grads[i];
+      n2 += e[i] * e[i];
+    }
+    const double n = std::sqrt(n2);
+    for (double& x : e) x = n > 0 ? x / n : 0.0;
+    return std::pair{e, n};
+  };
+
   for (const Variant& v : vs) {
     const bool use_trained = v.trained_like && trained.has_value();
     const Setting& vs_setting = use_trained ? *trained : s;
@@ -447,6 +504,26 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     progress("variant " + v.id);
     const Outcome r = run_once(vs_setting, o);
     auto [j, detectable] = report_row(v.id, v.source, r, b, na, use_trained);
+    if (na.empty() && !detectable) {
+      const auto [unit, size] = fingerprint_of(v, o, vs_setting, b);
+      if (size > 0) {
+        const double seen = project(r.grads, b.pol.grads, unit), noise = projection_noise(b, unit);
+        const double ratio = seen > 0 ? (noise > 0 ? seen / noise : INFINITY) : 0.0;
+        const bool fp_detectable = ratio > factor;
+        std::printf("%-25s fingerprint: float64 effect %s of the gradient; the %s run moves %.2f of it along it, %.2fx the "
+                    "jitter runs' projection: %s\n",
+                    "", sci(size / l2_norm(b.f64.grads)).c_str(), policy.name.c_str(), seen / size, ratio,
+                    fp_detectable ? "yes" : "no");
+        std::fflush(stdout);
+        j["fingerprint"] = {{"exact_effect_grad_rel_l2", size / l2_norm(b.f64.grads)},
+                            {"fraction_seen", seen / size},
+                            {"noise_ratio", ratio},
+                            {"detectable", fp_detectable}};
+        detectable = fp_detectable;
+        j["detectable"] = detectable;
+        fingerprints.push_back({v.id, use_trained, unit});
+      }
+    }
     if (na.empty()) {
       ++applicable;
       detected += detectable;
@@ -463,8 +540,29 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     o.numerics.policy.jitter_seed = uint64_t(d.noise_seeds + 1);
     progress(std::string("control: ") + policy.name + " with jitter seed " + std::to_string(d.noise_seeds + 1));
     const Outcome r = run_once(in_trained ? *trained : s, o);
-    auto [j, flagged] = report_row("control", policy.name + ", jitter seed " + std::to_string(d.noise_seeds + 1), r,
-                                   in_trained ? *trained_b : main_b, "", in_trained);
+    const Baseline& b = in_trained ? *trained_b : main_b;
+    auto [j, flagged] = report_row("control", policy.name + ", jitter seed " + std::to_string(d.noise_seeds + 1), r, b, "",
+                                   in_trained);
+    // The control projected on each fingerprint of its setting, as the variants were.
+    double worst = 0;
+    std::string worst_id;
+    for (const Fingerprint& f : fingerprints) {
+      if (f.in_trained != in_trained) continue;
+      const double seen = project(r.grads, b.pol.grads, f.unit), noise = projection_noise(b, f.unit);
+      const double ratio = seen > 0 ? (noise > 0 ? seen / noise : INFINITY) : 0.0;
+      if (ratio >= worst) {
+        worst = ratio;
+        worst_id = f.id;
+      }
+    }
+    if (!worst_id.empty()) {
+      std::printf("%-25s on the fingerprints: at most %.2fx the jitter runs' projection (%s)\n", "", worst, worst_id.c_str());
+      j["fingerprint_noise_ratio"] = worst;
+      if (worst > factor) {
+        flagged = true;
+        j["detectable"] = true;
+      }
+    }
     control_flagged |= flagged;
     jcontrol.push_back(j);
   }
