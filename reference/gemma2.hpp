@@ -717,8 +717,7 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
 template <class Real>
 Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; overwritten with d/d logits
                            Mat<Real>& pad,     // (N, P) logits of padded rows (P may be 0); overwritten likewise
-                           const Batch& batch, const std::vector<int64_t>& token_of,  // row n is token token_of[n]
-                           const Ctx<Real>& ctx,
+                           const Batch& batch, const Ctx<Real>& ctx,
                            const Real& grad_scale,  // 1 / (targets normalising the mean); 0: forward only
                            Mat<Real>* capped) {     // (N, V) logits after the cap, when wanted
   using std::exp;
@@ -732,7 +731,7 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
   std::vector<Real> row_loss(size_t(N), Real(0));
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t y = batch.target(token_of[size_t(n)] / ctx.T, token_of[size_t(n)] % ctx.T);
+    const int64_t y = batch.target(n / ctx.T, n % ctx.T);
     const int64_t cols = pad_in_softmax ? V + P : V;
     auto raw = [&](int64_t j) -> Real { return j < V ? logits(n, j) : pad(n, j - V); };
     std::vector<Real> z(static_cast<size_t>(cols));
@@ -763,15 +762,6 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
   Real total = Real(0);
   for (int64_t n = 0; n < N; ++n) total = cast(p, Cast::loss, total + row_loss[size_t(n)]);
   return total;
-}
-
-// Every row of the batch in order (row n is token n).
-template <class Real>
-Real loss_forward_backward(Mat<Real>& logits, Mat<Real>& pad, const Batch& batch, const Ctx<Real>& ctx,
-                           const Real& grad_scale, Mat<Real>* capped) {
-  std::vector<int64_t> token_of(size_t(logits.rows()));
-  for (size_t n = 0; n < token_of.size(); ++n) token_of[n] = int64_t(n);
-  return loss_forward_backward(logits, pad, batch, token_of, ctx, grad_scale, capped);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -814,50 +804,29 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   Vec<Real> rstd_f;
   rmsnorm_forward(x, m.norm, ctx, xf, rstd_f);
   cast(p, Cast::matmul_in, xf);
-  // The LM head, the largest product at 256000 columns, runs on the rows with a scored target only (every row
-  // when the logits themselves are wanted): an unscored row adds nothing to the loss and gets zero gradient,
-  // and each logit is a dot product of its own row, so leaving rows out changes no other row's value.
-  std::vector<int64_t> token_of;
-  for (int64_t n = 0; n < N; ++n)
-    if (opt.keep_logits || batch.target(n / batch.T, n % batch.T) != kIgnoreIndex) token_of.push_back(n);
-  const int64_t H = int64_t(token_of.size());
-  const bool all_rows = H == N;
-  Mat<Real> xh;
-  if (!all_rows) {
-    xh.resize(H, D);
-    for (int64_t i = 0; i < H; ++i) xh.row(i) = xf.row(token_of[size_t(i)]);
-  }
-  const Mat<Real>& head_in = all_rows ? xf : xh;
   // The real vocabulary's logits are computed exactly as without padding, so padding cannot change them.
-  Mat<Real> logits, pad_logits(H, 0);
-  linear_forward(head_in, m.embed_tokens, logits);
+  Mat<Real> logits, pad_logits(N, 0);
+  linear_forward(xf, m.embed_tokens, logits);
   cast(p, Cast::logits, logits);
   if (m.embed_pad.rows > 0) {
-    linear_forward(head_in, m.embed_pad, pad_logits);
+    linear_forward(xf, m.embed_pad, pad_logits);
     cast(p, Cast::logits, pad_logits);
   }
 
   Result<Real> r;
   r.tokens = batch.count_targets();
-  r.loss_sum = loss_forward_backward(logits, pad_logits, batch, token_of, ctx, g ? grad_scale : Real(0),
+  r.loss_sum = loss_forward_backward(logits, pad_logits, batch, ctx, g ? grad_scale : Real(0),
                                      opt.keep_logits ? &r.logits : nullptr);
   if (!g) return r;
 
   Mat<Real>& dlogits = logits;
   cast(p, Cast::grad_act, dlogits);
-  Mat<Real> dxh = Mat<Real>::Zero(H, D);
-  linear_backward_input(dlogits, m.embed_tokens, dxh);
-  if (m.embed_pad.rows > 0 && sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxh);
+  Mat<Real> dxf = Mat<Real>::Zero(N, D);
+  linear_backward_input(dlogits, m.embed_tokens, dxf);
+  if (m.embed_pad.rows > 0 && sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxf);
   if (m.train_all) {
-    g->embed_tokens.noalias() += dlogits.transpose() * head_in;
-    if (m.embed_pad.rows > 0) g->embed_pad.noalias() += pad_logits.transpose() * head_in;
-  }
-  Mat<Real> dxf;
-  if (all_rows) {
-    dxf = std::move(dxh);
-  } else {
-    dxf = Mat<Real>::Zero(N, D);
-    for (int64_t i = 0; i < H; ++i) dxf.row(token_of[size_t(i)]) = dxh.row(i);
+    g->embed_tokens.noalias() += dlogits.transpose() * xf;
+    if (m.embed_pad.rows > 0) g->embed_pad.noalias() += pad_logits.transpose() * xf;
   }
   cast(p, Cast::grad_act, dxf);
   Mat<Real> dx;
