@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -240,11 +241,21 @@ int64_t trained_like_offset(const Config& c, int64_t T, const DiagnoseOptions& d
 void make_trained_like(Setting& s, double shift, double q_scale) {
   Config& c = s.ck.config;
   const int64_t D = c.hidden_size, L = c.num_hidden_layers;
+  // Block by block: the 27b embedding is 1.2e9 values, 9.4 GB as one float64 vector.
   auto edit = [&](const std::string& name, const std::function<double(int64_t, double)>& f) {
     Tensor& t = s.ck.weights.at(name);
-    std::vector<double> v = t.to_double();
-    for (size_t i = 0; i < v.size(); ++i) v[i] = f(int64_t(i), v[i]);
-    t = tensor_from_doubles(t.dtype, t.shape, v);
+    OwnedTensor out = make_tensor(t.dtype, t.shape);
+    const int64_t n = t.numel(), block = int64_t(1) << 20;
+    std::vector<double> v;
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      const int64_t m = std::min(block, n - i0);
+      v.resize(size_t(m));
+      t.to_double(i0, m, v.data());
+      for (int64_t i = 0; i < m; ++i) v[size_t(i)] = f(i0 + i, v[size_t(i)]);
+      const Tensor part = tensor_from_doubles(t.dtype, {m}, v);
+      std::memcpy(out.raw + i0 * int64_t(dtype_size(t.dtype)), part.bytes.get(), size_t(m) * dtype_size(t.dtype));
+    }
+    t = out.t;
   };
   for (int64_t l = 0; l < L; ++l)
     for (Norm n : {Norm::post_attention_layernorm, Norm::post_feedforward_layernorm})
