@@ -50,6 +50,10 @@ enum class Cast : uint8_t {
 inline constexpr int kNumCasts = int(Cast::count);
 const char* cast_name(Cast c);
 
+// The jitter that stands for fp32 accumulation: a value an fp32 trainer hands to a rounding differs from
+// float64's by about one fp32 ulp, 2^-23 relative.
+inline constexpr double kFp32Jitter = 0x1p-23;
+
 struct Policy {
   std::string name = "f64";
   std::array<DType, kNumCasts> fmt{};  // f64 everywhere: no rounding

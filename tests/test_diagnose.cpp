@@ -92,7 +92,9 @@ TEST(Diagnose, TheCorrectPolicyUnderAFreshJitterSeedIsNotCalledABug) {
   for (const json& c : t["control"]) {
     EXPECT_FALSE(c["detectable"].get<bool>()) << c.dump();
     EXPECT_LT(c["noise_ratio"].get<double>(), 3.0) << c.dump();
-    if (c.contains("fingerprint_noise_ratio")) EXPECT_LT(c["fingerprint_noise_ratio"].get<double>(), 3.0) << c.dump();
+    if (c.contains("fingerprint_noise_ratio")) {
+      EXPECT_LT(c["fingerprint_noise_ratio"].get<double>(), 3.0) << c.dump();
+    }
   }
 }
 

@@ -1,10 +1,10 @@
 #include "tools/diagnose.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <cstdlib>
 #include <functional>
 #include <nlohmann/json.hpp>
 
@@ -220,11 +220,15 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
 // Finetuning sequences are hundreds to thousands of tokens long, and most tokens sit far from position 0, where
 // rounding a position or an angle costs most. Exact RoPE sees only position differences, so placing the batch
 // at the end of a 4096-token sequence changes nothing but that rounding.
-int64_t trained_like_offset(const Config& c, int64_t T, const DiagnoseOptions& d) {
-  const int64_t off = d.position_offset.value_or(std::max<int64_t>(0, std::min<int64_t>(4096, c.max_position_embeddings) - T));
+int64_t checked_offset(int64_t off, int64_t T, const Config& c) {
   if (off < 0 || off + T > c.max_position_embeddings)
     fail("--position-offset", "positions must stay within 0 .. max_position_embeddings - 1");
   return off;
+}
+
+int64_t trained_like_offset(const Config& c, int64_t T, const DiagnoseOptions& d) {
+  return checked_offset(d.position_offset.value_or(std::max<int64_t>(0, std::min<int64_t>(4096, c.max_position_embeddings) - T)),
+                        T, c);
 }
 
 // Weights shaped like a trained Gemma 2's. Synthetic weights as drawn give a residual stream dominated by the
@@ -279,9 +283,7 @@ void make_trained_like(Setting& s, double shift, double q_scale) {
 Setting case_setting(const Inputs& in, const DiagnoseOptions& d) {
   Setting s;
   s.ck = in.model;
-  s.position_offset = d.position_offset.value_or(0);
-  if (s.position_offset < 0 || s.position_offset + in.batch.T > s.ck.config.max_position_embeddings)
-    fail("--position-offset", "positions must stay within 0 .. max_position_embeddings - 1");
+  s.position_offset = checked_offset(d.position_offset.value_or(0), in.batch.T, s.ck.config);
   s.micro = in.batch.B >= 2 ? split_batch(in.batch, (in.batch.B + 1) / 2) : std::vector<Batch>{in.batch};
   s.whole = in.batch;
   const Config& c = s.ck.config;
@@ -311,9 +313,6 @@ struct Baseline {
   std::vector<std::vector<double>> jitter_grads;  // each jitter seed's gradients, for projections on a fingerprint
 };
 
-// 2^-23: a value an fp32 trainer hands to a rounding differs from float64's by about one fp32 ulp.
-constexpr double kJitter = 0x1p-23;
-
 Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::RunOptions& correct, int64_t seeds,
                   const std::string& what) {
   Baseline b;
@@ -323,7 +322,7 @@ Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::Run
   for (int64_t k = 1; k <= seeds; ++k) {
     progress("noise: " + correct.numerics.policy.name + " with jitter seed " + std::to_string(k) + " (" + what + ")");
     ref::RunOptions o = correct;
-    o.numerics.policy.jitter = kJitter;
+    o.numerics.policy.jitter = ref::kFp32Jitter;
     o.numerics.policy.jitter_seed = uint64_t(k);
     const Outcome r = run_once(s, o);
     b.jitter_grads.push_back(r.grads);
@@ -371,22 +370,21 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   // The trained-like setting, for the variants measured there.
   std::optional<Setting> trained;
   std::optional<Baseline> trained_b;
-  for (const Variant& v : vs)
-    if (v.trained_like && synthetic && !trained) {
-      trained = s;
-      trained->notes.clear();
-      make_trained_like(*trained, 6.0, 0.25);
-      // No variant measured here is about micro-batches (grad-accum-mean-of-means runs on the drawn weights), and
-      // each micro-batch pays for the 256000-row LM head again: one batch.
-      trained->micro = {trained->whole};
-      const int64_t T = s.micro[0].T;
-      trained->position_offset = trained_offset;
-      if (trained->position_offset > 0)
-        trained->notes[0] += "; one batch of " + std::to_string(trained->whole.B) + " x " + std::to_string(T) + "; positions " + std::to_string(trained->position_offset) + " .. " +
-                             std::to_string(trained->position_offset + T - 1) + " (the end of a " +
-                             std::to_string(trained->position_offset + T) + "-token sequence)";
-      trained_b = baseline(*trained, exact, correct, d.noise_seeds, "trained-like weights");
-    }
+  if (synthetic && std::any_of(vs.begin(), vs.end(), [](const Variant& v) { return v.trained_like; })) {
+    trained = s;
+    trained->notes.clear();
+    make_trained_like(*trained, 6.0, 0.25);
+    // No variant measured here is about micro-batches (grad-accum-mean-of-means runs on the drawn weights), and
+    // each micro-batch pays for the 256000-row LM head again: one batch.
+    trained->micro = {trained->whole};
+    const int64_t T = trained->whole.T;
+    trained->notes[0] += "; one batch of " + std::to_string(trained->whole.B) + " x " + std::to_string(T);
+    trained->position_offset = trained_offset;
+    if (trained_offset > 0)
+      trained->notes[0] += "; positions " + std::to_string(trained_offset) + " .. " + std::to_string(trained_offset + T - 1) +
+                           " (the end of a " + std::to_string(trained_offset + T) + "-token sequence)";
+    trained_b = baseline(*trained, exact, correct, d.noise_seeds, "trained-like weights");
+  }
 
   auto print_noise = [&](const char* what, const Baseline& b) {
     std::printf("  %s: float64 loss %.10g, %s loss %.10g (bf16 error %s); noise = %s's spread over %lld jitter seeds: "
@@ -402,7 +400,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   std::printf("  detectable: the loss, or the gradient of some tensor, moves further from %s than %gx its own noise\n"
               "  (jitter %.1e, fp32-sized; each tensor's noise is its own spread, so a bug confined to a few tensors is\n"
               "  not drowned by the rest); the control row is %s itself under jitter seed %lld, which must come out \"no\"\n",
-              policy.name.c_str(), factor, kJitter, policy.name.c_str(), (long long)(d.noise_seeds + 1));
+              policy.name.c_str(), factor, ref::kFp32Jitter, policy.name.c_str(), (long long)(d.noise_seeds + 1));
   std::printf("\n%-25s %-41s %-7s %9s %9s %9s %9s %9s %8s %8s  %s\n", "variant", "where it happened", "weights", "dL f64", "rel",
               "dL policy", "rel", "grad L2", "cosine", "x noise", "detectable (largest move)");
 
@@ -557,7 +555,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   for (bool in_trained : {false, true}) {
     if (in_trained && !trained) continue;
     ref::RunOptions o = correct;
-    o.numerics.policy.jitter = kJitter;
+    o.numerics.policy.jitter = ref::kFp32Jitter;
     o.numerics.policy.jitter_seed = uint64_t(d.noise_seeds + 1);
     progress(std::string("control: ") + policy.name + " with jitter seed " + std::to_string(d.noise_seeds + 1));
     const Outcome r = run_once(in_trained ? *trained : s, o);
@@ -607,7 +605,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     j["softcap"] = {{"attn", sc.attn}, {"logits", sc.logits}};
     j["noise"] = noise(main_b);
     j["noise"]["seeds"] = d.noise_seeds;
-    j["noise"]["jitter"] = kJitter;
+    j["noise"]["jitter"] = ref::kFp32Jitter;
     j["noise"]["factor"] = factor;
     j["noise"]["definition"] =
         "spread (max over jitter seeds) of the correct policy when every value it rounds is first perturbed by +-jitter "

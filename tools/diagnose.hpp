@@ -14,7 +14,9 @@ struct DiagnoseOptions {
   std::string policy = "hf-bf16";  // the correct low-precision policy the variants deviate from
   int64_t noise_seeds = 3;         // jitter seeds over which the correct policy's spread (the bf16 noise) is measured
   std::optional<int64_t> window;   // sliding window of a synthetic run (default: shrunk below T when T <= W)
-  std::optional<int64_t> position_offset;  // first position (default: synthetic runs end at 4095, case files start at 0)
+  // First position: of the trained-like setting of a synthetic run (default: its batch ends at 4095), or of a
+  // case file's batch (default 0).
+  std::optional<int64_t> position_offset;
 };
 
 int run_diagnose(const InputSpec& spec, const DiagnoseOptions& opt);

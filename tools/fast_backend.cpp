@@ -59,7 +59,7 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
   for (uint64_t seed : {1, 2}) {
     progress("fast policy with fp32-sized jitter, seed " + std::to_string(seed));
     ref::RunOptions jo = po;
-    jo.numerics.policy.jitter = 0x1p-23;
+    jo.numerics.policy.jitter = ref::kFp32Jitter;
     jo.numerics.policy.jitter_seed = seed;
     jit.push_back(ref::run(in.model, in.batch, jo));
   }
