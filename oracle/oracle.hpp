@@ -204,5 +204,6 @@ extern template Grads<oracle::Mp> zero_grads<oracle::Mp>(const Model<oracle::Mp>
 extern template Result<oracle::Mp> forward_backward<oracle::Mp>(const Model<oracle::Mp>&, const Batch&, const RunOptions&,
                                                                 const oracle::Mp&, Grads<oracle::Mp>*);
 extern template oracle::Mp step_loss_and_grads<oracle::Mp>(const Model<oracle::Mp>&, const std::vector<Batch>&,
-                                                           const RunOptions&, Grads<oracle::Mp>&);
+                                                           const RunOptions&, Grads<oracle::Mp>&,
+                                                           std::vector<Result<oracle::Mp>>*);
 }  // namespace gemma::ref

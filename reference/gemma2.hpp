@@ -250,6 +250,7 @@ struct RunOptions {
   Softcap softcap;
   Numerics numerics;
   bool keep_logits = false;  // return the (capped) logits, e.g. to compare with /expected
+  bool keep_gate_stats = false;  // return the mean and standard deviation of each layer's gate_proj output
   // Positions run from position_offset to position_offset + T - 1 (HF position_ids), as for a chunk from deep
   // inside a long document. Exact RoPE only sees position differences, so the offset changes nothing but the
   // rounding of positions and angles (what the rope-bf16 bug gets wrong).
@@ -261,6 +262,9 @@ struct Result {
   Real loss_sum = Real(0);  // sum of per-token losses over the scored targets
   int64_t tokens = 0;       // scored targets (labels != -100)
   Mat<Real> logits;         // (N, V) after the final cap, when RunOptions::keep_logits
+  // Per layer, over every position and intermediate unit, when RunOptions::keep_gate_stats: the GELU's inputs,
+  // where the tanh and erf forms differ (gelu-exact).
+  std::vector<double> gate_mean, gate_std;
 };
 
 // Fixed per-run quantities the layer functions share.
@@ -799,6 +803,19 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   std::vector<LayerCache<Real>> caches(size_t(cfg.num_hidden_layers));
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
     layer_forward(m.layers[size_t(l)], m.lora_scaling, l, ctx, x, caches[size_t(l)]);
+  Result<Real> r;
+  if (opt.keep_gate_stats)
+    for (const LayerCache<Real>& c : caches) {
+      double sum = 0, sq = 0;
+      for (int64_t i = 0; i < c.gate.size(); ++i) {
+        const double v = double(c.gate.data()[i]);
+        sum += v;
+        sq += v * v;
+      }
+      const double n = double(c.gate.size()), mean = sum / n;
+      r.gate_mean.push_back(mean);
+      r.gate_std.push_back(std::sqrt(std::max(0.0, sq / n - mean * mean)));
+    }
 
   Mat<Real> xf;
   Vec<Real> rstd_f;
@@ -813,7 +830,6 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
     cast(p, Cast::logits, pad_logits);
   }
 
-  Result<Real> r;
   r.tokens = batch.count_targets();
   r.loss_sum = loss_forward_backward(logits, pad_logits, batch, ctx, g ? grad_scale : Real(0),
                                      opt.keep_logits ? &r.logits : nullptr);
@@ -847,9 +863,16 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
 }
 
 // Mean loss and its gradients over one step made of micro-batches: every micro-batch's gradient is scaled
-// by 1 / (targets in the whole step), the correct normalisation (gemma2.md).
+// by 1 / (targets in the whole step), the correct normalisation (gemma2.md). With `results`, each micro-batch's
+// Result (its logits and gate statistics, as RunOptions asks) is appended to it.
 template <class Real>
-Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, const RunOptions& opt, Grads<Real>& g) {
+Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, const RunOptions& opt, Grads<Real>& g,
+                         std::vector<Result<Real>>* results = nullptr) {
+  auto keep = [&](Result<Real>&& r) {
+    const Real loss = r.loss_sum;
+    if (results) results->push_back(std::move(r));
+    return loss;
+  };
   int64_t total = 0;
   for (const Batch& b : micro) total += b.count_targets();
   if (total == 0) throw InputError("batch: every label is ignored (-100): the mean loss is undefined (0/0)");
@@ -860,13 +883,16 @@ Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, 
     const Real k = Real(int64_t(micro.size()));
     for (const Batch& b : micro) {
       const int64_t n = b.count_targets();
-      if (n == 0) continue;
-      mean += forward_backward(m, b, opt, Real(1) / (Real(n) * k), &g).loss_sum / (Real(n) * k);
+      if (n == 0) {
+        if (results) keep(forward_backward<Real>(m, b, opt, Real(0), nullptr));  // no gradient, but its forward
+        continue;
+      }
+      mean += keep(forward_backward(m, b, opt, Real(1) / (Real(n) * k), &g)) / (Real(n) * k);
     }
   } else {
     const Real scale = Real(1) / Real(total);
     Real sum = Real(0);
-    for (const Batch& b : micro) sum += forward_backward(m, b, opt, scale, &g).loss_sum;
+    for (const Batch& b : micro) sum += keep(forward_backward(m, b, opt, scale, &g));
     mean = sum / Real(total);
   }
   if (!opt.numerics.policy.exact()) {

@@ -109,7 +109,39 @@ TEST(Diagnose, GrossBugsStandAboveTheNoise) {
   }
 }
 
+// gelu-exact needs gate inputs where the tanh and erf GELUs differ for their size: the trained-like setting
+// centres them near -2.7 (measured on gemma2-tiny: -2.4 and -1.5 by layer; the drawn weights' are within 0.05
+// of 0). There the bf16 run moves along the bug's float64 effect 5x (gradients) and 10x (logits) as far as the
+// jitter runs do; with the gates left centred at 0 it was 0.5x and 0.8x.
+TEST(Diagnose, GeluExactShowsWithTheGatesWhereTheTwoGelusDiffer) {
+  const json& t = tiny_table();
+  for (const json& m : t["noise"]["gate_input_mean_f64"]) EXPECT_LT(std::abs(m.get<double>()), 0.2) << m;
+  for (const json& m : t["noise"]["trained_like"]["gate_input_mean_f64"]) EXPECT_LT(m.get<double>(), -1.0) << m;
+  const json& v = variant("gelu-exact");
+  EXPECT_EQ(v["setting"], "trained-like weights");
+  EXPECT_TRUE(v["detectable"].get<bool>()) << v.dump();
+}
+
+TEST(Diagnose, VariantsChoosesTheRowsAndTheSettingsMeasured) {
+  const fs::path out = fs::temp_directory_path() / ("diag-some-" + std::to_string(::getpid()) + ".json");
+  const ToolRun r = run_verify("diagnose --model gemma2-tiny --variants gelu-exact,rope-bf16 --json '" + out.string() + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream in(out);
+  const json t = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  fs::remove(out);
+  std::vector<std::string> ids;
+  for (const json& v : t["variants"]) ids.push_back(v["id"]);
+  EXPECT_EQ(ids, (std::vector<std::string>{"rope-bf16", "gelu-exact"}));  // the table's order
+  // Both rows use the trained-like weights: the weights as drawn are neither measured nor controlled.
+  EXPECT_FALSE(t["noise"].contains("loss_rel")) << t["noise"].dump();
+  ASSERT_EQ(t["control"].size(), 1u);
+  EXPECT_EQ(t["control"][0]["setting"], "trained-like weights");
+}
+
 TEST(Diagnose, BadValuesAreRejectedWithExit2) {
+  const ToolRun v = run_verify("diagnose --model gemma2-tiny --variants gelu-exact,gelu-tanh");
+  EXPECT_EQ(v.status, 2) << v.output;
+  EXPECT_NE(v.output.find("unknown variant 'gelu-tanh'"), std::string::npos) << v.output;
   EXPECT_EQ(run_verify("diagnose --model gemma2-tiny --noise-seeds 0").status, 2);
   // gemma2-tiny has 256 positions; 250 + 40 runs past them.
   const ToolRun r = run_verify("diagnose --model gemma2-tiny --position-offset 250");

@@ -1,6 +1,7 @@
 #include "tools/diagnose.hpp"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -32,6 +33,8 @@ struct Outcome {
   std::vector<double> grads;        // every trainable tensor, concatenated in state-dict order
   std::vector<std::string> names;   // those tensors' names
   std::vector<size_t> offsets;      // tensor i is grads[offsets[i], offsets[i + 1])
+  std::vector<double> logits;       // capped logits of every position, micro-batch after micro-batch
+  std::vector<double> gate_mean, gate_std;  // per layer, over the whole step: the GELU's inputs
 };
 
 Outcome run_once(const Setting& s, ref::RunOptions opt) {
@@ -41,7 +44,25 @@ Outcome run_once(const Setting& s, ref::RunOptions opt) {
   if (s.pad_rows.numel() > 0) ref::pad_vocab(m, s.pad_rows);
   ref::Grads<double> g = ref::zero_grads(m);
   Outcome o;
-  o.loss = ref::step_loss_and_grads(m, s.micro, opt, g);
+  opt.keep_logits = opt.keep_gate_stats = true;
+  std::vector<ref::Result<double>> micro;
+  o.loss = ref::step_loss_and_grads(m, s.micro, opt, g, &micro);
+  const size_t L = size_t(m.config.num_hidden_layers);
+  std::vector<double> n(L, 0.0), sum(L, 0.0), sq(L, 0.0);
+  for (ref::Result<double>& r : micro) {
+    const double k = double(r.logits.rows());  // positions: each layer's gate output has k x intermediate_size
+    o.logits.insert(o.logits.end(), r.logits.data(), r.logits.data() + r.logits.size());
+    r.logits = ref::Mat<double>();  // 27b: 82 MB per micro-batch of 40 positions
+    for (size_t l = 0; l < L; ++l) {
+      n[l] += k;
+      sum[l] += k * r.gate_mean[l];
+      sq[l] += k * (r.gate_std[l] * r.gate_std[l] + r.gate_mean[l] * r.gate_mean[l]);
+    }
+  }
+  for (size_t l = 0; l < L; ++l) {
+    o.gate_mean.push_back(sum[l] / n[l]);
+    o.gate_std.push_back(std::sqrt(std::max(0.0, sq[l] / n[l] - o.gate_mean[l] * o.gate_mean[l])));
+  }
   ref::for_each_trainable(m, g, [&](const std::string& name, const Shape&, const double*, const double* gr, int64_t n) {
     o.names.push_back(name);
     o.offsets.push_back(o.grads.size());
@@ -231,18 +252,18 @@ int64_t trained_like_offset(const Config& c, int64_t T, const DiagnoseOptions& d
                         T, c);
 }
 
-// Weights shaped like a trained Gemma 2's. Synthetic weights as drawn give a residual stream dominated by the
-// embedding and logits centred at 0, led by the input token's own logit: the layers barely move the loss, so a
-// bug inside them hides under the logits' bf16 rounding, and zero-filled padded vocabulary rows (logit 0) take
-// no probability mass, while in a trained LM most logits sit below 0 and a zero logit "stays 0 after the cap
-// and steals probability mass" (gemma2.md). So (1) the post-attention and post-feedforward norm scales go to
-// about 4, as in the released checkpoints, making the layers dominate the residual stream, and (2) every
-// embedding row gets a shared component on one dimension in 8, which the final norm's scale (1 + w) maps to -1,
-// shifting the whole vocabulary's logits down by about `shift`, and (3) q_proj is scaled by `q_scale`: the
-// drawn weights spread attention scores over about a quarter of the cap so that the cap acts, which makes
-// every softmax nearly one-hot (a changed scale or rotation barely moves it) and its bf16 noise large; most
-// heads of a trained model are cooler.
-void make_trained_like(Setting& s, double shift, double q_scale) {
+// Weights shaped like a trained Gemma 2's, and so that the bugs measured on them can show. Synthetic weights as
+// drawn give a residual stream dominated by the embedding and logits centred at 0, led by the input token's own
+// logit: the layers barely move the loss, so a bug inside them hides under the logits' bf16 rounding, and
+// zero-filled padded vocabulary rows (logit 0) take no probability mass, while in a trained LM most logits sit
+// below 0 and a zero logit "stays 0 after the cap and steals probability mass" (gemma2.md). So (1) the
+// post-attention and post-feedforward norm scales go to about 4, as in the released checkpoints, making the
+// layers dominate the residual stream, and (2) every embedding row gets a shared component on one dimension in
+// 8, which the final norm's scale (1 + w) maps to -1, shifting the whole vocabulary's logits down by about
+// `shift`, and (3) q_proj is scaled by `q_scale`: the drawn weights spread attention scores over about a quarter
+// of the cap so that the cap acts, which makes every softmax nearly one-hot (a changed scale or rotation barely
+// moves it) and its bf16 noise large; most heads of a trained model are cooler; (4) below.
+void make_trained_like(Setting& s, double shift, double q_scale, double gate_mean, double gate_spread) {
   Config& c = s.ck.config;
   const int64_t D = c.hidden_size, L = c.num_hidden_layers;
   // Block by block: the 27b embedding is 1.2e9 values, 9.4 GB as one float64 vector.
@@ -265,18 +286,40 @@ void make_trained_like(Setting& s, double shift, double q_scale) {
     for (Norm n : {Norm::post_attention_layernorm, Norm::post_feedforward_layernorm})
       edit(norm_weight_name(l, n), [](int64_t, double w) { return w + 3.0; });
   // The shared component m on D/8 dimensions shifts a logit by about -(D/8) m^2 sqrt(D) / rms(x_L), where
-  // rms(x_L)^2 = 1 + (D/8) m^2 + 2L * 16 (the embedding output, its shared part, 2L post-norm outputs of
-  // scale ~4). With a = (D/8) m^2: a sqrt(D) / sqrt(1 + 32 L + a) = shift, solved by fixed-point iteration.
+  // rms(x_L)^2 = r0^2 + (D/8) m^2 + 2L * 16 (the embedding output's drawn part, rms r0 = 1 at the released widths
+  // and larger for narrow test models, its shared part, 2L post-norm outputs of scale ~4). With a = (D/8) m^2:
+  // a sqrt(D) / sqrt(r0^2 + 32 L + a) = shift, solved by fixed-point iteration.
+  const double r0 = synthetic_std(c, kEmbedName) * std::sqrt(double(D));
   double a = 1.0;
-  for (int it = 0; it < 50; ++it) a = shift * std::sqrt(1.0 + 32.0 * double(L) + a) / std::sqrt(double(D));
+  for (int it = 0; it < 50; ++it) a = shift * std::sqrt(r0 * r0 + 32.0 * double(L) + a) / std::sqrt(double(D));
   const double m = std::sqrt(8.0 * a / double(D));
   edit(kEmbedName, [&](int64_t i, double e) { return (i % D) % 8 == 0 ? e + m : e; });
   edit(kFinalNormName, [&](int64_t i, double w) { return i % 8 == 0 ? -2.0 : w; });
   for (int64_t l = 0; l < L; ++l) edit(proj_weight_name(l, Proj::q_proj), [&](int64_t, double w) { return w * q_scale; });
-  char b[320];
+  // (4) A sparse MLP: the gate inputs are centred at gate_mean with the drawn spread scaled by gate_spread, so that
+  // most units sit where the tanh and erf GELUs differ most for their size. The two differ by at most 4.7e-4, at
+  // x = +-2.70; for x > 0 that is 2e-4 of the output, 3% of a bf16 ulp, and the gelu-exact bug hides in bf16 noise
+  // (drawn gates, N(0, 1.2^2): the bf16 run's move along its float64 effect is 0.33x the jitter runs' at 9b
+  // widths). Near -2.7 the difference is 10% of the output. Gemma's MLP has no bias, so the offset rides on the
+  // shared component: each gate_proj row gets -beta on the shared dimensions. Before layer l's MLP the residual
+  // stream holds the embedding output (drawn part r0, shared part a) and 2l + 1 post-norm outputs (scale
+  // 4 + U(-0.5, 0.5), mean square 16.08), so the pre-feedforward norm maps a shared value m sqrt(D) to
+  // m sqrt(D) (1 + w_j) / rms_l, and a row's offset is -beta times the sum of those over the shared j. The
+  // achieved mean is measured in every run and printed (release widths: within 0.2 of gate_mean).
+  for (int64_t l = 0; l < L; ++l) {
+    const std::vector<double> w = s.ck.weights.at(norm_weight_name(l, Norm::pre_feedforward_layernorm)).to_double();
+    double scale_sum = 0;
+    for (int64_t j = 0; j < D; j += 8) scale_sum += 1.0 + w[size_t(j)];
+    const double rms = std::sqrt(r0 * r0 + a + 16.08 * double(2 * l + 1));
+    const double beta = -gate_mean / (m * std::sqrt(double(D)) / rms * scale_sum);
+    edit(proj_weight_name(l, Proj::gate_proj),
+         [&](int64_t i, double g) { return (i % D) % 8 == 0 ? gate_spread * g - beta : gate_spread * g; });
+  }
+  char b[400];
   std::snprintf(b, sizeof b, "trained-like weights: post-norm scales raised by 3, shared embedding component %.4f on every 8th "
                 "dimension mapped to -1 by the final norm (logits shifted down by about %.0f), q_proj scaled by %g (attention "
-                "scores spread %g times as wide)", m, shift, q_scale, q_scale);
+                "scores spread %g times as wide), a sparse MLP (gate_proj offset on the shared dimensions to centre the gate "
+                "inputs at about %g, its drawn part scaled by %g)", m, shift, q_scale, q_scale, gate_mean, gate_spread);
   s.notes.push_back(b);
 }
 
@@ -311,6 +354,7 @@ struct Baseline {
   double noise_loss = 0, noise_grad = 0;
   std::vector<double> noise_tensor;  // per trainable tensor: its relative L2 spread over the jitter seeds
   std::vector<std::vector<double>> jitter_grads;  // each jitter seed's gradients, for projections on a fingerprint
+  std::vector<std::vector<double>> jitter_logits;  // and its logits
 };
 
 Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::RunOptions& correct, int64_t seeds,
@@ -326,6 +370,7 @@ Baseline baseline(const Setting& s, const ref::RunOptions& exact, const ref::Run
     o.numerics.policy.jitter_seed = uint64_t(k);
     const Outcome r = run_once(s, o);
     b.jitter_grads.push_back(r.grads);
+    b.jitter_logits.push_back(r.logits);
     b.noise_loss = std::max(b.noise_loss, rel_err(r.loss, b.pol.loss));
     b.noise_grad = std::max(b.noise_grad, rel_l2(r.grads, b.pol.grads));
     const std::vector<double> t = rel_l2_per_tensor(r, b.pol);
@@ -349,7 +394,23 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   const Config& c = s.ck.config;
   const Softcap sc = d.softcap ? parse_softcap(*d.softcap, "--softcap") : config_softcaps(c);
   check_softcap_available(c, sc, "--softcap");
-  const std::vector<Variant> vs = variants();
+  std::vector<Variant> vs = variants();
+  if (d.variants) {
+    // A chosen subset, in the table's order; only the settings those rows need are built and measured.
+    std::vector<std::string> want;
+    for (size_t i = 0; i <= d.variants->size();) {
+      const size_t j = std::min(d.variants->find(',', i), d.variants->size());
+      want.push_back(d.variants->substr(i, j - i));
+      i = j + 1;
+    }
+    std::string known;
+    for (const Variant& v : vs) known += (known.empty() ? "" : ", ") + v.id;
+    for (const std::string& w : want)
+      if (std::none_of(vs.begin(), vs.end(), [&](const Variant& v) { return v.id == w; }))
+        fail("--variants", "unknown variant '" + w + "' (known: " + known + ")");
+    std::erase_if(vs, [&](const Variant& v) { return std::find(want.begin(), want.end(), v.id) == want.end(); });
+  }
+  auto in_trained_setting = [&](const Variant& v) { return synthetic && v.trained_like; };
   const int64_t trained_offset = synthetic ? trained_like_offset(c, s.micro[0].T, d) : 0;  // checked before any run
 
   std::printf("verify diagnose: %s\n", s.notes[0].c_str());
@@ -365,15 +426,17 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   correct.numerics.policy = policy;
   const double factor = 3.0;
   const char* main_name = synthetic ? "weights as drawn" : "case file";
-  const Baseline main_b = baseline(s, exact, correct, d.noise_seeds, main_name);
+  std::optional<Baseline> main_b;
+  if (std::any_of(vs.begin(), vs.end(), [&](const Variant& v) { return !in_trained_setting(v); }))
+    main_b = baseline(s, exact, correct, d.noise_seeds, main_name);
 
   // The trained-like setting, for the variants measured there.
   std::optional<Setting> trained;
   std::optional<Baseline> trained_b;
-  if (synthetic && std::any_of(vs.begin(), vs.end(), [](const Variant& v) { return v.trained_like; })) {
+  if (std::any_of(vs.begin(), vs.end(), in_trained_setting)) {
     trained = s;
     trained->notes.clear();
-    make_trained_like(*trained, 6.0, 0.25);
+    make_trained_like(*trained, 6.0, 0.25, -2.7, 0.5);
     // No variant measured here is about micro-batches (grad-accum-mean-of-means runs on the drawn weights), and
     // each micro-batch pays for the 256000-row LM head again: one batch.
     trained->micro = {trained->whole};
@@ -391,8 +454,15 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
                 "loss %s rel, gradients %s rel L2\n",
                 what, b.f64.loss, policy.name.c_str(), b.pol.loss, sci(rel_err(b.pol.loss, b.f64.loss)).c_str(),
                 policy.name.c_str(), (long long)d.noise_seeds, sci(b.noise_loss).c_str(), sci(b.noise_grad).c_str());
+    std::string g;
+    for (size_t l = 0; l < b.f64.gate_mean.size(); ++l) {
+      char t[64];
+      std::snprintf(t, sizeof t, "%s%.2f +- %.2f", l ? ", " : "", b.f64.gate_mean[l], b.f64.gate_std[l]);
+      g += t;
+    }
+    std::printf("    gate inputs (GELU's x) in the float64 run, layer by layer: %s\n", g.c_str());
   };
-  print_noise(main_name, main_b);
+  if (main_b) print_noise(main_name, *main_b);
   if (trained) {
     std::printf("  %s\n", trained->notes[0].c_str());
     print_noise("trained-like weights", *trained_b);
@@ -461,33 +531,47 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     return std::pair{j, detectable};
   };
 
-  // A bug's fingerprint: the gradient change it makes in exact arithmetic, e = g(float64 + bug) - g(float64 +
-  // the correct policy's choice at the same place). Where a variant's move is lost in bf16 noise as a whole,
-  // the question becomes a matched filter's: does the bf16 run move along e, and further than the jitter runs
-  // move along e? Noise spread over millions of gradient entries projects onto one direction with a small
-  // fraction of its size, while a systematic effect keeps its own. The test is one-sided (the move must point
-  // the bug's way) and uses the same factor and max-over-seeds noise; the control rows are projected on every
-  // fingerprint too. It costs one or two float64 runs per variant, so it runs only where the direct test fails.
+  // A bug's fingerprint: the change it makes in exact arithmetic, e = x(float64 + bug) - x(float64 + the correct
+  // policy's choice at the same place), for two observables x: the gradient and the logits. Where a variant's
+  // move is lost in bf16 noise as a whole, the question becomes a matched filter's: does the bf16 run move along
+  // e, and further than the jitter runs move along e? Noise spread over many independent directions projects
+  // onto one with a small fraction of its size, while a systematic effect keeps its own. The test is one-sided
+  // (the move must point the bug's way) and uses the same factor and max-over-seeds noise; the control rows are
+  // projected on every fingerprint too. It costs one or two float64 runs per variant, so it runs only where the
+  // direct test fails.
+  // Why the logits as well: LoRA gradients are sums over the batch's tokens of rank-r outer products, so their
+  // noise lives in few directions (measured: the jitter runs' gradient moves keep about 5% of their norm along
+  // gelu-exact's fingerprint at 27b widths, as if spread over only ~400 directions). Each logit is rounded on
+  // its own, and each position's logits span the hidden width, so their noise spreads over far more.
+  struct Observable {
+    const char* name;
+    std::vector<double> Outcome::*of;
+    std::vector<std::vector<double>> Baseline::*jitter;
+  };
+  const std::array<Observable, 2> observables = {
+      {{"gradient", &Outcome::grads, &Baseline::jitter_grads}, {"logits", &Outcome::logits, &Baseline::jitter_logits}}};
   struct Fingerprint {
     std::string id;
     bool in_trained = false;
-    std::vector<double> unit;  // e / |e|
+    std::array<std::vector<double>, 2> unit;  // e / |e| per observable (empty where e = 0)
   };
   std::vector<Fingerprint> fingerprints;
-  auto project = [](const std::vector<double>& g, const std::vector<double>& ref_g, const std::vector<double>& unit) {
+  auto project = [](const std::vector<double>& x, const std::vector<double>& ref_x, const std::vector<double>& unit) {
     double p = 0;
-    for (size_t i = 0; i < unit.size(); ++i) p += (g[i] - ref_g[i]) * unit[i];
+    for (size_t i = 0; i < unit.size(); ++i) p += (x[i] - ref_x[i]) * unit[i];
     return p;
   };
-  auto projection_noise = [&](const Baseline& b, const std::vector<double>& unit) {
-    double n = 0;
-    for (const auto& jg : b.jitter_grads) n = std::max(n, std::abs(project(jg, b.pol.grads, unit)));
-    return n;
+  // The one-sided ratio of an outcome's move along a fingerprint to the largest jitter run's.
+  auto projection_ratio = [&](const Outcome& r, const Baseline& b, const Observable& ob, const std::vector<double>& unit) {
+    const double seen = project(r.*ob.of, b.pol.*ob.of, unit);
+    double noise = 0;
+    for (const auto& j : b.*ob.jitter) noise = std::max(noise, std::abs(project(j, b.pol.*ob.of, unit)));
+    return std::pair{seen, seen > 0 ? (noise > 0 ? seen / noise : INFINITY) : 0.0};
   };
   auto is_exact = [&](const ref::RunOptions& o) {
     return o.numerics.policy.exact() && o.numerics.semantics == ref::Semantics{} && o.softcap == exact.softcap;
   };
-  auto fingerprint_of = [&](const Variant& v, const ref::RunOptions& o, const Setting& st, const Baseline& b) {
+  auto exact_pair = [&](const Variant& v, const ref::RunOptions& o, const Setting& st, const Baseline& b) {
     ref::RunOptions ev = exact, ec = exact;
     ev.softcap = o.softcap;
     ev.numerics.semantics = o.numerics.semantics;
@@ -501,46 +585,60 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
         ec.numerics.policy.fmt[size_t(i)] = cf == DType::f32 ? DType::f64 : cf;
       }
     progress("fingerprint of " + v.id + " in float64");
-    const Outcome fv = is_exact(ev) ? b.f64 : run_once(st, ev);
-    const Outcome fc = is_exact(ec) ? b.f64 : run_once(st, ec);
-    std::vector<double> e(fv.grads.size());
+    Outcome fv = is_exact(ev) ? b.f64 : run_once(st, ev);
+    Outcome fc = is_exact(ec) ? b.f64 : run_once(st, ec);
+    return std::pair{std::move(fv), std::move(fc)};
+  };
+  auto unit_of = [](const std::vector<double>& a, const std::vector<double>& b) {
+    std::vector<double> e(a.size());
     double n2 = 0;
     for (size_t i = 0; i < e.size(); ++i) {
-      e[i] = fv.grads[i] - fc.grads[i];
+      e[i] = a[i] - b[i];
       n2 += e[i] * e[i];
     }
     const double n = std::sqrt(n2);
-    for (double& x : e) x = n > 0 ? x / n : 0.0;
+    if (n == 0) return std::pair{std::vector<double>{}, 0.0};
+    for (double& x : e) x /= n;
     return std::pair{e, n};
   };
 
   for (const Variant& v : vs) {
-    const bool use_trained = v.trained_like && trained.has_value();
+    const bool use_trained = in_trained_setting(v);
     const Setting& vs_setting = use_trained ? *trained : s;
-    const Baseline& b = use_trained ? *trained_b : main_b;
+    const Baseline& b = use_trained ? *trained_b : *main_b;
     ref::RunOptions o = correct;
     const std::string na = v.apply(o, c, vs_setting);
     progress("variant " + v.id);
     const Outcome r = run_once(vs_setting, o);
     auto [j, detectable] = report_row(v.id, v.source, r, b, na, use_trained);
     if (na.empty() && !detectable) {
-      const auto [unit, size] = fingerprint_of(v, o, vs_setting, b);
-      if (size > 0) {
-        const double seen = project(r.grads, b.pol.grads, unit), noise = projection_noise(b, unit);
-        const double ratio = seen > 0 ? (noise > 0 ? seen / noise : INFINITY) : 0.0;
-        const bool fp_detectable = ratio > factor;
-        std::printf("%-25s fingerprint: float64 effect %s of the gradient; the %s run moves %.2f of it along it, %.2fx the "
+      const auto [fv, fc] = exact_pair(v, o, vs_setting, b);
+      Fingerprint f{v.id, use_trained, {}};
+      nlohmann::json jf;
+      bool fp_detectable = false;
+      for (size_t k = 0; k < observables.size(); ++k) {
+        const Observable& ob = observables[k];
+        auto [unit, size] = unit_of(fv.*ob.of, fc.*ob.of);
+        if (size == 0) continue;
+        const auto [seen, ratio] = projection_ratio(r, b, ob, unit);
+        const double rel_size = size / l2_norm(b.f64.*ob.of);
+        fp_detectable |= ratio > factor;
+        std::printf("%-25s fingerprint on the %s: float64 effect %s of it; the %s run moves %.2f of it along it, %.2fx the "
                     "jitter runs' projection: %s\n",
-                    "", sci(size / l2_norm(b.f64.grads)).c_str(), policy.name.c_str(), seen / size, ratio,
-                    fp_detectable ? "yes" : "no");
+                    "", ob.name, sci(rel_size).c_str(), policy.name.c_str(), seen / size, ratio, ratio > factor ? "yes" : "no");
         std::fflush(stdout);
-        j["fingerprint"] = {{"exact_effect_grad_rel_l2", size / l2_norm(b.f64.grads)},
-                            {"fraction_seen", seen / size},
-                            {"noise_ratio", ratio},
-                            {"detectable", fp_detectable}};
+        jf[ob.name] = {{"exact_effect_rel_l2", rel_size},
+                       {"fraction_seen", seen / size},
+                       {"noise_ratio", ratio},
+                       {"detectable", ratio > factor}};
+        f.unit[k] = std::move(unit);
+      }
+      if (!jf.empty()) {
+        jf["detectable"] = fp_detectable;
+        j["fingerprint"] = jf;
         detectable = fp_detectable;
         j["detectable"] = detectable;
-        fingerprints.push_back({v.id, use_trained, unit});
+        fingerprints.push_back(std::move(f));
       }
     }
     if (na.empty()) {
@@ -553,13 +651,13 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   nlohmann::json jcontrol = nlohmann::json::array();
   bool control_flagged = false;
   for (bool in_trained : {false, true}) {
-    if (in_trained && !trained) continue;
+    if (in_trained ? !trained : !main_b) continue;
     ref::RunOptions o = correct;
     o.numerics.policy.jitter = ref::kFp32Jitter;
     o.numerics.policy.jitter_seed = uint64_t(d.noise_seeds + 1);
     progress(std::string("control: ") + policy.name + " with jitter seed " + std::to_string(d.noise_seeds + 1));
     const Outcome r = run_once(in_trained ? *trained : s, o);
-    const Baseline& b = in_trained ? *trained_b : main_b;
+    const Baseline& b = in_trained ? *trained_b : *main_b;
     auto [j, flagged] = report_row("control", policy.name + ", jitter seed " + std::to_string(d.noise_seeds + 1), r, b, "",
                                    in_trained);
     // The control projected on each fingerprint of its setting, as the variants were.
@@ -567,16 +665,19 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     std::string worst_id;
     for (const Fingerprint& f : fingerprints) {
       if (f.in_trained != in_trained) continue;
-      const double seen = project(r.grads, b.pol.grads, f.unit), noise = projection_noise(b, f.unit);
-      const double ratio = seen > 0 ? (noise > 0 ? seen / noise : INFINITY) : 0.0;
-      if (ratio >= worst) {
-        worst = ratio;
-        worst_id = f.id;
+      for (size_t k = 0; k < observables.size(); ++k) {
+        if (f.unit[k].empty()) continue;
+        const double ratio = projection_ratio(r, b, observables[k], f.unit[k]).second;
+        if (ratio >= worst) {
+          worst = ratio;
+          worst_id = f.id + " (" + observables[k].name + ")";
+        }
       }
     }
     if (!worst_id.empty()) {
       std::printf("%-25s on the fingerprints: at most %.2fx the jitter runs' projection (%s)\n", "", worst, worst_id.c_str());
       j["fingerprint_noise_ratio"] = worst;
+      j["fingerprint_worst"] = worst_id;
       if (worst > factor) {
         flagged = true;
         j["detectable"] = true;
@@ -597,13 +698,16 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
                             {"grad_rel_l2_per_tensor", per_tensor},
                             {"loss_f64", b.f64.loss},         {"loss_policy", b.pol.loss},
                             {"bf16_error_loss_rel", rel_err(b.pol.loss, b.f64.loss)},
-                            {"bf16_error_grad_rel_l2", rel_l2(b.pol.grads, b.f64.grads)}};
+                            {"bf16_error_grad_rel_l2", rel_l2(b.pol.grads, b.f64.grads)},
+                            {"bf16_error_logits_rel_l2", rel_l2(b.pol.logits, b.f64.logits)},
+                            {"gate_input_mean_f64", b.f64.gate_mean},
+                            {"gate_input_std_f64", b.f64.gate_std}};
     };
     nlohmann::json j;
     j["setting"] = s.notes;
     j["policy"] = policy.name;
     j["softcap"] = {{"attn", sc.attn}, {"logits", sc.logits}};
-    j["noise"] = noise(main_b);
+    if (main_b) j["noise"] = noise(*main_b);
     j["noise"]["seeds"] = d.noise_seeds;
     j["noise"]["jitter"] = ref::kFp32Jitter;
     j["noise"]["factor"] = factor;

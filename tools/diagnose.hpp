@@ -17,6 +17,7 @@ struct DiagnoseOptions {
   // First position: of the trained-like setting of a synthetic run (default: its batch ends at 4095), or of a
   // case file's batch (default 0).
   std::optional<int64_t> position_offset;
+  std::optional<std::string> variants;  // comma-separated ids: diagnose only these rows (default: every row)
 };
 
 int run_diagnose(const InputSpec& spec, const DiagnoseOptions& opt);

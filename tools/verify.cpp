@@ -239,6 +239,7 @@ int main(int argc, char** argv) {
   diag->add_option("--position-offset", dopt.position_offset,
                    "first position: of the trained-like setting of a synthetic run (default: the batch ends at position 4095), or of a case file's batch (default 0)");
   diag->add_option("--policy", dopt.policy, "the correct bf16 policy the variants deviate from (hf-bf16, fast)");
+  diag->add_option("--variants", dopt.variants, "comma-separated variant ids to diagnose (default: all)");
   diag->add_option("--noise-seeds", dopt.noise_seeds, "jitter seeds for the bf16 noise estimate (default 3)");
   diag->add_option("--json", dopt.json_path, "write the table as JSON (- for stdout)");
   try {
