@@ -714,7 +714,9 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     j["noise"]["definition"] =
         "spread (max over jitter seeds) of the correct policy when every value it rounds is first perturbed by +-jitter "
         "(an fp32-sized difference), for the loss and for each gradient tensor; detectable = the loss or some tensor moves "
-        "from the correct policy by more than factor x its own spread (noise_ratio = the largest move / noise)";
+        "from the correct policy by more than factor x its own spread (noise_ratio = the largest move / noise), or, where "
+        "that fails, the move projected on the bug's float64 effect on the gradient or the logits (its fingerprint) "
+        "exceeds factor x the largest jitter run's projection";
     if (trained) {
       j["noise"]["trained_like"] = noise(*trained_b);
       j["trained_like"] = trained->notes;
