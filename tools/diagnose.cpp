@@ -540,9 +540,10 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   // projected on every fingerprint too. It costs one or two float64 runs per variant, so it runs only where the
   // direct test fails.
   // Why the logits as well: LoRA gradients are sums over the batch's tokens of rank-r outer products, so their
-  // noise lives in few directions (measured: the jitter runs' gradient moves keep about 5% of their norm along
-  // gelu-exact's fingerprint at 27b widths, as if spread over only ~400 directions). Each logit is rounded on
-  // its own, and each position's logits span the hidden width, so their noise spreads over far more.
+  // noise lives in few directions (measured at 27b widths with the gates as drawn: the jitter runs' gradient
+  // moves kept about 5% of their norm along gelu-exact's fingerprint, as if spread over only ~400 directions).
+  // Each logit is rounded on its own, and each position's logits span the hidden width. Neither wins everywhere
+  // (docs/diagnose.md): either finding the bug counts, and the controls are held to both.
   struct Observable {
     const char* name;
     std::vector<double> Outcome::*of;
