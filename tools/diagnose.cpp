@@ -305,8 +305,8 @@ void make_trained_like(Setting& s, double shift, double q_scale, double gate_mea
   // stream holds the embedding output (drawn part r0, shared part a) and 2l + 1 post-norm outputs (scale
   // 4 + U(-0.5, 0.5), mean square 16.08), so the pre-feedforward norm maps a shared value m sqrt(D) to
   // m sqrt(D) (1 + w_j) / rms_l, and a row's offset is -beta times the sum of those over the shared j. The
-  // achieved mean is measured in every run and printed (release widths, weight seeds 0 (the default), 7 and 11: within 0.3 of
-  // gate_mean; narrow test models, where few shared dimensions carry it, less exact: -2.4 and -1.5 at gemma2-tiny).
+  // achieved mean is measured in every run and printed: within 0.3 of gate_mean at the released widths (weight
+  // seeds 0, the default, 7 and 11); less exact where few shared dimensions carry it (gemma2-tiny: -2.4, -1.5).
   for (int64_t l = 0; l < L; ++l) {
     const std::vector<double> w = s.ck.weights.at(norm_weight_name(l, Norm::pre_feedforward_layernorm)).to_double();
     double scale_sum = 0;
