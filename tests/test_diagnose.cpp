@@ -142,6 +142,7 @@ TEST(Diagnose, BadValuesAreRejectedWithExit2) {
   const ToolRun v = run_verify("diagnose --model gemma2-tiny --variants gelu-exact,gelu-tanh");
   EXPECT_EQ(v.status, 2) << v.output;
   EXPECT_NE(v.output.find("unknown variant 'gelu-tanh'"), std::string::npos) << v.output;
+  EXPECT_EQ(run_verify("diagnose --model gemma2-tiny --variants ''").status, 2);  // no rows is not "all rows"
   EXPECT_EQ(run_verify("diagnose --model gemma2-tiny --noise-seeds 0").status, 2);
   // gemma2-tiny has 256 positions; 250 + 40 runs past them.
   const ToolRun r = run_verify("diagnose --model gemma2-tiny --position-offset 250");

@@ -12,6 +12,7 @@
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
 #include "reference/gemma2.hpp"
+#include "tools/compare.hpp"
 #include "tools/report.hpp"
 
 namespace gemma::tools {
@@ -70,15 +71,6 @@ Outcome run_once(const Setting& s, ref::RunOptions opt) {
   });
   o.offsets.push_back(o.grads.size());
   return o;
-}
-
-double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / den);
 }
 
 double l2_norm(const std::vector<double>& a) {
@@ -398,12 +390,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   std::vector<Variant> vs = variants();
   if (d.variants) {
     // A chosen subset, in the table's order; only the settings those rows need are built and measured.
-    std::vector<std::string> want;
-    for (size_t i = 0; i <= d.variants->size();) {
-      const size_t j = std::min(d.variants->find(',', i), d.variants->size());
-      want.push_back(d.variants->substr(i, j - i));
-      i = j + 1;
-    }
+    const std::vector<std::string>& want = *d.variants;
     std::string known;
     for (const Variant& v : vs) known += (known.empty() ? "" : ", ") + v.id;
     for (const std::string& w : want)

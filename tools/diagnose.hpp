@@ -3,6 +3,7 @@
 #pragma once
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tools/inputs.hpp"
 
@@ -17,7 +18,7 @@ struct DiagnoseOptions {
   // First position: of the trained-like setting of a synthetic run (default: its batch ends at 4095), or of a
   // case file's batch (default 0).
   std::optional<int64_t> position_offset;
-  std::optional<std::string> variants;  // comma-separated ids: diagnose only these rows (default: every row)
+  std::optional<std::vector<std::string>> variants;  // ids: diagnose only these rows (default: every row)
 };
 
 int run_diagnose(const InputSpec& spec, const DiagnoseOptions& opt);

@@ -239,7 +239,7 @@ int main(int argc, char** argv) {
   diag->add_option("--position-offset", dopt.position_offset,
                    "first position: of the trained-like setting of a synthetic run (default: the batch ends at position 4095), or of a case file's batch (default 0)");
   diag->add_option("--policy", dopt.policy, "the correct bf16 policy the variants deviate from (hf-bf16, fast)");
-  diag->add_option("--variants", dopt.variants, "comma-separated variant ids to diagnose (default: all)");
+  diag->add_option("--variants", dopt.variants, "comma-separated variant ids to diagnose (default: all)")->delimiter(',');
   diag->add_option("--noise-seeds", dopt.noise_seeds, "jitter seeds for the bf16 noise estimate (default 3)");
   diag->add_option("--json", dopt.json_path, "write the table as JSON (- for stdout)");
   try {
@@ -253,6 +253,8 @@ int main(int argc, char** argv) {
   if (seed) spec.seed = *seed;
   if (dseed) dspec.seed = *dseed;
   try {
+    // CLI11 reads an empty list as no option at all; asking for no rows is a mistake, not "all rows".
+    if (diag->count("--variants") && !dopt.variants) fail("--variants", "names no variant");
     if (*diag) return run_diagnose(dspec, dopt);
     return run_verify(spec, softcap, backend, json_path, junit_path, dump_path);
   } catch (const InputError& e) {
