@@ -560,7 +560,8 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   auto is_exact = [&](const ref::RunOptions& o) {
     return o.numerics.policy.exact() && o.numerics.semantics == ref::Semantics{} && o.softcap == exact.softcap;
   };
-  auto exact_pair = [&](const Variant& v, const ref::RunOptions& o, const Setting& st, const Baseline& b) {
+  // The float64 runs a fingerprint compares: the bug's and the correct policy's choice, each in exact arithmetic.
+  auto exact_pair_options = [&](const ref::RunOptions& o) {
     ref::RunOptions ev = exact, ec = exact;
     ev.softcap = o.softcap;
     ev.numerics.semantics = o.numerics.semantics;
@@ -573,10 +574,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
         const DType cf = correct.numerics.policy.fmt[size_t(i)];
         ec.numerics.policy.fmt[size_t(i)] = cf == DType::f32 ? DType::f64 : cf;
       }
-    progress("fingerprint of " + v.id + " in float64");
-    Outcome fv = is_exact(ev) ? b.f64 : run_once(st, ev);
-    Outcome fc = is_exact(ec) ? b.f64 : run_once(st, ec);
-    return std::pair{std::move(fv), std::move(fc)};
+    return std::pair{ev, ec};
   };
   auto unit_of = [](const std::vector<double>& a, const std::vector<double>& b) {
     std::vector<double> e(a.size());
@@ -601,7 +599,12 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
     const Outcome r = run_once(vs_setting, o);
     auto [j, detectable] = report_row(v.id, v.source, r, b, na, use_trained);
     if (na.empty() && !detectable) {
-      const auto [fv, fc] = exact_pair(v, o, vs_setting, b);
+      const auto [ev, ec] = exact_pair_options(o);
+      progress("fingerprint of " + v.id + " in float64");
+      // An exact side is the setting's float64 run itself, used in place rather than copied (27b: its logits alone are 164 MB).
+      std::optional<Outcome> own_v, own_c;
+      const Outcome& fv = is_exact(ev) ? b.f64 : own_v.emplace(run_once(vs_setting, ev));
+      const Outcome& fc = is_exact(ec) ? b.f64 : own_c.emplace(run_once(vs_setting, ec));
       Fingerprint f{v.id, use_trained, {}};
       nlohmann::json jf;
       bool fp_detectable = false;
