@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "model/synthetic.hpp"
-#include "tools/inputs.hpp"
+#include "check/inputs.hpp"
 
 namespace gemma::test {
 
@@ -21,7 +21,7 @@ inline Case make_case(const Config& c, int64_t r, uint64_t seed, int64_t B, int6
   k.ck.config = c;
   k.ck.weights = synthetic_weights(c, seed);
   if (r > 0) {
-    k.ck.adapter = tools::synthetic_adapter_config(r);
+    k.ck.adapter = check::synthetic_adapter_config(r);
     TensorMap a = synthetic_adapters(c, *k.ck.adapter, seed);
     k.ck.weights.insert(a.begin(), a.end());
   }

@@ -278,7 +278,7 @@ TEST_F(FastModel, OutOfMemoryNamesTheSizeAndIsAnInputError) {
   c.layer_types.assign(400, LayerType::full);
   ref::AdamWConfig h;
   try {
-    fast::Trainer t(c, tools::synthetic_adapter_config(8), 1, h, Softcap{});
+    fast::Trainer t(c, check::synthetic_adapter_config(8), 1, h, Softcap{});
     FAIL() << "a 470 GB model fitted";
   } catch (const fast::OutOfMemory& e) {
     std::printf("message: %s\n", e.what());

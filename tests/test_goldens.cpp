@@ -8,15 +8,15 @@
 #include <fstream>
 
 #include "model/synthetic.hpp"
-#include "tools/golden.hpp"
+#include "check/golden.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 // Names the recipe in test listings instead of dumping its bytes.
 void PrintTo(const GoldenRecipe& r, std::ostream* os) { *os << r.file_name(); }
-}  // namespace gemma::tools
+}  // namespace gemma::check
 
 using namespace gemma;
-using namespace gemma::tools;
+using namespace gemma::check;
 namespace fs = std::filesystem;
 
 namespace {

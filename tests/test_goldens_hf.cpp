@@ -5,10 +5,10 @@
 
 #include <filesystem>
 
-#include "tools/compare.hpp"
+#include "check/compare.hpp"
 
 using namespace gemma;
-using namespace gemma::tools;
+using namespace gemma::check;
 
 namespace {
 

@@ -7,7 +7,7 @@
 #include "model/casefile.hpp"
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
-#include "tools/inputs.hpp"
+#include "check/inputs.hpp"
 
 using namespace gemma;
 
@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
     cf.model.config = c;
     cf.model.weights = synthetic_weights(c, seed);
     if (lora_r > 0) {
-      AdapterConfig a = tools::synthetic_adapter_config(lora_r);
+      AdapterConfig a = check::synthetic_adapter_config(lora_r);
       a.use_rslora = rslora;
       cf.model.adapter = a;
       TensorMap t = synthetic_adapters(c, a, seed);

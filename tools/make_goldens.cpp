@@ -12,10 +12,10 @@
 
 #include "model/casefile.hpp"
 #include "model/errors.hpp"
-#include "tools/golden.hpp"
+#include "check/golden.hpp"
 
 using namespace gemma;
-using namespace gemma::tools;
+using namespace gemma::check;
 namespace fs = std::filesystem;
 
 namespace {

@@ -11,12 +11,12 @@
 #ifdef GEMMA_HAVE_FAST
 #include "fast/fast.hpp"
 #endif
-#include "tools/fast_backend.hpp"
-#include "tools/inputs.hpp"
-#include "tools/report.hpp"
+#include "check/fast_backend.hpp"
+#include "check/inputs.hpp"
+#include "check/report.hpp"
 
 using namespace gemma;
-using namespace gemma::tools;
+using namespace gemma::check;
 
 namespace {
 

@@ -11,15 +11,15 @@
 #include "model/errors.hpp"
 #include "model/h5util.hpp"
 #include "reference/run.hpp"
-#include "tools/compare.hpp"
-#include "tools/diagnose.hpp"
-#include "tools/fast_backend.hpp"
-#include "tools/golden.hpp"
-#include "tools/inputs.hpp"
-#include "tools/report.hpp"
+#include "check/compare.hpp"
+#include "check/diagnose.hpp"
+#include "check/fast_backend.hpp"
+#include "check/golden.hpp"
+#include "check/inputs.hpp"
+#include "check/report.hpp"
 
 using namespace gemma;
-using namespace gemma::tools;
+using namespace gemma::check;
 
 namespace {
 

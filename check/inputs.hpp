@@ -8,7 +8,7 @@
 
 #include "model/casefile.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 struct InputSpec {
   std::optional<std::string> model;    // --model PRESET (synthetic weights)
@@ -37,4 +37,4 @@ Inputs load_inputs(const InputSpec& spec);
 // Synthetic LoRA adapters in PEFT's layout on all seven projections, alpha = 2r.
 AdapterConfig synthetic_adapter_config(int64_t r);
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

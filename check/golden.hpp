@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "reference/run.hpp"
-#include "tools/inputs.hpp"
-#include "tools/report.hpp"
+#include "check/inputs.hpp"
+#include "check/report.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 struct GoldenRecipe {
   std::string model;  // preset
@@ -75,4 +75,4 @@ void check_manifest(const std::string& golden_path);
 // Records (or replaces) the manifest entry of a file with its hash and provenance.
 void record_in_manifest(const std::string& path, const std::map<std::string, std::string>& provenance);
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

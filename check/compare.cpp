@@ -1,8 +1,8 @@
-#include "tools/compare.hpp"
+#include "check/compare.hpp"
 
 #include <cmath>
 
-namespace gemma::tools {
+namespace gemma::check {
 
 // Two float64 implementations of the same math differ only by rounding in different operation orders:
 // about 1e-16 per operation, grown by the loss's conditioning and by long reductions. Measured against HF
@@ -56,4 +56,4 @@ void compare_expected(Report& r, const std::string& prefix, const ref::Output& o
   }
 }
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

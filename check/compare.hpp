@@ -7,9 +7,9 @@
 
 #include "model/casefile.hpp"
 #include "reference/run.hpp"
-#include "tools/report.hpp"
+#include "check/report.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 struct Tolerances {
   double loss, grads, logits;
@@ -28,4 +28,4 @@ double max_rel(const std::vector<double>& a, const std::vector<double>& b);
 void compare_expected(Report& r, const std::string& prefix, const ref::Output& out, const Expected& ex,
                       const Tolerances& tol);
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

@@ -1,16 +1,16 @@
-#include "tools/fast_backend.hpp"
+#include "check/fast_backend.hpp"
 
 #include <cmath>
 #include <cstdio>
 
 #include "model/errors.hpp"
-#include "tools/compare.hpp"
+#include "check/compare.hpp"
 
 #ifdef GEMMA_HAVE_FAST
 #include "fast/fast.hpp"
 #endif
 
-namespace gemma::tools {
+namespace gemma::check {
 
 bool fast_available(std::string* why) {
 #ifdef GEMMA_HAVE_FAST
@@ -164,4 +164,4 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
   return res;
 }
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

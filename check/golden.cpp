@@ -1,4 +1,4 @@
-#include "tools/golden.hpp"
+#include "check/golden.hpp"
 
 #include <openssl/evp.h>
 #include <unistd.h>
@@ -14,7 +14,7 @@
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 using nlohmann::json;
 namespace fs = std::filesystem;
@@ -36,7 +36,7 @@ InputSpec GoldenRecipe::input_spec() const {
 
 namespace {
 
-// verify's defaults for a synthetic run of a preset (tools/inputs.cpp).
+// verify's defaults for a synthetic run of a preset (check/inputs.cpp).
 GoldenRecipe defaults(const std::string& model, int64_t lora_r, Softcap sc) {
   const Config c = preset(model);
   const bool released = c.vocab_size == 256000;
@@ -279,4 +279,4 @@ void record_in_manifest(const std::string& path, const std::map<std::string, std
   fs::rename(tmp, kManifest);
 }
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

@@ -6,10 +6,10 @@
 #include <string>
 
 #include "reference/run.hpp"
-#include "tools/inputs.hpp"
-#include "tools/report.hpp"
+#include "check/inputs.hpp"
+#include "check/report.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 // False, with the reason, when this build has no CUDA backend or there is no usable device.
 bool fast_available(std::string* why);
@@ -27,4 +27,4 @@ struct FastResult {
 // `f64` is given, one against float64 with a tolerance derived from the fast policy's own distance to it.
 FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, Softcap sc, const ref::Output* f64);
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-namespace gemma::tools {
+namespace gemma::check {
 
 struct Check {
   std::string name;
@@ -43,4 +43,4 @@ void progress(const std::string& message);
 // Peak resident memory of this process in bytes.
 double peak_rss_bytes();
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

@@ -1,4 +1,4 @@
-#include "tools/report.hpp"
+#include "check/report.hpp"
 
 #include <sys/resource.h>
 #include <unistd.h>
@@ -12,7 +12,7 @@
 
 #include "model/errors.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 const Check& Report::add(std::string name, double value, double tolerance, std::string why, bool print) {
   Check c{std::move(name), value, tolerance, std::move(why), std::isfinite(value) && value <= tolerance};
@@ -133,4 +133,4 @@ double peak_rss_bytes() {
   return double(u.ru_maxrss) * 1024.0;
 }
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

@@ -5,9 +5,9 @@
 #include <string>
 #include <vector>
 
-#include "tools/inputs.hpp"
+#include "check/inputs.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 struct DiagnoseOptions {
   std::optional<std::string> softcap;  // default: every cap the config defines
@@ -23,4 +23,4 @@ struct DiagnoseOptions {
 
 int run_diagnose(const InputSpec& spec, const DiagnoseOptions& opt);
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

@@ -1,4 +1,4 @@
-#include "tools/inputs.hpp"
+#include "check/inputs.hpp"
 
 #include <unistd.h>
 
@@ -8,7 +8,7 @@
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 AdapterConfig synthetic_adapter_config(int64_t r) {
   AdapterConfig a;
@@ -87,4 +87,4 @@ Inputs load_inputs(const InputSpec& s) {
   return in;
 }
 
-}  // namespace gemma::tools
+}  // namespace gemma::check

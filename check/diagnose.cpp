@@ -1,4 +1,4 @@
-#include "tools/diagnose.hpp"
+#include "check/diagnose.hpp"
 
 #include <algorithm>
 #include <array>
@@ -12,10 +12,10 @@
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
 #include "reference/gemma2.hpp"
-#include "tools/compare.hpp"
-#include "tools/report.hpp"
+#include "check/compare.hpp"
+#include "check/report.hpp"
 
-namespace gemma::tools {
+namespace gemma::check {
 
 namespace {
 
@@ -721,4 +721,4 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   return 0;
 }
 
-}  // namespace gemma::tools
+}  // namespace gemma::check
