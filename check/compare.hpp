@@ -28,4 +28,10 @@ double max_rel(const std::vector<double>& a, const std::vector<double>& b);
 void compare_expected(Report& r, const std::string& prefix, const ref::Output& out, const Expected& ex,
                       const Tolerances& tol);
 
+// The reference's backward against finite differences of its own forward (ref::directional_check), as one check:
+// passes when the two agree within max(1e-7, 3 x the estimate's own error) and that error is below 1e-4/3; reports
+// "unresolved" when the estimate cannot resolve the derivative (its error above that) and the two agree within it;
+// fails otherwise, i.e. whenever the estimate is confident that they differ.
+void add_fd_check(Report& r, const std::string& prefix, const ref::DirectionalCheck& fd);
+
 }  // namespace gemma::check

@@ -9,6 +9,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "model/bugs.hpp"
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
 #include "reference/gemma2.hpp"
@@ -110,87 +111,43 @@ struct Variant {
   std::function<std::string(ref::RunOptions&, const Config&, const Setting&)> apply;
 };
 
+// One row per bug of model/bugs.hpp. The bug itself is the reference's switch (ref::apply_bug, which also says
+// when the model cannot show it); what depends on the setting (sequences longer than the window, micro-batches
+// with unequal target counts, a padded head) is judged here. Precision bugs, and those whose effect a cool
+// attention and trained-like logits bring out, are measured on the trained-like weights of a synthetic run.
 std::vector<Variant> variants() {
-  using ref::Cast;
-  return {
-      {"normalizer-exact", "gemma_pytorch before PR #67", false,
-       [](ref::RunOptions& o, const Config& c, const Setting&) {
-         o.numerics.policy[Cast::normalizer] = DType::f64;
-         const double n = std::sqrt(double(c.hidden_size));
-         return round_to(DType::bf16, n) == n ? std::string("sqrt(hidden_size) is exact in bf16") : std::string();
-       }},
-      {"rmsnorm-early-downcast", "gemma_pytorch before PR #67", true,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         // Llama style: the normalised x is cast to bf16, then multiplied by a bf16 (1 + w).
-         o.numerics.policy[Cast::norm_normed] = DType::bf16;
-         o.numerics.policy[Cast::norm_scale] = DType::bf16;
-         return std::string();
-       }},
-      {"rope-bf16", "HF before 4.38.2; Keras mixed_bfloat16", true,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         o.numerics.policy[Cast::rope_inputs] = DType::bf16;
-         o.numerics.policy[Cast::rope_angle] = DType::bf16;
-         return std::string();
-       }},
-      {"gelu-exact", "HF/gemma_pytorch before March 2024", true,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         o.numerics.semantics.gelu_exact = true;
-         return std::string();
-       }},
-      {"qpas-head-dim", "JAX / gemma_pytorch, July 2024", true,
-       [](ref::RunOptions& o, const Config& c, const Setting&) {
-         // 27b: head_dim^-0.5 instead of 144^-0.5. Where the two agree (2b, 9b), the early 9b value 224.
-         o.numerics.semantics.query_pre_attn_scalar =
-             c.query_pre_attn_scalar != double(c.head_dim) ? double(c.head_dim) : 224.0;
-         return std::string();
-       }},
-      {"sliding-odd-layers", "first HF Gemma 2 release (PR #31775)", false,
-       [](ref::RunOptions& o, const Config& c, const Setting& s) {
-         o.numerics.semantics.sliding_odd_layers = true;
-         return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
-       }},
-      {"sliding-off-by-one", "HF flash-attention path (issue #39408)", false,
-       [](ref::RunOptions& o, const Config& c, const Setting& s) {
-         o.numerics.semantics.window_extra = 1;
-         return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
-       }},
-      {"no-attn-softcap", "HF SDPA path; several inference engines", false,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         const bool on = o.softcap.attn;
-         o.softcap.attn = false;
-         return on ? std::string() : "attention cap is off in this run";
-       }},
-      {"no-logit-softcap", "Cut Cross-Entropy's Gemma 2 patch (issue #48)", false,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         const bool on = o.softcap.logits;
-         o.softcap.logits = false;
-         return on ? std::string() : "final cap is off in this run";
-       }},
-      {"padded-vocab-unmasked", "any kernel padding the LM head", true,
-       [](ref::RunOptions& o, const Config&, const Setting& s) {
-         o.numerics.semantics.padded_vocab_unmasked = true;
-         return s.pad_rows.numel() > 0 ? std::string() : "head not padded";
-       }},
-      {"grad-accum-mean-of-means", "HF Trainer / TRL before Oct 2024", false,
-       [](ref::RunOptions& o, const Config&, const Setting& s) {
-         o.numerics.semantics.grad_accum_mean_of_means = true;
-         std::vector<int64_t> n;
-         for (const Batch& b : s.micro) n.push_back(b.count_targets());
-         bool unequal = false;
-         for (int64_t x : n) unequal |= x != n[0];
-         return unequal ? std::string() : "micro-batches have equal target counts";
-       }},
-      {"rmsnorm-no-weight-grad", "Unsloth kernels", false,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         o.numerics.semantics.rmsnorm_no_weight_grad = true;
-         return std::string();
-       }},
-      {"softcap-grad-missing", "flash-attn 2.6.0/2.6.1 (NaN/wrong grads)", false,
-       [](ref::RunOptions& o, const Config&, const Setting&) {
-         o.numerics.semantics.attn_softcap_grad_missing = true;
-         return o.softcap.attn ? std::string() : "attention cap is off in this run";
-       }},
+  auto longer_than_window = [](const Config& c, const Setting& s) {
+    return c.sliding_window && s.micro[0].T > *c.sliding_window ? std::string() : "sequence not longer than the window";
   };
+  std::vector<Variant> v;
+  for (const BugInfo& info : bug_table()) {
+    const Bug bug = info.bug;
+    const bool trained = bug == Bug::rmsnorm_early_downcast || bug == Bug::rope_bf16 || bug == Bug::gelu_exact ||
+                         bug == Bug::qpas_head_dim || bug == Bug::padded_vocab_unmasked;
+    v.push_back({std::string(info.id), std::string(info.where), trained,
+                 [bug, longer_than_window](ref::RunOptions& o, const Config& c, const Setting& s) {
+                   std::string na = ref::apply_bug(bug, c, o.numerics, o.softcap);
+                   if (!na.empty()) return na;
+                   switch (bug) {
+                     case Bug::sliding_odd_layers:
+                     case Bug::sliding_off_by_one:
+                     case Bug::no_sliding_window:
+                       return longer_than_window(c, s);
+                     case Bug::padded_vocab_unmasked:
+                       return s.pad_rows.numel() > 0 ? std::string() : "head not padded";
+                     case Bug::grad_accum_mean_of_means: {
+                       std::vector<int64_t> n;
+                       for (const Batch& b : s.micro) n.push_back(b.count_targets());
+                       bool unequal = false;
+                       for (int64_t x : n) unequal |= x != n[0];
+                       return unequal ? std::string() : "micro-batches have equal target counts";
+                     }
+                     default:
+                       return std::string();
+                   }
+                 }});
+  }
+  return v;
 }
 
 // The diagnosis setting for a synthetic run: a short window so that sequences exceed it, two micro-batches

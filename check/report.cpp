@@ -22,7 +22,21 @@ const Check& Report::add(std::string name, double value, double tolerance, std::
   return checks.back();
 }
 
-bool Report::all_pass() const { return passed() == int(checks.size()); }
+const Check& Report::add_unresolved(std::string name, double value, double tolerance, std::string why) {
+  Check c{std::move(name), value, tolerance, std::move(why), false, true};
+  checks.push_back(c);
+  std::printf("  %-72s %11.3e  tol %9.2e  UNRESOLVED\n", c.name.c_str(), c.value, c.tolerance);
+  std::fflush(stdout);
+  return checks.back();
+}
+
+bool Report::all_pass() const { return passed() + unresolved() == int(checks.size()); }
+
+int Report::unresolved() const {
+  int n = 0;
+  for (const auto& c : checks) n += c.unresolved;
+  return n;
+}
 
 int Report::passed() const {
   int n = 0;
@@ -30,7 +44,13 @@ int Report::passed() const {
   return n;
 }
 
-void Report::print_summary() const { std::printf("%d/%zu checks passed\n", passed(), checks.size()); }
+void Report::print_summary() const {
+  if (unresolved() > 0)
+    std::printf("%d/%zu checks passed, %d unresolved (not a failure: the check could not decide)\n", passed(),
+                checks.size(), unresolved());
+  else
+    std::printf("%d/%zu checks passed\n", passed(), checks.size());
+}
 
 double rel_err(double a, double b) {
   const double d = std::fabs(a - b);
@@ -88,12 +108,14 @@ void check_output_path(const std::string& path, const std::string& flag) {
 void write_junit(const std::string& path, const std::string& suite, const Report& r) {
   std::string x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
   x += "<testsuites>\n<testsuite name=\"" + xml_escape(suite) + "\" tests=\"" + std::to_string(r.checks.size()) +
-       "\" failures=\"" + std::to_string(r.checks.size() - size_t(r.passed())) + "\">\n";
+       "\" failures=\"" + std::to_string(r.checks.size() - size_t(r.passed() + r.unresolved())) + "\" skipped=\"" +
+       std::to_string(r.unresolved()) + "\">\n";
   for (const auto& c : r.checks) {
     char buf[256];
     std::snprintf(buf, sizeof buf, "value %.6e, tolerance %.3e", c.value, c.tolerance);
     x += "  <testcase classname=\"" + xml_escape(suite) + "\" name=\"" + xml_escape(c.name) + "\">";
-    if (!c.pass) x += "<failure message=\"" + xml_escape(buf) + "\">" + xml_escape(c.why) + "</failure>";
+    if (c.unresolved) x += "<skipped message=\"unresolved: " + xml_escape(buf) + "\"/>";
+    else if (!c.pass) x += "<failure message=\"" + xml_escape(buf) + "\">" + xml_escape(c.why) + "</failure>";
     x += "<system-out>" + xml_escape(std::string(buf) + "; " + c.why) + "</system-out></testcase>\n";
   }
   x += "</testsuite>\n</testsuites>\n";
@@ -113,7 +135,8 @@ void write_json(const std::string& path, const nlohmann::json& j) {
 nlohmann::json checks_json(const Report& r) {
   nlohmann::json a = nlohmann::json::array();
   for (const auto& c : r.checks) {
-    nlohmann::json o = {{"name", c.name}, {"tolerance", c.tolerance}, {"pass", c.pass}, {"why", c.why}};
+    nlohmann::json o = {{"name", c.name}, {"tolerance", c.tolerance}, {"pass", c.pass}, {"unresolved", c.unresolved},
+                        {"why", c.why}};
     o["value"] = std::isfinite(c.value) ? nlohmann::json(c.value) : nlohmann::json(nullptr);
     a.push_back(o);
   }

@@ -37,7 +37,7 @@ struct AttnParams {
   bool cap_on = false;
   float cap = 1;
   int window = 0;          // 0: every past key; else keys with 0 <= i - j <= window - 1
-  bool drop_sech2 = false; // the attn_sech2 fault
+  bool drop_sech2 = false; // the softcap-grad-missing fault
   bool vec = false;        // 16-byte tile loads are legal (set by the launchers)
   bool ldm = false;        // fragments through ldmatrix (attn_ldmatrix(); set by the launchers)
   // forward outputs; dout, dq are read/written with the same row stride ld_o = H*hd
@@ -538,9 +538,9 @@ inline int attn_hdp(int hd) {
   throw InputError("fast: head_dim " + std::to_string(hd) + " is above the 256 the attention kernels support");
 }
 
-// The window a layer's attention uses: W keys on sliding layers (one more under the `window` fault), 0 (every
+// The window a layer's attention uses: W keys on sliding layers (one more under the sliding-off-by-one fault), 0 (every
 // past key) on global ones.
-inline int attn_window(bool sliding, int64_t W) { return sliding ? int(W) + (faults().window ? 1 : 0) : 0; }
+inline int attn_window(bool sliding, int64_t W) { return sliding ? int(W) + (faults().sliding_off_by_one ? 1 : 0) : 0; }
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 

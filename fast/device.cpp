@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "fast/fast.hpp"
+#include "model/bugs.hpp"
 
 namespace gemma::fast {
 
@@ -61,22 +62,19 @@ const Faults& faults() {
     Faults r;
     const char* env = std::getenv("GEMMA_FAST_FAULT");
     const std::string s = env ? env : "";
-    auto has = [&](const char* name) {
-      const std::string n(name);
-      size_t pos = 0;
-      while ((pos = s.find(n, pos)) != std::string::npos) {
-        const bool start = pos == 0 || s[pos - 1] == ',';
-        const bool end = pos + n.size() == s.size() || s[pos + n.size()] == ',';
-        if (start && end) return true;
-        pos += n.size();
+    for (Bug b : parse_bug_list(s, "GEMMA_FAST_FAULT")) {
+      switch (b) {
+        case Bug::softcap_grad_missing: r.softcap_grad_missing = true; break;
+        case Bug::sliding_off_by_one: r.sliding_off_by_one = true; break;
+        case Bug::logit_softcap_grad_missing: r.logit_softcap_grad_missing = true; break;
+        case Bug::padded_vocab_unmasked: r.padded_vocab_unmasked = true; break;
+        case Bug::rmsnorm_plain_weight: r.rmsnorm_plain_weight = true; break;
+        default:
+          throw InputError("GEMMA_FAST_FAULT: the fast trainer has no switch for '" + std::string(bug_info(b).id) +
+                           "' (it has softcap-grad-missing, sliding-off-by-one, logit-softcap-grad-missing, "
+                           "padded-vocab-unmasked, rmsnorm-plain-weight)");
       }
-      return false;
-    };
-    r.attn_sech2 = has("attn_sech2");
-    r.window = has("window");
-    r.logits_sech2 = has("logits_sech2");
-    r.pad_unmasked = has("pad_unmasked");
-    r.norm_plain_w = has("norm_plain_w");
+    }
     if (!s.empty()) std::fprintf(stderr, "fast: GEMMA_FAST_FAULT=%s: deliberate bugs are ON\n", s.c_str());
     return r;
   }();

@@ -79,14 +79,15 @@ class DeviceArray {
   MemoryTracker* t_ = nullptr;
 };
 
-// Deliberate bugs, switched on by the environment variable GEMMA_FAST_FAULT (a comma-separated list), so that a
-// GPU run can show each test failing on the bug it exists to catch. Off unless named; never set in production.
+// Deliberate bugs, switched on by the environment variable GEMMA_FAST_FAULT (a comma-separated list of bug ids of
+// model/bugs.hpp), so that a GPU run can show each test failing on the bug it exists to catch. Off unless named;
+// never set in production. An id the fast trainer has no switch for is an InputError at first use.
 struct Faults {
-  bool attn_sech2 = false;     // "attn_sech2": attention backward without the softcap derivative (flash-attn 2.6.0)
-  bool window = false;         // "window": sliding window one key too wide (HF flash path, issue #39408)
-  bool logits_sech2 = false;   // "logits_sech2": final softcap derivative dropped in the loss backward
-  bool pad_unmasked = false;   // "pad_unmasked": padded vocabulary columns left in the softmax
-  bool norm_plain_w = false;   // "norm_plain_w": RMSNorm scaled by w instead of (1 + w)
+  bool softcap_grad_missing = false;        // attention backward without the softcap derivative (flash-attn 2.6.0)
+  bool sliding_off_by_one = false;          // sliding window one key too wide (HF flash path, issue #39408)
+  bool logit_softcap_grad_missing = false;  // final softcap derivative dropped in the loss backward
+  bool padded_vocab_unmasked = false;       // padded vocabulary columns left in the softmax
+  bool rmsnorm_plain_weight = false;        // RMSNorm scaled by w instead of (1 + w)
 };
 const Faults& faults();
 

@@ -529,7 +529,7 @@ struct Engine::Impl {
     p.cap = float(cfg.attn_logit_softcapping.value_or(1.0));
     const bool sliding = cfg.layer_types[size_t(l)] == LayerType::sliding && cfg.sliding_window.has_value();
     p.window = attn_window(sliding, cfg.sliding_window.value_or(0));
-    p.drop_sech2 = faults().attn_sech2;
+    p.drop_sech2 = faults().softcap_grad_missing;
     p.att = A.att.get();
     p.o32 = A.o32.get();
     p.ld_o = HD;

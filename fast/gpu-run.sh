@@ -75,12 +75,12 @@ fi
 if has faults; then
   # fault : binary : gtest filter of the tests that must catch it (each passes without the fault)
   for spec in \
-    "attn_sech2:test_fast_kernels:Shapes/FastAttention.*_cap_*" \
-    "attn_sech2:test_fast_model:AllSoftcaps/FastRun.*/attn" \
-    "window:test_fast_kernels:Shapes/FastAttention.*_W*" \
-    "logits_sech2:test_fast_kernels:Vocab/FastLoss.*_cap" \
-    "pad_unmasked:test_fast_kernels:Vocab/FastLoss.*V389*" \
-    "norm_plain_w:test_fast_kernels:FastKernel.RmsNorm*"; do
+    "softcap-grad-missing:test_fast_kernels:Shapes/FastAttention.*_cap_*" \
+    "softcap-grad-missing:test_fast_model:AllSoftcaps/FastRun.*/attn" \
+    "sliding-off-by-one:test_fast_kernels:Shapes/FastAttention.*_W*" \
+    "logit-softcap-grad-missing:test_fast_kernels:Vocab/FastLoss.*_cap" \
+    "padded-vocab-unmasked:test_fast_kernels:Vocab/FastLoss.*V389*" \
+    "rmsnorm-plain-weight:test_fast_kernels:FastKernel.RmsNorm*"; do
     IFS=: read -r fault t filter <<<"$spec"
     echo "== GEMMA_FAST_FAULT=$fault $t --gtest_filter=$filter" >>"$out/faults.log"
     GEMMA_FAST_FAULT=$fault timeout 120 "$bin/$t" --gtest_filter="$filter" >>"$out/faults.log" 2>&1

@@ -210,7 +210,7 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
   p.cap_on = s.cap_on;
   p.cap = float(s.cap);
   p.window = attn_window(s.window > 0, s.window);
-  p.drop_sech2 = faults().attn_sech2;
+  p.drop_sech2 = faults().softcap_grad_missing;
   p.att = att.get();
   p.o32 = o32.get();
   p.ld_o = HD;

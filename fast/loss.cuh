@@ -116,7 +116,7 @@ inline void lm_head_loss_chunk(cublasHandle_t h, const LossChunk& c, cudaStream_
   gemm(h, c.rows, c.Vp, c.D, {c.xf, c.D, false}, {c.E, c.D, true}, c.logits, true, c.Vp, 1.0f, 0.0f);
   ce_kernel<<<unsigned(c.rows), kCeThreads, 0, st>>>(c.dlog, c.row_loss, c.capped_out, c.capped_slot, c.logits,
                                                      c.target, c.V, c.Vp, c.cap_on, c.cap, c.grad_scale,
-                                                     faults().logits_sech2, faults().pad_unmasked);
+                                                     faults().logit_softcap_grad_missing, faults().padded_vocab_unmasked);
   GEMMA_LAUNCHED("ce_kernel");
   gemm(h, c.rows, c.D, c.Vp, {c.dlog, c.Vp, false}, {c.E, c.D, false}, c.dxf, false, c.D, 1.0f, 0.0f);
 }

@@ -18,7 +18,7 @@ __device__ __forceinline__ float grad_in(bf16 x) { return __bfloat162float(x); }
 
 constexpr int kNormThreads = 256;
 
-// scale = 1 + w (fp32, exact for bf16 w of the sizes norms have), or w itself under the norm_plain_w fault.
+// scale = 1 + w (fp32, exact for bf16 w of the sizes norms have), or w itself under the rmsnorm-plain-weight fault.
 __global__ void norm_scale_kernel(float* scale, const bf16* w, int64_t D, bool plain) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < D; j += int64_t(gridDim.x) * blockDim.x)
     scale[j] = plain ? __bfloat162float(w[j]) : __fadd_rn(1.0f, __bfloat162float(w[j]));
@@ -95,7 +95,7 @@ __global__ void rmsnorm_dw_kernel(float* dw, const TD* dout, const TX* x, const 
 // Launchers ------------------------------------------------------------------------------------------------
 
 inline void norm_scale(float* scale, const bf16* w, int64_t D, cudaStream_t st) {
-  norm_scale_kernel<<<elementwise_blocks(D), 256, 0, st>>>(scale, w, D, faults().norm_plain_w);
+  norm_scale_kernel<<<elementwise_blocks(D), 256, 0, st>>>(scale, w, D, faults().rmsnorm_plain_weight);
   GEMMA_LAUNCHED("norm_scale_kernel");
 }
 

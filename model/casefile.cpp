@@ -56,8 +56,9 @@ struct RawCase {
   std::optional<std::string> config_json, adapter_json;
   bool has_weights = false;
   TensorMap weights;
-  Shape ids_shape, labels_shape;
-  std::vector<int64_t> ids, labels;
+  Shape ids_shape, labels_shape, pos_shape, mask_shape;
+  std::vector<int64_t> ids, labels, pos, mask;
+  bool has_pos = false, has_mask = false;  // the optional /position_ids and /attention_mask
   std::map<std::string, std::string> provenance;
   std::map<std::string, RawExpected> expected;
 };
@@ -304,8 +305,19 @@ RawCase read_raw(const std::string& path) {
         r.weights[name] = h5::read_float_tensor(w, name, path, &budget);
       }
     }
+    // An object this reader does not know could be an input that changes the math (a mask under another name, a
+    // newer format): refused, never skipped.
+    for (const auto& name : h5::children(f))
+      if (name != "weights" && name != "input_ids" && name != "labels" && name != "position_ids" &&
+          name != "attention_mask" && name != "expected")
+        fail(path, "'/" + name + "' is not part of a case file (known: /weights, /input_ids, /labels, /position_ids, "
+                   "/attention_mask, /expected)");
     r.ids = h5::read_int_dataset(f, "input_ids", path, r.ids_shape, &budget);
     r.labels = h5::read_int_dataset(f, "labels", path, r.labels_shape, &budget);
+    r.has_pos = h5::exists(f, "position_ids");
+    if (r.has_pos) r.pos = h5::read_int_dataset(f, "position_ids", path, r.pos_shape, &budget);
+    r.has_mask = h5::exists(f, "attention_mask");
+    if (r.has_mask) r.mask = h5::read_int_dataset(f, "attention_mask", path, r.mask_shape, &budget);
     if (h5::exists(f, "expected")) {
       if (f.childObjType("expected") != H5O_TYPE_GROUP) fail(path, "'/expected' is not a group");
       H5::Group e = f.openGroup("expected");
@@ -349,6 +361,12 @@ std::string encode(const RawCase& r) {
   w.ints(r.ids);
   w.shape(r.labels_shape);
   w.ints(r.labels);
+  w.u64(r.has_pos);
+  w.shape(r.pos_shape);
+  w.ints(r.pos);
+  w.u64(r.has_mask);
+  w.shape(r.mask_shape);
+  w.ints(r.mask);
   w.u64(r.provenance.size());
   for (const auto& [k, v] : r.provenance) {
     w.str(k);
@@ -375,6 +393,12 @@ RawCase decode(const std::string& bytes) {
   r.ids = in.ints();
   r.labels_shape = in.shape();
   r.labels = in.ints();
+  r.has_pos = in.u64() != 0;
+  r.pos_shape = in.shape();
+  r.pos = in.ints();
+  r.has_mask = in.u64() != 0;
+  r.mask_shape = in.shape();
+  r.mask = in.ints();
   for (uint64_t n = in.u64(); n > 0; --n) {
     std::string k = in.str();
     r.provenance[k] = in.str();
@@ -442,6 +466,21 @@ CaseFile read_case(const std::string& path) {
   cf.batch.T = raw.ids_shape[1];
   cf.batch.input_ids = std::move(raw.ids);
   cf.batch.labels = std::move(raw.labels);
+  if (raw.has_pos) {
+    if (raw.pos_shape != raw.ids_shape)
+      fail(path, "position_ids shape " + shape_str(raw.pos_shape) + " does not match input_ids shape " + shape_str(raw.ids_shape));
+    cf.batch.position_ids = std::move(raw.pos);
+  }
+  if (raw.has_mask) {
+    if (raw.mask_shape != raw.ids_shape)
+      fail(path, "attention_mask shape " + shape_str(raw.mask_shape) + " does not match input_ids shape " +
+                     shape_str(raw.ids_shape));
+    for (size_t i = 0; i < raw.mask.size(); ++i)
+      if (raw.mask[i] != 0 && raw.mask[i] != 1)
+        fail(path, "attention_mask[" + std::to_string(i / size_t(cf.batch.T)) + ", " + std::to_string(i % size_t(cf.batch.T)) +
+                       "] = " + std::to_string(raw.mask[i]) + " is neither 0 nor 1");
+    cf.batch.attention_mask.assign(raw.mask.begin(), raw.mask.end());
+  }
 
   cf.provenance = std::move(raw.provenance);
   for (auto& [combo, rx] : raw.expected) {
@@ -513,6 +552,10 @@ void write_case(const std::string& path, const CaseFile& cf) {
     for (const auto& [name, t] : cf.model.weights) h5::write_tensor(w, name, t);
     h5::write_ints(f, "input_ids", {cf.batch.B, cf.batch.T}, cf.batch.input_ids);
     h5::write_ints(f, "labels", {cf.batch.B, cf.batch.T}, cf.batch.labels);
+    if (!cf.batch.position_ids.empty()) h5::write_ints(f, "position_ids", {cf.batch.B, cf.batch.T}, cf.batch.position_ids);
+    if (!cf.batch.attention_mask.empty())
+      h5::write_ints(f, "attention_mask", {cf.batch.B, cf.batch.T},
+                     std::vector<int64_t>(cf.batch.attention_mask.begin(), cf.batch.attention_mask.end()));
     if (!cf.expected.empty() || !cf.provenance.empty()) {
       H5::Group e = f.createGroup("expected");
       for (const auto& [k, v] : cf.provenance) h5::write_string_attr(e, k, v);

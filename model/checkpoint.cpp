@@ -196,14 +196,37 @@ int64_t Batch::count_targets() const {
   return n;
 }
 
+bool Batch::packed() const {
+  if (position_ids.empty() || !attention_mask.empty()) return false;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 1; t < T; ++t)
+      if (position(b, t) != position(b, t - 1) + 1) return true;
+  return false;
+}
+
+std::vector<int32_t> Batch::document_ids() const {
+  std::vector<int32_t> d(size_t(B * T), 0);
+  if (!packed()) return d;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 1; t < T; ++t)
+      d[size_t(b * T + t)] = d[size_t(b * T + t - 1)] + (position(b, t) != position(b, t - 1) + 1 ? 1 : 0);
+  return d;
+}
+
 std::vector<Batch> split_batch(const Batch& b, int64_t rows) {
   std::vector<Batch> out;
+  auto rows_of = [&](const auto& v, int64_t b0, int64_t n) {
+    using V = std::decay_t<decltype(v)>;
+    return v.empty() ? V() : V(v.begin() + b0 * b.T, v.begin() + (b0 + n) * b.T);
+  };
   for (int64_t b0 = 0; b0 < b.B; b0 += rows) {
     Batch m;
     m.B = std::min(rows, b.B - b0);
     m.T = b.T;
-    m.input_ids.assign(b.input_ids.begin() + b0 * b.T, b.input_ids.begin() + (b0 + m.B) * b.T);
-    m.labels.assign(b.labels.begin() + b0 * b.T, b.labels.begin() + (b0 + m.B) * b.T);
+    m.input_ids = rows_of(b.input_ids, b0, m.B);
+    m.labels = rows_of(b.labels, b0, m.B);
+    m.position_ids = rows_of(b.position_ids, b0, m.B);
+    m.attention_mask = rows_of(b.attention_mask, b0, m.B);
     out.push_back(std::move(m));
   }
   return out;
@@ -227,6 +250,33 @@ void validate_batch(const Config& c, const Batch& b, const std::string& source) 
     if (v != kIgnoreIndex && (v < 0 || v >= c.vocab_size))
       fail(source, "labels[" + std::to_string(i / size_t(b.T)) + ", " + std::to_string(i % size_t(b.T)) + "] = " +
                        std::to_string(v) + " is neither -100 nor in [0, " + std::to_string(c.vocab_size) + ")");
+  }
+  auto at = [&](size_t i) { return "[" + std::to_string(i / size_t(b.T)) + ", " + std::to_string(i % size_t(b.T)) + "]"; };
+  if (!b.position_ids.empty()) {
+    if (int64_t(b.position_ids.size()) != b.B * b.T) fail(source, "position_ids must have B*T entries");
+    // The fast trainer indexes positions as 32-bit integers; RoPE itself takes any position.
+    for (size_t i = 0; i < b.position_ids.size(); ++i)
+      if (b.position_ids[i] < 0 || b.position_ids[i] >= (int64_t(1) << 30))
+        fail(source, "position_ids" + at(i) + " = " + std::to_string(b.position_ids[i]) + " is outside [0, 2^30)");
+  }
+  if (!b.attention_mask.empty()) {
+    if (int64_t(b.attention_mask.size()) != b.B * b.T) fail(source, "attention_mask must have B*T entries");
+    for (size_t i = 0; i < b.attention_mask.size(); ++i)
+      if (b.attention_mask[i] > 1)
+        fail(source, "attention_mask" + at(i) + " = " + std::to_string(b.attention_mask[i]) + " is neither 0 nor 1");
+    for (int64_t r = 0; r < b.B; ++r)
+      for (int64_t t = 0; t < b.T; ++t) {
+        const size_t i = size_t(r * b.T + t);
+        if (b.attention_mask[i] == 0 && b.labels[i] != kIgnoreIndex)
+          fail(source, "labels" + at(i) + " = " + std::to_string(b.labels[i]) +
+                           " is the label of a padding token (attention_mask 0); padding is never scored: set it to -100");
+        // A padding query sees no key in its causal window when the padding is on the left; HF's eager attention
+        // then spreads it uniformly over every key, future ones included, a value no trainer should be judged on.
+        if (b.attention_mask[i] == 0 && b.target(r, t) != kIgnoreIndex)
+          fail(source, "position " + at(i) + " is padding (attention_mask 0) but is scored against labels" + at(i + 1) +
+                           " = " + std::to_string(b.target(r, t)) +
+                           ": a padding token predicts nothing; set that label to -100");
+      }
   }
 }
 

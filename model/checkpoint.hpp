@@ -58,14 +58,30 @@ std::vector<WeightSpec> adapter_weight_specs(const Config& c, const AdapterConfi
 inline constexpr int64_t kIgnoreIndex = -100;
 
 // A batch of token sequences in HF's causal-LM convention: position t is scored against labels[t + 1].
+// Packed rows and padding follow HF transformers 5 (masking_utils.py; docs/formats.md):
+//  - position_ids, when given, are the RoPE positions. Without an attention mask they also separate packed
+//    documents: a new document starts at every token whose position is not its predecessor's + 1 (a restart at
+//    0 always starts one), and a token attends only within its document. With an attention mask HF does not look
+//    for documents (the mask is then the only restriction besides causality and the window).
+//  - attention_mask: 0 marks a padding token. A padding key is never attended; a padding query's output never
+//    reaches a scored position (keys at padding are masked for everyone), so it is computed as zero.
 struct Batch {
   int64_t B = 0, T = 0;
-  std::vector<int64_t> input_ids;  // [B, T]
-  std::vector<int64_t> labels;     // [B, T], kIgnoreIndex where not scored
+  std::vector<int64_t> input_ids;     // [B, T]
+  std::vector<int64_t> labels;        // [B, T], kIgnoreIndex where not scored
+  std::vector<int64_t> position_ids;  // [B, T], or empty: 0..T-1 in every row
+  std::vector<uint8_t> attention_mask;  // [B, T] of 0/1, or empty: every token real
   int64_t id(int64_t b, int64_t t) const { return input_ids[size_t(b * T + t)]; }
   // The target scored at position t, or kIgnoreIndex (the last position has none).
   int64_t target(int64_t b, int64_t t) const { return t + 1 < T ? labels[size_t(b * T + t + 1)] : kIgnoreIndex; }
+  int64_t position(int64_t b, int64_t t) const { return position_ids.empty() ? t : position_ids[size_t(b * T + t)]; }
+  bool real(int64_t b, int64_t t) const { return attention_mask.empty() || attention_mask[size_t(b * T + t)] != 0; }
   int64_t count_targets() const;
+  // True when HF would separate documents in this batch: position_ids given, no attention mask, and some row
+  // where a position is not its predecessor's + 1.
+  bool packed() const;
+  // [B, T]: the document of each token, numbered from 0 in each row (all 0 unless packed()).
+  std::vector<int32_t> document_ids() const;
 };
 // Splits a batch into micro-batches of `rows` sequences each (the last may be shorter).
 std::vector<Batch> split_batch(const Batch& b, int64_t rows);

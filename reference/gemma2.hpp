@@ -251,9 +251,9 @@ struct RunOptions {
   Numerics numerics;
   bool keep_logits = false;  // return the (capped) logits, e.g. to compare with /expected
   bool keep_gate_stats = false;  // return the mean and standard deviation of each layer's gate_proj output
-  // Positions run from position_offset to position_offset + T - 1 (HF position_ids), as for a chunk from deep
-  // inside a long document. Exact RoPE only sees position differences, so the offset changes nothing but the
-  // rounding of positions and angles (what the rope-bf16 bug gets wrong).
+  // Added to every position (the batch's position_ids, or 0..T-1), as for a chunk from deep inside a long
+  // document. Exact RoPE only sees position differences, so the offset changes nothing but the rounding of
+  // positions and angles (what the rope-bf16 bug gets wrong).
   int64_t position_offset = 0;
 };
 
@@ -277,15 +277,23 @@ struct Ctx {
   bool attn_cap_on, final_cap_on;
   Real attn_cap, final_cap;
   Real scale;  // query_pre_attn_scalar^-0.5
-  Mat<Real> rope_cos, rope_sin;  // (T, hd/2)
+  Mat<Real> rope_cos, rope_sin;  // (N, hd/2): each token's own position
+  std::vector<int32_t> doc;      // (N) document of each token (packed rows), all 0 otherwise
+  std::vector<uint8_t> key_ok;   // (N) 0 for padding tokens, never attended; empty: none
 
   bool sliding(int64_t layer) const {
+    if (sem.no_sliding_window) return false;
     const bool s = cfg.layer_types[size_t(layer)] == LayerType::sliding;
     return sem.sliding_odd_layers ? !s : s;
   }
-  // Key j is visible to query i (same sequence): causal, and within the window on sliding layers.
-  bool visible(int64_t layer, int64_t i, int64_t j) const {
+  // Key j is visible to query i of sequence b: causal, same document, not padding, and within the window on
+  // sliding layers. HF counts the window in token indices (masking_utils.sliding_window_overlay), which inside one
+  // document are position differences.
+  bool visible(int64_t layer, int64_t b, int64_t i, int64_t j) const {
     if (j > i) return false;
+    const size_t qi = size_t(b * T + i), kj = size_t(b * T + j);
+    if (doc[qi] != doc[kj]) return false;
+    if (!key_ok.empty() && !key_ok[kj]) return false;
     if (!sliding(layer)) return true;
     return i - j <= *cfg.sliding_window + sem.window_extra - 1;
   }
@@ -293,6 +301,12 @@ struct Ctx {
 
 // ----------------------------------------------------------------------------------------------------
 // RMSNorm: out = x * rsqrt(mean(x^2) + eps) * (1 + w), per row.
+
+// Gemma stores w for a gain of 1 + w (weights start at zero); rmsnorm-plain-weight uses w itself, as Llama does.
+template <class Real>
+Real norm_gain(const Real& w, const Semantics& sem) {
+  return sem.rmsnorm_plain_weight ? w : Real(1) + w;
+}
 
 template <class Real>
 void rmsnorm_forward(const Mat<Real>& x,  // (N, D) input
@@ -306,7 +320,7 @@ void rmsnorm_forward(const Mat<Real>& x,  // (N, D) input
   out.resize(N, D);
   rstd.resize(N);
   Vec<Real> scale(D);
-  for (int64_t j = 0; j < D; ++j) scale(j) = cast(p, Cast::norm_scale, Real(1) + w(j));
+  for (int64_t j = 0; j < D; ++j) scale(j) = cast(p, Cast::norm_scale, norm_gain(w(j), ctx.sem));
   const Real eps = Real(ctx.cfg.rms_norm_eps);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
@@ -342,10 +356,10 @@ void rmsnorm_backward(const Mat<Real>& dout,  // (N, D)
     Real dot = Real(0);
     for (int64_t j = 0; j < D; ++j) {
       xhat(i, j) = cast(p, Cast::norm_in, x(i, j)) * rstd(i);
-      dot += dout(i, j) * (Real(1) + w(j)) * xhat(i, j);
+      dot += dout(i, j) * norm_gain(w(j), ctx.sem) * xhat(i, j);
     }
     const Real mean = dot / Real(D);
-    for (int64_t j = 0; j < D; ++j) dx(i, j) = rstd(i) * (dout(i, j) * (Real(1) + w(j)) - xhat(i, j) * mean);
+    for (int64_t j = 0; j < D; ++j) dx(i, j) = rstd(i) * (dout(i, j) * norm_gain(w(j), ctx.sem) - xhat(i, j) * mean);
   }
   if (dw && !ctx.sem.rmsnorm_no_weight_grad) {
     for (int64_t j = 0; j < D; ++j) {
@@ -432,23 +446,39 @@ void projection_backward(const Mat<Real>& dy,   // (N, out)
 // ----------------------------------------------------------------------------------------------------
 // Rotary embeddings, half-split convention: pairs (j, j + hd/2) rotate by angle t * inv_freq[j].
 
+// cos and sin of every token's angles (N, hd/2): position * inv_freq, the position from the batch's position_ids
+// (0..T-1 without them) plus `offset`.
 template <class Real>
-void rope_tables(const Config& cfg, const Policy& p, int64_t T, int64_t offset, Mat<Real>& cosv, Mat<Real>& sinv) {
+void rope_tables(const Config& cfg, const Policy& p, const Batch& batch, int64_t offset, Mat<Real>& cosv, Mat<Real>& sinv) {
   using std::cos;
   using std::pow;
   using std::sin;
-  const int64_t half = cfg.head_dim / 2;
-  cosv.resize(T, half);
-  sinv.resize(T, half);
+  const int64_t half = cfg.head_dim / 2, N = batch.B * batch.T;
+  cosv.resize(N, half);
+  sinv.resize(N, half);
   for (int64_t k = 0; k < half; ++k) {
     const Real inv_freq =
         cast(p, Cast::rope_inputs, Real(1) / pow(Real(cfg.rope_theta), Real(2 * k) / Real(cfg.head_dim)));
-    for (int64_t t = 0; t < T; ++t) {
-      const Real angle = cast(p, Cast::rope_angle, cast(p, Cast::rope_inputs, Real(offset + t)) * inv_freq);
-      cosv(t, k) = cast(p, Cast::rope_cossin, Real(cos(angle)));
-      sinv(t, k) = cast(p, Cast::rope_cossin, Real(sin(angle)));
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t pos = offset + batch.position(n / batch.T, n % batch.T);
+      const Real angle = cast(p, Cast::rope_angle, cast(p, Cast::rope_inputs, Real(pos)) * inv_freq);
+      cosv(n, k) = cast(p, Cast::rope_cossin, Real(cos(angle)));
+      sinv(n, k) = cast(p, Cast::rope_cossin, Real(sin(angle)));
     }
   }
+}
+
+// A context for rows of B sequences of T tokens with positions 0..T-1, one document each and no padding (the layer
+// functions' tests use it; forward_backward builds its own from the batch).
+template <class Real>
+Ctx<Real> plain_ctx(const Config& cfg, const Policy& p, const Semantics& sem, int64_t B, int64_t T, bool attn_on,
+                    bool final_on, Real attn_cap, Real final_cap, Real scale) {
+  Ctx<Real> c{cfg, p, sem, B, T, attn_on, final_on, attn_cap, final_cap, scale, {}, {}, std::vector<int32_t>(size_t(B * T), 0), {}};
+  Batch shape;
+  shape.B = B;
+  shape.T = T;
+  rope_tables(cfg, p, shape, 0, c.rope_cos, c.rope_sin);
+  return c;
 }
 
 // Rotates every head of x (N, heads*hd) in place; `inverse` applies the transpose (the backward).
@@ -458,10 +488,9 @@ void rope_apply(Mat<Real>& x, int64_t heads, const Ctx<Real>& ctx, bool inverse)
   const Real sign = inverse ? Real(-1) : Real(1);
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t t = n % ctx.T;
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t k = 0; k < half; ++k) {
-        const Real c = ctx.rope_cos(t, k), s = sign * ctx.rope_sin(t, k);
+        const Real c = ctx.rope_cos(n, k), s = sign * ctx.rope_sin(n, k);
         Real& a = x(n, h * hd + k);
         Real& b = x(n, h * hd + k + half);
         const Real a0 = a, b0 = b;
@@ -504,7 +533,7 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
     for (int64_t i = 0; i < T; ++i) {
       Real mx = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j <= i; ++j) {
-        if (!ctx.visible(layer, i, j)) continue;
+        if (!ctx.visible(layer, b, i, j)) continue;
         Real dot = Real(0);
         for (int64_t d = 0; d < hd; ++d) dot += q(b * T + i, h * hd + d) * k(b * T + j, g * hd + d);
         S(i, j) = cast(p, Cast::attn_scores, dot * ctx.scale);
@@ -514,12 +543,12 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
       }
       Real sum = Real(0);
       for (int64_t j = 0; j <= i; ++j) {
-        if (!ctx.visible(layer, i, j)) continue;
+        if (!ctx.visible(layer, b, i, j)) continue;
         P(i, j) = exp(P(i, j) - mx);
         sum += P(i, j);
       }
       for (int64_t j = 0; j <= i; ++j) {
-        if (!ctx.visible(layer, i, j)) continue;
+        if (!ctx.visible(layer, b, i, j)) continue;
         P(i, j) = cast(p, Cast::attn_probs, P(i, j) / sum);
         for (int64_t d = 0; d < hd; ++d) out(b * T + i, h * hd + d) += P(i, j) * v(b * T + j, g * hd + d);
       }
@@ -552,14 +581,14 @@ void attention_backward(const Mat<Real>& dout,  // (N, H*hd)
       for (int64_t i = 0; i < T; ++i) {
         Real rowdot = Real(0);
         for (int64_t j = 0; j <= i; ++j) {
-          if (!ctx.visible(layer, i, j)) continue;
+          if (!ctx.visible(layer, b, i, j)) continue;
           Real d = Real(0);
           for (int64_t e = 0; e < hd; ++e) d += dout(b * T + i, h * hd + e) * v(b * T + j, g * hd + e);
           dP[size_t(j)] = d;
           rowdot += P(i, j) * d;
         }
         for (int64_t j = 0; j <= i; ++j) {
-          if (!ctx.visible(layer, i, j)) continue;
+          if (!ctx.visible(layer, b, i, j)) continue;
           for (int64_t e = 0; e < hd; ++e) dv(b * T + j, g * hd + e) += P(i, j) * dout(b * T + i, h * hd + e);
           Real dS = P(i, j) * (dP[size_t(j)] - rowdot);  // softmax backward
           if (ctx.attn_cap_on && !ctx.sem.attn_softcap_grad_missing) dS *= softcap_grad(S(i, j), ctx.attn_cap);
@@ -758,7 +787,7 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
     row_loss[size_t(n)] = lse - z[size_t(y)];
     for (int64_t j = 0; j < cols; ++j) {
       Real d = exp(z[size_t(j)] - lse) - (j == y ? Real(1) : Real(0));
-      if (ctx.final_cap_on) d *= softcap_grad(raw(j), ctx.final_cap);
+      if (ctx.final_cap_on && !ctx.sem.logit_softcap_grad_missing) d *= softcap_grad(raw(j), ctx.final_cap);
       (j < V ? logits(n, j) : pad(n, j - V)) = d * grad_scale;
     }
     if (!pad_in_softmax && P) pad.row(n).setZero();  // masked: no gradient reaches the padded rows
@@ -783,9 +812,9 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   const Semantics& sem = opt.numerics.semantics;
   Ctx<Real> ctx{cfg, p, sem, batch.B, batch.T, opt.softcap.attn, opt.softcap.logits,
                 Real(cfg.attn_logit_softcapping.value_or(1.0)), Real(cfg.final_logit_softcapping.value_or(1.0)),
-                Real(0), {}, {}};
+                Real(0), {}, {}, batch.document_ids(), batch.attention_mask};
   ctx.scale = Real(1) / sqrt(Real(sem.query_pre_attn_scalar.value_or(cfg.query_pre_attn_scalar)));
-  rope_tables(cfg, p, batch.T, opt.position_offset, ctx.rope_cos, ctx.rope_sin);
+  rope_tables(cfg, p, batch, opt.position_offset, ctx.rope_cos, ctx.rope_sin);
   const int64_t N = batch.B * batch.T, D = cfg.hidden_size;
 
   // Embedding times sqrt(D) (rounded to the activation format where the policy says so).

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "model/bugs.hpp"
+#include "model/config.hpp"
 #include "model/dtype.hpp"
 
 namespace gemma::ref {
@@ -68,16 +70,19 @@ struct Policy {
   bool exact() const;
 };
 
-// Departures from the model's definition, one per row of the spec's bug table that is not a cast.
+// Departures from the model's definition: the switches behind the bug ids of model/bugs.hpp that are not a cast.
 struct Semantics {
-  bool gelu_exact = false;               // erf GELU instead of the tanh approximation
-  std::optional<double> query_pre_attn_scalar;  // overrides the config's (qpas-head-dim)
-  bool sliding_odd_layers = false;       // window on odd layers instead of even
+  bool gelu_exact = false;               // gelu-exact: erf GELU instead of the tanh approximation
+  std::optional<double> query_pre_attn_scalar;  // qpas-head-dim: overrides the config's
+  bool sliding_odd_layers = false;       // sliding-odd-layers: window on odd layers instead of even
   int64_t window_extra = 0;              // sliding-off-by-one: the window admits W + 1 keys
-  bool padded_vocab_unmasked = false;    // padded LM-head columns left in the softmax
-  bool rmsnorm_no_weight_grad = false;   // RMSNorm weight gradients dropped
-  bool attn_softcap_grad_missing = false;  // attention cap's derivative omitted in the backward
-  bool grad_accum_mean_of_means = false;   // each micro-batch normalised by its own target count, then averaged
+  bool no_sliding_window = false;        // no-sliding-window: every layer global
+  bool padded_vocab_unmasked = false;    // padded-vocab-unmasked: padded LM-head columns left in the softmax
+  bool rmsnorm_no_weight_grad = false;   // rmsnorm-no-weight-grad: RMSNorm weight gradients dropped
+  bool rmsnorm_plain_weight = false;     // rmsnorm-plain-weight: gain w instead of 1 + w
+  bool attn_softcap_grad_missing = false;   // softcap-grad-missing: attention cap's derivative omitted
+  bool logit_softcap_grad_missing = false;  // logit-softcap-grad-missing: final cap's derivative omitted
+  bool grad_accum_mean_of_means = false;   // grad-accum-mean-of-means: per-micro-batch means averaged
   bool operator==(const Semantics&) const = default;
 };
 
@@ -92,5 +97,13 @@ Policy policy_hf_bf16();  // HF transformers eager + PEFT with the model in bf16
 Policy policy_fast();     // exactly the cast points of the CUDA trainer in fast/
 // By name: "f64", "hf-bf16", "fast"; throws InputError for another name.
 Policy policy_named(const std::string& name);
+
+// Makes a run commit bug `b` of model/bugs.hpp: on top of a correct run (`n` its numerics, `s` its caps), the one
+// deviation the bug is. Returns why the bug cannot change this model, or "" when it can: a cast the policy
+// already makes at that precision, a cap the run does not apply, a wrong value that equals the right one
+// (qpas-head-dim with query_pre_attn_scalar == head_dim == hidden_size / num_attention_heads), no sliding layer.
+// What depends on the batch (sequences longer than the window, unequal micro-batches, a padded head) is the
+// caller's to judge.
+std::string apply_bug(Bug b, const Config& c, Numerics& n, Softcap& s);
 
 }  // namespace gemma::ref

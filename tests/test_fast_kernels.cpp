@@ -53,11 +53,10 @@ struct RefCtx {
   std::unique_ptr<Ctx<double>> ctx;
   RefCtx(const Config& c, const Policy& p, int64_t B, int64_t T, bool attn_cap_on = false, bool final_cap_on = false)
       : cfg(c), policy(p) {
-    ctx = std::make_unique<Ctx<double>>(Ctx<double>{cfg, policy, sem, B, T, attn_cap_on, final_cap_on,
-                                                    cfg.attn_logit_softcapping.value_or(1.0),
-                                                    cfg.final_logit_softcapping.value_or(1.0),
-                                                    1.0 / std::sqrt(cfg.query_pre_attn_scalar), {}, {}});
-    rope_tables(cfg, policy, T, 0, ctx->rope_cos, ctx->rope_sin);
+    ctx = std::make_unique<Ctx<double>>(plain_ctx<double>(cfg, policy, sem, B, T, attn_cap_on, final_cap_on,
+                                                          cfg.attn_logit_softcapping.value_or(1.0),
+                                                          cfg.final_logit_softcapping.value_or(1.0),
+                                                          1.0 / std::sqrt(cfg.query_pre_attn_scalar)));
   }
 };
 

@@ -287,9 +287,7 @@ struct RowCtx {
   Policy policy;
   Semantics sem;
   Ctx<double> make(int64_t B, int64_t T, double final_cap, bool final_on) const {
-    Ctx<double> c{cfg, policy, sem, B, T, true, final_on, 50.0, final_cap, 1.0 / std::sqrt(cfg.query_pre_attn_scalar), {}, {}};
-    rope_tables(cfg, policy, T, 0, c.rope_cos, c.rope_sin);
-    return c;
+    return plain_ctx<double>(cfg, policy, sem, B, T, true, final_on, 50.0, final_cap, 1.0 / std::sqrt(cfg.query_pre_attn_scalar));
   }
 };
 
@@ -417,8 +415,7 @@ TEST(OracleRows, RopeRotationWithinBoundUpToPosition8191) {
     const int64_t T = std::min<int64_t>(8192, cfg.max_position_embeddings);
     Policy policy;
     Semantics sem;
-    Ctx<double> ctx{cfg, policy, sem, 1, T, true, true, 50.0, 30.0, 1.0, {}, {}};
-    rope_tables(cfg, policy, T, 0, ctx.rope_cos, ctx.rope_sin);
+    Ctx<double> ctx = plain_ctx<double>(cfg, policy, sem, 1, T, true, true, 50.0, 30.0, 1.0);
     Mat<double> x(T, hd);
     const uint64_t key = stream_key(3, "rope");
     for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = stream_uniform(key, uint64_t(i));

@@ -69,10 +69,8 @@ rc::Gen<double> gen_in(double r) {
 
 Ctx<double> make_ctx(const Config& cfg, const Policy& p, const Semantics& s, int64_t B, int64_t T, bool attn_on,
                      bool final_on, double final_cap) {
-  Ctx<double> c{cfg, p, s, B, T, attn_on, final_on, cfg.attn_logit_softcapping.value_or(50.0), final_cap,
-                1.0 / std::sqrt(cfg.query_pre_attn_scalar), {}, {}};
-  rope_tables(cfg, p, T, 0, c.rope_cos, c.rope_sin);
-  return c;
+  return plain_ctx<double>(cfg, p, s, B, T, attn_on, final_on, cfg.attn_logit_softcapping.value_or(50.0), final_cap,
+                           1.0 / std::sqrt(cfg.query_pre_attn_scalar));
 }
 
 std::vector<std::vector<double>> all_grads(Model<double>& m, Grads<double>& g) {
@@ -364,7 +362,7 @@ GEMMA_PROP(AttentionProperty, ProbabilityRowsSumToOneAndMaskedEntriesAreExactlyZ
     for (int64_t i = 0; i < a.T; ++i) {
       double sum = 0;
       for (int64_t j = 0; j < a.T; ++j) {
-        if (!ctx.visible(a.layer, i, j)) {
+        if (!ctx.visible(a.layer, 0, i, j)) {
           RC_ASSERT(P(i, j) == 0.0);
         } else {
           RC_ASSERT(P(i, j) >= 0.0);

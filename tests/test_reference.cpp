@@ -154,9 +154,7 @@ struct AttnSetup {
   Mat<double> q, k, v;
   int64_t B = 2, T = 20;
   Ctx<double> ctx() const {
-    Ctx<double> c{cfg, policy, sem, B, T, true, true, 50.0, 30.0, 1.0 / std::sqrt(cfg.query_pre_attn_scalar), {}, {}};
-    rope_tables(cfg, policy, T, 0, c.rope_cos, c.rope_sin);
-    return c;
+return plain_ctx<double>(cfg, policy, sem, B, T, true, true, 50.0, 30.0, 1.0 / std::sqrt(cfg.query_pre_attn_scalar));
   }
   AttnSetup() {
     const int64_t N = B * T, hd = cfg.head_dim;

@@ -130,18 +130,8 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     } else if (recipe) {
       std::printf("  no golden for this recipe (%s): self-checks only\n", recipe->file_name().c_str());
     }
-    progress("directional finite-difference check (6 forward passes)");
-    ref::DirectionalCheck fd = ref::directional_check(in.model, in.batch, opt, out.grads);
-    // Richardson-extrapolated central differences at h = 1e-4 of the parameter scale: on ordinary inputs the
-    // truncation left is ~1e-13 and the loss's rounding over h ~1e-11 relative, so 1e-7 has four orders of
-    // margin while one tensor's gradient off by 1e-5 relative still fails it (the direction weighs each of
-    // at most ~100 tensors equally). Where the loss is sharply curved (very peaked attention) the
-    // extrapolation's own error estimate fd_err is larger; the check then allows 3 x that estimate, but never
-    // more than 1e-4: a difference the finite differences cannot resolve is a failure, not a pass.
-    const double fd_tol = std::min(1e-4, std::max(1e-7, 3 * fd.fd_err));
-    report.add(pre + "backward vs finite differences of forward (rel)", fd.rel_err, fd_tol,
-               "directional derivative along per-tensor unit gradients, " + std::to_string(fd.tensors) +
-                   " tensors; finite-difference error estimate " + std::to_string(fd.fd_err));
+    progress("directional finite-difference check (6 forward passes, more where the loss is sharply curved)");
+    add_fd_check(report, pre, ref::directional_check(in.model, in.batch, opt, out.grads));
     results["reference"] = {{"loss", out.loss}, {"tokens", out.tokens}};
     if (run_fast) {
       const FastResult fr = compare_fast(report, pre, in, sc, &out);

@@ -1,0 +1,74 @@
+// The gate's own power and its false alarms: verify must pass correct code on hard inputs (sharply peaked
+// attention, packed rows) and fail a real bug there. Inputs from users' reports live in tests/reported/
+// (README.md there says what each one is).
+#include <gtest/gtest.h>
+
+#include "check/compare.hpp"
+#include "model/casefile.hpp"
+#include "reference/run.hpp"
+#include "tests/badinput_support.hpp"
+
+using namespace gemma;
+using namespace gemma::test;
+
+namespace {
+
+const std::string kVerify = VERIFY_BIN;
+const std::string kReported = REPORTED_DIR;
+
+}  // namespace
+
+// A valid model with no attention cap and raw scores spread over ~220: the fixed steps of the old check
+// (h, h/2, h/4 at 1e-4 of the parameter scale) left a 2.3e-3 truncation error and failed correct code. The
+// refined steps resolve the derivative (backward 179.027412637 along verify's own direction).
+TEST(Gate, FiniteDifferencesResolveSharplyPeakedAttention) {
+  TempDir d;
+  const ToolRun r = run_tool(kVerify, {"--case", kReported + "/peaked_attn_nocap.h5", "--backend", "reference"}, d);
+  ASSERT_TRUE(r.exited);
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("backward vs finite differences of forward (rel)"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("FAIL"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("UNRESOLVED"), std::string::npos) << r.out;
+}
+
+// The same input with a real gradient bug in the backward (the RMSNorm weight gradients dropped, Unsloth's bug):
+// the refined check is confident that the backward and the forward disagree, and fails.
+TEST(Gate, AGradientBugOnTheSameInputStillFails) {
+  const CaseFile cf = read_case(kReported + "/peaked_attn_nocap.h5");
+  ref::RunOptions opt;
+  opt.softcap = config_softcaps(cf.model.config);
+  ref::RunOptions buggy = opt;
+  buggy.numerics.semantics.rmsnorm_no_weight_grad = true;
+  const ref::Output out = ref::run(cf.model, cf.batch, buggy);
+  const ref::DirectionalCheck fd = ref::directional_check(cf.model, cf.batch, opt, out.grads);
+  check::Report r;
+  check::add_fd_check(r, "", fd);
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_FALSE(r.checks[0].pass);
+  EXPECT_FALSE(r.checks[0].unresolved) << "error estimate " << fd.fd_err << ", disagreement " << fd.rel_err;
+  EXPECT_FALSE(r.all_pass());
+  EXPECT_GT(fd.rel_err, 100 * std::max(1e-7, 3 * fd.fd_err));
+}
+
+// The verdicts of add_fd_check: agreement within the estimate's own error passes while that error is small, is
+// "unresolved" (neither pass nor failure) when it is not, and a confident disagreement fails.
+TEST(Gate, UnresolvedFiniteDifferencesAreNeitherAPassNorAFailure) {
+  auto verdict = [](double rel_err, double fd_err) {
+    ref::DirectionalCheck fd;
+    fd.rel_err = rel_err;
+    fd.fd_err = fd_err;
+    check::Report r;
+    check::add_fd_check(r, "", fd);
+    return r;
+  };
+  const check::Report ok = verdict(3e-8, 1e-11), unresolved = verdict(2e-3, 1e-3), wrong = verdict(2e-3, 1e-7),
+                      wrong_uncertain = verdict(5e-2, 1e-3);
+  EXPECT_TRUE(ok.checks[0].pass);
+  EXPECT_TRUE(unresolved.checks[0].unresolved);
+  EXPECT_FALSE(unresolved.checks[0].pass);
+  EXPECT_TRUE(unresolved.all_pass());  // does not fail the run
+  EXPECT_FALSE(wrong.checks[0].pass);
+  EXPECT_FALSE(wrong.checks[0].unresolved);
+  EXPECT_FALSE(wrong_uncertain.checks[0].pass);  // 5e-2 is beyond 3 x its own error estimate
+  EXPECT_FALSE(wrong_uncertain.checks[0].unresolved);
+}
