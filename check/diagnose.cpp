@@ -15,6 +15,7 @@
 #include "reference/gemma2.hpp"
 #include "check/compare.hpp"
 #include "check/report.hpp"
+#include "check/setting.hpp"
 
 namespace gemma::check {
 
@@ -201,78 +202,6 @@ int64_t trained_like_offset(const Config& c, int64_t T, const DiagnoseOptions& d
                         T, c);
 }
 
-// Weights shaped like a trained Gemma 2's, and so that the bugs measured on them can show. Synthetic weights as
-// drawn give a residual stream dominated by the embedding and logits centred at 0, led by the input token's own
-// logit: the layers barely move the loss, so a bug inside them hides under the logits' bf16 rounding, and
-// zero-filled padded vocabulary rows (logit 0) take no probability mass, while in a trained LM most logits sit
-// below 0 and a zero logit "stays 0 after the cap and steals probability mass" (gemma2.md). So (1) the
-// post-attention and post-feedforward norm scales go to about 4, as in the released checkpoints, making the
-// layers dominate the residual stream, and (2) every embedding row gets a shared component on one dimension in
-// 8, which the final norm's scale (1 + w) maps to -1, shifting the whole vocabulary's logits down by about
-// `shift`, and (3) q_proj is scaled by `q_scale`: the drawn weights spread attention scores over about a quarter
-// of the cap so that the cap acts, which makes every softmax nearly one-hot (a changed scale or rotation barely
-// moves it) and its bf16 noise large; most heads of a trained model are cooler; (4) below.
-void make_trained_like(Setting& s, double shift, double q_scale, double gate_mean, double gate_spread) {
-  Config& c = s.ck.config;
-  const int64_t D = c.hidden_size, L = c.num_hidden_layers;
-  // Block by block: the 27b embedding is 1.2e9 values, 9.4 GB as one float64 vector.
-  auto edit = [&](const std::string& name, const std::function<double(int64_t, double)>& f) {
-    Tensor& t = s.ck.weights.at(name);
-    OwnedTensor out = make_tensor(t.dtype, t.shape);
-    const int64_t n = t.numel(), block = int64_t(1) << 20;
-    std::vector<double> v;
-    for (int64_t i0 = 0; i0 < n; i0 += block) {
-      const int64_t m = std::min(block, n - i0);
-      v.resize(size_t(m));
-      t.to_double(i0, m, v.data());
-      for (int64_t i = 0; i < m; ++i) v[size_t(i)] = f(i0 + i, v[size_t(i)]);
-      const Tensor part = tensor_from_doubles(t.dtype, {m}, v);
-      std::memcpy(out.raw + i0 * int64_t(dtype_size(t.dtype)), part.bytes.get(), size_t(m) * dtype_size(t.dtype));
-    }
-    t = out.t;
-  };
-  for (int64_t l = 0; l < L; ++l)
-    for (Norm n : {Norm::post_attention_layernorm, Norm::post_feedforward_layernorm})
-      edit(norm_weight_name(l, n), [](int64_t, double w) { return w + 3.0; });
-  // The shared component m on D/8 dimensions shifts a logit by about -(D/8) m^2 sqrt(D) / rms(x_L), where
-  // rms(x_L)^2 = r0^2 + (D/8) m^2 + 2L * 16 (the embedding output's drawn part, rms r0 = 1 at the released widths
-  // and larger for narrow test models, its shared part, 2L post-norm outputs of scale ~4). With a = (D/8) m^2:
-  // a sqrt(D) / sqrt(r0^2 + 32 L + a) = shift, solved by fixed-point iteration.
-  const double r0 = synthetic_std(c, kEmbedName) * std::sqrt(double(D));
-  double a = 1.0;
-  for (int it = 0; it < 50; ++it) a = shift * std::sqrt(r0 * r0 + 32.0 * double(L) + a) / std::sqrt(double(D));
-  const double m = std::sqrt(8.0 * a / double(D));
-  edit(kEmbedName, [&](int64_t i, double e) { return (i % D) % 8 == 0 ? e + m : e; });
-  edit(kFinalNormName, [&](int64_t i, double w) { return i % 8 == 0 ? -2.0 : w; });
-  for (int64_t l = 0; l < L; ++l) edit(proj_weight_name(l, Proj::q_proj), [&](int64_t, double w) { return w * q_scale; });
-  // (4) A sparse MLP: the gate inputs are centred at gate_mean with the drawn spread scaled by gate_spread, so that
-  // most units sit where the tanh and erf GELUs differ most for their size. The two differ by at most 4.7e-4, at
-  // x = +-2.70; for x > 0 that is 2e-4 of the output, 3% of a bf16 ulp, and the gelu-exact bug hides in bf16 noise
-  // (drawn gates, N(0, 1.2^2): the bf16 run's move along its float64 effect is 0.33x the jitter runs' at 9b
-  // widths). Near -2.7 the difference is 10% of the output. Gemma's MLP has no bias, so the offset rides on the
-  // shared component: each gate_proj row gets -beta on the shared dimensions. Before layer l's MLP the residual
-  // stream holds the embedding output (drawn part r0, shared part a) and 2l + 1 post-norm outputs (scale
-  // 4 + U(-0.5, 0.5), mean square 16.08), so the pre-feedforward norm maps a shared value m sqrt(D) to
-  // m sqrt(D) (1 + w_j) / rms_l, and a row's offset is -beta times the sum of those over the shared j. The
-  // achieved mean is measured in every run and printed: within 0.3 of gate_mean at the released widths (weight
-  // seeds 0, the default, 7 and 11); less exact where few shared dimensions carry it (gemma2-tiny: -2.4, -1.5).
-  for (int64_t l = 0; l < L; ++l) {
-    const std::vector<double> w = s.ck.weights.at(norm_weight_name(l, Norm::pre_feedforward_layernorm)).to_double();
-    double scale_sum = 0;
-    for (int64_t j = 0; j < D; j += 8) scale_sum += 1.0 + w[size_t(j)];
-    const double rms = std::sqrt(r0 * r0 + a + 16.08 * double(2 * l + 1));
-    const double beta = -gate_mean / (m * std::sqrt(double(D)) / rms * scale_sum);
-    edit(proj_weight_name(l, Proj::gate_proj),
-         [&](int64_t i, double g) { return (i % D) % 8 == 0 ? gate_spread * g - beta : gate_spread * g; });
-  }
-  char b[400];
-  std::snprintf(b, sizeof b, "trained-like weights: post-norm scales raised by 3, shared embedding component %.4f on every 8th "
-                "dimension mapped to -1 by the final norm (logits shifted down by about %.0f), q_proj scaled by %g (attention "
-                "scores spread %g times as wide), a sparse MLP (gate_proj offset on the shared dimensions to centre the gate "
-                "inputs at about %g, its drawn part scaled by %g)", m, shift, q_scale, q_scale, gate_mean, gate_spread);
-  s.notes.push_back(b);
-}
-
 Setting case_setting(const Inputs& in, const DiagnoseOptions& d) {
   Setting s;
   s.ck = in.model;
@@ -381,7 +310,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   if (std::any_of(vs.begin(), vs.end(), in_trained_setting)) {
     trained = s;
     trained->notes.clear();
-    make_trained_like(*trained, 6.0, 0.25, -2.7, 0.5);
+    trained->notes.push_back(make_trained_like(trained->ck, 6.0, 0.25, -2.7, 0.5));
     // No variant measured here is about micro-batches (grad-accum-mean-of-means runs on the drawn weights), and
     // each micro-batch pays for the 256000-row LM head again: one batch.
     trained->micro = {trained->whole};

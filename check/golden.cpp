@@ -38,9 +38,8 @@ namespace {
 
 // verify's defaults for a synthetic run of a preset (check/inputs.cpp).
 GoldenRecipe defaults(const std::string& model, int64_t lora_r, Softcap sc) {
-  const Config c = preset(model);
-  const bool released = c.vocab_size == 256000;
-  return {model, released ? kDefaultPresetLayers : c.num_hidden_layers, 2, released ? 32 : 20, lora_r, 0, sc};
+  const PresetShape p = preset_shape(model);
+  return {model, p.layers, p.batch, p.seq, lora_r, 0, sc};
 }
 
 }  // namespace
@@ -48,7 +47,8 @@ GoldenRecipe defaults(const std::string& model, int64_t lora_r, Softcap sc) {
 std::vector<GoldenRecipe> standard_goldens() {
   std::vector<GoldenRecipe> r;
   for (Softcap sc : all_softcaps()) {
-    for (const char* m : {"gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma2-tiny", "gemma2-micro"}) r.push_back(defaults(m, 8, sc));
+    for (const char* m : {"gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma2-tiny", "gemma2-micro", "gemma2-odd"})
+      r.push_back(defaults(m, 8, sc));
     for (const char* m : {"gemma2-tiny", "gemma2-micro"}) r.push_back(defaults(m, 0, sc));
   }
   return r;

@@ -7,6 +7,7 @@
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
+#include "check/setting.hpp"
 
 namespace gemma::check {
 
@@ -41,6 +42,13 @@ Batch batch_for(const Config& c, const InputSpec& s, int64_t dflt_b, int64_t dfl
 
 }  // namespace
 
+PresetShape preset_shape(const std::string& name) {
+  const Config c = preset(name);
+  if (c.vocab_size == 256000) return {kDefaultPresetLayers, 2, 48};
+  if (name == "gemma2-odd") return {c.num_hidden_layers, 3, 40};
+  return {c.num_hidden_layers, 2, 20};
+}
+
 Inputs load_inputs(const InputSpec& s) {
   const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
   if (given != 1) fail("--model/--case/--config", "give exactly one of --model, --case, or --config with --weights");
@@ -60,8 +68,8 @@ Inputs load_inputs(const InputSpec& s) {
     in.description = "case " + *s.case_path;
   } else if (s.model) {
     Config c = preset(*s.model);
-    const bool released = c.vocab_size == 256000;
-    const int64_t L = s.layers.value_or(released ? kDefaultPresetLayers : c.num_hidden_layers);
+    const PresetShape shape = preset_shape(*s.model);
+    const int64_t L = s.layers.value_or(shape.layers);
     const int64_t full_depth = c.num_hidden_layers;
     c = with_layers(c, L);
     in.model.config = c;
@@ -71,7 +79,8 @@ Inputs load_inputs(const InputSpec& s) {
       TensorMap a = synthetic_adapters(c, *in.model.adapter, s.seed);
       in.model.weights.insert(a.begin(), a.end());
     }
-    in.batch = batch_for(c, s, 2, released ? 32 : 20);
+    in.batch = batch_for(c, s, shape.batch, shape.seq);
+    if (gate_preset(*s.model)) make_gate_setting(in, *s.model, s.seed);
     in.source = "preset:" + *s.model;
     in.description = *s.model + " (synthetic bf16 weights, seed " + std::to_string(s.seed) + "; " + std::to_string(L) +
                      " of " + std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) + ")";

@@ -5,6 +5,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "model/casefile.hpp"
 
@@ -26,11 +27,21 @@ struct Inputs {
   std::map<std::string, std::string> provenance;  // attributes on /expected
   std::string description;                        // one line for the report header
   std::string source;                             // "preset:gemma2-27b", a case path, a checkpoint path
+  int64_t micro_rows = 0;  // sequences per micro-batch of the step (0: the whole batch at once)
+  std::vector<std::string> paths;  // what a gate setting exercises (check/setting.hpp), printed by verify
 };
 
 // Default depth of a synthetic run of a released preset: the true widths with few layers fit this
 // project's 24 GB CPU machine; both layer kinds (sliding, global) are present with two.
 inline constexpr int64_t kDefaultPresetLayers = 2;
+
+// The shape of a synthetic run of a preset when no flag says otherwise: released presets 2 layers of 2 x 48 (the
+// gate setting's two micro-batches, and sequences three times its window), gemma2-odd all 3 layers of 3 x 40,
+// the test presets all layers of 2 x 20.
+struct PresetShape {
+  int64_t layers, batch, seq;
+};
+PresetShape preset_shape(const std::string& name);
 
 Inputs load_inputs(const InputSpec& spec);
 

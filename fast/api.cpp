@@ -5,7 +5,7 @@
 
 #include "fast/engine.hpp"
 #include "fast/fast.hpp"
-#include "reference/adamw.hpp"
+#include "model/optimizer.hpp"
 
 namespace gemma::fast {
 
@@ -75,13 +75,13 @@ Output run(const Checkpoint& ck, const Batch& batch, const Options& opt) {
   return out;
 }
 
-Trainer::Trainer(const Checkpoint& ck, const ref::AdamWConfig& a, Softcap softcap, TrainerOptions o)
+Trainer::Trainer(const Checkpoint& ck, const AdamWConfig& a, Softcap softcap, TrainerOptions o)
     : config_(ck.config), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
   check_softcap_available(ck.config, softcap, "fast");
   engine_ = std::make_unique<Engine>(ck, EngineOptions{softcap, o.recompute, o.offload});
 }
 
-Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const ref::AdamWConfig& a, Softcap softcap,
+Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const AdamWConfig& a, Softcap softcap,
                  TrainerOptions o)
     : config_(c), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
   check_softcap_available(c, softcap, "fast");

@@ -37,6 +37,8 @@ struct AttnParams {
   bool cap_on = false;
   float cap = 1;
   int window = 0;          // 0: every past key; else keys with 0 <= i - j <= window - 1
+  const int32_t* doc = nullptr;    // (B*T) document of each token (packed rows); null: one per sequence
+  const uint8_t* key_ok = nullptr; // (B*T) 0 for padding tokens, never attended; null: none
   bool drop_sech2 = false; // the softcap-grad-missing fault
   bool vec = false;        // 16-byte tile loads are legal (set by the launchers)
   bool ldm = false;        // fragments through ldmatrix (attn_ldmatrix(); set by the launchers)
@@ -69,8 +71,13 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
 }
 __device__ __forceinline__ uint32_t ld_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-__device__ __forceinline__ bool attn_visible(int i, int j, int T, int window) {
-  return i < T && j <= i && (window <= 0 || i - j < window);
+// Key j is visible to query i of sequence b: causal, within the window, in the same document, not padding. A query
+// that sees no key (left padding) gets l = 0 and a zero output; its output never reaches a scored position.
+__device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, int j) {
+  if (!(i < p.T && j <= i && (p.window <= 0 || i - j < p.window))) return false;
+  const int64_t base = int64_t(b) * p.T;
+  if (p.doc && p.doc[base + i] != p.doc[base + j]) return false;
+  return !p.key_ok || p.key_ok[base + j];
 }
 
 __device__ __forceinline__ float attn_capped(float s, const AttnParams& p) {
@@ -221,7 +228,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = kt * BC + nt * 8 + 2 * t + (e & 1);
-        z[nt][e] = attn_visible(row[e >> 1], j, p.T, p.window) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p)
+        z[nt][e] = attn_visible(p, b, row[e >> 1], j) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p)
                                                                 : -INFINITY;
       }
 #pragma unroll
@@ -261,7 +268,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
       for (int e = 0; e < 4; ++e) {
         const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
         float pv = 0.0f;
-        if (attn_visible(row[hr], j, p.T, p.window))
+        if (attn_visible(p, b, row[hr], j))
           pv = expf(attn_capped(__fmul_rn(s[nt][e], p.scale), p) - mrow[hr]) / lrow[hr];
         pb[nt][e] = __float2bfloat16_rn(pv);
       }
@@ -386,7 +393,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dq_kernel(const AttnParams 
         const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
         float pv;
         const float ds = attn_ds(s[nt][e], dp[nt][e], mrow[hr], lrow[hr], Drow[hr],
-                                 attn_visible(row[hr], j, p.T, p.window), pv, p);
+                                 attn_visible(p, b, row[hr], j), pv, p);
         split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
       }
     uint32_t a1[2][4], a2[2][4], a3[2][4];
@@ -484,7 +491,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
           const int i = qt * BQ + ci, j = key[e >> 1];
           float pv;
           const float ds =
-              attn_ds(st[nt][e], dpt[nt][e], mS[ci], lS[ci], DS[ci], attn_visible(i, j, p.T, p.window), pv, p);
+              attn_ds(st[nt][e], dpt[nt][e], mS[ci], lS[ci], DS[ci], attn_visible(p, b, i, j), pv, p);
           pb[nt][e] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
           split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
         }

@@ -20,7 +20,7 @@
 #include "fast/device.hpp"
 #include "fast/fast.hpp"
 #include "model/synthetic.hpp"
-#include "reference/adamw.hpp"
+#include "model/optimizer.hpp"
 
 using namespace gemma;
 
@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     a.r = rank;
     a.lora_alpha = double(rank);
     a.target_modules.assign(kAllProj.begin(), kAllProj.end());
-    ref::AdamWConfig h;
+    AdamWConfig h;
     fast::TrainerOptions o;
     o.recompute = !no_recompute;
     o.offload = offload;

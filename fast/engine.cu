@@ -2,7 +2,8 @@
 //
 // Layout. Base weights are bf16, fused by shared input: W_qkv = [q; k; v] (QKV, D), W_o (D, HD),
 // W_gu = [gate; up] (2I, D), W_down (D, I); the embedding is padded to Vp = a multiple of 128 rows (nonzero rows
-// no token maps to, masked out of the softmax). Norm weights are kept as fp32 (1 + w). Adapters: every A and B
+// no token maps to, masked out of the softmax): first the checkpoint's own padding rows when it has them (a
+// JAX-style 256128-row head, "model.embed_tokens.weight:padding"), then generated ones. Norm weights are kept as fp32 (1 + w). Adapters: every A and B
 // in one fp32 allocation (HF order), with gradients and AdamW moments alike, and their bf16 splits (lora.cuh).
 //
 // Step. Per micro-batch: embedding into the fp32 residual; per layer, the layer's input residual is the only
@@ -55,7 +56,6 @@ struct Acts {
   std::array<DeviceArray<bf16>, 4> L;  // split adapter inputs per group
 };
 
-const char* kPaddingName = "model.embed_tokens.weight:padding";
 
 }  // namespace
 
@@ -92,6 +92,12 @@ struct Engine::Impl {
   // Work buffers, sized for the largest micro-batch seen.
   int64_t capB = 0, capT = 0, capN = 0, cap_slots = 0, chunk_rows = 0;
   DeviceArray<int32_t> ids, targets;
+  // Per micro-batch: each token's RoPE position, its document (packed rows) and whether it is a real token (padding
+  // mask); the last two are passed to the attention kernels only when the micro-batch has them.
+  DeviceArray<int32_t> pos, doc;
+  DeviceArray<uint8_t> key_ok;
+  bool has_doc = false, has_mask = false;
+  int64_t rope_rows = 0;  // positions the RoPE tables cover
   DeviceArray<int> slots;
   DeviceArray<float> cosv, sinv;
   std::vector<DeviceArray<float>> ckpt;
@@ -141,7 +147,7 @@ struct Engine::Impl {
   // ------------------------------------------------------------------------------------------------------
   // Construction
 
-  void init(const Config& c, const AdapterConfig& a, const EngineOptions& o) {
+  void init(const Config& c, const AdapterConfig& a, const EngineOptions& o, int64_t pad_rows = 0) {
     cfg = c;
     ad = a;
     opt = o;
@@ -155,7 +161,7 @@ struct Engine::Impl {
     hd = c.head_dim;
     L = c.num_hidden_layers;
     V = c.vocab_size;
-    Vp = padded_vocab(V);
+    Vp = padded_vocab(V + pad_rows);
     QKV = (H + 2 * KV) * hd;
     HD = H * hd;
     KVHD = KV * hd;
@@ -322,10 +328,10 @@ struct Engine::Impl {
     GEMMA_CUDA(cudaStreamSynchronize(stream));
   }
 
-  void fill_padding() {
-    if (Vp == V) return;
+  void fill_padding(int64_t from) {
+    if (Vp == from) return;
     // Nonzero rows of the embedding's scale: unmasked, they would take probability mass (and a test would see it).
-    synthetic_bf16(embed.get() + V * D, Vp - V, D, D, stream_key(0, kPaddingName),
+    synthetic_bf16(embed.get() + from * D, Vp - from, D, D, stream_key(0, kEmbedPaddingName),
                    std::sqrt(3.0) * synthetic_std(cfg, kEmbedName), stream);
   }
 
@@ -336,7 +342,14 @@ struct Engine::Impl {
       return it->second;
     };
     upload_bf16(embed.get(), need(kEmbedName));
-    fill_padding();
+    int64_t given = 0;
+    if (auto it = ck.weights.find(kEmbedPaddingName); it != ck.weights.end()) {
+      if (it->second.shape.size() != 2 || it->second.shape[1] != D)
+        throw InputError("fast: padding rows '" + std::string(kEmbedPaddingName) + "' must be (P, hidden_size)");
+      upload_bf16(embed.get() + V * D, it->second);
+      given = it->second.shape[0];
+    }
+    fill_padding(V + given);
     for (int64_t l = 0; l < L; ++l) {
       LayerWeights& w = layers[size_t(l)];
       upload_bf16(w.qkv.get(), need(proj_weight_name(l, Proj::q_proj)));
@@ -359,7 +372,7 @@ struct Engine::Impl {
       synthetic_bf16(dst, rows, cols, cols, stream_key(seed, name), std::sqrt(3.0) * synthetic_std(cfg, name), stream);
     };
     gen(embed.get(), kEmbedName, V, D);
-    fill_padding();
+    fill_padding(V);
     DeviceArray<bf16> tmp(size_t(D), "norm weight generation", mem);
     auto norm = [&](float* scale, const std::string& name) {
       gen(tmp.get(), name, 1, D);
@@ -409,6 +422,9 @@ struct Engine::Impl {
   void release_work() {
     ids.reset();
     targets.reset();
+    pos.reset();
+    doc.reset();
+    key_ok.reset();
     slots.reset();
     cosv.reset();
     sinv.reset();
@@ -437,14 +453,11 @@ struct Engine::Impl {
     ids = DeviceArray<int32_t>(size_t(N), "token ids", mem);
     targets = DeviceArray<int32_t>(size_t(N), "targets", mem);
     slots = DeviceArray<int>(size_t(N), "logit row slots", mem);
-    {
-      std::vector<float> c, sn;
-      rope_tables(capT, hd, cfg.rope_theta, c, sn);
-      cosv = F(int64_t(c.size()), "RoPE cos table");
-      sinv = F(int64_t(sn.size()), "RoPE sin table");
-      h2d(cosv.get(), c.data(), c.size() * 4);
-      h2d(sinv.get(), sn.data(), sn.size() * 4);
-    }
+    pos = DeviceArray<int32_t>(size_t(N), "RoPE positions", mem);
+    doc = DeviceArray<int32_t>(size_t(N), "document ids", mem);
+    key_ok = DeviceArray<uint8_t>(size_t(N), "padding mask", mem);
+    rope_rows = 0;
+    ensure_rope(capT);
     const int64_t nck = opt.offload ? 2 : L + 1;
     for (int64_t i = 0; i < nck; ++i) ckpt.push_back(F(N * D, "activation checkpoints (an fp32 residual per layer)"));
     if (opt.offload) {
@@ -502,6 +515,38 @@ struct Engine::Impl {
     dlog = Hf(chunk_rows * Vp, "logits-gradient chunk (bf16)");
   }
 
+  // RoPE tables for positions 0..rows-1 (rebuilt when a micro-batch's positions go further).
+  void ensure_rope(int64_t rows) {
+    if (rows <= rope_rows) return;
+    std::vector<float> c, sn;
+    rope_tables(rows, hd, cfg.rope_theta, c, sn);
+    cosv = DeviceArray<float>(c.size(), "RoPE cos table", mem);
+    sinv = DeviceArray<float>(sn.size(), "RoPE sin table", mem);
+    h2d(cosv.get(), c.data(), c.size() * 4);
+    h2d(sinv.get(), sn.data(), sn.size() * 4);
+    rope_rows = rows;
+  }
+
+  // A micro-batch's positions, documents and padding mask on the device.
+  void upload_positions(const Batch& mb) {
+    const int64_t N = mb.B * mb.T;
+    std::vector<int32_t> ph(static_cast<size_t>(N));
+    int64_t maxpos = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      ph[size_t(n)] = int32_t(mb.position(n / mb.T, n % mb.T));
+      maxpos = std::max<int64_t>(maxpos, ph[size_t(n)]);
+    }
+    ensure_rope(maxpos + 1);
+    h2d(pos.get(), ph.data(), size_t(N) * 4);
+    has_doc = mb.packed();
+    if (has_doc) {
+      const std::vector<int32_t> d = mb.document_ids();
+      h2d(doc.get(), d.data(), size_t(N) * 4);
+    }
+    has_mask = !mb.attention_mask.empty();
+    if (has_mask) h2d(key_ok.get(), mb.attention_mask.data(), size_t(N));
+  }
+
   void ensure_slots(int64_t n) {
     if (n <= cap_slots) return;
     capped = DeviceArray<float>(size_t(n * V), "requested logit rows", mem);
@@ -529,6 +574,8 @@ struct Engine::Impl {
     p.cap = float(cfg.attn_logit_softcapping.value_or(1.0));
     const bool sliding = cfg.layer_types[size_t(l)] == LayerType::sliding && cfg.sliding_window.has_value();
     p.window = attn_window(sliding, cfg.sliding_window.value_or(0));
+    p.doc = has_doc ? doc.get() : nullptr;
+    p.key_ok = has_mask ? key_ok.get() : nullptr;
     p.drop_sech2 = faults().softcap_grad_missing;
     p.att = A.att.get();
     p.o32 = A.o32.get();
@@ -555,8 +602,8 @@ struct Engine::Impl {
     mark(ph + " norms, rope, geglu");
     group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream);
     mark(ph + " q|k|v_proj + LoRA");
-    rope_forward(A.qkv.get(), QKV, N, T, int(H), int(hd), cosv.get(), sinv.get(), stream);
-    rope_forward(A.qkv.get() + HD, QKV, N, T, int(KV), int(hd), cosv.get(), sinv.get(), stream);
+    rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H), int(hd), cosv.get(), sinv.get(), stream);
+    rope_forward(A.qkv.get() + HD, QKV, N, T, pos.get(), int(KV), int(hd), cosv.get(), sinv.get(), stream);
     mark(ph + " norms, rope, geglu");
     attention_forward(attn_params(l, B, T, A), stream);
     mark(ph + " attention");
@@ -606,8 +653,9 @@ struct Engine::Impl {
     mark("bwd o_proj + LoRA");
     attention_backward(attn_params(l, B, T, A), stream);
     mark("bwd attention");
-    rope_backward(dqkv.get(), QKV, dQ.get(), HD, N, T, int(H), int(hd), cosv.get(), sinv.get(), stream);
-    rope_backward(dqkv.get() + HD, QKV, dK.get(), KVHD, N, T, int(KV), int(hd), cosv.get(), sinv.get(), stream);
+    rope_backward(dqkv.get(), QKV, dQ.get(), HD, N, T, pos.get(), int(H), int(hd), cosv.get(), sinv.get(), stream);
+    rope_backward(dqkv.get() + HD, QKV, dK.get(), KVHD, N, T, pos.get(), int(KV), int(hd), cosv.get(), sinv.get(),
+                  stream);
     to_bf16(dqkv.get() + HD + KVHD, QKV, dV.get(), KVHD, N, KVHD, stream);
     mark("bwd norms, rope, geglu");
     group_backward(h, G[kQKV], r, s, A.xn1.get(), dqkv.get(), A.L[kQKV].get(), N, dacc.get(), part.get(), Lb.get(),
@@ -718,6 +766,7 @@ struct Engine::Impl {
       GEMMA_CUDA(cudaMemcpyAsync(ids.get(), ids_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
       GEMMA_CUDA(cudaMemcpyAsync(targets.get(), tgt_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
       GEMMA_CUDA(cudaMemcpyAsync(slots.get(), slot_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+      upload_positions(mb);
       mark("inputs");
       micro_step(mb.B, mb.T, grad_scale);
       loss_h.assign(size_t(N), 0.0f);
@@ -786,7 +835,8 @@ struct Engine::Impl {
 
 Engine::Engine(const Checkpoint& ck, const EngineOptions& o) : impl_(std::make_unique<Impl>()) {
   if (!ck.adapter) throw InputError("fast: the fast trainer finetunes LoRA adapters; the checkpoint has none");
-  impl_->init(ck.config, *ck.adapter, o);
+  const auto pad = ck.weights.find(kEmbedPaddingName);
+  impl_->init(ck.config, *ck.adapter, o, pad == ck.weights.end() ? 0 : pad->second.rows());
   impl_->load(ck);
 }
 

@@ -13,10 +13,8 @@
 
 #include "model/checkpoint.hpp"
 #include "model/errors.hpp"
+#include "model/optimizer.hpp"
 
-namespace gemma::ref {
-struct AdamWConfig;  // reference/adamw.hpp
-}
 
 namespace gemma::fast {
 
@@ -66,10 +64,10 @@ class Engine;
 // Persistent weights on the device; AdamW (torch.optim.AdamW semantics) on the fp32 adapters.
 class Trainer {
  public:
-  Trainer(const Checkpoint& ck, const ref::AdamWConfig& adamw, Softcap softcap, TrainerOptions o = {});
+  Trainer(const Checkpoint& ck, const AdamWConfig& adamw, Softcap softcap, TrainerOptions o = {});
   // Synthetic weights generated on the device, bit-identical to model/synthetic.hpp's synthetic_weights and
   // synthetic_adapters for (c, a, seed): a benchmark needs no 18 GB host copy of a 9b model.
-  Trainer(const Config& c, const AdapterConfig& a, uint64_t seed, const ref::AdamWConfig& adamw, Softcap softcap,
+  Trainer(const Config& c, const AdapterConfig& a, uint64_t seed, const AdamWConfig& adamw, Softcap softcap,
           TrainerOptions o = {});
   ~Trainer();
   Trainer(const Trainer&) = delete;

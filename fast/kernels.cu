@@ -159,7 +159,7 @@ std::vector<float> rope_forward(int64_t N, int64_t T, int64_t heads, int64_t hd,
   rope_tables(T, hd, theta, c, s);
   auto cd = up(c, m), sd = up(s, m);
   auto xd = up_bf16(x, m);  // rotated in place, as in the engine
-  gemma::fast::rope_forward(xd.get(), heads * hd, N, T, int(heads), int(hd), cd.get(), sd.get(), kStream);
+  gemma::fast::rope_forward(xd.get(), heads * hd, N, T, nullptr, int(heads), int(hd), cd.get(), sd.get(), kStream);
   done();
   return down_bf16(xd.get(), size_t(N * heads * hd));
 }
@@ -172,7 +172,7 @@ std::vector<float> rope_backward(int64_t N, int64_t T, int64_t heads, int64_t hd
   auto cd = up(c, m), sd = up(s, m);
   auto dd = up(dx, m);
   auto out = poisoned<bf16>(size_t(N * heads * hd), m);
-  gemma::fast::rope_backward(out.get(), heads * hd, dd.get(), heads * hd, N, T, int(heads), int(hd), cd.get(), sd.get(), kStream);
+  gemma::fast::rope_backward(out.get(), heads * hd, dd.get(), heads * hd, N, T, nullptr, int(heads), int(hd), cd.get(), sd.get(), kStream);
   done();
   return down_bf16(out.get(), size_t(N * heads * hd));
 }

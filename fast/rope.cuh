@@ -1,4 +1,5 @@
-// Rotary embeddings, half-split convention: pairs (k, k + hd/2) of each head rotate by t * inv_freq[k].
+// Rotary embeddings, half-split convention: pairs (k, k + hd/2) of each head rotate by t * inv_freq[k], t the token's
+// position (pos[n], from the batch's position_ids, or n % T without them).
 // Cast points: rope_inputs f32 (inv_freq), rope_angle f32, rope_cossin f32: the tables are built on the host in
 // float64 and rounded to fp32 exactly as the reference's rope_tables does, so they match it bit for bit; the
 // rotation runs in fp32 and the result is rounded once to bf16 (rope_out). The backward rotates the fp32
@@ -12,7 +13,7 @@
 namespace gemma::fast {
 namespace {
 
-// cos and sin tables (T, hd/2) in fp32, the reference's rope_tables under f32 rope casts.
+// cos and sin tables (T, hd/2) in fp32 for positions 0..T-1, the reference's rope_tables under f32 rope casts.
 inline void rope_tables(int64_t T, int64_t hd, double theta, std::vector<float>& cosv, std::vector<float>& sinv) {
   const int64_t half = hd / 2;
   cosv.assign(size_t(T * half), 0.0f);
@@ -27,16 +28,17 @@ inline void rope_tables(int64_t T, int64_t hd, double theta, std::vector<float>&
   }
 }
 
-// In place on `heads` heads starting at column 0 of x (row stride ld); row n is position n % T.
-__global__ void rope_forward_kernel(bf16* x, int64_t ld, int64_t N, int64_t T, int heads, int hd, const float* cosv,
-                                    const float* sinv) {
+// In place on `heads` heads starting at column 0 of x (row stride ld); row n is position pos[n] (n % T when pos is
+// null).
+__global__ void rope_forward_kernel(bf16* x, int64_t ld, int64_t N, int64_t T, const int32_t* pos, int heads, int hd,
+                                    const float* cosv, const float* sinv) {
   const int half = hd / 2;
   const int64_t total = N * heads * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int k = int(i % half);
     const int h = int((i / half) % heads);
     const int64_t n = i / (int64_t(half) * heads);
-    const int64_t t = n % T;
+    const int64_t t = pos ? pos[n] : n % T;
     const float c = cosv[t * half + k], s = sinv[t * half + k];
     bf16* p = x + n * ld + int64_t(h) * hd;
     const float a = __bfloat162float(p[k]), b = __bfloat162float(p[k + half]);
@@ -47,14 +49,14 @@ __global__ void rope_forward_kernel(bf16* x, int64_t ld, int64_t N, int64_t T, i
 
 // out (bf16, row stride ld_out) = rotation by -angle of dx (fp32, row stride ld_in).
 __global__ void rope_backward_kernel(bf16* out, int64_t ld_out, const float* dx, int64_t ld_in, int64_t N, int64_t T,
-                                     int heads, int hd, const float* cosv, const float* sinv) {
+                                     const int32_t* pos, int heads, int hd, const float* cosv, const float* sinv) {
   const int half = hd / 2;
   const int64_t total = N * heads * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int k = int(i % half);
     const int h = int((i / half) % heads);
     const int64_t n = i / (int64_t(half) * heads);
-    const int64_t t = n % T;
+    const int64_t t = pos ? pos[n] : n % T;
     const float c = cosv[t * half + k], s = sinv[t * half + k];
     const float* p = dx + n * ld_in + int64_t(h) * hd;
     const float a = p[k], b = p[k + half];
@@ -73,16 +75,16 @@ __global__ void to_bf16_kernel(bf16* out, int64_t ld_out, const float* in, int64
   }
 }
 
-inline void rope_forward(bf16* x, int64_t ld, int64_t N, int64_t T, int heads, int hd, const float* cosv,
-                         const float* sinv, cudaStream_t st) {
-  rope_forward_kernel<<<elementwise_blocks(N * heads * (hd / 2)), 256, 0, st>>>(x, ld, N, T, heads, hd, cosv, sinv);
+inline void rope_forward(bf16* x, int64_t ld, int64_t N, int64_t T, const int32_t* pos, int heads, int hd,
+                         const float* cosv, const float* sinv, cudaStream_t st) {
+  rope_forward_kernel<<<elementwise_blocks(N * heads * (hd / 2)), 256, 0, st>>>(x, ld, N, T, pos, heads, hd, cosv, sinv);
   GEMMA_LAUNCHED("rope_forward_kernel");
 }
 
-inline void rope_backward(bf16* out, int64_t ld_out, const float* dx, int64_t ld_in, int64_t N, int64_t T, int heads,
-                          int hd, const float* cosv, const float* sinv, cudaStream_t st) {
-  rope_backward_kernel<<<elementwise_blocks(N * heads * (hd / 2)), 256, 0, st>>>(out, ld_out, dx, ld_in, N, T, heads,
-                                                                                  hd, cosv, sinv);
+inline void rope_backward(bf16* out, int64_t ld_out, const float* dx, int64_t ld_in, int64_t N, int64_t T,
+                          const int32_t* pos, int heads, int hd, const float* cosv, const float* sinv, cudaStream_t st) {
+  rope_backward_kernel<<<elementwise_blocks(N * heads * (hd / 2)), 256, 0, st>>>(out, ld_out, dx, ld_in, N, T, pos,
+                                                                                  heads, hd, cosv, sinv);
   GEMMA_LAUNCHED("rope_backward_kernel");
 }
 

@@ -30,6 +30,10 @@ const char* norm_name(Norm n);
 inline const char* kEmbedName = "model.embed_tokens.weight";
 inline const char* kFinalNormName = "model.norm.weight";
 inline const char* kLmHeadName = "lm_head.weight";
+// LM-head rows beyond the vocabulary, (P, D): no token maps to them and their logits are masked out of the softmax
+// (the 128 extra rows of Google's original JAX checkpoints, 256128 in all). Not an HF name: only the gate puts it
+// in a Checkpoint, in memory, so that the padded-head paths of every backend run.
+inline const char* kEmbedPaddingName = "model.embed_tokens.weight:padding";
 std::string proj_weight_name(int64_t layer, Proj p);
 std::string norm_weight_name(int64_t layer, Norm n);
 std::string lora_weight_name(int64_t layer, Proj p, char which);  // which: 'A' or 'B'

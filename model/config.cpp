@@ -72,7 +72,7 @@ Config released(int64_t D, int64_t I, int64_t L, int64_t H, int64_t KV, int64_t 
 }  // namespace
 
 std::vector<std::string> preset_names() {
-  return {"gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma2-tiny", "gemma2-micro"};
+  return {"gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma2-tiny", "gemma2-micro", "gemma2-odd"};
 }
 
 bool is_preset(const std::string& name) {
@@ -101,6 +101,16 @@ Config preset(const std::string& name) {
     c.vocab_size = 40;
     c.sliding_window = 3;
     c.max_position_embeddings = 64;
+    return c;
+  }
+  if (name == "gemma2-odd") {
+    // The gate's companion to the released widths: what they cannot reach. A vocabulary that is no multiple of 64
+    // or 128 (a kernel pads its head), sqrt(hidden_size) = sqrt(72) not a bf16 number (8.49 rounds to 8.5), a head_dim
+    // of 18 (no 16-byte rows), query_pre_attn_scalar 20 (neither head_dim nor hidden/heads), three layers.
+    Config c = released(72, 176, 3, 4, 2, 18, 20);
+    c.vocab_size = 389;
+    c.sliding_window = 8;
+    c.max_position_embeddings = 256;
     return c;
   }
   std::string known;

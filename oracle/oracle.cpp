@@ -29,7 +29,7 @@ namespace gemma::ref {
 template Model<oracle::Mp> make_model<oracle::Mp>(const Checkpoint&, const Policy&);
 template Grads<oracle::Mp> zero_grads<oracle::Mp>(const Model<oracle::Mp>&);
 template Result<oracle::Mp> forward_backward<oracle::Mp>(const Model<oracle::Mp>&, const Batch&, const RunOptions&,
-                                                         const oracle::Mp&, Grads<oracle::Mp>*);
+                                                         const oracle::Mp&, Grads<oracle::Mp>*, Trace<oracle::Mp>*);
 template oracle::Mp step_loss_and_grads<oracle::Mp>(const Model<oracle::Mp>&, const std::vector<Batch>&, const RunOptions&,
                                                     Grads<oracle::Mp>&, std::vector<Result<oracle::Mp>>*);
 }  // namespace gemma::ref

@@ -202,7 +202,7 @@ namespace gemma::ref {
 extern template Model<oracle::Mp> make_model<oracle::Mp>(const Checkpoint&, const Policy&);
 extern template Grads<oracle::Mp> zero_grads<oracle::Mp>(const Model<oracle::Mp>&);
 extern template Result<oracle::Mp> forward_backward<oracle::Mp>(const Model<oracle::Mp>&, const Batch&, const RunOptions&,
-                                                                const oracle::Mp&, Grads<oracle::Mp>*);
+                                                                const oracle::Mp&, Grads<oracle::Mp>*, Trace<oracle::Mp>*);
 extern template oracle::Mp step_loss_and_grads<oracle::Mp>(const Model<oracle::Mp>&, const std::vector<Batch>&,
                                                            const RunOptions&, Grads<oracle::Mp>&,
                                                            std::vector<Result<oracle::Mp>>*);

@@ -4,16 +4,12 @@
 #include <cmath>
 #include <vector>
 
+#include "model/optimizer.hpp"
 #include "reference/gemma2.hpp"
 
 namespace gemma::ref {
 
-struct AdamWConfig {
-  double lr = 1e-4;
-  double beta1 = 0.9, beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.0;
-};
+using gemma::AdamWConfig;
 
 template <class Real>
 struct AdamWState {

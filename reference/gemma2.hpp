@@ -174,7 +174,6 @@ void pad_vocab(Model<Real>& m, const Tensor& rows) {
   const std::vector<double> v = t.to_double();
   for (int64_t i = 0; i < t.numel(); ++i) w.value.data()[i] = Real(v[size_t(i)]);
 }
-inline const char* kEmbedPadName = "model.embed_tokens.weight:padding";
 
 // Builds the model from a validated checkpoint. Without adapters every weight is trainable and held in
 // Real; with adapters the base is frozen in its file format. The policy's `weights` and `adapters` casts are
@@ -210,7 +209,7 @@ void for_each_trainable(M& m, G& g, F&& f) {
     f(std::string(kEmbedName), Shape{c.vocab_size, c.hidden_size}, m.embed_tokens.value.data(), g.embed_tokens.data(),
       int64_t(m.embed_tokens.value.size()));
     if (m.embed_pad.rows > 0)
-      f(std::string(kEmbedPadName), Shape{m.embed_pad.rows, c.hidden_size}, m.embed_pad.value.data(), g.embed_pad.data(),
+      f(std::string(kEmbedPaddingName), Shape{m.embed_pad.rows, c.hidden_size}, m.embed_pad.value.data(), g.embed_pad.data(),
         int64_t(m.embed_pad.value.size()));
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -623,6 +622,33 @@ struct LayerCache {
   Mat<Real> down;                  // (N, D) down_proj output (post_feedforward_layernorm input)
 };
 
+// What a probe of one layer records (the gate's layer-by-layer comparison, check/gate.cpp): the forward's
+// intermediates, the layer's output, and the backward's activation gradients at the points where a trainer
+// hands them from one kernel to the next (each after its grad_act cast).
+template <class Real>
+struct LayerTrace {
+  LayerCache<Real> cache;  // forward intermediates; cache.x is the layer's input
+  Mat<Real> x_out;         // (N, D) the layer's output
+  Mat<Real> dy;            // (N, D) gradient of the output: the backward's input
+  Mat<Real> dx;            // (N, D) gradient of the input
+  Mat<Real> d_o;           // (N, D) gradient of the o_proj output (post_attention_layernorm's input)
+  Mat<Real> d_gate, d_up;  // (N, I) gradients of the gate_proj and up_proj outputs
+  Mat<Real> d_att;         // (N, H*hd) gradient of the attention output
+  Mat<Real> dq, dk, dv;    // gradients of the q/k/v_proj outputs (after the RoPE backward)
+};
+
+// A whole micro-batch traced: the embedding output, every layer, and the head.
+template <class Real>
+struct Trace {
+  Mat<Real> x0;                      // (N, D) embedding times normalizer
+  std::vector<LayerTrace<Real>> layers;
+  Mat<Real> x_final;                 // (N, D) residual entering the final norm
+  Mat<Real> xf;                      // (N, D) final norm output (the LM head's input)
+  Mat<Real> dxf;                     // (N, D) its gradient
+  Mat<Real> dx_final;                // (N, D) gradient of the residual entering the final norm
+  std::vector<Real> row_loss;        // (N) per-position losses
+};
+
 template <class Real>
 Real activation(const Real& x, const Semantics& sem) {
   return sem.gelu_exact ? gelu_erf(x) : gelu_tanh(x);
@@ -678,7 +704,7 @@ void layer_forward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx
 template <class Real>
 void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx<Real>& ctx, const LayerCache<Real>& c,
                     Mat<Real>& dx,  // (N, D) gradient of the layer output in, of the layer input out
-                    LayerGrads<Real>* g, bool train_all, bool train_norms) {
+                    LayerGrads<Real>* g, bool train_all, bool train_norms, LayerTrace<Real>* trace = nullptr) {
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
   auto dW = [&](Proj q) { return (g && train_all) ? &g->proj[P(q)] : nullptr; };
@@ -703,6 +729,10 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
   }
   cast(p, Cast::grad_act, dgate);
   cast(p, Cast::grad_act, dup);
+  if (trace) {
+    trace->d_gate = dgate;
+    trace->d_up = dup;
+  }
   Mat<Real> dxn2 = Mat<Real>::Zero(c.xn2.rows(), c.xn2.cols());
   projection_backward(dgate, c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, c.xa[P(Proj::gate_proj)],
                       dxn2, dW(Proj::gate_proj), dA(Proj::gate_proj));
@@ -719,10 +749,12 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
   Mat<Real> d_o;
   rmsnorm_backward(dx, c.o, c.rstd2, L.norm[size_t(Norm::post_attention_layernorm)], ctx, d_o,
                    dN(Norm::post_attention_layernorm));
+  if (trace) trace->d_o = d_o;
   Mat<Real> datt = Mat<Real>::Zero(c.att.rows(), c.att.cols());
   projection_backward(d_o, c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, c.xa[P(Proj::o_proj)], datt,
                       dW(Proj::o_proj), dA(Proj::o_proj));
   cast(p, Cast::grad_act, datt);
+  if (trace) trace->d_att = datt;
   Mat<Real> dq, dk, dv;
   attention_backward(datt, c.q, c.k, c.v, c.attn, layer, ctx, dq, dk, dv);
   rope_apply(dq, ctx.cfg.num_attention_heads, ctx, true);
@@ -730,6 +762,11 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
   cast(p, Cast::grad_act, dq);
   cast(p, Cast::grad_act, dk);
   cast(p, Cast::grad_act, dv);
+  if (trace) {
+    trace->dq = dq;
+    trace->dk = dk;
+    trace->dv = dv;
+  }
   Mat<Real> dxn1 = Mat<Real>::Zero(c.xn1.rows(), c.xn1.cols());
   projection_backward(dq, c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, c.xa[P(Proj::q_proj)], dxn1,
                       dW(Proj::q_proj), dA(Proj::q_proj));
@@ -752,7 +789,8 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
                            Mat<Real>& pad,     // (N, P) logits of padded rows (P may be 0); overwritten likewise
                            const Batch& batch, const Ctx<Real>& ctx,
                            const Real& grad_scale,  // 1 / (targets normalising the mean); 0: forward only
-                           Mat<Real>* capped) {     // (N, V) logits after the cap, when wanted
+                           Mat<Real>* capped,       // (N, V) logits after the cap, when wanted
+                           std::vector<Real>* row_losses = nullptr) {  // (N) each position's loss (0 unscored)
   using std::exp;
   using std::log;
   const Policy& p = ctx.policy;
@@ -794,27 +832,83 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
   }
   Real total = Real(0);
   for (int64_t n = 0; n < N; ++n) total = cast(p, Cast::loss, total + row_loss[size_t(n)]);
+  if (row_losses) *row_losses = std::move(row_loss);
   return total;
 }
 
 // ----------------------------------------------------------------------------------------------------
 // The whole model
 
-// Forward (and, when g is given, backward) over one batch. The loss is returned as a sum over scored
-// targets; gradients are accumulated into g scaled by grad_scale, so that micro-batches of one step are
-// normalised by the step's total target count (gemma2.md, loss). g must come from zero_grads(m).
+// The fixed quantities of one run over `batch` (positions, documents, padding, scale, caps); refers to `opt`.
 template <class Real>
-Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const RunOptions& opt, const Real& grad_scale,
-                              Grads<Real>* g) {
+Ctx<Real> run_ctx(const Config& cfg, const RunOptions& opt, const Batch& batch) {
   using std::sqrt;
-  const Config& cfg = m.config;
-  const Policy& p = opt.numerics.policy;
   const Semantics& sem = opt.numerics.semantics;
-  Ctx<Real> ctx{cfg, p, sem, batch.B, batch.T, opt.softcap.attn, opt.softcap.logits,
+  Ctx<Real> ctx{cfg, opt.numerics.policy, sem, batch.B, batch.T, opt.softcap.attn, opt.softcap.logits,
                 Real(cfg.attn_logit_softcapping.value_or(1.0)), Real(cfg.final_logit_softcapping.value_or(1.0)),
                 Real(0), {}, {}, batch.document_ids(), batch.attention_mask};
   ctx.scale = Real(1) / sqrt(Real(sem.query_pre_attn_scalar.value_or(cfg.query_pre_attn_scalar)));
-  rope_tables(cfg, p, batch, opt.position_offset, ctx.rope_cos, ctx.rope_sin);
+  rope_tables(cfg, opt.numerics.policy, batch, opt.position_offset, ctx.rope_cos, ctx.rope_sin);
+  return ctx;
+}
+
+// Final norm, LM head (padded rows masked), final softcap and cross-entropy; with g, the backward down to the
+// residual entering the final norm (dx, (N, D)). Returns the sum of the per-token losses.
+template <class Real>
+Real head_forward_backward(const Model<Real>& m, const Batch& batch, const Ctx<Real>& ctx, const Mat<Real>& x,
+                           const Real& grad_scale, Grads<Real>* g, Mat<Real>* capped, Mat<Real>* dx,
+                           Trace<Real>* trace) {
+  const Policy& p = ctx.policy;
+  const int64_t N = x.rows(), D = x.cols();
+  Mat<Real> xf;
+  Vec<Real> rstd_f;
+  rmsnorm_forward(x, m.norm, ctx, xf, rstd_f);
+  cast(p, Cast::matmul_in, xf);
+  // The real vocabulary's logits are computed exactly as without padding, so padding cannot change them.
+  Mat<Real> logits, pad_logits(N, 0);
+  linear_forward(xf, m.embed_tokens, logits);
+  cast(p, Cast::logits, logits);
+  if (m.embed_pad.rows > 0) {
+    linear_forward(xf, m.embed_pad, pad_logits);
+    cast(p, Cast::logits, pad_logits);
+  }
+  const Real loss_sum = loss_forward_backward(logits, pad_logits, batch, ctx, g ? grad_scale : Real(0), capped,
+                                              trace ? &trace->row_loss : nullptr);
+  if (trace) {
+    trace->x_final = x;
+    trace->xf = xf;
+  }
+  if (!g) return loss_sum;
+
+  Mat<Real>& dlogits = logits;
+  cast(p, Cast::grad_act, dlogits);
+  Mat<Real> dxf = Mat<Real>::Zero(N, D);
+  linear_backward_input(dlogits, m.embed_tokens, dxf);
+  if (m.embed_pad.rows > 0 && ctx.sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxf);
+  if (m.train_all) {
+    g->embed_tokens.noalias() += dlogits.transpose() * xf;
+    if (m.embed_pad.rows > 0) g->embed_pad.noalias() += pad_logits.transpose() * xf;
+  }
+  cast(p, Cast::grad_act, dxf);
+  rmsnorm_backward(dxf, x, rstd_f, m.norm, ctx, *dx, (m.train_all || m.train_norms) ? &g->norm : nullptr);
+  if (trace) {
+    trace->dxf = dxf;
+    trace->dx_final = *dx;
+  }
+  return loss_sum;
+}
+
+// Forward (and, when g is given, backward) over one batch. The loss is returned as a sum over scored
+// targets; gradients are accumulated into g scaled by grad_scale, so that micro-batches of one step are
+// normalised by the step's total target count (docs/model.md, loss). g must come from zero_grads(m). With
+// `trace`, every layer's inputs, intermediates and gradients are recorded (the gate's layer-by-layer check).
+template <class Real>
+Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const RunOptions& opt, const Real& grad_scale,
+                              Grads<Real>* g, Trace<Real>* trace = nullptr) {
+  using std::sqrt;
+  const Config& cfg = m.config;
+  const Policy& p = opt.numerics.policy;
+  const Ctx<Real> ctx = run_ctx<Real>(cfg, opt, batch);
   const int64_t N = batch.B * batch.T, D = cfg.hidden_size;
 
   // Embedding times sqrt(D) (rounded to the activation format where the policy says so).
@@ -828,10 +922,16 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
         x(n, j) = cast(p, Cast::embed_scaled, cast(p, Cast::embed_out, row(0, j)) * normalizer);
     }
   }
+  if (trace) {
+    trace->x0 = x;
+    trace->layers.assign(size_t(cfg.num_hidden_layers), LayerTrace<Real>());
+  }
 
   std::vector<LayerCache<Real>> caches(size_t(cfg.num_hidden_layers));
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     layer_forward(m.layers[size_t(l)], m.lora_scaling, l, ctx, x, caches[size_t(l)]);
+    if (trace) trace->layers[size_t(l)].x_out = x;
+  }
   Result<Real> r;
   if (opt.keep_gate_stats)
     for (const LayerCache<Real>& c : caches) {
@@ -846,40 +946,21 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
       r.gate_std.push_back(std::sqrt(std::max(0.0, sq / n - mean * mean)));
     }
 
-  Mat<Real> xf;
-  Vec<Real> rstd_f;
-  rmsnorm_forward(x, m.norm, ctx, xf, rstd_f);
-  cast(p, Cast::matmul_in, xf);
-  // The real vocabulary's logits are computed exactly as without padding, so padding cannot change them.
-  Mat<Real> logits, pad_logits(N, 0);
-  linear_forward(xf, m.embed_tokens, logits);
-  cast(p, Cast::logits, logits);
-  if (m.embed_pad.rows > 0) {
-    linear_forward(xf, m.embed_pad, pad_logits);
-    cast(p, Cast::logits, pad_logits);
-  }
-
   r.tokens = batch.count_targets();
-  r.loss_sum = loss_forward_backward(logits, pad_logits, batch, ctx, g ? grad_scale : Real(0),
-                                     opt.keep_logits ? &r.logits : nullptr);
+  Mat<Real> dx;
+  r.loss_sum = head_forward_backward(m, batch, ctx, x, grad_scale, g, opt.keep_logits ? &r.logits : nullptr, &dx, trace);
   if (!g) return r;
 
-  Mat<Real>& dlogits = logits;
-  cast(p, Cast::grad_act, dlogits);
-  Mat<Real> dxf = Mat<Real>::Zero(N, D);
-  linear_backward_input(dlogits, m.embed_tokens, dxf);
-  if (m.embed_pad.rows > 0 && sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxf);
-  if (m.train_all) {
-    g->embed_tokens.noalias() += dlogits.transpose() * xf;
-    if (m.embed_pad.rows > 0) g->embed_pad.noalias() += pad_logits.transpose() * xf;
-  }
-  cast(p, Cast::grad_act, dxf);
-  Mat<Real> dx;
-  rmsnorm_backward(dxf, x, rstd_f, m.norm, ctx, dx, (m.train_all || m.train_norms) ? &g->norm : nullptr);
-
-  for (int64_t l = cfg.num_hidden_layers - 1; l >= 0; --l)
+  for (int64_t l = cfg.num_hidden_layers - 1; l >= 0; --l) {
+    LayerTrace<Real>* lt = trace ? &trace->layers[size_t(l)] : nullptr;
+    if (lt) lt->dy = dx;
     layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, caches[size_t(l)], dx, &g->layers[size_t(l)], m.train_all,
-                   m.train_all || m.train_norms);
+                   m.train_all || m.train_norms, lt);
+    if (lt) {
+      lt->dx = dx;
+      lt->cache = std::move(caches[size_t(l)]);
+    }
+  }
 
   // HF builds the embedding as nn.Embedding(..., padding_idx=pad_token_id): the pad row gets no gradient
   // from lookups (its LM-head gradient above still counts, since the head is the same tensor).
@@ -889,6 +970,36 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
       if (id != cfg.pad_token_id) g->embed_tokens.row(id) += dx.row(n) * normalizer;
     }
   return r;
+}
+
+// One layer on given inputs (x: the residual entering it, dy: the gradient of its output), forward and backward,
+// traced, with its gradients accumulated into g: how the gate measures a layer's own bf16 noise (jittered
+// policies) on exactly the inputs the fast trainer's layer was given.
+template <class Real>
+LayerTrace<Real> probe_layer(const Model<Real>& m, const Batch& batch, const RunOptions& opt, int64_t l, const Mat<Real>& x,
+                             const Mat<Real>& dy, LayerGrads<Real>* g) {
+  const Ctx<Real> ctx = run_ctx<Real>(m.config, opt, batch);
+  LayerTrace<Real> t;
+  Mat<Real> xx = x;
+  layer_forward(m.layers[size_t(l)], m.lora_scaling, l, ctx, xx, t.cache);
+  t.x_out = xx;
+  t.dy = dy;
+  Mat<Real> d = dy;
+  layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, t.cache, d, g, m.train_all, m.train_all || m.train_norms, &t);
+  t.dx = d;
+  return t;
+}
+
+// The head on a given final residual x: per-position losses, the final norm's output and the gradients.
+template <class Real>
+Trace<Real> probe_head(const Model<Real>& m, const Batch& batch, const RunOptions& opt, const Mat<Real>& x,
+                       const Real& grad_scale) {
+  const Ctx<Real> ctx = run_ctx<Real>(m.config, opt, batch);
+  Trace<Real> t;
+  Grads<Real> g = zero_grads(m);
+  Mat<Real> dx;
+  head_forward_backward(m, batch, ctx, x, grad_scale, &g, nullptr, &dx, &t);
+  return t;
 }
 
 // Mean loss and its gradients over one step made of micro-batches: every micro-batch's gradient is scaled
@@ -996,6 +1107,7 @@ Model<Real> make_model(const Checkpoint& ck, const Policy& policy) {
     for (Norm n : kAllNorms) vector(norm_weight_name(l, n), L.norm[size_t(n)]);
   }
   vector(kFinalNormName, m.norm);
+  if (auto it = ck.weights.find(kEmbedPaddingName); it != ck.weights.end()) pad_vocab(m, it->second);
   return m;
 }
 

@@ -26,7 +26,7 @@ Golden recompute(const GoldenRecipe& rc) {
   ref::RunOptions opt;
   opt.softcap = rc.softcap;
   opt.keep_logits = true;
-  return golden_from(rc, in.batch, in.model.config.vocab_size, ref::run(in.model, in.batch, opt));
+  return golden_from(rc, in.batch, in.model.config.vocab_size, ref::run(in.model, in.batch, opt, in.micro_rows));
 }
 
 std::string golden_path(const GoldenRecipe& rc) { return std::string(kGoldenDir) + "/" + rc.file_name(); }

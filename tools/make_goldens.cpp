@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
       ref::RunOptions opt;
       opt.softcap = rc.softcap;
       opt.keep_logits = true;
-      const ref::Output out = ref::run(in.model, in.batch, opt);
+      const ref::Output out = ref::run(in.model, in.batch, opt, in.micro_rows);
       Golden g = golden_from(rc, in.batch, in.model.config.vocab_size, out);
       g.provenance = {{"generator", "tools/make-goldens (float64 reference)"},
                       {"versions", ver},

@@ -85,6 +85,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                                      .c_str()
                                : "gradients for every weight",
               backend == "both" ? "reference (float64) and fast (CUDA)" : backend == "fast" ? "fast (CUDA)" : "reference (float64)");
+  for (const std::string& p : in.paths) std::printf("  path: %s\n", p.c_str());
   const Tolerances tol = tolerances_for(in.provenance);
   Report report;
   nlohmann::json runs = nlohmann::json::array();
@@ -119,7 +120,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     }
     opt.keep_logits = (ex && ex->logits) || golden || run_fast;
     progress("reference forward + backward, softcap " + softcap_name(sc));
-    ref::Output out = ref::run(in.model, in.batch, opt);
+    ref::Output out = ref::run(in.model, in.batch, opt, in.micro_rows);
     std::printf("[softcap %s] reference loss %.17g over %lld targets\n", softcap_name(sc).c_str(), out.loss,
                 (long long)out.tokens);
     if (ex) compare_expected(report, pre, out, *ex, tol);
