@@ -75,6 +75,35 @@ Output run(const Checkpoint& ck, const Batch& batch, const Options& opt) {
   return out;
 }
 
+GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const Options& opt, const AdamWConfig& adamw,
+                    const std::vector<LayerProbeInput>& layers, const std::vector<HeadProbeInput>& heads) {
+  check_softcap_available(ck.config, opt.softcap, "fast");
+  if (micro.empty()) fail("gate", "no micro-batch");
+  for (const Batch& b : micro) validate_batch(ck.config, b, "batch");
+  auto micro_of = [&](int64_t k) -> const Batch& {
+    if (k < 0 || k >= int64_t(micro.size())) fail("gate", "probe of micro-batch " + std::to_string(k) + ", which does not exist");
+    return micro[size_t(k)];
+  };
+  Engine e(ck, {opt.softcap, opt.recompute, opt.offload});
+  GateOutput out;
+  // Probes first: they must see the adapters before the optimizer step.
+  for (const Batch& b : micro) out.embedding.push_back(e.probe_embedding(b));
+  for (const LayerProbeInput& p : layers) out.layers.push_back(e.probe_layer(p.layer, micro_of(p.micro), p.x, p.dy));
+  for (const HeadProbeInput& p : heads) out.heads.push_back(e.probe_head(micro_of(p.micro), p.x, float(p.grad_scale)));
+  const auto t0 = std::chrono::steady_clock::now();
+  Engine::Pass p = e.forward_backward(micro, opt.logit_rows);
+  e.synchronize();
+  out.step.seconds = since(t0);
+  out.step.loss = p.loss_sum / double(p.tokens);
+  out.step.tokens = p.tokens;
+  out.step.grads = e.grads();
+  out.step.logits = std::move(p.logits);
+  e.adamw_step({adamw.lr, adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay});
+  out.adapters_after_step = e.adapters();
+  out.step.peak_device_bytes = e.peak_bytes();
+  return out;
+}
+
 Trainer::Trainer(const Checkpoint& ck, const AdamWConfig& a, Softcap softcap, TrainerOptions o)
     : config_(ck.config), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
   check_softcap_available(ck.config, softcap, "fast");

@@ -665,6 +665,36 @@ struct Engine::Impl {
     mark("bwd norms, rope, geglu");
   }
 
+  // Final norm, then the LM head and the loss chunk by chunk, then the final norm's backward: dres holds the
+  // gradient of the residual x (N, D) entering the final norm.
+  void head(int64_t N, const float* x, float grad_scale) {
+    rmsnorm_forward_in(xf.get(), rstd_f.get(), x, final_scale.get(), N, D, eps, stream);
+    mark("fwd norms, rope, geglu");
+    for (int64_t c0 = 0; c0 < N; c0 += chunk_rows) {
+      LossChunk c;
+      c.xf = xf.get() + c0 * D;
+      c.E = embed.get();
+      c.target = targets.get() + c0;
+      c.capped_slot = slots.get() + c0;
+      c.rows = std::min(chunk_rows, N - c0);
+      c.D = D;
+      c.V = V;
+      c.Vp = Vp;
+      c.cap_on = opt.softcap.logits;
+      c.cap = float(cfg.final_logit_softcapping.value_or(1.0));
+      c.grad_scale = grad_scale;
+      c.logits = logits.get();
+      c.dlog = dlog.get();
+      c.row_loss = row_loss.get() + c0;
+      c.capped_out = capped.get();
+      c.dxf = dxf.get() + c0 * D;
+      lm_head_loss_chunk(blas->h, c, stream);
+    }
+    mark("LM head + softcap + cross-entropy (fwd and bwd)");
+    rmsnorm_backward_final(dres.get(), dxf.get(), x, rstd_f.get(), final_scale.get(), N, D, stream);
+    mark("bwd norms, rope, geglu");
+  }
+
   // ------------------------------------------------------------------------------------------------------
   // Checkpoints: L + 1 device buffers, or two device slots backed by pinned host memory.
 
@@ -691,32 +721,7 @@ struct Engine::Impl {
       saved(l + 1);
     }
 
-    // Head: final norm, then the LM head and the loss chunk by chunk.
-    rmsnorm_forward_in(xf.get(), rstd_f.get(), ck_dev(L), final_scale.get(), N, D, eps, stream);
-    mark("fwd norms, rope, geglu");
-    for (int64_t c0 = 0; c0 < N; c0 += chunk_rows) {
-      LossChunk c;
-      c.xf = xf.get() + c0 * D;
-      c.E = embed.get();
-      c.target = targets.get() + c0;
-      c.capped_slot = slots.get() + c0;
-      c.rows = std::min(chunk_rows, N - c0);
-      c.D = D;
-      c.V = V;
-      c.Vp = Vp;
-      c.cap_on = opt.softcap.logits;
-      c.cap = float(cfg.final_logit_softcapping.value_or(1.0));
-      c.grad_scale = grad_scale;
-      c.logits = logits.get();
-      c.dlog = dlog.get();
-      c.row_loss = row_loss.get() + c0;
-      c.capped_out = capped.get();
-      c.dxf = dxf.get() + c0 * D;
-      lm_head_loss_chunk(blas->h, c, stream);
-    }
-    mark("LM head + softcap + cross-entropy (fwd and bwd)");
-    rmsnorm_backward_final(dres.get(), dxf.get(), ck_dev(L), rstd_f.get(), final_scale.get(), N, D, stream);
-    mark("bwd norms, rope, geglu");
+    head(N, ck_dev(L), grad_scale);
     if (opt.offload) GEMMA_CUDA(cudaEventRecord(ev_free[L % 2], stream));
     phase = "recompute";
 
@@ -736,6 +741,128 @@ struct Engine::Impl {
     }
   }
 
+  // A micro-batch's token ids, targets, positions, documents and padding on the device, and the slots of the
+  // requested logit rows (rows row0.. of the flattened step are this micro-batch's); returns those rows.
+  std::vector<int64_t> upload_inputs(const Batch& mb, const std::vector<int64_t>& logit_rows, int64_t row0) {
+    ensure(mb.B, mb.T);
+    const int64_t N = mb.B * mb.T;
+    ids_h.assign(size_t(N), 0);
+    tgt_h.assign(size_t(N), -100);
+    slot_h.assign(size_t(N), -1);
+    for (int64_t n = 0; n < N; ++n) {
+      ids_h[size_t(n)] = int32_t(mb.input_ids[size_t(n)]);
+      tgt_h[size_t(n)] = int32_t(mb.target(n / mb.T, n % mb.T));
+    }
+    std::vector<int64_t> slot_rows;
+    for (int64_t row : logit_rows)
+      if (row >= row0 && row < row0 + N && slot_h[size_t(row - row0)] < 0) {
+        slot_h[size_t(row - row0)] = int(slot_rows.size());
+        slot_rows.push_back(row);
+      }
+    ensure_slots(int64_t(slot_rows.size()));
+    GEMMA_CUDA(cudaMemcpyAsync(ids.get(), ids_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+    GEMMA_CUDA(cudaMemcpyAsync(targets.get(), tgt_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+    GEMMA_CUDA(cudaMemcpyAsync(slots.get(), slot_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
+    upload_positions(mb);
+    return slot_rows;
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Probes (the gate's layer-by-layer comparison): the engine's own layer and head code on inputs the caller
+  // gives, every intermediate read back as float (bf16 values exactly).
+
+  std::vector<float> d2h(const float* src, int64_t n, int64_t ld = 0, int64_t cols = 0) {
+    std::vector<float> v(static_cast<size_t>(n));
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    if (ld == 0) {
+      GEMMA_CUDA(cudaMemcpy(v.data(), src, size_t(n) * 4, cudaMemcpyDeviceToHost));
+    } else {  // n = rows * cols out of a row stride ld
+      GEMMA_CUDA(cudaMemcpy2D(v.data(), size_t(cols) * 4, src, size_t(ld) * 4, size_t(cols) * 4, size_t(n / cols),
+                              cudaMemcpyDeviceToHost));
+    }
+    return v;
+  }
+  std::vector<float> d2h(const bf16* src, int64_t n, int64_t ld = 0, int64_t cols = 0) {
+    std::vector<uint16_t> raw(static_cast<size_t>(n));
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    if (ld == 0) {
+      GEMMA_CUDA(cudaMemcpy(raw.data(), src, size_t(n) * 2, cudaMemcpyDeviceToHost));
+    } else {
+      GEMMA_CUDA(cudaMemcpy2D(raw.data(), size_t(cols) * 2, src, size_t(ld) * 2, size_t(cols) * 2, size_t(n / cols),
+                              cudaMemcpyDeviceToHost));
+    }
+    std::vector<float> v(raw.size());
+    for (size_t i = 0; i < raw.size(); ++i) v[i] = bf16_to_float(raw[i]);
+    return v;
+  }
+
+  std::map<std::string, std::vector<float>> probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
+                                                        const std::vector<float>& dy) {
+    upload_inputs(mb, {}, 0);
+    const int64_t N = mb.B * mb.T;
+    if (int64_t(x.size()) != N * D || int64_t(dy.size()) != N * D) throw InputError("fast: probe inputs must be (N, D)");
+    float* xin = ck_dev(0);
+    h2d(xin, x.data(), size_t(N * D) * 4);
+    GEMMA_CUDA(cudaMemsetAsync(grads.get(), 0, size_t(n_params) * 4, stream));
+    layer_forward(l, xin, x_scratch.get(), mb.B, mb.T);
+    Acts& A = acts_for(l);
+    std::map<std::string, std::vector<float>> out;
+    out["xn1"] = d2h(A.xn1.get(), N * D);
+    out["q"] = d2h(A.qkv.get(), N * HD, QKV, HD);
+    out["k"] = d2h(A.qkv.get() + HD, N * KVHD, QKV, KVHD);
+    out["v"] = d2h(A.qkv.get() + HD + KVHD, N * KVHD, QKV, KVHD);
+    out["att"] = d2h(A.att.get(), N * HD);
+    out["o"] = d2h(A.o.get(), N * D);
+    out["x_mid"] = d2h(A.x_mid.get(), N * D);
+    out["xn2"] = d2h(A.xn2.get(), N * D);
+    out["gate"] = d2h(A.gu.get(), N * I, 2 * I, I);
+    out["up"] = d2h(A.gu.get() + I, N * I, 2 * I, I);
+    out["act"] = d2h(A.act.get(), N * I);
+    out["down"] = d2h(A.down.get(), N * D);
+    out["x_out"] = d2h(x_scratch.get(), N * D);
+    std::vector<uint16_t> dyb(dy.size());
+    for (size_t i = 0; i < dy.size(); ++i) dyb[i] = float_to_bf16(dy[i]);
+    h2d(dres.get(), dyb.data(), dyb.size() * 2);
+    layer_backward(l, xin, mb.B, mb.T);
+    out["dx"] = d2h(dres.get(), N * D);
+    out["d_o"] = d2h(dsmall.get(), N * D);
+    out["d_gate"] = d2h(dgu.get(), N * I, 2 * I, I);
+    out["d_up"] = d2h(dgu.get() + I, N * I, 2 * I, I);
+    out["d_att"] = d2h(datt.get(), N * HD);
+    out["dq"] = d2h(dqkv.get(), N * HD, QKV, HD);
+    out["dk"] = d2h(dqkv.get() + HD, N * KVHD, QKV, KVHD);
+    out["dv"] = d2h(dqkv.get() + HD + KVHD, N * KVHD, QKV, KVHD);
+    const std::string pre = "model.layers." + std::to_string(l) + ".";
+    for (auto& [name, t] : download(grads.get()))
+      if (name.rfind(pre, 0) == 0) {
+        const float* f = reinterpret_cast<const float*>(t.bytes.get());
+        out[name] = std::vector<float>(f, f + t.numel());
+      }
+    return out;
+  }
+
+  std::map<std::string, std::vector<float>> probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale) {
+    upload_inputs(mb, {}, 0);
+    const int64_t N = mb.B * mb.T;
+    if (int64_t(x.size()) != N * D) throw InputError("fast: probe inputs must be (N, D)");
+    float* xin = ck_dev(0);
+    h2d(xin, x.data(), size_t(N * D) * 4);
+    head(N, xin, grad_scale);
+    std::map<std::string, std::vector<float>> out;
+    out["row_loss"] = d2h(row_loss.get(), N);
+    out["xf"] = d2h(xf.get(), N * D);
+    out["dxf"] = d2h(dxf.get(), N * D);
+    out["dx"] = d2h(dres.get(), N * D);
+    return out;
+  }
+
+  std::vector<float> probe_embedding(const Batch& mb) {
+    upload_inputs(mb, {}, 0);
+    const int64_t N = mb.B * mb.T;
+    embed_forward(ck_dev(0), ids.get(), embed.get(), N, D, normalizer, stream);
+    return d2h(ck_dev(0), N * D);
+  }
+
   Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows) {
     int64_t total = 0;
     for (const Batch& b : micro) total += b.count_targets();
@@ -747,26 +874,8 @@ struct Engine::Impl {
     out.tokens = total;
     int64_t row0 = 0;
     for (const Batch& mb : micro) {
-      ensure(mb.B, mb.T);
       const int64_t N = mb.B * mb.T;
-      ids_h.assign(size_t(N), 0);
-      tgt_h.assign(size_t(N), -100);
-      slot_h.assign(size_t(N), -1);
-      for (int64_t n = 0; n < N; ++n) {
-        ids_h[size_t(n)] = int32_t(mb.input_ids[size_t(n)]);
-        tgt_h[size_t(n)] = int32_t(mb.target(n / mb.T, n % mb.T));
-      }
-      std::vector<int64_t> slot_rows;
-      for (int64_t row : logit_rows)
-        if (row >= row0 && row < row0 + N && slot_h[size_t(row - row0)] < 0) {
-          slot_h[size_t(row - row0)] = int(slot_rows.size());
-          slot_rows.push_back(row);
-        }
-      ensure_slots(int64_t(slot_rows.size()));
-      GEMMA_CUDA(cudaMemcpyAsync(ids.get(), ids_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
-      GEMMA_CUDA(cudaMemcpyAsync(targets.get(), tgt_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
-      GEMMA_CUDA(cudaMemcpyAsync(slots.get(), slot_h.data(), size_t(N) * 4, cudaMemcpyHostToDevice, stream));
-      upload_positions(mb);
+      const std::vector<int64_t> slot_rows = upload_inputs(mb, logit_rows, row0);
       mark("inputs");
       micro_step(mb.B, mb.T, grad_scale);
       loss_h.assign(size_t(N), 0.0f);
@@ -852,6 +961,14 @@ Engine::Pass Engine::forward_backward(const std::vector<Batch>& micro, const std
   return impl_->forward_backward(micro, logit_rows);
 }
 void Engine::adamw_step(const AdamWHyper& h) { impl_->adamw_step(h); }
+std::map<std::string, std::vector<float>> Engine::probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
+                                                              const std::vector<float>& dy) {
+  return impl_->probe_layer(l, mb, x, dy);
+}
+std::map<std::string, std::vector<float>> Engine::probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale) {
+  return impl_->probe_head(mb, x, grad_scale);
+}
+std::vector<float> Engine::probe_embedding(const Batch& mb) { return impl_->probe_embedding(mb); }
 void Engine::synchronize() { GEMMA_CUDA(cudaStreamSynchronize(impl_->stream)); }
 TensorMap Engine::adapters() const { return impl_->download(impl_->params.get()); }
 TensorMap Engine::grads() const { return impl_->download(impl_->grads.get()); }

@@ -40,6 +40,12 @@ class Engine {
   // with every micro-batch scaled by 1 / (the step's scored targets). Waits for the device.
   Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows);
   void adamw_step(const AdamWHyper& h);  // one optimizer step on the accumulated gradients
+  // The gate's probes (fast.hpp, Probe): layer l, the head and the embedding run by the engine's own code on the
+  // given micro-batch (positions, documents, padding) and inputs. probe_layer zeroes the adapter gradients.
+  std::map<std::string, std::vector<float>> probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
+                                                        const std::vector<float>& dy);
+  std::map<std::string, std::vector<float>> probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale);
+  std::vector<float> probe_embedding(const Batch& mb);
   void synchronize();
 
   TensorMap adapters() const;  // fp32, HF names

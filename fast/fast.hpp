@@ -54,6 +54,33 @@ struct Output {
 // Loss and adapter gradients on a validated Checkpoint with adapters (the base is frozen).
 Output run(const Checkpoint& ck, const Batch& batch, const Options& opt);
 
+// The gate's questions about one step (check/gate.cpp), answered on one engine: probes of the embedding, of
+// single layers and of the head, each fed inputs the gate chooses (the reference's own values at that point, so
+// that a wrong kernel shows where it is instead of through the whole model's cascade); then the step itself (loss,
+// adapter gradients, logit rows); then the adapters after one AdamW step on those gradients.
+struct LayerProbeInput {
+  int64_t micro = 0;      // which micro-batch (its positions, documents, padding)
+  int64_t layer = 0;
+  std::vector<float> x;   // (N, D) residual entering the layer
+  std::vector<float> dy;  // (N, D) gradient of the layer's output (bf16 values)
+};
+struct HeadProbeInput {
+  int64_t micro = 0;
+  std::vector<float> x;   // (N, D) residual entering the final norm
+  double grad_scale = 1;  // 1 / (the step's scored targets)
+};
+struct GateOutput {
+  Output step;
+  TensorMap adapters_after_step;                  // fp32, after one AdamW step on step.grads
+  std::vector<std::vector<float>> embedding;      // per micro-batch: (N, D) embedding times normalizer
+  // Per LayerProbeInput: xn1, q, k, v (after RoPE), att, o, x_mid, xn2, gate, up, act, down, x_out; dx, d_o, d_gate,
+  // d_up, d_att, dq, dk, dv; the layer's adapter gradients by name (that micro-batch alone).
+  std::vector<std::map<std::string, std::vector<float>>> layers;
+  std::vector<std::map<std::string, std::vector<float>>> heads;  // per HeadProbeInput: row_loss, xf, dxf, dx
+};
+GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const Options& opt, const AdamWConfig& adamw,
+                    const std::vector<LayerProbeInput>& layers, const std::vector<HeadProbeInput>& heads);
+
 struct TrainerOptions {
   bool recompute = true;
   bool offload = false;

@@ -42,11 +42,14 @@ inline Real round_scalar(DType d, const Real& x) {
 }
 
 // The policy's jitter: x (1 +- jitter), the sign a hash of x's bits and the cast point, so that a run is
-// still deterministic.
+// still deterministic. A value that fp32 holds exactly is left alone: an fp32 trainer given the same inputs
+// produces it exactly too (the embedding's bf16 row times a bf16 normalizer, sums of few bf16 products), so
+// perturbing it would model a difference no correct trainer has.
 template <class Real>
 inline Real jittered(const Policy& p, Cast c, const Real& x) {
   if (p.jitter == 0) return x;
   const double v = static_cast<double>(x);
+  if (double(float(v)) == v) return x;
   uint64_t b;
   std::memcpy(&b, &v, 8);
   b ^= (uint64_t(c) + 64 * p.jitter_seed) * 0x9e3779b97f4a7c15ull;
@@ -948,7 +951,7 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
 
   r.tokens = batch.count_targets();
   Mat<Real> dx;
-  r.loss_sum = head_forward_backward(m, batch, ctx, x, grad_scale, g, opt.keep_logits ? &r.logits : nullptr, &dx, trace);
+  r.loss_sum = head_forward_backward<Real>(m, batch, ctx, x, grad_scale, g, opt.keep_logits ? &r.logits : nullptr, &dx, trace);
   if (!g) return r;
 
   for (int64_t l = cfg.num_hidden_layers - 1; l >= 0; --l) {
@@ -998,7 +1001,7 @@ Trace<Real> probe_head(const Model<Real>& m, const Batch& batch, const RunOption
   Trace<Real> t;
   Grads<Real> g = zero_grads(m);
   Mat<Real> dx;
-  head_forward_backward(m, batch, ctx, x, grad_scale, &g, nullptr, &dx, &t);
+  head_forward_backward<Real>(m, batch, ctx, x, grad_scale, &g, nullptr, &dx, &t);
   return t;
 }
 

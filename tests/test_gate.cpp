@@ -3,7 +3,13 @@
 // (README.md there says what each one is).
 #include <gtest/gtest.h>
 
+#include <optional>
+
 #include "check/compare.hpp"
+#include "check/fast_backend.hpp"
+#include "check/inputs.hpp"
+#include "model/bugs.hpp"
+#include "reference/policy.hpp"
 #include "model/casefile.hpp"
 #include "reference/run.hpp"
 #include "tests/badinput_support.hpp"
@@ -72,3 +78,84 @@ TEST(Gate, UnresolvedFiniteDifferencesAreNeitherAPassNorAFailure) {
   EXPECT_FALSE(wrong_uncertain.checks[0].pass);  // 5e-2 is beyond 3 x its own error estimate
   EXPECT_FALSE(wrong_uncertain.checks[0].unresolved);
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// The gate's comparison of a trainer with the fast-policy reference (check/fast_backend.cpp), run here with the
+// reference itself standing in for the CUDA trainer: a correct stand-in (the emulation under a jitter seed the
+// tolerances never saw) must pass; a stand-in with a bug must fail, by a margin.
+
+namespace {
+
+struct GateVerdict {
+  bool pass = false;
+  double worst = 0;  // the largest value / tolerance
+  std::string worst_check;
+};
+
+GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<Bug>& bug) {
+  ref::RunOptions how;
+  how.numerics.policy = ref::policy_fast();
+  how.numerics.policy.jitter = ref::kFp32Jitter;
+  how.numerics.policy.jitter_seed = 7;
+  how.softcap = sc;
+  if (bug) {
+    const std::string na = ref::apply_bug(*bug, in.model.config, how.numerics, how.softcap);
+    EXPECT_EQ(na, "") << bug_info(*bug).id;
+  }
+  ref::RunOptions fo;
+  fo.softcap = sc;
+  fo.keep_logits = true;
+  const ref::Output f64 = ref::run(in.model, in.batch, fo, in.micro_rows);
+  check::Report r;
+  check::compare_fast(r, "", in, sc, &f64, check::reference_runner(how));
+  GateVerdict v;
+  v.pass = r.all_pass();
+  for (const check::Check& c : r.checks) {
+    const double q = c.tolerance > 0 ? c.value / c.tolerance : (c.value > 0 ? INFINITY : 0.0);
+    if (!(q <= v.worst)) {
+      v.worst = q;
+      v.worst_check = c.name + ": " + c.why;
+    }
+  }
+  return v;
+}
+
+const check::Inputs& odd_inputs() {
+  static const check::Inputs in = [] {
+    check::InputSpec s;
+    s.model = "gemma2-odd";
+    return check::load_inputs(s);
+  }();
+  return in;
+}
+
+}  // namespace
+
+TEST(Gate, ACorrectTrainerPassesTheGate) {
+  const GateVerdict v = gate_with(odd_inputs(), {true, true}, std::nullopt);
+  EXPECT_TRUE(v.pass) << v.worst << " " << v.worst_check;
+  std::printf("correct stand-in: worst %.3g of tolerance (%s)\n", v.worst, v.worst_check.c_str());
+}
+
+class GateBug : public ::testing::TestWithParam<Bug> {};
+
+TEST_P(GateBug, IsCaughtWithMargin) {
+  const GateVerdict v = gate_with(odd_inputs(), {true, true}, GetParam());
+  EXPECT_FALSE(v.pass);
+  EXPECT_GE(v.worst, 3.0) << v.worst_check;
+  std::printf("%s: worst %.3g of tolerance (%s)\n", std::string(bug_info(GetParam()).id).c_str(), v.worst,
+              v.worst_check.substr(0, 200).c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Bugs, GateBug,
+    ::testing::Values(Bug::normalizer_exact, Bug::rmsnorm_early_downcast, Bug::rope_bf16, Bug::gelu_exact,
+                      Bug::qpas_head_dim, Bug::sliding_odd_layers, Bug::sliding_off_by_one, Bug::no_sliding_window,
+                      Bug::no_attn_softcap, Bug::no_logit_softcap, Bug::grad_accum_mean_of_means,
+                      Bug::softcap_grad_missing, Bug::logit_softcap_grad_missing, Bug::rmsnorm_plain_weight),
+    [](const ::testing::TestParamInfo<Bug>& i) {
+      std::string s(bug_info(i.param).id);
+      for (char& c : s)
+        if (c == '-') c = '_';
+      return s;
+    });

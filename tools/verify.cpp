@@ -17,6 +17,7 @@
 #include "check/golden.hpp"
 #include "check/inputs.hpp"
 #include "check/report.hpp"
+#include "check/setting.hpp"
 
 using namespace gemma;
 using namespace gemma::check;
@@ -58,16 +59,15 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   }
 
   Inputs in = load_inputs(spec);
-  const Config& c = in.model.config;
   std::vector<Softcap> combos;
   if (softcap_flag && *softcap_flag == "all") {
     combos = all_softcaps();
   } else if (softcap_flag) {
     combos.push_back(parse_softcap(*softcap_flag, "--softcap"));
   } else {
-    combos.push_back(config_softcaps(c));
+    combos.push_back(config_softcaps(in.model.config));
   }
-  for (Softcap s : combos) check_softcap_available(c, s, "--softcap");
+  for (Softcap s : combos) check_softcap_available(in.model.config, s, "--softcap");
   if (dump_path && combos.size() != 1) fail("--dump-grads", "needs a single --softcap combination");
   if (dump_path && !run_ref) fail("--dump-grads", "writes the reference backend's gradients: not with --backend fast");
 
@@ -77,6 +77,12 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     fail(in.source, "full-weight gradients of " + std::to_string(params) +
                         " parameters do not fit in memory as float64; use LoRA adapters (--lora-r) or fewer layers");
 
+  Report report;
+  nlohmann::json runs = nlohmann::json::array();
+  TensorMap last_grads;
+  // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
+  auto verify_setting = [&](const InputSpec& sspec, const Inputs& in, const std::string& tag) {
+  const Config& c = in.model.config;
   std::printf("verify: %s\n", in.description.c_str());
   std::printf("  batch %lld x %lld, %lld scored targets; %s; backend %s\n", (long long)in.batch.B,
               (long long)in.batch.T, (long long)in.batch.count_targets(),
@@ -87,9 +93,6 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
               backend == "both" ? "reference (float64) and fast (CUDA)" : backend == "fast" ? "fast (CUDA)" : "reference (float64)");
   for (const std::string& p : in.paths) std::printf("  path: %s\n", p.c_str());
   const Tolerances tol = tolerances_for(in.provenance);
-  Report report;
-  nlohmann::json runs = nlohmann::json::array();
-  TensorMap last_grads;
   for (Softcap sc : combos) {
     const std::string combo = softcap_combo(sc);
     ref::RunOptions opt;
@@ -98,30 +101,34 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     const Expected* ex = exp_it == in.expected.end() ? nullptr : &exp_it->second;
     // The golden of this exact recipe, when the project keeps one; its hash is checked before it is trusted.
     std::optional<Golden> golden;
-    const std::optional<GoldenRecipe> recipe = recipe_of(spec, sc);
+    const std::optional<GoldenRecipe> recipe = recipe_of(sspec, sc);
     std::string golden_path;
+    // Goldens are kept for the standard recipes only (a preset at its default shape and seed); any other shape or
+    // seed has none, even where a file of the same name exists.
+    const std::vector<GoldenRecipe> kept = standard_goldens();
+    const bool standard = recipe && std::find(kept.begin(), kept.end(), *recipe) != kept.end();
     if (recipe) {
       golden_path = std::string(kGoldenDir) + "/" + recipe->file_name();
-      if (std::filesystem::exists(golden_path)) {
+      if (standard && std::filesystem::exists(golden_path)) {
         check_manifest(golden_path);
         golden = read_golden(golden_path);
         if (!(golden->recipe == *recipe)) fail(golden_path, "its recipe does not match its file name");
       }
     }
-    const std::string pre = "[" + softcap_name(sc) + "] ";
+    const std::string pre = "[" + tag + softcap_name(sc) + "] ";
     nlohmann::json results = nlohmann::json::object();
     if (!run_ref) {
       const FastResult fr = compare_fast(report, pre, in, sc, nullptr);
-      std::printf("[softcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
-                  softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
+      std::printf("[%ssoftcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
+                  tag.c_str(), softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
-      runs.push_back({{"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+      runs.push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
       continue;
     }
     opt.keep_logits = (ex && ex->logits) || golden || run_fast;
     progress("reference forward + backward, softcap " + softcap_name(sc));
     ref::Output out = ref::run(in.model, in.batch, opt, in.micro_rows);
-    std::printf("[softcap %s] reference loss %.17g over %lld targets\n", softcap_name(sc).c_str(), out.loss,
+    std::printf("[%ssoftcap %s] reference loss %.17g over %lld targets\n", tag.c_str(), softcap_name(sc).c_str(), out.loss,
                 (long long)out.tokens);
     if (ex) compare_expected(report, pre, out, *ex, tol);
     if (golden) {
@@ -136,12 +143,25 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     results["reference"] = {{"loss", out.loss}, {"tokens", out.tokens}};
     if (run_fast) {
       const FastResult fr = compare_fast(report, pre, in, sc, &out);
-      std::printf("[softcap %s] fast loss %.10g over %lld targets, %.3f s on the device, peak %.2f GB\n",
-                  softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
+      std::printf("[%ssoftcap %s] fast loss %.10g over %lld targets, %.3f s on the device, peak %.2f GB\n",
+                  tag.c_str(), softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
     }
-    runs.push_back({{"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
-    last_grads = std::move(out.grads);
+    runs.push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+    if (tag.empty()) last_grads = std::move(out.grads);
+  }
+  };
+  verify_setting(spec, in, "");
+  // A released preset's gate also runs gemma2-odd: what the released widths cannot reach (an odd vocabulary, a
+  // padding mask, sqrt(hidden) not a bf16 number, head_dim 18).
+  if (spec.model && gate_preset(*spec.model) && *spec.model != "gemma2-odd") {
+    InputSpec cs;
+    cs.model = "gemma2-odd";
+    cs.seed = spec.seed;
+    cs.lora_r = spec.lora_r;
+    const Inputs ci = load_inputs(cs);
+    std::printf("\n");
+    verify_setting(cs, ci, "odd ");
   }
   report.print_summary();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
