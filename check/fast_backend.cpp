@@ -533,7 +533,9 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
     return v;
   };
   {
-    GateReference::Family f{"loss", {pol.loss}};
+    GateReference::Family f;
+    f.name = "loss";
+    f.want = {pol.loss};
     f.spread = rel_err(double(flt.loss), pol.loss);
     for (const auto& j : jit) f.spread = std::max(f.spread, rel_err(j.loss, pol.loss));
     if (f64) {
@@ -544,7 +546,9 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
     G.families.push_back(f);
   }
   {
-    GateReference::Family f{"logits (rows 0, N/2, N-1)", rows_of(pol.logits)};
+    GateReference::Family f;
+    f.name = "logits (rows 0, N/2, N-1)";
+    f.want = rows_of(pol.logits);
     f.spread = rel_l2(rows_of(flt.logits), f.want);
     for (const auto& j : jit) f.spread = std::max(f.spread, rel_l2(rows_of(j.logits), f.want));
     if (f64) {
@@ -557,7 +561,9 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
   }
   G.names = pol.names;
   for (size_t i = 0; i < pol.names.size(); ++i) {
-    GateReference::Family f{"grad " + pol.names[i], pol.grads[i]};
+    GateReference::Family f;
+    f.name = "grad " + pol.names[i];
+    f.want = pol.grads[i];
     f.spread = rel_l2(flt.grads[i], f.want);
     for (const auto& j : jit) f.spread = std::max(f.spread, rel_l2(j.grads[i], f.want));
     if (f64) {
@@ -577,8 +583,9 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
       for (size_t i = 0; i < u.size(); ++i) u[i] = after[i] - G.adapters_before[i];
       return u;
     };
-    GateReference::Family f{"AdamW update of the adapters (lr 1e-3, wd 0.1, eps " + sci(G.adamw.eps) + ")",
-                            update(concat(pol.adapters_after))};
+    GateReference::Family f;
+    f.name = "AdamW update of the adapters (lr 1e-3, wd 0.1, eps " + sci(G.adamw.eps) + ")";
+    f.want = update(concat(pol.adapters_after));
     f.spread = rel_l2(update(concat(flt.adapters_after)), f.want);
     for (const auto& j : jit) f.spread = std::max(f.spread, rel_l2(update(concat(j.adapters_after)), f.want));
     f.target = 1e-6;

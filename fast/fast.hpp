@@ -81,6 +81,18 @@ struct GateOutput {
 GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const Options& opt, const AdamWConfig& adamw,
                     const std::vector<LayerProbeInput>& layers, const std::vector<HeadProbeInput>& heads);
 
+// gate_run's arguments as the C entry point of libgemma_fast_gate.so takes them (fast/gate_entry.cpp):
+//   extern "C" int gemma_fast_gate_run(GateRunArgs* args, char* err, size_t err_len);  // 0: done, else err says why
+struct GateRunArgs {
+  const Checkpoint* ck;
+  const std::vector<Batch>* micro;
+  const Options* opt;
+  const AdamWConfig* adamw;
+  const std::vector<LayerProbeInput>* layers;
+  const std::vector<HeadProbeInput>* heads;
+  GateOutput* out;
+};
+
 struct TrainerOptions {
   bool recompute = true;
   bool offload = false;
