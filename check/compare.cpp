@@ -43,9 +43,20 @@ double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
 }
 
 void compare_expected(Report& r, const std::string& prefix, const ref::Output& out, const Expected& ex,
-                      const Tolerances& tol) {
+                      const Tolerances& tol, const Batch& batch) {
   if (ex.loss) r.add(prefix + "loss vs expected (rel)", rel_err(out.loss, *ex.loss), tol.loss, tol.why);
-  if (ex.logits) r.add(prefix + "logits vs expected (max rel)", max_rel(out.logits, ex.logits->to_double()), tol.logits, tol.why);
+  if (ex.logits) {
+    std::vector<double> got, want;
+    const std::vector<double> all = ex.logits->to_double();
+    const size_t V = all.size() / size_t(batch.B * batch.T);
+    for (int64_t n = 0; n < batch.B * batch.T; ++n)
+      if (batch.real(n / batch.T, n % batch.T)) {
+        got.insert(got.end(), out.logits.begin() + long(size_t(n) * V), out.logits.begin() + long(size_t(n + 1) * V));
+        want.insert(want.end(), all.begin() + long(size_t(n) * V), all.begin() + long(size_t(n + 1) * V));
+      }
+    r.add(prefix + "logits vs expected (max rel" + std::string(batch.attention_mask.empty() ? "" : ", real tokens") + ")",
+          max_rel(got, want), tol.logits, tol.why);
+  }
   for (const auto& [name, t] : ex.grads) {
     auto it = out.grads.find(name);
     if (it == out.grads.end()) {

@@ -24,9 +24,11 @@ double rel_l2(const std::vector<double>& a, const std::vector<double>& b);
 // max |a - b| / max |b|: a relative error that stays meaningful for values near zero.
 double max_rel(const std::vector<double>& a, const std::vector<double>& b);
 
-// Adds one check per expected quantity (loss, logits, every gradient), named "<prefix>...".
+// Adds one check per expected quantity (loss, logits, every gradient), named "<prefix>...". Logits at padding
+// positions (the batch's attention_mask 0) are left out: what a query that sees no key computes never reaches the
+// loss, and implementations differ there (HF's eager attention spreads it over every key, the reference gives 0).
 void compare_expected(Report& r, const std::string& prefix, const ref::Output& out, const Expected& ex,
-                      const Tolerances& tol);
+                      const Tolerances& tol, const Batch& batch);
 
 // The reference's backward against finite differences of its own forward (ref::directional_check), as one check:
 // passes when the two agree within max(1e-7, 3 x the estimate's own error) and that error is below 1e-4/3; reports

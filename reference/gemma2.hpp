@@ -376,34 +376,99 @@ void rmsnorm_backward(const Mat<Real>& dout,  // (N, D)
 // ----------------------------------------------------------------------------------------------------
 // Projections (HF nn.Linear, no bias) with an optional LoRA adapter: y = x W^T + s (x A^T) B^T.
 
+// Tensor-core accumulation (Policy::accum_jitter). A GPU product of K terms accumulates in steps of 16 products
+// (one mma instruction each), and NVIDIA's tensor cores align the addends and truncate rather than round (Fasi,
+// Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021): each step may lose up to
+// one fp32 ulp of the running sum, and the losses share a sign. A running sum of terms of mixed signs is about as
+// large as their root-sum-square, so a correct GPU result can sit about ceil(K / 16) 2^-24 sqrt(sum_k (a_k b_k)^2)
+// from the exact one: negligible for a projection's few hundred steps, a thousandth of the result for the LM head's
+// backward (256000 terms that cancel: the softmax gradient sums to zero). Measured on the H200 (2026-11-30,
+// gemma2-2b widths, the head's backward): the trainer sat at rel L2 8.4e-4 from the emulation, where this model
+// gives about 1e-3 and jitter alone 1e-4. y (n values, before their cast) moves by a deterministic pseudo-random
+// fraction in [-1, 1) of that size; q holds sqrt(sum_k (a_k b_k)^2) for each.
 template <class Real>
-void linear_forward(const Mat<Real>& x, const Weight<Real>& W, Mat<Real>& y) {  // (N, in) -> (N, out)
-  y.resize(x.rows(), W.rows);
-  if (W.materialised()) {
-    y.noalias() = x * W.value.transpose();
-    return;
+void accum_noise(const Policy& p, Real* y, const Real* q, int64_t n, int64_t K) {
+  if (p.accum_jitter == 0) return;
+  const double bound = p.accum_jitter * 0x1p-24 * double((K + 15) / 16);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(y[i]);
+    uint64_t b;
+    std::memcpy(&b, &v, 8);
+    b ^= (uint64_t(i) + 0x5bd1e995ull * (p.jitter_seed + 1)) * 0x9e3779b97f4a7c15ull;
+    b = (b ^ (b >> 31)) * 0xbf58476d1ce4e5b9ull;
+    const double r = double(b >> 11) * 0x1.0p-52 - 1.0;
+    y[i] = Real(v + r * bound * static_cast<double>(q[i]));
   }
-  Mat<Real> blk;
-  const int64_t R = W.block_rows();
-  for (int64_t r0 = 0; r0 < W.rows; r0 += R) {
-    const int64_t n = std::min(R, W.rows - r0);
-    W.load_rows(r0, n, blk);
-    y.middleCols(r0, n).noalias() = x * blk.transpose();
+}
+
+// sqrt(a^2 b^2), elementwise squares: the root-sum-square of the products of a b.
+template <class Real, class A, class B>
+Mat<Real> product_rss(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  Mat<Real> q = a.array().square().matrix() * b.array().square().matrix();
+  return q.cwiseSqrt();
+}
+
+// y = a b (a (N, K), b (K, M)) with tensor-core accumulation noise when the policy asks for it.
+template <class Real, class A, class B>
+void product(const Policy* p, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b, Mat<Real>& y) {
+  y.noalias() = a * b;
+  if (p && p->accum_jitter != 0) {
+    const Mat<Real> q = product_rss<Real>(a, b);
+    accum_noise(*p, y.data(), q.data(), y.size(), a.cols());
   }
 }
 
 template <class Real>
-void linear_backward_input(const Mat<Real>& dy, const Weight<Real>& W, Mat<Real>& dx) {  // dx (N, in) += dy W
+void linear_forward(const Mat<Real>& x, const Weight<Real>& W, Mat<Real>& y,  // (N, in) -> (N, out)
+                    const Policy* p = nullptr) {
+  y.resize(x.rows(), W.rows);
+  const bool noisy = p && p->accum_jitter != 0;
+  Mat<Real> q;
+  if (noisy) q.resize(x.rows(), W.rows);
   if (W.materialised()) {
-    dx.noalias() += dy * W.value;
-    return;
+    y.noalias() = x * W.value.transpose();
+    if (noisy) q = product_rss<Real>(x, W.value.transpose());
+  } else {
+    Mat<Real> blk;
+    const int64_t R = W.block_rows();
+    for (int64_t r0 = 0; r0 < W.rows; r0 += R) {
+      const int64_t n = std::min(R, W.rows - r0);
+      W.load_rows(r0, n, blk);
+      y.middleCols(r0, n).noalias() = x * blk.transpose();
+      if (noisy) q.middleCols(r0, n) = product_rss<Real>(x, blk.transpose());
+    }
   }
-  Mat<Real> blk;
-  const int64_t R = W.block_rows();
-  for (int64_t r0 = 0; r0 < W.rows; r0 += R) {
-    const int64_t n = std::min(R, W.rows - r0);
-    W.load_rows(r0, n, blk);
-    dx.noalias() += dy.middleCols(r0, n) * blk;
+  if (noisy) accum_noise(*p, y.data(), q.data(), y.size(), W.cols);
+}
+
+template <class Real>
+void linear_backward_input(const Mat<Real>& dy, const Weight<Real>& W, Mat<Real>& dx,  // dx (N, in) += dy W
+                           const Policy* p = nullptr) {
+  const bool noisy = p && p->accum_jitter != 0;
+  Mat<Real> t, q2;  // with noise: the product apart, and its sum of squared terms
+  Mat<Real>& out = noisy ? t : dx;
+  if (noisy) {
+    t = Mat<Real>::Zero(dx.rows(), dx.cols());
+    q2 = Mat<Real>::Zero(dx.rows(), dx.cols());
+  }
+  if (W.materialised()) {
+    out.noalias() += dy * W.value;
+    if (noisy) q2.noalias() += dy.array().square().matrix() * W.value.array().square().matrix();
+  } else {
+    Mat<Real> blk;
+    const int64_t R = W.block_rows();
+    for (int64_t r0 = 0; r0 < W.rows; r0 += R) {
+      const int64_t n = std::min(R, W.rows - r0);
+      W.load_rows(r0, n, blk);
+      out.noalias() += dy.middleCols(r0, n) * blk;
+      if (noisy) q2.noalias() += dy.middleCols(r0, n).array().square().matrix() * blk.array().square().matrix();
+    }
+  }
+  if (noisy) {
+    const Mat<Real> q = q2.cwiseSqrt();
+    accum_noise(*p, t.data(), q.data(), t.size(), W.rows);
+    dx += t;
   }
 }
 
@@ -415,10 +480,10 @@ void projection_forward(const Mat<Real>& x,        // (N, in), already cast to t
                         const Policy& p,
                         Mat<Real>& y,              // (N, out)
                         Mat<Real>& xa) {           // (N, r) x A^T, kept for the backward
-  linear_forward(x, W, y);
+  linear_forward(x, W, y, &p);
   cast(p, Cast::matmul_out, y);
   if (!lora.present()) return;
-  xa.noalias() = x * lora.A.transpose();
+  product(&p, x, lora.A.transpose(), xa);
   cast(p, Cast::lora_mid, xa);
   Mat<Real> delta = (xa * lora.B.transpose()) * s;
   cast(p, Cast::lora_out, delta);
@@ -429,15 +494,17 @@ void projection_forward(const Mat<Real>& x,        // (N, in), already cast to t
 template <class Real>
 void projection_backward(const Mat<Real>& dy,   // (N, out)
                          const Mat<Real>& x,    // (N, in) forward input
-                         const Weight<Real>& W, const Lora<Real>& lora, const Real& s,
+                         const Weight<Real>& W, const Lora<Real>& lora, const Real& s, const Policy& p,
                          const Mat<Real>& xa,   // (N, r)
                          Mat<Real>& dx,         // (N, in), accumulated
                          Mat<Real>* dW,         // (out, in), accumulated; null when frozen
                          Lora<Real>* dlora) {   // accumulated; null when there is no adapter
-  linear_backward_input(dy, W, dx);
+  linear_backward_input(dy, W, dx, &p);
   if (dW) dW->noalias() += dy.transpose() * x;
   if (!lora.present()) return;
-  const Mat<Real> dxa = (dy * lora.B) * s;  // (N, r)
+  Mat<Real> dxa;
+  product(&p, dy, lora.B, dxa);
+  dxa *= s;  // (N, r)
   dx.noalias() += dxa * lora.A;
   if (dlora) {
     dlora->B.noalias() += (dy.transpose() * xa) * s;
@@ -719,7 +786,7 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
   rmsnorm_backward(dx, c.down, c.rstd4, L.norm[size_t(Norm::post_feedforward_layernorm)], ctx, ddown,
                    dN(Norm::post_feedforward_layernorm));
   Mat<Real> dact = Mat<Real>::Zero(c.act.rows(), c.act.cols());
-  projection_backward(ddown, c.act, L.proj[P(Proj::down_proj)], L.lora[P(Proj::down_proj)], s, c.xa[P(Proj::down_proj)],
+  projection_backward(ddown, c.act, L.proj[P(Proj::down_proj)], L.lora[P(Proj::down_proj)], s, p, c.xa[P(Proj::down_proj)],
                       dact, dW(Proj::down_proj), dA(Proj::down_proj));
   cast(p, Cast::grad_act, dact);
   Mat<Real> dgate(c.gate.rows(), c.gate.cols()), dup(c.up.rows(), c.up.cols());
@@ -737,9 +804,9 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
     trace->d_up = dup;
   }
   Mat<Real> dxn2 = Mat<Real>::Zero(c.xn2.rows(), c.xn2.cols());
-  projection_backward(dgate, c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, c.xa[P(Proj::gate_proj)],
+  projection_backward(dgate, c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, p, c.xa[P(Proj::gate_proj)],
                       dxn2, dW(Proj::gate_proj), dA(Proj::gate_proj));
-  projection_backward(dup, c.xn2, L.proj[P(Proj::up_proj)], L.lora[P(Proj::up_proj)], s, c.xa[P(Proj::up_proj)], dxn2,
+  projection_backward(dup, c.xn2, L.proj[P(Proj::up_proj)], L.lora[P(Proj::up_proj)], s, p, c.xa[P(Proj::up_proj)], dxn2,
                       dW(Proj::up_proj), dA(Proj::up_proj));
   cast(p, Cast::grad_act, dxn2);
   Mat<Real> dtmp;
@@ -754,7 +821,7 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
                    dN(Norm::post_attention_layernorm));
   if (trace) trace->d_o = d_o;
   Mat<Real> datt = Mat<Real>::Zero(c.att.rows(), c.att.cols());
-  projection_backward(d_o, c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, c.xa[P(Proj::o_proj)], datt,
+  projection_backward(d_o, c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, p, c.xa[P(Proj::o_proj)], datt,
                       dW(Proj::o_proj), dA(Proj::o_proj));
   cast(p, Cast::grad_act, datt);
   if (trace) trace->d_att = datt;
@@ -771,11 +838,11 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
     trace->dv = dv;
   }
   Mat<Real> dxn1 = Mat<Real>::Zero(c.xn1.rows(), c.xn1.cols());
-  projection_backward(dq, c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, c.xa[P(Proj::q_proj)], dxn1,
+  projection_backward(dq, c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, p, c.xa[P(Proj::q_proj)], dxn1,
                       dW(Proj::q_proj), dA(Proj::q_proj));
-  projection_backward(dk, c.xn1, L.proj[P(Proj::k_proj)], L.lora[P(Proj::k_proj)], s, c.xa[P(Proj::k_proj)], dxn1,
+  projection_backward(dk, c.xn1, L.proj[P(Proj::k_proj)], L.lora[P(Proj::k_proj)], s, p, c.xa[P(Proj::k_proj)], dxn1,
                       dW(Proj::k_proj), dA(Proj::k_proj));
-  projection_backward(dv, c.xn1, L.proj[P(Proj::v_proj)], L.lora[P(Proj::v_proj)], s, c.xa[P(Proj::v_proj)], dxn1,
+  projection_backward(dv, c.xn1, L.proj[P(Proj::v_proj)], L.lora[P(Proj::v_proj)], s, p, c.xa[P(Proj::v_proj)], dxn1,
                       dW(Proj::v_proj), dA(Proj::v_proj));
   cast(p, Cast::grad_act, dxn1);
   rmsnorm_backward(dxn1, c.x, c.rstd1, L.norm[size_t(Norm::input_layernorm)], ctx, dtmp, dN(Norm::input_layernorm));
@@ -869,10 +936,10 @@ Real head_forward_backward(const Model<Real>& m, const Batch& batch, const Ctx<R
   cast(p, Cast::matmul_in, xf);
   // The real vocabulary's logits are computed exactly as without padding, so padding cannot change them.
   Mat<Real> logits, pad_logits(N, 0);
-  linear_forward(xf, m.embed_tokens, logits);
+  linear_forward(xf, m.embed_tokens, logits, &p);
   cast(p, Cast::logits, logits);
   if (m.embed_pad.rows > 0) {
-    linear_forward(xf, m.embed_pad, pad_logits);
+    linear_forward(xf, m.embed_pad, pad_logits, &p);
     cast(p, Cast::logits, pad_logits);
   }
   const Real loss_sum = loss_forward_backward(logits, pad_logits, batch, ctx, g ? grad_scale : Real(0), capped,
@@ -886,8 +953,8 @@ Real head_forward_backward(const Model<Real>& m, const Batch& batch, const Ctx<R
   Mat<Real>& dlogits = logits;
   cast(p, Cast::grad_act, dlogits);
   Mat<Real> dxf = Mat<Real>::Zero(N, D);
-  linear_backward_input(dlogits, m.embed_tokens, dxf);
-  if (m.embed_pad.rows > 0 && ctx.sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxf);
+  linear_backward_input(dlogits, m.embed_tokens, dxf, &p);
+  if (m.embed_pad.rows > 0 && ctx.sem.padded_vocab_unmasked) linear_backward_input(pad_logits, m.embed_pad, dxf, &p);
   if (m.train_all) {
     g->embed_tokens.noalias() += dlogits.transpose() * xf;
     if (m.embed_pad.rows > 0) g->embed_pad.noalias() += pad_logits.transpose() * xf;

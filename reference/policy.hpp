@@ -65,6 +65,13 @@ struct Policy {
   // (verify uses it to derive the fast backend's tolerance).
   double jitter = 0;
   uint64_t jitter_seed = 0;  // which +- pattern: runs with different seeds are equally valid fp32 trainers
+  // Tensor-core accumulation (0: off, 1: on): every long product (projections, the LM head, the adapters' inner
+  // products) moves each output by a pseudo-random amount within what a GPU's fp32 accumulation may lose, up to
+  // one fp32 ulp of the running sum per step of 16 products (gemma2.hpp, accum_noise). The jitter above perturbs
+  // a value relative to itself, which is what an fp32 trainer differs by after a short sum; after thousands of
+  // accumulation steps over cancelling terms (the LM head's backward sums 256000 of them) a correct GPU result is
+  // further away, and only this models it.
+  double accum_jitter = 0;
   DType& operator[](Cast c) { return fmt[size_t(c)]; }
   DType operator[](Cast c) const { return fmt[size_t(c)]; }
   bool exact() const;

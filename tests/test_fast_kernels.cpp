@@ -512,7 +512,7 @@ TEST_F(FastKernel, LoraGroupForwardBackwardAreFp32Accurate) {
           dl.A = Mat<double>::Zero(g.r, g.in);
           dl.B = Mat<double>::Zero(p.out, g.r);
         }
-        projection_backward<double>(dys, mat(x, g.N, g.in), W, lo, s, xa, pass == 0 ? dx : dx64, nullptr,
+        projection_backward<double>(dys, mat(x, g.N, g.in), W, lo, s, pol, xa, pass == 0 ? dx : dx64, nullptr,
                             lo.present() ? &dl : nullptr);
         auto& yo = pass == 0 ? y : y64;
         yo.resize(size_t(g.N * out_total));

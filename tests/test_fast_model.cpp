@@ -25,6 +25,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "check/fast_backend.hpp"
+#include "check/inputs.hpp"
 #include "fast/fast.hpp"
 #include "fast/testing.hpp"
 #include "reference/adamw.hpp"
@@ -301,4 +303,30 @@ TEST_F(FastModel, InputErrorsAreReported) {
   fast::Options bad;
   bad.micro_batches = 3;  // the batch has 2 sequences
   EXPECT_THROW(fast::run(k.ck, k.batch, bad), InputError);
+}
+
+// The gate on the real trainer: gemma2-odd's gate setting (padding masks, an odd vocabulary padded by the trainer,
+// head_dim 18, two micro-batches) and a gemma2-2b-wide setting cut to one layer (packed documents, positions near
+// 4096, the JAX-padded head, fp32 adapters, trained-like weights): every check of verify's fast comparison passes,
+// layer by layer, the whole step, the AdamW update and (odd) the fingerprints.
+TEST_F(FastModel, TheGatePassesTheTrainerOnItsSettings) {
+  for (const auto& [model, layers] : std::vector<std::pair<std::string, int64_t>>{{"gemma2-odd", 3}, {"gemma2-2b", 1}}) {
+    check::InputSpec s;
+    s.model = model;
+    s.layers = layers;
+    const check::Inputs in = check::load_inputs(s);
+    for (Softcap sc : all_softcaps()) {
+      ref::RunOptions o;
+      o.softcap = sc;
+      o.keep_logits = true;
+      const ref::Output f64 = ref::run(in.model, in.batch, o, in.micro_rows);
+      check::Report r;
+      const check::FastResult fr = check::compare_fast(r, "", in, sc, &f64);
+      for (const check::Check& c : r.checks)
+        if (!c.pass) ADD_FAILURE() << model << " [" << softcap_name(sc) << "] " << c.name << ": " << c.value << " > "
+                                   << c.tolerance << " (" << c.why << ")";
+      std::printf("%s [%s]: %d/%zu checks pass; layer by layer worst %.3g of tolerance (%s)\n", model.c_str(),
+                  softcap_name(sc).c_str(), r.passed(), r.checks.size(), fr.worst_probe, fr.worst_probe_where.c_str());
+    }
+  }
 }

@@ -40,7 +40,7 @@ TEST(HfGoldens, ReferenceMatchesHfFloat64OnEveryCaseAndCombination) {
       const ref::Output out = ref::run(cf.model, cf.batch, opt);
       Report r;
       std::printf("%s [%s]\n", path.c_str(), combo.c_str());
-      compare_expected(r, "", out, ex, tol);
+      compare_expected(r, "", out, ex, tol, cf.batch);
       EXPECT_TRUE(r.all_pass()) << path << " " << combo;
       EXPECT_EQ(r.checks.size(), 2 + ex.grads.size());
       for (const auto& c : r.checks) {

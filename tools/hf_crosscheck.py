@@ -236,12 +236,15 @@ def read_case(path):
                 raise CaseError(f"/weights/{name} has non-finite values")
             tensors[name] = arr
         ids_labels = []
-        for key in ("input_ids", "labels"):
+        for key in ("input_ids", "labels", "position_ids", "attention_mask"):
             obj = f.get(key)
+            if obj is None and key in ("position_ids", "attention_mask"):
+                ids_labels.append(None)
+                continue
             if not isinstance(obj, h5py.Dataset) or obj.dtype.kind not in "iu" or obj.ndim != 2:
                 raise CaseError(f"/{key} is missing or not a 2-D integer dataset")
             ids_labels.append(np.asarray(obj[()], dtype=np.int64))
-    ids, labels = ids_labels
+    ids, labels, position_ids, attention_mask = ids_labels
     s = spec
     base, lora = {}, {}
     for name, arr in tensors.items():
@@ -288,7 +291,18 @@ def read_case(path):
         raise CaseError(f"/labels has values outside [0, {s.V}) other than -100")
     if not np.any(labels[:, 1:] != -100):
         raise CaseError("/labels scores no target (every labels[:, 1:] is -100)")
-    return argparse.Namespace(spec=s, adapter=adapter, base=base, lora=lora, ids=ids, labels=labels)
+    for key, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
+        if arr is not None and arr.shape != ids.shape:
+            raise CaseError(f"/{key} {arr.shape} does not match /input_ids {ids.shape}")
+    if position_ids is not None and position_ids.min() < 0:
+        raise CaseError("/position_ids has negative positions")
+    if attention_mask is not None:
+        if np.any((attention_mask != 0) & (attention_mask != 1)):
+            raise CaseError("/attention_mask has values other than 0 and 1")
+        if np.any((attention_mask == 0) & (labels != -100)) or np.any((attention_mask[:, :-1] == 0) & (labels[:, 1:] != -100)):
+            raise CaseError("/labels scores a padding position (or the target of one)")
+    return argparse.Namespace(spec=s, adapter=adapter, base=base, lora=lora, ids=ids, labels=labels,
+                              position_ids=position_ids, attention_mask=attention_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,7 +510,14 @@ def run_hf(case, attn_cap, final_cap):
         _check_patched_model(mg, model, s)
     COUNTS.clear()
     ids, labels = torch.from_numpy(case.ids), torch.from_numpy(case.labels)
-    out = runner(input_ids=ids, labels=labels, use_cache=False)
+    extra = {}
+    if case.position_ids is not None:
+        extra["position_ids"] = torch.from_numpy(case.position_ids)
+    if case.attention_mask is not None:
+        extra["attention_mask"] = torch.from_numpy(case.attention_mask)
+    # use_cache=False, as in training: with a cache, transformers does not look for packed rows in position_ids
+    # (masking_utils._preprocess_mask_arguments), and packed documents would attend to each other.
+    out = runner(input_ids=ids, labels=labels, use_cache=False, **extra)
     if COUNTS["attn"] != s.L:
         raise PatchError(f"eager_attention_forward ran {COUNTS['attn']} times for {s.L} layers: not eager?")
     if not _PATCH["mode"]:
@@ -570,15 +591,26 @@ def run_reference(case, attn_cap, final_cap):
     def gelu_tanh(x):
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
-    angle = torch.arange(T, dtype=f64)[:, None] * (1.0 / (s.theta ** (torch.arange(0, s.hd, 2, dtype=f64) / s.hd)))
-    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    pos = torch.from_numpy(case.position_ids) if case.position_ids is not None else torch.arange(T).expand(B, T)
+    angle = pos.to(f64)[..., None] * (1.0 / (s.theta ** (torch.arange(0, s.hd, 2, dtype=f64) / s.hd)))
+    cos, sin = torch.cat([angle.cos()] * 2, -1)[:, None], torch.cat([angle.sin()] * 2, -1)[:, None]  # [B, 1, T, hd]
     half = s.hd // 2
 
     def rope(t):  # [B, heads, T, hd], half-split rotate_half convention
         return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
 
+    # Visibility [B, 1, T, T]: causal, within the window on sliding layers, and, the spec's packing and padding
+    # rules: with position_ids and no attention mask, a document starts wherever the position is not its
+    # predecessor's + 1, and a token sees its own document only; a padding key is never seen.
     qi, kj = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    causal = kj <= qi
+    extra_mask = torch.ones(B, 1, T, T, dtype=torch.bool)
+    if case.position_ids is not None and case.attention_mask is None:
+        diff = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+        doc = (diff != 1).cumsum(-1)
+        extra_mask &= (doc[:, :, None] == doc[:, None, :])[:, None]
+    if case.attention_mask is not None:
+        extra_mask &= torch.from_numpy(case.attention_mask).bool()[:, None, None, :]
+    causal = (kj <= qi) & extra_mask
     window = causal & (qi - kj <= s.W - 1)
     kv_of_head = torch.div(torch.arange(s.H), s.H // s.KV, rounding_mode="floor")
 
@@ -595,7 +627,9 @@ def run_reference(case, attn_cap, final_cap):
         if attn_cap is not None:
             sc = attn_cap * torch.tanh(sc / attn_cap)
         visible = window if s.layer_types[l] == "sliding_attention" else causal
+        # A query that sees no key (left padding) gets a zero output here; it never reaches a scored position.
         prob = torch.softmax(sc.masked_fill(~visible, float("-inf")), dim=-1)
+        prob = torch.where(visible.any(-1, keepdim=True), prob, torch.zeros_like(prob))
         o = (prob @ v).transpose(1, 2).reshape(B, T, s.H * s.hd)
         x = x + rms(linear(o, p + "self_attn.o_proj"), w[p + "post_attention_layernorm.weight"])
         h = rms(x, w[p + "pre_feedforward_layernorm.weight"])
@@ -621,7 +655,11 @@ def compare(case, hf, ref):
     """Relative differences HF vs the independent implementation; the pad row is handled separately."""
     rel = lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
     loss_rel = abs(hf["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-300)
-    logits_rel = rel(hf["logits"], ref["logits"])
+    # Logits at padding positions are left out: HF's eager attention spreads a query that sees no key uniformly over
+    # every key (its mask adds the dtype's minimum, not -inf), the self-check gives it a zero output; neither
+    # reaches the loss.
+    real = np.ones(case.ids.shape, dtype=bool) if case.attention_mask is None else case.attention_mask.astype(bool)
+    logits_rel = rel(hf["logits"][real], ref["logits"][real])
     if set(hf["grads"]) != set(ref["grads"]):
         raise CheckFailed(f"gradient names differ: {sorted(set(hf['grads']) ^ set(ref['grads']))[:4]}")
     worst, note = ("", 0.0), None

@@ -130,7 +130,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     ref::Output out = ref::run(in.model, in.batch, opt, in.micro_rows);
     std::printf("[%ssoftcap %s] reference loss %.17g over %lld targets\n", tag.c_str(), softcap_name(sc).c_str(), out.loss,
                 (long long)out.tokens);
-    if (ex) compare_expected(report, pre, out, *ex, tol);
+    if (ex) compare_expected(report, pre, out, *ex, tol, in.batch);
     if (golden) {
       std::printf("  golden %s (sha256 matches the manifest; %s, %s)\n", golden_path.c_str(),
                   golden->provenance["generator"].c_str(), golden->provenance["date"].c_str());
