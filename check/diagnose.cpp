@@ -325,6 +325,7 @@ Setting case_setting(const Inputs& in, const DiagnoseOptions& d) {
   const Config& c = s.ck.config;
   const int64_t padded = (c.vocab_size / 128 + 1) * 128;
   s.pad_rows = make_tensor(DType::bf16, {padded - c.vocab_size, c.hidden_size}).t;
+  print_warnings("verify", in.model.warnings);
   s.notes.push_back(in.description);
   s.notes.push_back("LM head padded to " + std::to_string(padded) + " rows with zero rows (masked except in padded-vocab-unmasked)");
   return s;

@@ -75,6 +75,9 @@ struct Checkpoint {
   Config config;
   std::optional<AdapterConfig> adapter;
   TensorMap weights;  // base weights and, when `adapter` is set, the adapter tensors
+  // What reading it noticed that does not stop a run (unknown keys, keys HF ignores): one line each,
+  // "<file>: ...", for the tools to print as warnings.
+  std::vector<std::string> warnings;
 };
 
 // Normalises names (drops PEFT's `base_model.model.` prefix), then checks that every tensor the config needs

@@ -224,7 +224,7 @@ void write_safetensors(const std::string& path, const TensorMap& tensors) {
 Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
                               const std::optional<std::string>& adapter_path, std::optional<int64_t> layers) {
   Checkpoint ck;
-  ck.config = parse_config_json(read_text_file(config_path), config_path);
+  ck.config = parse_config_json(read_text_file(config_path), config_path, &ck.warnings);
   if (layers) ck.config = with_layers(ck.config, *layers);
   ck.weights = read_safetensors_any(weights_path);
   validate_checkpoint(ck, weights_path, /*allow_deeper=*/true);
@@ -253,6 +253,7 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
     // Base weights are already checked: validate the adapter tensors on their own, against base + adapter specs.
     for (const auto& [n, t] : ck.weights) ad.weights.emplace(n, t);
     validate_checkpoint(ad, tensors, /*allow_deeper=*/true);
+    ad.warnings = std::move(ck.warnings);
     ck = std::move(ad);
   }
   return ck;

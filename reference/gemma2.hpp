@@ -853,11 +853,12 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
                    m.train_all || m.train_norms);
 
   // HF builds the embedding as nn.Embedding(..., padding_idx=pad_token_id): the pad row gets no gradient
-  // from lookups (its LM-head gradient above still counts, since the head is the same tensor).
+  // from lookups (its LM-head gradient above still counts, since the head is the same tensor). A config with
+  // pad_token_id null has no padding index: every row gets its lookups.
   if (m.train_all)
     for (int64_t n = 0; n < N; ++n) {
       const int64_t id = batch.id(n / batch.T, n % batch.T);
-      if (id != cfg.pad_token_id) g->embed_tokens.row(id) += dx.row(n) * normalizer;
+      if (!cfg.pad_token_id || id != *cfg.pad_token_id) g->embed_tokens.row(id) += dx.row(n) * normalizer;
     }
   return r;
 }

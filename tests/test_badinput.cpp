@@ -626,7 +626,7 @@ TEST(BadConfig, FractionalInteger) {
   expect_input_error([] {
     json c = json::parse(to_config_json(tiny_config()));
     c["num_hidden_layers"] = 2.5;
-    parse_config_json(c.dump(), "config.json");
+    parse_config_json(c.dump(), "config.json", nullptr);
   }, {"config.json", "key 'num_hidden_layers' must be an integer, got 2.5"});
 }
 
@@ -645,14 +645,14 @@ TEST(BadConfig, DeviceInsteadOfAFile) {
 }
 
 TEST(BadConfig, NotAnObject) {
-  expect_input_error([] { parse_config_json("[1, 2, 3]", "config.json"); }, {"config.json: config is not a JSON object"});
+  expect_input_error([] { parse_config_json("[1, 2, 3]", "config.json", nullptr); }, {"config.json: config is not a JSON object"});
 }
 
 // Found by fuzz_config: 54e57203... is valid JSON syntax but no double holds it; nlohmann throws out_of_range,
 // which the parsers did not catch (an uncaught exception: abort).
 TEST(BadConfig, FuzzFoundNumberBeyondDouble) {
   const std::string text = slurp(kFound + "/config-number-out-of-range.json");
-  expect_input_error([&] { parse_config_json(text, "config.json"); }, {"config.json: malformed JSON", "out_of_range"});
+  expect_input_error([&] { parse_config_json(text, "config.json", nullptr); }, {"config.json: malformed JSON", "out_of_range"});
   expect_input_error([&] { parse_adapter_config_json(text, "adapter_config.json"); }, {"adapter_config.json: malformed JSON"});
   TempDir d;
   const auto ck = write_checkpoint(d);
@@ -667,14 +667,14 @@ TEST(BadConfig, DeeplyNestedValue) {
   const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
   std::string text = c.dump();
   text.replace(text.find("\"gemma2\""), 8, deep);
-  expect_input_error([&] { parse_config_json(text, "config.json"); }, {"config.json: model_type is a list of 1 entries"});
+  expect_input_error([&] { parse_config_json(text, "config.json", nullptr); }, {"config.json: model_type is a list of 1 entries"});
 }
 
 TEST(BadConfig, LayerTypesCountDiffersFromLayers) {
   expect_input_error([] {
     json c = json::parse(to_config_json(tiny_config()));
     c["layer_types"].push_back("full_attention");
-    parse_config_json(c.dump(), "config.json");
+    parse_config_json(c.dump(), "config.json", nullptr);
   }, {"config.json: layer_types has 3 entries for 2 layers"});
 }
 
@@ -682,7 +682,7 @@ TEST(BadConfig, OddHeadDim) {
   expect_input_error([] {
     json c = json::parse(to_config_json(tiny_config()));
     c["head_dim"] = 3;
-    parse_config_json(c.dump(), "config.json");
+    parse_config_json(c.dump(), "config.json", nullptr);
   }, {"config.json: head_dim must be even for rotary embeddings, got 3"});
 }
 
@@ -690,7 +690,7 @@ TEST(BadConfig, AnotherModelType) {
   expect_input_error([] {
     json c = json::parse(to_config_json(tiny_config()));
     c["model_type"] = "llama";
-    parse_config_json(c.dump(), "config.json");
+    parse_config_json(c.dump(), "config.json", nullptr);
   }, {"config.json: model_type is \"llama\", expected \"gemma2\""});
 }
 
@@ -698,7 +698,7 @@ TEST(BadConfig, NegativeVocabulary) {
   expect_input_error([] {
     json c = json::parse(to_config_json(tiny_config()));
     c["vocab_size"] = -8;
-    parse_config_json(c.dump(), "config.json");
+    parse_config_json(c.dump(), "config.json", nullptr);
   }, {"config.json: vocab_size must be positive, got -8"});
 }
 
@@ -706,7 +706,7 @@ TEST(BadConfig, ImplausiblyLargeDimension) {
   expect_input_error([] {
     json c = json::parse(to_config_json(tiny_config()));
     c["vocab_size"] = int64_t(1) << 40;
-    parse_config_json(c.dump(), "config.json");
+    parse_config_json(c.dump(), "config.json", nullptr);
   }, {"config.json: a dimension is implausibly large"});
 }
 

@@ -77,6 +77,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
   if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
   Inputs in = load_inputs(spec);
+  print_warnings("train", in.model.warnings);
   const Config& c = in.model.config;
   const Softcap sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
   check_softcap_available(c, sc, "--softcap");

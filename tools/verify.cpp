@@ -58,6 +58,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   }
 
   Inputs in = load_inputs(spec);
+  print_warnings("verify", in.model.warnings);
   const Config& c = in.model.config;
   std::vector<Softcap> combos;
   if (softcap_flag && *softcap_flag == "all") {

@@ -14,8 +14,8 @@ using namespace gemma;
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
   try {
-    const Config c = parse_config_json(text, "config.json");
-    const Config back = parse_config_json(to_config_json(c), "round trip");
+    const Config c = parse_config_json(text, "config.json", nullptr);
+    const Config back = parse_config_json(to_config_json(c), "round trip", nullptr);
     if (back.vocab_size != c.vocab_size || back.num_hidden_layers != c.num_hidden_layers ||
         back.layer_types != c.layer_types || back.sliding_window != c.sliding_window ||
         back.attn_logit_softcapping != c.attn_logit_softcapping ||
