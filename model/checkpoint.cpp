@@ -242,6 +242,33 @@ int64_t layer_of(const std::string& name) {
   return std::stoll(name.substr(i, j - i));
 }
 
+// HF's loader gives a checkpoint of the bare Gemma2Model (no `model.` in its names) the prefix the causal-LM
+// wrapper expects; a checkpoint with both kinds of names is refused, since HF would load one kind and leave the
+// weights of the other at their random initialisation.
+bool bare_base_name(const std::string& n) {
+  return n.rfind("embed_tokens.", 0) == 0 || n.rfind("layers.", 0) == 0 || n.rfind("norm.", 0) == 0;
+}
+
+// Names that only a PEFT model's live state_dict, or an adapter kind that is not implemented, produces: each
+// gets its real cause before any "missing tensor" could hide it.
+void check_peft_internal_name(const std::string& n, const std::string& source) {
+  for (const char* ab : {".lora_A.", ".lora_B."}) {
+    const size_t at = n.find(ab);
+    if (at != std::string::npos && n.compare(at + 8, std::string::npos, "weight") != 0)
+      fail(source, "tensor '" + n + "' carries PEFT's adapter name ('" + n.substr(at + 8, n.rfind('.') - at - 8) +
+                       "'): it is a PEFT model's raw state_dict, not an adapter file; save the adapter with "
+                       "save_pretrained (or get_peft_model_state_dict), which writes '...lora_A.weight'");
+  }
+  if (n.find("lora_magnitude_vector") != std::string::npos)
+    fail(source, "tensor '" + n + "' is a DoRA magnitude vector (use_dora): DoRA is not implemented");
+  if (n.find("lora_embedding_A") != std::string::npos || n.find("lora_embedding_B") != std::string::npos)
+    fail(source, "tensor '" + n + "' is a LoRA adapter on the embedding: not implemented");
+  if (n.find(".base_layer.") != std::string::npos)
+    fail(source, "tensor '" + n +
+                     "' is a base weight inside a PEFT-wrapped layer (a PEFT model's raw state_dict): "
+                     "save the base model and the adapter separately (save_pretrained), or merge_and_unload() first");
+}
+
 }  // namespace
 
 void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper) {
@@ -253,6 +280,37 @@ void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_d
     if (n.rfind(peft, 0) == 0) n = n.substr(peft.size());
     if (renamed.count(n)) fail(source, "tensor '" + n + "' appears twice (with and without the PEFT prefix)");
     renamed.emplace(n, t);
+  }
+  {
+    const std::string* prefixed = nullptr;
+    const std::string* bare = nullptr;
+    for (const auto& [n, t] : renamed) {
+      if (!prefixed && n.rfind("model.", 0) == 0) prefixed = &n;
+      if (!bare && bare_base_name(n)) bare = &n;
+    }
+    if (prefixed && bare)
+      fail(source, "mixes names with and without the 'model.' prefix ('" + *prefixed + "' and '" + *bare +
+                       "'): HF would load one kind and leave the other's weights random");
+    if (bare) {
+      TensorMap prefixed_all;
+      for (auto& [n, t] : renamed) prefixed_all.emplace(bare_base_name(n) ? "model." + n : n, t);
+      renamed = std::move(prefixed_all);
+    }
+  }
+  for (const auto& [n, t] : renamed) check_peft_internal_name(n, source);
+  // Layers the config does not have: dropped when --layers asked for fewer, refused otherwise.
+  {
+    int64_t deepest = -1;
+    std::string deepest_name;
+    for (const auto& [n, t] : renamed)
+      if (const int64_t l = layer_of(n); l > deepest) {
+        deepest = l;
+        deepest_name = n;
+      }
+    if (deepest >= c.num_hidden_layers && !allow_deeper)
+      fail(source, "tensor '" + deepest_name + "' is of layer " + std::to_string(deepest) + ": the checkpoint has " +
+                       std::to_string(deepest + 1) + " layers, the config " + std::to_string(c.num_hidden_layers) +
+                       " (num_hidden_layers)");
   }
   std::vector<WeightSpec> want = base_weight_specs(c);
   if (ck.adapter) {

@@ -80,10 +80,11 @@ struct Checkpoint {
   std::vector<std::string> warnings;
 };
 
-// Normalises names (drops PEFT's `base_model.model.` prefix), then checks that every tensor the config needs
-// is present with its exact shape and finite values, that nothing unknown is there, and that a stored
-// lm_head equals the embedding (Gemma 2 ties them). Tensors of layers beyond the config's depth are dropped
-// when `allow_deeper` (a checkpoint run with fewer layers), and rejected otherwise.
+// Normalises names as HF and PEFT load them (drops PEFT's `base_model.model.` prefix; gives a Gemma2Model
+// checkpoint's `embed_tokens...`, `layers...`, `norm...` the `model.` prefix), then checks that every tensor the
+// config needs is present with its exact shape and finite values, that nothing unknown is there, and that a
+// stored lm_head equals the embedding (Gemma 2 ties them). Tensors of layers beyond the config's depth are
+// dropped when `allow_deeper` (--layers asked for fewer layers), and rejected otherwise, naming both depths.
 void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper = false);
 
 }  // namespace gemma

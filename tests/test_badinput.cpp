@@ -333,7 +333,8 @@ TEST(BadCaseFile, TensorOfALayerTheConfigDoesNotHave) {
   const std::string p = write_tiny_case(d, [](CaseFile& cf) {
     cf.model.weights["model.layers.2.input_layernorm.weight"] = filled(DType::f32, {4}, 0.5);
   });
-  expect_rejected(verify_case(d, p), "verify", {p, "unexpected tensor 'model.layers.2.input_layernorm.weight'"});
+  expect_rejected(verify_case(d, p), "verify",
+                  {p, "tensor 'model.layers.2.input_layernorm.weight' is of layer 2: the checkpoint has 3 layers, the config 2"});
 }
 
 TEST(BadCaseFile, MisnamedTensor) {
