@@ -254,7 +254,7 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
       tensors = *adapter_path;
       cfg = (fs::path(*adapter_path).parent_path() / "adapter_config.json").string();
     }
-    AdapterConfig a = parse_adapter_config_json(read_text_file(cfg), cfg);
+    AdapterConfig a = parse_adapter_config_json(read_text_file(cfg), ck.config, cfg, &ck.warnings);
     Checkpoint ad;
     ad.config = ck.config;
     ad.adapter = a;

@@ -78,6 +78,14 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
   Inputs in = load_inputs(spec);
   print_warnings("train", in.model.warnings);
+  // LoRA dropout changes every step's gradients; until train applies it, training without it would be
+  // training another model than the adapter config describes.
+  if (in.model.adapter && in.model.adapter->lora_dropout > 0) {
+    char p[32];
+    std::snprintf(p, sizeof p, "%g", in.model.adapter->lora_dropout);
+    fail(spec.case_path ? *spec.case_path : spec.adapter.value_or(in.source),
+         std::string("lora_dropout ") + p + " is not applied by train yet: refused rather than trained without it");
+  }
   const Config& c = in.model.config;
   const Softcap sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
   check_softcap_available(c, sc, "--softcap");

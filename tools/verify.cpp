@@ -81,11 +81,12 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   std::printf("verify: %s\n", in.description.c_str());
   std::printf("  batch %lld x %lld, %lld scored targets; %s; backend %s\n", (long long)in.batch.B,
               (long long)in.batch.T, (long long)in.batch.count_targets(),
-              in.model.adapter ? ("LoRA r=" + std::to_string(in.model.adapter->r) + " on " +
-                                  std::to_string(in.model.adapter->target_modules.size()) + " projections, gradients for adapters")
-                                     .c_str()
+              in.model.adapter ? (in.model.adapter->describe(c.num_hidden_layers) + ", gradients for adapters").c_str()
                                : "gradients for every weight",
               backend == "both" ? "reference (float64) and fast (CUDA)" : backend == "fast" ? "fast (CUDA)" : "reference (float64)");
+  if (in.model.adapter && in.model.adapter->lora_dropout > 0)
+    std::printf("  lora_dropout %g is training-time noise: these gradients are computed without dropout (as in eval mode)\n",
+                in.model.adapter->lora_dropout);
   const Tolerances tol = tolerances_for(in.provenance);
   Report report;
   nlohmann::json runs = nlohmann::json::array();
