@@ -213,7 +213,8 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   c.sliding_window = W;
   s.ck.config = c;
   s.ck.weights = synthetic_weights(c, seed);
-  s.ck.adapter = synthetic_adapter_config(spec.lora_r > 0 ? spec.lora_r : 8);
+  const int64_t r = spec.lora_r.value_or(kDefaultPresetLoraR);
+  s.ck.adapter = synthetic_adapter_config(r > 0 ? r : kDefaultPresetLoraR);
   TensorMap a = synthetic_adapters(c, *s.ck.adapter, seed);
   s.ck.weights.insert(a.begin(), a.end());
   Batch batch = synthetic_batch(c, B, T, seed);

@@ -43,7 +43,8 @@ FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, 
   (void)r, (void)prefix, (void)in, (void)sc, (void)f64;
   fail("--backend", "this build has no CUDA backend");
 #else
-  if (!in.model.adapter) fail("--backend", "the fast backend trains LoRA adapters: this run has none (--lora-r 0?)");
+  if (!in.model.adapter)
+    fail("--backend", "the fast backend trains LoRA adapters: this run has none (give " + in.adapters_hint + ")");
   const int64_t N = in.batch.B * in.batch.T, V = in.model.config.vocab_size;
   const std::vector<int64_t> rows = {0, N / 2, N - 1};
 
