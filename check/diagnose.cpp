@@ -171,7 +171,8 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   c.sliding_window = W;
   s.ck.config = c;
   s.ck.weights = synthetic_weights(c, seed);
-  s.ck.adapter = synthetic_adapter_config(spec.lora_r > 0 ? spec.lora_r : 8);
+  const int64_t r = spec.lora_r.value_or(kDefaultPresetLoraR);
+  s.ck.adapter = synthetic_adapter_config(r > 0 ? r : kDefaultPresetLoraR);
   TensorMap a = synthetic_adapters(c, *s.ck.adapter, seed);
   s.ck.weights.insert(a.begin(), a.end());
   Batch batch = synthetic_batch(c, B, T, seed);
@@ -211,6 +212,7 @@ Setting case_setting(const Inputs& in, const DiagnoseOptions& d) {
   const Config& c = s.ck.config;
   const int64_t padded = (c.vocab_size / 128 + 1) * 128;
   s.pad_rows = make_tensor(DType::bf16, {padded - c.vocab_size, c.hidden_size}).t;
+  print_warnings("verify", in.model.warnings);
   s.notes.push_back(in.description);
   s.notes.push_back("LM head padded to " + std::to_string(padded) + " rows with zero rows (masked except in padded-vocab-unmasked)");
   return s;

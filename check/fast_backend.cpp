@@ -420,7 +420,8 @@ GateReference::Entry make_entry(std::string name, DType fmt, std::vector<double>
 }
 
 std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc, const ref::Output* f64) {
-  if (!in.model.adapter) fail("--backend", "the fast backend trains LoRA adapters: this run has none (--lora-r 0?)");
+  if (!in.model.adapter)
+    fail("--backend", "the fast backend trains LoRA adapters: this run has none (give " + in.adapters_hint + ")");
   auto g = std::make_shared<GateReference>();
   GateReference& G = *g;
   G.micro = micro_batches(in);

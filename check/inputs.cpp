@@ -52,13 +52,14 @@ PresetShape preset_shape(const std::string& name) {
 Inputs load_inputs(const InputSpec& s) {
   const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
   if (given != 1) fail("--model/--case/--config", "give exactly one of --model, --case, or --config with --weights");
-  if (s.lora_r < 0) fail("--lora-r", "must be 0 (train every weight) or a rank >= 1");
+  if (s.lora_r && *s.lora_r < 0) fail("--lora-r", "must be 0 (train every weight) or a rank >= 1");
   Inputs in;
   if (s.case_path) {
     const char* fixed = "does not apply to --case (the case file fixes the model and the batch)";
     if (s.layers) fail("--layers", fixed);
     if (s.seq) fail("--seq", fixed);
     if (s.batch) fail("--batch", fixed);
+    if (s.lora_r) fail("--lora-r", "conflicts with --case: the case file fixes the adapters (or their absence)");
     CaseFile cf = read_case(*s.case_path);
     in.model = std::move(cf.model);
     in.batch = std::move(cf.batch);
@@ -66,6 +67,7 @@ Inputs load_inputs(const InputSpec& s) {
     in.provenance = std::move(cf.provenance);
     in.source = *s.case_path;
     in.description = "case " + *s.case_path;
+    in.adapters_hint = "a case file with adapters (make-case --lora-r R)";
   } else if (s.model) {
     Config c = preset(*s.model);
     const PresetShape shape = preset_shape(*s.model);
@@ -74,23 +76,37 @@ Inputs load_inputs(const InputSpec& s) {
     c = with_layers(c, L);
     in.model.config = c;
     in.model.weights = synthetic_weights(c, s.seed);
-    if (s.lora_r > 0) {
-      in.model.adapter = synthetic_adapter_config(s.lora_r);
+    if (const int64_t r = s.lora_r.value_or(kDefaultPresetLoraR); r > 0) {
+      in.model.adapter = synthetic_adapter_config(r);
       TensorMap a = synthetic_adapters(c, *in.model.adapter, s.seed);
       in.model.weights.insert(a.begin(), a.end());
     }
+    in.adapters_hint = "--lora-r R";
     in.batch = batch_for(c, s, shape.batch, shape.seq);
     if (gate_preset(*s.model)) make_gate_setting(in, *s.model, s.seed);
     in.source = "preset:" + *s.model;
     in.description = *s.model + " (synthetic bf16 weights, seed " + std::to_string(s.seed) + "; " + std::to_string(L) +
                      " of " + std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) + ")";
   } else {
-    if (!s.config || !s.weights) fail("verify", "--config and --weights go together");
+    if (!s.config || !s.weights) fail("--config/--weights", "--config and --weights go together");
+    if (s.lora_r && s.adapter)
+      fail("--lora-r",
+           "conflicts with --adapter: the adapter fixes the LoRA modules and ranks (--lora-r puts synthetic "
+           "adapters on a checkpoint that has none)");
     in.model = load_hf_checkpoint(*s.config, *s.weights, s.adapter, s.layers);
+    if (s.lora_r && *s.lora_r > 0) {
+      // Synthetic adapters (seeded by --seed) on the real base weights, exactly as on a preset.
+      in.model.adapter = synthetic_adapter_config(*s.lora_r);
+      TensorMap a = synthetic_adapters(in.model.config, *in.model.adapter, s.seed);
+      in.model.weights.insert(a.begin(), a.end());
+    }
+    in.adapters_hint = "--lora-r R";
     in.batch = batch_for(in.model.config, s, 1, 32);
     validate_batch(in.model.config, in.batch, "synthetic batch");
     in.source = *s.weights;
-    in.description = "checkpoint " + *s.weights + " (" + std::to_string(in.model.config.num_hidden_layers) + " layers)";
+    in.description = "checkpoint " + *s.weights + " (" + std::to_string(in.model.config.num_hidden_layers) + " layers" +
+                     (s.lora_r && *s.lora_r > 0 ? "; synthetic LoRA adapters, seed " + std::to_string(s.seed) : "") +
+                     ")";
   }
   if (in.batch.count_targets() == 0) fail(in.source, "every label is ignored (-100): the mean loss is undefined (0/0)");
   return in;

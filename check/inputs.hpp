@@ -17,8 +17,13 @@ struct InputSpec {
   std::optional<std::string> config, weights, adapter;  // --config/--weights/--adapter
   std::optional<int64_t> layers, seq, batch;
   uint64_t seed = 0;
-  int64_t lora_r = 8;  // synthetic adapters; 0 trains every weight
+  // --lora-r: rank of synthetic adapters (seeded by `seed`) on a preset (default 8) or on a checkpoint without
+  // --adapter (default none); 0 trains every weight. With --adapter or --case it is refused: they fix the adapter.
+  std::optional<int64_t> lora_r;
 };
+
+// A preset's synthetic adapters when --lora-r is not given.
+inline constexpr int64_t kDefaultPresetLoraR = 8;
 
 struct Inputs {
   Checkpoint model;
@@ -29,6 +34,9 @@ struct Inputs {
   std::string source;                             // "preset:gemma2-27b", a case path, a checkpoint path
   int64_t micro_rows = 0;  // sequences per micro-batch of the step (0: the whole batch at once)
   std::vector<std::string> paths;  // what a gate setting exercises (check/setting.hpp), printed by verify
+  // How this kind of input gets LoRA adapters, for messages that suggest them: "--lora-r R" where that flag
+  // works, a case file with adapters otherwise.
+  std::string adapters_hint;
 };
 
 // Default depth of a synthetic run of a released preset: the true widths with few layers fit this

@@ -143,6 +143,11 @@ nlohmann::json checks_json(const Report& r) {
   return a;
 }
 
+void print_warnings(const std::string& tool, const std::vector<std::string>& warnings) {
+  for (const std::string& w : warnings) std::fprintf(stderr, "%s: warning: %s\n", tool.c_str(), w.c_str());
+  std::fflush(stderr);
+}
+
 void progress(const std::string& message) {
   static const auto t0 = std::chrono::steady_clock::now();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -44,6 +44,10 @@ void write_junit(const std::string& path, const std::string& suite, const Report
 void write_json(const std::string& path, const nlohmann::json& j);
 nlohmann::json checks_json(const Report& r);
 
+// "<tool>: warning: <line>" on stderr for each of an input's warnings (Checkpoint::warnings): a key nobody knows,
+// a key HF ignores that disagrees with one it reads. They never stop a run, and are never dropped.
+void print_warnings(const std::string& tool, const std::vector<std::string>& warnings);
+
 // "[ 12.3s] message" on stderr: progress for runs that take a while.
 void progress(const std::string& message);
 // Peak resident memory of this process in bytes.

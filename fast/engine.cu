@@ -149,7 +149,15 @@ struct Engine::Impl {
 
   void init(const Config& c, const AdapterConfig& a, const EngineOptions& o, int64_t pad_rows = 0) {
     cfg = c;
-    ad = a;
+    // The kernels take one rank and one scaling for every adapted projection, and the same projections in every
+    // layer (q|k|v, gate|up and down are fused per layer): anything else is refused, not approximated.
+    std::string why;
+    if (!a.uniform(c.num_hidden_layers, &why))
+      throw InputError(
+          "fast: the CUDA trainer needs one rank and scaling and the same adapted projections in every "
+          "layer; this adapter differs: " +
+          why);
+    ad = a.uniform_form(c.num_hidden_layers);
     opt = o;
     if (opt.offload && !opt.recompute)
       throw InputError("fast: offloading activation checkpoints needs recompute (activation checkpointing)");

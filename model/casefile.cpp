@@ -452,9 +452,10 @@ CaseFile read_case(const std::string& path) {
 
   CaseFile cf;
   if (!raw.config_json) fail(path, "missing root attribute 'config_json'");
-  cf.model.config = parse_config_json(*raw.config_json, path + ": config_json");
+  cf.model.config = parse_config_json(*raw.config_json, path + ": config_json", &cf.model.warnings);
   if (raw.adapter_json)
-    cf.model.adapter = parse_adapter_config_json(*raw.adapter_json, path + ": adapter_config_json");
+    cf.model.adapter = parse_adapter_config_json(*raw.adapter_json, cf.model.config, path + ": adapter_config_json",
+                                                 &cf.model.warnings);
   if (!raw.has_weights) fail(path, "missing group '/weights'");
   cf.model.weights = std::move(raw.weights);
 

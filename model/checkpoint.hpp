@@ -45,18 +45,56 @@ struct WeightSpec {
 // All base weights of a config in HF state-dict order (embedding, then each layer, then the final norm).
 std::vector<WeightSpec> base_weight_specs(const Config& c);
 
+// One projection's LoRA adapter as PEFT builds it: y = x W^T + scaling (x A^T) B^T, A (r, in), B (out, r).
+struct LoraModule {
+  int64_t r = 0;  // 0: this projection has no adapter
+  double lora_alpha = 0;
+  double scaling = 0;  // PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA
+  bool adapted() const { return r > 0; }
+};
+
+// A LoRA adapter in PEFT's terms. Two forms:
+//  - uniform: `target_modules` in every layer, each with rank `r` and `lora_alpha` (the synthetic adapters, and
+//    every PEFT adapter that comes out that way);
+//  - per module: `per_layer` says for each (layer, projection) whether it is adapted and with which rank and
+//    alpha, as PEFT's target_modules (list, regex, all-linear), exclude_modules, layers_to_transform,
+//    rank_pattern and alpha_pattern resolve for one config; r and lora_alpha are then PEFT's defaults only.
 struct AdapterConfig {
   int64_t r = 0;
   double lora_alpha = 0;
   std::vector<Proj> target_modules;
   bool use_rslora = false;
+  // Training-time noise on the adapter's input (PEFT's lora_dropout). Kept, not applied: gradients here are
+  // computed without dropout, as in evaluation.
+  double lora_dropout = 0;
+  std::vector<std::array<LoraModule, kNumProj>> per_layer;  // empty: uniform
 
+  // The adapter of one projection (unadapted: r == 0). A per-module adapter must have been resolved for a
+  // config of at least layer + 1 layers.
+  LoraModule module(int64_t layer, Proj p) const;
+  // Uniform form only (throws std::logic_error otherwise): whether every layer adapts p, and the scaling.
   bool targets(Proj p) const;
-  // PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA.
   double scaling() const;
+  // Whether every adapted module, in every one of `layers` layers, adapts the same projections with the same
+  // rank and scaling; `why` (when not) names the first difference. A per-module adapter that is uniform can be
+  // turned into the uniform form (uniform_form).
+  bool uniform(int64_t layers, std::string* why = nullptr) const;
+  AdapterConfig uniform_form(int64_t layers) const;
+  // "LoRA r=8 on 7 projections" or "LoRA on 182 of 294 projections, r 16, layers 16..41".
+  std::string describe(int64_t layers) const;
 };
-AdapterConfig parse_adapter_config_json(const std::string& text, const std::string& source);
+// Reads PEFT's adapter_config.json for the model `c` (the modules PEFT would adapt depend on its layers),
+// following PEFT's own rules (check_target_module_exists, get_pattern_key). Options that rewrite the base
+// weights, add parameters or change the adapter's function and are not implemented are refused (InputError
+// naming the option and value); keys nobody knows become warnings ("<source>: ...").
+AdapterConfig parse_adapter_config_json(const std::string& text, const Config& c, const std::string& source,
+                                        std::vector<std::string>* warnings);
+// PEFT's adapter_config.json; parse_adapter_config_json reads it back to the same modules (a per-module
+// adapter is written with full module names and exact-name rank and alpha patterns).
 std::string to_adapter_config_json(const AdapterConfig& a);
+// Every adapter_config.json key this project knows, classified as config_keys() are (checkpoint.cpp has the
+// table with PEFT's reasons).
+const std::vector<ConfigKey>& adapter_config_keys();
 std::vector<WeightSpec> adapter_weight_specs(const Config& c, const AdapterConfig& a);
 
 inline constexpr int64_t kIgnoreIndex = -100;
@@ -95,12 +133,16 @@ struct Checkpoint {
   Config config;
   std::optional<AdapterConfig> adapter;
   TensorMap weights;  // base weights and, when `adapter` is set, the adapter tensors
+  // What reading it noticed that does not stop a run (unknown keys, keys HF ignores): one line each,
+  // "<file>: ...", for the tools to print as warnings.
+  std::vector<std::string> warnings;
 };
 
-// Normalises names (drops PEFT's `base_model.model.` prefix), then checks that every tensor the config needs
-// is present with its exact shape and finite values, that nothing unknown is there, and that a stored
-// lm_head equals the embedding (Gemma 2 ties them). Tensors of layers beyond the config's depth are dropped
-// when `allow_deeper` (a checkpoint run with fewer layers), and rejected otherwise.
+// Normalises names as HF and PEFT load them (drops PEFT's `base_model.model.` prefix; gives a Gemma2Model
+// checkpoint's `embed_tokens...`, `layers...`, `norm...` the `model.` prefix), then checks that every tensor the
+// config needs is present with its exact shape and finite values, that nothing unknown is there, and that a
+// stored lm_head equals the embedding (Gemma 2 ties them). Tensors of layers beyond the config's depth are
+// dropped when `allow_deeper` (--layers asked for fewer layers), and rejected otherwise, naming both depths.
 void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper = false);
 
 }  // namespace gemma

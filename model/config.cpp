@@ -1,6 +1,7 @@
 #include "config.hpp"
 
 #include <cmath>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "errors.hpp"
@@ -181,7 +182,231 @@ struct Reader {
 
 }  // namespace
 
-Config parse_config_json(const std::string& text, const std::string& source) {
+namespace {
+
+// The key table. `implemented` decides, for a `math` key, whether its value is the one the reference computes.
+struct KeyRule {
+  ConfigKey key;
+  bool (*implemented)(const json& v) = nullptr;
+};
+
+bool is_null_or(const json& v, bool b) { return v.is_null() || (v.is_boolean() && v.get<bool>() == b); }
+bool null_or_false(const json& v) { return is_null_or(v, false); }
+bool null_or_true(const json& v) { return is_null_or(v, true); }
+bool null_or_zero(const json& v) { return v.is_null() || (v.is_number() && v.get<double>() == 0.0); }
+bool null_or_one(const json& v) { return v.is_null() || (v.is_number() && v.get<double>() == 1.0); }
+bool null_only(const json& v) { return v.is_null(); }
+bool null_or_empty(const json& v) { return v.is_null() || (v.is_structured() && v.empty()); }
+bool null_or_eager(const json& v) { return v.is_null() || (v.is_string() && v.get<std::string>() == "eager"); }
+bool is_gemma2(const json& v) { return v.is_string() && v.get<std::string>() == "gemma2"; }
+bool tanh_gelu(const json& v) { return v.is_null() || (v.is_string() && v.get<std::string>() == "gelu_pytorch_tanh"); }
+
+constexpr KeyKind U = KeyKind::used, H = KeyKind::harmless, M = KeyKind::math, W = KeyKind::warned;
+
+// Sources: transformers' Gemma2Config (configuration_gemma2.py, 4.42 to 5.x) and PretrainedConfig
+// (configuration_utils.py: common attributes and the generation parameters it pops), and keys found in real
+// Gemma 2 config.json files.
+const std::vector<KeyRule>& rules() {
+  static const std::vector<KeyRule> r = {
+      // Gemma2Config: read into Config.
+      {{"vocab_size", U, "vocabulary size V (embedding rows)", "16"}},
+      {{"hidden_size", U, "hidden size D", "8"}},
+      {{"intermediate_size", U, "MLP width I", "12"}},
+      {{"num_hidden_layers", U, "layers L", "3"}},
+      {{"num_attention_heads", U, "query heads H", "4"}},
+      {{"num_key_value_heads", U, "key/value heads KV", "2"}},
+      {{"head_dim", U, "head width hd", "4"}},
+      {{"query_pre_attn_scalar", U, "attention scale query_pre_attn_scalar^-0.5", "5"}},
+      {{"sliding_window", U, "window of the sliding layers", "3"}},
+      {{"layer_types", U, "sliding or full attention per layer", R"(["full_attention", "full_attention"])"}},
+      {{"attn_logit_softcapping", U, "attention logit cap (null: none)", "null"}},
+      {{"final_logit_softcapping", U, "final logit cap (null: none)", "20.0"}},
+      {{"rms_norm_eps", U, "RMSNorm epsilon", "1e-5"}},
+      {{"rope_theta", U, "RoPE base (old style; rope_parameters' rope_theta wins when both are set)", "20000.0"}},
+      {{"rope_parameters", U, "RoPE (new style): rope_type \"default\" with its rope_theta",
+        R"({"rope_type": "default", "rope_theta": 20000.0})"}},
+      {{"rope_scaling", U, "older name of rope_parameters (also spelled with \"type\"); wins over it when both are set",
+        R"({"rope_type": "default", "rope_theta": 20000.0})"}},
+      {{"max_position_embeddings", U, "longest sequence accepted", "32"}},
+      {{"pad_token_id", U, "the embedding's padding_idx (null: none)", "null"}},
+      {{"eos_token_id", U, "end-of-sequence id (the first of a list); not part of the loss", "5"}},
+      {{"bos_token_id", U, "beginning-of-sequence id; not part of the loss", "5"}},
+      // Gemma2Config: values other than the implemented one change the loss or the gradients.
+      {{"model_type", M, "gemma2 only", "\"llama\""}, is_gemma2},
+      {{"hidden_activation", M,
+        "Gemma 2's MLP applies hidden_activation; gelu_pytorch_tanh (HF's default) is implemented", "\"gelu\""},
+       tanh_gelu},
+      {{"tie_word_embeddings", M, "the LM head is the embedding (true, HF's default)", "false"}, null_or_true},
+      {{"attention_bias", M, "projections without biases (false)", "true"}, null_or_false},
+      {{"attention_dropout", M,
+        "no attention dropout (0): HF applies it whenever the model trains, so gradients with it are those of a random "
+        "mask",
+        "0.1"},
+       null_or_zero},
+      {{"use_bidirectional_attention", M, "causal attention (null or false); true removes the causal mask", "true"},
+       null_or_false},
+      {{"partial_rotary_factor", M, "RoPE on the whole head (1.0)", "0.5"}, null_or_one},
+      // Common PretrainedConfig keys that change the math.
+      {{"quantization_config", M,
+        "unquantized weights (null); quantized bases (bitsandbytes 4-bit and 8-bit, GPTQ, AWQ, ...) are not "
+        "implemented yet",
+        R"({"quant_method": "bitsandbytes", "load_in_4bit": true})"},
+       null_only},
+      {{"per_layer_config", M, "one configuration for every layer (null)", R"({"0": {"sliding_window": 2}})"},
+       null_or_empty},
+      {{"pruned_heads", M, "no pruned attention heads ({})", R"({"0": [1]})"}, null_or_empty},
+      {{"attn_implementation", M,
+        "eager attention (null or \"eager\"), the spec's; HF's sdpa path has no attention softcap for Gemma 2",
+        "\"sdpa\""},
+       null_or_eager},
+      {{"_attn_implementation", M, "eager attention (null or \"eager\"), as attn_implementation", "\"sdpa\""},
+       null_or_eager},
+      // Not read by HF's Gemma 2; a disagreement with what is read is worth a warning.
+      {{"hidden_act", W, "HF's Gemma 2 MLP reads hidden_activation; hidden_act is another model family's key",
+        "\"gelu\""}},
+      // Cannot change the loss or the gradients.
+      {{"architectures", H,
+        "names a model class; the tensors' names decide what is loaded (a Gemma2Model checkpoint loads as HF loads it)",
+        R"(["Gemma2Model"])"}},
+      {{"transformers_version", H, "provenance", "\"4.0.0\""}},
+      {{"_name_or_path", H, "provenance", "\"someone/else\""}},
+      {{"name_or_path", H, "provenance", "\"someone/else\""}},
+      {{"_commit_hash", H, "provenance", "\"0123abc\""}},
+      {{"torch_dtype", H, "the weights' storage dtype: tensors are read as stored and computed in float64",
+        "\"float16\""}},
+      {{"dtype", H, "the weights' storage dtype (transformers 5's name for torch_dtype)", "\"float16\""}},
+      {{"use_cache", H, "the key/value cache of generation", "false"}},
+      {{"cache_implementation", H, "the key/value cache of generation", "\"static\""}},
+      {{"sliding_window_size", H,
+        "written by some releases beside sliding_window; HF's Gemma 2 code reads sliding_window only", "2"}},
+      {{"initializer_range", H, "initialises new weights; every weight here is loaded or generated from a seed",
+        "0.5"}},
+      {{"output_hidden_states", H, "what the model returns, not what it computes", "true"}},
+      {{"output_attentions", H, "what the model returns, not what it computes", "true"}},
+      {{"return_dict", H, "what the model returns, not what it computes", "false"}},
+      {{"use_return_dict", H, "what the model returns, not what it computes", "false"}},
+      {{"torchscript", H, "export format", "true"}},
+      {{"use_bfloat16", H, "TensorFlow models only", "true"}},
+      {{"tf_legacy_loss", H, "TensorFlow models only", "true"}},
+      {{"chunk_size_feed_forward", H, "read by models that chunk their feed-forward; Gemma 2's code does not", "4"}},
+      {{"is_encoder_decoder", H, "encoder-decoder setting; Gemma 2's code does not read it", "true"}},
+      {{"is_decoder", H, "encoder-decoder setting; Gemma 2's code does not read it", "true"}},
+      {{"add_cross_attention", H, "encoder-decoder setting; Gemma 2's code does not read it", "true"}},
+      {{"cross_attention_hidden_size", H, "encoder-decoder setting; Gemma 2's code does not read it", "8"}},
+      {{"tie_encoder_decoder", H, "encoder-decoder setting; Gemma 2's code does not read it", "true"}},
+      {{"id2label", H, "classification heads, not the causal-LM loss", R"({"0": "A"})"}},
+      {{"label2id", H, "classification heads, not the causal-LM loss", R"({"A": 0})"}},
+      {{"num_labels", H, "classification heads, not the causal-LM loss", "3"}},
+      {{"problem_type", H, "classification heads, not the causal-LM loss", "\"regression\""}},
+      {{"finetuning_task", H, "classification heads, not the causal-LM loss", "\"sst2\""}},
+      {{"tokenizer_class", H, "tokenizer metadata", "\"GemmaTokenizer\""}},
+      {{"prefix", H, "pipeline metadata", "\"x\""}},
+      {{"task_specific_params", H, "pipeline metadata", R"({"summarization": {}})"}},
+      {{"sep_token_id", H, "a token id Gemma 2's model does not read", "5"}},
+      {{"decoder_start_token_id", H, "a token id Gemma 2's model does not read", "5"}},
+      {{"_attn_implementation_autoset", H, "records that HF picked the attention implementation itself", "true"}},
+      {{"experts_implementation", H, "Gemma 2 has no experts", "\"grouped_mm\""}},
+      {{"gradient_checkpointing", H, "recomputes activations in the backward pass: the same values", "true"}},
+      // PretrainedConfig's generation parameters: HF moves them to the generation config.
+      {{"max_length", H, "generation only", "64"}},
+      {{"min_length", H, "generation only", "4"}},
+      {{"max_new_tokens", H, "generation only", "64"}},
+      {{"min_new_tokens", H, "generation only", "4"}},
+      {{"do_sample", H, "generation only", "true"}},
+      {{"early_stopping", H, "generation only", "true"}},
+      {{"num_beams", H, "generation only", "4"}},
+      {{"num_beam_groups", H, "generation only", "2"}},
+      {{"diversity_penalty", H, "generation only", "0.5"}},
+      {{"temperature", H, "generation only", "0.7"}},
+      {{"top_k", H, "generation only", "5"}},
+      {{"top_p", H, "generation only", "0.9"}},
+      {{"typical_p", H, "generation only", "0.9"}},
+      {{"repetition_penalty", H, "generation only", "1.1"}},
+      {{"length_penalty", H, "generation only", "2.0"}},
+      {{"no_repeat_ngram_size", H, "generation only", "3"}},
+      {{"encoder_no_repeat_ngram_size", H, "generation only", "3"}},
+      {{"bad_words_ids", H, "generation only", "[[5]]"}},
+      {{"num_return_sequences", H, "generation only", "2"}},
+      {{"output_scores", H, "generation only", "true"}},
+      {{"output_logits", H, "generation only", "true"}},
+      {{"return_dict_in_generate", H, "generation only", "true"}},
+      {{"forced_bos_token_id", H, "generation only", "5"}},
+      {{"forced_eos_token_id", H, "generation only", "5"}},
+      {{"remove_invalid_values", H, "generation only", "true"}},
+      {{"exponential_decay_length_penalty", H, "generation only", "[4, 1.5]"}},
+      {{"suppress_tokens", H, "generation only", "[5]"}},
+      {{"begin_suppress_tokens", H, "generation only", "[5]"}},
+  };
+  return r;
+}
+
+const KeyRule* find_rule(const std::string& key) {
+  for (const KeyRule& r : rules())
+    if (key == r.key.key) return &r;
+  return nullptr;
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& config_keys() {
+  static const std::vector<ConfigKey> keys = [] {
+    std::vector<ConfigKey> k;
+    for (const KeyRule& r : rules()) k.push_back(r.key);
+    return k;
+  }();
+  return keys;
+}
+
+namespace {
+
+// RoPE as transformers 5 reads it (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): the rope_scaling
+// dict when it is set (non-empty), else rope_parameters, with rope_theta from the top level when the dict has
+// none; the older spelling "type" stands for "rope_type". Only default RoPE is implemented.
+void parse_rope(const Reader& r, Config& c, const std::function<void(const std::string&)>& warn) {
+  const std::string& source = r.source;
+  auto set = [](const json* v) { return v && !v->is_null() && !(v->is_object() && v->empty()); };
+  const json* scaling = r.find("rope_scaling");
+  const json* params = r.find("rope_parameters");
+  const json* top = r.find("rope_theta");
+  const json* rope = set(scaling) ? scaling : set(params) ? params : nullptr;
+  if (!rope) {
+    if (!top) fail(source, "missing key 'rope_theta' (or 'rope_parameters.rope_theta')");
+    c.rope_theta = r.number(*top, "rope_theta");
+    return;
+  }
+  const std::string name = rope == scaling ? "rope_scaling" : "rope_parameters";
+  if (!rope->is_object()) fail(source, name + " must be an object, got " + json_brief(*rope));
+  if (rope->contains("sliding_attention") || rope->contains("full_attention"))
+    fail(source, name + " gives RoPE per layer type: not implemented (Gemma 2 has one RoPE for every layer)");
+  if (rope == scaling && set(params))
+    warn("rope_scaling and rope_parameters are both set: rope_scaling is used (as transformers 5 does)");
+  const json* type = rope->contains("rope_type") ? &(*rope)["rope_type"]
+                     : rope->contains("type")    ? &(*rope)["type"]
+                                                 : nullptr;
+  if (type && !(type->is_string() && type->get<std::string>() == "default"))
+    fail(source, name + "." + (rope->contains("rope_type") ? "rope_type" : "type") + " = " + json_brief(*type) +
+                     " is not implemented (only default RoPE)");
+  if (rope->contains("partial_rotary_factor") && !null_or_one((*rope)["partial_rotary_factor"]))
+    fail(source, name + ".partial_rotary_factor = " + json_brief((*rope)["partial_rotary_factor"]) +
+                     " is not implemented (RoPE on the whole head)");
+  for (const auto& [k, v] : rope->items())
+    if (k != "rope_type" && k != "type" && k != "rope_theta" && k != "partial_rotary_factor")
+      warn(name + " key '" + k + "' is not read by default RoPE: ignored (HF warns the same)");
+  if (rope->contains("rope_theta")) {
+    c.rope_theta = r.number((*rope)["rope_theta"], name + ".rope_theta");
+    if (top && top->is_number() && top->get<double>() != c.rope_theta)
+      warn("rope_theta " + json_brief(*top) + " is not used: " + name + ".rope_theta " +
+           json_brief((*rope)["rope_theta"]) + " is (as transformers 5 reads it)");
+  } else if (top) {
+    c.rope_theta = r.number(*top, "rope_theta");
+  } else {
+    fail(source, "missing key 'rope_theta' (in " + name + " or at the top level)");
+  }
+}
+
+}  // namespace
+
+Config parse_config_json(const std::string& text, const std::string& source, std::vector<std::string>* warnings) {
   json j;
   try {
     j = json::parse(text);
@@ -191,10 +416,23 @@ Config parse_config_json(const std::string& text, const std::string& source) {
   }
   if (!j.is_object()) fail(source, "config is not a JSON object");
   Reader r{j, source};
+  auto warn = [&](const std::string& m) {
+    if (warnings) warnings->push_back(one_line(source + ": " + m));
+  };
   if (const json* mt = r.find("model_type")) {
-    if (!mt->is_string() || mt->get<std::string>() != "gemma2")
-      fail(source, "model_type is " + json_brief(*mt) + ", expected \"gemma2\"");
+    if (!is_gemma2(*mt)) fail(source, "model_type is " + json_brief(*mt) + ", expected \"gemma2\"");
   }
+  // Every key is classified before any is used: a key that changes the math is never passed over.
+  for (const auto& [key, v] : j.items()) {
+    const KeyRule* rule = find_rule(key);
+    if (!rule) {
+      warn("unknown key '" + key + "' (not a Gemma2Config key this project knows): ignored");
+      continue;
+    }
+    if (rule->key.kind == KeyKind::math && !rule->implemented(v))
+      fail(source, key + " = " + json_brief(v) + " is not implemented (implemented: " + rule->key.why + ")");
+  }
+
   Config c;
   c.vocab_size = r.integer("vocab_size");
   c.hidden_size = r.integer("hidden_size");
@@ -212,42 +450,32 @@ Config parse_config_json(const std::string& text, const std::string& source) {
   c.attn_logit_softcapping = r.nullable_number("attn_logit_softcapping");
   c.final_logit_softcapping = r.nullable_number("final_logit_softcapping");
   c.rms_norm_eps = r.number("rms_norm_eps");
+  parse_rope(r, c, warn);
 
-  // rope_theta: top level in old configs, inside rope_parameters in new ones.
-  const json* rp = r.find("rope_parameters");
-  if (rp && !rp->is_null()) {
-    if (!rp->is_object()) fail(source, "rope_parameters must be an object");
-    Reader rr{*rp, source};
-    if (const json* rt = rr.find("rope_type")) {
-      if (!rt->is_string() || rt->get<std::string>() != "default")
-        fail(source, "rope_parameters.rope_type " + json_brief(*rt) + " is not supported (only \"default\")");
-    }
-    c.rope_theta = rr.number("rope_theta");
-  } else if (r.find("rope_theta")) {
-    c.rope_theta = r.number("rope_theta");
-  } else {
-    fail(source, "missing key 'rope_theta' (or 'rope_parameters.rope_theta')");
-  }
-  if (const json* rs = r.find("rope_scaling"); rs && !rs->is_null())
-    fail(source, "rope_scaling is not supported by Gemma 2 (got " + json_brief(*rs) + ")");
-
-  // Old configs say hidden_act; new ones hidden_activation. Gemma 2 uses the tanh approximation.
-  const json* act = r.find("hidden_activation");
-  if (!act || act->is_null()) act = r.find("hidden_act");
-  if (act && !act->is_null()) {
-    if (!act->is_string()) fail(source, "hidden_activation must be a string");
+  // Gemma2MLP applies ACT2FN[config.hidden_activation], whose default is gelu_pytorch_tanh. hidden_act, which
+  // real Gemma 2 configs often carry too, is not read: a config with only hidden_act gets the default, as in HF.
+  if (const json* act = r.find("hidden_activation"); act && !act->is_null())
     c.hidden_activation = act->get<std::string>();
+  if (const json* ha = r.find("hidden_act"); ha && !ha->is_null()) {
+    if (!(ha->is_string() && ha->get<std::string>() == c.hidden_activation))
+      warn("hidden_act " + json_brief(*ha) + " is not what HF's Gemma 2 uses: its MLP applies hidden_activation (\"" +
+           c.hidden_activation + "\"" + (r.find("hidden_activation") ? "" : ", HF's default") +
+           "); hidden_act is ignored, as HF ignores it");
   }
   if (const json* m = r.find("max_position_embeddings")) c.max_position_embeddings = r.as_integer(*m, "max_position_embeddings");
-  if (const json* t = r.find("tie_word_embeddings")) {
-    if (!t->is_boolean()) fail(source, "tie_word_embeddings must be true or false");
-    if (!t->get<bool>()) fail(source, "tie_word_embeddings is false; Gemma 2's LM head is the embedding");
+  if (const json* p = r.find("pad_token_id")) {
+    if (p->is_null()) {
+      c.pad_token_id.reset();
+    } else {
+      const int64_t v = r.as_integer(*p, "pad_token_id");
+      // nn.Embedding(padding_idx=v) takes v in [-V, V) and counts a negative one from the end.
+      if (c.vocab_size > 0 && (v < -c.vocab_size || v >= c.vocab_size))
+        fail(source, "pad_token_id " + std::to_string(v) + " is outside the vocabulary [-" +
+                         std::to_string(c.vocab_size) + ", " + std::to_string(c.vocab_size) +
+                         "): torch's nn.Embedding refuses it as padding_idx");
+      c.pad_token_id = v < 0 ? c.vocab_size + v : v;
+    }
   }
-  if (const json* b = r.find("attention_bias")) {
-    if (!b->is_boolean()) fail(source, "attention_bias must be true or false");
-    if (b->get<bool>()) fail(source, "attention_bias is true; Gemma 2 has no biases");
-  }
-  c.pad_token_id = r.token_id("pad_token_id", 0);
   c.eos_token_id = r.token_id("eos_token_id", 1);
   c.bos_token_id = r.token_id("bos_token_id", 2);
 
@@ -289,7 +517,7 @@ std::string to_config_json(const Config& c) {
   j["tie_word_embeddings"] = true;
   j["attention_bias"] = false;
   j["attention_dropout"] = 0.0;
-  j["pad_token_id"] = c.pad_token_id;
+  j["pad_token_id"] = c.pad_token_id ? json(*c.pad_token_id) : json(nullptr);
   j["eos_token_id"] = c.eos_token_id;
   j["bos_token_id"] = c.bos_token_id;
   json lt = json::array();
@@ -334,6 +562,9 @@ void validate(const Config& c, const std::string& source) {
   for (auto t : c.layer_types) any_sliding |= (t == LayerType::sliding);
   if (any_sliding && !c.sliding_window) fail(source, "sliding layers need a sliding_window");
   if (c.sliding_window && *c.sliding_window < 1) fail(source, "sliding_window must be at least 1");
+  if (c.pad_token_id && (*c.pad_token_id < 0 || *c.pad_token_id >= c.vocab_size))
+    fail(source, "pad_token_id " + std::to_string(*c.pad_token_id) + " is outside the vocabulary [0, " +
+                     std::to_string(c.vocab_size) + ")");
 }
 
 }  // namespace gemma

@@ -27,7 +27,10 @@ struct Config {
   std::string hidden_activation = "gelu_pytorch_tanh";
   int64_t max_position_embeddings = 8192;
   std::vector<LayerType> layer_types;  // one per layer
-  int64_t pad_token_id = 0, eos_token_id = 1, bos_token_id = 2;
+  // HF builds the embedding as nn.Embedding(..., padding_idx=pad_token_id): that row gets no gradient from
+  // lookups. null (no value) means no padding index at all; a negative id counts from the end, as torch does.
+  std::optional<int64_t> pad_token_id = 0;
+  int64_t eos_token_id = 1, bos_token_id = 2;
 
   int64_t kv_groups() const { return num_attention_heads / num_key_value_heads; }
 };
@@ -57,8 +60,29 @@ Config preset(const std::string& name);
 // The same model with only its first n layers (layer types kept): how true widths fit a small machine.
 Config with_layers(const Config& c, int64_t n);
 
-// Parses HF config.json text, old or new key style. `source` names the file in error messages.
-Config parse_config_json(const std::string& text, const std::string& source);
+// Parses HF config.json text, old or new key style, as transformers' Gemma2Config reads it. `source` names the
+// file in error messages. Every key is classified (config_keys()): a key that would change the loss or the
+// gradients is either implemented or refused (InputError naming it and its value). What does not stop the
+// run but deserves a word (a key nobody knows, a hidden_act HF does not use) is appended to `warnings` as
+// one line "<source>: ..."; pass nullptr only where nothing could print them (fuzzers, unit tests).
+Config parse_config_json(const std::string& text, const std::string& source, std::vector<std::string>* warnings);
+// How a config.json key is treated.
+enum class KeyKind : uint8_t {
+  used,      // parsed into Config
+  harmless,  // cannot change the loss or the gradients (ConfigKey::why says why); accepted silently
+  math,      // changes the math: the implemented value is accepted, any other refused naming key and value
+  warned,    // not read by HF's Gemma 2 either, but a value that disagrees with what HF does use is a warning
+};
+struct ConfigKey {
+  const char* key;
+  KeyKind kind;
+  const char* why;      // harmless: why it cannot matter; math: what is implemented; used/warned: what it sets
+  const char* example;  // a JSON value that differs from what is implemented: the table's tests walk it
+};
+// Every config.json key this project knows: Gemma2Config's own, PretrainedConfig's common ones, and what real
+// checkpoints carry. A key outside it is one warning, never an error and never silence.
+const std::vector<ConfigKey>& config_keys();
+
 // New-style HF config.json (layer_types, rope_parameters), readable by transformers 5.
 std::string to_config_json(const Config& c);
 // Throws InputError naming `source` and the first inconsistency found.

@@ -7,13 +7,16 @@
 
 namespace gemma {
 
-inline std::string json_brief(const nlohmann::json& v) {
+// Any nlohmann JSON type: configs are read as json, adapter configs as ordered_json (PEFT's patterns are
+// matched in the order they were written).
+template <class Json>
+inline std::string json_brief(const Json& v) {
   if (v.is_structured()) {
     bool flat = v.size() <= 8;
     for (const auto& e : v) flat = flat && !e.is_structured();
     if (!flat) return v.is_array() ? "a list of " + std::to_string(v.size()) + " entries" : "an object";
   }
-  std::string s = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  std::string s = v.dump(-1, ' ', false, Json::error_handler_t::replace);
   if (s.size() > 120) s = s.substr(0, 117) + "...";
   return s;
 }

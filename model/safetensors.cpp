@@ -145,43 +145,55 @@ TensorMap read_safetensors(const std::string& path) {
   return out;
 }
 
+namespace {
+
+// model.safetensors.index.json: its weight_map names, for each tensor, the shard (beside the index) holding it.
+TensorMap read_safetensors_index(const std::string& ip) {
+  const fs::path dir = fs::path(ip).parent_path();
+  json idx;
+  try {
+    idx = json::parse(read_text_file(ip));
+  } catch (const json::exception& e) {
+    fail(ip, std::string("malformed JSON: ") + e.what());
+  }
+  if (!idx.is_object() || !idx.contains("weight_map") || !idx["weight_map"].is_object())
+    fail(ip, "missing object 'weight_map'");
+  std::map<std::string, std::set<std::string>> by_file;
+  for (auto& [name, file] : idx["weight_map"].items()) {
+    if (!file.is_string()) fail(ip, "weight_map entry for '" + name + "' is not a file name");
+    const std::string f = file.get<std::string>();
+    if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
+      fail(ip, "shard name '" + f + "' must be a plain file name in the same directory");
+    by_file[f].insert(name);
+  }
+  TensorMap all;
+  for (const auto& [f, names] : by_file) {
+    const std::string sp = (dir / f).string();
+    TensorMap shard = read_safetensors(sp);
+    for (const auto& n : names) {
+      auto it = shard.find(n);
+      if (it == shard.end()) fail(sp, "missing tensor '" + n + "' that the index places in this shard");
+      if (!all.emplace(n, it->second).second) fail(sp, "tensor '" + n + "' appears in more than one shard");
+    }
+    for (const auto& [n, t] : shard)
+      if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in " + fs::path(ip).filename().string());
+  }
+  return all;
+}
+
+}  // namespace
+
 TensorMap read_safetensors_any(const std::string& path) {
   std::error_code ec;
   if (!fs::exists(path, ec)) fail(path, "no such file or directory");
-  if (!fs::is_directory(path, ec)) return read_safetensors(path);
-  const fs::path dir(path);
-  if (fs::exists(dir / "model.safetensors.index.json", ec)) {
-    const std::string ip = (dir / "model.safetensors.index.json").string();
-    json idx;
-    try {
-      idx = json::parse(read_text_file(ip));
-    } catch (const json::exception& e) {
-      fail(ip, std::string("malformed JSON: ") + e.what());
-    }
-    if (!idx.is_object() || !idx.contains("weight_map") || !idx["weight_map"].is_object())
-      fail(ip, "missing object 'weight_map'");
-    std::map<std::string, std::set<std::string>> by_file;
-    for (auto& [name, file] : idx["weight_map"].items()) {
-      if (!file.is_string()) fail(ip, "weight_map entry for '" + name + "' is not a file name");
-      const std::string f = file.get<std::string>();
-      if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
-        fail(ip, "shard name '" + f + "' must be a plain file name in the same directory");
-      by_file[f].insert(name);
-    }
-    TensorMap all;
-    for (const auto& [f, names] : by_file) {
-      const std::string sp = (dir / f).string();
-      TensorMap shard = read_safetensors(sp);
-      for (const auto& n : names) {
-        auto it = shard.find(n);
-        if (it == shard.end()) fail(sp, "missing tensor '" + n + "' that the index places in this shard");
-        if (!all.emplace(n, it->second).second) fail(sp, "tensor '" + n + "' appears in more than one shard");
-      }
-      for (const auto& [n, t] : shard)
-        if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in model.safetensors.index.json");
-    }
-    return all;
+  if (!fs::is_directory(path, ec)) {
+    // A shard index given directly (model.safetensors.index.json): its shards sit beside it.
+    if (fs::path(path).extension() == ".json") return read_safetensors_index(path);
+    return read_safetensors(path);
   }
+  const fs::path dir(path);
+  if (fs::exists(dir / "model.safetensors.index.json", ec))
+    return read_safetensors_index((dir / "model.safetensors.index.json").string());
   if (fs::exists(dir / "model.safetensors", ec)) return read_safetensors((dir / "model.safetensors").string());
   if (fs::exists(dir / "adapter_model.safetensors", ec)) return read_safetensors((dir / "adapter_model.safetensors").string());
   fail(path, "directory has neither model.safetensors nor model.safetensors.index.json");
@@ -224,10 +236,13 @@ void write_safetensors(const std::string& path, const TensorMap& tensors) {
 Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
                               const std::optional<std::string>& adapter_path, std::optional<int64_t> layers) {
   Checkpoint ck;
-  ck.config = parse_config_json(read_text_file(config_path), config_path);
+  ck.config = parse_config_json(read_text_file(config_path), config_path, &ck.warnings);
   if (layers) ck.config = with_layers(ck.config, *layers);
   ck.weights = read_safetensors_any(weights_path);
-  validate_checkpoint(ck, weights_path, /*allow_deeper=*/true);
+  // Tensors of deeper layers are dropped only when --layers asked for fewer layers; otherwise a checkpoint
+  // deeper than its config is refused (its extra layers would silently not run).
+  const bool allow_deeper = layers.has_value();
+  validate_checkpoint(ck, weights_path, allow_deeper);
   if (adapter_path) {
     std::error_code ec;
     if (!fs::exists(*adapter_path, ec)) fail(*adapter_path, "no such adapter file or directory");
@@ -239,7 +254,7 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
       tensors = *adapter_path;
       cfg = (fs::path(*adapter_path).parent_path() / "adapter_config.json").string();
     }
-    AdapterConfig a = parse_adapter_config_json(read_text_file(cfg), cfg);
+    AdapterConfig a = parse_adapter_config_json(read_text_file(cfg), ck.config, cfg, &ck.warnings);
     Checkpoint ad;
     ad.config = ck.config;
     ad.adapter = a;
@@ -252,7 +267,8 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
     }
     // Base weights are already checked: validate the adapter tensors on their own, against base + adapter specs.
     for (const auto& [n, t] : ck.weights) ad.weights.emplace(n, t);
-    validate_checkpoint(ad, tensors, /*allow_deeper=*/true);
+    validate_checkpoint(ad, tensors, allow_deeper);
+    ad.warnings = std::move(ck.warnings);
     ck = std::move(ad);
   }
   return ck;

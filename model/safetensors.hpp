@@ -11,13 +11,16 @@ namespace gemma {
 
 // One .safetensors file (BF16, F16, F32, F64 tensors). Every structural problem is an InputError.
 TensorMap read_safetensors(const std::string& path);
-// A file, or a directory with model.safetensors or model.safetensors.index.json (+ shards).
+// A file, a shard index (model.safetensors.index.json, its shards beside it), or a directory with
+// model.safetensors or model.safetensors.index.json (+ shards).
 TensorMap read_safetensors_any(const std::string& path);
 // Writes a safetensors file atomically (temporary name, then rename).
 void write_safetensors(const std::string& path, const TensorMap& tensors);
 
 // config.json + weights (+ PEFT adapter directory or adapter_model.safetensors with adapter_config.json
-// beside it). `layers`, when set, keeps only the first layers (true widths on a small machine).
+// beside it). `layers`, when set, keeps only the first layers (true widths on a small machine); without it, a
+// checkpoint holding layers its config does not have is refused. The configs' warnings go to
+// Checkpoint::warnings.
 Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
                               const std::optional<std::string>& adapter_path, std::optional<int64_t> layers);
 

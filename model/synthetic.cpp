@@ -63,8 +63,9 @@ TensorMap synthetic_adapters(const Config& c, const AdapterConfig& a, uint64_t s
   TensorMap m;
   for (const auto& s : adapter_weight_specs(c, a)) {
     const bool is_a = s.name.find("lora_A") != std::string::npos;
-    // A: unit-scale projections of the input; B: small, so the adapter perturbs rather than replaces.
-    const double std = is_a ? 1.0 / std::sqrt(double(s.shape[1])) : 0.25 / std::sqrt(double(a.r));
+    // A: unit-scale projections of the input; B: small, so the adapter perturbs rather than replaces. Both
+    // from the module's own shape (A is [r, in], B [out, r]): a per-module rank gets its own scale.
+    const double std = is_a ? 1.0 / std::sqrt(double(s.shape[1])) : 0.25 / std::sqrt(double(s.shape[1]));
     m[s.name] = generate(s.name, s.shape, std, seed);
   }
   return m;

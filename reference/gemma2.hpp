@@ -123,10 +123,12 @@ struct Weight {
   int64_t block_rows() const { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, cols)); }
 };
 
-// A LoRA adapter on one projection: A (r, in), B (out, r); empty when the projection has none.
+// A LoRA adapter on one projection: A (r, in), B (out, r); empty when the projection has none. Each module has
+// its own rank and scaling (PEFT's rank_pattern and alpha_pattern).
 template <class Real>
 struct Lora {
   Mat<Real> A, B;
+  Real scaling = Real(0);  // lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA
   bool present() const { return A.size() > 0; }
 };
 
@@ -152,7 +154,6 @@ struct Model {
   // LM-head rows beyond the vocabulary (a padded head, e.g. the 256128 rows of the original JAX checkpoints,
   // or a kernel's multiple of 128). No token maps to them; their logits are masked out of the softmax.
   Weight<Real> embed_pad;  // (P, D), P = 0 when the head is not padded
-  Real lora_scaling = Real(0);
   bool train_all = false;  // gradients for every weight (no adapters) or for the adapters only
   bool train_norms = false;  // with adapters: the RMSNorm weights train too (cheap at any width)
   TensorMap owned;         // tensors made here (rounded by the `weights` cast, padding rows), kept alive
@@ -729,24 +730,28 @@ Real activation_grad(const Real& x, const Semantics& sem) {
 }
 
 template <class Real>
-void layer_forward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx<Real>& ctx,
+void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
                    Mat<Real>& x,  // (N, D) residual stream, updated in place
                    LayerCache<Real>& c) {
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
+  // Each projection with its own adapter, scaled by that module's own scaling.
+  const auto project = [&](Proj q, const Mat<Real>& in, Mat<Real>& out) {
+    projection_forward(in, L.proj[P(q)], L.lora[P(q)], L.lora[P(q)].scaling, p, out, c.xa[P(q)]);
+  };
   c.x = x;
   rmsnorm_forward(x, L.norm[size_t(Norm::input_layernorm)], ctx, c.xn1, c.rstd1);
   cast(p, Cast::matmul_in, c.xn1);
-  projection_forward(c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, p, c.q, c.xa[P(Proj::q_proj)]);
-  projection_forward(c.xn1, L.proj[P(Proj::k_proj)], L.lora[P(Proj::k_proj)], s, p, c.k, c.xa[P(Proj::k_proj)]);
-  projection_forward(c.xn1, L.proj[P(Proj::v_proj)], L.lora[P(Proj::v_proj)], s, p, c.v, c.xa[P(Proj::v_proj)]);
+  project(Proj::q_proj, c.xn1, c.q);
+  project(Proj::k_proj, c.xn1, c.k);
+  project(Proj::v_proj, c.xn1, c.v);
   rope_apply(c.q, ctx.cfg.num_attention_heads, ctx, false);
   rope_apply(c.k, ctx.cfg.num_key_value_heads, ctx, false);
   cast(p, Cast::rope_out, c.q);
   cast(p, Cast::rope_out, c.k);
   attention_forward(c.q, c.k, c.v, layer, ctx, c.att, c.attn);
   cast(p, Cast::matmul_in, c.att);
-  projection_forward(c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, p, c.o, c.xa[P(Proj::o_proj)]);
+  project(Proj::o_proj, c.att, c.o);
   Mat<Real> h;
   rmsnorm_forward(c.o, L.norm[size_t(Norm::post_attention_layernorm)], ctx, h, c.rstd2);
   x += h;
@@ -755,8 +760,8 @@ void layer_forward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx
 
   rmsnorm_forward(x, L.norm[size_t(Norm::pre_feedforward_layernorm)], ctx, c.xn2, c.rstd3);
   cast(p, Cast::matmul_in, c.xn2);
-  projection_forward(c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, p, c.gate, c.xa[P(Proj::gate_proj)]);
-  projection_forward(c.xn2, L.proj[P(Proj::up_proj)], L.lora[P(Proj::up_proj)], s, p, c.up, c.xa[P(Proj::up_proj)]);
+  project(Proj::gate_proj, c.xn2, c.gate);
+  project(Proj::up_proj, c.xn2, c.up);
   c.act.resize(c.gate.rows(), c.gate.cols());
   const int64_t n = c.gate.size();
 #pragma omp parallel for schedule(static)
@@ -765,14 +770,14 @@ void layer_forward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx
     c.act.data()[i] = cast(p, Cast::geglu, a * c.up.data()[i]);
   }
   cast(p, Cast::matmul_in, c.act);
-  projection_forward(c.act, L.proj[P(Proj::down_proj)], L.lora[P(Proj::down_proj)], s, p, c.down, c.xa[P(Proj::down_proj)]);
+  project(Proj::down_proj, c.act, c.down);
   rmsnorm_forward(c.down, L.norm[size_t(Norm::post_feedforward_layernorm)], ctx, h, c.rstd4);
   x += h;
   cast(p, Cast::residual, x);
 }
 
 template <class Real>
-void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ctx<Real>& ctx, const LayerCache<Real>& c,
+void layer_backward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx, const LayerCache<Real>& c,
                     Mat<Real>& dx,  // (N, D) gradient of the layer output in, of the layer input out
                     LayerGrads<Real>* g, bool train_all, bool train_norms, LayerTrace<Real>* trace = nullptr) {
   const Policy& p = ctx.policy;
@@ -780,14 +785,17 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
   auto dW = [&](Proj q) { return (g && train_all) ? &g->proj[P(q)] : nullptr; };
   auto dN = [&](Norm n) { return (g && train_norms) ? &g->norm[size_t(n)] : nullptr; };
   auto dA = [&](Proj q) { return (g && L.lora[P(q)].present()) ? &g->lora[P(q)] : nullptr; };
+  // Each projection's backward with its own adapter and that module's own scaling.
+  const auto project_back = [&](Proj q, const Mat<Real>& dy, const Mat<Real>& in, Mat<Real>& din) {
+    projection_backward(dy, in, L.proj[P(q)], L.lora[P(q)], L.lora[P(q)].scaling, p, c.xa[P(q)], din, dW(q), dA(q));
+  };
 
   // x_out = x_mid + post_feedforward_layernorm(down)
   Mat<Real> ddown;
   rmsnorm_backward(dx, c.down, c.rstd4, L.norm[size_t(Norm::post_feedforward_layernorm)], ctx, ddown,
                    dN(Norm::post_feedforward_layernorm));
   Mat<Real> dact = Mat<Real>::Zero(c.act.rows(), c.act.cols());
-  projection_backward(ddown, c.act, L.proj[P(Proj::down_proj)], L.lora[P(Proj::down_proj)], s, p, c.xa[P(Proj::down_proj)],
-                      dact, dW(Proj::down_proj), dA(Proj::down_proj));
+  project_back(Proj::down_proj, ddown, c.act, dact);
   cast(p, Cast::grad_act, dact);
   Mat<Real> dgate(c.gate.rows(), c.gate.cols()), dup(c.up.rows(), c.up.cols());
   const int64_t n = c.gate.size();
@@ -804,10 +812,8 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
     trace->d_up = dup;
   }
   Mat<Real> dxn2 = Mat<Real>::Zero(c.xn2.rows(), c.xn2.cols());
-  projection_backward(dgate, c.xn2, L.proj[P(Proj::gate_proj)], L.lora[P(Proj::gate_proj)], s, p, c.xa[P(Proj::gate_proj)],
-                      dxn2, dW(Proj::gate_proj), dA(Proj::gate_proj));
-  projection_backward(dup, c.xn2, L.proj[P(Proj::up_proj)], L.lora[P(Proj::up_proj)], s, p, c.xa[P(Proj::up_proj)], dxn2,
-                      dW(Proj::up_proj), dA(Proj::up_proj));
+  project_back(Proj::gate_proj, dgate, c.xn2, dxn2);
+  project_back(Proj::up_proj, dup, c.xn2, dxn2);
   cast(p, Cast::grad_act, dxn2);
   Mat<Real> dtmp;
   rmsnorm_backward(dxn2, c.x_mid, c.rstd3, L.norm[size_t(Norm::pre_feedforward_layernorm)], ctx, dtmp,
@@ -821,8 +827,7 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
                    dN(Norm::post_attention_layernorm));
   if (trace) trace->d_o = d_o;
   Mat<Real> datt = Mat<Real>::Zero(c.att.rows(), c.att.cols());
-  projection_backward(d_o, c.att, L.proj[P(Proj::o_proj)], L.lora[P(Proj::o_proj)], s, p, c.xa[P(Proj::o_proj)], datt,
-                      dW(Proj::o_proj), dA(Proj::o_proj));
+  project_back(Proj::o_proj, d_o, c.att, datt);
   cast(p, Cast::grad_act, datt);
   if (trace) trace->d_att = datt;
   Mat<Real> dq, dk, dv;
@@ -838,12 +843,9 @@ void layer_backward(const Layer<Real>& L, const Real& s, int64_t layer, const Ct
     trace->dv = dv;
   }
   Mat<Real> dxn1 = Mat<Real>::Zero(c.xn1.rows(), c.xn1.cols());
-  projection_backward(dq, c.xn1, L.proj[P(Proj::q_proj)], L.lora[P(Proj::q_proj)], s, p, c.xa[P(Proj::q_proj)], dxn1,
-                      dW(Proj::q_proj), dA(Proj::q_proj));
-  projection_backward(dk, c.xn1, L.proj[P(Proj::k_proj)], L.lora[P(Proj::k_proj)], s, p, c.xa[P(Proj::k_proj)], dxn1,
-                      dW(Proj::k_proj), dA(Proj::k_proj));
-  projection_backward(dv, c.xn1, L.proj[P(Proj::v_proj)], L.lora[P(Proj::v_proj)], s, p, c.xa[P(Proj::v_proj)], dxn1,
-                      dW(Proj::v_proj), dA(Proj::v_proj));
+  project_back(Proj::q_proj, dq, c.xn1, dxn1);
+  project_back(Proj::k_proj, dk, c.xn1, dxn1);
+  project_back(Proj::v_proj, dv, c.xn1, dxn1);
   cast(p, Cast::grad_act, dxn1);
   rmsnorm_backward(dxn1, c.x, c.rstd1, L.norm[size_t(Norm::input_layernorm)], ctx, dtmp, dN(Norm::input_layernorm));
   dx += dtmp;
@@ -999,7 +1001,7 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
 
   std::vector<LayerCache<Real>> caches(size_t(cfg.num_hidden_layers));
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
-    layer_forward(m.layers[size_t(l)], m.lora_scaling, l, ctx, x, caches[size_t(l)]);
+    layer_forward(m.layers[size_t(l)], l, ctx, x, caches[size_t(l)]);
     if (trace) trace->layers[size_t(l)].x_out = x;
   }
   Result<Real> r;
@@ -1024,7 +1026,7 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   for (int64_t l = cfg.num_hidden_layers - 1; l >= 0; --l) {
     LayerTrace<Real>* lt = trace ? &trace->layers[size_t(l)] : nullptr;
     if (lt) lt->dy = dx;
-    layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, caches[size_t(l)], dx, &g->layers[size_t(l)], m.train_all,
+    layer_backward(m.layers[size_t(l)], l, ctx, caches[size_t(l)], dx, &g->layers[size_t(l)], m.train_all,
                    m.train_all || m.train_norms, lt);
     if (lt) {
       lt->dx = dx;
@@ -1033,11 +1035,12 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
   }
 
   // HF builds the embedding as nn.Embedding(..., padding_idx=pad_token_id): the pad row gets no gradient
-  // from lookups (its LM-head gradient above still counts, since the head is the same tensor).
+  // from lookups (its LM-head gradient above still counts, since the head is the same tensor). A config with
+  // pad_token_id null has no padding index: every row gets its lookups.
   if (m.train_all)
     for (int64_t n = 0; n < N; ++n) {
       const int64_t id = batch.id(n / batch.T, n % batch.T);
-      if (id != cfg.pad_token_id) g->embed_tokens.row(id) += dx.row(n) * normalizer;
+      if (!cfg.pad_token_id || id != *cfg.pad_token_id) g->embed_tokens.row(id) += dx.row(n) * normalizer;
     }
   return r;
 }
@@ -1051,11 +1054,11 @@ LayerTrace<Real> probe_layer(const Model<Real>& m, const Batch& batch, const Run
   const Ctx<Real> ctx = run_ctx<Real>(m.config, opt, batch);
   LayerTrace<Real> t;
   Mat<Real> xx = x;
-  layer_forward(m.layers[size_t(l)], m.lora_scaling, l, ctx, xx, t.cache);
+  layer_forward(m.layers[size_t(l)], l, ctx, xx, t.cache);
   t.x_out = xx;
   t.dy = dy;
   Mat<Real> d = dy;
-  layer_backward(m.layers[size_t(l)], m.lora_scaling, l, ctx, t.cache, d, g, m.train_all, m.train_all || m.train_norms, &t);
+  layer_backward(m.layers[size_t(l)], l, ctx, t.cache, d, g, m.train_all, m.train_all || m.train_norms, &t);
   t.dx = d;
   return t;
 }
@@ -1122,7 +1125,6 @@ Model<Real> make_model(const Checkpoint& ck, const Policy& policy) {
   Model<Real> m;
   m.config = c;
   m.train_all = !ck.adapter.has_value();
-  if (ck.adapter) m.lora_scaling = Real(ck.adapter->scaling());
 
   auto tensor = [&](const std::string& name) -> const Tensor& {
     auto it = ck.weights.find(name);
@@ -1169,9 +1171,10 @@ Model<Real> make_model(const Checkpoint& ck, const Policy& policy) {
     Layer<Real>& L = m.layers[size_t(l)];
     for (Proj p : kAllProj) {
       matrix(proj_weight_name(l, p), L.proj[size_t(p)]);
-      if (ck.adapter && ck.adapter->targets(p)) {
+      if (const LoraModule lm = ck.adapter ? ck.adapter->module(l, p) : LoraModule{}; lm.adapted()) {
         adapter(lora_weight_name(l, p, 'A'), L.lora[size_t(p)].A);
         adapter(lora_weight_name(l, p, 'B'), L.lora[size_t(p)].B);
+        L.lora[size_t(p)].scaling = Real(lm.scaling);  // this module's own rank and alpha
       }
     }
     for (Norm n : kAllNorms) vector(norm_weight_name(l, n), L.norm[size_t(n)]);

@@ -41,9 +41,10 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   for_each_trainable(m, dir, [&](const std::string& name, const Shape&, const double* p, double* u, int64_t n) {
     std::vector<double> g = grads.at(name).to_double();
     // The pad row's gradient omits its lookups by HF's rule (padding_idx), so it is not the loss's
-    // derivative: the direction leaves that row alone.
-    if (name == kEmbedName) {
-      const int64_t D = m.config.hidden_size, pad = m.config.pad_token_id;
+    // derivative: the direction leaves that row alone. Without a padding index (pad_token_id null) every row's
+    // gradient is the derivative, and every row is checked.
+    if (name == kEmbedName && m.config.pad_token_id) {
+      const int64_t D = m.config.hidden_size, pad = *m.config.pad_token_id;
       if (pad >= 0 && pad < m.config.vocab_size) std::fill(g.begin() + pad * D, g.begin() + (pad + 1) * D, 0.0);
     }
     double norm = 0;

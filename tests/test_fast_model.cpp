@@ -330,3 +330,32 @@ TEST_F(FastModel, TheGatePassesTheTrainerOnItsSettings) {
     }
   }
 }
+
+// The CUDA trainer takes one rank and scaling on the same projections of every layer. A PEFT adapter with
+// per-module ranks or layers without adapters is refused naming the difference, before the device is touched
+// (so this runs without one), rather than computed as something else.
+TEST(FastRefusal, AdaptersTheKernelsDoNotSupportAreRefused) {
+  const Config c = preset("gemma2-tiny");
+  auto refused = [&](const std::string& adapter_json, const std::string& needle) {
+    Checkpoint ck;
+    ck.config = c;
+    ck.weights = synthetic_weights(c, 1);
+    ck.adapter = parse_adapter_config_json(adapter_json, c, "adapter_config.json", nullptr);
+    ASSERT_FALSE(ck.adapter->per_layer.empty());
+    TensorMap a = synthetic_adapters(c, *ck.adapter, 1);
+    ck.weights.insert(a.begin(), a.end());
+    try {
+      fast::run(ck, synthetic_batch(c, 1, 8, 1), fast::Options{});
+      ADD_FAILURE() << "not refused: " << adapter_json;
+    } catch (const InputError& e) {
+      const std::string m = e.what();
+      std::printf("  InputError: %s\n", m.c_str());
+      EXPECT_EQ(m.rfind("fast: ", 0), 0u) << m;
+      EXPECT_NE(m.find(needle), std::string::npos) << m;
+    }
+  };
+  refused(R"({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]})",
+          "model.layers.1.self_attn.q_proj is adapted but model.layers.0.self_attn.q_proj is not");
+  refused(R"({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2}})",
+          "per-module rank or alpha");
+}

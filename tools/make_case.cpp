@@ -63,8 +63,9 @@ int main(int argc, char** argv) {
       cf.model.weights.insert(t.begin(), t.end());
     }
     cf.batch = synthetic_batch(c, B, T, seed);
+    if (pad_token_uses && !c.pad_token_id) fail("--pad-token-uses", "the config has no pad token (pad_token_id null)");
     for (int64_t i = 0; pad_token_uses && i < *pad_token_uses && i < B * T; ++i)
-      cf.batch.input_ids[size_t((i * 7 + 3) % (B * T))] = c.pad_token_id;
+      cf.batch.input_ids[size_t((i * 7 + 3) % (B * T))] = *c.pad_token_id;
     validate_batch(c, cf.batch, out);
     write_case(out, cf);
     std::printf("%s: %s, %lld x %lld, %s\n", out.c_str(), model.c_str(), (long long)B, (long long)T,

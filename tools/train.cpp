@@ -41,7 +41,8 @@ void check_finite(int64_t step, size_t micro, const std::string& what, double v)
 // The same steps on the CUDA trainer: its loss per step, device time, peak device memory.
 int train_fast(const Inputs& in, Softcap sc, const TrainOptions& o, bool synthetic_data, uint64_t seed) {
 #ifdef GEMMA_HAVE_FAST
-  if (!in.model.adapter) fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (--lora-r >= 1)");
+  if (!in.model.adapter)
+    fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (" + in.adapters_hint + ")");
   const Config& c = in.model.config;
   fast::Trainer trainer(in.model, o.adamw, sc);
   std::printf("train (fast, CUDA): %s; softcap %s; %lld steps of %lld x %lld tokens in %lld micro-batches; AdamW lr %g wd %g\n",
@@ -77,6 +78,15 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
   if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
   Inputs in = load_inputs(spec);
+  print_warnings("train", in.model.warnings);
+  // LoRA dropout changes every step's gradients; until train applies it, training without it would be
+  // training another model than the adapter config describes.
+  if (in.model.adapter && in.model.adapter->lora_dropout > 0) {
+    char p[32];
+    std::snprintf(p, sizeof p, "%g", in.model.adapter->lora_dropout);
+    fail(spec.case_path ? *spec.case_path : spec.adapter.value_or(in.source),
+         std::string("lora_dropout ") + p + " is not applied by train yet: refused rather than trained without it");
+  }
   const Config& c = in.model.config;
   const Softcap sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
   check_softcap_available(c, sc, "--softcap");
@@ -145,7 +155,9 @@ int main(int argc, char** argv) {
   app.add_option("--seq", spec.seq, "sequence length of synthetic batches");
   app.add_option("--batch", spec.batch, "sequences per step of synthetic batches");
   app.add_option("--seed", seed, "seed of synthetic weights and batches")->check(kNonNegativeSeed);
-  app.add_option("--lora-r", spec.lora_r, "rank of synthetic LoRA adapters; 0 trains every weight");
+  app.add_option("--lora-r", spec.lora_r,
+                 "rank of synthetic LoRA adapters, on a preset (default 8) or a checkpoint without --adapter (default "
+                 "none); 0 trains every weight");
   app.add_option("--steps", o.steps, "optimizer steps");
   app.add_option("--micro-batches", o.micro_batches, "micro-batches per step (gradient accumulation)");
   app.add_option("--lr", o.adamw.lr, "AdamW learning rate");

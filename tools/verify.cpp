@@ -59,6 +59,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   }
 
   Inputs in = load_inputs(spec);
+  print_warnings("verify", in.model.warnings);
   std::vector<Softcap> combos;
   if (softcap_flag && *softcap_flag == "all") {
     combos = all_softcaps();
@@ -75,7 +76,8 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   for (const auto& [n, t] : in.model.weights) params += t.numel();
   if (!in.model.adapter && params > (int64_t(1) << 28))
     fail(in.source, "full-weight gradients of " + std::to_string(params) +
-                        " parameters do not fit in memory as float64; use LoRA adapters (--lora-r) or fewer layers");
+                        " parameters do not fit in memory as float64; use LoRA adapters (" + in.adapters_hint +
+                        ") or fewer layers");
 
   Report report;
   nlohmann::json runs = nlohmann::json::array();
@@ -86,11 +88,15 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   std::printf("verify: %s\n", in.description.c_str());
   std::printf("  batch %lld x %lld, %lld scored targets; %s; backend %s\n", (long long)in.batch.B,
               (long long)in.batch.T, (long long)in.batch.count_targets(),
-              in.model.adapter ? ("LoRA r=" + std::to_string(in.model.adapter->r) + " on " +
-                                  std::to_string(in.model.adapter->target_modules.size()) + " projections, gradients for adapters")
-                                     .c_str()
+              in.model.adapter ? (in.model.adapter->describe(c.num_hidden_layers) + ", gradients for adapters").c_str()
                                : "gradients for every weight",
-              backend == "both" ? "reference (float64) and fast (CUDA)" : backend == "fast" ? "fast (CUDA)" : "reference (float64)");
+              backend == "both"   ? "reference (float64) and fast (CUDA)"
+              : backend == "fast" ? "fast (CUDA)"
+                                  : "reference (float64)");
+  if (in.model.adapter && in.model.adapter->lora_dropout > 0)
+    std::printf(
+        "  lora_dropout %g is training-time noise: these gradients are computed without dropout (as in eval mode)\n",
+        in.model.adapter->lora_dropout);
   for (const std::string& p : in.paths) std::printf("  path: %s\n", p.c_str());
   const Tolerances tol = tolerances_for(in.provenance);
   for (Softcap sc : combos) {
@@ -226,7 +232,9 @@ int main(int argc, char** argv) {
   app.add_option("--seq", spec.seq, "sequence length T of a synthetic batch");
   app.add_option("--batch", spec.batch, "sequences B of a synthetic batch");
   app.add_option("--seed", seed, "seed of synthetic weights and batch")->check(kNonNegativeSeed);
-  app.add_option("--lora-r", spec.lora_r, "rank of synthetic LoRA adapters on all seven projections; 0 trains every weight");
+  app.add_option("--lora-r", spec.lora_r,
+                 "rank of synthetic LoRA adapters on all seven projections, on a preset (default 8) or a checkpoint "
+                 "without --adapter (default none); 0 trains every weight");
   app.add_option("--json", json_path, "write the results as JSON (- for stdout)");
   app.add_option("--junit", junit_path, "write JUnit XML, one testcase per check");
   app.add_option("--dump-grads", dump_path, "write /grads/<name> (float64) of the reference backend to an HDF5 file");

@@ -63,6 +63,19 @@ int main(int argc, char** argv) {
   text(dir / "config" / "adapter-peft.json", kPeft);
   text(dir / "config" / "adapter-tiny.json", to_adapter_config_json(test::tiny_adapter()));
   text(dir / "config" / "adapter-all-linear.json", R"({"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "use_rslora": true})");
+  // PEFT's per-module forms (resolved against the tiny model by the harness).
+  text(dir / "config" / "adapter-regex.json", R"J({"r": 4, "lora_alpha": 8, "target_modules": ".*\\.(q_proj|v_proj)"})J");
+  text(dir / "config" / "adapter-layers.json",
+       R"({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1],
+           "layers_pattern": "layers", "exclude_modules": ["model.layers.1.mlp.down_proj"]})");
+  text(dir / "config" / "adapter-patterns.json",
+       R"({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 2},
+           "alpha_pattern": {"layers\\.1\\.self_attn\\.v_proj": 3}})");
+  text(dir / "config" / "rope-scaling.json",
+       R"({"vocab_size": 8, "hidden_size": 4, "intermediate_size": 6, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 2, "query_pre_attn_scalar": 3, "sliding_window": 2,
+           "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6,
+           "rope_scaling": {"type": "default", "rope_theta": 10000.0}, "pad_token_id": null})");
 
   const CaseFile plain = test::tiny_case(false), lora = test::tiny_case(true);
   write_safetensors((dir / "safetensors" / "tiny-bf16.safetensors").string(), plain.model.weights);
