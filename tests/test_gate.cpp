@@ -3,6 +3,7 @@
 // (README.md there says what each one is).
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <optional>
 
 #include "check/compare.hpp"
@@ -159,3 +160,36 @@ INSTANTIATE_TEST_SUITE_P(
         if (c == '-') c = '_';
       return s;
     });
+
+// ------------------------------------------------------------------------------------------------------------
+// Reported inputs of issue 13 that live in the reference's semantics (the rest are in tests/test_inputs.cpp).
+
+// One row of two packed documents (position_ids 0..5, 0..7): each document attends only within itself and gets
+// its own positions. HF transformers 5.17, float64 eager with its float32 islands patched and use_cache=False (so
+// that it looks for packed rows) gives 20.507070966033549 (goldens/hf/packed_reported.h5 holds its numbers); the
+// documents attending to each other gave 20.535600968643962 (the packing ignored) and 20.495021820 (positions
+// restarting but no document mask: HF with its default use_cache=True).
+TEST(Reported, PackedRowKeepsItsDocumentsApart) {
+  const CaseFile cf = read_case(kReported + "/packed_position_ids.h5");
+  ASSERT_TRUE(cf.batch.packed());
+  ref::RunOptions o;
+  o.softcap = {true, true};
+  const double loss = ref::run(cf.model, cf.batch, o).loss;
+  EXPECT_NEAR(loss, 20.507070966033549, 20.5 * 1e-13) << "float64 against HF float64: rounding only";
+  EXPECT_GT(std::fabs(loss - 20.535600968643962), 1e-3);
+  EXPECT_GT(std::fabs(loss - 20.495021820), 1e-3);
+}
+
+// query_pre_attn_scalar = head_dim = hidden_size / num_attention_heads: the qpas-head-dim bug's wrong value comes
+// from the config, and here it is the right one, so diagnose says n/a instead of measuring a constant 224.
+TEST(Reported, QpasBugIsNotApplicableWhereEveryCandidateIsTheRightValue) {
+  TempDir d;
+  const ToolRun r = run_tool(kVerify, {"diagnose", "--case", kReported + "/qpas_all_equal_tiny.h5", "--variants",
+                                       "qpas-head-dim", "--json", d / "t.json"}, d);
+  ASSERT_TRUE(r.exited);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(slurp(d / "t.json"));
+  ASSERT_EQ(j["variants"].size(), 1u);
+  EXPECT_TRUE(j["variants"][0].contains("not_applicable")) << j["variants"][0].dump();
+  EXPECT_FALSE(j["variants"][0]["detectable"].get<bool>());
+}
