@@ -1,4 +1,4 @@
-// verify diagnose: the bug-impact table. Runs every known variant and bug of shared/spec/gemma2.md against
+// verify diagnose: the bug-impact table. Runs every known variant and bug of docs/model.md against
 // the correct bf16 policy and float64 on the same weights and batch, and says which stand above bf16 noise.
 #pragma once
 #include <optional>

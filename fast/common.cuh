@@ -45,7 +45,7 @@ __device__ __forceinline__ void split3(float x, bf16& h1, bf16& h2, bf16& h3) {
 }
 
 // d softcap / dx = sech^2(x / c) as 4e / (1 + e)^2, e = exp(-2|x|/c): 1 - tanh^2 would cancel to zero in the tail
-// (shared/spec/numerics.md).
+// (docs/model.md).
 __device__ __forceinline__ float softcap_grad(float x, float c) {
   const float e = expf(-2.0f * (fabsf(x) / c));
   const float one_e = 1.0f + e;

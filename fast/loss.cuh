@@ -4,7 +4,7 @@
 // lse - z_y (fp32: the true-class term never goes through bf16) and d/dlogits
 // = grad_scale (softmax(z) - onehot(y)) sech^2(l / c), rounded to bf16, then dxf = dlogits E (bf16 out).
 // The vocabulary is padded to a multiple of 128 rows of E (nonzero rows no token maps to): padded columns are
-// excluded from the softmax and get a zero gradient, they are not treated as logits of 0 (shared/spec/gemma2.md).
+// excluded from the softmax and get a zero gradient, they are not treated as logits of 0 (docs/model.md).
 // Label -100: loss 0 and a zero gradient row. grad_scale is 1 / (scored targets over all micro-batches of the
 // step). Cast points: logits f32, logits_capped f32, loss f64 (row losses are summed in double on the host),
 // grad_act bf16 for dlogits and dxf.

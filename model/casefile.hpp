@@ -1,5 +1,5 @@
 // Case files (HDF5): one model, one batch and optionally the expected results, in the layout of
-// shared/spec/contract.md. Other programs (h5py, HDFView, the HF cross-check) read and write them.
+// docs/formats.md. Other programs (h5py, HDFView, the HF cross-check) read and write them.
 #pragma once
 #include <map>
 #include <optional>

@@ -91,7 +91,7 @@ inline uint16_t float_to_f16(float f) {
 }
 
 // Exact rounding of a float64 value to a storage format, returned as float64. bf16 and f16 round the
-// fp32 value (what a kernel holds in registers), as numerics.md prescribes.
+// fp32 value (what a kernel holds in registers), as docs/model.md prescribes.
 inline double round_to(DType d, double x) {
   switch (d) {
     case DType::f64: return x;

@@ -3,7 +3,7 @@
 // for the oracle. Every layer is a pair of free functions, layer_forward / layer_backward; gradients are
 // named d + the name of what they are the gradient of.
 //
-// Axis names (shared/spec/gemma2.md):
+// Axis names (docs/model.md):
 //   B batch, T sequence, N = B*T rows, D hidden, H query heads, KV key/value heads, hd head_dim,
 //   I intermediate, V vocabulary, r LoRA rank. Activations are row-major (N, features).
 //
@@ -868,7 +868,7 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
   const Policy& p = ctx.policy;
   const int64_t N = logits.rows(), V = logits.cols(), P = pad.cols();
   // Padded columns are excluded from the softmax (their probability is exactly 0), not set to 0: a capped
-  // logit of 0 would still take probability mass (gemma2.md, vocabulary padding).
+  // logit of 0 would still take probability mass (docs/model.md, vocabulary padding).
   const bool pad_in_softmax = ctx.sem.padded_vocab_unmasked && P > 0;
   if (capped) capped->resize(N, V);
   std::vector<Real> row_loss(size_t(N), Real(0));
@@ -1076,7 +1076,7 @@ Trace<Real> probe_head(const Model<Real>& m, const Batch& batch, const RunOption
 }
 
 // Mean loss and its gradients over one step made of micro-batches: every micro-batch's gradient is scaled
-// by 1 / (targets in the whole step), the correct normalisation (gemma2.md). With `results`, each micro-batch's
+// by 1 / (targets in the whole step), the correct normalisation (docs/model.md). With `results`, each micro-batch's
 // Result (its logits and gate statistics, as RunOptions asks) is appended to it.
 template <class Real>
 Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, const RunOptions& opt, Grads<Real>& g,

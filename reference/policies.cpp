@@ -7,7 +7,7 @@ namespace gemma::ref {
 
 Policy policy_f64() { return Policy{}; }
 
-// HF transformers 5 eager attention with the model cast to bf16, PEFT LoRA on top (shared/spec/peers.md):
+// HF transformers 5 eager attention with the model cast to bf16, PEFT LoRA on top (docs/benchmarks.md):
 // every module output is a bf16 tensor; RMSNorm computes in fp32 (x.float(), (1 + w.float())) and casts
 // once at the end; RoPE's inverse frequencies and angles are fp32 and cos/sin are cast to bf16 before the
 // rotation; the attention softmax runs in fp32 and is cast back to bf16; the final softcap runs in bf16 ops

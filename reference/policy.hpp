@@ -1,6 +1,6 @@
 // How a run's numerics differ from exact float64 HF semantics: a precision policy (the cast points where a
 // low-precision trainer rounds a value to its storage format) and semantic switches (the known variants and
-// bugs of shared/spec/gemma2.md). The reference always computes in its scalar type; a cast rounds exactly
+// bugs of docs/model.md). The reference always computes in its scalar type; a cast rounds exactly
 // (dtype.hpp) and the arithmetic carries on in float64, so the reference reproduces a trainer's rounding
 // decisions without its accumulation order.
 #pragma once

@@ -26,7 +26,7 @@ inline T softcap(const T& x, const T& c) {
 }
 
 // d softcap / dx = sech^2(x / c). Written as 4e / (1 + e)^2 with e = exp(-2|x|/c): the naive 1 - tanh^2
-// cancels to zero for |x|/c beyond ~19 while the true value is still ~1e-16 (numerics.md). The quotient's
+// cancels to zero for |x|/c beyond ~19 while the true value is still ~1e-16 (docs/model.md). The quotient's
 // own rounding error would be amplified by 2|x|/c through exp, so its residual is folded back in first
 // order: exp(-2(a + da)) = exp(-2a)(1 - 2 da), with |da| < 1 ulp of a, so the dropped term is < 1e-31.
 template <class T>

@@ -472,7 +472,7 @@ TEST(BadCaseFile, InputIdBeyondVocabulary) {
 }
 
 // A label one past the vocabulary points into a padded LM head (e.g. JAX's 256128 rows for 256000 tokens):
-// those rows are masked out of the softmax, so such a label is an input error (gemma2.md, vocabulary padding).
+// those rows are masked out of the softmax, so such a label is an input error (docs/model.md, vocabulary padding).
 TEST(BadCaseFile, LabelInPaddedVocabulary) {
   TempDir d;
   const std::string p = write_tiny_case(d, [](CaseFile& cf) { cf.batch.labels[1] = 8; });

@@ -131,7 +131,7 @@ TEST_F(FastKernel, EmbeddingTimesBf16NormalizerIsExact) {
     const Policy p = policy_fast();
     const double normalizer = cast(p, Cast::normalizer, std::sqrt(double(D)));
     std::printf("%s: normalizer %.4f\n", name, normalizer);
-    // The released widths' bf16 normalizers (shared/spec/gemma2.md).
+    // The released widths' bf16 normalizers (docs/model.md).
     EXPECT_EQ(normalizer, D == 2304 ? 48.0 : D == 3584 ? 59.75 : 68.0);
     const std::vector<float> got = fk::embed(ids, E, D, float(normalizer));
     int64_t mismatched = 0;

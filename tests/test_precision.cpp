@@ -34,7 +34,7 @@ TEST(Bf16, TiesRoundToEven) {
   EXPECT_EQ(bf16(-(1.0 + 0x1p-8)), -1.0);
   EXPECT_EQ(bf16(1.0 + 0x1p-8 + 0x1p-20), 1.0 + 0x1p-7);  // just above halfway rounds up
   EXPECT_EQ(bf16(1.0 + 0x1p-8 - 0x1p-20), 1.0);           // just below rounds down
-  // A value that is a tie only in float32 after rounding from float64 (numerics.md: bf16 rounds the fp32 value).
+  // A value that is a tie only in float32 after rounding from float64 (docs/model.md: bf16 rounds the fp32 value).
   EXPECT_EQ(bf16(1.0 + 0x1p-8 + 0x1p-40), 1.0);
 }
 

@@ -2,7 +2,7 @@
 """Independent cross-check of the Gemma 2 float64 reference against Hugging Face transformers.
 
 Computes, with transformers' own Gemma2 code run in float64 on the CPU, the expected loss, logits and
-gradients of a case file (HDF5, layout in shared/spec/contract.md) and writes them to its
+gradients of a case file (HDF5, layout in docs/formats.md) and writes them to its
 /expected/<combo>/ group, so that the C++ reference can be checked against code it shares nothing with.
 
     hf_crosscheck.py fill CASE.h5 [--out OUT.h5] [--shipped] [--combos none,attn,logits,attn_logits]
@@ -13,7 +13,7 @@ float64 versions of the same formulas: Gemma2RMSNorm.forward (x.float()), the ro
 cos and sin in float32), eager_attention_forward (softmax with dtype=float32) and the causal-LM loss
 (logits.float() before the cross-entropy). With --shipped HF runs exactly as released, which shows how far
 HF-as-shipped is from float64. Every run is also compared with a second, plain-torch float64
-implementation of shared/spec/gemma2.md written here; in patched mode they must agree to 1e-12.
+implementation of docs/model.md written here; in patched mode they must agree to 1e-12.
 
 make-cases writes case_000.h5, ... (tiny random models covering GQA 1/2/4, query_pre_attn_scalar != head_dim,
 T > sliding window, ignored labels, LoRA subsets with and without rsLoRA, old and new config key styles, an
@@ -568,7 +568,7 @@ def _attach_lora(model, case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Independent plain-torch float64 implementation of shared/spec/gemma2.md (no HF code)
+# Independent plain-torch float64 implementation of docs/model.md (no HF code)
 # ----------------------------------------------------------------------------------------------------------
 
 def run_reference(case, attn_cap, final_cap):
@@ -726,7 +726,7 @@ def fill_case(path, out_path, shipped, combos, command):
                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  patches="none (HF as shipped)" if shipped else PATCH_SENTENCE,
                  selfcheck_rel_diff="; ".join(diffs) + " (relative loss difference to an independent plain-torch "
-                                    "float64 implementation of shared/spec/gemma2.md)")
+                                    "float64 implementation of docs/model.md)")
     if notes:
         attrs["notes"] = " ".join(sorted(notes))
     write_expected(path, out_path, results, attrs)

@@ -1,4 +1,4 @@
-// make-case: writes a case file (shared/spec/contract.md) with seeded synthetic weights and batch, for the
+// make-case: writes a case file (docs/formats.md) with seeded synthetic weights and batch, for the
 // HF cross-check (tools/hf_crosscheck.py fills its /expected) and for goldens. Shape knobs override a preset
 // so that cases cover grouped-KV ratios, rank-stabilised LoRA and windows shorter than the sequence.
 #include <CLI/CLI.hpp>

@@ -1,6 +1,6 @@
 // verify: do the numerics match? Runs the chosen backend on a model and batch, compares with what is
 // expected, prints one line per check and "N/M checks passed", exits 0 (all pass), 1 (a numeric check
-// failed) or 2 (bad usage or input). Interface: shared/spec/contract.md.
+// failed) or 2 (bad usage or input). Interface: docs/formats.md.
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cmath>
@@ -38,7 +38,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   const auto t0 = std::chrono::steady_clock::now();
   std::string why_no_fast;
   const bool have_fast = fast_available(&why_no_fast);
-  // Default (contract.md): both backends where a CUDA device exists, else the reference alone.
+  // Default (docs/formats.md): both backends where a CUDA device exists, else the reference alone.
   const std::string backend = backend_flag.value_or(have_fast ? "both" : "reference");
   if (backend != "reference" && backend != "fast" && backend != "both")
     fail("--backend", "'" + backend + "' is not one of reference, fast, both");
@@ -222,7 +222,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> backend;
   std::optional<uint64_t> seed;
   app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro)");
-  app.add_option("--case", spec.case_path, "HDF5 case file (shared/spec/contract.md)");
+  app.add_option("--case", spec.case_path, "HDF5 case file (docs/formats.md)");
   app.add_option("--config", spec.config, "HF config.json");
   app.add_option("--weights", spec.weights, "safetensors file or checkpoint directory");
   app.add_option("--adapter", spec.adapter, "PEFT adapter directory or adapter_model.safetensors");
