@@ -80,7 +80,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                         ") or fewer layers");
 
   Report report;
-  nlohmann::json runs = nlohmann::json::array();
+  nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array();
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
   auto verify_setting = [&](const InputSpec& sspec, const Inputs& in, const std::string& tag) {
@@ -98,6 +98,9 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
         "  lora_dropout %g is training-time noise: these gradients are computed without dropout (as in eval mode)\n",
         in.model.adapter->lora_dropout);
   for (const std::string& p : in.paths) std::printf("  path: %s\n", p.c_str());
+  if (in.batch.packed())
+    std::printf("  packed rows: documents are kept apart, as HF transformers does in training (use_cache=False); HF with\n"
+                "  its config's use_cache: true does not look for packed rows and lets documents attend to each other\n");
   const Tolerances tol = tolerances_for(in.provenance);
   for (Softcap sc : combos) {
     const std::string combo = softcap_combo(sc);
@@ -128,7 +131,8 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       std::printf("[%ssoftcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
-      runs.push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+      (tag.empty() ? runs : companion_runs)
+          .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
       continue;
     }
     opt.keep_logits = (ex && ex->logits) || golden || run_fast;
@@ -153,7 +157,8 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
     }
-    runs.push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+    (tag.empty() ? runs : companion_runs)
+        .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
     if (tag.empty()) last_grads = std::move(out.grads);
   }
   };
@@ -186,13 +191,19 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     if (json_path) {
       // One combination: the contract's shape. --softcap all: "softcap" is "all" and "results" holds one
       // entry per combination, keyed by its case-file name (none, attn, logits, attn_logits).
-      nlohmann::json j = runs[0];
-      if (runs.size() > 1) {
-        j["softcap"] = "all";
-        j["results"] = nlohmann::json::object();
-        for (const auto& r : runs)
-          j["results"][softcap_combo({r["softcap"]["attn"].get<bool>(), r["softcap"]["logits"].get<bool>()})] = r["results"];
-      }
+      // A released preset's companion (gemma2-odd) has its own object, in the same shape.
+      auto shaped = [](const nlohmann::json& rs) {
+        nlohmann::json j = rs[0];
+        if (rs.size() > 1) {
+          j["softcap"] = "all";
+          j["results"] = nlohmann::json::object();
+          for (const auto& r : rs)
+            j["results"][softcap_combo({r["softcap"]["attn"].get<bool>(), r["softcap"]["logits"].get<bool>()})] = r["results"];
+        }
+        return j;
+      };
+      nlohmann::json j = shaped(runs);
+      if (!companion_runs.empty()) j["companion"] = shaped(companion_runs);
       j["checks"] = checks_json(report);
       j["pass"] = report.all_pass();
       j["source"] = in.source;
@@ -221,7 +232,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> softcap, json_path, junit_path, dump_path;
   std::optional<std::string> backend;
   std::optional<uint64_t> seed;
-  app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro)");
+  app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro, gemma2-odd)");
   app.add_option("--case", spec.case_path, "HDF5 case file (docs/formats.md)");
   app.add_option("--config", spec.config, "HF config.json");
   app.add_option("--weights", spec.weights, "safetensors file or checkpoint directory");
