@@ -65,7 +65,7 @@ namespace {
 std::vector<GoldenRecipe> small_goldens() {
   std::vector<GoldenRecipe> r;
   for (const auto& g : standard_goldens())
-    if (g.model == "gemma2-tiny" || g.model == "gemma2-micro") r.push_back(g);
+    if (g.model == "gemma2-tiny" || g.model == "gemma2-micro" || g.model == "gemma2-odd") r.push_back(g);
   return r;
 }
 
@@ -83,7 +83,7 @@ INSTANTIATE_TEST_SUITE_P(SmallPresets, GoldenReproduction, ::testing::ValuesIn(s
 
 // One real-width golden in the default suite (about 15 s): the 27b shape with both caps, verify's default.
 INSTANTIATE_TEST_SUITE_P(TrueWidths, GoldenReproduction,
-                         ::testing::Values(GoldenRecipe{"gemma2-27b", kDefaultPresetLayers, 2, 32, 8, 0, {true, true}}),
+                         ::testing::Values(GoldenRecipe{"gemma2-27b", kDefaultPresetLayers, 2, 48, 8, 0, {true, true}}),
                          recipe_name);
 
 TEST(Goldens, TheFourSoftcapCombinationsDifferByFarMoreThanTheTolerance) {
