@@ -212,7 +212,8 @@ std::map<std::string, std::vector<double>> layer_adapter_grads(const ref::Model<
 }
 
 // A probe check's verdict. Two measures, each against 3 x its spread among correct implementations (the float
-// reference, the jittered emulations) with a floor: the fraction of elements whose stored value differs (a kernel
+// implementations of the policy: its fp32 instance, the emulation jittered as fp32 sums are, and with tensor-core
+// accumulation) with a floor: the fraction of elements whose stored value differs (a kernel
 // bug that moves values by less than a rounding still flips many of them), and the relative L2 distance (a bug that
 // moves few values far). The check's value is the larger ratio, its tolerance 1.
 struct Judged {
@@ -239,23 +240,34 @@ Judged judge(const Agreement& got, const std::vector<Agreement>& correct, DType 
   char b[300];
   std::snprintf(b, sizeof b,
                 "%lld of %lld values differ (%.3g%%, tolerance %.3g%%), max %.0f ulps (correct runs: %.0f), rel L2 %.3g "
-                "(tolerance %.3g); tolerances 3 x the spread of correct implementations (float reference, jittered emulations, tensor-core accumulation)",
+                "(tolerance %.3g); tolerances 3 x the spread of correct fp32 implementations (fp32 instance, jittered, tensor-core accumulation)",
                 (long long)got.mismatched, (long long)got.n, 100 * got.mismatch_fraction(), 100 * tol_f, got.max_ulp, u,
                 got.rel_l2, tol_e);
   j.why = b;
   return j;
 }
 
-// The emulation's correct variants besides the float reference: jittered by +-2^-23 before every rounding (seeds 1
-// and 2), and the same with tensor-core accumulation (seed 3, Policy::accum_jitter): how far a correct fp32 GPU
-// trainer can land from the emulation.
+// Correct implementations of the policy besides its plain fp32 instance: the float64 emulation with every value it
+// rounds first perturbed by +-2^-23 and tensor-core accumulation (Policy::accum_jitter), a typical correct GPU
+// trainer; and the emulation with every value pushed 2^-21 toward its nearer rounding boundary
+// (Policy::jitter_toward_boundary), the trainer whose every ambiguous rounding went the other way. Without the
+// second, the spread was a lottery: random seeds flip a different few bottleneck roundings, and a correct stand-in
+// under seeds the tolerances never saw failed at up to 17 x (5 of 10 seeds, gemma2-odd, 2026-11-30); with it, all
+// 10 pass with the worst at 0.6 of the tolerance (tests/test_gate.cpp). They run in float64
+// because the jitter leaves fp32-exact values alone (jittered(), gemma2.hpp), and in fp32 arithmetic every value
+// is fp32-exact: a jittered fp32 instance equals the plain one (measured: the gate's test stand-in then failed at
+// 759 x its tolerance on adapter gradients whose three "correct" runs agreed to 2e-7).
 std::vector<ref::RunOptions> correct_variants(const ref::RunOptions& po) {
   std::vector<ref::RunOptions> v;
-  for (uint64_t seed : {1, 2, 3}) {
+  for (uint64_t seed : {1, 2}) {
     ref::RunOptions jo = po;
     jo.numerics.policy.jitter = ref::kFp32Jitter;
     jo.numerics.policy.jitter_seed = seed;
-    jo.numerics.policy.accum_jitter = seed == 3 ? 1.0 : 0.0;
+    jo.numerics.policy.accum_jitter = seed == 1 ? 1.0 : 0.0;
+    if (seed == 2) {
+      jo.numerics.policy.jitter_toward_boundary = true;
+      jo.numerics.policy.jitter = ref::kBoundaryJitter;
+    }
     v.push_back(jo);
   }
   return v;
@@ -457,8 +469,8 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
   }
 
   // The probes: every layer of every micro-batch fed the emulation's own inputs, and the head fed its residual; and
-  // what correct implementations give on those very inputs (the float reference and two jittered emulations, each
-  // probing the layer alone).
+  // what correct implementations give on those very inputs (the policy's fp32 instance, plain, jittered, and with
+  // tensor-core accumulation, each probing the layer alone).
   progress("layer by layer: correct implementations on the same inputs");
   const int64_t L = in.model.config.num_hidden_layers;
   ref::Model<double> mpol = ref::make_model<double>(in.model, po.numerics.policy);
@@ -613,14 +625,14 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
       return v;
     };
     G.x_policy = observable(pol.grads, pol.logits);
-    // The noise is the largest of 12 correct implementations' projections (the float reference and 11 jittered
-    // emulations), and the threshold 5: for a move distributed like theirs, the chance that it projects beyond 5 x
+    // The noise is the largest of 12 correct implementations' projections (the fp32 instance and 11 jittered
+    // ones), and the threshold 5: for a move distributed like theirs, the chance that it projects beyond 5 x
     // the largest of 12 is 1.5e-6 (Gaussian moves, simulated), so the ~60 fingerprints of a `--softcap all` gate run
     // raise a false alarm about once in 10^4 runs, and still once in a few hundred if the trainer's own fp32 noise
     // were 1.5 x theirs.
     std::vector<std::vector<double>> x_correct = {observable(flt.grads, flt.logits)};
     for (const auto& j : jit) x_correct.push_back(observable(j.grads, j.logits));
-    for (uint64_t seed = 4; x_correct.size() < 12; ++seed) {
+    for (uint64_t seed = 3; x_correct.size() < 12; ++seed) {
       ref::RunOptions jo = po;
       jo.numerics.policy.jitter = ref::kFp32Jitter;
       jo.numerics.policy.jitter_seed = seed;
@@ -753,7 +765,7 @@ FastResult gate_judge(Report& r, const std::string& prefix, const GateReference&
     std::printf("  %-58s %12.3e %9.2e %9.2e %12.3e %9.2e  %s\n", f.name.substr(0, 58).c_str(), d_pol, f.spread, tp, d_f64,
                 has_f64 ? tf : std::nan(""), (d_pol <= tp && (!has_f64 || d_f64 <= tf)) ? "OK" : "FAIL");
     r.add(prefix + "fast vs fast-policy reference: " + f.name, d_pol, tp,
-          "same rounding points, fp32 arithmetic only: max(target, 3 x the spread of the float reference and the jittered "
+          "same rounding points, fp32 arithmetic only: max(target, 3 x the spread of correct fp32 implementations "
           "emulation " + sci(f.spread) + ")",
           false);
     if (has_f64)

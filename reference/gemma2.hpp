@@ -50,11 +50,23 @@ inline Real jittered(const Policy& p, Cast c, const Real& x) {
   if (p.jitter == 0) return x;
   const double v = static_cast<double>(x);
   if (double(float(v)) == v) return x;
+  if (p.jitter_toward_boundary) {
+    // Toward the rounding boundary nearer to v: every value within the jitter of a tie of its cast's format
+    // rounds the other way (Policy::jitter_toward_boundary).
+    const double r = round_to(p[c], v);
+    if (r == v) return x;
+    return Real(v + (v > r ? 1.0 : -1.0) * p.jitter * std::abs(v));
+  }
   uint64_t b;
   std::memcpy(&b, &v, 8);
-  b ^= (uint64_t(c) + 64 * p.jitter_seed) * 0x9e3779b97f4a7c15ull;
-  b = (b ^ (b >> 31)) * 0xbf58476d1ce4e5b9ull;
-  return Real(v * (1.0 + ((b >> 40) & 1 ? p.jitter : -p.jitter)));
+  // SplitMix64's finalizer over the value's bits, the cast point and the seed: every output bit depends on every
+  // input bit. (A single multiply-xorshift was too weak: on the structured values of a real run, some seeds gave
+  // the same sign to whole clusters of values, a systematic bias no correct trainer has.)
+  b ^= (uint64_t(c) + 64 * p.jitter_seed + 1) * 0x9e3779b97f4a7c15ull;
+  b = (b ^ (b >> 30)) * 0xbf58476d1ce4e5b9ull;
+  b = (b ^ (b >> 27)) * 0x94d049bb133111ebull;
+  b ^= b >> 31;
+  return Real(v * (1.0 + (b >> 63 ? p.jitter : -p.jitter)));
 }
 
 template <class Real>
@@ -111,6 +123,16 @@ struct Weight {
     if constexpr (std::is_same_v<Real, double>) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i) raw->to_double((r0 + i) * cols, cols, out.data() + i * cols);
+    } else if constexpr (std::is_same_v<Real, float>) {
+#pragma omp parallel
+      {
+        std::vector<double> buf(static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+          raw->to_double((r0 + i) * cols, cols, buf.data());
+          for (int64_t j = 0; j < cols; ++j) out(i, j) = float(buf[size_t(j)]);
+        }
+      }
     } else {
       std::vector<double> buf(static_cast<size_t>(cols));
       for (int64_t i = 0; i < n; ++i) {
@@ -397,7 +419,9 @@ void accum_noise(const Policy& p, Real* y, const Real* q, int64_t n, int64_t K) 
     uint64_t b;
     std::memcpy(&b, &v, 8);
     b ^= (uint64_t(i) + 0x5bd1e995ull * (p.jitter_seed + 1)) * 0x9e3779b97f4a7c15ull;
-    b = (b ^ (b >> 31)) * 0xbf58476d1ce4e5b9ull;
+    b = (b ^ (b >> 30)) * 0xbf58476d1ce4e5b9ull;  // SplitMix64's finalizer, as in jittered()
+    b = (b ^ (b >> 27)) * 0x94d049bb133111ebull;
+    b ^= b >> 31;
     const double r = double(b >> 11) * 0x1.0p-52 - 1.0;
     y[i] = Real(v + r * bound * static_cast<double>(q[i]));
   }

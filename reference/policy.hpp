@@ -55,6 +55,10 @@ const char* cast_name(Cast c);
 // The jitter that stands for fp32 accumulation: a value an fp32 trainer hands to a rounding differs from
 // float64's by about one fp32 ulp, 2^-23 relative.
 inline constexpr double kFp32Jitter = 0x1p-23;
+// The push of Policy::jitter_toward_boundary: 4 fp32 ulps, what a tensor core's truncating accumulation may lose
+// over 8 steps of 16 products (accum_noise, gemma2.hpp), a projection over 128 inputs. Measured on gemma2-odd
+// (2026-11-30): at 2^-23 correct stand-ins under unseen seeds still failed at up to 5.7 x, at 2^-21 none above 0.6.
+inline constexpr double kBoundaryJitter = 0x1p-21;
 
 struct Policy {
   std::string name = "f64";
@@ -65,6 +69,12 @@ struct Policy {
   // (verify uses it to derive the fast backend's tolerance).
   double jitter = 0;
   uint64_t jitter_seed = 0;  // which +- pattern: runs with different seeds are equally valid fp32 trainers
+  // Instead of a pseudo-random sign, move every value toward the rounding boundary nearer to it: the correct
+  // trainer whose every rounding that fp32-sized differences can flip went the other way. Random signs flip only
+  // some of those, and which ones decides how far a result moves: one flipped rounding in a rank-r adapter
+  // bottleneck shifts a whole row downstream, so random seeds' spreads differed 17-fold on the same layer
+  // (measured on gemma2-odd, 2026-11-30). This variant bounds that lottery in one run.
+  bool jitter_toward_boundary = false;
   // Tensor-core accumulation (0: off, 1: on): every long product (projections, the LM head, the adapters' inner
   // products) moves each output by a pseudo-random amount within what a GPU's fp32 accumulation may lose, up to
   // one fp32 ulp of the running sum per step of 16 products (gemma2.hpp, accum_noise). The jitter above perturbs

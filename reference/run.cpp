@@ -12,15 +12,10 @@ Output run(const Checkpoint& ck, const Batch& batch, const RunOptions& opt, int6
   Grads<double> g = zero_grads(m);
   Output out;
   std::vector<Batch> micro = micro_rows > 0 ? split_batch(batch, micro_rows) : std::vector<Batch>{batch};
-  if (opt.keep_logits) {
-    // Logits come from a forward pass over the whole batch.
-    RunOptions fo = opt;
-    Result<double> r = forward_backward<double>(m, batch, fo, 0.0, nullptr);
-    out.logits.assign(r.logits.data(), r.logits.data() + r.logits.size());
-  }
-  RunOptions bo = opt;
-  bo.keep_logits = false;
-  out.loss = step_loss_and_grads(m, micro, bo, g);
+  // The logits come from the step's own forward passes, micro-batch after micro-batch (rows in batch order).
+  std::vector<Result<double>> results;
+  out.loss = step_loss_and_grads(m, micro, opt, g, opt.keep_logits ? &results : nullptr);
+  for (const Result<double>& r : results) out.logits.insert(out.logits.end(), r.logits.data(), r.logits.data() + r.logits.size());
   out.tokens = batch.count_targets();
   for_each_trainable(m, g, [&](const std::string& name, const Shape& shape, const double*, const double* gr, int64_t n) {
     out.grads[name] = tensor_from_doubles(DType::f64, shape, std::vector<double>(gr, gr + n));

@@ -93,11 +93,13 @@ struct GateVerdict {
   std::string worst_check;
 };
 
-GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<Bug>& bug) {
+GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<Bug>& bug, uint64_t seed = 7,
+                      bool accum = false) {
   ref::RunOptions how;
   how.numerics.policy = ref::policy_fast();
   how.numerics.policy.jitter = ref::kFp32Jitter;
-  how.numerics.policy.jitter_seed = 7;
+  how.numerics.policy.jitter_seed = seed;
+  how.numerics.policy.accum_jitter = accum ? 1.0 : 0.0;
   how.softcap = sc;
   if (bug) {
     const std::string na = ref::apply_bug(*bug, in.model.config, how.numerics, how.softcap);
@@ -132,10 +134,18 @@ const check::Inputs& odd_inputs() {
 
 }  // namespace
 
+// Which bf16 roundings a correct trainer's fp32 differences flip is a lottery, and a few flips in an adapter's rank-r
+// bottleneck move whole rows downstream: one correct stand-in passing proves little. Ten do, under seeds the
+// tolerances never saw, half with tensor-core accumulation (before the boundary-pushed variant of correct_variants,
+// 5 of these 10 failed, at up to 17 x).
 TEST(Gate, ACorrectTrainerPassesTheGate) {
-  const GateVerdict v = gate_with(odd_inputs(), {true, true}, std::nullopt);
-  EXPECT_TRUE(v.pass) << v.worst << " " << v.worst_check;
-  std::printf("correct stand-in: worst %.3g of tolerance (%s)\n", v.worst, v.worst_check.c_str());
+  for (uint64_t seed = 3; seed < 13; ++seed) {
+    const bool accum = seed % 2 == 0;
+    const GateVerdict v = gate_with(odd_inputs(), {true, true}, std::nullopt, seed, accum);
+    EXPECT_TRUE(v.pass) << "seed " << seed << ": " << v.worst << " " << v.worst_check;
+    std::printf("correct stand-in, seed %llu%s: worst %.3g of tolerance (%s)\n", (unsigned long long)seed,
+                accum ? " with tensor-core accumulation" : "", v.worst, v.worst_check.c_str());
+  }
 }
 
 class GateBug : public ::testing::TestWithParam<Bug> {};
