@@ -774,6 +774,47 @@ FastResult gate_judge(Report& r, const std::string& prefix, const GateReference&
   }
   std::printf("  layer by layer: worst %.3g of its tolerance (%s)\n", worst_probe, worst_where.c_str());
 
+  // ---- AdamW on the trainer's own gradients ----------------------------------------------------------------
+  // The whole-step update above inherits the gradients' noise (its tolerance is 3 x the spread of correct runs'
+  // updates, whose gradients differ), and an optimizer bug of 1e-4 relative hides in it (L2 weight decay in place
+  // of the decoupled one, measured). Fed the trainer's own fp32 gradients, AdamW is a dozen fp32 operations per
+  // value: torch.optim.AdamW's formula evaluated in float64 on those very inputs must land within three fp32 ulps
+  // of the larger of the old and new weight, plus 2^-20 of the update (the roundings inside it, each 2^-24
+  // relative, sixteen of them with room). The ulps: the decayed weight's rounding and the new weight's, half an
+  // ulp each; and a value perturbed by 2^-23 of itself before its rounding, as the gate's correct stand-ins
+  // perturb every value (Policy::jitter), which near the top of a binade is 2 ulps: the stand-ins came to 2.5.
+  // Weight decay applied as L2 instead moves a weight by lr wd = 1e-4 of itself, some 800 ulps.
+  {
+    const AdamWConfig& h = G.adamw;
+    const double bc1 = 1 - h.beta1, bc2 = 1 - h.beta2;  // the first step's bias corrections
+    double worst = 0;
+    std::string where;
+    size_t k = 0;
+    for (const std::string& name : G.names) {
+      const std::vector<double> g = out.step.grads.at(name).to_double();
+      const std::vector<double> after = out.adapters_after_step.at(name).to_double();
+      for (size_t i = 0; i < g.size(); ++i, ++k) {
+        const double p = G.adapters_before[k];
+        const double m = (1 - h.beta1) * g[i], v = (1 - h.beta2) * g[i] * g[i];
+        const double want = p * (1 - h.lr * h.weight_decay) - h.lr / bc1 * m / (std::sqrt(v) / std::sqrt(bc2) + h.eps);
+        const float w = float(std::max(std::abs(want), std::abs(p)));
+        const double ulp = double(std::nextafter(w, INFINITY)) - double(w);
+        const double q = std::abs(after[i] - want) / (3 * ulp + 0x1p-20 * std::abs(want - p));
+        if (q > worst) {
+          worst = q;
+          char w9[160];
+          std::snprintf(w9, sizeof w9, "[%zu]: %.9g vs %.9g, from %.9g with gradient %.9g", i, after[i], want, p, g[i]);
+          where = name + w9;
+        }
+      }
+    }
+    std::printf("  AdamW step on the trainer's own gradients: worst %.3g of its tolerance (%s)\n", worst, where.c_str());
+    r.add(prefix + "AdamW step on the trainer's own gradients", worst, 1.0,
+          "torch.optim.AdamW in float64 on the trainer's fp32 gradients and weights: within three fp32 ulps of the "
+          "weight + 2^-20 of the update (worst at " + where + ")",
+          false);
+  }
+
   // ---- Bug fingerprints -----------------------------------------------------------------------------------
   // diagnose's matched filter (check/diagnose.cpp): each known bug's effect in exact arithmetic, e = x(float64 + bug)
   // - x(float64), on the step's adapter gradients and sampled logits; the fast trainer's move from the emulation,

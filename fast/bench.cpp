@@ -1,7 +1,10 @@
 // fast_bench: training throughput and peak GPU memory of the fast trainer on a released Gemma 2 shape, with
 // synthetic bf16 weights generated on the device. Not a test: it reports, docs/benchmarks.md records.
 //
-//   fast_bench --model gemma2-9b --batch 2 --seq 1024 --rank 32 --warmup 2 --steps 5
+//   fast_bench --model gemma2-9b --batch 2 --seq 1024 --rank 32 --warmup 2 --steps 5 [--gpus N]
+//
+// With --gpus N > 1 the trainer is data parallel (fast/data_parallel.hpp): --batch sequences on each GPU, a global
+// batch of N x --batch, tokens/s counted over all GPUs; each step's all-reduce time is reported beside it.
 //
 // Tokens/s is batch * seq over the median of the timed optimizer steps (forward, backward, AdamW; each step
 // ends with a device synchronize), after the warm-up steps. Peak memory is the trainer's own peak of device
@@ -17,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "fast/data_parallel.hpp"
 #include "fast/device.hpp"
 #include "fast/fast.hpp"
 #include "model/synthetic.hpp"
@@ -40,9 +44,11 @@ int main(int argc, char** argv) {
   CLI::App app{"fast_bench: tokens/s and peak GPU memory of the fast trainer"};
   std::string model = "gemma2-9b", softcap = "attn,logits", json;
   int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0;
+  int gpus = 1;
   bool no_recompute = false, offload = false;
   app.add_option("--model", model, "preset");
-  app.add_option("--batch", B, "sequences per step");
+  app.add_option("--batch", B, "sequences per step (per GPU with --gpus)");
+  app.add_option("--gpus", gpus, "data parallel over the first N GPUs (NCCL all-reduce of the adapter gradients)");
   app.add_option("--seq", T, "sequence length");
   app.add_option("--rank", rank, "LoRA rank on all seven projections (alpha = rank)");
   app.add_option("--warmup", warmup, "untimed steps first");
@@ -71,22 +77,42 @@ int main(int argc, char** argv) {
     fast::TrainerOptions o;
     o.recompute = !no_recompute;
     o.offload = offload;
-    fast::Trainer tr(c, a, 1234, h, sc, o);
-    const Batch batch = synthetic_batch(c, B, T, 99, 0.0);
-    std::vector<double> secs;
+    // One GPU: the Trainer as train and the published figures use it; several: the data-parallel trainer.
+    std::unique_ptr<fast::Trainer> one;
+    std::unique_ptr<fast::DataParallelTrainer> many;
+    if (gpus > 1)
+      many = std::make_unique<fast::DataParallelTrainer>(c, a, 1234, gpus, h, sc, o);
+    else
+      one = std::make_unique<fast::Trainer>(c, a, 1234, h, sc, o);
+    const int64_t global_B = B * gpus;
+    const Batch batch = synthetic_batch(c, global_B, T, 99, 0.0);
+    std::vector<double> secs, allreduce;
     double last_loss = 0;
     for (int64_t s = 0; s < warmup + steps; ++s) {
-      const fast::Trainer::Step st = tr.step(batch, micro);
-      last_loss = st.loss;
-      std::printf("step %lld: loss %.6f, %.3f s%s\n", (long long)s, st.loss, st.seconds, s < warmup ? " (warm-up)" : "");
-      if (s >= warmup) secs.push_back(st.seconds);
-      if (!std::isfinite(st.loss)) {
+      double loss = 0, sec = 0, ar = 0;
+      if (many) {
+        const fast::DataParallelTrainer::Step st = many->step(batch, micro);
+        loss = st.loss, sec = st.seconds, ar = st.allreduce_seconds;
+      } else {
+        const fast::Trainer::Step st = one->step(batch, micro);
+        loss = st.loss, sec = st.seconds;
+      }
+      last_loss = loss;
+      std::printf("step %lld: loss %.6f, %.3f s%s%s\n", (long long)s, loss, sec,
+                  many ? (", all-reduce " + std::to_string(ar * 1e3) + " ms").c_str() : "", s < warmup ? " (warm-up)" : "");
+      if (s >= warmup) {
+        secs.push_back(sec);
+        allreduce.push_back(ar);
+      }
+      if (!std::isfinite(loss)) {
         std::fprintf(stderr, "fast_bench: non-finite loss\n");
         return 1;
       }
     }
     std::sort(secs.begin(), secs.end());
-    const double med = secs[secs.size() / 2], tps = double(B * T) / med;
+    std::sort(allreduce.begin(), allreduce.end());
+    const double med = secs[secs.size() / 2], tps = double(global_B * T) / med;
+    const size_t peak = many ? many->peak_device_bytes() : one->peak_device_bytes();
     size_t free_b = 0, total_b = 0;
     GEMMA_CUDA(cudaMemGetInfo(&free_b, &total_b));
     cudaDeviceProp prop{};
@@ -96,23 +122,25 @@ int main(int argc, char** argv) {
     // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without.
     const double flops_tok = (o.recompute ? 6.0 : 4.0) * N;
     const double gib = double(1ull << 30);
-    std::printf("\n%s (%lld layers), batch %lld x %lld, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
-                model.c_str(), (long long)c.num_hidden_layers, (long long)B, (long long)T, (long long)rank,
+    std::printf("\n%s (%lld layers), batch %lld x %lld%s, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
+                model.c_str(), (long long)c.num_hidden_layers, (long long)B, (long long)T,
+                gpus > 1 ? (" per GPU on " + std::to_string(gpus) + " GPUs").c_str() : "", (long long)rank,
                 softcap_name(sc).c_str(), o.recompute ? "activation checkpointing" : "no recompute",
                 offload ? " (offloaded)" : "", prop.name);
     std::printf("median step %.3f s over %lld steps (min %.3f, max %.3f): %.0f tokens/s\n", med, (long long)steps,
                 secs.front(), secs.back(), tps);
+    if (many) std::printf("median all-reduce of the adapter gradients: %.2f ms\n", allreduce[allreduce.size() / 2] * 1e3);
     std::printf("model FLOPs (%.0fN per token, N = %.3g): %.0f TFLOP/s\n", flops_tok / N, N, flops_tok * tps / 1e12);
-    std::printf("peak device allocations %.2f GiB; device memory in use at the end %.2f GiB of %.2f GiB\n",
-                double(tr.peak_device_bytes()) / gib, double(total_b - free_b) / gib, double(total_b) / gib);
-    const std::string prof = tr.profile();
+    std::printf("peak device allocations %.2f GiB%s; device memory in use at the end %.2f GiB of %.2f GiB\n",
+                double(peak) / gib, many ? " (the largest GPU's)" : "", double(total_b - free_b) / gib, double(total_b) / gib);
+    const std::string prof = one ? one->profile() : "";
     if (!prof.empty()) std::printf("%s", prof.c_str());
     if (!json.empty()) {
       std::ofstream f(json, std::ios::app);
       f << "{\"model\":\"" << model << "\",\"layers\":" << c.num_hidden_layers << ",\"batch\":" << B << ",\"seq\":" << T
         << ",\"rank\":" << rank << ",\"softcap\":\"" << softcap_name(sc) << "\",\"recompute\":" << (o.recompute ? 1 : 0)
-        << ",\"offload\":" << (offload ? 1 : 0) << ",\"median_s\":" << med << ",\"tokens_per_s\":" << tps
-        << ",\"peak_gib\":" << double(tr.peak_device_bytes()) / gib
+        << ",\"offload\":" << (offload ? 1 : 0) << ",\"gpus\":" << gpus << ",\"median_s\":" << med
+        << ",\"tokens_per_s\":" << tps << ",\"peak_gib\":" << double(peak) / gib
         << ",\"device_used_gib\":" << double(total_b - free_b) / gib << ",\"loss\":" << last_loss << ",\"gpu\":\""
         << prop.name << "\"}\n";
     }

@@ -148,6 +148,7 @@ struct Engine::Impl {
   // Construction
 
   void init(const Config& c, const AdapterConfig& a, const EngineOptions& o, int64_t pad_rows = 0) {
+    GEMMA_CUDA(cudaSetDevice(o.device));
     cfg = c;
     // The kernels take one rank and one scaling for every adapted projection, and the same projections in every
     // layer (q|k|v, gate|up and down are fused per layer): anything else is refused, not approximated.
@@ -871,15 +872,19 @@ struct Engine::Impl {
     return d2h(ck_dev(0), N * D);
   }
 
-  Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows) {
+  Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows, int64_t total_targets) {
     int64_t total = 0;
     for (const Batch& b : micro) total += b.count_targets();
+    if (total_targets > 0) {
+      if (total_targets < total) throw std::logic_error("forward_backward: total_targets below this part's own");
+      total = total_targets;
+    }
     if (total == 0) throw InputError("batch: every label is ignored (-100): the mean loss is undefined (0/0)");
     prof_begin();
     GEMMA_CUDA(cudaMemsetAsync(grads.get(), 0, size_t(n_params) * 4, stream));
     const float grad_scale = float(1.0 / double(total));
     Pass out;
-    out.tokens = total;
+    for (const Batch& b : micro) out.tokens += b.count_targets();
     int64_t row0 = 0;
     for (const Batch& mb : micro) {
       const int64_t N = mb.B * mb.T;
@@ -963,23 +968,52 @@ Engine::Engine(const Config& c, const AdapterConfig& a, uint64_t seed, const Eng
   impl_->generate(seed);
 }
 
-Engine::~Engine() = default;
+// Every entry point makes the engine's device current first: with several engines (one per GPU) a caller's thread
+// may have another one current.
+#define GEMMA_ON_DEVICE() GEMMA_CUDA(cudaSetDevice(impl_->opt.device))
 
-Engine::Pass Engine::forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows) {
-  return impl_->forward_backward(micro, logit_rows);
+Engine::~Engine() {
+  if (impl_) (void)cudaSetDevice(impl_->opt.device);  // its memory is freed on its device
 }
-void Engine::adamw_step(const AdamWHyper& h) { impl_->adamw_step(h); }
+
+Engine::Pass Engine::forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows,
+                                      int64_t total_targets) {
+  GEMMA_ON_DEVICE();
+  return impl_->forward_backward(micro, logit_rows, total_targets);
+}
+Engine::GradBuffer Engine::grad_buffer() {
+  GEMMA_ON_DEVICE();
+  return {impl_->grads.get(), impl_->n_params, impl_->stream};
+}
+void Engine::adamw_step(const AdamWHyper& h) {
+  GEMMA_ON_DEVICE();
+  impl_->adamw_step(h);
+}
 std::map<std::string, std::vector<float>> Engine::probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
                                                               const std::vector<float>& dy) {
+  GEMMA_ON_DEVICE();
   return impl_->probe_layer(l, mb, x, dy);
 }
 std::map<std::string, std::vector<float>> Engine::probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale) {
+  GEMMA_ON_DEVICE();
   return impl_->probe_head(mb, x, grad_scale);
 }
-std::vector<float> Engine::probe_embedding(const Batch& mb) { return impl_->probe_embedding(mb); }
-void Engine::synchronize() { GEMMA_CUDA(cudaStreamSynchronize(impl_->stream)); }
-TensorMap Engine::adapters() const { return impl_->download(impl_->params.get()); }
-TensorMap Engine::grads() const { return impl_->download(impl_->grads.get()); }
+std::vector<float> Engine::probe_embedding(const Batch& mb) {
+  GEMMA_ON_DEVICE();
+  return impl_->probe_embedding(mb);
+}
+void Engine::synchronize() {
+  GEMMA_ON_DEVICE();
+  GEMMA_CUDA(cudaStreamSynchronize(impl_->stream));
+}
+TensorMap Engine::adapters() const {
+  GEMMA_ON_DEVICE();
+  return impl_->download(impl_->params.get());
+}
+TensorMap Engine::grads() const {
+  GEMMA_ON_DEVICE();
+  return impl_->download(impl_->grads.get());
+}
 size_t Engine::peak_bytes() const { return impl_->mem.peak; }
 std::string Engine::profile() const { return impl_->profile(); }
 

@@ -15,6 +15,7 @@ struct EngineOptions {
   Softcap softcap;
   bool recompute = true;  // one fp32 residual per layer kept; the layer is recomputed in the backward
   bool offload = false;   // those residuals in pinned host memory, copied on a second stream
+  int device = 0;         // the CUDA device: every call of the engine makes it current first
 };
 
 struct AdamWHyper {
@@ -37,8 +38,19 @@ class Engine {
     std::map<int64_t, std::vector<float>> logits;  // requested rows of the flattened batch -> capped logits
   };
   // Forward and backward over the micro-batches of one step: adapter gradients are zeroed, then accumulated
-  // with every micro-batch scaled by 1 / (the step's scored targets). Waits for the device.
-  Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows);
+  // with every micro-batch scaled by 1 / (the step's scored targets). Waits for the device. `total_targets` > 0
+  // replaces the normaliser by the scored targets of a larger step this engine computes a part of (data
+  // parallel: fast/data_parallel.hpp); 0 counts those of `micro`.
+  Pass forward_backward(const std::vector<Batch>& micro, const std::vector<int64_t>& logit_rows,
+                        int64_t total_targets = 0);
+  // The fp32 adapter gradients in place on the device (`count` values, in adapters()' order) and the stream the
+  // engine works on (a cudaStream_t): for a collective that sums them across GPUs before adamw_step.
+  struct GradBuffer {
+    float* data;
+    int64_t count;
+    void* stream;
+  };
+  GradBuffer grad_buffer();
   void adamw_step(const AdamWHyper& h);  // one optimizer step on the accumulated gradients
   // The gate's probes (fast.hpp, Probe): layer l, the head and the embedding run by the engine's own code on the
   // given micro-batch (positions, documents, padding) and inputs. probe_layer zeroes the adapter gradients.

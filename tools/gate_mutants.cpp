@@ -191,6 +191,17 @@ int main(int argc, char** argv) {
                 names.size(), ref_seconds);
     std::printf("%-34s %-9s %-7s %10s  %s\n", "build", "expected", "result", "value/tol", "check");
     std::vector<Verdict> vs;
+    // The table is rewritten after every build, so that a run cut short by a time limit still leaves what it found.
+    auto write_table = [&](bool complete) {
+      if (!json_path) return;
+      nlohmann::json j = nlohmann::json::array();
+      for (const Verdict& v : vs)
+        j.push_back({{"build", v.name}, {"caught", v.caught}, {"ratio", std::isfinite(v.ratio) ? nlohmann::json(v.ratio) : nlohmann::json("inf")},
+                     {"check", v.check}, {"seconds", v.seconds}});
+      write_json(*json_path, {{"model", *spec.model}, {"softcap", softcap}, {"builds", j}, {"complete", complete},
+                              {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
+                              {"reference_seconds", ref_seconds}});
+    };
     int killed = 0, mutants = 0, harmless_ok = 0, harmless = 0;
     bool ok = true;
     for (const std::string& name : names) {
@@ -210,17 +221,11 @@ int main(int argc, char** argv) {
                   v.caught ? "FAILED" : "passed", v.ratio, v.check.substr(0, 150).c_str(), good ? "" : "   <-- WRONG");
       std::fflush(stdout);
       vs.push_back(std::move(v));
+      write_table(false);
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%d/%d mutants killed, %d/%d harmless builds passed; %.1f s\n", killed, mutants, harmless_ok, harmless, secs);
-    if (json_path) {
-      nlohmann::json j = nlohmann::json::array();
-      for (const Verdict& v : vs)
-        j.push_back({{"build", v.name}, {"caught", v.caught}, {"ratio", std::isfinite(v.ratio) ? nlohmann::json(v.ratio) : nlohmann::json("inf")},
-                     {"check", v.check}, {"seconds", v.seconds}});
-      write_json(*json_path, {{"model", *spec.model}, {"softcap", softcap}, {"builds", j}, {"seconds", secs},
-                              {"reference_seconds", ref_seconds}});
-    }
+    write_table(true);
     return ok ? 0 : 1;
   } catch (const InputError& e) {
     std::fprintf(stderr, "gate-mutants: %s\n", e.what());
