@@ -165,8 +165,15 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     // The reference's self-check costs six or more forward passes, a minute per combination at the released widths.
     // With the fast backend the gate's time goes to the trainer's comparison, and the self-check runs on the
     // companion (gemma2-odd), whose code path is the same; `--backend reference` runs it at these widths.
+    int64_t weights = 0;
+    for (const auto& [n, t] : in.model.weights) weights += t.numel();
     if (run_fast && tag.empty() && sspec.model && gate_preset(*sspec.model) && *sspec.model != "gemma2-odd")
       std::printf("  backward vs finite differences: on the companion in this mode (--backend reference runs it here)\n");
+    else if (torch_judged && weights > (int64_t(50) << 20))
+      // Judging a torch result at released widths runs the reference five times already (float64, the policy, three
+      // variants); the self-check would double that (gemma2-2b, 2 layers, 2 x 32: 420 of 863 s on 2 cores), and
+      // the result's verdict does not depend on it. The tests and --model runs check the reference's backward.
+      std::printf("  backward vs finite differences: not run for a torch result of more than 50M weights (verify --case on the case itself runs it)\n");
     else
       add_fd_check(report, pre, ref::directional_check(in.model, in.batch, opt, out.grads));
     results["reference"] = {{"loss", out.loss}, {"tokens", out.tokens}};
