@@ -247,6 +247,8 @@ Judged judge(const Agreement& got, const std::vector<Agreement>& correct, DType 
   return j;
 }
 
+}  // namespace
+
 // Correct implementations of the policy besides its plain fp32 instance: the float64 emulation with every value it
 // rounds first perturbed by +-2^-23 and tensor-core accumulation (Policy::accum_jitter), a typical correct GPU
 // trainer; and the emulation with every value pushed 2^-21 toward its nearer rounding boundary
@@ -272,6 +274,8 @@ std::vector<ref::RunOptions> correct_variants(const ref::RunOptions& po) {
   }
   return v;
 }
+
+namespace {
 
 // The projection of (x - ref) on a unit vector.
 double project(const std::vector<double>& x, const std::vector<double>& ref_x, const std::vector<double>& unit) {

@@ -59,6 +59,10 @@ GateRunner fast_runner();
 // fast trainer's place.
 GateRunner reference_runner(const ref::RunOptions& how);
 
+// Correct implementations of the policy `po` besides its fp32 instance, each a float64 run with its own jitter
+// (fast_backend.cpp says which and why); verify's judge of PyTorch results (check/torch_result.cpp) uses them too.
+std::vector<ref::RunOptions> correct_variants(const ref::RunOptions& po);
+
 FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, Softcap sc, const ref::Output* f64,
                         const GateRunner& runner = {});
 

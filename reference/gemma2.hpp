@@ -75,6 +75,15 @@ inline Real cast(const Policy& p, Cast c, const Real& x) {
   return round_scalar(p[c], jittered(p, c, x));
 }
 
+// c tanh(x / c), rounded inside where the policy says (Cast::softcap_steps: HF eager's x / c and tanh(x / c));
+// exactly softcap(x, c) where it does not.
+template <class Real>
+inline Real policy_softcap(const Policy& p, const Real& x, const Real& c) {
+  using std::tanh;
+  if (p[Cast::softcap_steps] == DType::f64) return softcap(x, c);
+  return c * cast(p, Cast::softcap_steps, Real(tanh(cast(p, Cast::softcap_steps, Real(x / c)))));
+}
+
 template <class Real, class Derived>
 inline void cast(const Policy& p, Cast c, Eigen::MatrixBase<Derived>& m) {
   const DType d = p[c];
@@ -631,7 +640,7 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
         Real dot = Real(0);
         for (int64_t d = 0; d < hd; ++d) dot += q(b * T + i, h * hd + d) * k(b * T + j, g * hd + d);
         S(i, j) = cast(p, Cast::attn_scores, dot * ctx.scale);
-        const Real s = cast(p, Cast::attn_capped, ctx.attn_cap_on ? softcap(S(i, j), ctx.attn_cap) : S(i, j));
+        const Real s = cast(p, Cast::attn_capped, ctx.attn_cap_on ? policy_softcap(p, S(i, j), ctx.attn_cap) : S(i, j));
         P(i, j) = s;  // capped score for now, probability below
         if (s > mx) mx = s;
       }
@@ -905,7 +914,7 @@ Real loss_forward_backward(Mat<Real>& logits,  // (N, V) raw LM-head output; ove
     Real mx = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < cols; ++j) {
       const Real l = raw(j);
-      z[size_t(j)] = cast(p, Cast::logits_capped, ctx.final_cap_on ? softcap(l, ctx.final_cap) : l);
+      z[size_t(j)] = cast(p, Cast::logits_capped, ctx.final_cap_on ? policy_softcap(p, l, ctx.final_cap) : l);
       if (z[size_t(j)] > mx) mx = z[size_t(j)];
     }
     if (capped)

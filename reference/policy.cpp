@@ -11,7 +11,7 @@ const char* cast_name(Cast c) {
                             "lora_mid",    "lora_out",    "rope_inputs", "rope_angle", "rope_cossin",  "rope_out",
                             "attn_scores", "attn_capped", "attn_probs", "attn_out",     "gelu",
                             "geglu",       "residual",    "logits",     "logits_capped", "loss",
-                            "grad_act",    "grads",       "adapters",   "optimizer_state"};
+                            "grad_act",    "grads",       "adapters",   "optimizer_state", "softcap_steps"};
   static_assert(sizeof(n) / sizeof(n[0]) == kNumCasts);
   return n[int(c)];
 }

@@ -47,6 +47,8 @@ enum class Cast : uint8_t {
   grads,           // weight gradients as returned
   adapters,        // LoRA weights as stored
   optimizer_state, // AdamW moments
+  softcap_steps,   // inside either softcap: x / c and tanh(x / c), stored before the multiply by c (HF eager's
+                   // three tensor ops); untouched (f64) where a trainer computes c tanh(x / c) in one go
   count
 };
 inline constexpr int kNumCasts = int(Cast::count);

@@ -66,8 +66,10 @@ TEST(F16, TiesSubnormalsAndOverflow) {
 TEST(Policies, HfBf16RoundsWhereHfStoresBf16AndKeepsFp32Islands) {
   const Policy p = policy_hf_bf16();
   for (Cast c : {Cast::normalizer, Cast::norm_out, Cast::matmul_out, Cast::rope_cossin, Cast::attn_probs, Cast::residual,
-                 Cast::logits, Cast::logits_capped})
+                 Cast::logits, Cast::logits_capped, Cast::softcap_steps})
     EXPECT_EQ(p[c], DType::bf16) << cast_name(c);
+  // The fast trainer computes c tanh(x / c) in one go: no rounding inside the cap.
+  EXPECT_EQ(policy_fast()[Cast::softcap_steps], DType::f64);
   // RMSNorm computes in fp32 and casts once; RoPE angles and the loss are fp32; PEFT keeps adapters in fp32.
   for (Cast c : {Cast::norm_normed, Cast::norm_scale, Cast::rope_angle, Cast::loss, Cast::adapters, Cast::lora_out})
     EXPECT_EQ(p[c], DType::f32) << cast_name(c);
