@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
@@ -45,7 +46,7 @@ struct TrainOptions {
   std::optional<std::string> data;
   bool packing = false;
   TokenizerOptions tokenizer;
-  std::optional<std::string> output_dir, save_adapter, resume, eval_data;
+  std::optional<std::string> output_dir, save_adapter, resume, eval_data, save_base;
   int64_t save_steps = 0;
   std::vector<std::string> report_with;
 };
@@ -366,7 +367,10 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.backend != "reference" && o.backend != "fast") fail("--backend", "'" + o.backend + "' is not one of reference, fast");
   std::string why;
   if (o.backend == "fast" && !fast_available(&why)) fail("--backend fast", why);
-  if (o.max_steps && *o.max_steps < 1) fail("--max-steps", "must be at least 1");
+  if (o.max_steps && *o.max_steps < (o.eval_data ? 0 : 1))
+    fail("--max-steps", "must be at least 1 (0 only with --eval-data: evaluate without training)");
+  if (o.max_steps == 0 && (o.output_dir || o.save_adapter || o.resume || o.save_steps))
+    fail("--max-steps", "0 trains nothing: there is nothing to save or resume");
   if (o.epochs && *o.epochs < 1) fail("--epochs", "must be at least 1");
   if (o.epochs && !o.data) fail("--epochs", "counts passes over --data; synthetic batches have no epochs (give --max-steps)");
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
@@ -407,6 +411,21 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     std::snprintf(s, sizeof s, "%g", in.model.adapter->lora_dropout);
     fail(spec.case_path ? *spec.case_path : spec.adapter.value_or(in.source),
          std::string("lora_dropout ") + s + " is not applied by train yet: refused rather than trained without it");
+  }
+  if (o.save_base) {
+    // The base the run starts from, as HF loads it: for a preset's synthetic weights the only way to get them
+    // into HF + PEFT (tools/peft_roundtrip.py). Frozen weights are written as stored (bf16).
+    if (in.model.weights.count(kEmbedPaddingName))
+      fail("--save-base", "this run's head is padded in memory (the gate setting of a released preset), which no HF "
+                          "checkpoint has: use gemma2-tiny, gemma2-odd or a checkpoint");
+    TensorMap base;
+    for (const auto& [n, t] : in.model.weights)
+      if (n.find(".lora_") == std::string::npos) base.emplace(n, t);
+    std::error_code ec;
+    std::filesystem::create_directories(*o.save_base, ec);
+    write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
+    write_text_atomic(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
+    std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
   }
   if (o.save_adapter && !in.model.adapter)
     fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
@@ -510,6 +529,7 @@ int main(int argc, char** argv) {
   app.add_option("--save-adapter", o.save_adapter, "the same as --output-dir, for a LoRA run");
   app.add_option("--save-steps", o.save_steps, "also write --output-dir/checkpoint-N every N steps");
   app.add_option("--resume", o.resume, "continue a saved run (an --output-dir or a checkpoint-N) bit-exactly");
+  app.add_option("--save-base", o.save_base, "write the base model the run starts from (config.json + model.safetensors)");
   app.add_option("--log", o.log_path, "write the per-step log as JSON");
   app.add_option("--report", o.report_path, "write an HTML page with the loss, learning rate and grad norm curves");
   app.add_option("--report-with", o.report_with, "other runs' --log files to plot beside this run's (repeatable)");
