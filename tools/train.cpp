@@ -295,11 +295,14 @@ int train_reference(const Plan& p, const TrainOptions& o) {
       if (r.trainer_state.contains("log_history")) history = r.trainer_state["log_history"];
     }
   }
-  std::printf("train: %s; softcap %s; steps %lld..%lld of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g (%s, "
-              "warmup %lld) wd %g; max_grad_norm %g\n",
-              in.description.c_str(), softcap_name(p.sc).c_str(), (long long)start + 1, (long long)p.total_steps,
-              (long long)p.batch, (long long)(p.data ? p.data->seq_len : in.batch.T), (long long)p.micro_rows, o.adamw.lr,
-              o.lr_scheduler.c_str(), (long long)o.warmup_steps, o.adamw.weight_decay, o.max_grad_norm);
+  if (p.total_steps == 0)
+    std::printf("train: %s; softcap %s; --max-steps 0: evaluating only\n", in.description.c_str(), softcap_name(p.sc).c_str());
+  else
+    std::printf("train: %s; softcap %s; steps %lld..%lld of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g (%s, "
+                "warmup %lld) wd %g; max_grad_norm %g\n",
+                in.description.c_str(), softcap_name(p.sc).c_str(), (long long)start + 1, (long long)p.total_steps,
+                (long long)p.batch, (long long)(p.data ? p.data->seq_len : in.batch.T), (long long)p.micro_rows, o.adamw.lr,
+                o.lr_scheduler.c_str(), (long long)o.warmup_steps, o.adamw.weight_decay, o.max_grad_norm);
   const auto t0 = std::chrono::steady_clock::now();
   Progress progress(p.total_steps);
   for (int64_t step = start + 1; step <= p.total_steps; ++step) {
