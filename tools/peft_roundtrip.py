@@ -91,7 +91,7 @@ def main(argv=None):
     from transformers import Gemma2ForCausalLM
 
     hf_crosscheck.install_patches(a.shipped)
-    model = Gemma2ForCausalLM.from_pretrained(a.base, torch_dtype=torch.float64, attn_implementation="eager")
+    model = Gemma2ForCausalLM.from_pretrained(a.base, dtype=torch.float64, attn_implementation="eager")
     model = peft.PeftModel.from_pretrained(model, a.adapter)
     model.eval()
     cfg = json.load(open(os.path.join(a.adapter, "adapter_config.json")))
