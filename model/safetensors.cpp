@@ -199,8 +199,11 @@ TensorMap read_safetensors_any(const std::string& path) {
   fail(path, "directory has neither model.safetensors nor model.safetensors.index.json");
 }
 
-void write_safetensors(const std::string& path, const TensorMap& tensors) {
+void write_safetensors(const std::string& path, const TensorMap& tensors) { write_safetensors(path, tensors, {}); }
+
+void write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
   json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
   uint64_t off = 0;
   for (const auto& [name, t] : tensors) {
     const char* d = t.dtype == DType::bf16 ? "BF16" : t.dtype == DType::f16 ? "F16" : t.dtype == DType::f32 ? "F32" : "F64";

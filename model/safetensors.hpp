@@ -16,6 +16,9 @@ TensorMap read_safetensors(const std::string& path);
 TensorMap read_safetensors_any(const std::string& path);
 // Writes a safetensors file atomically (temporary name, then rename).
 void write_safetensors(const std::string& path, const TensorMap& tensors);
+// The same with a "__metadata__" header entry (string to string, as the format allows): HF's loaders of some
+// versions insist on {"format": "pt"}, which PEFT and transformers write.
+void write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, std::string>& metadata);
 
 // config.json + weights (+ PEFT adapter directory or adapter_model.safetensors with adapter_config.json
 // beside it). `layers`, when set, keeps only the first layers (true widths on a small machine); without it, a

@@ -1,11 +1,18 @@
-// train: LoRA (or full-weight) finetuning steps with AdamW and gradient accumulation, logging the loss per
-// step. The reference backend is float64 and deterministic: the same inputs and seed give the same bits.
+// train: LoRA (or full-weight) finetuning with AdamW, HF Trainer's learning-rate schedules, gradient clipping by
+// global norm and gradient accumulation normalised by the step's scored targets; on synthetic batches or on a JSONL
+// dataset (train/data.hpp); writing PEFT adapters (or an HF checkpoint) and a state it resumes from bit-exactly
+// (train/save.hpp). The reference backend is float64 and deterministic: the same inputs and seed give the same
+// bits, with or without a stop and --resume in between. docs/train.md has the options and a worked example.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 
 #include "model/errors.hpp"
+#include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
 #include "reference/adamw.hpp"
 #ifdef GEMMA_HAVE_FAST
@@ -14,18 +21,34 @@
 #include "check/fast_backend.hpp"
 #include "check/inputs.hpp"
 #include "check/report.hpp"
+#include "train/data.hpp"
+#include "train/html_report.hpp"
+#include "train/save.hpp"
+#include "train/schedule.hpp"
 
 using namespace gemma;
 using namespace gemma::check;
+using namespace gemma::train;
+using nlohmann::json;
 
 namespace {
 
 struct TrainOptions {
-  int64_t steps = 10;
-  int64_t micro_batches = 1;  // gradient accumulation: micro-batches per step
+  std::optional<int64_t> max_steps;  // --max-steps (--steps): optimizer steps; overrides --epochs
+  std::optional<int64_t> epochs;     // --epochs: passes over --data (default 1)
+  int64_t micro_batches = 1;         // gradient accumulation: micro-batches per step
   ref::AdamWConfig adamw;
-  std::optional<std::string> softcap, log_path;
+  std::string lr_scheduler = "linear";  // HF's default
+  int64_t warmup_steps = 0;
+  double max_grad_norm = 1.0;           // HF's default; 0: no clipping
+  std::optional<std::string> softcap, log_path, report_path;
   std::string backend = "reference";
+  std::optional<std::string> data;
+  bool packing = false;
+  TokenizerOptions tokenizer;
+  std::optional<std::string> output_dir, save_adapter, resume, eval_data, save_base;
+  int64_t save_steps = 0;
+  std::vector<std::string> report_with;
 };
 
 // Stops with a message naming where a non-finite value first appeared.
@@ -38,77 +61,253 @@ void check_finite(int64_t step, size_t micro, const std::string& what, double v)
   }
 }
 
+std::string hms(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const long long t = (long long)std::llround(s);
+  char b[32];
+  if (t >= 3600) std::snprintf(b, sizeof b, "%lld:%02lld:%02lld", t / 3600, t / 60 % 60, t % 60);
+  else std::snprintf(b, sizeof b, "%lld:%02lld", t / 60, t % 60);
+  return b;
+}
+
+// The one progress line on stderr: rewritten in place on a terminal, one line per step otherwise (a log file).
+class Progress {
+ public:
+  explicit Progress(int64_t total) : total_(total), tty_(::isatty(2) != 0), t0_(std::chrono::steady_clock::now()) {}
+  void update(int64_t step, int64_t done, double loss, double lr, std::optional<double> grad_norm, int64_t tokens) {
+    tokens_ += tokens;
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    const double eta = done > 0 ? secs / double(done) * double(total_ - step) : NAN;
+    char gn[32] = "n/a";
+    if (grad_norm) std::snprintf(gn, sizeof gn, "%.4g", *grad_norm);
+    std::fprintf(stderr, "%sstep %lld/%lld  loss %.6f  lr %.3e  grad_norm %s  %.0f tokens/s  ETA %s%s", tty_ ? "\r\033[K" : "",
+                 (long long)step, (long long)total_, loss, lr, gn, secs > 0 ? double(tokens_) / secs : 0.0,
+                 hms(eta).c_str(), tty_ ? "" : "\n");
+    std::fflush(stderr);
+  }
+  void finish() {
+    if (tty_) std::fputc('\n', stderr);
+  }
+  double tokens_per_second() const {
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    return secs > 0 ? double(tokens_) / secs : 0.0;
+  }
+
+ private:
+  int64_t total_, tokens_ = 0;
+  bool tty_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+int64_t real_tokens(const Batch& b) {
+  if (b.attention_mask.empty()) return b.B * b.T;
+  int64_t n = 0;
+  for (uint8_t m : b.attention_mask) n += m;
+  return n;
+}
+
+// A digest of the rows the run trains on (ids, labels, positions, mask): a resumed run must see the same rows,
+// whatever tokenizer, template or flags made them.
+std::string rows_digest(const Dataset& d) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  auto mix = [&](int64_t v) { h = splitmix64(h ^ uint64_t(v)); };
+  for (const Row& r : d.rows) {
+    for (int64_t v : r.input_ids) mix(v);
+    for (int64_t v : r.labels) mix(v);
+    for (int64_t v : r.position_ids) mix(v);
+    for (uint8_t v : r.attention_mask) mix(v);
+    mix(-1);
+  }
+  char b[20];
+  std::snprintf(b, sizeof b, "%016llx", (unsigned long long)h);
+  return b;
+}
+
+struct Plan {
+  Inputs in;
+  Softcap sc;
+  std::optional<Dataset> data;
+  std::optional<Dataset> eval;
+  int64_t batch = 0;        // rows per optimizer step
+  int64_t micro_rows = 0;   // rows per micro-batch
+  int64_t total_steps = 0;
+  int64_t steps_per_epoch = 0;  // with data
+  Schedule schedule;
+  std::string out_dir;      // --output-dir or --save-adapter
+  json run;                 // the settings that change the math (recorded, checked on --resume)
+  uint64_t seed = 0;
+  bool synthetic_data = false;
+  std::vector<std::pair<std::string, json>> report_with;  // other runs' logs for the report
+};
+
+Batch batch_of_step(const Plan& p, int64_t step) {
+  if (p.data) return step_batch(*p.data, p.batch, p.seed, true, step);
+  // Synthetic runs draw a fresh batch per step (seeded by seed and step); a case file's batch repeats.
+  if (p.synthetic_data && step > 1)
+    return synthetic_batch(p.in.model.config, p.in.batch.B, p.in.batch.T, p.seed + uint64_t(step) * 7919);
+  return p.in.batch;
+}
+
+double epoch_of(const Plan& p, int64_t step) {
+  return p.data ? double(step) / double(p.steps_per_epoch) : 0.0;
+}
+
+json trainer_state_json(const Plan& p, int64_t step, const json& history) {
+  return {{"global_step", step}, {"max_steps", p.total_steps}, {"epoch", epoch_of(p, step)}, {"log_history", history},
+          {"gemma_train", {{"run", p.run}}}};
+}
+
+void write_log(const Plan& p, const TrainOptions& o, const json& history, const json& extra) {
+  if (!o.log_path) return;
+  json j = {{"source", p.in.source}, {"backend", o.backend}, {"softcap", softcap_name(p.sc)}, {"steps", history},
+            {"run", p.run}};
+  for (const auto& [k, v] : extra.items()) j[k] = v;
+  write_json(*o.log_path, j);
+}
+
+void write_report(const Plan& p, const TrainOptions& o, const json& history) {
+  if (!o.report_path) return;
+  std::vector<ReportSeries> series{{o.backend, history}};
+  for (const auto& [label, steps] : p.report_with) series.push_back({label, steps});
+  write_html_report(*o.report_path, "train: " + p.in.description, series, p.run);
+}
+
+// Another run's --log, to be plotted beside this one (e.g. the fast backend's curve beside the reference's).
+std::pair<std::string, json> read_log(const std::string& path) {
+  json j;
+  try {
+    j = json::parse(read_text_file(path));
+  } catch (const json::exception& e) {
+    fail(path, std::string("malformed JSON: ") + e.what());
+  }
+  if (!j.is_object() || !j.contains("steps") || !j["steps"].is_array()) fail(path, "is not a train --log file (no 'steps' list)");
+  return {j.value("backend", std::string("?")) + " (" + path + ")", j["steps"]};
+}
+
 // The same steps on the CUDA trainer: its loss per step, device time, peak device memory.
-int train_fast(const Inputs& in, Softcap sc, const TrainOptions& o, bool synthetic_data, uint64_t seed) {
+int train_fast(const Plan& p, const TrainOptions& o) {
 #ifdef GEMMA_HAVE_FAST
+  const Inputs& in = p.in;
   if (!in.model.adapter)
     fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (" + in.adapters_hint + ")");
-  const Config& c = in.model.config;
-  fast::Trainer trainer(in.model, o.adamw, sc);
-  std::printf("train (fast, CUDA): %s; softcap %s; %lld steps of %lld x %lld tokens in %lld micro-batches; AdamW lr %g wd %g\n",
-              in.description.c_str(), softcap_name(sc).c_str(), (long long)o.steps, (long long)in.batch.B,
-              (long long)in.batch.T, (long long)o.micro_batches, o.adamw.lr, o.adamw.weight_decay);
-  nlohmann::json log = nlohmann::json::array();
-  for (int64_t step = 1; step <= o.steps; ++step) {
-    const Batch batch =
-        synthetic_data && step > 1 ? synthetic_batch(c, in.batch.B, in.batch.T, seed + uint64_t(step) * 7919) : in.batch;
-    const fast::Trainer::Step st = trainer.step(batch, o.micro_batches);
+  fast::Trainer trainer(in.model, o.adamw, p.sc);
+  std::printf("train (fast, CUDA): %s; softcap %s; %lld steps of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g wd %g\n",
+              in.description.c_str(), softcap_name(p.sc).c_str(), (long long)p.total_steps, (long long)p.batch,
+              (long long)(p.data ? p.data->seq_len : in.batch.T), (long long)p.micro_rows, o.adamw.lr, o.adamw.weight_decay);
+  json history = json::array();
+  Progress progress(p.total_steps);
+  for (int64_t step = 1; step <= p.total_steps; ++step) {
+    const Batch batch = batch_of_step(p, step);
+    const int64_t micro = (batch.B + p.micro_rows - 1) / p.micro_rows;
+    const fast::Trainer::Step st = trainer.step(batch, micro);
     check_finite(step, 0, "loss", st.loss);
     std::printf("step %4lld  loss %.12f  targets %lld  %.3f s on the device\n", (long long)step, st.loss,
                 (long long)st.tokens, st.seconds);
     std::fflush(stdout);
-    log.push_back({{"step", step}, {"loss", st.loss}, {"targets", st.tokens}, {"seconds", st.seconds}});
+    progress.update(step, step, st.loss, o.adamw.lr, std::nullopt, real_tokens(batch));
+    history.push_back({{"step", step}, {"loss", st.loss}, {"targets", st.tokens}, {"seconds", st.seconds},
+                       {"learning_rate", o.adamw.lr}, {"epoch", epoch_of(p, step)}});
   }
+  progress.finish();
   std::printf("peak device memory %.2f GB\n", double(trainer.peak_device_bytes()) / 1e9);
-  if (o.log_path)
-    write_json(*o.log_path, {{"source", in.source}, {"backend", "fast"}, {"softcap", softcap_name(sc)}, {"steps", log},
-                             {"peak_device_bytes", trainer.peak_device_bytes()}});
+  if (!p.out_dir.empty()) {
+    TensorMap w = trainer.adapters();
+    save_dir(p.out_dir, in.model.config, in.model.adapter, in.source, w, nullptr, trainer_state_json(p, p.total_steps, history));
+    std::printf("saved %s (adapter; no optimizer state: the fast trainer keeps it on the device)\n", p.out_dir.c_str());
+  }
+  write_log(p, o, history, {{"peak_device_bytes", trainer.peak_device_bytes()}});
+  write_report(p, o, history);
   return 0;
 #else
-  (void)in, (void)sc, (void)o, (void)synthetic_data, (void)seed;
+  (void)p, (void)o;
   fail("--backend fast", "this build has no CUDA backend");
 #endif
 }
 
-int run_train(const InputSpec& spec, const TrainOptions& o) {
-  if (o.backend != "reference" && o.backend != "fast") fail("--backend", "'" + o.backend + "' is not one of reference, fast");
-  std::string why;
-  if (o.backend == "fast" && !fast_available(&why)) fail("--backend fast", why);
-  if (o.steps < 1) fail("--steps", "must be at least 1");
-  if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
-  if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
-  Inputs in = load_inputs(spec);
-  print_warnings("train", in.model.warnings);
-  // LoRA dropout changes every step's gradients; until train applies it, training without it would be
-  // training another model than the adapter config describes.
-  if (in.model.adapter && in.model.adapter->lora_dropout > 0) {
-    char p[32];
-    std::snprintf(p, sizeof p, "%g", in.model.adapter->lora_dropout);
-    fail(spec.case_path ? *spec.case_path : spec.adapter.value_or(in.source),
-         std::string("lora_dropout ") + p + " is not applied by train yet: refused rather than trained without it");
-  }
-  const Config& c = in.model.config;
-  const Softcap sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
-  check_softcap_available(c, sc, "--softcap");
-  if (in.batch.B % o.micro_batches != 0)
-    fail("--micro-batches", std::to_string(o.micro_batches) + " does not divide the batch of " + std::to_string(in.batch.B));
-  const bool synthetic_data = !spec.case_path;
+// The trainable tensors' values (float64) and AdamW moments, by name.
+TrainState capture(ref::Model<double>& m, ref::Grads<double>& g, const ref::AdamWState<double>& s) {
+  TrainState t;
+  t.step = s.step;
+  size_t k = 0;
+  ref::for_each_trainable(m, g, [&](const std::string& name, const Shape& shape, const double* p, const double*, int64_t n) {
+    t.params[name].assign(p, p + n);
+    t.shapes[name] = shape;
+    t.exp_avg[name] = k < s.m.size() ? s.m[k] : std::vector<double>(size_t(n), 0.0);
+    t.exp_avg_sq[name] = k < s.v.size() ? s.v[k] : std::vector<double>(size_t(n), 0.0);
+    ++k;
+  });
+  return t;
+}
 
-  if (o.backend == "fast") return train_fast(in, sc, o, synthetic_data, spec.seed);
+TensorMap trained_weights(const TrainState& t) {
+  TensorMap w;
+  for (const auto& [name, p] : t.params) w.emplace(name, tensor_from_doubles(DType::f64, t.shapes.at(name), p));
+  return w;
+}
+
+void restore(ref::Model<double>& m, ref::Grads<double>& g, ref::AdamWState<double>& s, const TrainState& t, const std::string& dir) {
+  s = {};
+  s.step = t.step;
+  size_t seen = 0;
+  ref::for_each_trainable(m, g, [&](const std::string& name, const Shape& shape, double* p, const double*, int64_t n) {
+    auto it = t.params.find(name);
+    if (it == t.params.end()) fail("--resume " + dir, "the saved state has no tensor '" + name + "' that this run trains");
+    if (t.shapes.at(name) != shape)
+      fail("--resume " + dir, "tensor '" + name + "' is " + shape_str(t.shapes.at(name)) + " in the saved state, " +
+                                  shape_str(shape) + " here");
+    std::copy(it->second.begin(), it->second.end(), p);
+    s.m.push_back(t.exp_avg.at(name));
+    s.v.push_back(t.exp_avg_sq.at(name));
+    ++seen;
+    (void)n;
+  });
+  if (seen != t.params.size()) fail("--resume " + dir, "the saved state holds tensors this run does not train");
+}
+
+double eval_loss(const ref::Model<double>& m, const Dataset& d, int64_t batch, const ref::RunOptions& opt) {
+  double sum = 0;
+  int64_t n = 0;
+  for (const Batch& b : all_batches(d, batch)) {
+    sum += ref::forward_backward<double>(m, b, opt, 0.0, nullptr).loss_sum;
+    n += b.count_targets();
+  }
+  return sum / double(n);
+}
+
+int train_reference(const Plan& p, const TrainOptions& o) {
+  const Inputs& in = p.in;
   ref::RunOptions opt;
-  opt.softcap = sc;
+  opt.softcap = p.sc;
   ref::Model<double> m = ref::make_model<double>(in.model, opt.numerics.policy);
   ref::AdamWState<double> state;
-  std::printf("train: %s; softcap %s; %lld steps of %lld x %lld tokens in %lld micro-batches; AdamW lr %g wd %g\n",
-              in.description.c_str(), softcap_name(sc).c_str(), (long long)o.steps, (long long)in.batch.B,
-              (long long)in.batch.T, (long long)o.micro_batches, o.adamw.lr, o.adamw.weight_decay);
-  nlohmann::json log = nlohmann::json::array();
+  json history = json::array();
+  int64_t start = 0;
+  {
+    ref::Grads<double> g0 = ref::zero_grads(m);
+    if (o.resume) {
+      Resumed r = read_resume_dir(*o.resume);
+      check_same_run(r.trainer_state["gemma_train"]["run"], p.run, *o.resume);
+      restore(m, g0, state, r.state, *o.resume);
+      start = r.state.step;
+      if (start >= p.total_steps)
+        fail("--resume " + *o.resume, "the saved run is at step " + std::to_string(start) + " of " +
+                                          std::to_string(p.total_steps) + ": nothing is left to train");
+      if (r.trainer_state.contains("log_history")) history = r.trainer_state["log_history"];
+    }
+  }
+  if (p.total_steps == 0)
+    std::printf("train: %s; softcap %s; --max-steps 0: evaluating only\n", in.description.c_str(), softcap_name(p.sc).c_str());
+  else
+    std::printf("train: %s; softcap %s; steps %lld..%lld of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g (%s, "
+                "warmup %lld) wd %g; max_grad_norm %g\n",
+                in.description.c_str(), softcap_name(p.sc).c_str(), (long long)start + 1, (long long)p.total_steps,
+                (long long)p.batch, (long long)(p.data ? p.data->seq_len : in.batch.T), (long long)p.micro_rows, o.adamw.lr,
+                o.lr_scheduler.c_str(), (long long)o.warmup_steps, o.adamw.weight_decay, o.max_grad_norm);
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t step = 1; step <= o.steps; ++step) {
-    // Synthetic runs draw a fresh batch per step (seeded by seed and step); a case file's batch repeats.
-    const Batch batch =
-        synthetic_data && step > 1 ? synthetic_batch(c, in.batch.B, in.batch.T, spec.seed + uint64_t(step) * 7919) : in.batch;
-    const std::vector<Batch> micro = split_batch(batch, batch.B / o.micro_batches);
+  Progress progress(p.total_steps);
+  for (int64_t step = start + 1; step <= p.total_steps; ++step) {
+    const Batch batch = batch_of_step(p, step);
+    const std::vector<Batch> micro = split_batch(batch, p.micro_rows);
     int64_t total = 0;
     for (const Batch& b : micro) total += b.count_targets();
     if (total == 0) fail("step " + std::to_string(step), "every label is ignored");
@@ -123,15 +322,166 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
       });
     }
     const double loss = loss_sum / double(total);
-    ref::adamw_step(m, g, state, o.adamw, opt.numerics.policy);
+    // Clipping sees the accumulated gradient of the whole step, as HF's Trainer clips after accumulation.
+    std::vector<std::pair<double*, int64_t>> grads;
+    ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, double*, double* gr, int64_t n) { grads.push_back({gr, n}); });
+    const double grad_norm = clip_grad_norm(grads, o.max_grad_norm);
+    ref::AdamWConfig h = o.adamw;
+    h.lr = lr_at(p.schedule, step);
+    ref::adamw_step(m, g, state, h, opt.numerics.policy);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("step %4lld  loss %.12f  targets %lld  %.1f s\n", (long long)step, loss, (long long)total, secs);
+    std::printf("step %4lld  loss %.12f  targets %lld  lr %.6e  grad_norm %.6e  %.1f s\n", (long long)step, loss,
+                (long long)total, h.lr, grad_norm, secs);
     std::fflush(stdout);
-    log.push_back({{"step", step}, {"loss", loss}, {"targets", total}, {"seconds", secs}});
+    progress.update(step, step - start, loss, h.lr, grad_norm, real_tokens(batch));
+    history.push_back({{"step", step}, {"loss", loss}, {"targets", total}, {"seconds", secs}, {"learning_rate", h.lr},
+                       {"grad_norm", grad_norm}, {"epoch", epoch_of(p, step)}, {"tokens", real_tokens(batch)}});
+    const bool last = step == p.total_steps;
+    if (!p.out_dir.empty() && (o.save_steps > 0 && step % o.save_steps == 0 && !last)) {
+      const TrainState ts = capture(m, g, state);
+      const std::string d = save_checkpoint(p.out_dir, in.model.config, in.model.adapter, in.source, trained_weights(ts), ts,
+                                            trainer_state_json(p, step, history));
+      if (::isatty(2)) std::fputc('\n', stderr);
+      std::printf("saved %s\n", d.c_str());
+    }
+    if (last && !p.out_dir.empty()) {
+      const TrainState ts = capture(m, g, state);
+      save_dir(p.out_dir, in.model.config, in.model.adapter, in.source, trained_weights(ts), &ts,
+               trainer_state_json(p, step, history));
+    }
   }
-  if (o.log_path)
-    write_json(*o.log_path, {{"source", in.source}, {"backend", o.backend}, {"softcap", softcap_name(sc)}, {"steps", log}});
+  progress.finish();
+  if (!p.out_dir.empty())
+    std::printf("saved %s (%s and the training state)\n", p.out_dir.c_str(),
+                in.model.adapter ? "PEFT adapter" : "HF checkpoint");
+  json extra = {{"tokens_per_second", progress.tokens_per_second()}};
+  if (p.eval) {
+    const double el = eval_loss(m, *p.eval, p.micro_rows, opt);
+    std::printf("eval_loss %.17g  (%s, %lld rows, %lld scored targets)\n", el, p.eval->path.c_str(),
+                (long long)p.eval->rows.size(), (long long)p.eval->scored);
+    extra["eval_loss"] = el;
+  }
+  write_log(p, o, history, extra);
+  write_report(p, o, history);
   return 0;
+}
+
+int run_train(const InputSpec& spec, const TrainOptions& o) {
+  if (o.backend != "reference" && o.backend != "fast") fail("--backend", "'" + o.backend + "' is not one of reference, fast");
+  std::string why;
+  if (o.backend == "fast" && !fast_available(&why)) fail("--backend fast", why);
+  if (o.max_steps && *o.max_steps < (o.eval_data ? 0 : 1))
+    fail("--max-steps", "must be at least 1 (0 only with --eval-data: evaluate without training)");
+  if (o.max_steps == 0 && (o.output_dir || o.save_adapter || o.resume || o.save_steps))
+    fail("--max-steps", "0 trains nothing: there is nothing to save or resume");
+  if (o.epochs && *o.epochs < 1) fail("--epochs", "must be at least 1");
+  if (o.epochs && !o.data) fail("--epochs", "counts passes over --data; synthetic batches have no epochs (give --max-steps)");
+  if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
+  if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
+  if (!(o.max_grad_norm >= 0) || !std::isfinite(o.max_grad_norm)) fail("--max-grad-norm", "must be 0 (no clipping) or positive");
+  if (o.warmup_steps < 0) fail("--warmup-steps", "must be 0 or more");
+  if (o.save_steps < 0) fail("--save-steps", "must be 0 (only the end) or more");
+  const Scheduler sched = parse_scheduler(o.lr_scheduler);
+  // HF's "constant" ignores warmup; asking for warmup and not getting it would train another run than asked for.
+  if (sched == Scheduler::constant && o.warmup_steps > 0)
+    fail("--warmup-steps", "'constant' has no warmup (HF ignores it): use --lr-scheduler constant_with_warmup");
+  if (o.packing && !o.data) fail("--packing", "packs --data rows; give --data");
+  if ((o.tokenizer.model_path || o.tokenizer.config_path || o.tokenizer.bos_id || o.tokenizer.eos_id) && !o.data && !o.eval_data)
+    fail("--tokenizer", "tokenizes --data text rows; give --data");
+  if (o.tokenizer.config_path && !o.tokenizer.model_path) fail("--tokenizer-config", "goes with --tokenizer");
+  if (o.output_dir && o.save_adapter) fail("--save-adapter", "conflicts with --output-dir (they name the same directory)");
+  if (o.save_steps > 0 && !o.output_dir && !o.save_adapter) fail("--save-steps", "writes checkpoints into --output-dir; give it");
+  if (o.backend == "fast") {
+    // The CUDA trainer's AdamW runs on the device with one learning rate and no clipping; its moments stay there.
+    if (sched != Scheduler::constant) fail("--lr-scheduler", "the fast trainer runs a constant learning rate: give --lr-scheduler constant");
+    if (o.max_grad_norm > 0) fail("--max-grad-norm", "the fast trainer does not clip gradients yet: give --max-grad-norm 0");
+    if (o.resume) fail("--resume", "the fast trainer cannot load AdamW moments yet: resume with --backend reference");
+    if (o.save_steps > 0) fail("--save-steps", "the fast trainer cannot save its AdamW moments yet");
+    if (o.eval_data) fail("--eval-data", "evaluates with the reference: use --backend reference");
+  }
+
+  if (!o.report_with.empty() && !o.report_path) fail("--report-with", "adds curves to --report; give --report");
+  Plan p;
+  p.seed = spec.seed;
+  for (const std::string& f : o.report_with) p.report_with.push_back(read_log(f));
+  p.in = load_inputs(spec);
+  print_warnings("train", p.in.model.warnings);
+  const Inputs& in = p.in;
+  // LoRA dropout changes every step's gradients; until train applies it, training without it would be
+  // training another model than the adapter config describes.
+  if (in.model.adapter && in.model.adapter->lora_dropout > 0) {
+    char s[32];
+    std::snprintf(s, sizeof s, "%g", in.model.adapter->lora_dropout);
+    fail(spec.case_path ? *spec.case_path : spec.adapter.value_or(in.source),
+         std::string("lora_dropout ") + s + " is not applied by train yet: refused rather than trained without it");
+  }
+  if (o.save_base) {
+    // The base the run starts from, as HF loads it: for a preset's synthetic weights the only way to get them
+    // into HF + PEFT (tools/peft_roundtrip.py). Frozen weights are written as stored (bf16).
+    if (in.model.weights.count(kEmbedPaddingName))
+      fail("--save-base", "this run's head is padded in memory (the gate setting of a released preset), which no HF "
+                          "checkpoint has: use gemma2-tiny, gemma2-odd or a checkpoint");
+    TensorMap base;
+    for (const auto& [n, t] : in.model.weights)
+      if (n.find(".lora_") == std::string::npos) base.emplace(n, t);
+    std::error_code ec;
+    std::filesystem::create_directories(*o.save_base, ec);
+    write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
+    write_text_atomic(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
+    std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
+  }
+  if (o.save_adapter && !in.model.adapter)
+    fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
+  p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
+  const Config& c = in.model.config;
+  p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
+  check_softcap_available(c, p.sc, "--softcap");
+  p.synthetic_data = !spec.case_path;
+  std::unique_ptr<Tokenizer> tok;
+  if (o.tokenizer.model_path) tok = Tokenizer::load(o.tokenizer, c.vocab_size);
+  std::vector<std::string> warnings;
+  if (o.data) {
+    if (spec.case_path) fail("--data", "conflicts with --case (the case file fixes the batch)");
+    p.data = load_dataset({*o.data, in.batch.T, o.packing}, c, tok.get(), &warnings);
+    p.batch = in.batch.B;
+    p.steps_per_epoch = steps_per_epoch(int64_t(p.data->rows.size()), p.batch);
+    p.total_steps = o.max_steps.value_or(o.epochs.value_or(1) * p.steps_per_epoch);
+    std::printf("data: %s: %lld examples in %lld rows of %lld tokens (%s), %lld real tokens, %lld scored targets; %lld steps per epoch\n",
+                p.data->path.c_str(), (long long)p.data->examples, (long long)p.data->rows.size(), (long long)p.data->seq_len,
+                o.packing ? "packed" : "padded", (long long)p.data->tokens, (long long)p.data->scored,
+                (long long)p.steps_per_epoch);
+  } else {
+    p.batch = in.batch.B;
+    p.total_steps = o.max_steps.value_or(10);
+  }
+  if (o.eval_data) p.eval = load_dataset({*o.eval_data, in.batch.T, o.packing}, c, tok.get(), &warnings);
+  print_warnings("train", warnings);
+  if (p.batch % o.micro_batches != 0)
+    fail("--micro-batches", std::to_string(o.micro_batches) + " does not divide the batch of " + std::to_string(p.batch));
+  p.micro_rows = p.batch / o.micro_batches;
+  p.schedule = {sched, o.adamw.lr, o.warmup_steps, p.total_steps};
+  p.run = {{"source", in.source},
+           {"description", in.description},
+           {"seed", spec.seed},
+           {"backend", o.backend},
+           {"softcap", softcap_name(p.sc)},
+           {"batch", p.batch},
+           {"micro_batches", o.micro_batches},
+           {"seq_len", p.data ? p.data->seq_len : in.batch.T},
+           {"data", p.data ? json{{"sha256", p.data->sha256}, {"rows", rows_digest(*p.data)}, {"packing", o.packing}}
+                           : json(spec.case_path ? "case" : "synthetic")},
+           {"learning_rate", o.adamw.lr},
+           {"lr_scheduler_type", scheduler_name(sched)},
+           {"warmup_steps", o.warmup_steps},
+           {"max_steps", p.total_steps},
+           {"max_grad_norm", o.max_grad_norm},
+           {"weight_decay", o.adamw.weight_decay},
+           {"adam_beta1", o.adamw.beta1},
+           {"adam_beta2", o.adamw.beta2},
+           {"adam_epsilon", o.adamw.eps},
+           {"adapter", in.model.adapter ? json::parse(to_adapter_config_json(*in.model.adapter)) : json(nullptr)}};
+  if (o.backend == "fast") return train_fast(p, o);
+  return train_reference(p, o);
 }
 
 }  // namespace
@@ -150,21 +500,42 @@ int main(int argc, char** argv) {
   app.add_option("--case", spec.case_path, "HDF5 case file (its batch is used every step)");
   app.add_option("--config", spec.config, "HF config.json");
   app.add_option("--weights", spec.weights, "safetensors file or checkpoint directory");
-  app.add_option("--adapter", spec.adapter, "PEFT adapter directory or adapter_model.safetensors");
+  app.add_option("--adapter", spec.adapter, "PEFT adapter directory or adapter_model.safetensors to train on");
   app.add_option("--layers", spec.layers, "layers of a synthetic or checkpoint run");
-  app.add_option("--seq", spec.seq, "sequence length of synthetic batches");
-  app.add_option("--batch", spec.batch, "sequences per step of synthetic batches");
-  app.add_option("--seed", seed, "seed of synthetic weights and batches")->check(kNonNegativeSeed);
+  app.add_option("--seq,--seq-len", spec.seq, "tokens per row: of synthetic batches, or what --data rows are padded or packed to");
+  app.add_option("--batch", spec.batch, "rows per optimizer step (all micro-batches together)");
+  app.add_option("--seed", seed, "seed of synthetic weights and batches, and of the data order")->check(kNonNegativeSeed);
   app.add_option("--lora-r", spec.lora_r,
                  "rank of synthetic LoRA adapters, on a preset (default 8) or a checkpoint without --adapter (default "
                  "none); 0 trains every weight");
-  app.add_option("--steps", o.steps, "optimizer steps");
+  app.add_option("--max-steps,--steps", o.max_steps, "optimizer steps (default: --epochs over --data, or 10)");
+  app.add_option("--epochs", o.epochs, "passes over --data (default 1), reshuffled each epoch");
   app.add_option("--micro-batches", o.micro_batches, "micro-batches per step (gradient accumulation)");
-  app.add_option("--lr", o.adamw.lr, "AdamW learning rate");
+  app.add_option("--lr", o.adamw.lr, "AdamW peak learning rate (HF's learning_rate)");
   app.add_option("--weight-decay", o.adamw.weight_decay, "AdamW decoupled weight decay");
+  app.add_option("--adam-beta1", o.adamw.beta1, "AdamW beta1 (0.9)");
+  app.add_option("--adam-beta2", o.adamw.beta2, "AdamW beta2 (0.999)");
+  app.add_option("--adam-epsilon", o.adamw.eps, "AdamW epsilon (1e-8)");
+  app.add_option("--lr-scheduler", o.lr_scheduler, "linear (default) | cosine | constant | constant_with_warmup, as HF's");
+  app.add_option("--warmup-steps", o.warmup_steps, "steps of linear warmup from 0");
+  app.add_option("--max-grad-norm", o.max_grad_norm, "clip the global gradient norm to this (default 1.0; 0: off)");
   app.add_option("--softcap", o.softcap, "none | attn | logits | attn,logits");
   app.add_option("--backend", o.backend, "reference | fast");
-  app.add_option("--log", o.log_path, "write the per-step losses as JSON");
+  app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
+  app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
+  app.add_option("--tokenizer", o.tokenizer.model_path, "SentencePiece tokenizer.model for text rows");
+  app.add_option("--tokenizer-config", o.tokenizer.config_path, "HF tokenizer_config.json (add_bos_token, bos_token, eos_token)");
+  app.add_option("--bos-id", o.tokenizer.bos_id, "BOS id (default: the tokenizer's; Gemma 2)");
+  app.add_option("--eos-id", o.tokenizer.eos_id, "EOS id (default: the tokenizer's; Gemma 1)");
+  app.add_option("--eval-data", o.eval_data, "JSONL rows whose mean loss is printed after training (held-out check)");
+  app.add_option("--output-dir", o.output_dir, "write the trained adapter (or model), and the state to resume from");
+  app.add_option("--save-adapter", o.save_adapter, "the same as --output-dir, for a LoRA run");
+  app.add_option("--save-steps", o.save_steps, "also write --output-dir/checkpoint-N every N steps");
+  app.add_option("--resume", o.resume, "continue a saved run (an --output-dir or a checkpoint-N) bit-exactly");
+  app.add_option("--save-base", o.save_base, "write the base model the run starts from (config.json + model.safetensors)");
+  app.add_option("--log", o.log_path, "write the per-step log as JSON");
+  app.add_option("--report", o.report_path, "write an HTML page with the loss, learning rate and grad norm curves");
+  app.add_option("--report-with", o.report_with, "other runs' --log files to plot beside this run's (repeatable)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

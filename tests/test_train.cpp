@@ -1,0 +1,440 @@
+// train as people use it: JSONL data (tokenized, and text through a SentencePiece model trained here), padding
+// and packing, HF's learning-rate schedules, clipping by global norm, PEFT adapters out and back in through the
+// project's own reader, full-weight checkpoints, bit-exact --resume, the HTML report, and bad data refused with
+// exit 2 naming FILE:LINE.
+#include <gtest/gtest.h>
+#include <sentencepiece_trainer.h>
+
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "model/safetensors.hpp"
+#include "model/synthetic.hpp"
+#include "reference/gemma2.hpp"
+#include "tests/badinput_support.hpp"
+#include "train/data.hpp"
+#include "train/html_report.hpp"
+#include "train/save.hpp"
+#include "train/schedule.hpp"
+
+using namespace gemma;
+using namespace gemma::test;
+using namespace gemma::train;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kTrain = GEMMA_TRAIN_BIN;
+const std::string kExamples = GEMMA_EXAMPLES_DIR;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Schedules and clipping
+
+TEST(TrainSchedule, LinearWithWarmupIsHFs) {
+  // transformers' get_linear_schedule_with_warmup(opt, 2, 10); optimizer step k runs at lambda(k - 1).
+  const Schedule s{Scheduler::linear, 1e-3, 2, 10};
+  EXPECT_EQ(lr_at(s, 1), 0.0);  // HF's first warmup step has learning rate 0
+  EXPECT_EQ(lr_at(s, 2), 1e-3 * 0.5);
+  EXPECT_EQ(lr_at(s, 3), 1e-3 * (8.0 / 8.0));
+  EXPECT_EQ(lr_at(s, 10), 1e-3 * (1.0 / 8.0));
+  EXPECT_EQ(lr_at(s, 11), 0.0);
+}
+
+TEST(TrainSchedule, CosineAndConstant) {
+  const Schedule c{Scheduler::cosine, 2e-4, 1, 5};
+  EXPECT_EQ(lr_at(c, 1), 0.0);
+  EXPECT_EQ(lr_at(c, 2), 2e-4);  // progress 0: cos(0) = 1
+  EXPECT_DOUBLE_EQ(lr_at(c, 4), 2e-4 * 0.5);  // progress 0.5: half way down
+  EXPECT_DOUBLE_EQ(lr_at(c, 5), 2e-4 * 0.5 * (1 + std::cos(M_PI * 0.75)));
+  const Schedule k{Scheduler::constant, 3e-4, 0, 5};
+  for (int64_t i = 1; i <= 6; ++i) EXPECT_EQ(lr_at(k, i), 3e-4);
+  const Schedule kw{Scheduler::constant_with_warmup, 3e-4, 4, 9};
+  EXPECT_EQ(lr_at(kw, 3), 3e-4 * 0.5);
+  EXPECT_EQ(lr_at(kw, 5), 3e-4);
+}
+
+TEST(TrainSchedule, ClipGradNormIsTorchs) {
+  std::vector<double> a{3, 0}, b{0, 4, 0};
+  std::vector<std::pair<double*, int64_t>> t{{a.data(), 2}, {b.data(), 3}};
+  const double n = clip_grad_norm(t, 1.0);
+  EXPECT_EQ(n, 5.0);
+  const double coef = 1.0 / (5.0 + 1e-6);  // torch: max_norm / (total + 1e-6)
+  EXPECT_EQ(a[0], 3 * coef);
+  EXPECT_EQ(b[1], 4 * coef);
+  // Below the limit nothing changes; 0 only measures.
+  std::vector<double> c{0.3, 0.4};
+  std::vector<std::pair<double*, int64_t>> u{{c.data(), 2}};
+  EXPECT_DOUBLE_EQ(clip_grad_norm(u, 1.0), 0.5);
+  EXPECT_EQ(c[0], 0.3);
+  std::vector<double> d{30, 40};
+  std::vector<std::pair<double*, int64_t>> w{{d.data(), 2}};
+  EXPECT_EQ(clip_grad_norm(w, 0.0), 50.0);
+  EXPECT_EQ(d[0], 30.0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Data
+
+Config tiny() { return preset("gemma2-tiny"); }
+
+std::string write(const TempDir& d, const std::string& name, const std::string& text) {
+  spit(d / name, text);
+  return d / name;
+}
+
+TEST(TrainData, PaddedRowsHaveMaskAndIgnoredLabels) {
+  TempDir d;
+  const std::string p = write(d, "a.jsonl", "{\"input_ids\": [2, 10, 11, 12]}\n\n{\"input_ids\": [2, 20, 21], \"labels\": [-100, -100, 21]}\n");
+  const Dataset ds = load_dataset({p, 6, false}, tiny(), nullptr, nullptr);
+  ASSERT_EQ(ds.rows.size(), 2u);
+  EXPECT_EQ(ds.examples, 2);
+  EXPECT_EQ(ds.rows[0].input_ids, (std::vector<int64_t>{2, 10, 11, 12, 0, 0}));
+  EXPECT_EQ(ds.rows[0].labels, (std::vector<int64_t>{2, 10, 11, 12, -100, -100}));
+  EXPECT_EQ(ds.rows[0].attention_mask, (std::vector<uint8_t>{1, 1, 1, 1, 0, 0}));
+  EXPECT_TRUE(ds.rows[0].position_ids.empty());
+  EXPECT_EQ(ds.rows[1].labels, (std::vector<int64_t>{-100, -100, 21, -100, -100, -100}));
+  EXPECT_EQ(ds.scored, 3 + 1);
+  const Batch b = step_batch(ds, 2, 0, false, 1);
+  EXPECT_EQ(b.B, 2);
+  EXPECT_FALSE(b.packed());
+  validate_batch(tiny(), b, "test");
+}
+
+TEST(TrainData, PackedRowsRestartPositionsAndDoNotScoreAcrossExamples) {
+  TempDir d;
+  const std::string p =
+      write(d, "a.jsonl", "{\"input_ids\": [2, 10, 11]}\n{\"input_ids\": [2, 20, 21, 22]}\n{\"input_ids\": [2, 30, 31, 32, 33]}\n");
+  const Dataset ds = load_dataset({p, 8, true}, tiny(), nullptr, nullptr);
+  ASSERT_EQ(ds.rows.size(), 2u);  // 3 + 4 fit in 8; 5 starts the next row
+  EXPECT_EQ(ds.rows[0].input_ids, (std::vector<int64_t>{2, 10, 11, 2, 20, 21, 22, 0}));
+  EXPECT_EQ(ds.rows[0].position_ids, (std::vector<int64_t>{0, 1, 2, 0, 1, 2, 3, 0}));
+  // The second example's first token is not a target of the first example's last.
+  EXPECT_EQ(ds.rows[0].labels, (std::vector<int64_t>{-100, 10, 11, -100, 20, 21, 22, -100}));
+  EXPECT_EQ(ds.rows[1].position_ids, (std::vector<int64_t>{0, 1, 2, 3, 4, 0, 1, 2}));
+  EXPECT_TRUE(ds.rows[1].attention_mask.empty());
+  const Batch b = step_batch(ds, 2, 0, false, 1);
+  EXPECT_TRUE(b.packed());
+  validate_batch(tiny(), b, "test");
+}
+
+// The strongest check of packing: a packed batch has the same summed loss and the same gradients as the same
+// examples one per padded row (every example sees only itself either way).
+TEST(TrainData, PackedEqualsPadded) {
+  const Config c = tiny();
+  TempDir d;
+  std::string text;
+  for (int i = 0; i < 5; ++i) {
+    json row;
+    std::vector<int64_t> ids{2};
+    for (int k = 0; k < 4 + 3 * i; ++k) ids.push_back(5 + (i * 37 + k * 11) % 300);
+    row["input_ids"] = ids;
+    text += row.dump() + "\n";
+  }
+  const std::string p = write(d, "a.jsonl", text);
+  const Dataset padded = load_dataset({p, 24, false}, c, nullptr, nullptr);
+  const Dataset packed = load_dataset({p, 24, true}, c, nullptr, nullptr);
+  ASSERT_LT(packed.rows.size(), padded.rows.size());
+  Checkpoint ck;
+  ck.config = c;
+  ck.weights = synthetic_weights(c, 3);
+  ck.adapter = AdapterConfig{};
+  ck.adapter->r = 2;
+  ck.adapter->lora_alpha = 4;
+  ck.adapter->target_modules.assign(kAllProj.begin(), kAllProj.end());
+  const TensorMap a = synthetic_adapters(c, *ck.adapter, 3);
+  ck.weights.insert(a.begin(), a.end());
+  ref::RunOptions opt;
+  auto run = [&](const Dataset& ds, std::vector<double>* grads) {
+    ref::Model<double> m = ref::make_model<double>(ck, opt.numerics.policy);
+    ref::Grads<double> g = ref::zero_grads(m);
+    double sum = 0;
+    for (const Batch& b : all_batches(ds, 8)) sum += ref::forward_backward<double>(m, b, opt, 1.0, &g).loss_sum;
+    ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, const double*, const double* gr, int64_t n) {
+      grads->insert(grads->end(), gr, gr + n);
+    });
+    return sum;
+  };
+  std::vector<double> g1, g2;
+  const double l1 = run(padded, &g1), l2 = run(packed, &g2);
+  EXPECT_NEAR(l1, l2, 1e-12 * std::fabs(l1));
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < g1.size(); ++i) diff += (g1[i] - g2[i]) * (g1[i] - g2[i]), norm += g1[i] * g1[i];
+  EXPECT_LT(std::sqrt(diff / norm), 1e-12);
+  EXPECT_EQ(padded.scored, packed.scored);
+}
+
+TEST(TrainData, EpochOrderIsASeededPermutation) {
+  const std::vector<int64_t> a = epoch_order(50, 7, 0, true), b = epoch_order(50, 7, 0, true), c = epoch_order(50, 7, 1, true);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  std::vector<int64_t> s = a;
+  std::sort(s.begin(), s.end());
+  for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(s[size_t(i)], i);
+  EXPECT_EQ(steps_per_epoch(50, 8), 7);
+}
+
+void expect_data_error(const std::string& line, const std::vector<std::string>& needles, const Tokenizer* tok = nullptr) {
+  TempDir d;
+  const std::string p = write(d, "bad.jsonl", "{\"input_ids\": [2, 3, 4]}\n" + line + "\n");
+  std::vector<std::string> n = needles;
+  n.push_back(p + ":2: ");
+  expect_input_error([&] { load_dataset({p, 8, false}, tiny(), tok, nullptr); }, n);
+}
+
+TEST(TrainData, BadLinesAreNamed) {
+  expect_data_error("{\"input_ids\": [2, 3", {"not valid JSON"});
+  expect_data_error("[1, 2]", {"one JSON object"});
+  expect_data_error("{\"input_ids\": [2, 384]}", {"input_ids[1] = 384 is outside the vocabulary [0, 384)"});
+  expect_data_error("{\"input_ids\": [2, -1]}", {"outside the vocabulary"});
+  expect_data_error("{\"input_ids\": [2, 3.5]}", {"input_ids[1] is 3.5, not an integer"});
+  expect_data_error("{\"input_ids\": []}", {"input_ids is empty"});
+  expect_data_error("{\"input_ids\": [2, 3], \"labels\": [3]}", {"labels has 1 entries, input_ids 2"});
+  expect_data_error("{\"input_ids\": [2, 3], \"labels\": [-100, -7]}", {"labels[1] = -7 is neither -100"});
+  expect_data_error("{\"input_ids\": [2, 3], \"labels\": [2, -100]}", {"no token is scored"});
+  expect_data_error("{\"input_ids\": [2, 3], \"attention_mask\": [1, 0]}", {"attention_mask[1] is 0"});
+  expect_data_error("{\"instruction\": \"hi\", \"output\": \"yo\"}", {"needs a tokenizer"});
+  expect_data_error("{\"prompt\": \"hi\"}", {"needs input_ids, text, or instruction and output"});
+  expect_data_error("{\"input_ids\": [2, 3], \"text\": \"x\"}", {"give one form per row"});
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SentencePiece: a tiny model trained here (no tokenizer is downloaded), with Gemma's special ids.
+
+std::string train_sentencepiece(const TempDir& d) {
+  std::string corpus;
+  const char* lines[] = {"Below is an instruction that describes a task.", "Write a response that appropriately completes the request.",
+                         "### Instruction:", "### Input:", "### Response:", "Add two and three.", "The answer is five.",
+                         "Name a colour of the sky.", "Blue.", "Count to four: one two three four.", "Say hello.", "Hello!"};
+  for (int rep = 0; rep < 20; ++rep)
+    for (const char* l : lines) corpus += std::string(l) + "\n";
+  spit(d / "corpus.txt", corpus);
+  const std::string prefix = d / "tok";
+  const auto st = sentencepiece::SentencePieceTrainer::Train(
+      "--input=" + (d / "corpus.txt") + " --model_prefix=" + prefix +
+      " --vocab_size=120 --model_type=bpe --character_coverage=1.0 --pad_id=0 --eos_id=1 --bos_id=2 --unk_id=3"
+      " --hard_vocab_limit=false --minloglevel=2");
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  return prefix + ".model";
+}
+
+TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
+  TempDir d;
+  const std::string model = train_sentencepiece(d);
+  const auto tok = Tokenizer::load({model, std::nullopt, std::nullopt, std::nullopt}, 384);
+  EXPECT_EQ(tok->bos_id, 2);
+  EXPECT_EQ(tok->eos_id, 1);
+  const std::string p = write(d, "a.jsonl",
+                              "{\"instruction\": \"Add two and three.\", \"output\": \"The answer is five.\"}\n"
+                              "{\"instruction\": \"Say hello.\", \"input\": \"\", \"output\": \"Hello!\"}\n"
+                              "{\"text\": \"Blue.\"}\n");
+  const Dataset ds = load_dataset({p, 128, false}, tiny(), tok.get(), nullptr);
+  ASSERT_EQ(ds.rows.size(), 3u);
+  const Row& r = ds.rows[0];
+  const std::vector<int64_t> prompt = tok->encode(alpaca_prompt("Add two and three.", ""));
+  const std::vector<int64_t> full = tok->encode(alpaca_prompt("Add two and three.", "") + "The answer is five.");
+  const size_t n = 1 + full.size() + 1;  // BOS + text + EOS
+  EXPECT_EQ(r.input_ids[0], 2);
+  EXPECT_EQ(r.input_ids[n - 1], 1);
+  for (size_t i = 0; i < n; ++i) {
+    const bool in_prompt = i < 1 + prompt.size();
+    EXPECT_EQ(r.labels[i], in_prompt ? kIgnoreIndex : r.input_ids[i]) << i;
+  }
+  EXPECT_EQ(r.attention_mask[n - 1], 1);
+  EXPECT_EQ(r.attention_mask[n], 0);
+  // A plain text row: every token scored, BOS ... EOS.
+  EXPECT_EQ(ds.rows[2].labels[0], 2);
+  // tokenizer_config.json's tokens and add_bos_token win over the model's ids; --bos-id over both.
+  spit(d / "tokenizer_config.json", "{\"add_bos_token\": false, \"eos_token\": {\"content\": \"<s>\"}}");
+  const auto t2 = Tokenizer::load({model, d / "tokenizer_config.json", std::nullopt, std::nullopt}, 384);
+  EXPECT_FALSE(t2->add_bos_token);
+  EXPECT_EQ(t2->eos_id, 2);
+  const auto t3 = Tokenizer::load({model, d / "tokenizer_config.json", int64_t(5), std::nullopt}, 384);
+  EXPECT_EQ(t3->bos_id, 5);
+  expect_input_error([&] { Tokenizer::load({model, std::nullopt, std::nullopt, std::nullopt}, 50); }, {"pieces, more than"});
+  expect_input_error([&] { Tokenizer::load({model, std::nullopt, int64_t(400), std::nullopt}, 384); }, {"--bos-id", "400"});
+  spit(d / "bad.model", "not a model");
+  expect_input_error([&] { Tokenizer::load({d / "bad.model", std::nullopt, std::nullopt, std::nullopt}, 384); },
+                     {"not a SentencePiece model"});
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The binary: adapters out and back in, resume, full weights, refusals
+
+// A base checkpoint on disk (config.json + model.safetensors) with gemma2-tiny's synthetic weights.
+std::string write_base(const TempDir& d) {
+  const Config c = tiny();
+  fs::create_directories(d / "base");
+  spit(d / "base/config.json", to_config_json(c));
+  write_safetensors(d / "base/model.safetensors", synthetic_weights(c, 5));
+  return d / "base";
+}
+
+std::vector<std::string> common_args(const std::string& base) {
+  return {"--config", base + "/config.json", "--weights", base, "--data", kExamples + "/tiny.jsonl", "--seq-len", "32",
+          "--batch", "4", "--micro-batches", "2", "--lr", "1e-2", "--warmup-steps", "2", "--max-grad-norm", "0.5",
+          "--seed", "11"};
+}
+
+std::vector<std::string> operator+(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+TEST(TrainBinary, AdapterLoadsBackThroughTheReaderBitExactly) {
+  TempDir d;
+  const std::string base = write_base(d);
+  const ToolRun r = run_tool(kTrain, common_args(base) + std::vector<std::string>{"--lora-r", "4", "--max-steps", "3",
+                                                                                   "--save-adapter", d / "out", "--log", d / "log.json"}, d);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  // PEFT's file names, tensor names and config keys.
+  const TensorMap raw = read_safetensors(d / "out/adapter_model.safetensors");
+  ASSERT_TRUE(raw.count("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+  ASSERT_TRUE(raw.count("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+  for (const auto& [n, t] : raw) EXPECT_EQ(t.dtype, DType::f32) << n;
+  const json cfg = json::parse(slurp(d / "out/adapter_config.json"));
+  EXPECT_EQ(cfg["peft_type"], "LORA");
+  EXPECT_EQ(cfg["task_type"], "CAUSAL_LM");
+  EXPECT_EQ(cfg["r"], 4);
+  EXPECT_EQ(cfg["lora_alpha"], 8.0);
+  EXPECT_EQ(cfg["bias"], "none");
+  EXPECT_EQ(cfg["use_rslora"], false);
+  EXPECT_EQ(cfg["target_modules"].size(), 7u);
+  // The project's reader takes it back without a warning, and the tensors are the trained float64 values rounded
+  // to float32, bit for bit.
+  const Checkpoint ck = load_hf_checkpoint(base + "/config.json", base, d / "out", std::nullopt);
+  EXPECT_TRUE(ck.warnings.empty()) << ck.warnings.front();
+  ASSERT_TRUE(ck.adapter);
+  EXPECT_EQ(ck.adapter->r, 4);
+  EXPECT_EQ(ck.adapter->scaling(), 2.0);
+  const TensorMap st = read_safetensors(d / "out/training_state.safetensors");
+  int64_t n = 0;
+  for (const auto& [name, t] : ck.weights) {
+    if (name.find("lora_") == std::string::npos) continue;
+    const std::vector<double> exact = st.at(name).to_double();
+    std::vector<double> loaded = t.to_double();
+    ASSERT_EQ(exact.size(), loaded.size());
+    for (size_t i = 0; i < exact.size(); ++i) ASSERT_EQ(loaded[i], double(float(exact[i]))) << name << "[" << i << "]";
+    ++n;
+  }
+  EXPECT_EQ(n, 2 * 7 * tiny().num_hidden_layers);
+  // The log has HF's fields per step.
+  const json log = json::parse(slurp(d / "log.json"));
+  ASSERT_EQ(log["steps"].size(), 3u);
+  EXPECT_EQ(log["steps"][0]["learning_rate"], 0.0);
+  EXPECT_GT(log["steps"][1]["grad_norm"].get<double>(), 0.0);
+  // And training goes on from the saved adapter (--adapter DIR).
+  const ToolRun r2 = run_tool(kTrain, common_args(base) + std::vector<std::string>{"--adapter", d / "out", "--max-steps", "1"}, d);
+  EXPECT_EQ(r2.status, 0) << r2.err;
+}
+
+// k steps, a stop, --resume, n - k steps: the same bits as n steps without a stop. Data over two epochs
+// (reshuffled), warmup and linear decay, clipping that bites, two micro-batches, packing.
+TEST(TrainBinary, ResumeIsBitExact) {
+  TempDir d;
+  const std::string base = write_base(d);
+  const std::vector<std::string> args =
+      common_args(base) + std::vector<std::string>{"--lora-r", "4", "--max-steps", "7", "--packing", "--weight-decay", "0.01"};
+  const ToolRun full = run_tool(kTrain, args + std::vector<std::string>{"--output-dir", d / "full", "--save-steps", "3"}, d);
+  ASSERT_EQ(full.status, 0) << full.err << full.out;
+  ASSERT_TRUE(fs::exists(d / "full/checkpoint-3/trainer_state.json"));
+  ASSERT_TRUE(fs::exists(d / "full/checkpoint-6/training_state.safetensors"));
+  const json st3 = json::parse(slurp(d / "full/checkpoint-3/trainer_state.json"));
+  EXPECT_EQ(st3["global_step"], 3);
+  const ToolRun resumed =
+      run_tool(kTrain, args + std::vector<std::string>{"--output-dir", d / "resumed", "--resume", d / "full/checkpoint-3"}, d);
+  ASSERT_EQ(resumed.status, 0) << resumed.err << resumed.out;
+  // Compared as booleans: a failure would otherwise print 200 kB of bytes.
+  EXPECT_TRUE(slurp(d / "full/training_state.safetensors") == slurp(d / "resumed/training_state.safetensors"))
+      << "the float64 state after 7 steps differs with a stop after 3";
+  EXPECT_TRUE(slurp(d / "full/adapter_model.safetensors") == slurp(d / "resumed/adapter_model.safetensors"))
+      << "the saved adapter after 7 steps differs with a stop after 3";
+  const json a = json::parse(slurp(d / "full/trainer_state.json")), b = json::parse(slurp(d / "resumed/trainer_state.json"));
+  ASSERT_EQ(a["log_history"].size(), 7u);
+  ASSERT_EQ(b["log_history"].size(), 7u);
+  for (size_t i = 0; i < 7; ++i) {
+    EXPECT_EQ(a["log_history"][i]["loss"].get<double>(), b["log_history"][i]["loss"].get<double>()) << i;
+    EXPECT_EQ(a["log_history"][i]["grad_norm"].get<double>(), b["log_history"][i]["grad_norm"].get<double>()) << i;
+  }
+  // Clipping bit at some step (so the test covers it), and the data ran into a second epoch.
+  bool clipped = false;
+  for (const json& e : a["log_history"]) clipped |= e["grad_norm"].get<double>() > 0.5;
+  EXPECT_TRUE(clipped);
+  EXPECT_GT(a["epoch"].get<double>(), 1.0);
+
+  // Another learning rate is another run: refused, naming the setting.
+  std::vector<std::string> other = args;
+  other[std::find(other.begin(), other.end(), "--lr") - other.begin() + 1] = "2e-2";
+  expect_rejected(run_tool(kTrain, other + std::vector<std::string>{"--resume", d / "full/checkpoint-3"}, d), "train",
+                  {"learning_rate was 0.01 in the saved run"});
+  // A modified save is refused.
+  spit(d / "full/checkpoint-6/adapter_config.json", "{}");
+  expect_rejected(run_tool(kTrain, args + std::vector<std::string>{"--resume", d / "full/checkpoint-6"}, d), "train",
+                  {"adapter_config.json: does not match the sha256"});
+}
+
+TEST(TrainBinary, FullWeightTrainingWritesAnHFCheckpoint) {
+  TempDir d;
+  const std::string base = write_base(d);
+  const ToolRun r = run_tool(kTrain, common_args(base) + std::vector<std::string>{"--max-steps", "2", "--output-dir", d / "out"}, d);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  ASSERT_TRUE(fs::exists(d / "out/config.json"));
+  EXPECT_FALSE(fs::exists(d / "out/adapter_config.json"));
+  const Checkpoint ck = load_hf_checkpoint(d / "out/config.json", d / "out", std::nullopt, std::nullopt);
+  EXPECT_FALSE(ck.adapter);
+  const TensorMap st = read_safetensors(d / "out/training_state.safetensors");
+  const std::vector<double> e = st.at(kEmbedName).to_double(), l = ck.weights.at(kEmbedName).to_double();
+  for (size_t i = 0; i < e.size(); ++i) ASSERT_EQ(l[i], double(float(e[i])));
+  expect_rejected(run_tool(kTrain, common_args(base) + std::vector<std::string>{"--save-adapter", d / "x"}, d), "train",
+                  {"--save-adapter", "use --output-dir"});
+}
+
+TEST(TrainBinary, TextRowsWithTheShippedTokenizer) {
+  TempDir d;
+  const ToolRun r = run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/alpaca-tiny.jsonl", "--tokenizer",
+                                      kExamples + "/tiny-tokenizer.model", "--seq-len", "96", "--batch", "2", "--epochs", "1",
+                                      "--report", d / "r.html"},
+                             d);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  EXPECT_NE(r.out.find("padded"), std::string::npos) << r.out;
+  const std::string html = slurp(d / "r.html");
+  EXPECT_NE(html.find("<svg"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+  EXPECT_EQ(html.find("src="), std::string::npos);
+  EXPECT_EQ(html.find("href="), std::string::npos);
+}
+
+TEST(TrainBinary, BadDataAndOptionsExit2) {
+  TempDir d;
+  spit(d / "bad.jsonl", "{\"input_ids\": [2, 3, 4]}\n{\"input_ids\": [2, 999]}\n");
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", d / "bad.jsonl"}, d), "train",
+                  {d / "bad.jsonl" + ":2: input_ids[1] = 999 is outside the vocabulary"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", d / "none.jsonl"}, d), "train", {"none.jsonl: no such file"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--lr-scheduler", "polynomial"}, d), "train",
+                  {"--lr-scheduler: 'polynomial' is not one of"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--lr-scheduler", "constant", "--warmup-steps", "3"}, d), "train",
+                  {"--warmup-steps", "constant_with_warmup"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--max-grad-norm", "-1"}, d), "train", {"--max-grad-norm"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--epochs", "2"}, d), "train", {"--epochs", "synthetic"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--packing"}, d), "train", {"--packing", "give --data"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--save-steps", "2"}, d), "train", {"--save-steps"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--resume", d / "nothing"}, d), "train", {"no such directory"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/alpaca-tiny.jsonl"}, d), "train",
+                  {"alpaca-tiny.jsonl:1: a text row needs a tokenizer"});
+}
+
+TEST(TrainReport, PlotsEverySeries) {
+  const json a = json::array({{{"step", 1}, {"loss", 5.0}, {"learning_rate", 0.0}, {"grad_norm", 2.0}},
+                              {{"step", 2}, {"loss", 4.0}, {"learning_rate", 1e-3}, {"grad_norm", 1.0}}});
+  const json b = json::array({{{"step", 1}, {"loss", 5.1}}, {{"step", 2}, {"loss", 4.2}}});
+  const std::string h = html_report("t <x>", {{"reference", a}, {"fast", b}}, {{"lr", 1e-3}});
+  EXPECT_NE(h.find("t &lt;x&gt;"), std::string::npos);
+  EXPECT_EQ(std::count(h.begin(), h.end(), '\n') > 3, true);
+  size_t svgs = 0;
+  for (size_t p = h.find("<svg"); p != std::string::npos; p = h.find("<svg", p + 1)) ++svgs;
+  EXPECT_EQ(svgs, 3u);
+  EXPECT_NE(h.find(">fast<"), std::string::npos);
+}
+
+}  // namespace

@@ -1,0 +1,347 @@
+#include "train/data.hpp"
+
+#include <sentencepiece_processor.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "check/golden.hpp"
+#include "model/errors.hpp"
+#include "model/safetensors.hpp"
+#include "model/synthetic.hpp"
+
+namespace gemma::train {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+struct Tokenizer::Impl {
+  sentencepiece::SentencePieceProcessor sp;
+};
+
+Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
+Tokenizer::~Tokenizer() = default;
+
+namespace {
+
+// HF writes special tokens either as a string or as an AddedToken object {"content": "<bos>", ...}.
+std::optional<std::string> special_token(const json& j, const char* key, const std::string& path) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return std::nullopt;
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) return (*it)["content"].get<std::string>();
+  fail(path, std::string(key) + " is neither a string nor an object with a string 'content'");
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vocab_size) {
+  if (!o.model_path) throw std::logic_error("Tokenizer::load without a model path");
+  const std::string& path = *o.model_path;
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) fail(path, "no such file (--tokenizer wants a SentencePiece tokenizer.model)");
+  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  const auto st = t->impl_->sp.Load(path);
+  if (!st.ok()) fail(path, "not a SentencePiece model: " + st.ToString());
+  t->pieces = t->impl_->sp.GetPieceSize();
+  if (t->pieces > vocab_size)
+    fail(path, "has " + std::to_string(t->pieces) + " pieces, more than the model's vocab_size " + std::to_string(vocab_size) +
+                   ": it is not this model's tokenizer");
+  t->bos_id = t->impl_->sp.bos_id();
+  t->eos_id = t->impl_->sp.eos_id();
+  if (o.config_path) {
+    const std::string& cp = *o.config_path;
+    json j;
+    try {
+      j = json::parse(read_text_file(cp));
+    } catch (const json::exception& e) {
+      fail(cp, std::string("malformed JSON: ") + e.what());
+    }
+    if (!j.is_object()) fail(cp, "is not a JSON object");
+    if (auto it = j.find("add_bos_token"); it != j.end()) {
+      if (!it->is_boolean()) fail(cp, "add_bos_token is not true or false");
+      t->add_bos_token = it->get<bool>();
+    }
+    auto piece = [&](const char* key, int64_t& id) {
+      if (auto s = special_token(j, key, cp)) {
+        const int v = t->impl_->sp.PieceToId(*s);
+        // PieceToId answers unk_id for a piece the model does not have.
+        if (v == t->impl_->sp.unk_id() && t->impl_->sp.IdToPiece(v) != *s)
+          fail(cp, std::string(key) + " '" + *s + "' is not a piece of " + path);
+        id = v;
+      }
+    };
+    piece("bos_token", t->bos_id);
+    piece("eos_token", t->eos_id);
+  }
+  if (o.bos_id) t->bos_id = *o.bos_id;
+  if (o.eos_id) t->eos_id = *o.eos_id;
+  if (t->bos_id < 0 || t->bos_id >= vocab_size)
+    fail(o.bos_id ? "--bos-id" : path, "BOS id " + std::to_string(t->bos_id) + " is not in the vocabulary [0, " +
+                                           std::to_string(vocab_size) + ") (give --bos-id)");
+  if (t->eos_id < 0 || t->eos_id >= vocab_size)
+    fail(o.eos_id ? "--eos-id" : path, "EOS id " + std::to_string(t->eos_id) + " is not in the vocabulary [0, " +
+                                           std::to_string(vocab_size) + ") (give --eos-id)");
+  return t;
+}
+
+std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
+  std::vector<int> ids;
+  const auto st = impl_->sp.Encode(text, &ids);
+  if (!st.ok()) throw InputError("tokenizer: " + st.ToString());
+  return std::vector<int64_t>(ids.begin(), ids.end());
+}
+
+std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
+  if (input.empty())
+    return "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n" + instruction + "\n\n### Response:\n";
+  return "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+         "response that appropriately completes the request.\n\n### Instruction:\n" + instruction +
+         "\n\n### Input:\n" + input + "\n\n### Response:\n";
+}
+
+namespace {
+
+struct Example {
+  std::vector<int64_t> ids, labels;
+  int64_t line = 0;
+};
+
+std::vector<int64_t> int_list(const json& v, const std::string& where, const char* key) {
+  if (!v.is_array()) fail(where, std::string(key) + " is not a list of integers");
+  std::vector<int64_t> out;
+  out.reserve(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!v[i].is_number_integer())
+      fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + v[i].dump() + ", not an integer");
+    out.push_back(v[i].get<int64_t>());
+  }
+  return out;
+}
+
+std::string str_field(const json& j, const char* key, const std::string& where, bool required) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) {
+    if (required) fail(where, std::string("an instruction row needs '") + key + "'");
+    return "";
+  }
+  if (!it->is_string()) fail(where, std::string("'") + key + "' is not a string");
+  return it->get<std::string>();
+}
+
+Example parse_line(const std::string& text, const std::string& where, const Config& c, const Tokenizer* tok) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    fail(where, std::string("not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) fail(where, "a line is one JSON object");
+  Example ex;
+  const int64_t V = c.vocab_size;
+  if (j.contains("input_ids")) {
+    for (const char* k : {"text", "instruction", "output"})
+      if (j.contains(k)) fail(where, std::string("has both input_ids and '") + k + "': give one form per row");
+    ex.ids = int_list(j["input_ids"], where, "input_ids");
+    if (ex.ids.empty()) fail(where, "input_ids is empty");
+    for (size_t i = 0; i < ex.ids.size(); ++i)
+      if (ex.ids[i] < 0 || ex.ids[i] >= V)
+        fail(where, "input_ids[" + std::to_string(i) + "] = " + std::to_string(ex.ids[i]) + " is outside the vocabulary [0, " +
+                        std::to_string(V) + ")");
+    if (j.contains("labels") && !j["labels"].is_null()) {
+      ex.labels = int_list(j["labels"], where, "labels");
+      if (ex.labels.size() != ex.ids.size())
+        fail(where, "labels has " + std::to_string(ex.labels.size()) + " entries, input_ids " + std::to_string(ex.ids.size()));
+      for (size_t i = 0; i < ex.labels.size(); ++i)
+        if (ex.labels[i] != kIgnoreIndex && (ex.labels[i] < 0 || ex.labels[i] >= V))
+          fail(where, "labels[" + std::to_string(i) + "] = " + std::to_string(ex.labels[i]) + " is neither -100 nor in [0, " +
+                          std::to_string(V) + ")");
+    } else {
+      ex.labels = ex.ids;
+    }
+    // A mask from a tokenizer call is all ones for an unpadded example; padding here is train's job.
+    if (j.contains("attention_mask")) {
+      const std::vector<int64_t> m = int_list(j["attention_mask"], where, "attention_mask");
+      if (m.size() != ex.ids.size()) fail(where, "attention_mask and input_ids differ in length");
+      for (size_t i = 0; i < m.size(); ++i)
+        if (m[i] != 1)
+          fail(where, "attention_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) +
+                          ": give only the real tokens (train pads or packs the rows itself)");
+    }
+    return ex;
+  }
+  const bool text_row = j.contains("text"), instr_row = j.contains("instruction") || j.contains("output");
+  if (!text_row && !instr_row) fail(where, "a row needs input_ids, text, or instruction and output");
+  if (text_row && instr_row) fail(where, "has both 'text' and instruction fields: give one form per row");
+  if (!tok) fail(where, "a text row needs a tokenizer (--tokenizer tokenizer.model)");
+  if (tok->add_bos_token) ex.ids.push_back(tok->bos_id);
+  if (text_row) {
+    const std::string t = str_field(j, "text", where, true);
+    const std::vector<int64_t> body = tok->encode(t);
+    ex.ids.insert(ex.ids.end(), body.begin(), body.end());
+    ex.ids.push_back(tok->eos_id);
+    ex.labels = ex.ids;
+    return ex;
+  }
+  // Stanford Alpaca's recipe: tokenize prompt + response as one text, and mask as many leading tokens as the
+  // prompt alone tokenizes to (where the two meet, SentencePiece may merge across the boundary; the prompt ends
+  // with a newline, which Gemma's tokenizer keeps as its own piece).
+  const std::string prompt = alpaca_prompt(str_field(j, "instruction", where, true), str_field(j, "input", where, false));
+  const std::string output = str_field(j, "output", where, true);
+  const size_t n_prompt = ex.ids.size() + tok->encode(prompt).size();
+  const std::vector<int64_t> body = tok->encode(prompt + output);
+  ex.ids.insert(ex.ids.end(), body.begin(), body.end());
+  ex.ids.push_back(tok->eos_id);
+  for (int64_t id : ex.ids)
+    if (id >= c.vocab_size) fail(where, "the tokenizer gave id " + std::to_string(id) + ", outside the vocabulary");
+  ex.labels = ex.ids;
+  for (size_t i = 0; i < std::min(n_prompt, ex.labels.size()); ++i) ex.labels[i] = kIgnoreIndex;
+  return ex;
+}
+
+}  // namespace
+
+Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok, std::vector<std::string>* warnings) {
+  Dataset d;
+  d.path = o.path;
+  d.seq_len = o.seq_len;
+  d.packing = o.packing;
+  const int64_t T = o.seq_len;
+  if (T < 2) fail("--seq-len", "must be at least 2 (position t is scored against token t + 1)");
+  std::error_code ec;
+  if (!fs::is_regular_file(o.path, ec)) fail(o.path, "no such file (--data wants a JSONL file)");
+  std::ifstream in(o.path, std::ios::binary);
+  if (!in) fail(o.path, "cannot open for reading");
+  std::vector<Example> examples;
+  std::string line;
+  int64_t lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    const std::string where = o.path + ":" + std::to_string(lineno);
+    Example ex = parse_line(line, where, c, tok);
+    ex.line = lineno;
+    if (int64_t(ex.ids.size()) > T) {
+      ex.ids.resize(size_t(T));
+      ex.labels.resize(size_t(T));
+      ++d.truncated;
+    }
+    // Position t is scored against labels[t + 1]: the first label never counts.
+    int64_t scored = 0;
+    for (size_t i = 1; i < ex.labels.size(); ++i) scored += ex.labels[i] != kIgnoreIndex;
+    if (scored == 0)
+      fail(where, "no token is scored" + std::string(int64_t(ex.ids.size()) == T ? " within --seq-len " + std::to_string(T) : "") +
+                      " (every label but the first is -100" + (int64_t(ex.ids.size()) == T ? ", or the prompt fills the row" : "") +
+                      "): it would teach nothing");
+    examples.push_back(std::move(ex));
+  }
+  if (in.bad()) fail(o.path, "read error");
+  if (examples.empty()) fail(o.path, "holds no example");
+  d.examples = int64_t(examples.size());
+  d.sha256 = check::sha256_file(o.path);
+  if (d.truncated && warnings)
+    warnings->push_back(o.path + ": " + std::to_string(d.truncated) + " of " + std::to_string(d.examples) +
+                        " examples are longer than --seq-len " + std::to_string(T) + " and were cut to their first " +
+                        std::to_string(T) + " tokens");
+  const int64_t pad = c.pad_token_id ? (*c.pad_token_id < 0 ? *c.pad_token_id + c.vocab_size : *c.pad_token_id) : 0;
+  auto new_row = [&]() {
+    Row r;
+    r.input_ids.reserve(size_t(T));
+    return r;
+  };
+  if (!o.packing) {
+    for (const Example& ex : examples) {
+      Row r = new_row();
+      r.input_ids = ex.ids;
+      r.labels = ex.labels;
+      r.attention_mask.assign(ex.ids.size(), 1);
+      r.input_ids.resize(size_t(T), pad);
+      r.labels.resize(size_t(T), kIgnoreIndex);
+      r.attention_mask.resize(size_t(T), 0);
+      d.rows.push_back(std::move(r));
+    }
+  } else {
+    Row r = new_row();
+    auto close = [&]() {
+      // The tail: one more document (positions from 0) of pad tokens that nothing scored attends to.
+      for (int64_t p = 0; int64_t(r.input_ids.size()) < T; ++p) {
+        r.input_ids.push_back(pad);
+        r.labels.push_back(kIgnoreIndex);
+        r.position_ids.push_back(p);
+      }
+      d.rows.push_back(std::move(r));
+      r = new_row();
+    };
+    for (const Example& ex : examples) {
+      if (int64_t(r.input_ids.size() + ex.ids.size()) > T) close();
+      for (size_t i = 0; i < ex.ids.size(); ++i) {
+        r.input_ids.push_back(ex.ids[i]);
+        r.labels.push_back(i == 0 ? kIgnoreIndex : ex.labels[i]);
+        r.position_ids.push_back(int64_t(i));
+      }
+    }
+    if (!r.input_ids.empty()) close();
+  }
+  for (const Example& ex : examples) d.tokens += int64_t(ex.ids.size());
+  for (const Row& r : d.rows)
+    for (size_t t = 1; t < r.labels.size(); ++t) d.scored += r.labels[t] != kIgnoreIndex;
+  return d;
+}
+
+int64_t steps_per_epoch(int64_t rows, int64_t batch) { return (rows + batch - 1) / batch; }
+
+std::vector<int64_t> epoch_order(int64_t rows, uint64_t seed, int64_t epoch, bool shuffle) {
+  std::vector<int64_t> order(static_cast<size_t>(rows));
+  for (int64_t i = 0; i < rows; ++i) order[size_t(i)] = i;
+  if (!shuffle) return order;
+  const uint64_t key = splitmix64(stream_key(seed, "train/shuffle") ^ splitmix64(uint64_t(epoch)));
+  for (int64_t i = rows - 1; i > 0; --i) {
+    // Modulo bias is below 2^-40 for any dataset that fits in memory: irrelevant, and the same everywhere.
+    const int64_t j = int64_t(splitmix64(key + uint64_t(i) * 0x9e3779b97f4a7c15ull) % uint64_t(i + 1));
+    std::swap(order[size_t(i)], order[size_t(j)]);
+  }
+  return order;
+}
+
+namespace {
+
+Batch make_batch(const Dataset& d, const std::vector<int64_t>& rows) {
+  Batch b;
+  b.B = int64_t(rows.size());
+  b.T = d.seq_len;
+  for (int64_t i : rows) {
+    const Row& r = d.rows[size_t(i)];
+    b.input_ids.insert(b.input_ids.end(), r.input_ids.begin(), r.input_ids.end());
+    b.labels.insert(b.labels.end(), r.labels.begin(), r.labels.end());
+    b.position_ids.insert(b.position_ids.end(), r.position_ids.begin(), r.position_ids.end());
+    b.attention_mask.insert(b.attention_mask.end(), r.attention_mask.begin(), r.attention_mask.end());
+  }
+  return b;
+}
+
+}  // namespace
+
+Batch step_batch(const Dataset& d, int64_t batch, uint64_t seed, bool shuffle, int64_t step) {
+  const int64_t R = int64_t(d.rows.size()), per_epoch = steps_per_epoch(R, batch);
+  const int64_t epoch = (step - 1) / per_epoch, k = (step - 1) % per_epoch;
+  const std::vector<int64_t> order = epoch_order(R, seed, epoch, shuffle);
+  const int64_t first = k * batch, last = std::min(R, first + batch);
+  return make_batch(d, std::vector<int64_t>(order.begin() + first, order.begin() + last));
+}
+
+std::vector<Batch> all_batches(const Dataset& d, int64_t batch) {
+  std::vector<Batch> out;
+  const int64_t R = int64_t(d.rows.size());
+  for (int64_t first = 0; first < R; first += batch) {
+    std::vector<int64_t> rows;
+    for (int64_t i = first; i < std::min(R, first + batch); ++i) rows.push_back(i);
+    out.push_back(make_batch(d, rows));
+  }
+  return out;
+}
+
+}  // namespace gemma::train

@@ -1,0 +1,100 @@
+// Training data: a JSONL file read into fixed-length rows, and the rows each optimizer step trains on.
+//
+// A line is one example, in one of three forms (docs/train.md):
+//   {"input_ids": [2, 651, ...], "labels": [-100, 651, ...]}   tokenized; labels optional (default: input_ids)
+//   {"instruction": "...", "input": "...", "output": "..."}   Alpaca; needs a tokenizer; prompt tokens get -100
+//   {"text": "..."}                                           plain text; needs a tokenizer; every token scored
+// Labels follow HF's causal-LM convention, unshifted: position t is scored against labels[t + 1] (Batch::target).
+// Every problem is an InputError "FILE:LINE: what is wrong" (tools exit 2).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/checkpoint.hpp"
+
+namespace gemma::train {
+
+// Which SentencePiece model tokenizes text rows, and which BOS / EOS ids frame them. An id given here wins over
+// tokenizer_config.json's bos_token / eos_token, which win over the SentencePiece model's own bos_id / eos_id
+// (Gemma's: BOS 2, EOS 1).
+struct TokenizerOptions {
+  std::optional<std::string> model_path;   // --tokenizer tokenizer.model
+  std::optional<std::string> config_path;  // --tokenizer-config tokenizer_config.json (HF's)
+  std::optional<int64_t> bos_id, eos_id;   // --bos-id, --eos-id
+};
+
+// A SentencePiece tokenizer as HF's GemmaTokenizer uses it: BOS prepended when add_bos_token (default true),
+// never an EOS of its own (add_eos_token, default false); the instruction template appends EOS to the response.
+class Tokenizer {
+ public:
+  // Loads options.model_path; refuses (InputError naming the file) a model that does not load, a tokenizer whose
+  // pieces do not fit the model's vocabulary, or BOS / EOS ids outside it.
+  static std::unique_ptr<Tokenizer> load(const TokenizerOptions& options, int64_t vocab_size);
+  ~Tokenizer();
+  std::vector<int64_t> encode(const std::string& text) const;  // no BOS, no EOS
+  int64_t bos_id = 2, eos_id = 1;
+  bool add_bos_token = true;
+  int64_t pieces = 0;  // the SentencePiece vocabulary size
+
+ private:
+  Tokenizer();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Stanford Alpaca's prompt for {"instruction", "input"}; the response follows it directly.
+std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+struct DataOptions {
+  std::string path;       // --data FILE.jsonl
+  int64_t seq_len = 0;    // T: every row is T tokens (--seq-len)
+  bool packing = false;   // --packing: examples concatenated into rows, position_ids restarting per example
+};
+
+// One fixed-length row of the dataset (T tokens).
+struct Row {
+  std::vector<int64_t> input_ids, labels;  // [T]
+  std::vector<int64_t> position_ids;       // [T] when packing (restarting at 0 per example), else empty
+  std::vector<uint8_t> attention_mask;     // [T] when padding (0 = padding), else empty
+};
+
+struct Dataset {
+  std::string path;
+  int64_t seq_len = 0;
+  bool packing = false;
+  std::vector<Row> rows;
+  int64_t examples = 0;        // JSONL examples read (blank lines are skipped)
+  int64_t truncated = 0;       // examples longer than seq_len, cut to their first seq_len tokens
+  int64_t tokens = 0;          // real (non-padding) tokens in all rows
+  int64_t scored = 0;          // scored targets in all rows
+  std::string sha256;          // of the file's bytes: a resumed run must see the same data
+};
+
+// Reads and checks every line (token ids and labels in [0, vocab) or -100; at least one scored target after
+// truncation; text rows only with a tokenizer), then builds the rows:
+//  - padding (default): one example per row, right-padded with pad_token_id (0 when null) to T, attention_mask 0
+//    on padding; labels -100 there.
+//  - packing: examples in file order fill rows greedily; an example that does not fit the rest of a row starts the
+//    next one. position_ids restart at 0 at every example, so HF (and every backend here) keeps each example to
+//    itself (Batch::packed); each example's first label is -100 (the previous example's last token is not
+//    trained to predict it, as HF's DataCollatorWithFlattening does), and a row's unused tail is one more
+//    document of pad tokens with labels -100, which nothing scored can see.
+// `tok` may be null when every row is tokenized. `warnings` gets one line per kind of thing worth a word.
+Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok, std::vector<std::string>* warnings);
+
+// Optimizer steps in one pass over `rows` rows taken `batch` at a time; the last step of an epoch may have fewer
+// rows (HF's Trainer with dataloader_drop_last false).
+int64_t steps_per_epoch(int64_t rows, int64_t batch);
+// The order of the rows in epoch e (0-based): a Fisher-Yates shuffle driven by splitmix64 of (seed, e, i), the
+// same on every machine; identity when !shuffle.
+std::vector<int64_t> epoch_order(int64_t rows, uint64_t seed, int64_t epoch, bool shuffle);
+// The rows of optimizer step `step` (1-based) as one Batch: epoch (step - 1) / steps_per_epoch, rows of that
+// epoch's order. Depends only on (dataset, batch, seed, step): a resumed run gets the same rows.
+Batch step_batch(const Dataset& d, int64_t batch, uint64_t seed, bool shuffle, int64_t step);
+// Every row in file order, as batches of at most `batch` rows (evaluation).
+std::vector<Batch> all_batches(const Dataset& d, int64_t batch);
+
+}  // namespace gemma::train
