@@ -57,8 +57,6 @@ double rel_err(double a, double b) {
   return b == 0 ? d : d / std::fabs(b);
 }
 
-namespace {
-
 std::string xml_escape(const std::string& s) {
   std::string r;
   for (char ch : s) {
@@ -92,6 +90,8 @@ void write_text_atomically(const std::string& path, const std::string& text) {
     fail(path, "cannot write: " + ec.message());
   }
 }
+
+namespace {
 
 }  // namespace
 

@@ -38,6 +38,11 @@ double rel_err(double a, double b);
 // directory. `flag` names the option in the error ("--json: ...").
 void check_output_path(const std::string& path, const std::string& flag);
 
+// `s` with &, <, > and " as XML / HTML entities (attribute values and text).
+std::string xml_escape(const std::string& s);
+// Writes `text` to `path` through a temporary file and a rename: a reader never sees half a file. InputError
+// naming the path when it cannot be written.
+void write_text_atomically(const std::string& path, const std::string& text);
 // JUnit XML with one testcase per check; written atomically.
 void write_junit(const std::string& path, const std::string& suite, const Report& r);
 // Writes JSON text atomically to `path`, or to stdout for "-".

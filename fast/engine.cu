@@ -148,7 +148,6 @@ struct Engine::Impl {
   // Construction
 
   void init(const Config& c, const AdapterConfig& a, const EngineOptions& o, int64_t pad_rows = 0) {
-    GEMMA_CUDA(cudaSetDevice(o.device));
     cfg = c;
     // The kernels take one rank and one scaling for every adapted projection, and the same projections in every
     // layer (q|k|v, gate|up and down are fused per layer): anything else is refused, not approximated.
@@ -180,6 +179,9 @@ struct Engine::Impl {
     eps = float(c.rms_norm_eps);
     (void)attn_hdp(int(hd));  // rejects an unsupported head_dim before anything is allocated
 
+    // The inputs are checked above without touching CUDA (a refusal must not need a device); from here on every
+    // allocation, stream and handle belongs to the engine's device.
+    GEMMA_CUDA(cudaSetDevice(o.device));
     GEMMA_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     GEMMA_CUDA(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking));
     for (int i = 0; i < 2; ++i) {

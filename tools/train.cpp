@@ -16,6 +16,7 @@
 #include "model/synthetic.hpp"
 #include "reference/adamw.hpp"
 #ifdef GEMMA_HAVE_FAST
+#include "fast/data_parallel.hpp"
 #include "fast/fast.hpp"
 #endif
 #include "check/fast_backend.hpp"
@@ -43,6 +44,7 @@ struct TrainOptions {
   double max_grad_norm = 1.0;           // HF's default; 0: no clipping
   std::optional<std::string> softcap, log_path, report_path;
   std::string backend = "reference";
+  int gpus = 1;  // --gpus: data parallel over this many GPUs (fast backend)
   std::optional<std::string> data;
   bool packing = false;
   TokenizerOptions tokenizer;
@@ -190,16 +192,22 @@ int train_fast(const Plan& p, const TrainOptions& o) {
   const Inputs& in = p.in;
   if (!in.model.adapter)
     fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (" + in.adapters_hint + ")");
-  fast::Trainer trainer(in.model, o.adamw, p.sc);
-  std::printf("train (fast, CUDA): %s; softcap %s; %lld steps of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g wd %g\n",
-              in.description.c_str(), softcap_name(p.sc).c_str(), (long long)p.total_steps, (long long)p.batch,
+  // One GPU: fast::Trainer; several: the data-parallel trainer (each GPU takes batch / gpus sequences, in
+  // micro-batches of the same rows; the loss normalised by the whole batch's scored targets, as on one GPU).
+  if (p.batch % o.gpus != 0)
+    fail("--gpus", "the batch's " + std::to_string(p.batch) + " sequences do not split evenly over " +
+                       std::to_string(o.gpus) + " GPUs");
+  fast::DataParallelTrainer trainer(in.model, o.gpus, o.adamw, p.sc);
+  std::printf("train (fast, CUDA%s): %s; softcap %s; %lld steps of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g wd %g\n",
+              o.gpus > 1 ? (", " + std::to_string(o.gpus) + " GPUs").c_str() : "", in.description.c_str(),
+              softcap_name(p.sc).c_str(), (long long)p.total_steps, (long long)p.batch,
               (long long)(p.data ? p.data->seq_len : in.batch.T), (long long)p.micro_rows, o.adamw.lr, o.adamw.weight_decay);
   json history = json::array();
   Progress progress(p.total_steps);
   for (int64_t step = 1; step <= p.total_steps; ++step) {
     const Batch batch = batch_of_step(p, step);
-    const int64_t micro = (batch.B + p.micro_rows - 1) / p.micro_rows;
-    const fast::Trainer::Step st = trainer.step(batch, micro);
+    const int64_t per_gpu = batch.B / o.gpus, micro = (per_gpu + p.micro_rows - 1) / p.micro_rows;
+    const fast::DataParallelTrainer::Step st = trainer.step(batch, micro);
     check_finite(step, 0, "loss", st.loss);
     std::printf("step %4lld  loss %.12f  targets %lld  %.3f s on the device\n", (long long)step, st.loss,
                 (long long)st.tokens, st.seconds);
@@ -370,6 +378,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.backend != "reference" && o.backend != "fast") fail("--backend", "'" + o.backend + "' is not one of reference, fast");
   std::string why;
   if (o.backend == "fast" && !fast_available(&why)) fail("--backend fast", why);
+  if (o.gpus != 1 && o.backend != "fast") fail("--gpus", "only the fast backend runs on GPUs; the reference runs on the CPU");
   if (o.max_steps && *o.max_steps < (o.eval_data ? 0 : 1))
     fail("--max-steps", "must be at least 1 (0 only with --eval-data: evaluate without training)");
   if (o.max_steps == 0 && (o.output_dir || o.save_adapter || o.resume || o.save_steps))
@@ -427,7 +436,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     std::error_code ec;
     std::filesystem::create_directories(*o.save_base, ec);
     write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
-    write_text_atomic(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
+    check::write_text_atomically(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
     std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
   }
   if (o.save_adapter && !in.model.adapter)
@@ -521,6 +530,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-grad-norm", o.max_grad_norm, "clip the global gradient norm to this (default 1.0; 0: off)");
   app.add_option("--softcap", o.softcap, "none | attn | logits | attn,logits");
   app.add_option("--backend", o.backend, "reference | fast");
+  app.add_option("--gpus", o.gpus, "fast backend: data parallel over the first N GPUs (NCCL)");
   app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
   app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
   app.add_option("--tokenizer", o.tokenizer.model_path, "SentencePiece tokenizer.model for text rows");

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "check/report.hpp"
 #include "train/save.hpp"
 
 namespace gemma::train {
@@ -12,19 +13,6 @@ using nlohmann::json;
 
 namespace {
 
-std::string esc(const std::string& s) {
-  std::string r;
-  for (char ch : s) {
-    switch (ch) {
-      case '&': r += "&amp;"; break;
-      case '<': r += "&lt;"; break;
-      case '>': r += "&gt;"; break;
-      case '"': r += "&quot;"; break;
-      default: r += ch;
-    }
-  }
-  return r;
-}
 
 std::string num(double v, const char* fmt = "%.4g") {
   char b[40];
@@ -61,9 +49,9 @@ std::string plot(const std::string& title, const std::string& ylabel, const std:
       ++n;
     }
   std::string s = "<figure><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + num(W) + "\" height=\"" + num(H) +
-                  "\" viewBox=\"0 0 " + num(W) + " " + num(H) + "\" role=\"img\" aria-label=\"" + esc(title) + "\">";
+                  "\" viewBox=\"0 0 " + num(W) + " " + num(H) + "\" role=\"img\" aria-label=\"" + check::xml_escape(title) + "\">";
   s += "<rect x=\"0\" y=\"0\" width=\"" + num(W) + "\" height=\"" + num(H) + "\" fill=\"white\"/>";
-  s += "<text x=\"" + num(W / 2) + "\" y=\"18\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">" + esc(title) + "</text>";
+  s += "<text x=\"" + num(W / 2) + "\" y=\"18\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">" + check::xml_escape(title) + "</text>";
   if (n == 0) {
     s += "<text x=\"" + num(W / 2) + "\" y=\"" + num(H / 2) + "\" text-anchor=\"middle\" fill=\"#666\">no values</text></svg></figure>";
     return s;
@@ -95,7 +83,7 @@ std::string plot(const std::string& title, const std::string& ylabel, const std:
   s += "<line x1=\"" + num(L) + "\" x2=\"" + num(L) + "\" y1=\"" + num(Tm) + "\" y2=\"" + num(H - Bm) + "\" stroke=\"#333\"/>";
   s += "<text x=\"" + num((L + W - R) / 2) + "\" y=\"" + num(H - 8) + "\" text-anchor=\"middle\" font-size=\"12\">optimizer step</text>";
   s += "<text transform=\"translate(16," + num((Tm + H - Bm) / 2) + ") rotate(-90)\" text-anchor=\"middle\" font-size=\"12\">" +
-       esc(ylabel) + "</text>";
+       check::xml_escape(ylabel) + "</text>";
   for (size_t k = 0; k < curves.size(); ++k) {
     const Curve& c = curves[k];
     if (c.pts.empty()) continue;
@@ -110,7 +98,7 @@ std::string plot(const std::string& title, const std::string& ylabel, const std:
     const double ly = Tm + 8 + 16 * double(k);
     s += "<line x1=\"" + num(W - R - 150) + "\" x2=\"" + num(W - R - 130) + "\" y1=\"" + num(ly) + "\" y2=\"" + num(ly) +
          "\" stroke=\"" + col + "\" stroke-width=\"2\"/><text x=\"" + num(W - R - 125) + "\" y=\"" + num(ly + 4) +
-         "\" font-size=\"11\">" + esc(c.label) + "</text>";
+         "\" font-size=\"11\">" + check::xml_escape(c.label) + "</text>";
   }
   s += "</svg></figure>\n";
   return s;
@@ -134,15 +122,15 @@ std::vector<Curve> curves(const std::vector<ReportSeries>& series, const char* k
 }  // namespace
 
 std::string html_report(const std::string& title, const std::vector<ReportSeries>& series, const json& settings) {
-  std::string h = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + esc(title) +
+  std::string h = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + check::xml_escape(title) +
                   "</title>\n<style>body{font-family:sans-serif;margin:24px;color:#222}figure{margin:12px 0}"
                   "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-                  "code{font-size:12px}</style></head><body>\n<h1 style=\"font-size:20px\">" + esc(title) + "</h1>\n";
+                  "code{font-size:12px}</style></head><body>\n<h1 style=\"font-size:20px\">" + check::xml_escape(title) + "</h1>\n";
   h += "<table><tr><th>run</th><th>steps</th><th>first loss</th><th>last loss</th></tr>";
   for (const ReportSeries& r : series) {
     const std::vector<Curve> c = curves({r}, "loss");
     const auto& p = c[0].pts;
-    h += "<tr><td>" + esc(r.label) + "</td><td>" + std::to_string(p.size()) + "</td><td>" +
+    h += "<tr><td>" + check::xml_escape(r.label) + "</td><td>" + std::to_string(p.size()) + "</td><td>" +
          (p.empty() ? "" : num(p.front().second, "%.6f")) + "</td><td>" + (p.empty() ? "" : num(p.back().second, "%.6f")) +
          "</td></tr>";
   }
@@ -150,13 +138,13 @@ std::string html_report(const std::string& title, const std::vector<ReportSeries
   h += plot("Training loss (mean over the step's scored targets)", "loss", curves(series, "loss"));
   h += plot("Learning rate", "learning rate", curves(series, "learning_rate"));
   h += plot("Gradient norm before clipping", "global L2 norm", curves(series, "grad_norm"));
-  h += "<h2 style=\"font-size:16px\">Settings</h2><pre><code>" + esc(settings.dump(2)) + "</code></pre>\n</body></html>\n";
+  h += "<h2 style=\"font-size:16px\">Settings</h2><pre><code>" + check::xml_escape(settings.dump(2)) + "</code></pre>\n</body></html>\n";
   return h;
 }
 
 void write_html_report(const std::string& path, const std::string& title, const std::vector<ReportSeries>& series,
                        const json& settings) {
-  write_text_atomic(path, html_report(title, series, settings));
+  check::write_text_atomically(path, html_report(title, series, settings));
 }
 
 }  // namespace gemma::train

@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "check/golden.hpp"
+#include "check/report.hpp"
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 
@@ -21,25 +22,6 @@ const char* kPeftPrefix = "base_model.model.";
 
 }  // namespace
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    if (!out) fail(path, "cannot write");
-    out << text;
-    if (!out) {
-      std::error_code ec;
-      fs::remove(tmp, ec);
-      fail(path, "write failed");
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(path, "cannot write: " + ec.message());
-  }
-}
 
 namespace {
 
@@ -84,12 +66,12 @@ void save_dir(const std::string& dir, const Config& c, const std::optional<Adapt
   const std::map<std::string, std::string> meta{{"format", "pt"}};
   if (adapter) {
     write_safetensors((d / "adapter_model.safetensors").string(), out, meta);
-    write_text_atomic((d / "adapter_config.json").string(), peft_adapter_config_json(*adapter, base_model_name_or_path));
+    check::write_text_atomically((d / "adapter_config.json").string(), peft_adapter_config_json(*adapter, base_model_name_or_path));
     record("adapter_model.safetensors");
     record("adapter_config.json");
   } else {
     write_safetensors((d / "model.safetensors").string(), out, meta);
-    write_text_atomic((d / "config.json").string(), to_config_json(c) + "\n");
+    check::write_text_atomically((d / "config.json").string(), to_config_json(c) + "\n");
     record("model.safetensors");
     record("config.json");
   }
@@ -107,7 +89,7 @@ void save_dir(const std::string& dir, const Config& c, const std::optional<Adapt
   trainer_state["gemma_train"]["version"] = kStateVersion;
   trainer_state["gemma_train"]["files"] = files;
   trainer_state["gemma_train"]["resumable"] = state != nullptr;
-  write_text_atomic((d / "trainer_state.json").string(), trainer_state.dump(2) + "\n");
+  check::write_text_atomically((d / "trainer_state.json").string(), trainer_state.dump(2) + "\n");
 }
 
 std::string save_checkpoint(const std::string& dir, const Config& c, const std::optional<AdapterConfig>& adapter,

@@ -30,8 +30,6 @@ struct TrainState {
   int64_t step = 0;  // optimizer steps taken (AdamW's t)
 };
 
-// Writes `text` to a temporary name beside `path` and renames it into place; InputError naming `path` when it cannot.
-void write_text_atomic(const std::string& path, const std::string& text);
 
 // PEFT's adapter_config.json for `a`: the project's own keys (to_adapter_config_json) plus the ones PEFT writes
 // (task_type CAUSAL_LM, base_model_name_or_path, inference_mode, init_lora_weights, ...).
