@@ -4,9 +4,12 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <functional>
+#include <stdexcept>
 #include <thread>
 
 #include "fast/device.hpp"
@@ -170,15 +173,29 @@ DataParallelTrainer::DataParallelTrainer(const Config& c, const AdapterConfig& a
 
 DataParallelTrainer::~DataParallelTrainer() = default;
 
-DataParallelTrainer::Step DataParallelTrainer::step(const Batch& batch, int64_t micro_batches) {
+DataParallelTrainer::Step DataParallelTrainer::step(const Batch& batch, int64_t micro_batches, const StepOptions& o) {
+  if (!(o.max_grad_norm >= 0) || !std::isfinite(o.max_grad_norm))
+    throw InputError("max_grad_norm: must be 0 (no clipping) or positive");
   const auto t0 = std::chrono::steady_clock::now();
   Step s = impl_->pass(batch, micro_batches);
   const AdamWConfig& h = impl_->adamw;
+  const double lr = o.lr.value_or(h.lr);
+  // After the all-reduce every GPU holds the same gradient bits, and the norm's reduction order is fixed, so each
+  // GPU computes the same norm and clipping coefficient: no further communication.
+  std::vector<double> norms(size_t(gpus()), 0.0);
   on_every_gpu(gpus(), [&](int g) {
     Engine& e = *impl_->engines[size_t(g)];
-    e.adamw_step({h.lr, h.beta1, h.beta2, h.eps, h.weight_decay});
+    const double norm = e.grad_norm();
+    norms[size_t(g)] = norm;
+    // torch.nn.utils.clip_grad_norm_ (HF's Trainer, after accumulation): every gradient times
+    // min(1, max_norm / (norm + 1e-6)); train/schedule.hpp's clip_grad_norm is the reference's copy of it.
+    const double scale = o.max_grad_norm > 0 ? std::min(1.0, o.max_grad_norm / (norm + 1e-6)) : 1.0;
+    e.adamw_step({lr, h.beta1, h.beta2, h.eps, h.weight_decay, scale});
     e.synchronize();
   });
+  for (double n : norms)
+    if (n != norms[0]) throw std::logic_error("data parallel: the GPUs' gradient norms differ after the all-reduce");
+  s.grad_norm = norms[0];
   s.seconds = since(t0);
   return s;
 }

@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "fast/fast.hpp"
@@ -22,6 +23,13 @@ namespace gemma::fast {
 
 // Number of CUDA devices (0 when there is no usable driver).
 int device_count();
+
+// What may change from step to step, as HF's Trainer changes it: the learning rate of a schedule, and gradient
+// clipping by global norm (torch.nn.utils.clip_grad_norm_; 0: off).
+struct StepOptions {
+  std::optional<double> lr;  // default: the trainer's AdamWConfig::lr
+  double max_grad_norm = 0;
+};
 
 class DataParallelTrainer {
  public:
@@ -37,13 +45,15 @@ class DataParallelTrainer {
 
   struct Step {
     double loss;               // mean over the global batch's scored targets
+    double grad_norm;          // the all-reduced adapter gradients' global 2-norm, before clipping (HF's grad_norm)
     int64_t tokens;            // scored targets of the global batch
     double seconds;            // the whole step, host wall time, until every GPU is done
     double allreduce_seconds;  // of which the gradients' all-reduce (wall time from its start to its end)
   };
   // One optimizer step on `batch` (B sequences, B a multiple of gpus()): GPU g takes sequences
   // [g B / gpus, (g + 1) B / gpus) in `micro_batches` micro-batches. InputError for a batch that does not split.
-  Step step(const Batch& batch, int64_t micro_batches);
+  // The gradients are clipped to o.max_grad_norm (when > 0) before AdamW, on every GPU alike.
+  Step step(const Batch& batch, int64_t micro_batches, const StepOptions& o = {});
   // Forward and backward only (no optimizer step): the all-reduced gradients, read back from GPU `gpu`.
   Step gradients(const Batch& batch, int64_t micro_batches, TensorMap* grads, int gpu = 0);
   TensorMap adapters(int gpu = 0) const;  // fp32, HF names

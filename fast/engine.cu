@@ -83,6 +83,7 @@ struct Engine::Impl {
   std::vector<AdapterTensor> tensors;
   int64_t n_params = 0;
   DeviceArray<float> params, grads, adam_m, adam_v;
+  DeviceArray<double> sumsq_work;  // grad_norm's partial sums (allocated on first use)
   int64_t adam_t = 0;
   DeviceArray<bf16> splits;
   std::vector<std::array<LoraGroupDev, 4>> groups;
@@ -915,10 +916,19 @@ struct Engine::Impl {
     prof_begin();
     ++adam_t;
     adamw_update(params.get(), grads.get(), adam_m.get(), adam_v.get(), n_params,
-                 adamw_scalars(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, adam_t), stream);
+                 adamw_scalars(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, adam_t, hp.grad_scale), stream);
     prepare_splits();
     mark("AdamW + bf16 splits of the adapters");
     prof_end();
+  }
+
+  double grad_norm() {
+    if (!sumsq_work.get()) sumsq_work = DeviceArray<double>(size_t(kSumSqBlocks + 1), "gradient norm partial sums", mem);
+    sum_squares(grads.get(), n_params, sumsq_work.get(), stream);
+    double sq = 0;
+    GEMMA_CUDA(cudaMemcpyAsync(&sq, sumsq_work.get() + kSumSqBlocks, sizeof sq, cudaMemcpyDeviceToHost, stream));
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    return std::sqrt(sq);
   }
 
   std::string profile() const {
@@ -990,6 +1000,10 @@ Engine::GradBuffer Engine::grad_buffer() {
 void Engine::adamw_step(const AdamWHyper& h) {
   GEMMA_ON_DEVICE();
   impl_->adamw_step(h);
+}
+double Engine::grad_norm() {
+  GEMMA_ON_DEVICE();
+  return impl_->grad_norm();
 }
 std::map<std::string, std::vector<float>> Engine::probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
                                                               const std::vector<float>& dy) {

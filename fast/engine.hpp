@@ -20,6 +20,7 @@ struct EngineOptions {
 
 struct AdamWHyper {
   double lr, beta1, beta2, eps, weight_decay;
+  double grad_scale = 1.0;  // gradient clipping's coefficient (adamw.cuh, AdamWScalars::grad_scale)
 };
 
 class Engine {
@@ -52,6 +53,8 @@ class Engine {
   };
   GradBuffer grad_buffer();
   void adamw_step(const AdamWHyper& h);  // one optimizer step on the accumulated gradients
+  // The 2-norm of every adapter gradient together (float64 sum of squares of the fp32 gradients; deterministic).
+  double grad_norm();
   // The gate's probes (fast.hpp, Probe): layer l, the head and the embedding run by the engine's own code on the
   // given micro-batch (positions, documents, padding) and inputs. probe_layer zeroes the adapter gradients.
   std::map<std::string, std::vector<float>> probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,

@@ -1,6 +1,7 @@
 #include "checkpoint.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -319,6 +320,40 @@ std::regex compile(const std::string& pattern, const std::string& what, const st
   // Deeply nested patterns make the compiler recurse as deep; no module name needs more than this.
   if (pattern.size() > 4096)
     fail(source, what + " is " + std::to_string(pattern.size()) + " characters long (at most 4096)");
+  // libstdc++ reads a repetition count ("{n}", "{n,m}") and a back-reference ("\\n") into a long without
+  // checking for overflow (undefined behaviour; the fuzzer found "a{7777777777777777777}"), so both are
+  // screened here first. Counts above kMaxRepeat are refused: a module name is tens of characters, and larger
+  // counts only grow the automaton toward libstdc++'s state limit. Back-references are refused outright (the
+  // polynomial matcher cannot run them, and Python's re reads "\\1" inside a class as an octal escape instead).
+  constexpr long kMaxRepeat = 1000;
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char ch = pattern[i];
+    if (ch == '\\' && i + 1 < pattern.size()) {
+      if (std::isdigit(static_cast<unsigned char>(pattern[i + 1])) && pattern[i + 1] != '0')
+        fail(source, what + " '" + pattern + "' uses a back-reference (\\" + pattern[i + 1] +
+                         "), which module-name matching does not support");
+      ++i;
+    } else if (in_class) {
+      if (ch == ']') in_class = false;
+    } else if (ch == '[') {
+      in_class = true;
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') ++i;
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') ++i;  // "[]" and "[^]" open with a literal ']'
+    } else if (ch == '{') {
+      // Every digit run of the brace body, whatever follows it: "{12", "{1,99999", "{,5}".
+      for (size_t j = i + 1; j < pattern.size() && pattern[j] != '}'; ++j) {
+        if (!std::isdigit(static_cast<unsigned char>(pattern[j]))) continue;
+        size_t k = j;
+        while (k < pattern.size() && std::isdigit(static_cast<unsigned char>(pattern[k]))) ++k;
+        const std::string digits = pattern.substr(j, k - j);
+        if (k - j > 4 || std::stol(digits) > kMaxRepeat)
+          fail(source, what + " '" + pattern + "' repeats " + digits + " times (at most " +
+                           std::to_string(kMaxRepeat) + " supported)");
+        j = k - 1;
+      }
+    }
+  }
   try {
     return std::regex(pattern, kRegexFlags);
   } catch (const std::regex_error& e) {
@@ -580,7 +615,12 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const Config& c
     for (const std::regex& re : layer_res) {
       std::smatch m;
       if (std::regex_search(key, m, re, std::regex_constants::match_continuous)) {
+        // PEFT pastes layers_pattern into its regex as is, so a pattern with an alternative ("|ayers") or a group
+        // of its own leaves no number (or another group) in group 1, where PEFT's int() then raises: refused.
         const std::string d = m[1].str();
+        if (!m[1].matched || d.empty() || !std::all_of(d.begin(), d.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+          fail(source, "layers_pattern makes the layer-number group of PEFT's regex match '" + d + "' in '" + key +
+                           "' (an alternative or a group of its own in the pattern?)");
         if (d.size() > 9) return std::nullopt;
         return std::stoll(d);
       }

@@ -464,6 +464,20 @@ TEST(PeftRules, AnUncompilableRegexIsRefusedNamingIt) {
   expect_input_error([&] { parse(j); }, {"rank_pattern key", "q_proj["});
 }
 
+// libstdc++ reads "{n}" and "\\n" into a long unchecked; the fuzzer found "a{7777777777777777777}" (signed overflow
+// under UBSan). Such counts and back-references are refused by name before the compiler sees them; counts a
+// module name can use still compile, and braces inside a class are literal.
+TEST(PeftRules, HugeRepetitionCountsAndBackReferencesAreRefusedBeforeCompiling) {
+  expect_input_error([] { parse(lora("a{7777777777777777777}")); }, {"repeats 7777777777777777777 times"});
+  expect_input_error([] { parse(lora(R"(.*\.q_proj{1,99999})")); }, {"repeats 99999 times", "at most 1000"});
+  expect_input_error([] { parse(lora(R"((.*)\.q_\1234567890123456789012)")); }, {"back-reference"});
+  json j = lora({"q_proj"});
+  j["rank_pattern"] = {{"q{2000}", 4}};
+  expect_input_error([&] { parse(j); }, {"rank_pattern key", "repeats 2000 times"});
+  EXPECT_EQ(adapted(parse(lora(R"(model\.layers\.\d{1,3}\.self_attn\.q_proj)"))), "0.q_proj 1.q_proj");
+  EXPECT_EQ(adapted(parse(lora(R"(.*[{]?\.(q_proj))"))), "0.q_proj 1.q_proj");
+}
+
 // A file must not hang the tools: "(.*)*x" takes minutes per module name on a backtracking matcher.
 TEST(PeftRules, ABacktrackingPatternIsMatchedInPolynomialTime) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -503,6 +517,12 @@ TEST(PeftRules, LayersToTransformAndLayersPattern) {
   j["layers_to_transform"] = {0};
   j["layers_pattern"] = "h";
   expect_input_error([&] { parse(j); }, {"matches no projection"});
+  // PEFT pastes the pattern into its regex: an alternative or a group of its own leaves no layer number in
+  // group 1 (the fuzzer's "|ayers"; PEFT's int() raises), refused by name rather than thrown past the reader.
+  for (const char* bad : {"|ayers", "(lay)ers"}) {
+    j["layers_pattern"] = bad;
+    expect_input_error([&] { parse(j); }, {"layers_pattern makes the layer-number group"});
+  }
 }
 
 TEST(PeftRules, CombinationsPeftRefusesAreRefused) {

@@ -186,8 +186,9 @@ std::pair<std::string, json> read_log(const std::string& path) {
   return {j.value("backend", std::string("?")) + " (" + path + ")", j["steps"]};
 }
 
-// The same steps on the CUDA trainer: its loss per step, device time, peak device memory.
-int train_fast(const Plan& p, const TrainOptions& o) {
+// The same steps on the CUDA trainer: its loss per step, device time, peak device memory. With `curve`, the
+// per-step losses are also returned there (train --backend both) and nothing is saved or written.
+int train_fast(const Plan& p, const TrainOptions& o, std::vector<double>* curve = nullptr) {
 #ifdef GEMMA_HAVE_FAST
   const Inputs& in = p.in;
   if (!in.model.adapter)
@@ -207,17 +208,21 @@ int train_fast(const Plan& p, const TrainOptions& o) {
   for (int64_t step = 1; step <= p.total_steps; ++step) {
     const Batch batch = batch_of_step(p, step);
     const int64_t per_gpu = batch.B / o.gpus, micro = (per_gpu + p.micro_rows - 1) / p.micro_rows;
-    const fast::DataParallelTrainer::Step st = trainer.step(batch, micro);
+    const double lr = lr_at(p.schedule, step);
+    const fast::DataParallelTrainer::Step st = trainer.step(batch, micro, {lr, o.max_grad_norm});
     check_finite(step, 0, "loss", st.loss);
-    std::printf("step %4lld  loss %.12f  targets %lld  %.3f s on the device\n", (long long)step, st.loss,
-                (long long)st.tokens, st.seconds);
+    std::printf("step %4lld  loss %.12f  targets %lld  lr %.6e  grad_norm %.6e  %.3f s on the device\n",
+                (long long)step, st.loss, (long long)st.tokens, lr, st.grad_norm, st.seconds);
     std::fflush(stdout);
-    progress.update(step, step, st.loss, o.adamw.lr, std::nullopt, real_tokens(batch));
+    progress.update(step, step, st.loss, lr, st.grad_norm, real_tokens(batch));
     history.push_back({{"step", step}, {"loss", st.loss}, {"targets", st.tokens}, {"seconds", st.seconds},
-                       {"learning_rate", o.adamw.lr}, {"epoch", epoch_of(p, step)}});
+                       {"learning_rate", lr}, {"grad_norm", st.grad_norm}, {"epoch", epoch_of(p, step)},
+                       {"tokens", real_tokens(batch)}});
+    if (curve) curve->push_back(st.loss);
   }
   progress.finish();
   std::printf("peak device memory %.2f GB\n", double(trainer.peak_device_bytes()) / 1e9);
+  if (curve) return 0;
   if (!p.out_dir.empty()) {
     TensorMap w = trainer.adapters();
     save_dir(p.out_dir, in.model.config, in.model.adapter, in.source, w, nullptr, trainer_state_json(p, p.total_steps, history));
@@ -227,7 +232,7 @@ int train_fast(const Plan& p, const TrainOptions& o) {
   write_report(p, o, history);
   return 0;
 #else
-  (void)p, (void)o;
+  (void)p, (void)o, (void)curve;
   fail("--backend fast", "this build has no CUDA backend");
 #endif
 }
@@ -282,6 +287,41 @@ double eval_loss(const ref::Model<double>& m, const Dataset& d, int64_t batch, c
   return sum / double(n);
 }
 
+// One optimizer step of the reference trainer: the step's micro-batches, each scaled by 1 / (the step's scored
+// targets), clipping by global norm after accumulation, AdamW at the schedule's learning rate under opt's policy.
+struct RefStep {
+  double loss, lr, grad_norm;
+  int64_t targets;
+};
+RefStep reference_step(ref::Model<double>& m, ref::Grads<double>& g, ref::AdamWState<double>& state, const Plan& p,
+                       const TrainOptions& o, const ref::RunOptions& opt, int64_t step, const Batch& batch) {
+  const std::vector<Batch> micro = split_batch(batch, p.micro_rows);
+  int64_t total = 0;
+  for (const Batch& b : micro) total += b.count_targets();
+  if (total == 0) fail("step " + std::to_string(step), "every label is ignored");
+  g = ref::zero_grads(m);
+  double loss_sum = 0;
+  for (size_t k = 0; k < micro.size(); ++k) {
+    const double l = ref::forward_backward<double>(m, micro[k], opt, 1.0 / double(total), &g).loss_sum;
+    check_finite(step, k, "loss", l);
+    loss_sum += l;
+    ref::for_each_trainable(m, g, [&](const std::string& name, const Shape&, const double*, const double* gr, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) check_finite(step, k, "gradient of " + name, gr[i]);
+    });
+  }
+  // Clipping sees the accumulated gradient of the whole step, as HF's Trainer clips after accumulation.
+  std::vector<std::pair<double*, int64_t>> grads;
+  ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, double*, double* gr, int64_t n) { grads.push_back({gr, n}); });
+  RefStep r;
+  r.grad_norm = clip_grad_norm(grads, o.max_grad_norm);
+  ref::AdamWConfig h = o.adamw;
+  h.lr = r.lr = lr_at(p.schedule, step);
+  ref::adamw_step(m, g, state, h, opt.numerics.policy);
+  r.loss = loss_sum / double(total);
+  r.targets = total;
+  return r;
+}
+
 int train_reference(const Plan& p, const TrainOptions& o) {
   const Inputs& in = p.in;
   ref::RunOptions opt;
@@ -313,37 +353,17 @@ int train_reference(const Plan& p, const TrainOptions& o) {
                 o.lr_scheduler.c_str(), (long long)o.warmup_steps, o.adamw.weight_decay, o.max_grad_norm);
   const auto t0 = std::chrono::steady_clock::now();
   Progress progress(p.total_steps);
+  ref::Grads<double> g;
   for (int64_t step = start + 1; step <= p.total_steps; ++step) {
     const Batch batch = batch_of_step(p, step);
-    const std::vector<Batch> micro = split_batch(batch, p.micro_rows);
-    int64_t total = 0;
-    for (const Batch& b : micro) total += b.count_targets();
-    if (total == 0) fail("step " + std::to_string(step), "every label is ignored");
-    ref::Grads<double> g = ref::zero_grads(m);
-    double loss_sum = 0;
-    for (size_t k = 0; k < micro.size(); ++k) {
-      const double l = ref::forward_backward<double>(m, micro[k], opt, 1.0 / double(total), &g).loss_sum;
-      check_finite(step, k, "loss", l);
-      loss_sum += l;
-      ref::for_each_trainable(m, g, [&](const std::string& name, const Shape&, const double*, const double* gr, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) check_finite(step, k, "gradient of " + name, gr[i]);
-      });
-    }
-    const double loss = loss_sum / double(total);
-    // Clipping sees the accumulated gradient of the whole step, as HF's Trainer clips after accumulation.
-    std::vector<std::pair<double*, int64_t>> grads;
-    ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, double*, double* gr, int64_t n) { grads.push_back({gr, n}); });
-    const double grad_norm = clip_grad_norm(grads, o.max_grad_norm);
-    ref::AdamWConfig h = o.adamw;
-    h.lr = lr_at(p.schedule, step);
-    ref::adamw_step(m, g, state, h, opt.numerics.policy);
+    const RefStep r = reference_step(m, g, state, p, o, opt, step, batch);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("step %4lld  loss %.12f  targets %lld  lr %.6e  grad_norm %.6e  %.1f s\n", (long long)step, loss,
-                (long long)total, h.lr, grad_norm, secs);
+    std::printf("step %4lld  loss %.12f  targets %lld  lr %.6e  grad_norm %.6e  %.1f s\n", (long long)step, r.loss,
+                (long long)r.targets, r.lr, r.grad_norm, secs);
     std::fflush(stdout);
-    progress.update(step, step - start, loss, h.lr, grad_norm, real_tokens(batch));
-    history.push_back({{"step", step}, {"loss", loss}, {"targets", total}, {"seconds", secs}, {"learning_rate", h.lr},
-                       {"grad_norm", grad_norm}, {"epoch", epoch_of(p, step)}, {"tokens", real_tokens(batch)}});
+    progress.update(step, step - start, r.loss, r.lr, r.grad_norm, real_tokens(batch));
+    history.push_back({{"step", step}, {"loss", r.loss}, {"targets", r.targets}, {"seconds", secs}, {"learning_rate", r.lr},
+                       {"grad_norm", r.grad_norm}, {"epoch", epoch_of(p, step)}, {"tokens", real_tokens(batch)}});
     const bool last = step == p.total_steps;
     if (!p.out_dir.empty() && (o.save_steps > 0 && step % o.save_steps == 0 && !last)) {
       const TrainState ts = capture(m, g, state);
@@ -374,11 +394,91 @@ int train_reference(const Plan& p, const TrainOptions& o) {
   return 0;
 }
 
+// train --backend both: the CUDA trainer and the reference trainer under the `fast` policy (the same cast points,
+// emulated in float64) and under no rounding (float64), on the same rows, schedule and clipping; the fast curve must
+// stay inside the band that bf16 rounding itself opens.
+//
+// Why this band. Over many steps the rounding histories of any two bf16 trainers diverge, so their losses drift
+// apart however correct both are. The `fast` policy's distance from the float64 run, d_policy(t), measures how far
+// bf16 rounding moves this run's trajectory by step t. The CUDA trainer is another bf16 trajectory whose rounding
+// differs from the policy's only in fp32 summation orders, so a correct one sits at most that far from the policy
+// run; the band at step s is kBandFactor times the largest d_policy(t), t <= s (running, because a rounding history
+// once diverged stays diverged), and never below kStepBound, the bound one step's loss must meet before any history
+// exists (tests/test_fast_model.cpp: one step's fast loss within 1e-5 of the policy's). kBandFactor 3 is the gate's
+// margin (docs/verification.md): a bug must move the loss by three times what rounding alone does to be flagged.
+constexpr double kBandFactor = 3.0, kStepBound = 1e-5;
+
+int train_both(const Plan& p, const TrainOptions& o) {
+  std::vector<double> fast_curve;
+  std::printf("-- the CUDA trainer\n");
+  train_fast(p, o, &fast_curve);
+  std::vector<double> curves[2];
+  const char* names[2] = {"fast policy", "float64"};
+  for (int k = 0; k < 2; ++k) {
+    std::printf("-- the reference trainer, %s\n", names[k]);
+    ref::RunOptions opt;
+    opt.softcap = p.sc;
+    opt.numerics.policy = k == 0 ? ref::policy_fast() : ref::policy_f64();
+    ref::Model<double> m = ref::make_model<double>(p.in.model, opt.numerics.policy);
+    ref::AdamWState<double> state;
+    ref::Grads<double> g;
+    Progress progress(p.total_steps);
+    for (int64_t step = 1; step <= p.total_steps; ++step) {
+      const Batch batch = batch_of_step(p, step);
+      const RefStep r = reference_step(m, g, state, p, o, opt, step, batch);
+      curves[k].push_back(r.loss);
+      progress.update(step, step, r.loss, r.lr, r.grad_norm, real_tokens(batch));
+    }
+    progress.finish();
+  }
+  const std::vector<double>& pol = curves[0];
+  const std::vector<double>& f64 = curves[1];
+  json history = json::array();
+  double running = 0, worst_ratio = 0;
+  int64_t outside = 0, worst_step = 0;
+  std::printf("%6s %18s %18s %18s %11s %11s %11s\n", "step", "fast", "fast policy", "float64", "|fast-pol|", "|pol-f64|",
+              "band");
+  for (size_t i = 0; i < fast_curve.size(); ++i) {
+    const double d_fast = std::fabs(fast_curve[i] - pol[i]) / std::fabs(pol[i]);
+    const double d_pol = std::fabs(pol[i] - f64[i]) / std::fabs(f64[i]);
+    running = std::max(running, d_pol);
+    const double band = std::max(kStepBound, kBandFactor * running);
+    const bool in = d_fast <= band;
+    outside += !in;
+    if (d_fast / band > worst_ratio) worst_ratio = d_fast / band, worst_step = int64_t(i) + 1;
+    if (!in || i < 3 || (i + 1) % 10 == 0 || i + 1 == fast_curve.size())
+      std::printf("%6zu %18.12f %18.12f %18.12f %11.3e %11.3e %11.3e%s\n", i + 1, fast_curve[i], pol[i], f64[i], d_fast,
+                  d_pol, band, in ? "" : "  OUTSIDE");
+    history.push_back({{"step", i + 1}, {"loss_fast", fast_curve[i]}, {"loss_fast_policy", pol[i]}, {"loss_float64", f64[i]},
+                       {"rel_fast_vs_policy", d_fast}, {"rel_policy_vs_float64", d_pol}, {"band", band}, {"inside", in}});
+  }
+  std::printf("%s: %lld of %lld steps outside the band; worst |fast-policy| / band %.3f at step %lld\n",
+              outside ? "FAIL" : "PASS", (long long)outside, (long long)fast_curve.size(), worst_ratio,
+              (long long)worst_step);
+  write_log(p, o, history, {{"band_factor", kBandFactor}, {"step_bound", kStepBound}, {"steps_outside", outside},
+                            {"worst_ratio", worst_ratio}, {"worst_step", worst_step}});
+  if (o.report_path) {
+    std::vector<ReportSeries> series;
+    const char* labels[3] = {"fast", "reference, fast policy", "reference, float64"};
+    const std::vector<double>* ys[3] = {&fast_curve, &pol, &f64};
+    for (int k = 0; k < 3; ++k) {
+      json steps = json::array();
+      for (size_t i = 0; i < ys[k]->size(); ++i) steps.push_back({{"step", i + 1}, {"loss", (*ys[k])[i]}});
+      series.push_back({labels[k], steps});
+    }
+    for (const auto& [label, steps] : p.report_with) series.push_back({label, steps});
+    write_html_report(*o.report_path, "train --backend both: " + p.in.description, series, p.run);
+  }
+  return outside ? 1 : 0;
+}
+
 int run_train(const InputSpec& spec, const TrainOptions& o) {
-  if (o.backend != "reference" && o.backend != "fast") fail("--backend", "'" + o.backend + "' is not one of reference, fast");
+  if (o.backend != "reference" && o.backend != "fast" && o.backend != "both")
+    fail("--backend", "'" + o.backend + "' is not one of reference, fast, both");
+  const bool on_gpu = o.backend != "reference";
   std::string why;
-  if (o.backend == "fast" && !fast_available(&why)) fail("--backend fast", why);
-  if (o.gpus != 1 && o.backend != "fast") fail("--gpus", "only the fast backend runs on GPUs; the reference runs on the CPU");
+  if (on_gpu && !fast_available(&why)) fail("--backend " + o.backend, why);
+  if (o.gpus != 1 && !on_gpu) fail("--gpus", "only the fast backend runs on GPUs; the reference runs on the CPU");
   if (o.max_steps && *o.max_steps < (o.eval_data ? 0 : 1))
     fail("--max-steps", "must be at least 1 (0 only with --eval-data: evaluate without training)");
   if (o.max_steps == 0 && (o.output_dir || o.save_adapter || o.resume || o.save_steps))
@@ -400,13 +500,16 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.tokenizer.config_path && !o.tokenizer.model_path) fail("--tokenizer-config", "goes with --tokenizer");
   if (o.output_dir && o.save_adapter) fail("--save-adapter", "conflicts with --output-dir (they name the same directory)");
   if (o.save_steps > 0 && !o.output_dir && !o.save_adapter) fail("--save-steps", "writes checkpoints into --output-dir; give it");
-  if (o.backend == "fast") {
-    // The CUDA trainer's AdamW runs on the device with one learning rate and no clipping; its moments stay there.
-    if (sched != Scheduler::constant) fail("--lr-scheduler", "the fast trainer runs a constant learning rate: give --lr-scheduler constant");
-    if (o.max_grad_norm > 0) fail("--max-grad-norm", "the fast trainer does not clip gradients yet: give --max-grad-norm 0");
+  if (on_gpu) {
+    // The CUDA trainer's AdamW moments stay on the device: nothing to resume from or checkpoint yet.
     if (o.resume) fail("--resume", "the fast trainer cannot load AdamW moments yet: resume with --backend reference");
     if (o.save_steps > 0) fail("--save-steps", "the fast trainer cannot save its AdamW moments yet");
     if (o.eval_data) fail("--eval-data", "evaluates with the reference: use --backend reference");
+  }
+  if (o.backend == "both") {
+    // Three runs compared step by step: which one's adapter would be saved is not a question to guess.
+    if (o.output_dir || o.save_adapter) fail(o.output_dir ? "--output-dir" : "--save-adapter",
+                                             "--backend both compares curves; save from --backend fast or reference");
   }
 
   if (!o.report_with.empty() && !o.report_path) fail("--report-with", "adds curves to --report; give --report");
@@ -490,6 +593,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
            {"adam_epsilon", o.adamw.eps},
            {"adapter", in.model.adapter ? json::parse(to_adapter_config_json(*in.model.adapter)) : json(nullptr)}};
   if (o.backend == "fast") return train_fast(p, o);
+  if (o.backend == "both") return train_both(p, o);
   return train_reference(p, o);
 }
 
@@ -529,7 +633,8 @@ int main(int argc, char** argv) {
   app.add_option("--warmup-steps", o.warmup_steps, "steps of linear warmup from 0");
   app.add_option("--max-grad-norm", o.max_grad_norm, "clip the global gradient norm to this (default 1.0; 0: off)");
   app.add_option("--softcap", o.softcap, "none | attn | logits | attn,logits");
-  app.add_option("--backend", o.backend, "reference | fast");
+  app.add_option("--backend", o.backend,
+                 "reference | fast | both (fast beside the reference, per-step band; exit 1 outside it)");
   app.add_option("--gpus", o.gpus, "fast backend: data parallel over the first N GPUs (NCCL)");
   app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
   app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
