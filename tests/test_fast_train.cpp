@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -20,8 +21,13 @@ using nlohmann::json;
 
 namespace {
 
-const std::string kTrain = GEMMA_TRAIN_BIN;
-const std::string kExamples = GEMMA_EXAMPLES_DIR;
+// The build's paths, or the environment's where the binaries were moved (the GPU host runs a copied bundle).
+std::string env_or(const char* name, const char* built) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : built;
+}
+const std::string kTrain = env_or("GEMMA_TRAIN_BIN", GEMMA_TRAIN_BIN);
+const std::string kExamples = env_or("GEMMA_EXAMPLES_DIR", GEMMA_EXAMPLES_DIR);
 
 #define NEED_GPU()                                          \
   do {                                                      \
