@@ -143,6 +143,11 @@ std::vector<Variant> variants() {
                        for (int64_t x : n) unequal |= x != n[0];
                        return unequal ? std::string() : "micro-batches have equal target counts";
                      }
+                     case Bug::loss_normalised_by_tokens: {
+                       int64_t positions = 0, targets = 0;
+                       for (const Batch& b : s.micro) positions += b.B * b.T, targets += b.count_targets();
+                       return positions != targets ? std::string() : "every position is a scored target";
+                     }
                      default:
                        return std::string();
                    }

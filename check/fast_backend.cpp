@@ -277,6 +277,13 @@ std::vector<ref::RunOptions> correct_variants(const ref::RunOptions& po) {
 
 namespace {
 
+// <x, w> / <w, w>: the size of x along w, relative to w (1 when x = w plus anything orthogonal to w).
+double gradient_scale(const std::vector<double>& x, const std::vector<double>& w) {
+  double xw = 0, ww = 0;
+  for (size_t i = 0; i < w.size(); ++i) xw += x[i] * w[i], ww += w[i] * w[i];
+  return ww > 0 ? xw / ww : (xw == 0 ? 1.0 : INFINITY);
+}
+
 // The projection of (x - ref) on a unit vector.
 double project(const std::vector<double>& x, const std::vector<double>& ref_x, const std::vector<double>& unit) {
   double p = 0;
@@ -426,6 +433,8 @@ struct GateReference {
   std::vector<double> adapters_before;
   double loss = 0;
   std::vector<Family> families;                // loss, logits, each gradient, the AdamW update
+  std::vector<double> grads_all;               // every adapter gradient of the emulation, concatenated
+  double scale_spread = 0;                     // the largest |gradient scale - 1| of the correct implementations
   std::vector<double> x_policy;                // fingerprints' observable of the emulation
   std::vector<Fingerprint> fingerprints;
   bool fingerprinted = false;
@@ -599,6 +608,10 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
     f.target = 1e-3;
     G.families.push_back(f);
   }
+  // The gradients' scale along the emulation's own direction (gate_judge says why).
+  G.grads_all = concat(pol.grads);
+  G.scale_spread = std::fabs(gradient_scale(concat(flt.grads), G.grads_all) - 1);
+  for (const auto& j : jit) G.scale_spread = std::max(G.scale_spread, std::fabs(gradient_scale(concat(j.grads), G.grads_all) - 1));
   {
     for (const std::string& name : pol.names) {
       const std::vector<double> v = in.model.weights.at(name).to_double();
@@ -777,6 +790,27 @@ FastResult gate_judge(Report& r, const std::string& prefix, const GateReference&
             "2 x the fast policy's own distance to float64 (" + sci(f.policy_vs_f64) + ") + the policy tolerance", false);
   }
   std::printf("  layer by layer: worst %.3g of its tolerance (%s)\n", worst_probe, worst_where.c_str());
+
+  // ---- The gradients' scale ---------------------------------------------------------------------------------
+  // A bug that scales every gradient alike (a wrong normaliser: every position instead of the scored targets, a
+  // LoRA scaling folded in twice) moves them along their own direction, where correct implementations hardly move:
+  // their differences come from flipped bf16 roundings spread over many directions, and only their component
+  // along the gradient itself changes its size. So the size of all the adapter gradients together along the
+  // emulation's, <fast, emulation> / |emulation|^2, is judged against 3 x the largest |size - 1| of the correct
+  // implementations, with a floor of 1e-6 (fp32 sums of ~10^6 terms move a size by less). The rel L2 checks above see
+  // the same bug only through the whole cascade's noise: loss-normalised-by-tokens (17% of gemma2-odd's positions
+  // are unscored) stood at 2.96 of those tolerances, under the gate's 3 (tests/test_gate.cpp).
+  {
+    std::vector<double> g_fast;
+    for (size_t i = 0; i < G.names.size(); ++i) g_fast.insert(g_fast.end(), got_values[2 + i].begin(), got_values[2 + i].end());
+    const double s = gradient_scale(g_fast, G.grads_all), tol = std::max(1e-6, 3 * G.scale_spread);
+    std::printf("  %-58s %12.3e %9.2e %9.2e  %s\n", "gradient scale - 1 (all adapter gradients, along the emulation's)",
+                s - 1, G.scale_spread, tol, std::fabs(s - 1) <= tol ? "OK" : "FAIL");
+    r.add(prefix + "fast vs fast-policy reference: gradient scale", std::fabs(s - 1), tol,
+          "<fast, emulation> / |emulation|^2 - 1 over every adapter gradient; 3 x the largest of the correct fp32 "
+          "implementations' (" + sci(G.scale_spread) + ")",
+          false);
+  }
 
   // ---- AdamW on the trainer's own gradients ----------------------------------------------------------------
   // The whole-step update above inherits the gradients' noise (its tolerance is 3 x the spread of correct runs'

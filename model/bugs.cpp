@@ -33,6 +33,9 @@ const std::array<BugInfo, kNumBugs>& bug_table() {
        "final softcap's derivative omitted in the fused loss backward", "a fused softcap + cross-entropy kernel (the same slip as flash-attn 2.6.0, in the loss)"},
       {Bug::rmsnorm_plain_weight, "rmsnorm-plain-weight", "RMSNorm scaled by w instead of (1 + w)",
        "ports reusing a Llama-style RMSNorm (Gemma stores w for a scale of 1 + w)"},
+      {Bug::loss_normalised_by_tokens, "loss-normalised-by-tokens",
+       "gradients scaled by 1 / (every position of the step) instead of 1 / (its scored targets)",
+       "training loops averaging a masked per-token loss over all positions (a mean over the -100 labels too)"},
   }};
   return t;
 }

@@ -28,6 +28,7 @@ enum class Bug : uint8_t {
   softcap_grad_missing,        // attention softcap's derivative omitted in the backward
   logit_softcap_grad_missing,  // final softcap's derivative omitted in the loss backward
   rmsnorm_plain_weight,        // RMSNorm scaled by w instead of (1 + w) (Llama's convention)
+  loss_normalised_by_tokens,   // gradients scaled by 1 / (positions of the step) instead of 1 / (scored targets)
   count
 };
 inline constexpr int kNumBugs = int(Bug::count);

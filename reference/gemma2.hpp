@@ -1136,7 +1136,11 @@ Real step_loss_and_grads(const Model<Real>& m, const std::vector<Batch>& micro, 
       mean += keep(forward_backward(m, b, opt, Real(1) / (Real(n) * k), &g)) / (Real(n) * k);
     }
   } else {
-    const Real scale = Real(1) / Real(total);
+    // The bug loss-normalised-by-tokens divides the gradients by every position of the step, scored or not (the
+    // loss it reports stays the mean over targets, as the trainers that had it reported).
+    int64_t positions = 0;
+    for (const Batch& b : micro) positions += b.B * b.T;
+    const Real scale = Real(1) / Real(opt.numerics.semantics.loss_normalised_by_tokens ? positions : total);
     Real sum = Real(0);
     for (const Batch& b : micro) sum += keep(forward_backward(m, b, opt, scale, &g));
     mean = sum / Real(total);

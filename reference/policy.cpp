@@ -83,6 +83,9 @@ std::string apply_bug(Bug b, const Config& c, Numerics& n, Softcap& s) {
     case Bug::grad_accum_mean_of_means:
       m.grad_accum_mean_of_means = true;
       return "";
+    case Bug::loss_normalised_by_tokens:
+      m.loss_normalised_by_tokens = true;
+      return "";
     case Bug::rmsnorm_no_weight_grad:
       m.rmsnorm_no_weight_grad = true;
       return "";

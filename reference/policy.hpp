@@ -102,6 +102,7 @@ struct Semantics {
   bool attn_softcap_grad_missing = false;   // softcap-grad-missing: attention cap's derivative omitted
   bool logit_softcap_grad_missing = false;  // logit-softcap-grad-missing: final cap's derivative omitted
   bool grad_accum_mean_of_means = false;   // grad-accum-mean-of-means: per-micro-batch means averaged
+  bool loss_normalised_by_tokens = false;  // loss-normalised-by-tokens: gradients over every position, not targets
   bool operator==(const Semantics&) const = default;
 };
 

@@ -20,12 +20,12 @@ using nlohmann::json;
 namespace {
 
 // The ids of model/bugs.hpp (docs/model.md, "Known bugs"), in the table's order: the spec's thirteen, no-sliding-window,
-// and the two the fast trainer's fault switches add.
+// the two the fast trainer's fault switches add, and loss-normalised-by-tokens (a mutation the gate once caught thinly).
 const std::vector<std::string> kSpecIds = {
     "normalizer-exact", "rmsnorm-early-downcast", "rope-bf16",         "gelu-exact",
     "qpas-head-dim",    "sliding-odd-layers",     "sliding-off-by-one", "no-sliding-window", "no-attn-softcap",
     "no-logit-softcap", "padded-vocab-unmasked",  "grad-accum-mean-of-means", "rmsnorm-no-weight-grad",
-    "softcap-grad-missing", "logit-softcap-grad-missing", "rmsnorm-plain-weight"};
+    "softcap-grad-missing", "logit-softcap-grad-missing", "rmsnorm-plain-weight", "loss-normalised-by-tokens"};
 
 struct ToolRun {
   int status = -1;

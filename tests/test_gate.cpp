@@ -163,7 +163,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Bug::normalizer_exact, Bug::rmsnorm_early_downcast, Bug::rope_bf16, Bug::gelu_exact,
                       Bug::qpas_head_dim, Bug::sliding_odd_layers, Bug::sliding_off_by_one, Bug::no_sliding_window,
                       Bug::no_attn_softcap, Bug::no_logit_softcap, Bug::grad_accum_mean_of_means,
-                      Bug::softcap_grad_missing, Bug::logit_softcap_grad_missing, Bug::rmsnorm_plain_weight),
+                      Bug::softcap_grad_missing, Bug::logit_softcap_grad_missing, Bug::rmsnorm_plain_weight,
+                      Bug::loss_normalised_by_tokens),
     [](const ::testing::TestParamInfo<Bug>& i) {
       std::string s(bug_info(i.param).id);
       for (char& c : s)
