@@ -25,8 +25,6 @@ Batch batch_for(const Config& c, const InputSpec& s, int64_t dflt_b, int64_t dfl
   const int64_t B = s.batch.value_or(dflt_b), T = s.seq.value_or(dflt_t);
   if (B < 1) fail("--batch", "must be at least 1, got " + std::to_string(B));
   if (T < 2) fail("--seq", "must be at least 2 (position t is scored against token t + 1), got " + std::to_string(T));
-  if (T > c.max_position_embeddings)
-    fail("--seq", std::to_string(T) + " exceeds max_position_embeddings " + std::to_string(c.max_position_embeddings));
   // The float64 logits alone take B * T * V * 8 bytes. Refusing a batch that cannot fit up front beats being
   // killed by the kernel's OOM killer (a signal, no message) half an hour into the run.
   const double logits_bytes = double(B) * double(T) * double(c.vocab_size) * 8.0;
@@ -83,6 +81,7 @@ Inputs load_inputs(const InputSpec& s) {
     }
     in.adapters_hint = "--lora-r R";
     in.batch = batch_for(c, s, shape.batch, shape.seq);
+    if (auto w = beyond_max_positions(c, in.batch.T, "--seq")) in.model.warnings.push_back(*w);
     if (gate_preset(*s.model)) make_gate_setting(in, *s.model, s.seed);
     in.source = "preset:" + *s.model;
     in.description = *s.model + " (synthetic bf16 weights, seed " + std::to_string(s.seed) + "; " + std::to_string(L) +
@@ -102,7 +101,7 @@ Inputs load_inputs(const InputSpec& s) {
     }
     in.adapters_hint = "--lora-r R";
     in.batch = batch_for(in.model.config, s, 1, 32);
-    validate_batch(in.model.config, in.batch, "synthetic batch");
+    validate_batch(in.model.config, in.batch, "synthetic batch", &in.model.warnings);
     in.source = *s.weights;
     in.description = "checkpoint " + *s.weights + " (" + std::to_string(in.model.config.num_hidden_layers) + " layers" +
                      (s.lora_r && *s.lora_r > 0 ? "; synthetic LoRA adapters, seed " + std::to_string(s.seed) : "") +

@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
     else
       one = std::make_unique<fast::Trainer>(c, a, 1234, h, sc, o);
     const int64_t global_B = B * gpus;
+    if (auto w = beyond_max_positions(c, T, "--seq")) std::fprintf(stderr, "fast_bench: warning: %s\n", w->c_str());
     const Batch batch = synthetic_batch(c, global_B, T, 99, 0.0);
     std::vector<double> secs, allreduce;
     double last_loss = 0;

@@ -497,7 +497,7 @@ CaseFile read_case(const std::string& path) {
   }
 
   validate_checkpoint(cf.model, path);
-  validate_batch(cf.model.config, cf.batch, path);
+  validate_batch(cf.model.config, cf.batch, path, &cf.model.warnings);
   if (cf.batch.T < 2)
     fail(path, "sequence length T = 1 leaves no target (position t is scored against labels[t + 1])");
   // Kept an error rather than a loss of 0: a mean over no targets is 0/0, and any number reported for it

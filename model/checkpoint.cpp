@@ -795,11 +795,17 @@ std::vector<Batch> split_batch(const Batch& b, int64_t rows) {
   return out;
 }
 
-void validate_batch(const Config& c, const Batch& b, const std::string& source) {
+std::optional<std::string> beyond_max_positions(const Config& c, int64_t T, const std::string& source) {
+  if (T <= c.max_position_embeddings) return std::nullopt;
+  return source + ": sequence length " + std::to_string(T) + " exceeds max_position_embeddings " +
+         std::to_string(c.max_position_embeddings) +
+         ": RoPE continues past the positions the model was trained on, as transformers does (no error there either)";
+}
+
+void validate_batch(const Config& c, const Batch& b, const std::string& source, std::vector<std::string>* warnings) {
   if (b.B < 1 || b.T < 1) fail(source, "batch shape [" + std::to_string(b.B) + ", " + std::to_string(b.T) + "] is empty");
-  if (b.T > c.max_position_embeddings)
-    fail(source, "sequence length " + std::to_string(b.T) + " exceeds max_position_embeddings " +
-                     std::to_string(c.max_position_embeddings));
+  if (warnings)
+    if (auto w = beyond_max_positions(c, b.T, source)) warnings->push_back(*w);
   if (int64_t(b.input_ids.size()) != b.B * b.T || int64_t(b.labels.size()) != b.B * b.T)
     fail(source, "input_ids and labels must both have B*T entries");
   for (size_t i = 0; i < b.input_ids.size(); ++i) {

@@ -127,7 +127,13 @@ struct Batch {
 };
 // Splits a batch into micro-batches of `rows` sequences each (the last may be shorter).
 std::vector<Batch> split_batch(const Batch& b, int64_t rows);
-void validate_batch(const Config& c, const Batch& b, const std::string& source);
+// Shapes, token and label ranges, position_ids, attention_mask; InputError naming `source` and the entry.
+// A sequence longer than max_position_embeddings is accepted, as transformers accepts it (RoPE is a formula of the
+// position and continues past the trained range); its warning (beyond_max_positions) is added to `warnings`.
+void validate_batch(const Config& c, const Batch& b, const std::string& source,
+                    std::vector<std::string>* warnings = nullptr);
+// The warning for T > max_position_embeddings, or nothing.
+std::optional<std::string> beyond_max_positions(const Config& c, int64_t T, const std::string& source);
 
 struct Checkpoint {
   Config config;

@@ -227,7 +227,7 @@ const std::vector<KeyRule>& rules() {
         R"({"rope_type": "default", "rope_theta": 20000.0})"}},
       {{"rope_scaling", U, "older name of rope_parameters (also spelled with \"type\"); wins over it when both are set",
         R"({"rope_type": "default", "rope_theta": 20000.0})"}},
-      {{"max_position_embeddings", U, "longest sequence accepted", "32"}},
+      {{"max_position_embeddings", U, "positions trained on; a longer sequence runs with a warning (RoPE continues)", "32"}},
       {{"pad_token_id", U, "the embedding's padding_idx (null: none)", "null"}},
       {{"eos_token_id", U, "end-of-sequence id (the first of a list); not part of the loss", "5"}},
       {{"bos_token_id", U, "beginning-of-sequence id; not part of the loss", "5"}},

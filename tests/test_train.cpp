@@ -3,10 +3,12 @@
 // project's own reader, full-weight checkpoints, bit-exact --resume, the HTML report, and bad data refused with
 // exit 2 naming FILE:LINE.
 #include <gtest/gtest.h>
+#include <png.h>
 #include <sentencepiece_trainer.h>
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "model/safetensors.hpp"
@@ -403,6 +405,91 @@ TEST(TrainBinary, TextRowsWithTheShippedTokenizer) {
   EXPECT_EQ(html.find("<script"), std::string::npos);
   EXPECT_EQ(html.find("src="), std::string::npos);
   EXPECT_EQ(html.find("href="), std::string::npos);
+}
+
+// The seed's softcapping experiment as one command: the four combinations on the same rows, one log, one report.
+TEST(TrainBinary, SoftcapAllTrainsTheFourCombinationsIntoOneReport) {
+  TempDir d;
+  const ToolRun r = run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/tiny.jsonl", "--seq-len", "32",
+                                      "--batch", "4", "--max-steps", "3", "--softcap", "all", "--log", d / "all.json",
+                                      "--report", d / "all.html"},
+                             d);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  const json log = json::parse(slurp(d / "all.json"));
+  std::map<std::string, double> last;
+  for (const char* sc : {"none", "attn", "logits", "attn,logits"}) {
+    ASSERT_TRUE(log["runs"].contains(sc)) << sc;
+    ASSERT_EQ(log["runs"][sc].size(), 3u) << sc;
+    last[sc] = log["runs"][sc][2]["loss"];
+  }
+  // gemma2-tiny's synthetic head puts the logits near the final cap, so that cap changes the loss at once; the
+  // attention cap moves it too, less.
+  EXPECT_NE(last["none"], last["logits"]);
+  EXPECT_NE(last["none"], last["attn"]);
+  EXPECT_NE(last["logits"], last["attn,logits"]);
+  const std::string html = slurp(d / "all.html");
+  for (const char* label : {"softcap none", "softcap attn", "softcap logits", "softcap attn,logits"})
+    EXPECT_NE(html.find(label), std::string::npos) << label;
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--softcap", "all", "--save-adapter", d / "x"}, d), "train",
+                  {"--softcap all", "one combination at a time"});
+}
+
+// The report as a browser shows it: Debian's Chromium, headless, takes a screenshot, and the picture must hold the
+// curves (pixels of the first series' blue, #0072b2 with antialiasing) and text (dark pixels). A page that did not
+// render (broken markup, an SVG the browser rejects) leaves neither; the same check on the page with its SVG
+// elements renamed finds no blue. Skips, saying why, without chromium.
+namespace {
+struct Pixels {
+  int64_t blue = 0, dark = 0;
+  uint32_t width = 0, height = 0;
+};
+Pixels screenshot_pixels(const std::string& html, const TempDir& d) {
+  const std::string png = d / "shot.png";
+  std::filesystem::remove(png);
+  const ToolRun r = run_tool("/usr/bin/chromium", {"--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                                   "--window-size=1200,1600", "--screenshot=" + png, "file://" + html},
+                             d);
+  EXPECT_EQ(r.status, 0) << r.err;
+  png_image img{};
+  img.version = PNG_IMAGE_VERSION;
+  Pixels p;
+  if (!png_image_begin_read_from_file(&img, png.c_str())) {
+    ADD_FAILURE() << "no screenshot: " << img.message;
+    return p;
+  }
+  img.format = PNG_FORMAT_RGB;
+  std::vector<uint8_t> rgb(PNG_IMAGE_SIZE(img));
+  EXPECT_TRUE(png_image_finish_read(&img, nullptr, rgb.data(), 0, nullptr)) << img.message;
+  p.width = img.width, p.height = img.height;
+  for (size_t i = 0; i + 2 < rgb.size(); i += 3) {
+    const int r8 = rgb[i], g8 = rgb[i + 1], b8 = rgb[i + 2];
+    p.blue += b8 > 120 && b8 > r8 + 80 && b8 > g8 + 20;
+    p.dark += r8 < 80 && g8 < 80 && b8 < 80;
+  }
+  return p;
+}
+}  // namespace
+
+TEST(TrainReport, RendersInHeadlessChromium) {
+  if (!std::filesystem::exists("/usr/bin/chromium")) GTEST_SKIP() << "no /usr/bin/chromium (Debian package chromium)";
+  TempDir d;
+  const ToolRun r = run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/tiny.jsonl", "--seq-len", "32",
+                                      "--batch", "4", "--max-steps", "4", "--report", d / "r.html"},
+                             d);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const Pixels good = screenshot_pixels(d / "r.html", d);
+  std::printf("screenshot %ux%u: %lld curve pixels, %lld text pixels\n", good.width, good.height, (long long)good.blue,
+              (long long)good.dark);
+  EXPECT_EQ(good.width, 1200u);
+  // Three plots of one series each, polylines across ~440 px plus markers: thousands of blue pixels (measured
+  // 2026-11-30: see the printout); text and axes: more dark ones.
+  EXPECT_GT(good.blue, 1000);
+  EXPECT_GT(good.dark, 2000);
+  std::string html = slurp(d / "r.html");
+  for (size_t at = 0; (at = html.find("<svg", at)) != std::string::npos;) html.replace(at, 4, "<xvg");
+  spit(d / "broken.html", html);
+  const Pixels broken = screenshot_pixels(d / "broken.html", d);
+  EXPECT_LT(broken.blue, 50) << "with no SVG element the curves cannot be drawn";
 }
 
 TEST(TrainBinary, BadDataAndOptionsExit2) {

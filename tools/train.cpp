@@ -322,7 +322,8 @@ RefStep reference_step(ref::Model<double>& m, ref::Grads<double>& g, ref::AdamWS
   return r;
 }
 
-int train_reference(const Plan& p, const TrainOptions& o) {
+// With `curve`, the run's log entries are returned there (train --softcap all) and nothing is saved or written.
+int train_reference(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
   const Inputs& in = p.in;
   ref::RunOptions opt;
   opt.softcap = p.sc;
@@ -389,8 +390,41 @@ int train_reference(const Plan& p, const TrainOptions& o) {
                 (long long)p.eval->rows.size(), (long long)p.eval->scored);
     extra["eval_loss"] = el;
   }
+  if (curve) {
+    *curve = history;
+    return 0;
+  }
   write_log(p, o, history, extra);
   write_report(p, o, history);
+  return 0;
+}
+
+// train --softcap all: the same rows, schedule and seed under the four softcap combinations, one after the other
+// (the seed's softcapping experiment); one log with a run per combination, one report with the four loss curves.
+int train_all_softcaps(Plan& p, const TrainOptions& o) {
+  const Softcap combos[4] = {{false, false}, {true, false}, {false, true}, {true, true}};
+  json runs = json::object();
+  std::vector<ReportSeries> series;
+  for (const Softcap sc : combos) {
+    p.sc = sc;
+    p.run["softcap"] = softcap_name(sc);
+    std::printf("-- softcap %s\n", softcap_name(sc).c_str());
+    json history;
+    train_reference(p, o, &history);
+    const double first = history.front()["loss"], last = history.back()["loss"];
+    std::printf("-- softcap %s: loss %.9f at step 1, %.9f at step %lld\n", softcap_name(sc).c_str(), first, last,
+                (long long)p.total_steps);
+    runs[softcap_name(sc)] = history;
+    series.push_back({"softcap " + softcap_name(sc), history});
+  }
+  p.run["softcap"] = "all";
+  if (o.log_path)
+    write_json(*o.log_path, {{"source", p.in.source}, {"backend", o.backend}, {"softcap", "all"}, {"runs", runs},
+                             {"run", p.run}});
+  if (o.report_path) {
+    for (const auto& [label, steps] : p.report_with) series.push_back({label, steps});
+    write_html_report(*o.report_path, "train --softcap all: " + p.in.description, series, p.run);
+  }
   return 0;
 }
 
@@ -546,8 +580,18 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
   p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
   const Config& c = in.model.config;
-  p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
-  check_softcap_available(c, p.sc, "--softcap");
+  const bool all_softcaps = o.softcap && *o.softcap == "all";
+  if (all_softcaps) {
+    // Four runs compared: what one of them would save or resume is not a question to guess.
+    if (o.backend != "reference") fail("--softcap all", "runs the reference backend only");
+    if (!p.out_dir.empty() || o.resume || o.save_steps > 0 || o.eval_data)
+      fail("--softcap all", "compares four runs' curves: save, resume or evaluate one combination at a time");
+    check_softcap_available(c, {true, true}, "--softcap all");
+    p.sc = {true, true};
+  } else {
+    p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
+    check_softcap_available(c, p.sc, "--softcap");
+  }
   p.synthetic_data = !spec.case_path;
   std::unique_ptr<Tokenizer> tok;
   if (o.tokenizer.model_path) tok = Tokenizer::load(o.tokenizer, c.vocab_size);
@@ -594,6 +638,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
            {"adapter", in.model.adapter ? json::parse(to_adapter_config_json(*in.model.adapter)) : json(nullptr)}};
   if (o.backend == "fast") return train_fast(p, o);
   if (o.backend == "both") return train_both(p, o);
+  if (all_softcaps) return train_all_softcaps(p, o);
   return train_reference(p, o);
 }
 
@@ -632,7 +677,7 @@ int main(int argc, char** argv) {
   app.add_option("--lr-scheduler", o.lr_scheduler, "linear (default) | cosine | constant | constant_with_warmup, as HF's");
   app.add_option("--warmup-steps", o.warmup_steps, "steps of linear warmup from 0");
   app.add_option("--max-grad-norm", o.max_grad_norm, "clip the global gradient norm to this (default 1.0; 0: off)");
-  app.add_option("--softcap", o.softcap, "none | attn | logits | attn,logits");
+  app.add_option("--softcap", o.softcap, "none | attn | logits | attn,logits | all (the four in turn, one report)");
   app.add_option("--backend", o.backend,
                  "reference | fast | both (fast beside the reference, per-step band; exit 1 outside it)");
   app.add_option("--gpus", o.gpus, "fast backend: data parallel over the first N GPUs (NCCL)");
