@@ -11,6 +11,7 @@
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
 #include "tests/badinput_support.hpp"
+#include "tests/tiny_case.hpp"
 
 using namespace gemma;
 using namespace gemma::test;
@@ -502,4 +503,7 @@ TEST(QuantizeFlag, RefusedWhereItCannotApply) {
   const BnbCheckpoint ck = write_bnb(d);
   expect_rejected(run_tool(kVerify, {"--config", ck.config, "--weights", ck.weights, "--quantize", "nf4"}, d), "verify",
                   {"--quantize", "already quantized"});
+  write_case(d / "case.h5", tiny_case());
+  expect_rejected(run_tool(kVerify, {"--case", d / "case.h5", "--quantize", "nf4"}, d), "verify",
+                  {"--quantize", "does not apply to --case"});
 }
