@@ -101,6 +101,18 @@ TEST(Nf4, HandComputedBlocksDequantizeToBf16OfTheFloat32Product) {
   EXPECT_EQ(got[130], 0x3f80);
 }
 
+TEST(Nf4, DequantizationRoundsTheFloat32ProductNotTheExactOne) {
+  // A decoded (double-quantized) absmax is any float32, so kNF4[c] * absmax can need more than float32's 24 bits.
+  // kNF4[13] * 0x1.b0cc82p-1 (0.84531027) = 0.47558593193..., whose float32 rounding 0.4755859375 is exactly halfway
+  // between the bf16 numbers 0x3ef3 and 0x3ef4 and goes to the even 0x3ef4; rounding the exact product directly
+  // would give 0x3ef3. bitsandbytes' kernel rounds the float32 product, so 0x3ef4 is right.
+  Nf4Weight q;
+  q.shape = {1, 2};
+  q.packed = {0xDD};
+  q.absmax = {bits_float(0x3f586641u)};
+  for (uint16_t b : bf16_bits(dequantize_nf4(q))) EXPECT_EQ(b, 0x3ef4);
+}
+
 TEST(Nf4, DynamicMapIsCreateDynamicMap) {
   const std::vector<float>& m = dynamic_map();
   ASSERT_EQ(m.size(), 256u);
@@ -300,6 +312,25 @@ TEST(BnbCheckpoint, ReaderUsesTheFilesStateNotARecomputation) {
   });
   const Checkpoint got = load(ck);
   for (uint16_t b : bf16_bits(got.weights.at(kQ))) ASSERT_EQ(b, 0x3f40);
+}
+
+TEST(BnbCheckpoint, ShardedCheckpointLoadsDequantizedExactly) {
+  // Two shards and model.safetensors.index.json, the packed weight and its quant state in different shards.
+  TempDir d;
+  Entries all;
+  const BnbCheckpoint ck = write_bnb(d, [&](Entries& e) { all = e; });
+  Entries first, second;
+  json index = {{"metadata", json::object()}, {"weight_map", json::object()}};
+  for (const auto& [n, x] : all) {
+    const bool one = n.find(".weight.") == std::string::npos;  // packed weights and float tensors / quant states
+    (one ? first : second)[n] = x;
+    index["weight_map"][n] = one ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  write_entries(d / "model-00001-of-00002.safetensors", first);
+  write_entries(d / "model-00002-of-00002.safetensors", second);
+  spit(d / "model.safetensors.index.json", index.dump());
+  const Checkpoint got = load_hf_checkpoint(ck.config, d / "model.safetensors.index.json", std::nullopt, std::nullopt);
+  expect_same_weights(got.weights, ck.expected);
 }
 
 TEST(BnbCheckpoint, SkippedModuleLoadsAsStored) {
