@@ -416,7 +416,10 @@ int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, cons
         // transformers loads a float weight into a Linear4bit by quantizing it then (Params4bit(...).to(device)),
         // with the layer's blocksize 64 and the config's double quantization.
         auto it = weights.find(w);
-        if (skipped || it == weights.end() || it->second.shape != shape || it->second.dtype == DType::f64) continue;
+        if (skipped || it == weights.end() || it->second.shape != shape) continue;
+        if (it->second.dtype == DType::f64)
+          fail(source, "tensor '" + w + "' is F64, which quantization_config would have quantized on load; bitsandbytes "
+                       "quantizes 16- and 32-bit floats only");
         it->second = dequantize_nf4(quantize_nf4(it->second, kNF4Blocksize, q.double_quant));
         ++quantized_here;
         continue;
