@@ -51,6 +51,33 @@ TEST(Nf4, CodeBookIsBitsandbytes) {
   EXPECT_EQ(float_bits(kNF4[14]), float_bits(0.7229568362236023f));
 }
 
+TEST(Nf4, TreeCodesTheNearestBookValue) {
+  // dQuantizeNF4's thresholds are the midpoints of neighbouring book values (as float32 literals), so away from
+  // them the tree's code is the nearest value's: every code is reached, in order, with no gap or swap in the tree.
+  int last = 0;
+  for (int k = -200000; k <= 200000; ++k) {
+    const float x = float(k) / 200000.0f;
+    int nearest = 0;
+    double d1 = 9, d2 = 9;  // the nearest and second-nearest distances
+    for (int c = 0; c < 16; ++c) {
+      const double d = std::fabs(double(x) - double(kNF4[size_t(c)]));
+      if (d < d1) {
+        d2 = d1;
+        d1 = d;
+        nearest = c;
+      } else if (d < d2) {
+        d2 = d;
+      }
+    }
+    if (d2 - d1 > 1e-6) {
+      ASSERT_EQ(nf4_code(x), nearest) << "x = " << x;
+    }
+    ASSERT_GE(nf4_code(x), last) << "x = " << x;
+    last = nf4_code(x);
+  }
+  EXPECT_EQ(last, 15);
+}
+
 TEST(Nf4, HandComputedBlocksQuantizeToTheirCodes) {
   const Nf4Weight q = quantize_nf4(bf16_row(three_blocks()), 64, false);
   // absmax per block: 3, 0 (all zero), 1.
