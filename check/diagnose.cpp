@@ -9,6 +9,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "model/nf4.hpp"
 #include "model/bugs.hpp"
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
@@ -176,6 +177,8 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   c.sliding_window = W;
   s.ck.config = c;
   s.ck.weights = synthetic_weights(c, seed);
+  if (spec.quantize && *spec.quantize != "nf4") fail("--quantize", "'" + *spec.quantize + "' is not nf4 (the one quantization implemented)");
+  const std::string quantized = spec.quantize ? "; " + quantize_base_projections(s.ck) : "";
   const int64_t r = spec.lora_r.value_or(kDefaultPresetLoraR);
   s.ck.adapter = synthetic_adapter_config(r > 0 ? r : kDefaultPresetLoraR);
   TensorMap a = synthetic_adapters(c, *s.ck.adapter, seed);
@@ -189,7 +192,8 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   s.pad_rows = make_tensor(DType::bf16, {padded - c.vocab_size, c.hidden_size}).t;
   s.notes.insert(s.notes.begin(),
                  *spec.model + " (synthetic bf16 weights, " + std::to_string(c.num_hidden_layers) + " of " +
-                     std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) + ")");
+                     std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) +
+                     quantized + ")");
   s.notes.push_back("LM head padded to " + std::to_string(padded) + " rows with zero rows (masked except in padded-vocab-unmasked)");
   return s;
 }

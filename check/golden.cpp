@@ -56,6 +56,7 @@ std::vector<GoldenRecipe> standard_goldens() {
 
 std::optional<GoldenRecipe> recipe_of(const InputSpec& spec, Softcap sc) {
   if (!spec.model || !is_preset(*spec.model)) return std::nullopt;
+  if (spec.quantize) return std::nullopt;  // goldens are of the unquantized synthetic weights
   GoldenRecipe d = defaults(*spec.model, spec.lora_r.value_or(kDefaultPresetLoraR), sc);
   d.layers = spec.layers.value_or(d.layers);
   d.batch = spec.batch.value_or(d.batch);

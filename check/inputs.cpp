@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "model/errors.hpp"
+#include "model/nf4.hpp"
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
 #include "check/setting.hpp"
@@ -51,6 +52,9 @@ Inputs load_inputs(const InputSpec& s) {
   const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
   if (given != 1) fail("--model/--case/--config", "give exactly one of --model, --case, or --config with --weights");
   if (s.lora_r && *s.lora_r < 0) fail("--lora-r", "must be 0 (train every weight) or a rank >= 1");
+  if (s.quantize && *s.quantize != "nf4") fail("--quantize", "'" + *s.quantize + "' is not nf4 (the one quantization implemented)");
+  if (s.quantize && s.case_path)
+    fail("--quantize", "does not apply to --case (the case file fixes the weights its expected values were computed with)");
   Inputs in;
   if (s.case_path) {
     const char* fixed = "does not apply to --case (the case file fixes the model and the batch)";
@@ -83,9 +87,13 @@ Inputs load_inputs(const InputSpec& s) {
     in.batch = batch_for(c, s, shape.batch, shape.seq);
     if (auto w = beyond_max_positions(c, in.batch.T, "--seq")) in.model.warnings.push_back(*w);
     if (gate_preset(*s.model)) make_gate_setting(in, *s.model, s.seed);
+    // After the gate's setting, which shapes the projections like a trained model's: QLoRA quantizes the pretrained
+    // base as it is.
+    const std::string quantized = s.quantize ? "; " + quantize_base_projections(in.model) : "";
     in.source = "preset:" + *s.model;
     in.description = *s.model + " (synthetic bf16 weights, seed " + std::to_string(s.seed) + "; " + std::to_string(L) +
-                     " of " + std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) + ")";
+                     " of " + std::to_string(full_depth) + " layers, true widths, vocab " + std::to_string(c.vocab_size) +
+                     quantized + ")";
   } else {
     if (!s.config || !s.weights) fail("--config/--weights", "--config and --weights go together");
     if (s.lora_r && s.adapter)
@@ -93,7 +101,10 @@ Inputs load_inputs(const InputSpec& s) {
            "conflicts with --adapter: the adapter fixes the LoRA modules and ranks (--lora-r puts synthetic "
            "adapters on a checkpoint that has none)");
     in.model = load_hf_checkpoint(*s.config, *s.weights, s.adapter, s.layers);
-    if (s.lora_r && *s.lora_r > 0) {
+    const std::string quantized = s.quantize ? "; " + quantize_base_projections(in.model)
+                                  : in.model.quantization ? "; base projections " + *in.model.quantization +
+                                                                ", dequantized on load"
+                                                          : "";    if (s.lora_r && *s.lora_r > 0) {
       // Synthetic adapters (seeded by --seed) on the real base weights, exactly as on a preset.
       in.model.adapter = synthetic_adapter_config(*s.lora_r);
       TensorMap a = synthetic_adapters(in.model.config, *in.model.adapter, s.seed);
@@ -105,7 +116,7 @@ Inputs load_inputs(const InputSpec& s) {
     in.source = *s.weights;
     in.description = "checkpoint " + *s.weights + " (" + std::to_string(in.model.config.num_hidden_layers) + " layers" +
                      (s.lora_r && *s.lora_r > 0 ? "; synthetic LoRA adapters, seed " + std::to_string(s.seed) : "") +
-                     ")";
+                     quantized + ")";
   }
   if (in.batch.count_targets() == 0) fail(in.source, "every label is ignored (-100): the mean loss is undefined (0/0)");
   return in;

@@ -20,6 +20,10 @@ struct InputSpec {
   // --lora-r: rank of synthetic adapters (seeded by `seed`) on a preset (default 8) or on a checkpoint without
   // --adapter (default none); 0 trains every weight. With --adapter or --case it is refused: they fix the adapter.
   std::optional<int64_t> lora_r;
+  // --quantize nf4: the base projections quantized as QLoRA quantizes them (model/nf4.hpp) and replaced by their
+  // dequantized values, on a preset or an unquantized checkpoint. Refused with --case (its expected values are of
+  // the weights it holds).
+  std::optional<std::string> quantize;
 };
 
 // A preset's synthetic adapters when --lora-r is not given.

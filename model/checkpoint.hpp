@@ -139,6 +139,9 @@ struct Checkpoint {
   Config config;
   std::optional<AdapterConfig> adapter;
   TensorMap weights;  // base weights and, when `adapter` is set, the adapter tensors
+  // How the base projections were quantized (model/nf4.hpp), when they were: `weights` then holds their
+  // dequantized values, which every backend uses as it uses any stored weight.
+  std::optional<std::string> quantization;
   // What reading it noticed that does not stop a run (unknown keys, keys HF ignores): one line each,
   // "<file>: ...", for the tools to print as warnings.
   std::vector<std::string> warnings;

@@ -6,6 +6,7 @@
 
 #include "errors.hpp"
 #include "json_brief.hpp"
+#include "nf4.hpp"
 
 namespace gemma {
 
@@ -188,14 +189,19 @@ namespace {
 struct KeyRule {
   ConfigKey key;
   bool (*implemented)(const json& v) = nullptr;
+  // A math key whose refusals need their own words (which quantization it is): throws, or accepts.
+  void (*check)(const json& v, const std::string& source, std::vector<std::string>* warnings) = nullptr;
 };
+
+void bnb_nf4_or_null(const json& v, const std::string& source, std::vector<std::string>* warnings) {
+  parse_quantization_config(v, source, warnings);
+}
 
 bool is_null_or(const json& v, bool b) { return v.is_null() || (v.is_boolean() && v.get<bool>() == b); }
 bool null_or_false(const json& v) { return is_null_or(v, false); }
 bool null_or_true(const json& v) { return is_null_or(v, true); }
 bool null_or_zero(const json& v) { return v.is_null() || (v.is_number() && v.get<double>() == 0.0); }
 bool null_or_one(const json& v) { return v.is_null() || (v.is_number() && v.get<double>() == 1.0); }
-bool null_only(const json& v) { return v.is_null(); }
 bool null_or_empty(const json& v) { return v.is_null() || (v.is_structured() && v.empty()); }
 bool null_or_eager(const json& v) { return v.is_null() || (v.is_string() && v.get<std::string>() == "eager"); }
 bool is_gemma2(const json& v) { return v.is_string() && v.get<std::string>() == "gemma2"; }
@@ -248,10 +254,10 @@ const std::vector<KeyRule>& rules() {
       {{"partial_rotary_factor", M, "RoPE on the whole head (1.0)", "0.5"}, null_or_one},
       // Common PretrainedConfig keys that change the math.
       {{"quantization_config", M,
-        "unquantized weights (null); quantized bases (bitsandbytes 4-bit and 8-bit, GPTQ, AWQ, ...) are not "
-        "implemented yet",
+        "unquantized weights (null), or bitsandbytes 4-bit nf4 with uint8 storage, dequantized on load (docs/qlora.md); "
+        "fp4, 8-bit, GPTQ, AWQ, ... are not implemented",
         R"({"quant_method": "bitsandbytes", "load_in_4bit": true})"},
-       null_only},
+       nullptr, bnb_nf4_or_null},
       {{"per_layer_config", M, "one configuration for every layer (null)", R"({"0": {"sliding_window": 2}})"},
        null_or_empty},
       {{"pruned_heads", M, "no pruned attention heads ({})", R"({"0": [1]})"}, null_or_empty},
@@ -427,6 +433,10 @@ Config parse_config_json(const std::string& text, const std::string& source, std
     const KeyRule* rule = find_rule(key);
     if (!rule) {
       warn("unknown key '" + key + "' (not a Gemma2Config key this project knows): ignored");
+      continue;
+    }
+    if (rule->check) {
+      rule->check(v, source, warnings);
       continue;
     }
     if (rule->key.kind == KeyKind::math && !rule->implemented(v))

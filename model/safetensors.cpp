@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "errors.hpp"
+#include "nf4.hpp"
 
 namespace gemma {
 
@@ -79,7 +80,7 @@ json parse_header(const std::string& text, const std::string& path) {
 
 }  // namespace
 
-TensorMap read_safetensors(const std::string& path) {
+TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
   std::error_code ec;
   if (!fs::exists(path, ec)) fail(path, "no such file");
   size_t size = 0;
@@ -111,12 +112,16 @@ TensorMap read_safetensors(const std::string& path) {
       fail(path, where + " lacks one of dtype, shape, data_offsets");
     if (!dt->is_string()) fail(path, where + " has a dtype that is not a string");
     const std::string dts = dt->get<std::string>();
-    DType d;
+    DType d = DType::f32;
+    const bool bytes = dts == "U8";
     if (dts == "BF16") d = DType::bf16;
     else if (dts == "F16") d = DType::f16;
     else if (dts == "F32") d = DType::f32;
     else if (dts == "F64") d = DType::f64;
-    else fail(path, where + " has dtype " + dts + "; only BF16, F16, F32, F64 are weights");
+    else if (bytes && !u8)
+      fail(path, where + " has dtype U8 (bitsandbytes' packed 4-bit weights and quant state are), but config.json has "
+                         "no quantization_config; only BF16, F16, F32, F64 are weights");
+    else if (!bytes) fail(path, where + " has dtype " + dts + "; only BF16, F16, F32, F64 are weights");
     if (!sh->is_array() || sh->size() > 8) fail(path, where + " has a shape that is not a list of at most 8 sizes");
     Shape shape;
     uint64_t numel = 1;
@@ -133,9 +138,14 @@ TensorMap read_safetensors(const std::string& path) {
     if (b > en || en > data_size)
       fail(path, where + " data_offsets [" + std::to_string(b) + ", " + std::to_string(en) + "] fall outside the " +
                      std::to_string(data_size) + " data bytes");
-    if (en - b != numel * dtype_size(d))
+    const uint64_t element = bytes ? 1 : dtype_size(d);
+    if (en - b != numel * element)
       fail(path, where + " has " + std::to_string(en - b) + " data bytes, its shape " + shape_str(shape) + " and dtype " +
-                     dts + " need " + std::to_string(numel * dtype_size(d)));
+                     dts + " need " + std::to_string(numel * element));
+    if (bytes) {
+      u8->emplace(name, ByteTensor{std::move(shape), std::shared_ptr<const std::byte>(base, data + b)});
+      continue;
+    }
     Tensor t;
     t.dtype = d;
     t.shape = std::move(shape);
@@ -148,7 +158,7 @@ TensorMap read_safetensors(const std::string& path) {
 namespace {
 
 // model.safetensors.index.json: its weight_map names, for each tensor, the shard (beside the index) holding it.
-TensorMap read_safetensors_index(const std::string& ip) {
+TensorMap read_safetensors_index(const std::string& ip, ByteTensorMap* u8) {
   const fs::path dir = fs::path(ip).parent_path();
   json idx;
   try {
@@ -169,13 +179,19 @@ TensorMap read_safetensors_index(const std::string& ip) {
   TensorMap all;
   for (const auto& [f, names] : by_file) {
     const std::string sp = (dir / f).string();
-    TensorMap shard = read_safetensors(sp);
+    ByteTensorMap shard_u8;
+    TensorMap shard = read_safetensors(sp, u8 ? &shard_u8 : nullptr);
     for (const auto& n : names) {
       auto it = shard.find(n);
-      if (it == shard.end()) fail(sp, "missing tensor '" + n + "' that the index places in this shard");
-      if (!all.emplace(n, it->second).second) fail(sp, "tensor '" + n + "' appears in more than one shard");
+      auto bt = shard_u8.find(n);
+      if (it == shard.end() && bt == shard_u8.end()) fail(sp, "missing tensor '" + n + "' that the index places in this shard");
+      const bool fresh = it != shard.end() ? !all.count(n) && all.emplace(n, it->second).second
+                                           : !all.count(n) && u8->emplace(n, bt->second).second;
+      if (!fresh) fail(sp, "tensor '" + n + "' appears in more than one shard");
     }
     for (const auto& [n, t] : shard)
+      if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in " + fs::path(ip).filename().string());
+    for (const auto& [n, t] : shard_u8)
       if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in " + fs::path(ip).filename().string());
   }
   return all;
@@ -183,19 +199,20 @@ TensorMap read_safetensors_index(const std::string& ip) {
 
 }  // namespace
 
-TensorMap read_safetensors_any(const std::string& path) {
+TensorMap read_safetensors_any(const std::string& path, ByteTensorMap* u8) {
   std::error_code ec;
   if (!fs::exists(path, ec)) fail(path, "no such file or directory");
   if (!fs::is_directory(path, ec)) {
     // A shard index given directly (model.safetensors.index.json): its shards sit beside it.
-    if (fs::path(path).extension() == ".json") return read_safetensors_index(path);
-    return read_safetensors(path);
+    if (fs::path(path).extension() == ".json") return read_safetensors_index(path, u8);
+    return read_safetensors(path, u8);
   }
   const fs::path dir(path);
   if (fs::exists(dir / "model.safetensors.index.json", ec))
-    return read_safetensors_index((dir / "model.safetensors.index.json").string());
-  if (fs::exists(dir / "model.safetensors", ec)) return read_safetensors((dir / "model.safetensors").string());
-  if (fs::exists(dir / "adapter_model.safetensors", ec)) return read_safetensors((dir / "adapter_model.safetensors").string());
+    return read_safetensors_index((dir / "model.safetensors.index.json").string(), u8);
+  if (fs::exists(dir / "model.safetensors", ec)) return read_safetensors((dir / "model.safetensors").string(), u8);
+  if (fs::exists(dir / "adapter_model.safetensors", ec))
+    return read_safetensors((dir / "adapter_model.safetensors").string(), u8);
   fail(path, "directory has neither model.safetensors nor model.safetensors.index.json");
 }
 
@@ -239,12 +256,26 @@ void write_safetensors(const std::string& path, const TensorMap& tensors, const 
 Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,
                               const std::optional<std::string>& adapter_path, std::optional<int64_t> layers) {
   Checkpoint ck;
-  ck.config = parse_config_json(read_text_file(config_path), config_path, &ck.warnings);
+  const std::string config_text = read_text_file(config_path);
+  ck.config = parse_config_json(config_text, config_path, &ck.warnings);
   if (layers) ck.config = with_layers(ck.config, *layers);
-  ck.weights = read_safetensors_any(weights_path);
   // Tensors of deeper layers are dropped only when --layers asked for fewer layers; otherwise a checkpoint
   // deeper than its config is refused (its extra layers would silently not run).
   const bool allow_deeper = layers.has_value();
+  // parse_config_json has refused every quantization but bitsandbytes 4-bit NF4 already.
+  const json qc = json::parse(config_text).value("quantization_config", json());
+  if (const std::optional<BnbConfig> q = parse_quantization_config(qc, config_path, nullptr)) {
+    ByteTensorMap u8;
+    ck.weights = read_safetensors_any(weights_path, &u8);
+    const int64_t on_load = dequantize_bnb_checkpoint(ck.weights, u8, ck.config, *q, weights_path, allow_deeper);
+    ck.quantization = q->describe() + ", read from the checkpoint";
+    if (on_load > 0)
+      ck.warnings.push_back(weights_path + ": " + std::to_string(on_load) +
+                            " projection weights are stored unquantized although quantization_config quantizes them: "
+                            "quantized on load, as transformers does (nf4, blocksize 64)");
+  } else {
+    ck.weights = read_safetensors_any(weights_path);
+  }
   validate_checkpoint(ck, weights_path, allow_deeper);
   if (adapter_path) {
     std::error_code ec;

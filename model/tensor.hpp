@@ -47,4 +47,13 @@ int64_t first_non_finite(const Tensor& t);
 
 using TensorMap = std::map<std::string, Tensor>;
 
+// A safetensors U8 tensor: not a weight, but bitsandbytes' packed 4-bit codes, 8-bit absmax codes and the JSON of
+// a quant state are stored that way (model/nf4.hpp reads them).
+struct ByteTensor {
+  Shape shape;
+  std::shared_ptr<const std::byte> bytes;
+  int64_t numel() const { return shape_numel(shape); }
+};
+using ByteTensorMap = std::map<std::string, ByteTensor>;
+
 }  // namespace gemma

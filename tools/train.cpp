@@ -663,6 +663,9 @@ int main(int argc, char** argv) {
   app.add_option("--seq,--seq-len", spec.seq, "tokens per row: of synthetic batches, or what --data rows are padded or packed to");
   app.add_option("--batch", spec.batch, "rows per optimizer step (all micro-batches together)");
   app.add_option("--seed", seed, "seed of synthetic weights and batches, and of the data order")->check(kNonNegativeSeed);
+  app.add_option("--quantize", spec.quantize,
+                 "nf4: base projections quantized as QLoRA does (bitsandbytes nf4, blocksize 64, double quantization), "
+                 "then used dequantized");
   app.add_option("--lora-r", spec.lora_r,
                  "rank of synthetic LoRA adapters, on a preset (default 8) or a checkpoint without --adapter (default "
                  "none); 0 trains every weight");

@@ -197,6 +197,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     cs.model = "gemma2-odd";
     cs.seed = spec.seed;
     cs.lora_r = spec.lora_r;
+    cs.quantize = spec.quantize;
     const Inputs ci = load_inputs(cs);
     std::printf("\n");
     verify_setting(cs, ci, "odd ");
@@ -273,6 +274,9 @@ int main(int argc, char** argv) {
   app.add_option("--lora-r", spec.lora_r,
                  "rank of synthetic LoRA adapters on all seven projections, on a preset (default 8) or a checkpoint "
                  "without --adapter (default none); 0 trains every weight");
+  app.add_option("--quantize", spec.quantize,
+                 "nf4: base projections quantized as QLoRA does (bitsandbytes nf4, blocksize 64, double quantization), "
+                 "then used dequantized");
   app.add_option("--json", json_path, "write the results as JSON (- for stdout)");
   app.add_option("--junit", junit_path, "write JUnit XML, one testcase per check");
   app.add_option("--dump-grads", dump_path, "write /grads/<name> (float64) of the reference backend to an HDF5 file");
@@ -292,6 +296,7 @@ int main(int argc, char** argv) {
   diag->add_option("--batch", dspec.batch, "sequences of a synthetic batch (default 2, one per micro-batch)");
   diag->add_option("--seed", dseed, "seed of synthetic weights and batch");
   diag->add_option("--lora-r", dspec.lora_r, "rank of synthetic LoRA adapters");
+  diag->add_option("--quantize", dspec.quantize, "nf4: base projections NF4-quantized as QLoRA does, used dequantized");
   diag->add_option("--window", dopt.window, "sliding window of a synthetic run (default: shrunk below the sequence)");
   diag->add_option("--position-offset", dopt.position_offset,
                    "first position: of the trained-like setting of a synthetic run (default: the batch ends at position 4095), or of a case file's batch (default 0)");
