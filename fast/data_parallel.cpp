@@ -143,32 +143,32 @@ struct DataParallelTrainer::Impl {
   }
 };
 
-DataParallelTrainer::DataParallelTrainer(const Checkpoint& ck, int gpus, const AdamWConfig& adamw, Softcap softcap,
-                                         TrainerOptions o)
-    : impl_(std::make_unique<Impl>()) {
-  check_gpus(gpus);
-  check_softcap_available(ck.config, softcap, "fast");
-  impl_->config = ck.config;
-  impl_->adamw = adamw;
-  impl_->engines.resize(size_t(gpus));
-  on_every_gpu(gpus, [&](int g) {
-    impl_->engines[size_t(g)] = std::make_unique<Engine>(ck, EngineOptions{softcap, o.recompute, o.offload, g});
-  });
-  impl_->init_comms();
-}
-
-DataParallelTrainer::DataParallelTrainer(const Config& c, const AdapterConfig& a, uint64_t seed, int gpus,
-                                         const AdamWConfig& adamw, Softcap softcap, TrainerOptions o)
-    : impl_(std::make_unique<Impl>()) {
+// The two constructors differ only in how each GPU's engine is made.
+void DataParallelTrainer::start(const Config& c, int gpus, const AdamWConfig& adamw, Softcap softcap,
+                                const std::function<std::unique_ptr<Engine>(int)>& make_engine) {
   check_gpus(gpus);
   check_softcap_available(c, softcap, "fast");
   impl_->config = c;
   impl_->adamw = adamw;
   impl_->engines.resize(size_t(gpus));
-  on_every_gpu(gpus, [&](int g) {
-    impl_->engines[size_t(g)] = std::make_unique<Engine>(c, a, seed, EngineOptions{softcap, o.recompute, o.offload, g});
-  });
+  on_every_gpu(gpus, [&](int g) { impl_->engines[size_t(g)] = make_engine(g); });
   impl_->init_comms();
+}
+
+DataParallelTrainer::DataParallelTrainer(const Checkpoint& ck, int gpus, const AdamWConfig& adamw, Softcap softcap,
+                                         TrainerOptions o)
+    : impl_(std::make_unique<Impl>()) {
+  start(ck.config, gpus, adamw, softcap, [&](int g) {
+    return std::make_unique<Engine>(ck, EngineOptions{softcap, o.recompute, o.offload, g});
+  });
+}
+
+DataParallelTrainer::DataParallelTrainer(const Config& c, const AdapterConfig& a, uint64_t seed, int gpus,
+                                         const AdamWConfig& adamw, Softcap softcap, TrainerOptions o)
+    : impl_(std::make_unique<Impl>()) {
+  start(c, gpus, adamw, softcap, [&](int g) {
+    return std::make_unique<Engine>(c, a, seed, EngineOptions{softcap, o.recompute, o.offload, g});
+  });
 }
 
 DataParallelTrainer::~DataParallelTrainer() = default;

@@ -11,6 +11,7 @@
 // against a step of about a second; its time is measured and reported with every step (Step::allreduce_seconds).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -23,6 +24,8 @@ namespace gemma::fast {
 
 // Number of CUDA devices (0 when there is no usable driver).
 int device_count();
+
+class Engine;  // fast/engine.hpp: one GPU's trainer
 
 // What may change from step to step, as HF's Trainer changes it: the learning rate of a schedule, and gradient
 // clipping by global norm (torch.nn.utils.clip_grad_norm_; 0: off).
@@ -61,6 +64,8 @@ class DataParallelTrainer {
   int gpus() const;
 
  private:
+  void start(const Config& c, int gpus, const AdamWConfig& adamw, Softcap softcap,
+             const std::function<std::unique_ptr<Engine>(int)>& make_engine);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
