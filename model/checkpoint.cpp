@@ -203,7 +203,7 @@ using ojson = nlohmann::ordered_json;
 // |   layers_pattern           |          |                                                                       |
 // | rank_pattern, alpha_pattern| used     | per-module r and alpha: first key k (in file order) with              |
 // |                            |          | re.match(rf"(.*\.)?({k})$", name)                                     |
-// | lora_dropout               | used     | kept (train will apply it); gradients here are computed without it    |
+// | lora_dropout               | used     | applied by train's reference backend; verify's gradients without it   |
 // | init_lora_weights          | math     | true, false, "gaussian", "orthogonal": an initialisation the loaded   |
 // |                            |          | tensors override. pissa*, olora, corda, loftq: PEFT rewrites the base |
 // |                            |          | weights when it loads the adapter; lora_ga: trained on a base LoRA-GA |
@@ -261,7 +261,7 @@ const std::vector<AdapterKeyRule>& adapter_rules() {
       {{"layers_pattern", KeyKind::used, "the name of the layer list layers_to_transform counts in", "\"layers\""}},
       {{"rank_pattern", KeyKind::used, "per-module ranks", R"({"q_proj": 4})"}},
       {{"alpha_pattern", KeyKind::used, "per-module alphas", R"({"q_proj": 16})"}},
-      {{"lora_dropout", KeyKind::used, "training-time dropout on the adapter's input (kept; not applied here)", "0.1"}},
+      {{"lora_dropout", KeyKind::used, "training-time dropout on the adapter's input (verify: not applied; train's reference backend applies it)", "0.1"}},
       {{"init_lora_weights", KeyKind::math,
         "true, false, \"gaussian\" or \"orthogonal\": an initialisation the loaded tensors override", "\"pissa\""}},
       {{"peft_type", KeyKind::math, "LORA only", "\"IA3\""}, a_lora},

@@ -64,8 +64,8 @@ struct AdapterConfig {
   double lora_alpha = 0;
   std::vector<Proj> target_modules;
   bool use_rslora = false;
-  // Training-time noise on the adapter's input (PEFT's lora_dropout). Kept, not applied: gradients here are
-  // computed without dropout, as in evaluation.
+  // Training-time noise on the adapter's input (PEFT's lora_dropout): applied by train's reference backend
+  // (ref::RunOptions::lora_dropout); verify computes gradients without it, as in evaluation.
   double lora_dropout = 0;
   std::vector<std::array<LoraModule, kNumProj>> per_layer;  // empty: uniform
 

@@ -246,10 +246,13 @@ std::optional<BnbConfig> parse_quantization_config(const json& v, const std::str
                                 "bnb_4bit_quant_type", "bnb_4bit_quant_storage", "bnb_4bit_use_double_quant",
                                 "bnb_4bit_compute_dtype", "llm_int8_skip_modules", "llm_int8_threshold",
                                 "llm_int8_has_fp16_weight", "llm_int8_enable_fp32_cpu_offload"};
-  for (const auto& [k, e] : v.items())
+  for (const auto& item : v.items()) {
+    // A named copy, not a structured binding: clang 14 (the fuzz build) cannot capture those in a lambda.
+    const std::string k = item.key();
     if (std::find_if(std::begin(known), std::end(known), [&](const char* n) { return k == n; }) == std::end(known) &&
         warnings)
       warnings->push_back(one_line(source + ": " + key + " key '" + k + "' is not a BitsAndBytesConfig key this project knows: ignored"));
+  }
   return q;
 }
 
@@ -319,9 +322,11 @@ Nf4Weight read_nf4_weight(const std::string& w, TensorMap& weights, ByteTensorMa
   }
   if (!st.is_object()) fail(source, where(qs_name) + " is not a JSON object");
   static const char* fields[] = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"};
-  for (const auto& [k, e] : st.items())
+  for (const auto& item : st.items()) {
+    const std::string k = item.key();  // not a structured binding: see parse_quantization_config
     if (std::find_if(std::begin(fields), std::end(fields), [&](const char* f) { return k == f; }) == std::end(fields))
       fail(source, where(qs_name) + " has key '" + k + "', which bitsandbytes' QuantState does not know");
+  }
   auto field = [&](const char* k) -> const json& {
     if (!st.contains(k)) fail(source, where(qs_name) + " lacks '" + k + "'");
     return st[k];

@@ -22,6 +22,7 @@
 
 #include "model/checkpoint.hpp"
 #include "model/errors.hpp"
+#include "model/synthetic.hpp"
 #include "reference/policy.hpp"
 #include "reference/scalar.hpp"
 
@@ -289,7 +290,31 @@ struct RunOptions {
   // document. Exact RoPE only sees position differences, so the offset changes nothing but the rounding of
   // positions and angles (what the rope-bf16 bug gets wrong).
   int64_t position_offset = 0;
+  // PEFT's lora_dropout in training mode (train's reference backend; verify computes gradients without it). Each
+  // adapter's input x becomes x * keep / (1 - p) before lora_A, the base projection still sees x (peft
+  // tuners/lora/layer.py: result + lora_B(lora_A(dropout(x))) * scaling). keep is a counter-based draw
+  // (lora_dropout_keep): a function of (seed, step, layer, projection, row of the step's batch, token, feature), so
+  // the same step gives the same masks whatever its micro-batch split, and a resumed run the same as an
+  // uninterrupted one. row_offset: the micro-batch's first row within the step's batch.
+  struct LoraDropout {
+    double p = 0;
+    uint64_t seed = 0;
+    int64_t step = 0, row_offset = 0;
+  } lora_dropout;
 };
+
+// Whether lora_dropout keeps element `feature` of token `token` of row `row` (of the step's batch) at the input of
+// layer `layer`'s adapter on `proj`: a SplitMix64 hash of the key, uniform in [0, 1) with 53 bits, against p.
+inline bool lora_dropout_keep(const RunOptions::LoraDropout& d, int64_t layer, Proj proj, int64_t row, int64_t token,
+                              int64_t feature) {
+  uint64_t k = splitmix64(d.seed ^ 0x6c6f72615f64726full);  // "lora_dro"
+  k = splitmix64(k ^ uint64_t(d.step));
+  k = splitmix64(k ^ (uint64_t(layer) << 8 | uint64_t(proj)));
+  k = splitmix64(k ^ uint64_t(row));
+  k = splitmix64(k ^ uint64_t(token));
+  k = splitmix64(k ^ uint64_t(feature));
+  return double(k >> 11) * 0x1.0p-53 >= d.p;
+}
 
 template <class Real>
 struct Result {
@@ -314,6 +339,7 @@ struct Ctx {
   Mat<Real> rope_cos, rope_sin;  // (N, hd/2): each token's own position
   std::vector<int32_t> doc;      // (N) document of each token (packed rows), all 0 otherwise
   std::vector<uint8_t> key_ok;   // (N) 0 for padding tokens, never attended; empty: none
+  RunOptions::LoraDropout dropout;  // p = 0: none
 
   bool sliding(int64_t layer) const {
     if (sem.no_sliding_window) return false;
@@ -513,11 +539,15 @@ void projection_forward(const Mat<Real>& x,        // (N, in), already cast to t
                         const Real& s,             // LoRA scaling
                         const Policy& p,
                         Mat<Real>& y,              // (N, out)
-                        Mat<Real>& xa) {           // (N, r) x A^T, kept for the backward
+                        Mat<Real>& xa,             // (N, r) x A^T, kept for the backward
+                        const Mat<Real>* drop = nullptr) {  // (N, in) lora_dropout's 0 or 1/(1-p); null: none
   linear_forward(x, W, y, &p);
   cast(p, Cast::matmul_out, y);
   if (!lora.present()) return;
-  product(&p, x, lora.A.transpose(), xa);
+  if (drop)
+    product(&p, Mat<Real>(x.cwiseProduct(*drop)), lora.A.transpose(), xa);
+  else
+    product(&p, x, lora.A.transpose(), xa);
   cast(p, Cast::lora_mid, xa);
   Mat<Real> delta = (xa * lora.B.transpose()) * s;
   cast(p, Cast::lora_out, delta);
@@ -532,13 +562,23 @@ void projection_backward(const Mat<Real>& dy,   // (N, out)
                          const Mat<Real>& xa,   // (N, r)
                          Mat<Real>& dx,         // (N, in), accumulated
                          Mat<Real>* dW,         // (out, in), accumulated; null when frozen
-                         Lora<Real>* dlora) {   // accumulated; null when there is no adapter
+                         Lora<Real>* dlora,     // accumulated; null when there is no adapter
+                         const Mat<Real>* drop = nullptr) {  // the forward's lora_dropout multiplier; null: none
   linear_backward_input(dy, W, dx, &p);
   if (dW) dW->noalias() += dy.transpose() * x;
   if (!lora.present()) return;
   Mat<Real> dxa;
   product(&p, dy, lora.B, dxa);
   dxa *= s;  // (N, r)
+  if (drop) {
+    // The adapter saw x * drop: its input gradient is masked and scaled the same way.
+    dx.noalias() += Mat<Real>((dxa * lora.A).cwiseProduct(*drop));
+    if (dlora) {
+      dlora->B.noalias() += (dy.transpose() * xa) * s;
+      dlora->A.noalias() += dxa.transpose() * Mat<Real>(x.cwiseProduct(*drop));
+    }
+    return;
+  }
   dx.noalias() += dxa * lora.A;
   if (dlora) {
     dlora->B.noalias() += (dy.transpose() * xa) * s;
@@ -715,6 +755,7 @@ struct LayerCache {
   Mat<Real> xn1;                   // (N, D) input_layernorm output (the q/k/v input)
   Vec<Real> rstd1, rstd2, rstd3, rstd4;
   std::array<Mat<Real>, kNumProj> xa;  // (N, r) per adapted projection
+  std::array<Mat<Real>, kNumProj> drop;  // (N, in) lora_dropout's multiplier (0 or 1/(1-p)); empty without dropout
   Mat<Real> q, k, v;               // (N, H*hd), (N, KV*hd) x2; q and k after RoPE
   AttnCache<Real> attn;
   Mat<Real> att;                   // (N, H*hd) attention output (the o_proj input)
@@ -768,9 +809,23 @@ void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
                    LayerCache<Real>& c) {
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
-  // Each projection with its own adapter, scaled by that module's own scaling.
+  // Each projection with its own adapter, scaled by that module's own scaling; with lora_dropout, the adapter's
+  // input is masked by this projection's own draw (PEFT gives every LoRA module its own nn.Dropout).
   const auto project = [&](Proj q, const Mat<Real>& in, Mat<Real>& out) {
-    projection_forward(in, L.proj[P(q)], L.lora[P(q)], L.lora[P(q)].scaling, p, out, c.xa[P(q)]);
+    Mat<Real>& drop = c.drop[P(q)];
+    drop.resize(0, 0);
+    if (ctx.dropout.p > 0 && L.lora[P(q)].present()) {
+      drop.resize(in.rows(), in.cols());
+      const Real kept = Real(1) / Real(1 - ctx.dropout.p);
+#pragma omp parallel for schedule(static)
+      for (int64_t n = 0; n < in.rows(); ++n)
+        for (int64_t f = 0; f < in.cols(); ++f)
+          drop(n, f) = lora_dropout_keep(ctx.dropout, layer, q, ctx.dropout.row_offset + n / ctx.T, n % ctx.T, f)
+                           ? kept
+                           : Real(0);
+    }
+    projection_forward(in, L.proj[P(q)], L.lora[P(q)], L.lora[P(q)].scaling, p, out, c.xa[P(q)],
+                       drop.size() ? &drop : nullptr);
   };
   c.x = x;
   rmsnorm_forward(x, L.norm[size_t(Norm::input_layernorm)], ctx, c.xn1, c.rstd1);
@@ -820,7 +875,8 @@ void layer_backward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx, c
   auto dA = [&](Proj q) { return (g && L.lora[P(q)].present()) ? &g->lora[P(q)] : nullptr; };
   // Each projection's backward with its own adapter and that module's own scaling.
   const auto project_back = [&](Proj q, const Mat<Real>& dy, const Mat<Real>& in, Mat<Real>& din) {
-    projection_backward(dy, in, L.proj[P(q)], L.lora[P(q)], L.lora[P(q)].scaling, p, c.xa[P(q)], din, dW(q), dA(q));
+    projection_backward(dy, in, L.proj[P(q)], L.lora[P(q)], L.lora[P(q)].scaling, p, c.xa[P(q)], din, dW(q), dA(q),
+                        c.drop[P(q)].size() ? &c.drop[P(q)] : nullptr);
   };
 
   // x_out = x_mid + post_feedforward_layernorm(down)
@@ -951,7 +1007,7 @@ Ctx<Real> run_ctx(const Config& cfg, const RunOptions& opt, const Batch& batch) 
   const Semantics& sem = opt.numerics.semantics;
   Ctx<Real> ctx{cfg, opt.numerics.policy, sem, batch.B, batch.T, opt.softcap.attn, opt.softcap.logits,
                 Real(cfg.attn_logit_softcapping.value_or(1.0)), Real(cfg.final_logit_softcapping.value_or(1.0)),
-                Real(0), {}, {}, batch.document_ids(), batch.attention_mask};
+                Real(0), {}, {}, batch.document_ids(), batch.attention_mask, opt.lora_dropout};
   ctx.scale = Real(1) / sqrt(Real(sem.query_pre_attn_scalar.value_or(cfg.query_pre_attn_scalar)));
   rope_tables(cfg, opt.numerics.policy, batch, opt.position_offset, ctx.rope_cos, ctx.rope_sin);
   return ctx;

@@ -393,15 +393,28 @@ TEST(Reported, LayersToTransformAdaptsExactlyThoseLayers) {
   EXPECT_EQ(got, want);
 }
 
-// train would train without the adapter's dropout: refused until it applies it.
-TEST(Reported, TrainRefusesAnAdapterWithDropout) {
+// A real adapter's lora_dropout (0.05) is applied by train's reference backend: the step's loss differs from the
+// same adapter's with lora_dropout 0 (its masked LoRA branch), and the run says nothing is ignored.
+TEST(Reported, TrainAppliesAnAdapterWithDropout) {
   TempDir d;
   const std::string dir = kReported + "/peft_layers_to_transform";
-  expect_rejected(run_tool(kTrain,
-                           {"--config", dir + "/model/config.json", "--weights", dir + "/model", "--adapter",
-                            dir + "/adapter", "--steps", "1", "--seq", "4"},
-                           d),
-                  "train", {"lora_dropout 0.05 is not applied by train yet"});
+  std::filesystem::copy(dir + "/adapter", d / "nodrop");
+  json cfg = json::parse(slurp(d / "nodrop/adapter_config.json"));
+  ASSERT_EQ(cfg["lora_dropout"].get<double>(), 0.05);
+  cfg["lora_dropout"] = 0.0;
+  spit(d / "nodrop/adapter_config.json", cfg.dump());
+  auto loss_of = [&](const std::string& adapter) {
+    const ToolRun r = run_tool(kTrain, {"--config", dir + "/model/config.json", "--weights", dir + "/model", "--adapter",
+                                        adapter, "--steps", "1", "--seq", "8"},
+                               d);
+    EXPECT_EQ(r.status, 0) << r.err;
+    const size_t at = r.out.find("loss ");
+    return at == std::string::npos ? NAN : std::stod(r.out.substr(at + 5));
+  };
+  const double with = loss_of(dir + "/adapter"), without = loss_of(d / "nodrop");
+  std::printf("step 1 loss with lora_dropout 0.05: %.15g, with 0: %.15g\n", with, without);
+  EXPECT_TRUE(std::isfinite(with));
+  EXPECT_NE(with, without);
 }
 
 // ------------------------------------------------------------------------------------------------------

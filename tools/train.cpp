@@ -301,8 +301,13 @@ RefStep reference_step(ref::Model<double>& m, ref::Grads<double>& g, ref::AdamWS
   if (total == 0) fail("step " + std::to_string(step), "every label is ignored");
   g = ref::zero_grads(m);
   double loss_sum = 0;
+  // lora_dropout's masks are drawn per row of the step's batch (RunOptions::LoraDropout), so a micro-batch says
+  // where its rows start.
+  ref::RunOptions mo = opt;
+  if (p.in.model.adapter) mo.lora_dropout = {p.in.model.adapter->lora_dropout, p.seed, step, 0};
   for (size_t k = 0; k < micro.size(); ++k) {
-    const double l = ref::forward_backward<double>(m, micro[k], opt, 1.0 / double(total), &g).loss_sum;
+    const double l = ref::forward_backward<double>(m, micro[k], mo, 1.0 / double(total), &g).loss_sum;
+    mo.lora_dropout.row_offset += micro[k].B;
     check_finite(step, k, "loss", l);
     loss_sum += l;
     ref::for_each_trainable(m, g, [&](const std::string& name, const Shape&, const double*, const double* gr, int64_t n) {
@@ -555,11 +560,12 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   const Inputs& in = p.in;
   // LoRA dropout changes every step's gradients; until train applies it, training without it would be
   // training another model than the adapter config describes.
-  if (in.model.adapter && in.model.adapter->lora_dropout > 0) {
+  if (in.model.adapter && in.model.adapter->lora_dropout > 0 && o.backend != "reference") {
     char s[32];
     std::snprintf(s, sizeof s, "%g", in.model.adapter->lora_dropout);
     fail(spec.case_path ? *spec.case_path : spec.adapter.value_or(in.source),
-         std::string("lora_dropout ") + s + " is not applied by train yet: refused rather than trained without it");
+         std::string("lora_dropout ") + s + " is applied by the reference backend only (the CUDA trainer has no "
+         "dropout yet): refused rather than trained without it");
   }
   if (o.save_base) {
     // The base the run starts from, as HF loads it: for a preset's synthetic weights the only way to get them
