@@ -125,7 +125,8 @@ TEST(TrainData, PackedRowsRestartPositionsAndDoNotScoreAcrossExamples) {
 // lora_dropout (PEFT: result + lora_B(lora_A(dropout(x))) * scaling), in the reference trainer
 
 namespace {
-Checkpoint dropout_checkpoint() {
+// gemma2-tiny's synthetic weights (seed 3) with r = 2 adapters on all seven projections.
+Checkpoint tiny_lora_checkpoint() {
   const Config c = tiny();
   Checkpoint ck;
   ck.config = c;
@@ -175,7 +176,7 @@ TEST(TrainDropout, MaskKeepsOneMinusPAndDependsOnEveryKeyPart) {
 // h^2 term; what remains at h = 1e-4 is O(h^4) and the rounding, ~1e-16 x 27 / 1e-4 / 0.7 = 4e-11 relative:
 // tolerance 1e-8.
 TEST(TrainDropout, GradientsMatchCentralDifferencesWithTheMasksFixed) {
-  const Checkpoint ck = dropout_checkpoint();
+  const Checkpoint ck = tiny_lora_checkpoint();
   const Batch b = synthetic_batch(ck.config, 2, 12, 5, 0.1);
   ref::RunOptions opt;
   opt.softcap = {true, true};
@@ -218,7 +219,7 @@ TEST(TrainDropout, GradientsMatchCentralDifferencesWithTheMasksFixed) {
 // The masks are drawn per row of the step's batch: one batch and the same rows in two micro-batches (row_offset
 // 0 and 2) train with the same masks, so loss and gradients agree to the float64 rounding of the two groupings.
 TEST(TrainDropout, MicroBatchesSeeTheMasksOfTheWholeBatch) {
-  const Checkpoint ck = dropout_checkpoint();
+  const Checkpoint ck = tiny_lora_checkpoint();
   const Batch b = synthetic_batch(ck.config, 4, 10, 6, 0.2);
   ref::RunOptions opt;
   opt.lora_dropout = {0.25, 2, 7, 0};
@@ -266,15 +267,7 @@ TEST(TrainData, PackedEqualsPadded) {
   const Dataset padded = load_dataset({p, 24, false}, c, nullptr, nullptr);
   const Dataset packed = load_dataset({p, 24, true}, c, nullptr, nullptr);
   ASSERT_LT(packed.rows.size(), padded.rows.size());
-  Checkpoint ck;
-  ck.config = c;
-  ck.weights = synthetic_weights(c, 3);
-  ck.adapter = AdapterConfig{};
-  ck.adapter->r = 2;
-  ck.adapter->lora_alpha = 4;
-  ck.adapter->target_modules.assign(kAllProj.begin(), kAllProj.end());
-  const TensorMap a = synthetic_adapters(c, *ck.adapter, 3);
-  ck.weights.insert(a.begin(), a.end());
+  const Checkpoint ck = tiny_lora_checkpoint();
   ref::RunOptions opt;
   auto run = [&](const Dataset& ds, std::vector<double>* grads) {
     ref::Model<double> m = ref::make_model<double>(ck, opt.numerics.policy);
