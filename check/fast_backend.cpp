@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "check/compare.hpp"
+#include "check/parallel.hpp"
 #include "model/bugs.hpp"
 #include "model/errors.hpp"
 #include "reference/adamw.hpp"
@@ -97,6 +98,36 @@ struct PolicyStep {
   std::vector<ref::Grads<Real>> micro_grads;  // each micro-batch's own gradients (traced runs)
 };
 
+// One AdamW step from the checkpoint's adapters on s.grads (the policy's cast gradients), into s.adapters_after;
+// s.adamw is `adamw`, with eps chosen from the gradients when it is 0. Apart from policy_step so that correct
+// variants can run beside the emulation, whose gradients choose the eps they all step with.
+template <class Real>
+void policy_adamw(const Checkpoint& ck, const ref::RunOptions& opt, PolicyStep<Real>& s, const AdamWConfig& adamw) {
+  s.adamw = adamw;
+  if (s.adamw.eps == 0) {
+    // eps at the median |gradient|, so that every term of the update matters (with eps far below |g| the first
+    // step is lr sign(g), and a misplaced eps or a wrong bias correction could hide).
+    std::vector<double> a;
+    for (const auto& gr : s.grads)
+      for (double x : gr) a.push_back(std::fabs(x));
+    std::nth_element(a.begin(), a.begin() + long(a.size() / 2), a.end());
+    s.adamw.eps = std::max(a[a.size() / 2], 1e-30);
+  }
+  ref::Model<Real> m = ref::make_model<Real>(ck, opt.numerics.policy);
+  ref::Grads<Real> g = ref::zero_grads(m);
+  size_t k = 0;  // s.grads holds Real values, so the copy back is exact
+  ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, const Real*, Real* gr, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) gr[i] = Real(s.grads[k][size_t(i)]);
+    ++k;
+  });
+  ref::AdamWState<Real> st;
+  ref::adamw_step(m, g, st, s.adamw, opt.numerics.policy);
+  s.adapters_after.clear();
+  ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, const Real* p, const Real*, int64_t n) {
+    s.adapters_after.emplace_back(p, p + n);
+  });
+}
+
 template <class Real>
 PolicyStep<Real> policy_step(const Checkpoint& ck, const std::vector<Batch>& micro, const ref::RunOptions& opt,
                              const std::vector<int64_t>& rows, bool traced, const AdamWConfig* adamw) {
@@ -137,23 +168,7 @@ PolicyStep<Real> policy_step(const Checkpoint& ck, const std::vector<Batch>& mic
     s.names.push_back(name);
     s.grads.emplace_back(gr, gr + n);
   });
-  if (adamw) {
-    s.adamw = *adamw;
-    if (s.adamw.eps == 0) {
-      // eps at the median |gradient|, so that every term of the update matters (with eps far below |g| the first
-      // step is lr sign(g), and a misplaced eps or a wrong bias correction could hide).
-      std::vector<double> a;
-      for (const auto& gr : s.grads)
-        for (double x : gr) a.push_back(std::fabs(x));
-      std::nth_element(a.begin(), a.begin() + long(a.size() / 2), a.end());
-      s.adamw.eps = std::max(a[a.size() / 2], 1e-30);
-    }
-    ref::AdamWState<Real> st;
-    ref::adamw_step(m, g, st, s.adamw, opt.numerics.policy);
-    ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, const Real* p, const Real*, int64_t n) {
-      s.adapters_after.emplace_back(p, p + n);
-    });
-  }
+  if (adamw) policy_adamw(ck, opt, s, *adamw);
   return s;
 }
 
@@ -459,37 +474,51 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
   ref::RunOptions po;
   po.softcap = sc;
   po.numerics.policy = ref::policy_fast();
-  progress("reference step under the fast precision policy, traced");
-  // AdamW as the gate runs it: decoupled weight decay on, eps chosen from the gradients (policy_step).
+  // AdamW as the gate runs it: decoupled weight decay on, eps chosen from the emulation's gradients (policy_adamw).
   AdamWConfig adamw;
   adamw.lr = 1e-3;
   adamw.weight_decay = 0.1;
   adamw.eps = 0;
-  const PolicyStep<double> pol = policy_step<double>(in.model, micro, po, rows, true, &adamw);
+  // The emulation, traced, and correct implementations other than it: the float instantiation, and the emulation
+  // with every value it rounds perturbed by +-2^-23 first (two patterns), side by side (check/parallel.hpp); the
+  // variants take their AdamW step afterwards, with the eps the emulation's gradients chose.
+  const std::vector<ref::RunOptions> jopts = correct_variants(po);
+  PolicyStep<double> pol;
+  PolicyStep<float> flt;
+  std::vector<PolicyStep<double>> jit(jopts.size());
+  {
+    std::vector<std::function<void()>> tasks;
+    tasks.push_back([&] {
+      progress("reference step under the fast precision policy, traced");
+      pol = policy_step<double>(in.model, micro, po, rows, true, &adamw);
+    });
+    tasks.push_back([&] {
+      progress("reference step under the fast policy in fp32 arithmetic");
+      flt = policy_step<float>(in.model, micro, po, rows, false, nullptr);
+    });
+    for (size_t s = 0; s < jopts.size(); ++s)
+      tasks.push_back([&, s] {
+        progress("fast policy with fp32-sized jitter, seed " + std::to_string(jopts[s].numerics.policy.jitter_seed) +
+                 (jopts[s].numerics.policy.accum_jitter ? " and tensor-core accumulation" : ""));
+        jit[s] = policy_step<double>(in.model, micro, jopts[s], rows, false, nullptr);
+      });
+    run_tasks(std::move(tasks));
+  }
   G.adamw = pol.adamw;
   G.loss = pol.loss;
-
-  // Correct implementations other than the emulation: the float instantiation, and the emulation with every value
-  // it rounds perturbed by +-2^-23 first (two patterns).
-  progress("reference step under the fast policy in fp32 arithmetic");
-  const PolicyStep<float> flt = policy_step<float>(in.model, micro, po, rows, false, &G.adamw);
-  std::vector<PolicyStep<double>> jit;
-  for (const ref::RunOptions& jo : correct_variants(po)) {
-    progress("fast policy with fp32-sized jitter, seed " + std::to_string(jo.numerics.policy.jitter_seed) +
-             (jo.numerics.policy.accum_jitter ? " and tensor-core accumulation" : ""));
-    jit.push_back(policy_step<double>(in.model, micro, jo, rows, false, &G.adamw));
-  }
+  policy_adamw(in.model, po, flt, G.adamw);
+  for (size_t s = 0; s < jopts.size(); ++s) policy_adamw(in.model, jopts[s], jit[s], G.adamw);
 
   // The probes: every layer of every micro-batch fed the emulation's own inputs, and the head fed its residual; and
   // what correct implementations give on those very inputs (the policy's fp32 instance, plain, jittered, and with
-  // tensor-core accumulation, each probing the layer alone).
+  // tensor-core accumulation, each probing the layer alone). Each probe point is a task of its own.
   progress("layer by layer: correct implementations on the same inputs");
   const int64_t L = in.model.config.num_hidden_layers;
   ref::Model<double> mpol = ref::make_model<double>(in.model, po.numerics.policy);
   ref::Model<float> mflt = ref::make_model<float>(in.model, po.numerics.policy);
-  const std::vector<ref::RunOptions> jopts = correct_variants(po);
   std::vector<ref::Model<double>> mjit;
   for (const auto& jo : jopts) mjit.push_back(ref::make_model<double>(in.model, jo.numerics.policy));
+  std::vector<std::function<void()>> probes;
   for (size_t k = 0; k < micro.size(); ++k) {
     const ref::Trace<double>& t = pol.traces[k];
     G.embedding.push_back(flat(t.x0));
@@ -505,43 +534,50 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
       pt.micro = int64_t(k);
       pt.index = G.layer_inputs.size();
       G.layer_inputs.push_back(std::move(p));
-      ref::LayerGrads<float> gf = ref::zero_grads(mflt).layers[size_t(l)];
-      const ref::LayerTrace<float> tf =
-          ref::probe_layer<float>(mflt, micro[k], po, l, mat<float>(want.cache.x), mat<float>(want.dy), &gf);
-      std::vector<ref::LayerTrace<double>> tj;
-      std::vector<ref::LayerGrads<double>> gj;
-      for (size_t s = 0; s < jopts.size(); ++s) {
-        gj.push_back(ref::zero_grads(mjit[s]).layers[size_t(l)]);
-        tj.push_back(ref::probe_layer<double>(mjit[s], micro[k], jopts[s], l, want.cache.x, want.dy, &gj.back()));
-      }
-      for (const ProbeTensor& pr : probe_tensors()) {
-        std::vector<std::vector<double>> others = {flat(*pr.of_f(tf))};
-        for (const auto& x : tj) others.push_back(flat(*pr.of(x)));
-        pt.entries.push_back(make_entry(pr.name, pr.fmt, flat(*pr.of(want)), std::move(others)));
-      }
-      // This layer's adapter gradients from this micro-batch (fp32 sums).
-      const auto want_g = layer_adapter_grads(mpol, pol.micro_grads[k].layers[size_t(l)], l);
-      const auto flt_g = layer_adapter_grads(mflt, gf, l);
-      std::vector<std::map<std::string, std::vector<double>>> jit_g;
-      for (size_t s = 0; s < gj.size(); ++s) jit_g.push_back(layer_adapter_grads(mjit[s], gj[s], l));
-      for (const auto& [name, w] : want_g) {
-        std::vector<std::vector<double>> others = {flt_g.at(name)};
-        for (const auto& jg : jit_g) others.push_back(jg.at(name));
-        pt.entries.push_back(make_entry(name, DType::f32, w, std::move(others)));
-      }
       G.points.push_back(std::move(pt));
+      probes.push_back([&, k, l, at = G.points.size() - 1] {
+        GateReference::Point& pt = G.points[at];
+        const ref::LayerTrace<double>& want = pol.traces[k].layers[size_t(l)];
+        ref::LayerGrads<float> gf = ref::zero_grads(mflt).layers[size_t(l)];
+        const ref::LayerTrace<float> tf =
+            ref::probe_layer<float>(mflt, micro[k], po, l, mat<float>(want.cache.x), mat<float>(want.dy), &gf);
+        std::vector<ref::LayerTrace<double>> tj;
+        std::vector<ref::LayerGrads<double>> gj;
+        for (size_t s = 0; s < jopts.size(); ++s) {
+          gj.push_back(ref::zero_grads(mjit[s]).layers[size_t(l)]);
+          tj.push_back(ref::probe_layer<double>(mjit[s], micro[k], jopts[s], l, want.cache.x, want.dy, &gj.back()));
+        }
+        for (const ProbeTensor& pr : probe_tensors()) {
+          std::vector<std::vector<double>> others = {flat(*pr.of_f(tf))};
+          for (const auto& x : tj) others.push_back(flat(*pr.of(x)));
+          pt.entries.push_back(make_entry(pr.name, pr.fmt, flat(*pr.of(want)), std::move(others)));
+        }
+        // This layer's adapter gradients from this micro-batch (fp32 sums).
+        const auto want_g = layer_adapter_grads(mpol, pol.micro_grads[k].layers[size_t(l)], l);
+        const auto flt_g = layer_adapter_grads(mflt, gf, l);
+        std::vector<std::map<std::string, std::vector<double>>> jit_g;
+        for (size_t s = 0; s < gj.size(); ++s) jit_g.push_back(layer_adapter_grads(mjit[s], gj[s], l));
+        for (const auto& [name, w] : want_g) {
+          std::vector<std::vector<double>> others = {flt_g.at(name)};
+          for (const auto& jg : jit_g) others.push_back(jg.at(name));
+          pt.entries.push_back(make_entry(name, DType::f32, w, std::move(others)));
+        }
+      });
     }
-    {
-      fast::HeadProbeInput h;
-      h.micro = int64_t(k);
-      h.x.assign(t.x_final.data(), t.x_final.data() + t.x_final.size());
-      h.grad_scale = 1.0 / double(total);
-      GateReference::Point pt;
-      pt.label = "micro " + std::to_string(k) + ", head";
-      pt.micro = int64_t(k);
-      pt.head = true;
-      pt.index = G.head_inputs.size();
-      G.head_inputs.push_back(std::move(h));
+    fast::HeadProbeInput h;
+    h.micro = int64_t(k);
+    h.x.assign(t.x_final.data(), t.x_final.data() + t.x_final.size());
+    h.grad_scale = 1.0 / double(total);
+    GateReference::Point pt;
+    pt.label = "micro " + std::to_string(k) + ", head";
+    pt.micro = int64_t(k);
+    pt.head = true;
+    pt.index = G.head_inputs.size();
+    G.head_inputs.push_back(std::move(h));
+    G.points.push_back(std::move(pt));
+    probes.push_back([&, k, at = G.points.size() - 1] {
+      GateReference::Point& pt = G.points[at];
+      const ref::Trace<double>& t = pol.traces[k];
       const ref::Trace<float> tf = ref::probe_head<float>(mflt, micro[k], po, mat<float>(t.x_final), float(1.0 / double(total)));
       std::vector<ref::Trace<double>> tj;
       for (size_t s = 0; s < jopts.size(); ++s)
@@ -556,9 +592,10 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
       add("dxf", DType::bf16, flat(t.dxf), flat(tf.dxf), [](const ref::Trace<double>& x) { return flat(x.dxf); });
       add("dx", DType::bf16, flat(t.dx_final), flat(tf.dx_final), [](const ref::Trace<double>& x) { return flat(x.dx_final); });
       add("row_loss", DType::f32, vec(t.row_loss), vec(tf.row_loss), [&](const ref::Trace<double>& x) { return vec(x.row_loss); });
-      G.points.push_back(std::move(pt));
-    }
+    });
   }
+  // G.points is complete before any task runs: the tasks hold indices into it, never a pointer it could move.
+  run_tasks(std::move(probes));
 
   // The whole step's families.
   auto rows_of = [&](const std::map<int64_t, std::vector<double>>& m) {
@@ -648,25 +685,47 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
     // were 1.5 x theirs.
     std::vector<std::vector<double>> x_correct = {observable(flt.grads, flt.logits)};
     for (const auto& j : jit) x_correct.push_back(observable(j.grads, j.logits));
-    for (uint64_t seed = 3; x_correct.size() < 12; ++seed) {
-      ref::RunOptions jo = po;
-      jo.numerics.policy.jitter = ref::kFp32Jitter;
-      jo.numerics.policy.jitter_seed = seed;
-      jo.numerics.policy.accum_jitter = seed % 2;
-      const PolicyStep<double> j = policy_step<double>(in.model, micro, jo, rows, false, nullptr);
-      x_correct.push_back(observable(j.grads, j.logits));
-    }
+    const size_t have = x_correct.size();
+    x_correct.resize(std::max<size_t>(have, 12));
     ref::RunOptions eo;
     eo.softcap = sc;
-    const PolicyStep<double> exact = policy_step<double>(in.model, micro, eo, rows, false, nullptr);
-    const std::vector<double> x_exact = observable(exact.grads, exact.logits);
+    std::vector<double> x_exact;
+    struct Probe {
+      const BugInfo* info;
+      ref::RunOptions opt;
+      std::vector<double> effect;  // observable(bug) - observable(exact)
+    };
+    std::vector<Probe> bugs;
     for (const BugInfo& info : bug_table()) {
       ref::RunOptions bo = eo;
       if (!ref::apply_bug(info.bug, in.model.config, bo.numerics, bo.softcap).empty()) continue;
       if (info.bug == Bug::padded_vocab_unmasked && !in.model.weights.count(kEmbedPaddingName)) continue;
-      progress(std::string("fingerprint of ") + std::string(info.id) + " (float64)");
-      const PolicyStep<double> b = policy_step<double>(in.model, micro, bo, rows, false, nullptr);
-      std::vector<double> e = observable(b.grads, b.logits);
+      bugs.push_back({&info, bo, {}});
+    }
+    // Every float64 step here is independent of the others: one task each.
+    std::vector<std::function<void()>> tasks;
+    for (size_t i = have; i < x_correct.size(); ++i)
+      tasks.push_back([&, i] {
+        ref::RunOptions jo = po;
+        jo.numerics.policy.jitter = ref::kFp32Jitter;
+        jo.numerics.policy.jitter_seed = uint64_t(3 + i - have);
+        jo.numerics.policy.accum_jitter = (3 + i - have) % 2;
+        const PolicyStep<double> j = policy_step<double>(in.model, micro, jo, rows, false, nullptr);
+        x_correct[i] = observable(j.grads, j.logits);
+      });
+    tasks.push_back([&] {
+      const PolicyStep<double> exact = policy_step<double>(in.model, micro, eo, rows, false, nullptr);
+      x_exact = observable(exact.grads, exact.logits);
+    });
+    for (Probe& bug : bugs)
+      tasks.push_back([&, bp = &bug] {
+        progress(std::string("fingerprint of ") + std::string(bp->info->id) + " (float64)");
+        const PolicyStep<double> b = policy_step<double>(in.model, micro, bp->opt, rows, false, nullptr);
+        bp->effect = observable(b.grads, b.logits);
+      });
+    run_tasks(std::move(tasks));
+    for (Probe& bp : bugs) {
+      std::vector<double>& e = bp.effect;
       double n2 = 0;
       for (size_t i = 0; i < e.size(); ++i) {
         e[i] -= x_exact[i];
@@ -674,7 +733,7 @@ std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc
       }
       if (n2 == 0) continue;  // the bug does not move what the fast trainer computes (rmsnorm-no-weight-grad with LoRA)
       for (double& x : e) x /= std::sqrt(n2);
-      GateReference::Fingerprint fp{std::string(info.id), std::string(info.what), std::move(e), 0.0};
+      GateReference::Fingerprint fp{std::string(bp.info->id), std::string(bp.info->what), std::move(e), 0.0};
       for (const auto& c : x_correct) fp.noise = std::max(fp.noise, std::fabs(project(c, G.x_policy, fp.unit)));
       G.fingerprints.push_back(std::move(fp));
     }
@@ -887,17 +946,28 @@ FastResult gate_judge(Report& r, const std::string& prefix, const GateReference&
   return res;
 }
 
+double working_set_bytes(const Inputs& in, bool gate) {
+  const Config& c = in.model.config;
+  const double tokens = double(in.batch.B * in.batch.T);
+  const double per_token =
+      double(c.num_hidden_layers) * double(12 * c.hidden_size + 4 * c.intermediate_size) + 2.0 * double(c.vocab_size);
+  return 2.0 * 8.0 * tokens * per_token * (gate ? 7.0 : 1.0);
+}
+
 GateQuestions gate_questions(const GateReference& g) {
   return {&g.micro, &g.rows, &g.adamw, &g.layer_inputs, &g.head_inputs};
 }
 
 FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, Softcap sc, const ref::Output* f64,
                         const GateRunner& runner) {
-  const std::shared_ptr<const GateReference> G = gate_reference(in, sc, f64);
+  return judge_fast(r, prefix, in.model, sc, *gate_reference(in, sc, f64), runner);
+}
+
+FastResult judge_fast(Report& r, const std::string& prefix, const Checkpoint& ck, Softcap sc, const GateReference& G,
+                      const GateRunner& runner) {
   progress("fast backend: probes, the step, one AdamW step");
-  const fast::GateOutput out =
-      (runner ? runner : fast_runner())(in.model, G->micro, sc, G->rows, G->adamw, G->layer_inputs, G->head_inputs);
-  return gate_judge(r, prefix, *G, out);
+  const fast::GateOutput out = (runner ? runner : fast_runner())(ck, G.micro, sc, G.rows, G.adamw, G.layer_inputs, G.head_inputs);
+  return gate_judge(r, prefix, G, out);
 }
 
 }  // namespace gemma::check

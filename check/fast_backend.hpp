@@ -66,6 +66,13 @@ std::vector<ref::RunOptions> correct_variants(const ref::RunOptions& po);
 FastResult compare_fast(Report& r, const std::string& prefix, const Inputs& in, Softcap sc, const ref::Output* f64,
                         const GateRunner& runner = {});
 
+// An upper estimate of the memory one softcap combination of verify's reference side needs beyond the weights,
+// in bytes: its traces (each layer's activations in float64, for every token) and the head's logits, for the
+// float64 run, and with `gate` the gate's six more (the policy traced, its fp32 instance, the variants, the
+// layer-by-layer probes); twice that, for what the estimate leaves out. Callers run as many combinations side by
+// side as the free memory holds.
+double working_set_bytes(const Inputs& in, bool gate);
+
 // compare_fast in its two halves: what the reference side computes (on the CPU, no CUDA call), and the checks of one
 // trainer's answers against it. The mutation harness (tools/gate_mutants.cpp) computes the first once and judges
 // every mutant with the second, exactly as verify would.
@@ -81,5 +88,9 @@ struct GateQuestions {
   const std::vector<fast::HeadProbeInput>* heads;
 };
 GateQuestions gate_questions(const GateReference& g);
+// The fast trainer (or `runner` in its place) asked gate_reference's questions and judged by gate_judge: compare_fast
+// with the reference side computed beforehand (verify computes every softcap combination's side by side).
+FastResult judge_fast(Report& r, const std::string& prefix, const Checkpoint& ck, Softcap sc, const GateReference& g,
+                      const GateRunner& runner = {});
 
 }  // namespace gemma::check

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "check/parallel.hpp"
 #include "model/errors.hpp"
 
 namespace gemma::check {
@@ -151,7 +152,7 @@ void print_warnings(const std::string& tool, const std::vector<std::string>& war
 void progress(const std::string& message) {
   static const auto t0 = std::chrono::steady_clock::now();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::fprintf(stderr, "[%6.1fs] %s\n", s, message.c_str());
+  std::fprintf(stderr, "[%6.1fs] %s%s\n", s, progress_tag().c_str(), message.c_str());
   std::fflush(stderr);
 }
 

@@ -516,7 +516,13 @@ std::string to_config_json(const Config& c) {
   j["num_attention_heads"] = c.num_attention_heads;
   j["num_key_value_heads"] = c.num_key_value_heads;
   j["head_dim"] = c.head_dim;
-  j["query_pre_attn_scalar"] = c.query_pre_attn_scalar;
+  // transformers 5 validates config fields by their declared types, and query_pre_attn_scalar is an int there: an
+  // integral value is written as one ("224", not "224.0", which from_pretrained refuses).
+  const double q = c.query_pre_attn_scalar;
+  if (q == std::floor(q) && std::fabs(q) < 9.0e15)
+    j["query_pre_attn_scalar"] = int64_t(q);
+  else
+    j["query_pre_attn_scalar"] = q;
   j["sliding_window"] = c.sliding_window ? json(*c.sliding_window) : json(nullptr);
   j["attn_logit_softcapping"] = c.attn_logit_softcapping ? json(*c.attn_logit_softcapping) : json(nullptr);
   j["final_logit_softcapping"] = c.final_logit_softcapping ? json(*c.final_logit_softcapping) : json(nullptr);

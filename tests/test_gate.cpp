@@ -4,11 +4,15 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <omp.h>
+
+#include <functional>
 #include <optional>
 
 #include "check/compare.hpp"
 #include "check/fast_backend.hpp"
 #include "check/inputs.hpp"
+#include "check/parallel.hpp"
 #include "model/bugs.hpp"
 #include "reference/policy.hpp"
 #include "model/casefile.hpp"
@@ -93,8 +97,9 @@ struct GateVerdict {
   std::string worst_check;
 };
 
-GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<Bug>& bug, uint64_t seed = 7,
-                      bool accum = false) {
+// The gate's checks with the reference under `how` standing in for the CUDA trainer.
+check::Report gate_report(const check::Inputs& in, Softcap sc, const std::optional<Bug>& bug, uint64_t seed = 7,
+                          bool accum = false) {
   ref::RunOptions how;
   how.numerics.policy = ref::policy_fast();
   how.numerics.policy.jitter = ref::kFp32Jitter;
@@ -111,6 +116,12 @@ GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<B
   const ref::Output f64 = ref::run(in.model, in.batch, fo, in.micro_rows);
   check::Report r;
   check::compare_fast(r, "", in, sc, &f64, check::reference_runner(how));
+  return r;
+}
+
+GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<Bug>& bug, uint64_t seed = 7,
+                      bool accum = false) {
+  const check::Report r = gate_report(in, sc, bug, seed, accum);
   GateVerdict v;
   v.pass = r.all_pass();
   for (const check::Check& c : r.checks) {
@@ -133,6 +144,51 @@ const check::Inputs& odd_inputs() {
 }
 
 }  // namespace
+
+// The reference side runs as tasks sharing the thread budget (check/parallel.hpp): the policy's correct variants,
+// each probe point, each fingerprint, taken by whichever worker is free. Which worker takes which task must not
+// change a bit: two runs on the same budget give the same values and tolerances. (A different budget may: Eigen
+// blocks a product's sums by its thread count, and the emulation's bf16 roundings pass the last-bit differences
+// on. Measured on gemma2-odd with a bug, 1 thread vs 4: 96 of 321 checks move, by at most 0.053 of their
+// tolerance, and no verdict changes; docs/verification.md.) This guards against races between tasks; a worker given
+// more threads than another (a budget of 5 over 4 tasks) would differ only when the timing hands it another task,
+// which three runs with that fault planted did not show: run_tasks gives every worker the same share by design.
+TEST(Gate, ChecksDoNotDependOnWhichWorkerTakesWhichTask) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(5);
+  const check::Report a = gate_report(odd_inputs(), {true, false}, Bug::gelu_exact);
+  const check::Report b = gate_report(odd_inputs(), {true, false}, Bug::gelu_exact);
+  omp_set_num_threads(before);
+  ASSERT_EQ(a.checks.size(), b.checks.size());
+  ASSERT_GT(a.checks.size(), 100u);
+  for (size_t i = 0; i < a.checks.size(); ++i) {
+    EXPECT_EQ(a.checks[i].name, b.checks[i].name);
+    EXPECT_EQ(a.checks[i].value, b.checks[i].value) << a.checks[i].name;
+    EXPECT_EQ(a.checks[i].tolerance, b.checks[i].tolerance) << a.checks[i].name;
+  }
+}
+
+TEST(Parallel, RunsEveryTaskWithinTheBudgetAndRethrows) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(5);
+  std::vector<int> threads(7, 0);
+  std::vector<std::function<void()>> tasks;
+  for (size_t i = 0; i < threads.size(); ++i) tasks.push_back([&, i] { threads[i] = omp_get_max_threads(); });
+  check::run_tasks(tasks);
+  // 7 tasks on a budget of 5: five workers of one thread each.
+  for (int t : threads) EXPECT_EQ(t, 1);
+  std::vector<int> two(2, 0);
+  check::run_tasks({[&] { two[0] = omp_get_max_threads(); }, [&] { two[1] = omp_get_max_threads(); }});
+  EXPECT_EQ(two[0], 2);  // two workers of 2 threads (the fifth idles: equal shares)
+  EXPECT_EQ(two[1], 2);
+  std::vector<int> capped(2, 0);
+  check::run_tasks({[&] { capped[0] = omp_get_max_threads(); }, [&] { capped[1] = omp_get_max_threads(); }}, 1);
+  EXPECT_EQ(capped[0], 5);  // one worker: run here, with the whole budget
+  int ran = 0;
+  EXPECT_THROW(check::run_tasks({[] { throw InputError("x"); }, [&] { ++ran; }, [&] { ++ran; }}), InputError);
+  EXPECT_EQ(ran, 2);  // the other tasks still ran
+  omp_set_num_threads(before);
+}
 
 // Which bf16 roundings a correct trainer's fp32 differences flip is a lottery, and a few flips in an adapter's rank-r
 // bottleneck move whole rows downstream: one correct stand-in passing proves little. Ten do, under seeds the

@@ -553,6 +553,8 @@ TEST(TrainBinary, SoftcapAllTrainsTheFourCombinationsIntoOneReport) {
     EXPECT_NE(html.find(label), std::string::npos) << label;
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--softcap", "all", "--save-adapter", d / "x"}, d), "train",
                   {"--softcap all", "one combination at a time"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--softcap", "all", "--backend", "both"}, d), "train",
+                  {"--softcap all", "runs one backend"});
 }
 
 // The report as a browser shows it: Debian's Chromium, headless, takes a screenshot, and the picture must hold the

@@ -26,6 +26,7 @@
 
 #include "check/fast_backend.hpp"
 #include "check/inputs.hpp"
+#include "check/parallel.hpp"
 #include "check/report.hpp"
 #include "check/setting.hpp"
 #include "model/errors.hpp"
@@ -177,15 +178,28 @@ int main(int argc, char** argv) {
     std::vector<Case> cases;
     for (size_t s = settings.size(); s-- > 0;)
       for (Softcap sc : combos) {
-        const Inputs& in = *settings[s];
-        check_softcap_available(in.model.config, sc, "--softcap");
-        progress("reference side: " + in.source + ", softcap " + softcap_name(sc));
-        ref::RunOptions o;
-        o.softcap = sc;
-        o.keep_logits = true;
-        const ref::Output f64 = ref::run(in.model, in.batch, o, in.micro_rows);
-        cases.push_back({"[" + tags[s] + softcap_name(sc) + "] ", &in, sc, gate_reference(in, sc, &f64)});
+        check_softcap_available(settings[s]->model.config, sc, "--softcap");
+        cases.push_back({"[" + tags[s] + softcap_name(sc) + "] ", settings[s].get(), sc, nullptr});
       }
+    // The reference side of each setting's combinations side by side (check/parallel.hpp), as far as memory allows;
+    // one setting after the other, so that the companion's quick cases do not hold threads the big ones could use.
+    for (size_t s = settings.size(); s-- > 0;) {
+      std::vector<std::function<void()>> tasks;
+      for (Case& c : cases)
+        if (c.in == settings[s].get())
+          tasks.push_back([k = &c] {
+            set_progress_tag(k->prefix);
+            progress("reference side: " + k->in->source);
+            ref::RunOptions o;
+            o.softcap = k->sc;
+            o.keep_logits = true;
+            const ref::Output f64 = ref::run(k->in->model, k->in->batch, o, k->in->micro_rows);
+            k->ref = gate_reference(*k->in, k->sc, &f64);
+          });
+      const double free_bytes = available_memory_bytes();
+      run_tasks(std::move(tasks),
+                free_bytes > 0 ? std::max(1, int(free_bytes / working_set_bytes(*settings[s], true))) : 1);
+    }
     const double ref_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("gate-mutants: %s, softcap %s, %zu builds; reference side %.1f s\n", spec.model->c_str(), softcap.c_str(),
                 names.size(), ref_seconds);

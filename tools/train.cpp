@@ -186,9 +186,9 @@ std::pair<std::string, json> read_log(const std::string& path) {
   return {j.value("backend", std::string("?")) + " (" + path + ")", j["steps"]};
 }
 
-// The same steps on the CUDA trainer: its loss per step, device time, peak device memory. With `curve`, the
-// per-step losses are also returned there (train --backend both) and nothing is saved or written.
-int train_fast(const Plan& p, const TrainOptions& o, std::vector<double>* curve = nullptr) {
+// The same steps on the CUDA trainer: its loss per step, device time, peak device memory. With `curve`, the run's
+// log entries are returned there (train --backend both, --softcap all) and nothing is saved or written.
+int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
 #ifdef GEMMA_HAVE_FAST
   const Inputs& in = p.in;
   if (!in.model.adapter)
@@ -218,11 +218,13 @@ int train_fast(const Plan& p, const TrainOptions& o, std::vector<double>* curve 
     history.push_back({{"step", step}, {"loss", st.loss}, {"targets", st.tokens}, {"seconds", st.seconds},
                        {"learning_rate", lr}, {"grad_norm", st.grad_norm}, {"epoch", epoch_of(p, step)},
                        {"tokens", real_tokens(batch)}});
-    if (curve) curve->push_back(st.loss);
   }
   progress.finish();
   std::printf("peak device memory %.2f GB\n", double(trainer.peak_device_bytes()) / 1e9);
-  if (curve) return 0;
+  if (curve) {
+    *curve = history;
+    return 0;
+  }
   if (!p.out_dir.empty()) {
     TensorMap w = trainer.adapters();
     save_dir(p.out_dir, in.model.config, in.model.adapter, in.source, w, nullptr, trainer_state_json(p, p.total_steps, history));
@@ -405,7 +407,8 @@ int train_reference(const Plan& p, const TrainOptions& o, json* curve = nullptr)
 }
 
 // train --softcap all: the same rows, schedule and seed under the four softcap combinations, one after the other
-// (the seed's softcapping experiment); one log with a run per combination, one report with the four loss curves.
+// (the seed's softcapping experiment), on the reference or the CUDA trainer; one log with a run per combination,
+// one report with the four loss curves.
 int train_all_softcaps(Plan& p, const TrainOptions& o) {
   const Softcap combos[4] = {{false, false}, {true, false}, {false, true}, {true, true}};
   json runs = json::object();
@@ -415,7 +418,10 @@ int train_all_softcaps(Plan& p, const TrainOptions& o) {
     p.run["softcap"] = softcap_name(sc);
     std::printf("-- softcap %s\n", softcap_name(sc).c_str());
     json history;
-    train_reference(p, o, &history);
+    if (o.backend == "fast")
+      train_fast(p, o, &history);
+    else
+      train_reference(p, o, &history);
     const double first = history.front()["loss"], last = history.back()["loss"];
     std::printf("-- softcap %s: loss %.9f at step 1, %.9f at step %lld\n", softcap_name(sc).c_str(), first, last,
                 (long long)p.total_steps);
@@ -450,7 +456,11 @@ constexpr double kBandFactor = 3.0, kStepBound = 1e-5;
 int train_both(const Plan& p, const TrainOptions& o) {
   std::vector<double> fast_curve;
   std::printf("-- the CUDA trainer\n");
-  train_fast(p, o, &fast_curve);
+  {
+    json h;
+    train_fast(p, o, &h);
+    for (const json& e : h) fast_curve.push_back(e["loss"].get<double>());
+  }
   std::vector<double> curves[2];
   const char* names[2] = {"fast policy", "float64"};
   for (int k = 0; k < 2; ++k) {
@@ -514,6 +524,9 @@ int train_both(const Plan& p, const TrainOptions& o) {
 int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.backend != "reference" && o.backend != "fast" && o.backend != "both")
     fail("--backend", "'" + o.backend + "' is not one of reference, fast, both");
+  // Flag combinations first: they are wrong on any machine, with or without a GPU.
+  if (o.softcap && *o.softcap == "all" && o.backend == "both")
+    fail("--softcap all", "runs one backend (reference or fast): --backend both with one combination at a time");
   const bool on_gpu = o.backend != "reference";
   std::string why;
   if (on_gpu && !fast_available(&why)) fail("--backend " + o.backend, why);
@@ -589,7 +602,6 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   const bool all_softcaps = o.softcap && *o.softcap == "all";
   if (all_softcaps) {
     // Four runs compared: what one of them would save or resume is not a question to guess.
-    if (o.backend != "reference") fail("--softcap all", "runs the reference backend only");
     if (!p.out_dir.empty() || o.resume || o.save_steps > 0 || o.eval_data)
       fail("--softcap all", "compares four runs' curves: save, resume or evaluate one combination at a time");
     check_softcap_available(c, {true, true}, "--softcap all");

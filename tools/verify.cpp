@@ -16,6 +16,7 @@
 #include "check/fast_backend.hpp"
 #include "check/golden.hpp"
 #include "check/inputs.hpp"
+#include "check/parallel.hpp"
 #include "check/report.hpp"
 #include "check/setting.hpp"
 #include "check/torch_result.hpp"
@@ -111,32 +112,87 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                 in.provenance.at("expected_kind").c_str(),
                 in.provenance.count("implementation") ? in.provenance.at("implementation").c_str() : "an unnamed implementation",
                 torch_policy->name.c_str());
-  for (Softcap sc : combos) {
-    const std::string combo = softcap_combo(sc);
+  // Each combination in three passes: what it is compared with (goldens are read here, one file at a time), the
+  // heavy reference work of every combination side by side (check/parallel.hpp), then its checks in order, so the
+  // output reads as if the combinations had run one after another.
+  struct Combo {
+    Softcap sc;
     ref::RunOptions opt;
-    opt.softcap = sc;
-    auto exp_it = in.expected.find(combo);
-    const Expected* ex = exp_it == in.expected.end() ? nullptr : &exp_it->second;
-    // The golden of this exact recipe, when the project keeps one; its hash is checked before it is trusted.
+    const Expected* ex = nullptr;
+    std::optional<GoldenRecipe> recipe;
     std::optional<Golden> golden;
-    const std::optional<GoldenRecipe> recipe = recipe_of(sspec, sc);
     std::string golden_path;
+    bool fd = false;  // the reference's finite-difference self-check runs here
+    std::string no_fd;  // else why not
+    ref::Output out;
+    std::optional<ref::DirectionalCheck> fd_result;
+    std::shared_ptr<const GateReference> gate;
+  };
+  std::vector<Combo> work;
+  int64_t weights = 0;
+  for (const auto& [n, t] : in.model.weights) weights += t.numel();
+  for (Softcap sc : combos) {
+    Combo w;
+    w.sc = sc;
+    w.opt.softcap = sc;
+    auto exp_it = in.expected.find(softcap_combo(sc));
+    w.ex = exp_it == in.expected.end() ? nullptr : &exp_it->second;
+    // The golden of this exact recipe, when the project keeps one; its hash is checked before it is trusted.
+    w.recipe = recipe_of(sspec, sc);
     // Goldens are kept for the standard recipes only (a preset at its default shape and seed); any other shape or
     // seed has none, even where a file of the same name exists.
     const std::vector<GoldenRecipe> kept = standard_goldens();
-    const bool standard = recipe && std::find(kept.begin(), kept.end(), *recipe) != kept.end();
-    if (recipe) {
-      golden_path = std::string(kGoldenDir) + "/" + recipe->file_name();
-      if (standard && std::filesystem::exists(golden_path)) {
-        check_manifest(golden_path);
-        golden = read_golden(golden_path);
-        if (!(golden->recipe == *recipe)) fail(golden_path, "its recipe does not match its file name");
+    const bool standard = w.recipe && std::find(kept.begin(), kept.end(), *w.recipe) != kept.end();
+    if (w.recipe) {
+      w.golden_path = std::string(kGoldenDir) + "/" + w.recipe->file_name();
+      if (standard && std::filesystem::exists(w.golden_path)) {
+        check_manifest(w.golden_path);
+        w.golden = read_golden(w.golden_path);
+        if (!(w.golden->recipe == *w.recipe)) fail(w.golden_path, "its recipe does not match its file name");
       }
     }
+    w.opt.keep_logits = (w.ex && w.ex->logits) || w.golden || run_fast;
+    // The reference's self-check costs six or more forward passes, a minute per combination at the released widths.
+    // With the fast backend the gate's time goes to the trainer's comparison, and the self-check runs on the
+    // companion (gemma2-odd), whose code path is the same; `--backend reference` runs it at these widths.
+    // Judging a torch result at released widths runs the reference five times already (float64, the policy, three
+    // variants); the self-check would double that (gemma2-2b, 2 layers, 2 x 32: 420 of 863 s on 2 cores), and
+    // the result's verdict does not depend on it. The tests and --model runs check the reference's backward.
+    const bool gate_widths = run_fast && tag.empty() && sspec.model && gate_preset(*sspec.model) && *sspec.model != "gemma2-odd";
+    const bool big_torch = w.ex && torch_policy && weights > (int64_t(50) << 20);
+    w.fd = run_ref && !gate_widths && !big_torch;
+    if (gate_widths)
+      w.no_fd = "on the companion in this mode (--backend reference runs it here)";
+    else if (big_torch)
+      w.no_fd = "not run for a torch result of more than 50M weights (verify --case on the case itself runs it)";
+    work.push_back(std::move(w));
+  }
+  {
+    std::vector<std::function<void()>> tasks;
+    for (Combo& combo : work)
+      tasks.push_back([&, w = &combo] {
+        set_progress_tag("[" + tag + softcap_name(w->sc) + "] ");
+        if (run_ref) {
+          progress("reference forward + backward");
+          w->out = ref::run(in.model, in.batch, w->opt, in.micro_rows);
+          if (w->fd) {
+            progress("directional finite-difference check (6 forward passes, more where the loss is sharply curved)");
+            w->fd_result = ref::directional_check(in.model, in.batch, w->opt, w->out.grads);
+          }
+        }
+        if (run_fast) w->gate = gate_reference(in, w->sc, run_ref ? &w->out : nullptr);
+      });
+    const double free_bytes = available_memory_bytes();
+    const int by_memory = free_bytes > 0 ? std::max(1, int(free_bytes / working_set_bytes(in, run_fast))) : 1;
+    run_tasks(std::move(tasks), by_memory);
+  }
+  for (Combo& w : work) {
+    const Softcap sc = w.sc;
+    const Expected* ex = w.ex;
     const std::string pre = "[" + tag + softcap_name(sc) + "] ";
     nlohmann::json results = nlohmann::json::object();
     if (!run_ref) {
-      const FastResult fr = compare_fast(report, pre, in, sc, nullptr);
+      const FastResult fr = judge_fast(report, pre, in.model, sc, *w.gate);
       std::printf("[%ssoftcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
@@ -144,9 +200,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
           .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
       continue;
     }
-    opt.keep_logits = (ex && ex->logits) || golden || run_fast;
-    progress("reference forward + backward, softcap " + softcap_name(sc));
-    ref::Output out = ref::run(in.model, in.batch, opt, in.micro_rows);
+    ref::Output& out = w.out;
     std::printf("[%ssoftcap %s] reference loss %.17g over %lld targets\n", tag.c_str(), softcap_name(sc).c_str(), out.loss,
                 (long long)out.tokens);
     std::optional<TorchJudgement> torch_judged;
@@ -154,32 +208,21 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       torch_judged = judge_torch_result(report, pre, in, sc, *ex, *torch_policy, out);
     else if (ex)
       compare_expected(report, pre, out, *ex, tol, in.batch);
-    if (golden) {
-      std::printf("  golden %s (sha256 matches the manifest; %s, %s)\n", golden_path.c_str(),
-                  golden->provenance["generator"].c_str(), golden->provenance["date"].c_str());
-      compare_golden(report, pre, *golden, golden_from(*recipe, in.batch, c.vocab_size, out), GoldenTolerances{});
-    } else if (recipe) {
-      std::printf("  no golden for this recipe (%s): self-checks only\n", recipe->file_name().c_str());
+    if (w.golden) {
+      std::printf("  golden %s (sha256 matches the manifest; %s, %s)\n", w.golden_path.c_str(),
+                  w.golden->provenance["generator"].c_str(), w.golden->provenance["date"].c_str());
+      compare_golden(report, pre, *w.golden, golden_from(*w.recipe, in.batch, c.vocab_size, out), GoldenTolerances{});
+    } else if (w.recipe) {
+      std::printf("  no golden for this recipe (%s): self-checks only\n", w.recipe->file_name().c_str());
     }
-    progress("directional finite-difference check (6 forward passes, more where the loss is sharply curved)");
-    // The reference's self-check costs six or more forward passes, a minute per combination at the released widths.
-    // With the fast backend the gate's time goes to the trainer's comparison, and the self-check runs on the
-    // companion (gemma2-odd), whose code path is the same; `--backend reference` runs it at these widths.
-    int64_t weights = 0;
-    for (const auto& [n, t] : in.model.weights) weights += t.numel();
-    if (run_fast && tag.empty() && sspec.model && gate_preset(*sspec.model) && *sspec.model != "gemma2-odd")
-      std::printf("  backward vs finite differences: on the companion in this mode (--backend reference runs it here)\n");
-    else if (torch_judged && weights > (int64_t(50) << 20))
-      // Judging a torch result at released widths runs the reference five times already (float64, the policy, three
-      // variants); the self-check would double that (gemma2-2b, 2 layers, 2 x 32: 420 of 863 s on 2 cores), and
-      // the result's verdict does not depend on it. The tests and --model runs check the reference's backward.
-      std::printf("  backward vs finite differences: not run for a torch result of more than 50M weights (verify --case on the case itself runs it)\n");
+    if (w.fd_result)
+      add_fd_check(report, pre, *w.fd_result);
     else
-      add_fd_check(report, pre, ref::directional_check(in.model, in.batch, opt, out.grads));
+      std::printf("  backward vs finite differences: %s\n", w.no_fd.c_str());
     results["reference"] = {{"loss", out.loss}, {"tokens", out.tokens}};
     if (torch_judged) results["torch"] = torch_judged->json();
     if (run_fast) {
-      const FastResult fr = compare_fast(report, pre, in, sc, &out);
+      const FastResult fr = judge_fast(report, pre, in.model, sc, *w.gate);
       std::printf("[%ssoftcap %s] fast loss %.10g over %lld targets, %.3f s on the device, peak %.2f GB\n",
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
