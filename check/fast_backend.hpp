@@ -77,7 +77,10 @@ double working_set_bytes(const Inputs& in, bool gate);
 // trainer's answers against it. The mutation harness (tools/gate_mutants.cpp) computes the first once and judges
 // every mutant with the second, exactly as verify would.
 struct GateReference;
-std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc, const ref::Output* f64);
+// `alongside` (optional) runs among the reference side's tasks, and may be what fills *f64: f64 is read only after
+// every task has finished (verify runs its float64 step that way).
+std::shared_ptr<const GateReference> gate_reference(const Inputs& in, Softcap sc, const ref::Output* f64,
+                                                   const std::function<void()>& alongside = {});
 FastResult gate_judge(Report& r, const std::string& prefix, const GateReference& g, const fast::GateOutput& out);
 // The inputs a runner is called with for a GateReference.
 struct GateQuestions {

@@ -3,7 +3,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <exception>
 #include <fstream>
 #include <mutex>
@@ -19,20 +18,39 @@ thread_local std::string tls_tag;
 void set_progress_tag(const std::string& tag) { tls_tag = tag; }
 const std::string& progress_tag() { return tls_tag; }
 
-void run_tasks(std::vector<std::function<void()>> tasks, int max_workers) {
+void TaskGroup::add(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    queue_.push_back(std::move(task));
+  }
+  cv_.notify_one();
+}
+
+void TaskGroup::run(int max_workers) {
   const int budget = std::max(1, omp_get_max_threads());
-  int workers = std::min<int>(budget, int(tasks.size()));
+  int workers = budget;
   if (max_workers > 0) workers = std::min(workers, max_workers);
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    workers = std::min<int>(workers, int(queue_.size()));
+  }
+  // One worker: the tasks run here, in the order they were added, with the whole budget.
   if (workers <= 1) {
-    for (auto& t : tasks) t();
-    return;
+    for (;;) {
+      std::function<void()> t;
+      {
+        std::lock_guard<std::mutex> lock(m_);
+        if (queue_.empty()) return;
+        t = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      t();
+    }
   }
   // Every worker gets the same share (the remainder of the budget idles): which worker takes which task depends on
   // timing, and a task's threads must not, since Eigen's products block their sums by the thread count.
   const int share = budget / workers;
-  std::atomic<size_t> next{0};
   std::exception_ptr first;
-  std::mutex m;
   const std::string tag = tls_tag;
   std::vector<std::thread> pool;
   for (int w = 0; w < workers; ++w)
@@ -40,17 +58,36 @@ void run_tasks(std::vector<std::function<void()>> tasks, int max_workers) {
       // A new thread's OpenMP settings are the process defaults, not the parent's: set its share explicitly.
       omp_set_num_threads(share);
       tls_tag = tag;
-      for (size_t i; (i = next.fetch_add(1)) < tasks.size();) {
+      std::unique_lock<std::mutex> lock(m_);
+      for (;;) {
+        // Wait while nothing is queued but a running task may still add work.
+        cv_.wait(lock, [&] { return !queue_.empty() || running_ == 0; });
+        if (queue_.empty()) break;
+        std::function<void()> t = std::move(queue_.front());
+        queue_.pop_front();
+        ++running_;
+        lock.unlock();
         try {
-          tasks[i]();
+          t();
         } catch (...) {
-          std::lock_guard<std::mutex> lock(m);
+          lock.lock();
           if (!first) first = std::current_exception();
+          lock.unlock();
         }
+        lock.lock();
+        --running_;
+        cv_.notify_all();
       }
+      cv_.notify_all();
     });
   for (auto& t : pool) t.join();
   if (first) std::rethrow_exception(first);
+}
+
+void run_tasks(std::vector<std::function<void()>> tasks, int max_workers) {
+  TaskGroup g;
+  for (auto& t : tasks) g.add(std::move(t));
+  g.run(max_workers);
 }
 
 double available_memory_bytes() {

@@ -5,7 +5,10 @@
 // that do not depend on each other (the softcap combinations, the precision policy's correct variants, the
 // layer-by-layer probes). Running them as tasks, each with a share of the threads, is where the cores go.
 #pragma once
+#include <condition_variable>
+#include <deque>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -19,6 +22,22 @@ namespace gemma::check {
 // exception a task throws is rethrown here after every worker has stopped (the other tasks still run).
 // `max_workers` (0: no limit) caps the workers, e.g. by memory.
 void run_tasks(std::vector<std::function<void()>> tasks, int max_workers = 0);
+
+// Tasks that may add further tasks: a task that others depend on adds them when it is done, so that no worker
+// waits for a whole phase to finish. run() returns when no task is queued or running; the thread budget is split
+// as by run_tasks, among min(budget, max_workers) workers (one task runs at a time on each), every worker with the
+// same share. The first exception a task throws is rethrown by run() after every worker has stopped.
+class TaskGroup {
+ public:
+  void add(std::function<void()> task);  // from any thread, a running task's included
+  void run(int max_workers = 0);
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  int running_ = 0;
+};
 
 // A label that progress() puts in front of this thread's messages ("[attn,logits] "), inherited by the workers
 // of run_tasks called from this thread. Empty by default.

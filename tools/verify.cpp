@@ -172,15 +172,20 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     for (Combo& combo : work)
       tasks.push_back([&, w = &combo] {
         set_progress_tag("[" + tag + softcap_name(w->sc) + "] ");
-        if (run_ref) {
+        auto reference = [&in, w] {
           progress("reference forward + backward");
           w->out = ref::run(in.model, in.batch, w->opt, in.micro_rows);
           if (w->fd) {
             progress("directional finite-difference check (6 forward passes, more where the loss is sharply curved)");
             w->fd_result = ref::directional_check(in.model, in.batch, w->opt, w->out.grads);
           }
-        }
-        if (run_fast) w->gate = gate_reference(in, w->sc, run_ref ? &w->out : nullptr);
+        };
+        // With the fast backend the float64 run is one more task among the gate's reference side.
+        if (run_fast)
+          w->gate = gate_reference(in, w->sc, run_ref ? &w->out : nullptr,
+                                   run_ref ? std::function<void()>(reference) : std::function<void()>());
+        else if (run_ref)
+          reference();
       });
     const double free_bytes = available_memory_bytes();
     const int by_memory = free_bytes > 0 ? std::max(1, int(free_bytes / working_set_bytes(in, run_fast))) : 1;
