@@ -36,16 +36,23 @@ void TaskGroup::run(int max_workers) {
   }
   // One worker: the tasks run here, in the order they were added, with the whole budget.
   if (workers <= 1) {
+    std::exception_ptr first;
     for (;;) {
       std::function<void()> t;
       {
         std::lock_guard<std::mutex> lock(m_);
-        if (queue_.empty()) return;
+        if (queue_.empty()) break;
         t = std::move(queue_.front());
         queue_.pop_front();
       }
-      t();
+      try {
+        t();
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
     }
+    if (first) std::rethrow_exception(first);
+    return;
   }
   // Every worker gets the same share (the remainder of the budget idles): which worker takes which task depends on
   // timing, and a task's threads must not, since Eigen's products block their sums by the thread count.

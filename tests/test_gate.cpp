@@ -187,6 +187,9 @@ TEST(Parallel, RunsEveryTaskWithinTheBudgetAndRethrows) {
   int ran = 0;
   EXPECT_THROW(check::run_tasks({[] { throw InputError("x"); }, [&] { ++ran; }, [&] { ++ran; }}), InputError);
   EXPECT_EQ(ran, 2);  // the other tasks still ran
+  omp_set_num_threads(1);  // and so they do when the tasks run here, one after another
+  EXPECT_THROW(check::run_tasks({[] { throw InputError("x"); }, [&] { ++ran; }}), InputError);
+  EXPECT_EQ(ran, 3);
   omp_set_num_threads(before);
 }
 

@@ -654,9 +654,9 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
            {"adam_beta2", o.adamw.beta2},
            {"adam_epsilon", o.adamw.eps},
            {"adapter", in.model.adapter ? json::parse(to_adapter_config_json(*in.model.adapter)) : json(nullptr)}};
+  if (all_softcaps) return train_all_softcaps(p, o);  // either backend: before the backends' own runs
   if (o.backend == "fast") return train_fast(p, o);
   if (o.backend == "both") return train_both(p, o);
-  if (all_softcaps) return train_all_softcaps(p, o);
   return train_reference(p, o);
 }
 
