@@ -25,8 +25,9 @@ void run_tasks(std::vector<std::function<void()>> tasks, int max_workers = 0);
 
 // Tasks that may add further tasks: a task that others depend on adds them when it is done, so that no worker
 // waits for a whole phase to finish. run() returns when no task is queued or running; the thread budget is split
-// as by run_tasks, among min(budget, max_workers) workers (one task runs at a time on each), every worker with the
-// same share. The first exception a task throws is rethrown by run() after every worker has stopped.
+// as by run_tasks, among min(budget, max_workers, tasks queued when run() starts) workers (one task runs at a time
+// on each), every worker with the same share. The first exception a task throws is rethrown by run() after every
+// worker has stopped.
 class TaskGroup {
  public:
   void add(std::function<void()> task);  // from any thread, a running task's included
@@ -44,7 +45,8 @@ class TaskGroup {
 void set_progress_tag(const std::string& tag);
 const std::string& progress_tag();
 
-// Bytes of memory available to new allocations (MemAvailable of /proc/meminfo), or 0 when unknown.
-double available_memory_bytes();
+// How many tasks of `bytes_each` the memory available to new allocations (MemAvailable of /proc/meminfo) holds side
+// by side: at least 1; 1 when unknown. For run_tasks' max_workers.
+int workers_for_memory(double bytes_each);
 
 }  // namespace gemma::check

@@ -198,9 +198,7 @@ int main(int argc, char** argv) {
               f64 = ref::run(k->in->model, k->in->batch, o, k->in->micro_rows);
             });
           });
-      const double free_bytes = available_memory_bytes();
-      run_tasks(std::move(tasks),
-                free_bytes > 0 ? std::max(1, int(free_bytes / working_set_bytes(*settings[s], true))) : 1);
+      run_tasks(std::move(tasks), workers_for_memory(working_set_bytes(*settings[s], true)));
     }
     const double ref_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("gate-mutants: %s, softcap %s, %zu builds; reference side %.1f s\n", spec.model->c_str(), softcap.c_str(),

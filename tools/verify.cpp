@@ -187,9 +187,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
         else if (run_ref)
           reference();
       });
-    const double free_bytes = available_memory_bytes();
-    const int by_memory = free_bytes > 0 ? std::max(1, int(free_bytes / working_set_bytes(in, run_fast))) : 1;
-    run_tasks(std::move(tasks), by_memory);
+    run_tasks(std::move(tasks), workers_for_memory(working_set_bytes(in, run_fast)));
   }
   for (Combo& w : work) {
     const Softcap sc = w.sc;
