@@ -114,7 +114,7 @@ Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const 
                  TrainerOptions o)
     : config_(c), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
   check_softcap_available(c, softcap, "fast");
-  engine_ = std::make_unique<Engine>(c, ad, seed, EngineOptions{softcap, o.recompute, o.offload});
+  engine_ = std::make_unique<Engine>(c, ad, seed, EngineOptions{softcap, o.recompute, o.offload, 0, o.quantize_nf4});
 }
 
 Trainer::~Trainer() = default;
@@ -132,5 +132,7 @@ Trainer::Step Trainer::step(const Batch& batch, int64_t micro_batches) {
 TensorMap Trainer::adapters() const { return engine_->adapters(); }
 size_t Trainer::peak_device_bytes() const { return engine_->peak_bytes(); }
 std::string Trainer::profile() const { return engine_->profile(); }
+void Trainer::set_memory_limit(size_t bytes) { engine_->set_memory_limit(bytes); }
+bool Trainer::reserve(int64_t B, int64_t T, std::string* why) { return engine_->reserve(B, T, why); }
 
 }  // namespace gemma::fast

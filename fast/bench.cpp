@@ -1,7 +1,14 @@
 // fast_bench: training throughput and peak GPU memory of the fast trainer on a released Gemma 2 shape, with
 // synthetic bf16 weights generated on the device. Not a test: it reports, docs/benchmarks.md records.
 //
-//   fast_bench --model gemma2-9b --batch 2 --seq 1024 --rank 32 --warmup 2 --steps 5 [--gpus N]
+//   fast_bench --model gemma2-9b --batch 2 --seq 1024 --rank 32 --warmup 2 --steps 5 [--gpus N] [--quantize nf4]
+//   fast_bench --model gemma2-9b --batch 1 --quantize nf4 --offload --longest --memory-limit 80 --warmup 0 --steps 1
+//
+// --quantize nf4: the base projections in NF4 on the device as QLoRA keeps them (blocksize 64, double
+// quantization), dequantized a layer at a time. --longest: the longest sequence (a multiple of 1024) whose step
+// fits under --memory-limit GiB of the trainer's allocations (or the device), found by allocating every buffer
+// of a step of that length (all a step allocates); then the steps run at that length and their measured peak is
+// reported, so the claim rests on a step that ran, not on the search.
 //
 // With --gpus N > 1 the trainer is data parallel (fast/data_parallel.hpp): --batch sequences on each GPU, a global
 // batch of N x --batch, tokens/s counted over all GPUs; each step's all-reduce time is reported beside it.
@@ -45,27 +52,43 @@ int main(int argc, char** argv) {
   std::string model = "gemma2-9b", softcap = "attn,logits", json;
   int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0;
   int gpus = 1;
-  bool no_recompute = false, offload = false;
+  bool no_recompute = false, offload = false, longest = false;
+  std::string quantize;
+  double memory_limit_gib = 0;
   app.add_option("--model", model, "preset");
   app.add_option("--batch", B, "sequences per step (per GPU with --gpus)");
   app.add_option("--gpus", gpus, "data parallel over the first N GPUs (NCCL all-reduce of the adapter gradients)");
   app.add_option("--seq", T, "sequence length");
   app.add_option("--rank", rank, "LoRA rank on all seven projections (alpha = rank)");
   app.add_option("--warmup", warmup, "untimed steps first");
-  app.add_option("--steps", steps, "timed steps");
+  app.add_option("--steps", steps, "timed steps (0 with --longest: the search only)");
   app.add_option("--micro-batches", micro, "gradient accumulation");
   app.add_option("--layers", layers, "use only the first N layers (0: all)");
   app.add_option("--softcap", softcap, "none|attn|logits|attn,logits");
   app.add_flag("--no-recompute", no_recompute, "keep every layer's activations (no activation checkpointing)");
   app.add_flag("--offload", offload, "activation checkpoints in pinned host memory");
   app.add_option("--json", json, "append one JSON line with the result");
+  app.add_option("--quantize", quantize, "nf4: base projections in NF4 as QLoRA keeps them")
+      ->check(CLI::IsMember({"nf4"}));
+  app.add_option("--memory-limit", memory_limit_gib, "GiB: allocations beyond this fail as on a smaller GPU (0: the device)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--longest", longest, "search the longest sequence that fits (multiples of 1024; --seq is ignored)");
   CLI11_PARSE(app, argc, argv);
   try {
+    if (steps < 1 && !longest) {
+      std::fprintf(stderr, "fast_bench: --steps must be at least 1\n");
+      return 2;
+    }
     std::string why;
     if (!fast::device_available(&why)) {
       std::fprintf(stderr, "fast_bench: %s\n", why.c_str());
       return 2;
     }
+    // What the device holds before the trainer exists (the CUDA context): --memory-limit counts it too.
+    GEMMA_CUDA(cudaFree(nullptr));
+    size_t free0 = 0, total0 = 0;
+    GEMMA_CUDA(cudaMemGetInfo(&free0, &total0));
+    const size_t context_bytes = total0 - free0;
     Config c = preset(model);
     if (layers > 0) c = with_layers(c, layers);
     const Softcap sc = parse_softcap(softcap, "--softcap");
@@ -77,6 +100,11 @@ int main(int argc, char** argv) {
     fast::TrainerOptions o;
     o.recompute = !no_recompute;
     o.offload = offload;
+    o.quantize_nf4 = quantize == "nf4";
+    if (longest && gpus > 1) {
+      std::fprintf(stderr, "fast_bench: --longest runs on one GPU (--gpus 1)\n");
+      return 2;
+    }
     // One GPU: the Trainer as train and the published figures use it; several: the data-parallel trainer.
     std::unique_ptr<fast::Trainer> one;
     std::unique_ptr<fast::DataParallelTrainer> many;
@@ -84,6 +112,63 @@ int main(int argc, char** argv) {
       many = std::make_unique<fast::DataParallelTrainer>(c, a, 1234, gpus, h, sc, o);
     else
       one = std::make_unique<fast::Trainer>(c, a, 1234, h, sc, o);
+    const double gib = double(1ull << 30);
+    if (memory_limit_gib > 0) {
+      if (!one) {
+        std::fprintf(stderr, "fast_bench: --memory-limit applies to one GPU (--gpus 1)\n");
+        return 2;
+      }
+      const size_t limit = size_t(memory_limit_gib * gib);
+      if (limit <= context_bytes) {
+        std::fprintf(stderr, "fast_bench: --memory-limit %.2f GiB is below the CUDA context's %.2f GiB\n", memory_limit_gib,
+                     double(context_bytes) / gib);
+        return 2;
+      }
+      one->set_memory_limit(limit - context_bytes);
+      std::printf("memory limit %.2f GiB: %.2f GiB for the trainer's allocations after the CUDA context's %.2f GiB\n",
+                  memory_limit_gib, double(limit - context_bytes) / gib, double(context_bytes) / gib);
+    }
+    if (longest) {
+      // Doubling from 1024 while a step fits, then bisection on multiples of 1024 between the last fit and the
+      // first miss.
+      auto fits = [&](int64_t t) {
+        std::string why;
+        const bool ok = one->reserve(B, t, &why);
+        std::printf("%s: %lld tokens%s\n", ok ? "fits" : "does not fit", (long long)t, ok ? "" : (" (" + why + ")").c_str());
+        std::fflush(stdout);
+        return ok;
+      };
+      int64_t fit = 0, miss = 1024;
+      while (fits(miss)) {
+        fit = miss;
+        miss *= 2;
+      }
+      while (miss - fit > 1024) {
+        const int64_t mid = (fit + miss) / 2048 * 1024;
+        (fits(mid) ? fit : miss) = mid;
+      }
+      if (fit == 0) {
+        std::fprintf(stderr, "fast_bench: not even 1024 tokens fit\n");
+        return 2;
+      }
+      T = fit;
+      if (!one->reserve(B, T)) throw std::logic_error("fast_bench: the length found no longer fits");
+      size_t free_b = 0, total_b = 0;
+      GEMMA_CUDA(cudaMemGetInfo(&free_b, &total_b));
+      std::printf("longest sequence that fits: %lld tokens (batch %lld): the trainer holds %.2f GiB with every buffer of "
+                  "its step allocated; device memory in use %.2f GiB\n",
+                  (long long)T, (long long)B, double(one->peak_device_bytes()) / gib, double(total_b - free_b) / gib);
+      if (steps == 0) {  // the search alone: a step at this length may take minutes (attention is quadratic)
+        if (!json.empty()) {
+          std::ofstream f(json, std::ios::app);
+          f << "{\"model\":\"" << model << "\",\"batch\":" << B << ",\"longest_seq\":" << T
+            << ",\"quantize\":\"" << (o.quantize_nf4 ? "nf4" : "none") << "\",\"memory_limit_gib\":" << memory_limit_gib
+            << ",\"offload\":" << (offload ? 1 : 0) << ",\"reserved_gib\":" << double(one->peak_device_bytes()) / gib
+            << ",\"device_used_gib\":" << double(total_b - free_b) / gib << "}\n";
+        }
+        return 0;
+      }
+    }
     const int64_t global_B = B * gpus;
     if (auto w = beyond_max_positions(c, T, "--seq")) std::fprintf(stderr, "fast_bench: warning: %s\n", w->c_str());
     const Batch batch = synthetic_batch(c, global_B, T, 99, 0.0);
@@ -122,10 +207,10 @@ int main(int argc, char** argv) {
     // LoRA with a frozen base: forward 2N, input gradients 2N, recomputed forward 2N FLOPs per token (plus
     // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without.
     const double flops_tok = (o.recompute ? 6.0 : 4.0) * N;
-    const double gib = double(1ull << 30);
-    std::printf("\n%s (%lld layers), batch %lld x %lld%s, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
-                model.c_str(), (long long)c.num_hidden_layers, (long long)B, (long long)T,
-                gpus > 1 ? (" per GPU on " + std::to_string(gpus) + " GPUs").c_str() : "", (long long)rank,
+    std::printf("\n%s (%lld layers%s), batch %lld x %lld%s, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
+                model.c_str(), (long long)c.num_hidden_layers, o.quantize_nf4 ? ", base in NF4" : ", base in bf16",
+                (long long)B, (long long)T, gpus > 1 ? (" per GPU on " + std::to_string(gpus) + " GPUs").c_str() : "",
+                (long long)rank,
                 softcap_name(sc).c_str(), o.recompute ? "activation checkpointing" : "no recompute",
                 offload ? " (offloaded)" : "", prop.name);
     std::printf("median step %.3f s over %lld steps (min %.3f, max %.3f): %.0f tokens/s\n", med, (long long)steps,
@@ -140,7 +225,8 @@ int main(int argc, char** argv) {
       std::ofstream f(json, std::ios::app);
       f << "{\"model\":\"" << model << "\",\"layers\":" << c.num_hidden_layers << ",\"batch\":" << B << ",\"seq\":" << T
         << ",\"rank\":" << rank << ",\"softcap\":\"" << softcap_name(sc) << "\",\"recompute\":" << (o.recompute ? 1 : 0)
-        << ",\"offload\":" << (offload ? 1 : 0) << ",\"gpus\":" << gpus << ",\"median_s\":" << med
+        << ",\"offload\":" << (offload ? 1 : 0) << ",\"gpus\":" << gpus << ",\"quantize\":\""
+        << (o.quantize_nf4 ? "nf4" : "none") << "\",\"memory_limit_gib\":" << memory_limit_gib << ",\"median_s\":" << med
         << ",\"tokens_per_s\":" << tps << ",\"peak_gib\":" << double(peak) / gib
         << ",\"device_used_gib\":" << double(total_b - free_b) / gib << ",\"loss\":" << last_loss << ",\"gpu\":\""
         << prop.name << "\"}\n";

@@ -167,7 +167,7 @@ DataParallelTrainer::DataParallelTrainer(const Config& c, const AdapterConfig& a
                                          const AdamWConfig& adamw, Softcap softcap, TrainerOptions o)
     : impl_(std::make_unique<Impl>()) {
   start(c, gpus, adamw, softcap, [&](int g) {
-    return std::make_unique<Engine>(c, a, seed, EngineOptions{softcap, o.recompute, o.offload, g});
+    return std::make_unique<Engine>(c, a, seed, EngineOptions{softcap, o.recompute, o.offload, g, o.quantize_nf4});
   });
 }
 

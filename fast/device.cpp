@@ -34,6 +34,9 @@ std::string gib(size_t bytes) {
 void* device_alloc(size_t bytes, const std::string& what, MemoryTracker& t) {
   // Sizes round up to 256 bytes, cudaMalloc's own alignment, so the count matches what the device gives.
   const size_t n = std::max<size_t>(256, (bytes + 255) / 256 * 256);
+  if (t.limit && t.current + n > t.limit)
+    throw OutOfMemory("fast: over the memory limit: " + what + " needs " + gib(n) + ", the limit is " + gib(t.limit) +
+                      " and this trainer holds " + gib(t.current));
   void* p = nullptr;
   const cudaError_t e = cudaMalloc(&p, n);
   if (e == cudaErrorMemoryAllocation) {

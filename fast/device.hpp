@@ -35,6 +35,9 @@ namespace gemma::fast {
 
 struct MemoryTracker {
   size_t current = 0, peak = 0;
+  // 0: the device's own memory is the limit. Else allocations that would take `current` past it fail with
+  // OutOfMemory as on a device of that size (fast_bench --memory-limit: the longest sequence a smaller GPU trains).
+  size_t limit = 0;
 };
 
 // cudaMalloc, counted in `t`; on failure an OutOfMemory naming `what`, the size, the free memory and a hint.

@@ -31,6 +31,7 @@
 #include "fast/gemm.cuh"
 #include "fast/lora.cuh"
 #include "fast/loss.cuh"
+#include "fast/nf4.cuh"
 #include "fast/rmsnorm.cuh"
 #include "fast/rope.cuh"
 #include "fast/synthetic.cuh"
@@ -45,8 +46,12 @@ namespace {
 enum Group { kQKV = 0, kO = 1, kGU = 2, kDown = 3 };
 
 struct LayerWeights {
-  DeviceArray<bf16> qkv, o, gu, down;  // fused [out, in]
+  DeviceArray<bf16> qkv, o, gu, down;  // fused [out, in]; empty with NF4 base weights (the staged buffers instead)
   DeviceArray<float> scale;            // (4, D): 1 + w for the four norms, in Norm order
+  // NF4 base weights (QLoRA): each projection either quantized (nf4[p]) or, where the checkpoint left it
+  // unquantized (llm_int8_skip_modules), bf16 (plain[p]); staged into the fused buffers before the layer runs.
+  std::array<Nf4Stored, 7> nf4;
+  std::array<DeviceArray<bf16>, 7> plain;
 };
 
 // One layer's activations as its backward reads them.
@@ -73,6 +78,11 @@ struct Engine::Impl {
 
   DeviceArray<bf16> embed;
   std::vector<LayerWeights> layers;
+  // NF4 base weights: one layer's projections dequantized into `staged` (its fused bf16 arrays), which every
+  // layer's GEMMs read; `staged_layer` is the layer it holds (-1: none, or scratch).
+  bool nf4 = false;
+  LayerWeights staged;
+  int64_t staged_layer = -1;
   DeviceArray<float> final_scale;
 
   struct AdapterTensor {
@@ -148,7 +158,7 @@ struct Engine::Impl {
   // ------------------------------------------------------------------------------------------------------
   // Construction
 
-  void init(const Config& c, const AdapterConfig& a, const EngineOptions& o, int64_t pad_rows = 0) {
+  void init(const Config& c, const AdapterConfig& a, const EngineOptions& o, bool nf4_base, int64_t pad_rows = 0) {
     cfg = c;
     // The kernels take one rank and one scaling for every adapted projection, and the same projections in every
     // layer (q|k|v, gate|up and down are fused per layer): anything else is refused, not approximated.
@@ -197,11 +207,16 @@ struct Engine::Impl {
 
     embed = DeviceArray<bf16>(size_t(Vp * D), "the embedding (vocabulary padded to a multiple of 128)", mem);
     layers.resize(size_t(L));
+    nf4 = nf4_base;
+    auto projections = [&](LayerWeights& lw, const std::string& what) {
+      lw.qkv = DeviceArray<bf16>(size_t(QKV * D), "q|k|v_proj weights" + what, mem);
+      lw.o = DeviceArray<bf16>(size_t(D * HD), "o_proj weight" + what, mem);
+      lw.gu = DeviceArray<bf16>(size_t(2 * I * D), "gate|up_proj weights" + what, mem);
+      lw.down = DeviceArray<bf16>(size_t(D * I), "down_proj weight" + what, mem);
+    };
+    if (nf4) projections(staged, " (one layer dequantized from NF4)");
     for (auto& lw : layers) {
-      lw.qkv = DeviceArray<bf16>(size_t(QKV * D), "q|k|v_proj weights", mem);
-      lw.o = DeviceArray<bf16>(size_t(D * HD), "o_proj weight", mem);
-      lw.gu = DeviceArray<bf16>(size_t(2 * I * D), "gate|up_proj weights", mem);
-      lw.down = DeviceArray<bf16>(size_t(D * I), "down_proj weight", mem);
+      if (!nf4) projections(lw, "");
       lw.scale = DeviceArray<float>(size_t(4 * D), "RMSNorm scales", mem);
     }
     final_scale = DeviceArray<float>(size_t(D), "final norm scale", mem);
@@ -246,10 +261,11 @@ struct Engine::Impl {
         G[kDown].in = I;
         G[kDown].out_total = D;
         if (pass == 1) {
-          G[kQKV].W = layers[size_t(l)].qkv.get();
-          G[kO].W = layers[size_t(l)].o.get();
-          G[kGU].W = layers[size_t(l)].gu.get();
-          G[kDown].W = layers[size_t(l)].down.get();
+          const LayerWeights& lw = nf4 ? staged : layers[size_t(l)];
+          G[kQKV].W = lw.qkv.get();
+          G[kO].W = lw.o.get();
+          G[kGU].W = lw.gu.get();
+          G[kDown].W = lw.down.get();
         }
         for (auto& g : G) g.projs.clear();
         for (Proj p : kAllProj) {
@@ -347,6 +363,36 @@ struct Engine::Impl {
                    std::sqrt(3.0) * synthetic_std(cfg, kEmbedName), stream);
   }
 
+  // Where projection p of a layer sits in its fused arrays.
+  bf16* proj_dst(LayerWeights& w, Proj p) const {
+    switch (p) {
+      case Proj::q_proj: return w.qkv.get();
+      case Proj::k_proj: return w.qkv.get() + HD * D;
+      case Proj::v_proj: return w.qkv.get() + (HD + KVHD) * D;
+      case Proj::o_proj: return w.o.get();
+      case Proj::gate_proj: return w.gu.get();
+      case Proj::up_proj: return w.gu.get() + I * D;
+      case Proj::down_proj: return w.down.get();
+    }
+    return nullptr;
+  }
+
+  // With NF4 base weights: layer l's projections into the staged bf16 buffers (nothing when they hold it).
+  void stage(int64_t l) {
+    if (!nf4 || staged_layer == l) return;
+    LayerWeights& w = layers[size_t(l)];
+    for (Proj p : kAllProj) {
+      const size_t i = size_t(p);
+      if (!w.nf4[i].empty())
+        nf4_dequantize(proj_dst(staged, p), w.nf4[i].q, stream);
+      else
+        GEMMA_CUDA(cudaMemcpyAsync(proj_dst(staged, p), w.plain[i].get(), w.plain[i].size() * 2,
+                                   cudaMemcpyDeviceToDevice, stream));
+    }
+    staged_layer = l;
+    mark("NF4 dequantization");
+  }
+
   void load(const Checkpoint& ck) {
     auto need = [&](const std::string& name) -> const Tensor& {
       auto it = ck.weights.find(name);
@@ -362,21 +408,39 @@ struct Engine::Impl {
       given = it->second.shape[0];
     }
     fill_padding(V + given);
+    DeviceArray<unsigned long long> count;
+    if (nf4) count = DeviceArray<unsigned long long>(1, "NF4 comparison counter", mem);
     for (int64_t l = 0; l < L; ++l) {
       LayerWeights& w = layers[size_t(l)];
-      upload_bf16(w.qkv.get(), need(proj_weight_name(l, Proj::q_proj)));
-      upload_bf16(w.qkv.get() + HD * D, need(proj_weight_name(l, Proj::k_proj)));
-      upload_bf16(w.qkv.get() + (HD + KVHD) * D, need(proj_weight_name(l, Proj::v_proj)));
-      upload_bf16(w.o.get(), need(proj_weight_name(l, Proj::o_proj)));
-      upload_bf16(w.gu.get(), need(proj_weight_name(l, Proj::gate_proj)));
-      upload_bf16(w.gu.get() + I * D, need(proj_weight_name(l, Proj::up_proj)));
-      upload_bf16(w.down.get(), need(proj_weight_name(l, Proj::down_proj)));
+      for (Proj p : kAllProj) {
+        const std::string name = proj_weight_name(l, p);
+        if (!nf4) {
+          upload_bf16(proj_dst(w, p), need(name));
+          continue;
+        }
+        const size_t i = size_t(p);
+        const Tensor& t = need(name);
+        auto form = ck.nf4.find(name);
+        if (form == ck.nf4.end()) {  // left unquantized by the checkpoint
+          w.plain[i] = DeviceArray<bf16>(size_t(t.numel()), name + " (not quantized)", mem);
+          upload_bf16(w.plain[i].get(), t);
+          continue;
+        }
+        w.nf4[i] = nf4_upload(form->second, name + " (NF4)", mem, stream);
+        // The form must give exactly the weight the reference uses (Checkpoint::nf4's promise): checked here on
+        // every load, on the device, against that weight uploaded into the staging buffer.
+        upload_bf16(proj_dst(staged, p), t);
+        if (const unsigned long long bad = nf4_mismatches(proj_dst(staged, p), w.nf4[i].q, count.get(), stream))
+          throw std::logic_error("fast: the NF4 form of '" + name + "' dequantizes to other values than the checkpoint's "
+                                 "weight (" + std::to_string(bad) + " of " + std::to_string(t.numel()) + " differ)");
+      }
       for (Norm n : kAllNorms) upload_norm(w.scale.get() + int64_t(n) * D, need(norm_weight_name(l, n)));
     }
     upload_norm(final_scale.get(), need(kFinalNormName));
     for (const auto& t : tensors) upload_f32(params.get() + t.offset, need(t.name));
     prepare_splits();
     GEMMA_CUDA(cudaStreamSynchronize(stream));
+    staged_layer = -1;  // the staging buffers served as scratch
   }
 
   void generate(uint64_t seed) {
@@ -390,15 +454,21 @@ struct Engine::Impl {
       gen(tmp.get(), name, 1, D);
       norm_scale(scale, tmp.get(), D, stream);
     };
+    // NF4: each projection generated into the staging buffer, then quantized as QLoRA does (blocksize 64, double
+    // quantization): the bits of quantize_nf4 applied to synthetic_weights.
+    DeviceArray<float> absmax;
+    if (nf4) absmax = DeviceArray<float>(size_t((std::max(QKV, 2 * I) * D + kNF4Blocksize - 1) / kNF4Blocksize),
+                                         "NF4 quantization absmax", mem);
     for (int64_t l = 0; l < L; ++l) {
       LayerWeights& w = layers[size_t(l)];
-      gen(w.qkv.get(), proj_weight_name(l, Proj::q_proj), HD, D);
-      gen(w.qkv.get() + HD * D, proj_weight_name(l, Proj::k_proj), KVHD, D);
-      gen(w.qkv.get() + (HD + KVHD) * D, proj_weight_name(l, Proj::v_proj), KVHD, D);
-      gen(w.o.get(), proj_weight_name(l, Proj::o_proj), D, HD);
-      gen(w.gu.get(), proj_weight_name(l, Proj::gate_proj), I, D);
-      gen(w.gu.get() + I * D, proj_weight_name(l, Proj::up_proj), I, D);
-      gen(w.down.get(), proj_weight_name(l, Proj::down_proj), D, I);
+      for (Proj p : kAllProj) {
+        const std::string name = proj_weight_name(l, p);
+        const int64_t rows = proj_out(cfg, p), cols = proj_in(cfg, p);
+        gen(proj_dst(nf4 ? staged : w, p), name, rows, cols);
+        if (nf4)
+          w.nf4[size_t(p)] = nf4_quantize_device(proj_dst(staged, p), Shape{rows, cols}, kNF4Blocksize, true,
+                                                 absmax.get(), name + " (NF4)", mem, stream);
+      }
       for (Norm n : kAllNorms) norm(w.scale.get() + int64_t(n) * D, norm_weight_name(l, n));
     }
     norm(final_scale.get(), kFinalNormName);
@@ -411,6 +481,7 @@ struct Engine::Impl {
     }
     prepare_splits();
     GEMMA_CUDA(cudaStreamSynchronize(stream));
+    staged_layer = -1;  // the staging buffers served as scratch
   }
 
   ~Impl() {
@@ -559,6 +630,23 @@ struct Engine::Impl {
     if (has_mask) h2d(key_ok.get(), mb.attention_mask.data(), size_t(N));
   }
 
+  bool reserve(int64_t B, int64_t T, std::string* why) {
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    GEMMA_CUDA(cudaStreamSynchronize(copy));
+    release_work();
+    capB = capT = capN = 0;
+    try {
+      ensure(B, T);
+      mem.peak = mem.current;  // a search's failed attempts are not a step's peak
+      return true;
+    } catch (const OutOfMemory& e) {
+      if (why) *why = e.what();
+      release_work();
+      capB = capT = capN = 0;
+      return false;
+    }
+  }
+
   void ensure_slots(int64_t n) {
     if (n <= cap_slots) return;
     capped = DeviceArray<float>(size_t(n * V), "requested logit rows", mem);
@@ -604,6 +692,7 @@ struct Engine::Impl {
   }
 
   void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T) {
+    stage(l);
     Acts& A = acts_for(l);
     const LayerWeights& W = layers[size_t(l)];
     auto& G = groups[size_t(l)];
@@ -637,6 +726,7 @@ struct Engine::Impl {
 
   // dres holds d(layer output) on entry and d(layer input) on exit.
   void layer_backward(int64_t l, const float* x_in, int64_t B, int64_t T) {
+    stage(l);
     Acts& A = acts_for(l);
     const LayerWeights& W = layers[size_t(l)];
     auto& G = groups[size_t(l)];
@@ -970,13 +1060,13 @@ struct Engine::Impl {
 Engine::Engine(const Checkpoint& ck, const EngineOptions& o) : impl_(std::make_unique<Impl>()) {
   if (!ck.adapter) throw InputError("fast: the fast trainer finetunes LoRA adapters; the checkpoint has none");
   const auto pad = ck.weights.find(kEmbedPaddingName);
-  impl_->init(ck.config, *ck.adapter, o, pad == ck.weights.end() ? 0 : pad->second.rows());
+  impl_->init(ck.config, *ck.adapter, o, !ck.nf4.empty(), pad == ck.weights.end() ? 0 : pad->second.rows());
   impl_->load(ck);
 }
 
 Engine::Engine(const Config& c, const AdapterConfig& a, uint64_t seed, const EngineOptions& o)
     : impl_(std::make_unique<Impl>()) {
-  impl_->init(c, a, o);
+  impl_->init(c, a, o, o.quantize_nf4);
   impl_->generate(seed);
 }
 
@@ -1031,6 +1121,11 @@ TensorMap Engine::grads() const {
   return impl_->download(impl_->grads.get());
 }
 size_t Engine::peak_bytes() const { return impl_->mem.peak; }
+bool Engine::reserve(int64_t B, int64_t T, std::string* why) {
+  GEMMA_ON_DEVICE();
+  return impl_->reserve(B, T, why);
+}
+void Engine::set_memory_limit(size_t bytes) { impl_->mem.limit = bytes; }
 std::string Engine::profile() const { return impl_->profile(); }
 
 }  // namespace gemma::fast

@@ -16,6 +16,9 @@ struct EngineOptions {
   bool recompute = true;  // one fp32 residual per layer kept; the layer is recomputed in the backward
   bool offload = false;   // those residuals in pinned host memory, copied on a second stream
   int device = 0;         // the CUDA device: every call of the engine makes it current first
+  // Synthetic weights only: the base projections quantized to NF4 as QLoRA does (blocksize 64, double
+  // quantization) and kept so on the device. A checkpoint brings its own (Checkpoint::nf4).
+  bool quantize_nf4 = false;
 };
 
 struct AdamWHyper {
@@ -66,6 +69,13 @@ class Engine {
   TensorMap adapters() const;  // fp32, HF names
   TensorMap grads() const;     // fp32, HF names
   size_t peak_bytes() const;
+  // Allocates the work buffers of micro-batches of B sequences of T tokens, which are all a step allocates
+  // besides the weights (so a step of that shape then fits), and returns true; or, when they do not fit in the
+  // device or under the memory limit, frees them and returns false. Replaces the buffers held before; on success
+  // peak_bytes restarts from what is held then (a search's failed attempts are no step's peak). `why` gets the
+  // out-of-memory message of a failure (device, limit, or pinned host memory for offloaded checkpoints).
+  bool reserve(int64_t B, int64_t T, std::string* why = nullptr);
+  void set_memory_limit(size_t bytes);  // MemoryTracker::limit; 0: the device's memory
   // With GEMMA_FAST_PROFILE=1: device time per step by schedule segment (CUDA events); empty otherwise.
   std::string profile() const;
 

@@ -96,6 +96,9 @@ struct GateRunArgs {
 struct TrainerOptions {
   bool recompute = true;
   bool offload = false;
+  // Synthetic weights only: base projections in NF4 as QLoRA keeps them (EngineOptions::quantize_nf4). From a
+  // checkpoint, its own NF4 forms decide (Checkpoint::nf4).
+  bool quantize_nf4 = false;
 };
 
 class Engine;
@@ -122,6 +125,10 @@ class Trainer {
   size_t peak_device_bytes() const;
   // With the environment variable GEMMA_FAST_PROFILE=1: device time per step by schedule segment; else empty.
   std::string profile() const;
+  // For a search of the longest sequence that fits (fast_bench --longest): allocations beyond `bytes` fail as
+  // on a device of that size (0: the device's own); reserve says whether a step of B x T fits (Engine::reserve).
+  void set_memory_limit(size_t bytes);
+  bool reserve(int64_t B, int64_t T, std::string* why = nullptr);
 
  private:
   std::unique_ptr<Engine> engine_;

@@ -12,6 +12,7 @@
 #include "fast/gemm.cuh"
 #include "fast/lora.cuh"
 #include "fast/loss.cuh"
+#include "fast/nf4.cuh"
 #include "fast/rmsnorm.cuh"
 #include "fast/rope.cuh"
 #include "fast/synthetic.cuh"
@@ -401,6 +402,57 @@ std::vector<uint16_t> synthetic_bf16(uint64_t key, double half_width, int64_t n)
   std::vector<uint16_t> b(static_cast<size_t>(n));
   GEMMA_CUDA(cudaMemcpy(b.data(), out.get(), size_t(n) * 2, cudaMemcpyDeviceToHost));
   return b;
+}
+
+Nf4Weight nf4_quantize(const std::vector<uint16_t>& x, const Shape& shape, int64_t blocksize, bool double_quant) {
+  MemoryTracker m;
+  DeviceArray<bf16> xd(std::max<size_t>(x.size(), 1), "test input", m);
+  GEMMA_CUDA(cudaMemcpy(xd.get(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  const int64_t n = int64_t(x.size()), blocks = (n + blocksize - 1) / blocksize;
+  DeviceArray<float> absmax = poisoned<float>(size_t(blocks), m);
+  Nf4Stored s = nf4_quantize_device(xd.get(), shape, blocksize, double_quant, absmax.get(), "test NF4", m, kStream);
+  done();
+  // Read back what the device holds, field by field, into the host form.
+  Nf4Weight q;
+  q.shape = shape;
+  q.blocksize = blocksize;
+  q.nested = s.q.nested;
+  q.packed.resize(size_t((n + 1) / 2));
+  GEMMA_CUDA(cudaMemcpy(q.packed.data(), s.q.packed, q.packed.size(), cudaMemcpyDeviceToHost));
+  if (q.nested) {
+    q.absmax_codes.resize(size_t(blocks));
+    q.nested_absmax.resize(size_t((blocks + s.q.nested_blocksize - 1) / s.q.nested_blocksize));
+    q.nested_quant_map.resize(256);
+    q.nested_blocksize = s.q.nested_blocksize;
+    q.nested_offset = s.q.nested_offset;
+    GEMMA_CUDA(cudaMemcpy(q.absmax_codes.data(), s.q.absmax_codes, q.absmax_codes.size(), cudaMemcpyDeviceToHost));
+    GEMMA_CUDA(cudaMemcpy(q.nested_absmax.data(), s.q.nested_absmax, q.nested_absmax.size() * 4, cudaMemcpyDeviceToHost));
+    GEMMA_CUDA(cudaMemcpy(q.nested_quant_map.data(), s.q.nested_quant_map, 256 * 4, cudaMemcpyDeviceToHost));
+  } else {
+    q.absmax.resize(size_t(blocks));
+    GEMMA_CUDA(cudaMemcpy(q.absmax.data(), s.q.absmax, q.absmax.size() * 4, cudaMemcpyDeviceToHost));
+  }
+  return q;
+}
+
+std::vector<uint16_t> nf4_dequantize(const Nf4Weight& q) {
+  MemoryTracker m;
+  Nf4Stored s = nf4_upload(q, "test NF4", m, kStream);
+  auto w = poisoned<bf16>(size_t(q.numel()), m);
+  gemma::fast::nf4_dequantize(w.get(), s.q, kStream);
+  done();
+  std::vector<uint16_t> b(static_cast<size_t>(q.numel()));
+  GEMMA_CUDA(cudaMemcpy(b.data(), w.get(), b.size() * 2, cudaMemcpyDeviceToHost));
+  return b;
+}
+
+uint64_t nf4_mismatches(const Nf4Weight& q, const std::vector<uint16_t>& w) {
+  MemoryTracker m;
+  Nf4Stored s = nf4_upload(q, "test NF4", m, kStream);
+  DeviceArray<bf16> wd(std::max<size_t>(w.size(), 1), "test input", m);
+  GEMMA_CUDA(cudaMemcpy(wd.get(), w.data(), w.size() * 2, cudaMemcpyHostToDevice));
+  DeviceArray<unsigned long long> count(1, "test counter", m);
+  return gemma::fast::nf4_mismatches(wd.get(), s.q, count.get(), kStream);
 }
 
 void allocate(size_t bytes) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "config.hpp"
+#include "nf4_weight.hpp"
 #include "tensor.hpp"
 
 namespace gemma {
@@ -142,6 +143,10 @@ struct Checkpoint {
   // How the base projections were quantized (model/nf4.hpp), when they were: `weights` then holds their
   // dequantized values, which every backend uses as it uses any stored weight.
   std::optional<std::string> quantization;
+  // The NF4 form of each quantized projection, by HF name: `weights` holds exactly dequantize_nf4 of it. The
+  // reference reads `weights`; the CUDA trainer keeps these on the device and dequantizes a layer at a time into
+  // the same bf16 values (QLoRA's memory). Empty when nothing was quantized.
+  std::map<std::string, Nf4Weight> nf4;
   // What reading it noticed that does not stop a run (unknown keys, keys HF ignores): one line each,
   // "<file>: ...", for the tools to print as warnings.
   std::vector<std::string> warnings;

@@ -13,26 +13,6 @@ namespace gemma {
 
 using nlohmann::json;
 
-uint8_t nf4_code(float x) {
-  // The decision boundaries of csrc/kernels.cu dQuantizeNF4 (midpoints of neighbouring code values, as float32
-  // literals), walked as a binary tree of strict comparisons: a value equal to a boundary takes the lower code,
-  // and NaN fails every comparison and ends at code 0.
-  if (x > 0.03979014977812767f) {
-    if (x > 0.3893125355243683f) {
-      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
-      return x > 0.5016634166240692f ? 13 : 12;
-    }
-    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
-    return x > 0.1202552504837513f ? 9 : 8;
-  }
-  if (x > -0.33967943489551544f) {
-    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
-    return x > -0.23460740596055984f ? 5 : 4;
-  }
-  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
-  return x > -0.8480964004993439f ? 1 : 0;
-}
-
 const std::vector<float>& dynamic_map() {
   // functional.py create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for each decade
   // i = 0..6, the 2^i midpoints of torch.linspace(0.1, 1, 2^i + 1) (float32) scaled by 10^(i-6), with both
@@ -133,22 +113,26 @@ Nf4Weight quantize_nf4(const Tensor& w, int64_t blocksize, bool double_quant) {
   q.dtype = w.dtype;
   q.blocksize = blocksize;
   std::vector<uint8_t> codes;
-  const std::vector<float> absmax = blockwise(floats_of(w), blocksize, nf4_code, codes);
+  std::vector<float> absmax = blockwise(floats_of(w), blocksize, nf4_code, codes);
   q.packed.assign(size_t((codes.size() + 1) / 2), 0);
   for (size_t i = 0; i < codes.size(); ++i) q.packed[i / 2] |= uint8_t(i % 2 == 0 ? codes[i] << 4 : codes[i]);
+  set_absmax(q, std::move(absmax), double_quant);
+  return q;
+}
+
+void set_absmax(Nf4Weight& q, std::vector<float> absmax, bool double_quant) {
+  q.nested = double_quant;
   if (!double_quant) {
-    q.absmax = absmax;
-    return q;
+    q.absmax = std::move(absmax);
+    return;
   }
-  q.nested = true;
+  q.absmax.clear();
   q.nested_offset = nf4_offset(absmax);
-  std::vector<float> centred(absmax.size());
-  for (size_t i = 0; i < absmax.size(); ++i) centred[i] = absmax[i] - q.nested_offset;
+  for (float& a : absmax) a -= q.nested_offset;
   q.nested_quant_map = dynamic_map();
   q.nested_blocksize = kNestedBlocksize;
   const auto& map = q.nested_quant_map;
-  q.nested_absmax = blockwise(centred, q.nested_blocksize, [&](float x) { return dynamic_code(map, x); }, q.absmax_codes);
-  return q;
+  q.nested_absmax = blockwise(absmax, q.nested_blocksize, [&](float x) { return dynamic_code(map, x); }, q.absmax_codes);
 }
 
 std::vector<float> nf4_absmax(const Nf4Weight& q) {
@@ -402,7 +386,7 @@ Nf4Weight read_nf4_weight(const std::string& w, TensorMap& weights, ByteTensorMa
 }  // namespace
 
 int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, const Config& c, const BnbConfig& q,
-                                  const std::string& source, bool allow_deeper) {
+                                  const std::string& source, bool allow_deeper, std::map<std::string, Nf4Weight>* forms) {
   int64_t quantized_here = 0;
   auto too_deep = [&](const std::string& n) { return layer_number(n) >= c.num_hidden_layers; };
   if (allow_deeper) {
@@ -425,14 +409,18 @@ int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, cons
         if (it->second.dtype == DType::f64)
           fail(source, "tensor '" + w + "' is F64, which quantization_config would have quantized on load; bitsandbytes "
                        "quantizes 16- and 32-bit floats only");
-        it->second = dequantize_nf4(quantize_nf4(it->second, kNF4Blocksize, q.double_quant));
+        Nf4Weight form = quantize_nf4(it->second, kNF4Blocksize, q.double_quant);
+        it->second = dequantize_nf4(form);
+        if (forms) (*forms)[proj_weight_name(l, p)] = std::move(form);
         ++quantized_here;
         continue;
       }
       if (skipped)
         fail(source, "tensor '" + w + "' is packed 4-bit but quantization_config.llm_int8_skip_modules keeps its module unquantized");
       if (weights.count(w)) fail(source, "tensor '" + w + "' appears twice (packed and as floats)");
-      const Tensor dq = dequantize_nf4(read_nf4_weight(w, weights, bytes, shape, source));
+      Nf4Weight form = read_nf4_weight(w, weights, bytes, shape, source);
+      const Tensor dq = dequantize_nf4(form);
+      if (forms) (*forms)[proj_weight_name(l, p)] = std::move(form);
       bytes.erase(w);
       for (const char* k : kStateKeys) {
         bytes.erase(w + "." + k);
@@ -459,7 +447,9 @@ std::string quantize_base_projections(Checkpoint& ck) {
       if (it == ck.weights.end()) throw std::logic_error("quantize_base_projections: no " + w);
       if (it->second.dtype == DType::f64)
         fail("--quantize", "tensor '" + w + "' is float64; bitsandbytes quantizes 16- and 32-bit floats only");
-      it->second = dequantize_nf4(quantize_nf4(it->second, kNF4Blocksize, true));
+      Nf4Weight form = quantize_nf4(it->second, kNF4Blocksize, true);
+      it->second = dequantize_nf4(form);
+      ck.nf4[w] = std::move(form);
       ++n;
     }
   ck.quantization = "bitsandbytes nf4 (blocksize 64, double quantization), quantized here";

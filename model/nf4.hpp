@@ -42,22 +42,10 @@
 #include <vector>
 
 #include "checkpoint.hpp"
+#include "nf4_weight.hpp"
 
 namespace gemma {
 
-inline constexpr std::array<float, 16> kNF4 = {
-    -1.0f,                 -0.6961928009986877f,  -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f,  0.16093020141124725f,  0.24611230194568634f,  0.33791524171829224f,
-    0.44070982933044434f,  0.5626170039176941f,   0.7229568362236023f,   1.0f};
-
-// QLoRA's settings, bitsandbytes' and transformers' defaults for them: blocks of 64 weights (quantize_4bit's
-// default), the absmax quantized again in blocks of 256 (quantize_4bit, compress_statistics=True).
-inline constexpr int64_t kNF4Blocksize = 64;
-inline constexpr int64_t kNestedBlocksize = 256;
-
-// dQuantizeNF4: the code of a value already scaled into [-1, 1] (NaN gives 0, as the kernel's tree does).
-uint8_t nf4_code(float x);
 // create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): 256 float32 values, ascending, in [-1, 1].
 // Computed as torch computes it in float32 (linspace's two halves, means, the decade scale); see nf4.cpp for the
 // one step whose rounding could differ from a given torch build.
@@ -71,28 +59,14 @@ uint8_t dynamic_code(const std::vector<float>& code, float x);
 // equals bitsandbytes' own quantization except where that offset differs.
 float nf4_offset(const std::vector<float>& absmax);
 
-// One weight in bitsandbytes' NF4 form: the fields of its QuantState (functional.py), one name each.
-struct Nf4Weight {
-  Shape shape;                    // the weight's [out, in] (QuantState.shape)
-  DType dtype = DType::bf16;      // QuantState.dtype: what dequantize_4bit returns
-  int64_t blocksize = kNF4Blocksize;
-  std::vector<uint8_t> packed;    // (numel + 1) / 2 bytes, first element of each pair in the high nibble
-  std::vector<float> absmax;      // not nested: one float32 per block
-  bool nested = false;            // double quantization (compress_statistics)
-  std::vector<uint8_t> absmax_codes;       // nested: one code per block into nested_quant_map
-  std::vector<float> nested_absmax;        // nested: one float32 per nested block
-  std::vector<float> nested_quant_map;     // nested: 256 float32 (create_dynamic_map())
-  int64_t nested_blocksize = kNestedBlocksize;
-  float nested_offset = 0.0f;
-
-  int64_t numel() const { return shape_numel(shape); }
-  int64_t blocks() const { return (numel() + blocksize - 1) / blocksize; }
-  uint8_t code(int64_t i) const { return (i & 1) ? (packed[size_t(i >> 1)] & 0x0f) : (packed[size_t(i >> 1)] >> 4); }
-};
-
 // quantize_4bit(A, blocksize, compress_statistics=double_quant, quant_type="nf4") of a float tensor (bf16, f16 or
 // f32: the values bitsandbytes reads, exactly). The result's dtype is the input's, as QuantState.dtype is A.dtype.
 Nf4Weight quantize_nf4(const Tensor& w, int64_t blocksize = kNF4Blocksize, bool double_quant = true);
+// quantize_4bit's second half: with double quantization (compress_statistics=True) the block absmax of q
+// (float32, one per block, as the first half computed them) become q's nested fields (offset, codes, nested
+// absmax, nested_quant_map); without, q.absmax. The fast trainer quantizes its synthetic weights on the device
+// and finishes them here, so both quantizers share this half.
+void set_absmax(Nf4Weight& q, std::vector<float> absmax, bool double_quant);
 // The float32 absmax per block that dequantize_4bit multiplies by (nested: decoded, offset added).
 std::vector<float> nf4_absmax(const Nf4Weight& q);
 // dequantize_4bit: the weight as bitsandbytes hands it to the matmul, in q.dtype (bf16, f16 or f32).
@@ -126,11 +100,14 @@ bool bnb_skips(const std::vector<std::string>& skip_modules, int64_t layer, Proj
 // dropped when `allow_deeper` (--layers), as validate_checkpoint drops them. A projection stored as floats although
 // the skip list does not exempt it is quantized here, as transformers quantizes it on load (blocksize 64, the
 // config's double quantization); returns how many were.
+// With `forms`, each quantized projection's NF4 form is also put there under its HF name (proj_weight_name),
+// for the CUDA trainer, which keeps the base in that form (Checkpoint::nf4).
 int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, const Config& c, const BnbConfig& q,
-                               const std::string& source, bool allow_deeper);
+                                  const std::string& source, bool allow_deeper,
+                                  std::map<std::string, Nf4Weight>* forms = nullptr);
 
 // --quantize nf4: every projection weight of every layer quantized as QLoRA does (nf4, blocksize 64, double
-// quantization) and replaced by its dequantized value; embeddings and norms untouched (transformers quantizes
+// quantization) and replaced by its dequantized value (its form kept in ck.nf4); embeddings and norms untouched (transformers quantizes
 // nn.Linear modules only, and the tied LM head is kept). Returns one line for the run's description.
 std::string quantize_base_projections(Checkpoint& ck);
 

@@ -29,6 +29,7 @@
 #include "check/inputs.hpp"
 #include "fast/fast.hpp"
 #include "fast/testing.hpp"
+#include "model/nf4.hpp"
 #include "reference/adamw.hpp"
 #include "reference/run.hpp"
 #include "tests/support.hpp"
@@ -216,6 +217,64 @@ TEST_F(FastModel, CheckpointOffloadAndNoRecomputeGiveTheSameBits) {
                      c = fast::run(k.ck, k.batch, keep);
   expect_identical(a, b, "checkpoints offloaded to host memory");
   expect_identical(a, c, "every activation kept (no recompute)");
+}
+
+// QLoRA on the device: projections kept in NF4 and dequantized a layer at a time must give exactly the run of the
+// same dequantized weights uploaded as bf16 (staging changes where the bits live, not what they are), with every
+// checkpointing option; a form that no longer matches its weight is refused at load, naming the weight.
+TEST_F(FastModel, Nf4BaseGivesTheBitsOfItsDequantizedWeights) {
+  Case k = tiny_case(13, 3, 29);
+  quantize_base_projections(k.ck);
+  ASSERT_FALSE(k.ck.nf4.empty());
+  Checkpoint plain = k.ck;
+  plain.nf4.clear();
+  fast::Options base;
+  base.micro_batches = 3;
+  fast::Options off = base, keep = base;
+  off.offload = true;
+  keep.recompute = false;
+  for (const auto& [o, what] : {std::pair{base, "recompute"}, {off, "offload"}, {keep, "no recompute"}}) {
+    const fast::Output a = fast::run(k.ck, k.batch, o), b = fast::run(plain, k.batch, o);
+    std::printf("%s: NF4 base loss %.9f, peak %zu bytes; bf16 base loss %.9f, peak %zu bytes\n", what, a.loss,
+                a.peak_device_bytes, b.loss, b.peak_device_bytes);
+    expect_identical(a, b, what);
+  }
+
+  Checkpoint stale = k.ck;
+  const std::string name = proj_weight_name(1, Proj::up_proj);
+  std::vector<double> v = stale.weights.at(name).to_double();
+  v[7] = -v[7] + 0.5;  // any other value
+  stale.weights[name] = tensor_from_doubles(DType::bf16, stale.weights.at(name).shape, v);
+  try {
+    (void)fast::run(stale, k.batch, base);
+    FAIL() << "a stale NF4 form was used";
+  } catch (const std::logic_error& e) {
+    std::printf("stale form: %s\n", e.what());
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("1 of"), std::string::npos) << e.what();
+  }
+}
+
+// The synthetic QLoRA trainer (fast_bench --quantize nf4) quantizes on the device: its step must be the step of
+// the host-quantized synthetic checkpoint, bit for bit (loss and the adapters after AdamW).
+TEST_F(FastModel, DeviceQuantizedSyntheticBaseIsTheHostQuantizedOne) {
+  const Config c = preset("gemma2-tiny");
+  Case k = make_case(c, 4, 17, 2, 24);
+  quantize_base_projections(k.ck);
+  AdamWConfig h;
+  fast::TrainerOptions o;
+  o.quantize_nf4 = true;
+  fast::Trainer dev(c, *k.ck.adapter, 17, h, Softcap{true, true}, o);
+  fast::Trainer host(k.ck, h, Softcap{true, true});
+  const fast::Trainer::Step a = dev.step(k.batch, 1), b = host.step(k.batch, 1);
+  EXPECT_EQ(a.loss, b.loss);
+  const TensorMap pa = dev.adapters(), pb = host.adapters();
+  int64_t differ = 0;
+  for (const auto& [name, t] : pb) {
+    const std::vector<double> x = t.to_double(), y = pa.at(name).to_double();
+    for (size_t i = 0; i < x.size(); ++i) differ += x[i] != y[i];
+  }
+  EXPECT_EQ(differ, 0) << "adapter values differ after one step";
 }
 
 TEST_F(FastModel, TrainerFollowsTheReferenceTrainerFor50Steps) {
