@@ -428,11 +428,19 @@ struct Engine::Impl {
         }
         w.nf4[i] = nf4_upload(form->second, name + " (NF4)", mem, stream);
         // The form must give exactly the weight the reference uses (Checkpoint::nf4's promise): checked here on
-        // every load, on the device, against that weight uploaded into the staging buffer.
+        // every load, on the device, against that weight uploaded into the staging buffer, and its float32 block
+        // absmax against the host's decoding of them (model/nf4.cpp, nf4_absmax).
         upload_bf16(proj_dst(staged, p), t);
         if (const unsigned long long bad = nf4_mismatches(proj_dst(staged, p), w.nf4[i].q, count.get(), stream))
           throw std::logic_error("fast: the NF4 form of '" + name + "' dequantizes to other values than the checkpoint's "
                                  "weight (" + std::to_string(bad) + " of " + std::to_string(t.numel()) + " differ)");
+        const std::vector<float> absmax = nf4_absmax(form->second);
+        DeviceArray<float> want(absmax.size(), "NF4 absmax comparison", mem);
+        h2d(want.get(), absmax.data(), absmax.size() * 4);
+        if (const unsigned long long bad = nf4_absmax_mismatches(w.nf4[i].q, want.get(), count.get(), stream))
+          throw std::logic_error("fast: the NF4 form of '" + name + "' decodes its block absmax to other float32 values "
+                                 "than dequantize_4bit (" + std::to_string(bad) + " of " + std::to_string(absmax.size()) +
+                                 " blocks differ)");
       }
       for (Norm n : kAllNorms) upload_norm(w.scale.get() + int64_t(n) * D, need(norm_weight_name(l, n)));
     }

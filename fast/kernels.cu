@@ -435,11 +435,11 @@ Nf4Weight nf4_quantize(const std::vector<uint16_t>& x, const Shape& shape, int64
   return q;
 }
 
-std::vector<uint16_t> nf4_dequantize(const Nf4Weight& q) {
+std::vector<uint16_t> nf4_dequantize(const Nf4Weight& q, bool generic) {
   MemoryTracker m;
   Nf4Stored s = nf4_upload(q, "test NF4", m, kStream);
   auto w = poisoned<bf16>(size_t(q.numel()), m);
-  gemma::fast::nf4_dequantize(w.get(), s.q, kStream);
+  gemma::fast::nf4_dequantize(w.get(), s.q, kStream, generic);
   done();
   std::vector<uint16_t> b(static_cast<size_t>(q.numel()));
   GEMMA_CUDA(cudaMemcpy(b.data(), w.get(), b.size() * 2, cudaMemcpyDeviceToHost));
@@ -453,6 +453,14 @@ uint64_t nf4_mismatches(const Nf4Weight& q, const std::vector<uint16_t>& w) {
   GEMMA_CUDA(cudaMemcpy(wd.get(), w.data(), w.size() * 2, cudaMemcpyHostToDevice));
   DeviceArray<unsigned long long> count(1, "test counter", m);
   return gemma::fast::nf4_mismatches(wd.get(), s.q, count.get(), kStream);
+}
+
+uint64_t nf4_absmax_mismatches(const Nf4Weight& q, const std::vector<float>& want) {
+  MemoryTracker m;
+  Nf4Stored s = nf4_upload(q, "test NF4", m, kStream);
+  auto wd = up(want, m);
+  DeviceArray<unsigned long long> count(1, "test counter", m);
+  return gemma::fast::nf4_absmax_mismatches(s.q, wd.get(), count.get(), kStream);
 }
 
 void allocate(size_t bytes) {

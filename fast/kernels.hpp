@@ -99,10 +99,13 @@ std::vector<uint16_t> synthetic_bf16(uint64_t key, double half_width, int64_t n)
 // NF4 (nf4.cuh). The device quantizer of a bf16 weight x (bf16 bit patterns, `shape`), finished on the host as the
 // engine finishes its synthetic weights (double quantization of the absmax).
 Nf4Weight nf4_quantize(const std::vector<uint16_t>& x, const Shape& shape, int64_t blocksize, bool double_quant);
-// The engine's staging: q dequantized on the device, as bf16 bit patterns.
-std::vector<uint16_t> nf4_dequantize(const Nf4Weight& q);
+// The engine's staging: q dequantized on the device, as bf16 bit patterns; `generic`: the one-byte-a-thread kernel
+// instead of the 16-value one the engine uses wherever the shape allows.
+std::vector<uint16_t> nf4_dequantize(const Nf4Weight& q, bool generic = false);
 // The engine's load check: how many of w (bf16 bit patterns) differ from q's dequantization.
 uint64_t nf4_mismatches(const Nf4Weight& q, const std::vector<uint16_t>& w);
+// The engine's other load check: how many block absmax the device decodes differently from `want` (float32).
+uint64_t nf4_absmax_mismatches(const Nf4Weight& q, const std::vector<float>& want);
 
 // Allocates `bytes` on the device and frees them: throws OutOfMemory when the device has not got them.
 void allocate(size_t bytes);

@@ -56,12 +56,17 @@ __device__ __forceinline__ float nf4_block_absmax(const Nf4Device& q, int64_t bl
   return __fadd_rn(decoded, q.nested_offset);
 }
 
-__device__ __forceinline__ bf16 nf4_value(const Nf4Device& q, const Nf4Book& book, int code, float absmax) {
-  const float v = __fmul_rn(book.v[code], absmax);  // dequantize_4bit's float32 product
+// One dequantized value: the code's value in the book times its block's absmax, in the quant state's dtype, as bf16.
+__device__ __forceinline__ bf16 nf4_from(const Nf4Device& q, float code_value, float absmax) {
+  const float v = __fmul_rn(code_value, absmax);  // dequantize_4bit's float32 product
   switch (q.dtype) {
     case Nf4Dtype::f16: return __float2bfloat16_rn(__half2float(__float2half_rn(v)));  // stored f16, cast to bf16
     default: return __float2bfloat16_rn(v);  // bf16: one rounding; f32: the weights cast rounds the f32 value once
   }
+}
+
+__device__ __forceinline__ bf16 nf4_value(const Nf4Device& q, const Nf4Book& book, int code, float absmax) {
+  return nf4_from(q, book.v[code], absmax);
 }
 
 // Writes the dequantized weight to w (n bf16), or with `mismatches` compares it with w bit for bit and counts.
@@ -81,6 +86,32 @@ __global__ void nf4_dequantize_kernel(bf16* w, Nf4Device q, Nf4Book book, unsign
     }
   }
   if (mismatches && bad) atomicAdd(mismatches, bad);
+}
+
+// The staging kernel: 16 values per thread (8 packed bytes in, two 16-byte stores out), for a weight whose count
+// and blocksize are multiples of 16 (all of Gemma 2's, in bitsandbytes' blocksizes), so that the 16 values share
+// one block and its absmax is decoded once. The code book sits in shared memory: the 16 lanes of a warp index it
+// with different codes, which the constant bank would serve one address at a time. The same values as
+// nf4_dequantize_kernel (nf4_value, nf4_block_absmax); the GPU test runs both paths.
+__global__ void nf4_dequantize16_kernel(bf16* w, Nf4Device q, Nf4Book book) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = book.v[threadIdx.x];
+  __syncthreads();
+  const int64_t groups = q.n / 16;
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const uint2 p = reinterpret_cast<const uint2*>(q.packed)[g];
+    const float a = nf4_block_absmax(q, g * 16 / q.blocksize);
+    uint32_t out[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t byte = ((j < 4 ? p.x : p.y) >> (8 * (j & 3))) & 0xffu;  // packed byte 8g + j (little-endian)
+      const bf16 hi = nf4_from(q, lut[byte >> 4], a), lo = nf4_from(q, lut[byte & 15u], a);
+      out[j] = uint32_t(__bfloat16_as_ushort(hi)) | uint32_t(__bfloat16_as_ushort(lo)) << 16;  // element 2j first
+    }
+    uint4* dst = reinterpret_cast<uint4*>(w + g * 16);
+    dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+    dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+  }
 }
 
 // One warp per block of x (n bf16): absmax[b] = max |x| over the block (an exact max: the order does not matter).
@@ -115,7 +146,18 @@ __global__ void nf4_pack_kernel(uint8_t* packed, const bf16* x, const float* abs
   }
 }
 
-inline void nf4_dequantize(bf16* w, const Nf4Device& q, cudaStream_t st) {
+inline bool nf4_vectorizable(const bf16* w, const Nf4Device& q) {
+  return q.n % 16 == 0 && q.blocksize % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(q.packed) % 8 == 0;
+}
+
+// w (q.n bf16) = q dequantized. `generic` forces the one-byte-a-thread kernel (the GPU test compares the paths).
+inline void nf4_dequantize(bf16* w, const Nf4Device& q, cudaStream_t st, bool generic = false) {
+  if (!generic && nf4_vectorizable(w, q)) {
+    nf4_dequantize16_kernel<<<elementwise_blocks(q.n / 16), 256, 0, st>>>(w, q, nf4_book());
+    GEMMA_LAUNCHED("nf4_dequantize16_kernel");
+    return;
+  }
   nf4_dequantize_kernel<<<elementwise_blocks((q.n + 1) / 2), 256, 0, st>>>(w, q, nf4_book(), nullptr);
   GEMMA_LAUNCHED("nf4_dequantize_kernel");
 }
@@ -127,6 +169,28 @@ inline unsigned long long nf4_mismatches(const bf16* w, const Nf4Device& q, unsi
   GEMMA_CUDA(cudaMemsetAsync(count, 0, sizeof *count, st));
   nf4_dequantize_kernel<<<elementwise_blocks((q.n + 1) / 2), 256, 0, st>>>(const_cast<bf16*>(w), q, nf4_book(), count);
   GEMMA_LAUNCHED("nf4_dequantize_kernel (compare)");
+  unsigned long long h = 0;
+  GEMMA_CUDA(cudaMemcpyAsync(&h, count, sizeof h, cudaMemcpyDeviceToHost, st));
+  GEMMA_CUDA(cudaStreamSynchronize(st));
+  return h;
+}
+
+// Counts the blocks whose decoded absmax (float32, nf4_block_absmax) differs in any bit from `want` (the host's
+// nf4_absmax): the one float32 intermediate of dequantize_4bit, checked exactly, since a wrong decoding (say, an
+// FMA where bitsandbytes rounds twice) moves it by an ulp that the bf16 weights show only now and then.
+__global__ void nf4_absmax_compare_kernel(Nf4Device q, const float* want, int64_t blocks, unsigned long long* count) {
+  unsigned long long bad = 0;
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks; b += int64_t(gridDim.x) * blockDim.x)
+    bad += __float_as_uint(nf4_block_absmax(q, b)) != __float_as_uint(want[b]);
+  if (bad) atomicAdd(count, bad);
+}
+
+inline unsigned long long nf4_absmax_mismatches(const Nf4Device& q, const float* want, unsigned long long* count,
+                                                cudaStream_t st) {
+  const int64_t blocks = (q.n + q.blocksize - 1) / q.blocksize;
+  GEMMA_CUDA(cudaMemsetAsync(count, 0, sizeof *count, st));
+  nf4_absmax_compare_kernel<<<elementwise_blocks(blocks), 256, 0, st>>>(q, want, blocks, count);
+  GEMMA_LAUNCHED("nf4_absmax_compare_kernel");
   unsigned long long h = 0;
   GEMMA_CUDA(cudaMemcpyAsync(&h, count, sizeof h, cudaMemcpyDeviceToHost, st));
   GEMMA_CUDA(cudaStreamSynchronize(st));

@@ -596,52 +596,64 @@ std::vector<uint16_t> bits_as_bf16(const Tensor& t) {  // a float tensor's value
 // sum, then roundings), so any difference is a bug, not noise.
 TEST_F(FastKernel, Nf4QuantizeAndDequantizeGiveTheHostsBits) {
   // 7 x 2749 = 19243 values: 300 full blocks of 64 and a short one, an odd count (the last low nibble is padding),
-  // two nested blocks of 256; block scales spread over 2^-6..2^3 so the absmax codes use much of their map, and
-  // one all-zero block (absmax 0: codes 0, as bitsandbytes' NaN path gives).
-  const Shape shape{7, 2749};
-  const int64_t n = shape_numel(shape);
-  std::vector<double> x(static_cast<size_t>(n));
-  const uint64_t key = stream_key(5, "nf4 test weight");
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t blk = i / 64;
-    x[size_t(i)] = blk == 3 ? 0.0 : std::ldexp(stream_uniform(key, uint64_t(i)), int(blk % 10) - 6);
-  }
-  const Tensor w = tensor_from_doubles(DType::bf16, shape, x);
-  const std::vector<uint16_t> w_bits = bits_as_bf16(w);
-  for (int64_t blocksize : {64, 128})
-    for (bool nested : {false, true}) {
-      SCOPED_TRACE("blocksize " + std::to_string(blocksize) + (nested ? ", double quantization" : ""));
-      const Nf4Weight host = quantize_nf4(w, blocksize, nested);
-      const Nf4Weight dev = fk::nf4_quantize(w_bits, shape, blocksize, nested);
-      EXPECT_EQ(dev.packed, host.packed);
-      ASSERT_EQ(dev.nested, host.nested);
-      auto same_floats = [](const std::vector<float>& a, const std::vector<float>& b) {
-        if (a.size() != b.size()) return false;
-        for (size_t i = 0; i < a.size(); ++i)
-          if (float_bits(a[i]) != float_bits(b[i])) return false;
-        return true;
-      };
-      EXPECT_TRUE(same_floats(dev.absmax, host.absmax));
-      EXPECT_EQ(dev.absmax_codes, host.absmax_codes);
-      EXPECT_TRUE(same_floats(dev.nested_absmax, host.nested_absmax));
-      EXPECT_TRUE(same_floats(dev.nested_quant_map, host.nested_quant_map));
-      EXPECT_EQ(float_bits(dev.nested_offset), float_bits(host.nested_offset));
-      // Dequantization in every dtype a quant state may have; what the trainer uses is that value cast to bf16.
-      for (DType dt : {DType::bf16, DType::f16, DType::f32}) {
-        Nf4Weight q = host;
-        q.dtype = dt;
-        const std::vector<uint16_t> want = bits_as_bf16(dequantize_nf4(q)), got = fk::nf4_dequantize(q);
-        ASSERT_EQ(got.size(), want.size());
-        int64_t differ = 0;
-        for (size_t i = 0; i < want.size(); ++i) differ += got[i] != want[i];
-        EXPECT_EQ(differ, 0) << dtype_name(dt) << ": dequantized values differ from dequantize_nf4's";
-        // The engine's load check: silent on the weight the form gives, counts a single changed value.
-        EXPECT_EQ(fk::nf4_mismatches(q, want), 0u);
-        std::vector<uint16_t> changed = want;
-        changed[1234] ^= 1;
-        EXPECT_EQ(fk::nf4_mismatches(q, changed), 1u);
-      }
+  // two nested blocks of 256 (the one-byte-a-thread kernel only); and 48 x 1000, a multiple of 16 as every Gemma 2
+  // projection is (the engine's 16-value kernel, and the other for comparison). Block scales spread over
+  // 2^-6..2^3 so the absmax codes use much of their map, and one all-zero block (absmax 0: codes 0, as
+  // bitsandbytes' NaN path gives).
+  for (const Shape& shape : {Shape{7, 2749}, Shape{48, 1000}}) {
+    const int64_t n = shape_numel(shape);
+    std::vector<double> x(static_cast<size_t>(n));
+    const uint64_t key = stream_key(5, "nf4 test weight");
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t blk = i / 64;
+      x[size_t(i)] = blk == 3 ? 0.0 : std::ldexp(stream_uniform(key, uint64_t(i)), int(blk % 10) - 6);
     }
+    const Tensor w = tensor_from_doubles(DType::bf16, shape, x);
+    const std::vector<uint16_t> w_bits = bits_as_bf16(w);
+    for (int64_t blocksize : {64, 128})
+      for (bool nested : {false, true}) {
+        SCOPED_TRACE(std::to_string(n) + " values, blocksize " + std::to_string(blocksize) +
+                     (nested ? ", double quantization" : ""));
+        const Nf4Weight host = quantize_nf4(w, blocksize, nested);
+        const Nf4Weight dev = fk::nf4_quantize(w_bits, shape, blocksize, nested);
+        EXPECT_EQ(dev.packed, host.packed);
+        ASSERT_EQ(dev.nested, host.nested);
+        auto same_floats = [](const std::vector<float>& a, const std::vector<float>& b) {
+          if (a.size() != b.size()) return false;
+          for (size_t i = 0; i < a.size(); ++i)
+            if (float_bits(a[i]) != float_bits(b[i])) return false;
+          return true;
+        };
+        EXPECT_TRUE(same_floats(dev.absmax, host.absmax));
+        EXPECT_EQ(dev.absmax_codes, host.absmax_codes);
+        EXPECT_TRUE(same_floats(dev.nested_absmax, host.nested_absmax));
+        EXPECT_TRUE(same_floats(dev.nested_quant_map, host.nested_quant_map));
+        EXPECT_EQ(float_bits(dev.nested_offset), float_bits(host.nested_offset));
+        // Dequantization in every dtype a quant state may have; what the trainer uses is that value cast to bf16.
+        for (DType dt : {DType::bf16, DType::f16, DType::f32}) {
+          Nf4Weight q = host;
+          q.dtype = dt;
+          const std::vector<uint16_t> want = bits_as_bf16(dequantize_nf4(q));
+          for (bool generic : {false, true}) {
+            const std::vector<uint16_t> got = fk::nf4_dequantize(q, generic);
+            ASSERT_EQ(got.size(), want.size());
+            int64_t differ = 0;
+            for (size_t i = 0; i < want.size(); ++i) differ += got[i] != want[i];
+            EXPECT_EQ(differ, 0) << dtype_name(dt) << (generic ? ", generic kernel" : ", staging kernel")
+                                 << ": dequantized values differ from dequantize_nf4's";
+          }
+          // The engine's load checks: silent on the weight and absmax the form gives, each counts a single change.
+          EXPECT_EQ(fk::nf4_mismatches(q, want), 0u);
+          std::vector<uint16_t> changed = want;
+          changed[1234] ^= 1;
+          EXPECT_EQ(fk::nf4_mismatches(q, changed), 1u);
+          std::vector<float> absmax = nf4_absmax(q);
+          EXPECT_EQ(fk::nf4_absmax_mismatches(q, absmax), 0u);
+          absmax[5] = std::nextafter(absmax[5], 1e9f);
+          EXPECT_EQ(fk::nf4_absmax_mismatches(q, absmax), 1u);
+        }
+      }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------

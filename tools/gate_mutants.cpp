@@ -6,7 +6,7 @@
 // tests/mutations/*.patch; "harmless-*" builds must pass, "none" is the unmodified source, every other one must
 // fail). The harness runs exactly the checks `verify --model PRESET --softcap ... --backend both` runs on the fast
 // trainer (check/fast_backend.cpp: gate_reference, gate_judge; the released presets' companion gemma2-odd
-// included), but computes the reference side once: it is the same for every build. Each build is loaded into its own
+// included, and once more with its base in NF4, first combination only), but computes the reference side once: it is the same for every build. Each build is loaded into its own
 // child process (a crash or a hang kills the child, not the harness) and judged setting by setting until a check
 // fails. The reference's own checks (goldens, finite differences) do not involve fast/ and are left out.
 // Exit 0 when every mutant is killed at value / tolerance >= 3 and no harmless build is flagged.
@@ -173,11 +173,15 @@ int main(int argc, char** argv) {
       cs.seed = spec.seed;
       settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
       tags.push_back("odd ");
+      cs.quantize = "nf4";  // the trainer's NF4 path, as verify runs it: the companion quantized, first combination
+      settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
+      tags.push_back("odd nf4 ");
     }
     // The companion first: its cases take a second each, and most broken builds fail there already.
     std::vector<Case> cases;
     for (size_t s = settings.size(); s-- > 0;)
-      for (Softcap sc : combos) {
+      for (size_t k = 0; k < (tags[s] == "odd nf4 " ? 1 : combos.size()); ++k) {
+        const Softcap sc = combos[k];
         check_softcap_available(settings[s]->model.config, sc, "--softcap");
         cases.push_back({"[" + tags[s] + softcap_name(sc) + "] ", settings[s].get(), sc, nullptr});
       }

@@ -85,7 +85,8 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array();
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
-  auto verify_setting = [&](const InputSpec& sspec, const Inputs& in, const std::string& tag) {
+  auto verify_setting = [&](const InputSpec& sspec, const Inputs& in, const std::string& tag,
+                            const std::vector<Softcap>& combos) {
   const Config& c = in.model.config;
   std::printf("verify: %s\n", in.description.c_str());
   std::printf("  batch %lld x %lld, %lld scored targets; %s; backend %s\n", (long long)in.batch.B,
@@ -235,7 +236,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     if (tag.empty()) last_grads = std::move(out.grads);
   }
   };
-  verify_setting(spec, in, "");
+  verify_setting(spec, in, "", combos);
   // A released preset's gate also runs gemma2-odd: what the released widths cannot reach (an odd vocabulary, a
   // padding mask, sqrt(hidden) not a bf16 number, head_dim 18).
   if (spec.model && gate_preset(*spec.model) && *spec.model != "gemma2-odd") {
@@ -246,7 +247,15 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     cs.quantize = spec.quantize;
     const Inputs ci = load_inputs(cs);
     std::printf("\n");
-    verify_setting(cs, ci, "odd ");
+    verify_setting(cs, ci, "odd ", combos);
+    // The trainer's NF4 path (QLoRA: packed base, a layer dequantized before it runs) is code a bf16 run never
+    // reaches: the companion once more with its base quantized, in the first combination (one more small run).
+    if (run_fast && !spec.quantize) {
+      cs.quantize = "nf4";
+      const Inputs qi = load_inputs(cs);
+      std::printf("\n");
+      verify_setting(cs, qi, "odd nf4 ", {combos.front()});
+    }
   }
   report.print_summary();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
