@@ -9,6 +9,7 @@
 #   info       date, nvidia-smi, the tools' versions
 #   tests      both GPU test binaries (JUnit XML in results.tar.gz)
 #   bench      fast_bench: gemma2-9b 2 x 1024 (with and without recompute), gemma2-27b 2 x 1024, gemma2-9b 2 x 4096,
+#              QLoRA (--quantize nf4) 9b and 27b 2 x 1024,
 #              then gemma2-9b 2 x 1024 once more with GEMMA_FAST_PROFILE=1 (device time per schedule segment)
 #   alt        the other attention fragment path (GEMMA_FAST_LDMATRIX flipped): its attention and whole-model tests,
 #              and the 9b benchmarks at 1024 and 4096
@@ -29,7 +30,8 @@ status=0
 note() { echo "$*" | tee -a "$summary"; }
 has() { [[ " $phases " == *" $1 "* ]]; }
 bench_configs=("--model gemma2-9b --batch 2 --seq 1024" "--model gemma2-9b --batch 2 --seq 1024 --no-recompute"
-               "--model gemma2-27b --batch 2 --seq 1024" "--model gemma2-9b --batch 2 --seq 4096")
+               "--model gemma2-27b --batch 2 --seq 1024" "--model gemma2-9b --batch 2 --seq 4096"
+               "--model gemma2-9b --batch 2 --seq 1024 --quantize nf4" "--model gemma2-27b --batch 2 --seq 1024 --quantize nf4")
 bench() {  # log, args...
   local log=$1
   shift
