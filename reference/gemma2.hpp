@@ -616,7 +616,7 @@ void rope_tables(const Config& cfg, const Policy& p, const Batch& batch, int64_t
 template <class Real>
 Ctx<Real> plain_ctx(const Config& cfg, const Policy& p, const Semantics& sem, int64_t B, int64_t T, bool attn_on,
                     bool final_on, Real attn_cap, Real final_cap, Real scale) {
-  Ctx<Real> c{cfg, p, sem, B, T, attn_on, final_on, attn_cap, final_cap, scale, {}, {}, std::vector<int32_t>(size_t(B * T), 0), {}};
+  Ctx<Real> c{cfg, p, sem, B, T, attn_on, final_on, attn_cap, final_cap, scale, {}, {}, std::vector<int32_t>(size_t(B * T), 0), {}, {}};
   Batch shape;
   shape.B = B;
   shape.T = T;

@@ -5,6 +5,7 @@
 // float32 and bf16 rounding done by hand in Python's struct, not by the code under test.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "model/nf4.hpp"
@@ -306,6 +307,24 @@ void expect_same_weights(const TensorMap& got, const TensorMap& want) {
   }
 }
 
+// Checkpoint::nf4, which the CUDA trainer keeps on the device instead of the weights: exactly the projections
+// `quantized` says (by HF name, whatever the file called them), each dequantizing to the very bits in `weights`.
+void expect_forms(const Checkpoint& got, const std::function<bool(int64_t, Proj)>& quantized, bool nested) {
+  int64_t forms = 0;
+  for (int64_t l = 0; l < got.config.num_hidden_layers; ++l)
+    for (Proj p : kAllProj) {
+      const std::string n = proj_weight_name(l, p);
+      SCOPED_TRACE(n);
+      auto it = got.nf4.find(n);
+      ASSERT_EQ(it != got.nf4.end(), quantized(l, p));
+      if (it == got.nf4.end()) continue;
+      ++forms;
+      EXPECT_EQ(it->second.nested, nested);
+      EXPECT_EQ(bf16_bits(dequantize_nf4(it->second)), bf16_bits(got.weights.at(n)));
+    }
+  EXPECT_EQ(int64_t(got.nf4.size()), forms) << "forms of tensors that are no quantized projection";
+}
+
 }  // namespace
 
 TEST(BnbCheckpoint, DoubleQuantizedCheckpointLoadsDequantizedExactly) {
@@ -316,12 +335,15 @@ TEST(BnbCheckpoint, DoubleQuantizedCheckpointLoadsDequantizedExactly) {
   ASSERT_TRUE(got.quantization.has_value());
   EXPECT_NE(got.quantization->find("nf4"), std::string::npos);
   EXPECT_TRUE(got.warnings.empty()) << got.warnings[0];
+  expect_forms(got, [](int64_t, Proj) { return true; }, true);
 }
 
 TEST(BnbCheckpoint, PlainAbsmaxCheckpointLoadsDequantizedExactly) {
   TempDir d;
   const BnbCheckpoint ck = write_bnb(d, {}, [](json& c) { c["quantization_config"]["bnb_4bit_use_double_quant"] = false; }, false);
-  expect_same_weights(load(ck).weights, ck.expected);
+  const Checkpoint got = load(ck);
+  expect_same_weights(got.weights, ck.expected);
+  expect_forms(got, [](int64_t, Proj) { return true; }, false);
 }
 
 TEST(BnbCheckpoint, ReaderUsesTheFilesStateNotARecomputation) {
@@ -377,7 +399,9 @@ TEST(BnbCheckpoint, SkippedModuleLoadsAsStored) {
       },
       [](json& cj) { cj["quantization_config"]["llm_int8_skip_modules"] = {"down_proj"}; });
   for (int64_t l = 0; l < 2; ++l) ck.expected[proj_weight_name(l, Proj::down_proj)] = w.at(proj_weight_name(l, Proj::down_proj));
-  expect_same_weights(load(ck).weights, ck.expected);
+  const Checkpoint got = load(ck);
+  expect_same_weights(got.weights, ck.expected);
+  expect_forms(got, [](int64_t, Proj p) { return p != Proj::down_proj; }, true);
 }
 
 TEST(BnbCheckpoint, LayersFlagDropsDeeperQuantizedLayers) {
@@ -386,6 +410,7 @@ TEST(BnbCheckpoint, LayersFlagDropsDeeperQuantizedLayers) {
   const Checkpoint got = load_hf_checkpoint(ck.config, ck.weights, std::nullopt, int64_t(1));
   EXPECT_EQ(got.weights.at(kQ).shape, (Shape{64, 64}));
   EXPECT_FALSE(got.weights.count(proj_weight_name(1, Proj::q_proj)));
+  expect_forms(got, [](int64_t l, Proj) { return l == 0; }, true);
 }
 
 // quantization_config values that are refused, each naming what it is.
@@ -508,6 +533,7 @@ TEST(BnbCheckpoint, UnquantizedProjectionIsQuantizedOnLoadAsTransformersDoes) {
   expect_same_weights(got.weights, ck.expected);
   ASSERT_EQ(got.warnings.size(), 1u);
   EXPECT_NE(got.warnings[0].find("quantized on load"), std::string::npos) << got.warnings[0];
+  expect_forms(got, [](int64_t, Proj) { return true; }, true);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -530,6 +556,7 @@ TEST(QuantizeFlag, ReplacesEveryProjectionAndNothingElse) {
       EXPECT_NE(std::memcmp(g.bytes.get(), t.bytes.get(), size_t(t.numel()) * 2), 0) << "unchanged";
     }
   }
+  expect_forms(ck, [](int64_t, Proj) { return true; }, true);
   expect_input_error([&] { quantize_base_projections(ck); }, {"--quantize", "already quantized"});
 }
 
