@@ -8,7 +8,8 @@
 // quantization), dequantized a layer at a time. --longest: the longest sequence (a multiple of 1024) whose step
 // fits under --memory-limit GiB of the trainer's allocations (or the device), found by allocating every buffer
 // of a step of that length (all a step allocates); then the steps run at that length and their measured peak is
-// reported, so the claim rests on a step that ran, not on the search.
+// reported, so the claim rests on a step that ran. With --steps 0 only the search runs (a step at 100K+ tokens
+// takes minutes): its figure is then a fit by allocation, and says so.
 //
 // With --gpus N > 1 the trainer is data parallel (fast/data_parallel.hpp): --batch sequences on each GPU, a global
 // batch of N x --batch, tokens/s counted over all GPUs; each step's all-reduce time is reported beside it.
