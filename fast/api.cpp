@@ -28,11 +28,12 @@ bool device_available(std::string* why) {
     if (why) *why = std::string("CUDA device 0 unusable (cudaGetDeviceProperties: ") + cudaGetErrorString(e2) + ")";
     return false;
   }
-  // The kernels are built for sm_90 with compute_90 PTX: Hopper, or later through the driver's JIT.
-  if (p.major < 9) {
+  // The kernels are built for sm_90a (the Hopper attention's wgmma exists only there): machine code and PTX
+  // of an architecture-specific target run on that architecture alone.
+  if (p.major != 9 || p.minor != 0) {
     if (why)
       *why = std::string("CUDA device 0 (") + p.name + ") is sm_" + std::to_string(p.major) + std::to_string(p.minor) +
-             "; the fast trainer is built for sm_90 (Hopper)";
+             "; the fast trainer is built for sm_90a (Hopper)";
     return false;
   }
   return true;

@@ -42,6 +42,7 @@ struct AttnParams {
   bool drop_sech2 = false; // the softcap-grad-missing fault
   bool vec = false;        // 16-byte tile loads are legal (set by the launchers)
   bool ldm = false;        // fragments through ldmatrix (attn_ldmatrix(); set by the launchers)
+  bool mma_only = false;   // the mma.sync kernels even where the Hopper ones apply (tests and fast_bench compare)
   // forward outputs; dout, dq are read/written with the same row stride ld_o = H*hd
   bf16* att = nullptr;  // (N, H*hd)
   float* o32 = nullptr; // (N, H*hd)
@@ -597,8 +598,8 @@ void attn_backward_hdp(const AttnParams& p, cudaStream_t st) {
     attn_backward_launch<HDP, false>(p, st);
 }
 
-// att, o32, m, l from q, k, v.
-inline void attention_forward(AttnParams p, cudaStream_t st) {
+// att, o32, m, l from q, k, v (the mma.sync kernels; attention_sm90.cuh's attention_forward picks).
+inline void attention_forward_mma(AttnParams p, cudaStream_t st) {
   if (p.B == 0 || p.T == 0) return;
   attn_set_vec(p);
   switch (attn_hdp(p.hd)) {
@@ -610,8 +611,9 @@ inline void attention_forward(AttnParams p, cudaStream_t st) {
   }
 }
 
-// dq, dk, dv (fp32, before the RoPE backward) from dout (bf16), o32, m, l and a recomputation of the scores.
-inline void attention_backward(AttnParams p, cudaStream_t st) {
+// dq, dk, dv (fp32, before the RoPE backward) from dout (bf16), o32, m, l and a recomputation of the scores
+// (the mma.sync kernels; attention_sm90.cuh's attention_backward picks).
+inline void attention_backward_mma(AttnParams p, cudaStream_t st) {
   if (p.B == 0 || p.T == 0) return;
   attn_set_vec(p);
   const int64_t warps = int64_t(p.B) * p.T * p.H;

@@ -3,6 +3,14 @@
 //
 //   fast_bench --model gemma2-9b --batch 2 --seq 1024 --rank 32 --warmup 2 --steps 5 [--gpus N] [--quantize nf4]
 //   fast_bench --model gemma2-9b --batch 1 --quantize nf4 --offload --longest --memory-limit 80 --warmup 0 --steps 1
+//   fast_bench --model gemma2-9b --batch 2 --seq 4096 --attention --steps 20
+//
+// --attention: the attention forward and backward alone at the model's shapes (a global and a sliding layer, the
+// cap on and off, the Hopper kernels and the mma.sync ones), each the median of --steps runs, as TFLOP/s beside
+// a cuBLAS bf16 product measured in the same run. FLOPs are counted as is usual for causal attention: 4 hd per
+// visible (query, key) pair and head forward (Q K^T and P V), 2.5 times that backward (five products). The
+// kernels execute more than that (the forward's first pass recomputes Q K^T; the backward's dS products run over
+// its three-way split), so the rate counted is below the rate the tensor cores run at.
 //
 // --quantize nf4: the base projections in NF4 on the device as QLoRA keeps them (blocksize 64, double
 // quantization), dequantized a layer at a time. --longest: the longest sequence (a multiple of 1024) whose step
@@ -31,6 +39,7 @@
 #include "fast/data_parallel.hpp"
 #include "fast/device.hpp"
 #include "fast/fast.hpp"
+#include "fast/kernels.hpp"
 #include "model/synthetic.hpp"
 #include "model/optimizer.hpp"
 
@@ -46,6 +55,56 @@ double base_params(const Config& c) {
   return n;
 }
 
+// Visible (query, key) pairs of one sequence of length T: causal, and within W keys on a sliding layer (W = 0:
+// global).
+double visible_pairs(int64_t T, int64_t W) {
+  double n = 0;
+  for (int64_t i = 0; i < T; ++i) n += double(W > 0 ? std::min<int64_t>(i + 1, W) : i + 1);
+  return n;
+}
+
+void attention_bench(const Config& c, const std::string& model, int64_t B, int64_t T, int64_t iters,
+                     const std::string& json) {
+  const double ceiling = fast::kernels::gemm_tflops(8192, int(iters));
+  cudaDeviceProp prop{};
+  GEMMA_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("%s attention, batch %lld x %lld, %lld heads, %lld kv heads, head_dim %lld; %s\n", model.c_str(),
+              (long long)B, (long long)T, (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
+              (long long)c.head_dim, prop.name);
+  std::printf("cuBLAS bf16 product 8192^3: %.0f TFLOP/s\n", ceiling);
+  for (const bool sliding : {false, true}) {
+    if (sliding && !c.sliding_window) continue;
+    for (const bool cap : {true, false}) {
+      for (const bool mma_only : {false, true}) {
+        fast::kernels::AttnShape s;
+        s.B = B;
+        s.T = T;
+        s.H = c.num_attention_heads;
+        s.KV = c.num_key_value_heads;
+        s.hd = c.head_dim;
+        s.scale = 1.0 / std::sqrt(c.query_pre_attn_scalar);
+        s.cap_on = cap;
+        s.cap = c.attn_logit_softcapping.value_or(50.0);
+        s.window = sliding ? *c.sliding_window : 0;
+        const fast::kernels::AttnTiming t = fast::kernels::time_attention(s, int(iters), mma_only);
+        const double fwd = 4.0 * double(s.hd) * double(s.H) * double(B) * visible_pairs(T, s.window);
+        const double f_tf = fwd / (t.forward_ms * 1e-3) / 1e12, b_tf = 2.5 * fwd / (t.backward_ms * 1e-3) / 1e12;
+        const char* kern = mma_only ? "mma.sync" : (fast::attn_hopper() ? "wgmma" : "mma.sync (wgmma off)");
+        std::printf("%-7s cap %-3s %-9s forward %8.3f ms %6.1f TFLOP/s   backward %8.3f ms %6.1f TFLOP/s\n",
+                    sliding ? "sliding" : "global", cap ? "on" : "off", kern, t.forward_ms, f_tf, t.backward_ms, b_tf);
+        if (!json.empty()) {
+          std::ofstream f(json, std::ios::app);
+          f << "{\"model\":\"" << model << "\",\"attention\":\"" << (sliding ? "sliding" : "global") << "\",\"batch\":" << B
+            << ",\"seq\":" << T << ",\"cap\":" << (cap ? 1 : 0) << ",\"kernels\":\"" << kern
+            << "\",\"forward_ms\":" << t.forward_ms << ",\"forward_tflops\":" << f_tf
+            << ",\"backward_ms\":" << t.backward_ms << ",\"backward_tflops\":" << b_tf
+            << ",\"gemm_tflops\":" << ceiling << ",\"gpu\":\"" << prop.name << "\"}\n";
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -53,7 +112,7 @@ int main(int argc, char** argv) {
   std::string model = "gemma2-9b", softcap = "attn,logits", json;
   int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0;
   int gpus = 1;
-  bool no_recompute = false, offload = false, longest = false;
+  bool no_recompute = false, offload = false, longest = false, attention = false;
   std::string quantize;
   double memory_limit_gib = 0;
   app.add_option("--model", model, "preset");
@@ -73,6 +132,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"nf4"}));
   app.add_option("--memory-limit", memory_limit_gib, "GiB: allocations beyond this fail as on a smaller GPU (0: the device)")
       ->check(CLI::NonNegativeNumber);
+  app.add_flag("--attention", attention, "time the attention kernels alone at the model's shapes (--steps runs each)");
   app.add_flag("--longest", longest, "search the longest sequence that fits (multiples of 1024; --seq is ignored)");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -92,6 +152,10 @@ int main(int argc, char** argv) {
     const size_t context_bytes = total0 - free0;
     Config c = preset(model);
     if (layers > 0) c = with_layers(c, layers);
+    if (attention) {
+      attention_bench(c, model, B, T, steps, json);
+      return 0;
+    }
     const Softcap sc = parse_softcap(softcap, "--softcap");
     AdapterConfig a;
     a.r = rank;

@@ -94,4 +94,15 @@ bool attn_ldmatrix() {
   return on;
 }
 
+bool attn_hopper() {
+  static const bool on = [] {
+    const char* env = std::getenv("GEMMA_FAST_ATTN");
+    const std::string s = env ? env : "";
+    if (!s.empty() && s != "mma" && s != "wgmma")
+      throw InputError("GEMMA_FAST_ATTN: '" + s + "' is neither 'wgmma' (the default) nor 'mma'");
+    return s != "mma";
+  }();
+  return on;
+}
+
 }  // namespace gemma::fast

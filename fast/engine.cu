@@ -24,7 +24,7 @@
 #include <string>
 
 #include "fast/adamw.cuh"
-#include "fast/attention.cuh"
+#include "fast/attention_sm90.cuh"
 #include "fast/embedding.cuh"
 #include "fast/fast.hpp"
 #include "fast/geglu.cuh"

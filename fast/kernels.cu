@@ -2,11 +2,12 @@
 // stream, so each call is ordered with the synchronous copies around it.
 #include "fast/kernels.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "fast/adamw.cuh"
-#include "fast/attention.cuh"
+#include "fast/attention_sm90.cuh"
 #include "fast/embedding.cuh"
 #include "fast/geglu.cuh"
 #include "fast/gemm.cuh"
@@ -179,7 +180,7 @@ std::vector<float> rope_backward(int64_t N, int64_t T, int64_t heads, int64_t hd
 }
 
 Attention attention(const AttnShape& s, const std::vector<float>& q, const std::vector<float>& k,
-                    const std::vector<float>& v, const std::vector<float>& dout) {
+                    const std::vector<float>& v, const std::vector<float>& dout, bool mma_only) {
   MemoryTracker m;
   const int64_t N = s.B * s.T, HD = s.H * s.hd, KVHD = s.KV * s.hd, QKV = HD + 2 * KVHD;
   // The engine's fused q|k|v layout, so the strides are the shipped ones.
@@ -223,6 +224,7 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
   p.dk = dk.get();
   p.dv = dv.get();
   p.ld_dkv = KVHD;
+  p.mma_only = mma_only;
   attention_forward(p, kStream);
   attention_backward(p, kStream);
   done();
@@ -233,6 +235,89 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
   r.dk = down_f32(dk.get(), size_t(N * KVHD));
   r.dv = down_f32(dv.get(), size_t(N * KVHD));
   return r;
+}
+
+namespace {
+
+// Median device time of f() in milliseconds over `iters` runs after one warm-up.
+template <class F>
+double median_ms(int iters, F&& f) {
+  cudaEvent_t a, b;
+  GEMMA_CUDA(cudaEventCreate(&a));
+  GEMMA_CUDA(cudaEventCreate(&b));
+  f();
+  std::vector<float> ms;
+  for (int i = 0; i < iters; ++i) {
+    GEMMA_CUDA(cudaEventRecord(a, kStream));
+    f();
+    GEMMA_CUDA(cudaEventRecord(b, kStream));
+    GEMMA_CUDA(cudaEventSynchronize(b));
+    float t = 0;
+    GEMMA_CUDA(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  GEMMA_CUDA(cudaEventDestroy(a));
+  GEMMA_CUDA(cudaEventDestroy(b));
+  std::sort(ms.begin(), ms.end());
+  return ms.empty() ? 0.0 : double(ms[ms.size() / 2]);
+}
+
+}  // namespace
+
+AttnTiming time_attention(const AttnShape& s, int iters, bool mma_only) {
+  MemoryTracker m;
+  const int64_t N = s.B * s.T, HD = s.H * s.hd, KVHD = s.KV * s.hd, QKV = HD + 2 * KVHD;
+  DeviceArray<bf16> qkv(size_t(N * QKV), "q|k|v", m), dout(size_t(N * HD), "dout", m);
+  gemma::fast::synthetic_bf16(qkv.get(), N, QKV, QKV, 11, 1.0, kStream);
+  gemma::fast::synthetic_bf16(dout.get(), N, HD, HD, 12, 0.01, kStream);
+  DeviceArray<bf16> att(size_t(N * HD), "att", m);
+  DeviceArray<float> o32(size_t(N * HD), "o32", m), mm(size_t(N * s.H), "m", m), ll(size_t(N * s.H), "l", m),
+      Dv(size_t(N * s.H), "D", m), dq(size_t(N * HD), "dq", m), dk(size_t(N * KVHD), "dk", m),
+      dv(size_t(N * KVHD), "dv", m);
+  AttnParams p;
+  p.q = qkv.get();
+  p.k = qkv.get() + HD;
+  p.v = qkv.get() + HD + KVHD;
+  p.ld_qkv = QKV;
+  p.B = int(s.B);
+  p.T = int(s.T);
+  p.H = int(s.H);
+  p.KV = int(s.KV);
+  p.hd = int(s.hd);
+  p.scale = float(s.scale);
+  p.cap_on = s.cap_on;
+  p.cap = float(s.cap);
+  p.window = int(s.window);
+  p.att = att.get();
+  p.o32 = o32.get();
+  p.ld_o = HD;
+  p.m = mm.get();
+  p.l = ll.get();
+  p.dout = dout.get();
+  p.Dv = Dv.get();
+  p.dq = dq.get();
+  p.dk = dk.get();
+  p.dv = dv.get();
+  p.ld_dkv = KVHD;
+  p.mma_only = mma_only;
+  AttnTiming r;
+  r.forward_ms = median_ms(iters, [&] { attention_forward(p, kStream); });
+  r.backward_ms = median_ms(iters, [&] { attention_backward(p, kStream); });
+  done();
+  return r;
+}
+
+double gemm_tflops(int64_t n, int iters) {
+  MemoryTracker m;
+  DeviceArray<bf16> a(size_t(n * n), "A", m), b(size_t(n * n), "B", m), c(size_t(n * n), "C", m);
+  gemma::fast::synthetic_bf16(a.get(), n, n, n, 21, 1.0, kStream);
+  gemma::fast::synthetic_bf16(b.get(), n, n, n, 22, 1.0, kStream);
+  Blas blas(kStream, m);
+  const double ms = median_ms(iters, [&] {
+    gemm(blas.h, n, n, n, Operand{a.get(), n, false}, Operand{b.get(), n, false}, c.get(), false, n, 1.0f, 0.0f);
+  });
+  done();
+  return 2.0 * double(n) * double(n) * double(n) / (ms * 1e-3) / 1e12;
 }
 
 std::vector<float> geglu_forward(int64_t N, int64_t I, const std::vector<float>& gate_up) {

@@ -54,9 +54,21 @@ struct Attention {
   std::vector<float> o32;         // (N, H*hd) the fp32 sum before rounding
   std::vector<float> dq, dk, dv;  // fp32, before the RoPE backward
 };
-// q (N, H*hd), k, v (N, KV*hd), dout (N, H*hd): bf16 values.
+// q (N, H*hd), k, v (N, KV*hd), dout (N, H*hd): bf16 values. mma_only: attention.cuh's kernels even where the
+// Hopper ones (attention_sm90.cuh) apply.
 Attention attention(const AttnShape& s, const std::vector<float>& q, const std::vector<float>& k,
-                    const std::vector<float>& v, const std::vector<float>& dout);
+                    const std::vector<float>& v, const std::vector<float>& dout, bool mma_only = false);
+
+// Device time of the attention forward (attention_forward) and backward (attention_backward, rowdot included) on
+// the engine's fused q|k|v layout, inputs drawn on the device (q, k, v uniform in [-1, 1], dout in [-0.01, 0.01]):
+// the median over `iters` runs after one warm-up, in milliseconds (CUDA events).
+struct AttnTiming {
+  double forward_ms = 0, backward_ms = 0;
+};
+AttnTiming time_attention(const AttnShape& s, int iters, bool mma_only);
+// TFLOP/s of one cuBLAS bf16 product (n x n x n, fp32 accumulation, bf16 result) on random inputs, median of
+// `iters`: the ceiling the attention's rate is read against.
+double gemm_tflops(int64_t n, int iters);
 
 // gate_up (N, 2I) bf16 values -> act (N, I) bf16 values.
 std::vector<float> geglu_forward(int64_t N, int64_t I, const std::vector<float>& gate_up);

@@ -299,7 +299,6 @@ TEST_P(FastAttention, ForwardAndBackwardMatchTheReference) {
   s.cap_on = a.cap_on;
   s.cap = cap;
   s.window = a.sliding ? a.window : 0;
-  const fk::Attention got = fk::attention(s, q, k, v, dout);
 
   Mat<double> out, out64, outo, dq, dk, dv, dq6, dk6, dv6;
   AttnCache<double> cache, cache64, cacheo;
@@ -311,9 +310,13 @@ TEST_P(FastAttention, ForwardAndBackwardMatchTheReference) {
                      cache, layer, *rf.ctx, dq, dk, dv);
   attention_backward(mat(dout, N, a.H * a.hd), mat(q, N, a.H * a.hd), mat(k, N, a.KV * a.hd), mat(v, N, a.KV * a.hd),
                      cache64, layer, *r64.ctx, dq6, dk6, dv6);
-  std::printf("B %lld T %lld H %lld KV %lld hd %lld, cap %s, %s\n", (long long)a.B, (long long)a.T, (long long)a.H,
-              (long long)a.KV, (long long)a.hd, a.cap_on ? "on" : "off",
-              a.sliding ? ("sliding W=" + std::to_string(a.window)).c_str() : "global");
+  // Both kernel families: the Hopper ones (attention_sm90.cuh, head_dim 128 and 256) and the mma.sync ones.
+  for (const bool mma_only : {false, true}) {
+  const fk::Attention got = fk::attention(s, q, k, v, dout, mma_only);
+  std::printf("B %lld T %lld H %lld KV %lld hd %lld, cap %s, %s, %s kernels\n", (long long)a.B, (long long)a.T,
+              (long long)a.H, (long long)a.KV, (long long)a.hd, a.cap_on ? "on" : "off",
+              a.sliding ? ("sliding W=" + std::to_string(a.window)).c_str() : "global",
+              mma_only || (a.hd != 128 && a.hd != 256) ? "mma.sync" : "default (wgmma on sm_90a)");
   expect_bf16_match("out (bf16)", got.out, flat(out), flat(out64), false);
   // o32 is an fp32 sum of T products of bf16 values: its error against the policy is the rare P whose fp32
   // value rounded to the other bf16 neighbour (a 2^-8 change of one term; see the file comment).
@@ -324,6 +327,7 @@ TEST_P(FastAttention, ForwardAndBackwardMatchTheReference) {
   expect_f32_match("dq", got.dq, flat(dq), flat(dq6), 1e-3);
   expect_f32_match("dk", got.dk, flat(dk), flat(dk6), 1e-3);
   expect_f32_match("dv", got.dv, flat(dv), flat(dv6), 1e-3);
+  }
 }
 
 // T = 37 and 150 are multiples of no tile (64 query rows, 32 keys); 37 and 150 exceed the window; 1, 2 and 4
@@ -335,7 +339,11 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{1, 37, 4, 4, 16, true, true, 8, 24}, AttnCase{1, 37, 4, 1, 16, true, true, 8, 24},
                       AttnCase{2, 21, 2, 1, 6, true, true, 3, 8}, AttnCase{1, 150, 4, 1, 256, true, true, 64, 256},
                       AttnCase{1, 150, 4, 2, 256, true, false, 64, 256}, AttnCase{1, 150, 8, 4, 128, true, true, 100, 144},
-                      AttnCase{2, 77, 2, 1, 128, false, false, 4096, 144}),
+                      AttnCase{2, 77, 2, 1, 128, false, false, 4096, 144},
+                      // Several 128-query and 64-key tiles of the Hopper kernels: window edges inside tiles,
+                      // a second sequence, a last tile cut by T.
+                      AttnCase{2, 300, 4, 2, 256, true, true, 100, 256}, AttnCase{1, 300, 2, 1, 256, true, false, 100, 256},
+                      AttnCase{2, 200, 4, 2, 128, false, true, 70, 144}),
     [](const auto& info) {
       const AttnCase& a = info.param;
       return "B" + std::to_string(a.B) + "_T" + std::to_string(a.T) + "_H" + std::to_string(a.H) + "_KV" +

@@ -1,0 +1,675 @@
+// Attention for Hopper (sm_90a): the same algorithm and cast points as attention.cuh (two passes, P normalised
+// and rounded to bf16 before P V, scores recomputed in the backward), with the products on warpgroup MMA
+// (wgmma.mma_async m64n64k16, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async
+// fills one tile ahead of the one being multiplied.
+//
+// Layout (PTX ISA, "Shared Memory Matrix Layout", 128B swizzle): a tile of R rows x HD bf16 is HD / 64 column
+// panels, each R rows of 128 bytes; inside a panel the eight 16-byte units of row r sit at unit ^ (r mod 8). For
+// S = Q K^T both operands are K-major (the head dimension is contiguous): one k16 step is a 32-byte offset inside
+// the panel, the 8-row groups are 1024 bytes apart (the descriptor's stride byte offset). For O = P V the B
+// operand V is N-major (stored [key][d]): the 16 keys of a k step are 16 consecutive rows, a 64-wide column
+// block is one panel, and again the 8-row groups (now along K) are 1024 bytes apart. P enters from registers:
+// the accumulator fragment of S (per warp the mma.sync m16n8 C layout) is, after the bf16 rounding, the A
+// fragment of the next product (c_to_a), as in attention.cuh.
+//
+// Only head_dim 128 and 256 (the released models) with 16-byte aligned rows take this path; everything else,
+// and GEMMA_FAST_ATTN=mma, runs attention.cuh's kernels. The numbers differ from those kernels only by the fp32
+// accumulation order inside the products.
+#pragma once
+#include "fast/attention.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GEMMA_SM90_DEVICE 1
+#endif
+
+namespace gemma::fast {
+namespace {
+
+// Byte offset of element (r, c) in an R-row swizzled tile (see the file comment).
+template <int R>
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+  return uint32_t((c >> 6) * (R * 128) + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) + (c & 7) * 2);
+}
+
+// Rows [row0, row0 + R) of a head (row stride ld elements) into a swizzled tile at shared address s; rows at or
+// beyond T are zero-filled (cp.async with source size 0), so their products are exact zeros. NT threads share
+// the copy, 16 bytes each per step.
+template <int R, int HD, int NT>
+__device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, int row0, int T) {
+  constexpr int UPR = HD / 8;
+#pragma unroll 4
+  for (int u = threadIdx.x; u < R * UPR; u += NT) {
+    const int r = u / UPR, c = (u - r * UPR) * 8, row = row0 + r;
+    const bool ok = row < T;
+    const bf16* src = g + int64_t(ok ? row : 0) * ld + c;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s + swz<R>(r, c)), "l"(src),
+                 "r"(ok ? 16 : 0)
+                 : "memory");
+  }
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes through the generic proxy, wgmma reads through the async proxy: this orders the two.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Matrix descriptors (PTX ISA, "Matrix Descriptor Format"): start address >> 4 (bits 0-13), leading byte offset
+// >> 4 (16-29), stride byte offset >> 4 (32-45), swizzle mode 1 = 128 bytes (62-63). K-major swizzled operands
+// ignore the leading offset (1 by convention); for the N-major V, whose 64-wide blocks are one swizzle atom wide,
+// both offsets are the 1024-byte 8-row stride, so whichever the hardware takes for the K direction is right.
+__device__ __forceinline__ uint64_t desc_kmajor(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ uint64_t desc_nmajor(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+#define GEMMA_WG_D32(d)                                                                                          \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),       \
+      "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),   \
+      "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),   \
+      "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),   \
+      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define GEMMA_WG_D32_ASM                                                                                          \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31}"
+
+// d (64 x 64 per warpgroup; per warp 16 rows in the m16n8 C layout, d[n8 tile][4]) (+)= A B over one k16 step, A
+// (64 x 16) K-major and B from shared memory: B K-major (TB = 0, B stored as the rows of B^T) or N-major (TB = 1).
+// accumulate = 0 overwrites d.
+template <int TB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GEMMA_WG_D32_ASM ", %32, %33, p, 1, 1, 0, %35;\n}\n"
+      : GEMMA_WG_D32(d)
+      : "l"(da), "l"(db), "r"(accumulate), "n"(TB));
+#endif
+}
+// The same for a 64 x 32 result, B K-major.
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int accumulate) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+// d += A B with A (64 x 16 per warpgroup) from registers in the mma.sync A-fragment layout and B (16 x 64) an
+// N-major shared-memory tile.
+__device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GEMMA_WG_D32_ASM
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : GEMMA_WG_D32(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+#endif
+}
+__device__ __forceinline__ void wg_arrive() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_wait0() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous products.
+template <int N>
+__device__ __forceinline__ void wg_hold(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// S (64 rows x 64 keys) = A B^T over the whole head dimension: A the 64-row slice at a_base of an RA-row tile,
+// B the 64-row tile at b_base.
+template <int RA, int HD>
+__device__ __forceinline__ void wg_abt(float (&s)[8][4], uint32_t a_base, uint32_t b_base) {
+  wg_hold(s);
+  wg_arrive();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk)
+    wgmma_ss<0>(s, desc_kmajor(a_base + (kk >> 2) * (RA * 128) + (kk & 3) * 32),
+             desc_kmajor(b_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32), kk > 0);
+  wg_commit();
+  wg_wait0();
+  wg_hold(s);
+}
+
+// o[dc] (64 x 64 columns dc*64..) += P V, P (64 x 64 keys) as four k16 A fragments, V the 64-key tile at v_base.
+template <int ND>
+__device__ __forceinline__ void wg_pv(float (&o)[ND][8][4], const uint32_t (&a)[4][4], uint32_t v_base) {
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
+  wg_arrive();
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc)
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_rs_nmajor(o[dc], a[ks], desc_nmajor(v_base + dc * (64 * 128) + ks * 2048));
+  wg_commit();
+  wg_wait0();
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
+}
+
+// The C fragments of a 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps.
+__device__ __forceinline__ void c_to_a64(uint32_t (&a)[4][4], const bf16 (&x)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    a[kk][0] = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
+    a[kk][1] = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
+    a[kk][2] = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[kk][3] = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  }
+}
+
+// Can any of rows [r_lo, r_hi] see a key of [j0, j0 + 64)? (causal and window only; the per-element test does
+// the rest.) A warpgroup skips the products of a tile it cannot see.
+__device__ __forceinline__ bool attn_tile_seen(const AttnParams& p, int r_lo, int r_hi, int j0) {
+  return r_lo < p.T && j0 <= r_hi && (p.window <= 0 || j0 + 63 > r_lo - p.window);
+}
+// Is every key of [j0, j0 + 64) visible to every row of [r_lo, r_hi]? Then the per-element test is skipped.
+__device__ __forceinline__ bool attn_tile_full(const AttnParams& p, int r_lo, int r_hi, int j0) {
+  return !p.doc && !p.key_ok && r_hi < p.T && j0 + 63 <= r_lo && (p.window <= 0 || r_hi - j0 < p.window);
+}
+
+constexpr int kSm90Threads = 256;  // two warpgroups, 64 query rows each
+
+template <int HD>
+constexpr int attn_fwd_sm90_smem() {
+  return 1024 + (128 + 4 * 64) * HD * 2;  // Q tile, K and V double-buffered, alignment slack
+}
+
+// Forward: a block per (128 queries, head, sequence); warpgroup w owns rows 64 w .. 64 w + 63 of the tile.
+template <int HD>
+__global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const AttnParams p) {
+#ifndef GEMMA_SM90_DEVICE
+  __trap();  // built without wgmma: attn_sm90_applies never launches this
+#endif
+  constexpr int BR = 128, BC = 64, ND = HD / 64;
+  constexpr uint32_t KBYTES = BC * HD * 2;
+  extern __shared__ __align__(16) unsigned char smem_sm90[];
+  const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
+  const uint32_t sK = sQ + BR * HD * 2, sV = sK + 2 * KBYTES;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
+            t = lane & 3;
+  const int i0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (p.H / p.KV);
+  const int64_t tok0 = int64_t(b) * p.T;
+  const bf16* qg = p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd;
+  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const int r_lo = i0 + wg * 64, r_hi = r_lo + 63;
+  const int row[2] = {r_lo + warp * 16 + g, r_lo + warp * 16 + g + 8};
+  const uint32_t a_base = sQ + wg * 64 * 128;
+  const int j_end = min(p.T, i0 + BR);
+  const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
+  const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
+
+  cp_tile<BR, HD, kSm90Threads>(sQ, qg, p.ld_qkv, i0, p.T);
+  cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
+  cp_commit();
+
+  // Pass 1: row max and sum.
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+  for (int kt = kt0; kt < kt1; ++kt) {
+    const int buf = (kt - kt0) & 1;
+    if (kt + 1 < kt1) cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * KBYTES, kg, p.ld_qkv, (kt + 1) * BC, p.T);
+    cp_commit();
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    const int j0 = kt * BC;
+    if (attn_tile_seen(p, r_lo, r_hi, j0)) {
+      float s[8][4] = {};
+      wg_abt<BR, HD>(s, a_base, sK + buf * KBYTES);
+      const bool full = attn_tile_full(p, r_lo, r_hi, j0);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + nt * 8 + 2 * t + (e & 1);
+          s[nt][e] = full || attn_visible(p, b, row[e >> 1], j) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p)
+                                                               : -INFINITY;
+        }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mnew = fmaxf(mrow[hr], mx);
+        const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
+        float sum = 0;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) sum += expf(s[nt][2 * hr] - mref) + expf(s[nt][2 * hr + 1] - mref);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        lrow[hr] = lrow[hr] * expf(mrow[hr] - mref) + sum;
+        mrow[hr] = mnew;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
+  cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
+  cp_tile<BC, HD, kSm90Threads>(sV, vg, p.ld_qkv, kt0 * BC, p.T);
+  cp_commit();
+  float o[ND][8][4];
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) o[dc][nt][0] = o[dc][nt][1] = o[dc][nt][2] = o[dc][nt][3] = 0.0f;
+  for (int kt = kt0; kt < kt1; ++kt) {
+    const int buf = (kt - kt0) & 1;
+    if (kt + 1 < kt1) {
+      cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * KBYTES, kg, p.ld_qkv, (kt + 1) * BC, p.T);
+      cp_tile<BC, HD, kSm90Threads>(sV + (buf ^ 1) * KBYTES, vg, p.ld_qkv, (kt + 1) * BC, p.T);
+    }
+    cp_commit();
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    const int j0 = kt * BC;
+    if (attn_tile_seen(p, r_lo, r_hi, j0)) {
+      float s[8][4] = {};
+      wg_abt<BR, HD>(s, a_base, sK + buf * KBYTES);
+      const bool full = attn_tile_full(p, r_lo, r_hi, j0);
+      bf16 pb[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hr = e >> 1, j = j0 + nt * 8 + 2 * t + (e & 1);
+          float pv = 0.0f;
+          if (full || attn_visible(p, b, row[hr], j))
+            pv = expf(attn_capped(__fmul_rn(s[nt][e], p.scale), p) - mrow[hr]) / lrow[hr];
+          pb[nt][e] = __float2bfloat16_rn(pv);
+        }
+      uint32_t aP[4][4];
+      c_to_a64(aP, pb);
+      wg_pv<ND>(o, aP, sV + buf * KBYTES);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row[hr];
+    if (r >= p.T) continue;
+    const int64_t base = (tok0 + r) * p.ld_o + int64_t(h) * p.hd;
+#pragma unroll
+    for (int dc = 0; dc < ND; ++dc)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int d = dc * 64 + nt * 8 + 2 * t;
+        const float x0 = o[dc][nt][2 * hr], x1 = o[dc][nt][2 * hr + 1];
+        *reinterpret_cast<float2*>(p.o32 + base + d) = make_float2(x0, x1);
+        *reinterpret_cast<__nv_bfloat162*>(p.att + base + d) =
+            __halves2bfloat162(__float2bfloat16_rn(x0), __float2bfloat16_rn(x1));
+      }
+    if (t == 0) {
+      const int64_t si = (int64_t(b) * p.H + h) * p.T + r;
+      p.m[si] = mrow[hr];
+      p.l[si] = lrow[hr];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward. Both kernels split each 64 x 64 tile of scores between the two warpgroups by columns (32 each, an
+// m64n32 product over the whole head dimension for S and for dP), so no score is computed twice; each warpgroup
+// turns its half into bf16 operands in shared memory (P and the three terms of the dS split), and after a barrier
+// each warpgroup multiplies the whole 64 x 64 operand tiles into its half of the head dimension of the result.
+
+// s (64 x 32) = A B^T over the head dimension: A the 64-row tile at a_base, B the 32 rows at b_base of a 64-row
+// tile; the same for the second pair into s2, both in one commit group.
+template <int HD>
+__device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_base, uint32_t b_base,
+                                                float (&s2)[4][4], uint32_t a2_base, uint32_t b2_base) {
+  wg_hold(s);
+  wg_hold(s2);
+  wg_arrive();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+    wgmma_ss_n32(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
+    wgmma_ss_n32(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
+  }
+  wg_commit();
+  wg_wait0();
+  wg_hold(s);
+  wg_hold(s2);
+}
+
+// acc[dc] (64 x 64, columns of panel first + dc of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile, Y a
+// 64-row N-major tile (rows are k).
+template <int NDH>
+__device__ __forceinline__ void wg_xy(float (&acc)[NDH][8][4], uint32_t x, uint32_t y, int first) {
+#pragma unroll
+  for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+      wgmma_ss<1>(acc[dc], desc_kmajor(x + ks * 32), desc_nmajor(y + (first + dc) * (64 * 128) + ks * 2048), 1);
+}
+
+// Two bf16 values at (r, c), (r, c + 1) of a 64 x 64 swizzled operand tile (c even).
+__device__ __forceinline__ void st_pair(uint32_t tile, int r, int c, bf16 lo, bf16 hi) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swz<64>(r, c)), "r"(pack_bf16(lo, hi)) : "memory");
+}
+
+template <int HD>
+constexpr int attn_bwd_sm90_smem() {
+  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2;  // two single tiles, two double-buffered, four operand tiles
+}
+
+// dK, dV: a block per (64 keys, kv head, sequence), looping over the group's query heads and the 64-query tiles
+// that see the keys. Warpgroup w computes S^T = K Q^T and dP^T = V dO^T for queries 32 w .. 32 w + 31 of the
+// tile, and accumulates dK, dV for head-dimension columns w HD/2 .. (w + 1) HD/2 - 1.
+template <int HD>
+__global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const AttnParams p) {
+#ifndef GEMMA_SM90_DEVICE
+  __trap();  // built without wgmma: attn_sm90_applies never launches this
+#endif
+  constexpr int BK = 64, BQ = 64, NDH = HD / 128;
+  constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
+  extern __shared__ __align__(16) unsigned char smem_sm90[];
+  const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
+  const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
+            t = lane & 3;
+  const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
+  const int G = p.H / p.KV;
+  const int64_t tok0 = int64_t(b) * p.T;
+  const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
+  const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
+  auto q_of = [&](int it) { return p.q + tok0 * p.ld_qkv + int64_t(kvh * G + it / nqt) * p.hd; };
+  auto o_of = [&](int it) { return p.dout + tok0 * p.ld_o + int64_t(kvh * G + it / nqt) * p.hd; };
+  auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
+
+  cp_tile<BK, HD, kSm90Threads>(sK, p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
+  cp_tile<BK, HD, kSm90Threads>(sV, p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
+  cp_tile<BQ, HD, kSm90Threads>(sQ, q_of(0), p.ld_qkv, row_of(0), p.T);
+  cp_tile<BQ, HD, kSm90Threads>(sO, o_of(0), p.ld_o, row_of(0), p.T);
+  cp_commit();
+
+  const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  float dk[NDH][8][4], dv[NDH][8][4];
+#pragma unroll
+  for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[dc][nt][e] = dv[dc][nt][e] = 0.0f;
+
+  for (int it = 0; it < total; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < total) {
+      cp_tile<BQ, HD, kSm90Threads>(sQ + (buf ^ 1) * TB, q_of(it + 1), p.ld_qkv, row_of(it + 1), p.T);
+      cp_tile<BQ, HD, kSm90Threads>(sO + (buf ^ 1) * TB, o_of(it + 1), p.ld_o, row_of(it + 1), p.T);
+    }
+    cp_commit();
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    const int hq = kvh * G + it / nqt, i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
+    float st[4][4] = {}, dpt[4][4] = {};
+    wg_abt_n32_pair<HD>(st, sK, sQ + buf * TB + 32 * wg * 128, dpt, sV, sO + buf * TB + 32 * wg * 128);
+    const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + 31 < p.T && (p.window <= 0 || i0 + 31 - j0 < p.window);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int c = nt * 8 + 2 * t, i = i0 + c;
+      float mq[2], lq[2], Dq[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const bool ok = i + u < p.T;
+        const int64_t si = (int64_t(b) * p.H + hq) * p.T + i + u;
+        mq[u] = ok ? p.m[si] : 0.0f;
+        lq[u] = ok ? p.l[si] : 1.0f;
+        Dq[u] = ok ? p.Dv[si] : 0.0f;
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        bf16 pb[2], x1[2], x2[2], x3[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          float pv;
+          const float ds = attn_ds(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], lq[u], Dq[u],
+                                   full || attn_visible(p, b, i + u, key[hr]), pv, p);
+          pb[u] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
+          split3(ds, x1[u], x2[u], x3[u]);
+        }
+        const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
+        st_pair(sP, r, cc, pb[0], pb[1]);
+        st_pair(sS, r, cc, x1[0], x1[1]);
+        st_pair(sS + OB, r, cc, x2[0], x2[1]);
+        st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
+      }
+    }
+    fence_async_smem();
+    __syncthreads();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) {
+      wg_hold(dk[dc]);
+      wg_hold(dv[dc]);
+    }
+    wg_arrive();
+    wg_xy<NDH>(dv, sP, sO + buf * TB, wg * NDH);
+    wg_xy<NDH>(dk, sS, sQ + buf * TB, wg * NDH);
+    wg_xy<NDH>(dk, sS + OB, sQ + buf * TB, wg * NDH);
+    wg_xy<NDH>(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
+    wg_commit();
+    wg_wait0();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) {
+      wg_hold(dk[dc]);
+      wg_hold(dv[dc]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int j = key[hr];
+    if (j >= p.T) continue;
+    const int64_t base = (tok0 + j) * p.ld_dkv + int64_t(kvh) * p.hd;
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int d = (wg * NDH + dc) * 64 + nt * 8 + 2 * t;
+        *reinterpret_cast<float2*>(p.dk + base + d) = make_float2(dk[dc][nt][2 * hr], dk[dc][nt][2 * hr + 1]);
+        *reinterpret_cast<float2*>(p.dv + base + d) = make_float2(dv[dc][nt][2 * hr], dv[dc][nt][2 * hr + 1]);
+      }
+  }
+}
+
+// dQ: a block per (64 queries, head, sequence), looping over the 64-key tiles the queries see. Warpgroup w
+// computes S = Q K^T and dP = dO V^T for keys 32 w .. 32 w + 31 of the tile, and accumulates dQ for head-dimension
+// columns w HD/2 .. (w + 1) HD/2 - 1.
+template <int HD>
+__global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const AttnParams p) {
+#ifndef GEMMA_SM90_DEVICE
+  __trap();  // built without wgmma: attn_sm90_applies never launches this
+#endif
+  constexpr int BQ = 64, BC = 64, NDH = HD / 128;
+  constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
+  extern __shared__ __align__(16) unsigned char smem_sm90[];
+  const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
+  const uint32_t sO = sQ + TB, sK = sO + TB, sV = sK + 2 * TB, sS = sV + 2 * TB + OB;  // sS: 3 tiles
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
+            t = lane & 3;
+  const int i0 = blockIdx.x * BQ, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (p.H / p.KV);
+  const int64_t tok0 = int64_t(b) * p.T;
+  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const int j_end = min(p.T, i0 + BQ);
+  const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
+  const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
+
+  cp_tile<BQ, HD, kSm90Threads>(sQ, p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd, p.ld_qkv, i0, p.T);
+  cp_tile<BQ, HD, kSm90Threads>(sO, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, i0, p.T);
+  cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
+  cp_tile<BC, HD, kSm90Threads>(sV, vg, p.ld_qkv, kt0 * BC, p.T);
+  cp_commit();
+
+  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  float mrow[2], lrow[2], Drow[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const bool ok = row[hr] < p.T;
+    const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
+    mrow[hr] = ok ? p.m[si] : 0.0f;
+    lrow[hr] = ok ? p.l[si] : 1.0f;
+    Drow[hr] = ok ? p.Dv[si] : 0.0f;
+  }
+  float dq[NDH][8][4];
+#pragma unroll
+  for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) dq[dc][nt][0] = dq[dc][nt][1] = dq[dc][nt][2] = dq[dc][nt][3] = 0.0f;
+
+  for (int kt = kt0; kt < kt1; ++kt) {
+    const int buf = (kt - kt0) & 1;
+    if (kt + 1 < kt1) {
+      cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * TB, kg, p.ld_qkv, (kt + 1) * BC, p.T);
+      cp_tile<BC, HD, kSm90Threads>(sV + (buf ^ 1) * TB, vg, p.ld_qkv, (kt + 1) * BC, p.T);
+    }
+    cp_commit();
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    const int j0 = kt * BC + 32 * wg;  // this warpgroup's 32 keys
+    float s[4][4] = {}, dp[4][4] = {};
+    wg_abt_n32_pair<HD>(s, sQ, sK + buf * TB + 32 * wg * 128, dp, sO, sV + buf * TB + 32 * wg * 128);
+    const bool full = !p.doc && !p.key_ok && j0 + 31 <= i0 && i0 + BQ - 1 < p.T &&
+                      (p.window <= 0 || i0 + BQ - 1 - j0 < p.window);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int c = nt * 8 + 2 * t;
+        bf16 x1[2], x2[2], x3[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          float pv;
+          const float ds = attn_ds(s[nt][2 * hr + u], dp[nt][2 * hr + u], mrow[hr], lrow[hr], Drow[hr],
+                                   full || attn_visible(p, b, row[hr], j0 + c + u), pv, p);
+          split3(ds, x1[u], x2[u], x3[u]);
+        }
+        const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
+        st_pair(sS, r, cc, x1[0], x1[1]);
+        st_pair(sS + OB, r, cc, x2[0], x2[1]);
+        st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
+      }
+    fence_async_smem();
+    __syncthreads();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) wg_hold(dq[dc]);
+    wg_arrive();
+    wg_xy<NDH>(dq, sS, sK + buf * TB, wg * NDH);
+    wg_xy<NDH>(dq, sS + OB, sK + buf * TB, wg * NDH);
+    wg_xy<NDH>(dq, sS + 2 * OB, sK + buf * TB, wg * NDH);
+    wg_commit();
+    wg_wait0();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) wg_hold(dq[dc]);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row[hr];
+    if (r >= p.T) continue;
+    const int64_t base = (tok0 + r) * p.ld_o + int64_t(h) * p.hd;
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int d = (wg * NDH + dc) * 64 + nt * 8 + 2 * t;
+        *reinterpret_cast<float2*>(p.dq + base + d) = make_float2(dq[dc][nt][2 * hr], dq[dc][nt][2 * hr + 1]);
+      }
+  }
+}
+
+// Whether a call takes the Hopper path: built for sm_90a (GEMMA_FAST_WGMMA), not switched off, a head size it has
+// and rows cp.async can copy (16-byte aligned; the outputs are written two at a time, so ld_o must be even).
+inline bool attn_sm90_applies(const AttnParams& p) {
+#ifdef GEMMA_FAST_WGMMA
+  return !p.mma_only && attn_hopper() && (p.hd == 128 || p.hd == 256) && p.vec && p.ld_o % 2 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+template <int HD>
+void attn_fwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
+  constexpr int smem = attn_fwd_sm90_smem<HD>();
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_fwd_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(unsigned((p.T + 127) / 128), unsigned(p.H), unsigned(p.B));
+  attn_fwd_sm90_kernel<HD><<<grid, kSm90Threads, smem, st>>>(p);
+  GEMMA_LAUNCHED("attn_fwd_sm90_kernel");
+}
+
+// att, o32, m, l from q, k, v.
+inline void attention_forward(AttnParams p, cudaStream_t st) {
+  if (p.B == 0 || p.T == 0) return;
+  attn_set_vec(p);
+  if (!attn_sm90_applies(p)) return attention_forward_mma(p, st);
+  if (p.hd == 256)
+    attn_fwd_sm90_launch<256>(p, st);
+  else
+    attn_fwd_sm90_launch<128>(p, st);
+}
+
+template <int HD>
+void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
+  constexpr int smem = attn_bwd_sm90_smem<HD>();
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_dq_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
+  attn_dq_sm90_kernel<HD><<<grid_q, kSm90Threads, smem, st>>>(p);
+  GEMMA_LAUNCHED("attn_dq_sm90_kernel");
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV), unsigned(p.B));
+  attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem, st>>>(p);
+  GEMMA_LAUNCHED("attn_dkdv_sm90_kernel");
+}
+
+// dq, dk, dv (fp32, before the RoPE backward) from dout (bf16), o32, m, l and a recomputation of the scores.
+inline void attention_backward(AttnParams p, cudaStream_t st) {
+  if (p.B == 0 || p.T == 0) return;
+  attn_set_vec(p);
+  if (!attn_sm90_applies(p)) return attention_backward_mma(p, st);
+  const int64_t warps = int64_t(p.B) * p.T * p.H;
+  attn_rowdot_kernel<<<unsigned((warps * 32 + 255) / 256), 256, 0, st>>>(p);
+  GEMMA_LAUNCHED("attn_rowdot_kernel");
+  if (p.hd == 256)
+    attn_bwd_sm90_launch<256>(p, st);
+  else
+    attn_bwd_sm90_launch<128>(p, st);
+}
+
+}  // namespace
+}  // namespace gemma::fast
