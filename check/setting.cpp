@@ -11,8 +11,11 @@
 namespace gemma::check {
 
 bool gate_preset(const std::string& name) {
-  return name == "gemma2-2b" || name == "gemma2-9b" || name == "gemma2-27b" || name == "gemma2-odd";
+  return name == "gemma2-2b" || name == "gemma2-9b" || name == "gemma2-27b" || name == "gemma2-odd" ||
+         name == "gemma2-hd128";
 }
+
+bool gate_companion(const std::string& name) { return name == "gemma2-odd" || name == "gemma2-hd128"; }
 
 namespace {
 
@@ -30,7 +33,7 @@ void make_gate_setting(Inputs& in, const std::string& preset, uint64_t seed) {
   Config& c = in.model.config;
   Batch& b = in.batch;
   const int64_t T = b.T, B = b.B;
-  const bool released = preset != "gemma2-odd";
+  const bool released = !gate_companion(preset);
   auto path = [&](const std::string& s) { in.paths.push_back(s); };
 
   // Sliding layers must see sequences longer than their window: shrunk for the gate (the released 4096 would need

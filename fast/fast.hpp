@@ -31,7 +31,7 @@ struct OutOfMemory : InputError {
 };
 
 // False, with the reason, when there is no usable CUDA device (no driver, no device, or one this build's
-// sm_90 code cannot run on).
+// sm_90a code cannot run on).
 bool device_available(std::string* why);
 
 struct Options {

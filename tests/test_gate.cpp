@@ -143,6 +143,16 @@ const check::Inputs& odd_inputs() {
   return in;
 }
 
+// gemma2-hd128: the companion that takes the GPU trainer's Hopper attention (head_dim 128) at small widths.
+const check::Inputs& hd128_inputs() {
+  static const check::Inputs in = [] {
+    check::InputSpec s;
+    s.model = "gemma2-hd128";
+    return check::load_inputs(s);
+  }();
+  return in;
+}
+
 }  // namespace
 
 // The reference side runs as tasks sharing the thread budget (check/parallel.hpp): the policy's correct variants,
@@ -204,6 +214,28 @@ TEST(Gate, ACorrectTrainerPassesTheGate) {
     EXPECT_TRUE(v.pass) << "seed " << seed << ": " << v.worst << " " << v.worst_check;
     std::printf("correct stand-in, seed %llu%s: worst %.3g of tolerance (%s)\n", (unsigned long long)seed,
                 accum ? " with tensor-core accumulation" : "", v.worst, v.worst_check.c_str());
+  }
+}
+
+// The second companion's setting (2 x 150 tokens, head_dim 128, padding masks) on the CPU: correct stand-ins pass it
+// and attention bugs fail it with margin, as on gemma2-odd. (Its GPU run is the trainer's: docs/verification.md.)
+TEST(Gate, TheHd128CompanionPassesCorrectStandInsAndCatchesAttentionBugs) {
+  const check::Inputs& in = hd128_inputs();
+  ASSERT_EQ(in.model.config.head_dim, 128);
+  ASSERT_EQ(in.batch.T, 150);
+  ASSERT_FALSE(in.batch.attention_mask.empty());  // the companions' padding, as gemma2-odd's
+  for (uint64_t seed = 3; seed < 7; ++seed) {
+    const GateVerdict v = gate_with(in, {true, true}, std::nullopt, seed, seed % 2 == 0);
+    EXPECT_TRUE(v.pass) << "seed " << seed << ": " << v.worst << " " << v.worst_check;
+    std::printf("hd128, correct stand-in, seed %llu: worst %.3g of tolerance (%s)\n", (unsigned long long)seed,
+                v.worst, v.worst_check.c_str());
+  }
+  for (Bug b : {Bug::softcap_grad_missing, Bug::sliding_off_by_one, Bug::qpas_head_dim}) {
+    const GateVerdict v = gate_with(in, {true, true}, b);
+    EXPECT_FALSE(v.pass) << bug_info(b).id;
+    EXPECT_GE(v.worst, 3.0) << bug_info(b).id << ": " << v.worst_check;
+    std::printf("hd128, %s: worst %.3g of tolerance (%s)\n", std::string(bug_info(b).id).c_str(), v.worst,
+                v.worst_check.substr(0, 160).c_str());
   }
 }
 

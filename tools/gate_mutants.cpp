@@ -167,7 +167,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> tags;
     settings.push_back(std::make_unique<Inputs>(load_inputs(spec)));
     tags.push_back("");
-    if (gate_preset(*spec.model) && *spec.model != "gemma2-odd") {
+    if (gate_preset(*spec.model) && !gate_companion(*spec.model)) {
       InputSpec cs;
       cs.model = "gemma2-odd";
       cs.seed = spec.seed;
@@ -176,6 +176,10 @@ int main(int argc, char** argv) {
       cs.quantize = "nf4";  // the trainer's NF4 path, as verify runs it: the companion quantized, first combination
       settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
       tags.push_back("odd nf4 ");
+      cs.quantize.reset();
+      cs.model = "gemma2-hd128";  // the Hopper attention at small widths, as verify runs it
+      settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
+      tags.push_back("hd128 ");
     }
     // The companion first: its cases take a second each, and most broken builds fail there already.
     std::vector<Case> cases;

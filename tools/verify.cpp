@@ -82,7 +82,8 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                         ") or fewer layers");
 
   Report report;
-  nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array();
+  nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array(),
+                 hd128_runs = nlohmann::json::array();
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
   auto verify_setting = [&](const InputSpec& sspec, const Inputs& in, const std::string& tag,
@@ -159,7 +160,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     // Judging a torch result at released widths runs the reference five times already (float64, the policy, three
     // variants); the self-check would double that (gemma2-2b, 2 layers, 2 x 32: 420 of 863 s on 2 cores), and
     // the result's verdict does not depend on it. The tests and --model runs check the reference's backward.
-    const bool gate_widths = run_fast && tag.empty() && sspec.model && gate_preset(*sspec.model) && *sspec.model != "gemma2-odd";
+    const bool gate_widths = run_fast && tag.empty() && sspec.model && gate_preset(*sspec.model) && !gate_companion(*sspec.model);
     const bool big_torch = w.ex && torch_policy && weights > (int64_t(50) << 20);
     w.fd = run_ref && !gate_widths && !big_torch;
     if (gate_widths)
@@ -200,7 +201,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       std::printf("[%ssoftcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
-      (tag.empty() ? runs : companion_runs)
+      (tag.empty() ? runs : tag == "hd128 " ? hd128_runs : companion_runs)
           .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
       continue;
     }
@@ -231,15 +232,15 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
     }
-    (tag.empty() ? runs : companion_runs)
+    (tag.empty() ? runs : tag == "hd128 " ? hd128_runs : companion_runs)
         .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
     if (tag.empty()) last_grads = std::move(out.grads);
   }
   };
   verify_setting(spec, in, "", combos);
   // A released preset's gate also runs gemma2-odd: what the released widths cannot reach (an odd vocabulary, a
-  // padding mask, sqrt(hidden) not a bf16 number, head_dim 18).
-  if (spec.model && gate_preset(*spec.model) && *spec.model != "gemma2-odd") {
+  // padding mask, sqrt(hidden) not a bf16 number, head_dim 18); with the trainer, gemma2-hd128 too.
+  if (spec.model && gate_preset(*spec.model) && !gate_companion(*spec.model)) {
     InputSpec cs;
     cs.model = "gemma2-odd";
     cs.seed = spec.seed;
@@ -255,6 +256,16 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       const Inputs qi = load_inputs(cs);
       std::printf("\n");
       verify_setting(cs, qi, "odd nf4 ", {combos.front()});
+    }
+    // The attention path the released head sizes take on the GPU (fast/attention_sm90.cuh) at small widths, where
+    // the tolerances are tight: a trainer-side companion (the reference's code path is gemma2-odd's).
+    if (run_fast) {
+      InputSpec hs = cs;
+      hs.model = "gemma2-hd128";
+      hs.quantize = spec.quantize;
+      const Inputs hi = load_inputs(hs);
+      std::printf("\n");
+      verify_setting(hs, hi, "hd128 ", combos);
     }
   }
   report.print_summary();
@@ -287,6 +298,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       };
       nlohmann::json j = shaped(runs);
       if (!companion_runs.empty()) j["companion"] = shaped(companion_runs);
+      if (!hd128_runs.empty()) j["companion_hd128"] = shaped(hd128_runs);
       j["checks"] = checks_json(report);
       j["pass"] = report.all_pass();
       j["source"] = in.source;
@@ -315,7 +327,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> softcap, json_path, junit_path, dump_path;
   std::optional<std::string> backend;
   std::optional<uint64_t> seed;
-  app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro, gemma2-odd)");
+  app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro, gemma2-odd, gemma2-hd128)");
   app.add_option("--case", spec.case_path, "HDF5 case file (docs/formats.md)");
   app.add_option("--config", spec.config, "HF config.json");
   app.add_option("--weights", spec.weights, "safetensors file or checkpoint directory");
