@@ -215,7 +215,7 @@ std::string make_trained_like(Checkpoint& ck, double shift, double q_scale, doub
     edit(proj_weight_name(l, Proj::gate_proj),
          [&](int64_t i, double g) { return (i % D) % 8 == 0 ? gate_spread * g - beta : gate_spread * g; });
   }
-  char b[400];
+  char b[1024];  // room for any double the %g and %.0f fields could print
   std::snprintf(b, sizeof b, "trained-like weights: post-norm scales raised by 3, shared embedding component %.4f on every 8th "
                 "dimension mapped to -1 by the final norm (logits shifted down by about %.0f), q_proj scaled by %g (attention "
                 "scores spread %g times as wide), a sparse MLP (gate_proj offset on the shared dimensions to centre the gate "
