@@ -10,9 +10,13 @@
 #   tests      both GPU test binaries (JUnit XML in results.tar.gz)
 #   bench      fast_bench: gemma2-9b 2 x 1024 (with and without recompute), gemma2-27b 2 x 1024, gemma2-9b 2 x 4096,
 #              QLoRA (--quantize nf4) 9b and 27b 2 x 1024,
-#              then gemma2-9b 2 x 1024 once more with GEMMA_FAST_PROFILE=1 (device time per schedule segment)
+#              then gemma2-9b 2 x 1024 once more with GEMMA_FAST_PROFILE=1 (device time per schedule segment),
+#              and the attention kernels alone (fast_bench --attention) at 9b 2 x 4096, 9b 2 x 1024, 27b 2 x 1024
 #   alt        the other attention fragment path (GEMMA_FAST_LDMATRIX flipped): its attention and whole-model tests,
-#              and the 9b benchmarks at 1024 and 4096
+#              and the 9b benchmarks at 1024 and 4096; then the whole-model tests with the mma.sync attention
+#              kernels in place of the Hopper ones (GEMMA_FAST_ATTN=mma)
+#   long       (not in the default set: about 9 minutes) gemma2-9b batch 1 within 80 GiB (--memory-limit 80,
+#              offloaded checkpoints) at 16384, 32768, 65536 and 131072 tokens
 #   faults     each deliberate bug of fast/device.hpp (GEMMA_FAST_FAULT) switched on: the tests that defend
 #              against it must fail, or they could not catch it
 #   sanitizer  compute-sanitizer memcheck and racecheck over the small kernel cases and a tiny model run
@@ -59,6 +63,12 @@ fi
 if has bench; then
   for args in "${bench_configs[@]}"; do bench "$out/bench.log" $args; done
   GEMMA_FAST_PROFILE=1 bench "$out/bench.log" --model gemma2-9b --batch 2 --seq 1024
+  for args in "--model gemma2-9b --batch 2 --seq 4096" "--model gemma2-9b --batch 2 --seq 1024" \
+              "--model gemma2-27b --batch 2 --seq 1024"; do
+    echo "== fast_bench $args --attention --steps 10" >>"$out/bench.log"
+    timeout 120 "$bin/fast_bench" $args --attention --steps 10 --json "$extra/bench.jsonl" >>"$out/bench.log" 2>&1
+    note "fast_bench $args --attention: rc $? $(grep -E '^global +cap on +wgmma' "$out/bench.log" | tail -1)"
+  done
 fi
 
 if has alt; then
@@ -72,6 +82,21 @@ if has alt; then
   note "alt model tests: rc $rc2, $(grep -c '^\[       OK \]' "$out/alt.log") passed in total"
   GEMMA_FAST_LDMATRIX=$alt bench "$out/alt.log" --model gemma2-9b --batch 2 --seq 1024
   GEMMA_FAST_LDMATRIX=$alt bench "$out/alt.log" --model gemma2-9b --batch 2 --seq 4096
+  GEMMA_FAST_ATTN=mma timeout 300 "$bin/test_fast_model" >>"$out/alt.log" 2>&1
+  rc3=$?
+  note "model tests with GEMMA_FAST_ATTN=mma: rc $rc3"
+  [[ $rc == 0 && $rc2 == 0 && $rc3 == 0 ]] || status=1
+fi
+
+if has long; then
+  for T in 16384 32768 65536 131072; do
+    w=1
+    [[ $T -ge 65536 ]] && w=0  # a step there takes 1.5 and 4.5 minutes: no warm-up step
+    echo "== fast_bench --model gemma2-9b --batch 1 --seq $T --offload --memory-limit 80 --warmup $w --steps 1" >>"$out/bench.log"
+    timeout 400 "$bin/fast_bench" --model gemma2-9b --batch 1 --seq $T --offload --memory-limit 80 --warmup $w --steps 1 \
+      --json "$extra/bench.jsonl" >>"$out/bench.log" 2>&1
+    note "fast_bench 9b 1 x $T within 80 GiB: rc $? $(grep 'tokens/s' "$out/bench.log" | tail -1)"
+  done
 fi
 
 if has faults; then
