@@ -156,9 +156,14 @@ __device__ __forceinline__ void wg_abt(float (&s)[8][4], uint32_t a_base, uint32
 
 // o[dc] (64 x 64 columns dc*64..) += P V, P (64 x 64 keys) as four k16 A fragments, V the 64-key tile at v_base.
 template <int ND>
-__device__ __forceinline__ void wg_pv(float (&o)[ND][8][4], const uint32_t (&a)[4][4], uint32_t v_base) {
+__device__ __forceinline__ void wg_pv(float (&o)[ND][8][4], uint32_t (&a)[4][4], uint32_t v_base) {
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
+  // The A fragments too: they must be written before wgmma.fence, and the compiler must not move that.
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[k][i])::"memory");
   wg_arrive();
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc)
@@ -613,11 +618,15 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
   }
 }
 
-// Whether a call takes the Hopper path: built for sm_90a (GEMMA_FAST_WGMMA), not switched off, a head size it has
-// and rows cp.async can copy (16-byte aligned; the outputs are written two at a time, so ld_o must be even).
+// Whether a call takes the Hopper path: built for sm_90a (GEMMA_FAST_WGMMA), not switched off, on an sm_90 device,
+// a head size it has, rows cp.async can copy (16-byte aligned), and outputs it can write two at a time (float2 and
+// bf16 pairs: even row strides, 8-byte aligned fp32 outputs).
+inline bool attn_aligned(const void* ptr, uintptr_t a) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 inline bool attn_sm90_applies(const AttnParams& p) {
 #ifdef GEMMA_FAST_WGMMA
-  return !p.mma_only && attn_hopper() && (p.hd == 128 || p.hd == 256) && p.vec && p.ld_o % 2 == 0;
+  return !p.mma_only && (p.hd == 128 || p.hd == 256) && p.vec && p.ld_o % 2 == 0 && p.ld_dkv % 2 == 0 &&
+         attn_aligned(p.att, 4) && attn_aligned(p.o32, 8) && attn_aligned(p.dq, 8) && attn_aligned(p.dk, 8) &&
+         attn_aligned(p.dv, 8) && attn_hopper();
 #else
   (void)p;
   return false;

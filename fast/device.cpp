@@ -102,7 +102,13 @@ bool attn_hopper() {
       throw InputError("GEMMA_FAST_ATTN: '" + s + "' is neither 'wgmma' (the default) nor 'mma'");
     return s != "mma";
   }();
-  return on;
+  if (!on) return false;
+  // The Hopper kernels exist as sm_90a code only: a build for several architectures may run on another device.
+  int dev = 0, major = 0, minor = 0;
+  GEMMA_CUDA(cudaGetDevice(&dev));
+  GEMMA_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  GEMMA_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
 }
 
 }  // namespace gemma::fast

@@ -97,7 +97,8 @@ const Faults& faults();
 // Attention fragments through ldmatrix (the default) or, with GEMMA_FAST_LDMATRIX=0, through plain shared loads.
 bool attn_ldmatrix();
 // The attention kernels: GEMMA_FAST_ATTN=wgmma (default) takes the Hopper kernels (fast/attention_sm90.cuh) for
-// head_dim 128 and 256, =mma the mma.sync kernels (fast/attention.cuh) everywhere; anything else is an InputError.
+// head_dim 128 and 256 on a compute capability 9.0 device, =mma the mma.sync kernels (fast/attention.cuh)
+// everywhere; anything else is an InputError.
 bool attn_hopper();
 
 }  // namespace gemma::fast

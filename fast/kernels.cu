@@ -213,6 +213,18 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
   p.cap = float(s.cap);
   p.window = attn_window(s.window > 0, s.window);
   p.drop_sech2 = faults().softcap_grad_missing;
+  DeviceArray<int32_t> doc;
+  DeviceArray<uint8_t> key_ok;
+  if (!s.doc.empty()) {
+    if (int64_t(s.doc.size()) != N) throw std::invalid_argument("kernels::attention: doc is not B*T long");
+    doc = up(s.doc, m);
+    p.doc = doc.get();
+  }
+  if (!s.key_ok.empty()) {
+    if (int64_t(s.key_ok.size()) != N) throw std::invalid_argument("kernels::attention: key_ok is not B*T long");
+    key_ok = up(s.key_ok, m);
+    p.key_ok = key_ok.get();
+  }
   p.att = att.get();
   p.o32 = o32.get();
   p.ld_o = HD;

@@ -48,6 +48,8 @@ struct AttnShape {
   bool cap_on = false;
   double cap = 50;
   int64_t window = 0;  // 0: global layer; else a sliding layer of W keys
+  std::vector<int32_t> doc;     // (B*T) document of each token (packed rows); empty: one per sequence
+  std::vector<uint8_t> key_ok;  // (B*T) 0 for padding tokens; empty: none
 };
 struct Attention {
   std::vector<float> out;         // (N, H*hd) bf16 values
