@@ -179,6 +179,54 @@ std::vector<float> rope_backward(int64_t N, int64_t T, int64_t heads, int64_t hd
   return down_bf16(out.get(), size_t(N * heads * hd));
 }
 
+namespace {
+
+// One attention call on the engine's fused q|k|v layout: q|k|v (N, H*hd + 2 KV*hd) and dout (N, H*hd) on the device,
+// the outputs allocated here (NaN-poisoned), the parameters filled from the shape but for the window, masks and
+// faults, which the caller sets.
+struct AttnRun {
+  DeviceArray<bf16> att;
+  DeviceArray<float> o32, m, l, Dv, dq, dk, dv;
+  AttnParams p;
+  AttnRun(const AttnShape& s, const bf16* qkv, const bf16* dout, bool mma_only, MemoryTracker& mem) {
+    const int64_t N = s.B * s.T, HD = s.H * s.hd, KVHD = s.KV * s.hd;
+    att = poisoned<bf16>(size_t(N * HD), mem);
+    o32 = poisoned<float>(size_t(N * HD), mem);
+    m = poisoned<float>(size_t(N * s.H), mem);
+    l = poisoned<float>(size_t(N * s.H), mem);
+    Dv = poisoned<float>(size_t(N * s.H), mem);
+    dq = poisoned<float>(size_t(N * HD), mem);
+    dk = poisoned<float>(size_t(N * KVHD), mem);
+    dv = poisoned<float>(size_t(N * KVHD), mem);
+    p.q = qkv;
+    p.k = qkv + HD;
+    p.v = qkv + HD + KVHD;
+    p.ld_qkv = HD + 2 * KVHD;
+    p.B = int(s.B);
+    p.T = int(s.T);
+    p.H = int(s.H);
+    p.KV = int(s.KV);
+    p.hd = int(s.hd);
+    p.scale = float(s.scale);
+    p.cap_on = s.cap_on;
+    p.cap = float(s.cap);
+    p.att = att.get();
+    p.o32 = o32.get();
+    p.ld_o = HD;
+    p.m = m.get();
+    p.l = l.get();
+    p.dout = dout;
+    p.Dv = Dv.get();
+    p.dq = dq.get();
+    p.dk = dk.get();
+    p.dv = dv.get();
+    p.ld_dkv = KVHD;
+    p.mma_only = mma_only;
+  }
+};
+
+}  // namespace
+
 Attention attention(const AttnShape& s, const std::vector<float>& q, const std::vector<float>& k,
                     const std::vector<float>& v, const std::vector<float>& dout, bool mma_only) {
   MemoryTracker m;
@@ -192,25 +240,8 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
   }
   auto qd = up_bf16(qkv, m);
   auto dd = up_bf16(dout, m);
-  auto att = poisoned<bf16>(size_t(N * HD), m);
-  auto o32 = poisoned<float>(size_t(N * HD), m);
-  auto mm = poisoned<float>(size_t(N * s.H), m), ll = poisoned<float>(size_t(N * s.H), m);
-  auto Dv = poisoned<float>(size_t(N * s.H), m);
-  auto dq = poisoned<float>(size_t(N * HD), m);
-  auto dk = poisoned<float>(size_t(N * KVHD), m), dv = poisoned<float>(size_t(N * KVHD), m);
-  AttnParams p;
-  p.q = qd.get();
-  p.k = qd.get() + HD;
-  p.v = qd.get() + HD + KVHD;
-  p.ld_qkv = QKV;
-  p.B = int(s.B);
-  p.T = int(s.T);
-  p.H = int(s.H);
-  p.KV = int(s.KV);
-  p.hd = int(s.hd);
-  p.scale = float(s.scale);
-  p.cap_on = s.cap_on;
-  p.cap = float(s.cap);
+  AttnRun a(s, qd.get(), dd.get(), mma_only, m);
+  AttnParams& p = a.p;
   p.window = attn_window(s.window > 0, s.window);
   p.drop_sech2 = faults().softcap_grad_missing;
   DeviceArray<int32_t> doc;
@@ -225,27 +256,15 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
     key_ok = up(s.key_ok, m);
     p.key_ok = key_ok.get();
   }
-  p.att = att.get();
-  p.o32 = o32.get();
-  p.ld_o = HD;
-  p.m = mm.get();
-  p.l = ll.get();
-  p.dout = dd.get();
-  p.Dv = Dv.get();
-  p.dq = dq.get();
-  p.dk = dk.get();
-  p.dv = dv.get();
-  p.ld_dkv = KVHD;
-  p.mma_only = mma_only;
   attention_forward(p, kStream);
   attention_backward(p, kStream);
   done();
   Attention r;
-  r.out = down_bf16(att.get(), size_t(N * HD));
-  r.o32 = down_f32(o32.get(), size_t(N * HD));
-  r.dq = down_f32(dq.get(), size_t(N * HD));
-  r.dk = down_f32(dk.get(), size_t(N * KVHD));
-  r.dv = down_f32(dv.get(), size_t(N * KVHD));
+  r.out = down_bf16(a.att.get(), size_t(N * HD));
+  r.o32 = down_f32(a.o32.get(), size_t(N * HD));
+  r.dq = down_f32(a.dq.get(), size_t(N * HD));
+  r.dk = down_f32(a.dk.get(), size_t(N * KVHD));
+  r.dv = down_f32(a.dv.get(), size_t(N * KVHD));
   return r;
 }
 
@@ -282,36 +301,9 @@ AttnTiming time_attention(const AttnShape& s, int iters, bool mma_only) {
   DeviceArray<bf16> qkv(size_t(N * QKV), "q|k|v", m), dout(size_t(N * HD), "dout", m);
   gemma::fast::synthetic_bf16(qkv.get(), N, QKV, QKV, 11, 1.0, kStream);
   gemma::fast::synthetic_bf16(dout.get(), N, HD, HD, 12, 0.01, kStream);
-  DeviceArray<bf16> att(size_t(N * HD), "att", m);
-  DeviceArray<float> o32(size_t(N * HD), "o32", m), mm(size_t(N * s.H), "m", m), ll(size_t(N * s.H), "l", m),
-      Dv(size_t(N * s.H), "D", m), dq(size_t(N * HD), "dq", m), dk(size_t(N * KVHD), "dk", m),
-      dv(size_t(N * KVHD), "dv", m);
-  AttnParams p;
-  p.q = qkv.get();
-  p.k = qkv.get() + HD;
-  p.v = qkv.get() + HD + KVHD;
-  p.ld_qkv = QKV;
-  p.B = int(s.B);
-  p.T = int(s.T);
-  p.H = int(s.H);
-  p.KV = int(s.KV);
-  p.hd = int(s.hd);
-  p.scale = float(s.scale);
-  p.cap_on = s.cap_on;
-  p.cap = float(s.cap);
-  p.window = int(s.window);
-  p.att = att.get();
-  p.o32 = o32.get();
-  p.ld_o = HD;
-  p.m = mm.get();
-  p.l = ll.get();
-  p.dout = dout.get();
-  p.Dv = Dv.get();
-  p.dq = dq.get();
-  p.dk = dk.get();
-  p.dv = dv.get();
-  p.ld_dkv = KVHD;
-  p.mma_only = mma_only;
+  AttnRun a(s, qkv.get(), dout.get(), mma_only, m);
+  a.p.window = int(s.window);
+  const AttnParams& p = a.p;
   AttnTiming r;
   r.forward_ms = median_ms(iters, [&] { attention_forward(p, kStream); });
   r.backward_ms = median_ms(iters, [&] { attention_backward(p, kStream); });

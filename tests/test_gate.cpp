@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <functional>
+#include <map>
 #include <optional>
 
 #include "check/compare.hpp"
@@ -134,24 +135,19 @@ GateVerdict gate_with(const check::Inputs& in, Softcap sc, const std::optional<B
   return v;
 }
 
-const check::Inputs& odd_inputs() {
-  static const check::Inputs in = [] {
+// A preset's gate setting, loaded once per test binary: gemma2-odd, and gemma2-hd128 (the companion that takes the
+// GPU trainer's Hopper attention, head_dim 128, at small widths).
+const check::Inputs& preset_inputs(const std::string& model) {
+  static std::map<std::string, check::Inputs> loaded;
+  auto it = loaded.find(model);
+  if (it == loaded.end()) {
     check::InputSpec s;
-    s.model = "gemma2-odd";
-    return check::load_inputs(s);
-  }();
-  return in;
+    s.model = model;
+    it = loaded.emplace(model, check::load_inputs(s)).first;
+  }
+  return it->second;
 }
-
-// gemma2-hd128: the companion that takes the GPU trainer's Hopper attention (head_dim 128) at small widths.
-const check::Inputs& hd128_inputs() {
-  static const check::Inputs in = [] {
-    check::InputSpec s;
-    s.model = "gemma2-hd128";
-    return check::load_inputs(s);
-  }();
-  return in;
-}
+const check::Inputs& odd_inputs() { return preset_inputs("gemma2-odd"); }
 
 }  // namespace
 
@@ -220,7 +216,7 @@ TEST(Gate, ACorrectTrainerPassesTheGate) {
 // The second companion's setting (2 x 150 tokens, head_dim 128, padding masks) on the CPU: correct stand-ins pass it
 // and attention bugs fail it with margin, as on gemma2-odd. (Its GPU run is the trainer's: docs/verification.md.)
 TEST(Gate, TheHd128CompanionPassesCorrectStandInsAndCatchesAttentionBugs) {
-  const check::Inputs& in = hd128_inputs();
+  const check::Inputs& in = preset_inputs("gemma2-hd128");
   ASSERT_EQ(in.model.config.head_dim, 128);
   ASSERT_EQ(in.batch.T, 150);
   ASSERT_FALSE(in.batch.attention_mask.empty());  // the companions' padding, as gemma2-odd's

@@ -84,6 +84,10 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   Report report;
   nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array(),
                  hd128_runs = nlohmann::json::array();
+  // Where a setting's runs go in --json: the main setting's, gemma2-odd's (its NF4 run too), gemma2-hd128's.
+  auto runs_for = [&](const std::string& tag) -> nlohmann::json& {
+    return tag.empty() ? runs : tag == "hd128 " ? hd128_runs : companion_runs;
+  };
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
   auto verify_setting = [&](const InputSpec& sspec, const Inputs& in, const std::string& tag,
@@ -201,8 +205,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       std::printf("[%ssoftcap %s] fast loss %.10g (fast-policy reference %.10g) over %lld targets, %.3f s on the device\n",
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, fr.loss_fast_policy, (long long)fr.tokens, fr.seconds);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
-      (tag.empty() ? runs : tag == "hd128 " ? hd128_runs : companion_runs)
-          .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+      runs_for(tag).push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
       continue;
     }
     ref::Output& out = w.out;
@@ -232,8 +235,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                   tag.c_str(), softcap_name(sc).c_str(), fr.loss, (long long)fr.tokens, fr.seconds, fr.peak_device_bytes / 1e9);
       results["fast"] = {{"loss", fr.loss}, {"tokens", fr.tokens}, {"seconds", fr.seconds}, {"peak_device_bytes", fr.peak_device_bytes}};
     }
-    (tag.empty() ? runs : tag == "hd128 " ? hd128_runs : companion_runs)
-        .push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
+    runs_for(tag).push_back({{"setting", in.source}, {"softcap", {{"attn", sc.attn}, {"logits", sc.logits}}}, {"results", results}});
     if (tag.empty()) last_grads = std::move(out.grads);
   }
   };
