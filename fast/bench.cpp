@@ -135,6 +135,16 @@ int main(int argc, char** argv) {
   app.add_flag("--attention", attention, "time the attention kernels alone at the model's shapes (--steps runs each)");
   app.add_flag("--longest", longest, "search the longest sequence that fits (multiples of 1024; --seq is ignored)");
   CLI11_PARSE(app, argc, argv);
+  if (attention) {
+    // The attention bench times both caps and both kernel families at the model's shapes, one warm-up run each:
+    // the options of a training step would be ignored there, so they are refused.
+    for (const char* o : {"--rank", "--warmup", "--micro-batches", "--layers", "--softcap", "--gpus", "--no-recompute",
+                          "--offload", "--quantize", "--memory-limit", "--longest"})
+      if (app.count(o) > 0) {
+        std::fprintf(stderr, "fast_bench: %s does not apply to --attention (it times the attention kernels alone)\n", o);
+        return 2;
+      }
+  }
   try {
     if (steps < 1 && !longest) {
       std::fprintf(stderr, "fast_bench: --steps must be at least 1\n");
