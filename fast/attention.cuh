@@ -36,6 +36,7 @@ struct AttnParams {
   float scale = 1;  // query_pre_attn_scalar^-0.5
   bool cap_on = false;
   float cap = 1;
+  float cap_k = 0;  // -2 log2(e) / cap (attn_set_derived): the softcap's exp2 argument per |score|
   int window = 0;          // 0: every past key; else keys with 0 <= i - j <= window - 1
   const int32_t* doc = nullptr;    // (B*T) document of each token (packed rows); null: one per sequence
   const uint8_t* key_ok = nullptr; // (B*T) 0 for padding tokens, never attended; null: none
@@ -81,9 +82,54 @@ __device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, 
   return !p.key_ok || p.key_ok[base + j];
 }
 
-__device__ __forceinline__ float attn_capped(float s, const AttnParams& p) {
-  return p.cap_on ? p.cap * tanhf(s / p.cap) : s;
+// Elementwise math per score, shared by both kernel families and by forward and backward (so the backward rebuilds
+// the forward's bf16 P bit for bit). It is built on the special-function unit: per score, one exp2 for the softcap,
+// one for the probability and one approximate reciprocal, no division (tanhf, expf and two IEEE divisions took
+// about three times the instructions, and the kernels are bound by this arithmetic, not by the tensor cores).
+//
+// Softcap of a scaled score x: c tanh(x / c) = sign(x) c (1 - e) / (1 + e) and sech^2(x / c) = 4 e / (1 + e)^2,
+// with e = exp(-2|x|/c) = 2^(cap_k |x|), cap_k = -2 log2(e) / c. Error: exp2f is within 2 ulp (CUDA C Programming
+// Guide, table of single-precision functions) and so is __fdividef for a divisor in [1, 2], so 1 - e is off by at
+// most 3e-7 and the capped score by at most 6e-7 c (3e-5 at Gemma 2's c = 50), absolutely; tanhf was within 2 ulp
+// relatively (6e-6 at |z| = 50). Scores enter the softmax through exp(z - m), so an absolute error d in z is a
+// relative error d in P, here 1/65 of the 2^-9 half-step of P's bf16 rounding. The form has no cancellation in the
+// tail, where 1 - tanh^2 would fall to zero (docs/model.md).
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float attn_cap_e(float x, const AttnParams& p) { return exp2f(p.cap_k * fabsf(x)); }
+__device__ __forceinline__ float attn_cap_from(float x, float e, float r, const AttnParams& p) {
+  return copysignf(p.cap * ((1.0f - e) * r), x);
 }
+__device__ __forceinline__ float attn_capped(float x, const AttnParams& p) {
+  if (!p.cap_on) return x;
+  const float e = attn_cap_e(x, p);
+  return attn_cap_from(x, e, __fdividef(1.0f, 1.0f + e), p);
+}
+// The capped score, and d(capped)/dx = sech^2(x / c) in sech2 (1 without the cap).
+__device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float& sech2) {
+  if (!p.cap_on) {
+    sech2 = 1.0f;
+    return x;
+  }
+  const float e = attn_cap_e(x, p), r = __fdividef(1.0f, 1.0f + e);
+  sech2 = 4.0f * e * (r * r);
+  return attn_cap_from(x, e, r, p);
+}
+
+// P = exp(z - m) / l before its bf16 rounding, as exp2(z log2(e) - m2) inv_l with a row's m2 = m log2(e) and
+// inv_l = 1 / l (attn_row). Error: the fused multiply-add rounds once, 2^-24 |z - m| log2(e) relative in the result
+// for |z|, |m| up to the cap; exp2f 2 ulp; the product 0.5 ulp, and 1 / l (IEEE) 0.5 ulp: together under 1e-5 of P,
+// against P's own rounding to bf16 (2^-9).
+__device__ __forceinline__ float attn_prob(float z, float m2, float inv_l) {
+  return exp2f(fmaf(z, kLog2e, -m2)) * inv_l;
+}
+// A row's m2 and inv_l from its max m and sum l. A row that sees no key (l = 0) never forms a P.
+__device__ __forceinline__ void attn_row(float m, float l, float& m2, float& inv_l) {
+  m2 = m * kLog2e;
+  inv_l = l > 0.0f ? __frcp_rn(l) : 0.0f;
+}
+// exp(z - m) inside pass 1's sums, m2 = m log2(e) (as attn_prob, without the normalisation).
+__device__ __forceinline__ float attn_exp(float z, float m2) { return exp2f(fmaf(z, kLog2e, -m2)); }
 
 // Shared-memory tile s (rows x HDP, row stride HDP + 8) = rows [row0, row0 + rows) of a head in global memory,
 // zero beyond T and beyond hd (zero padding leaves every dot product exact).
@@ -241,17 +287,21 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mnew = fmaxf(mrow[hr], mx);
       const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
+      const float mref2 = mref * kLog2e;
       float sum = 0;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) sum += expf(z[nt][2 * hr] - mref) + expf(z[nt][2 * hr + 1] - mref);
+      for (int nt = 0; nt < 4; ++nt) sum += attn_exp(z[nt][2 * hr], mref2) + attn_exp(z[nt][2 * hr + 1], mref2);
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      lrow[hr] = lrow[hr] * expf(mrow[hr] - mref) + sum;
+      lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref2) + sum;
       mrow[hr] = mnew;
     }
   }
 
   // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
+  float m2[2], inv_l[2];
+  attn_row(mrow[0], lrow[0], m2[0], inv_l[0]);
+  attn_row(mrow[1], lrow[1], m2[1], inv_l[1]);
   float o[NTD][4];
 #pragma unroll
   for (int nd = 0; nd < NTD; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
@@ -270,7 +320,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
         const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
         float pv = 0.0f;
         if (attn_visible(p, b, row[hr], j))
-          pv = expf(attn_capped(__fmul_rn(s[nt][e], p.scale), p) - mrow[hr]) / lrow[hr];
+          pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), m2[hr], inv_l[hr]);
         pb[nt][e] = __float2bfloat16_rn(pv);
       }
     uint32_t aP[2][4];
@@ -326,18 +376,20 @@ __global__ void attn_rowdot_kernel(const AttnParams p) {
   }
 }
 
-// dS for one score: P (dP - D) sech^2(s / c) scale, with P rebuilt exactly as the forward's bf16 probability.
-__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float l, float D, bool vis, float& p_out,
-                                         const AttnParams& p) {
+// dS for one score: P (dP - D) sech^2(s / c) scale, with P rebuilt exactly as the forward's bf16 probability
+// (m2, inv_l: the query row's attn_row of the saved m and l).
+__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m2, float inv_l, float D, bool vis,
+                                         float& p_out, const AttnParams& p) {
   if (!vis) {
     p_out = 0.0f;
     return 0.0f;
   }
   const float s = __fmul_rn(acc_s, p.scale);
-  const float P = round_bf16(expf(attn_capped(s, p) - m) / l);
+  float sech2;
+  const float P = round_bf16(attn_prob(attn_capped(s, p, sech2), m2, inv_l));
   p_out = P;
   float ds = P * (dp - D);
-  if (p.cap_on && !p.drop_sech2) ds *= softcap_grad(s, p.cap);
+  if (p.cap_on && !p.drop_sech2) ds *= sech2;
   return ds * p.scale;
 }
 
@@ -362,13 +414,12 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dq_kernel(const AttnParams 
   load_tile<HDP>(dOs, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, i0, BR, p.T, p.hd, p.vec);
 
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-  float mrow[2], lrow[2], Drow[2];
+  float m2[2], inv_l[2], Drow[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const bool ok = row[hr] < p.T;
     const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
-    mrow[hr] = ok ? p.m[si] : 0.0f;
-    lrow[hr] = ok ? p.l[si] : 1.0f;
+    attn_row(ok ? p.m[si] : 0.0f, ok ? p.l[si] : 1.0f, m2[hr], inv_l[hr]);
     Drow[hr] = ok ? p.Dv[si] : 0.0f;
   }
   const int j_end = min(p.T, i0 + BR);
@@ -393,7 +444,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dq_kernel(const AttnParams 
       for (int e = 0; e < 4; ++e) {
         const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
         float pv;
-        const float ds = attn_ds(s[nt][e], dp[nt][e], mrow[hr], lrow[hr], Drow[hr],
+        const float ds = attn_ds(s[nt][e], dp[nt][e], m2[hr], inv_l[hr], Drow[hr],
                                  attn_visible(p, b, row[hr], j), pv, p);
         split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
       }
@@ -442,9 +493,9 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
   bf16* Vs = Ks + BK * LDS;
   bf16* Qs = Vs + BK * LDS;
   bf16* dOs = Qs + BQ * LDS;
-  float* mS = reinterpret_cast<float*>(dOs + BQ * LDS);
-  float* lS = mS + BQ;
-  float* DS = lS + BQ;
+  float* m2S = reinterpret_cast<float*>(dOs + BQ * LDS);
+  float* inv_lS = m2S + BQ;
+  float* DS = inv_lS + BQ;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int j0 = blockIdx.x * BK, chunk = blockIdx.y % NCH, kvh = blockIdx.y / NCH, b = blockIdx.z;
   const int d0 = chunk * DC;
@@ -475,8 +526,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
         const int i = qt * BQ + threadIdx.x;
         const bool ok = i < p.T;
         const int64_t si = (int64_t(b) * p.H + hq) * p.T + i;
-        mS[threadIdx.x] = ok ? p.m[si] : 0.0f;
-        lS[threadIdx.x] = ok ? p.l[si] : 1.0f;
+        attn_row(ok ? p.m[si] : 0.0f, ok ? p.l[si] : 1.0f, m2S[threadIdx.x], inv_lS[threadIdx.x]);
         DS[threadIdx.x] = ok ? p.Dv[si] : 0.0f;
       }
       __syncthreads();
@@ -492,7 +542,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
           const int i = qt * BQ + ci, j = key[e >> 1];
           float pv;
           const float ds =
-              attn_ds(st[nt][e], dpt[nt][e], mS[ci], lS[ci], DS[ci], attn_visible(p, b, i, j), pv, p);
+              attn_ds(st[nt][e], dpt[nt][e], m2S[ci], inv_lS[ci], DS[ci], attn_visible(p, b, i, j), pv, p);
           pb[nt][e] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
           split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
         }
@@ -552,8 +602,9 @@ inline int attn_window(bool sliding, int64_t W) { return sliding ? int(W) + (fau
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
-inline void attn_set_vec(AttnParams& p) {
+inline void attn_set_derived(AttnParams& p) {
   p.ldm = attn_ldmatrix();
+  p.cap_k = p.cap_on ? float(-2.0 * 1.4426950408889634 / double(p.cap)) : 0.0f;
   p.vec = p.hd % 8 == 0 && p.ld_qkv % 8 == 0 && p.ld_o % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
           aligned16(p.v) && (p.dout == nullptr || aligned16(p.dout));
 }
@@ -601,7 +652,7 @@ void attn_backward_hdp(const AttnParams& p, cudaStream_t st) {
 // att, o32, m, l from q, k, v (the mma.sync kernels; attention_sm90.cuh's attention_forward picks).
 inline void attention_forward_mma(AttnParams p, cudaStream_t st) {
   if (p.B == 0 || p.T == 0) return;
-  attn_set_vec(p);
+  attn_set_derived(p);
   switch (attn_hdp(p.hd)) {
     case 16: return attn_forward_hdp<16>(p, st);
     case 32: return attn_forward_hdp<32>(p, st);
@@ -615,7 +666,7 @@ inline void attention_forward_mma(AttnParams p, cudaStream_t st) {
 // (the mma.sync kernels; attention_sm90.cuh's attention_backward picks).
 inline void attention_backward_mma(AttnParams p, cudaStream_t st) {
   if (p.B == 0 || p.T == 0) return;
-  attn_set_vec(p);
+  attn_set_derived(p);
   const int64_t warps = int64_t(p.B) * p.T * p.H;
   attn_rowdot_kernel<<<unsigned((warps * 32 + 255) / 256), 256, 0, st>>>(p);
   GEMMA_LAUNCHED("attn_rowdot_kernel");
