@@ -116,20 +116,18 @@ __device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float
   return attn_cap_from(x, e, r, p);
 }
 
-// P = exp(z - m) / l before its bf16 rounding, as exp2(z log2(e) - m2) inv_l with a row's m2 = m log2(e) and
-// inv_l = 1 / l (attn_row). Error: the fused multiply-add rounds once, 2^-24 |z - m| log2(e) relative in the result
-// for |z|, |m| up to the cap; exp2f 2 ulp; the product 0.5 ulp, and 1 / l (IEEE) 0.5 ulp: together under 1e-5 of P,
-// against P's own rounding to bf16 (2^-9).
-__device__ __forceinline__ float attn_prob(float z, float m2, float inv_l) {
-  return exp2f(fmaf(z, kLog2e, -m2)) * inv_l;
-}
-// A row's m2 and inv_l from its max m and sum l. A row that sees no key (l = 0) never forms a P.
-__device__ __forceinline__ void attn_row(float m, float l, float& m2, float& inv_l) {
-  m2 = m * kLog2e;
-  inv_l = l > 0.0f ? __frcp_rn(l) : 0.0f;
-}
-// exp(z - m) inside pass 1's sums, m2 = m log2(e) (as attn_prob, without the normalisation).
-__device__ __forceinline__ float attn_exp(float z, float m2) { return exp2f(fmaf(z, kLog2e, -m2)); }
+// exp(z - m) as exp2((z - m) log2(e)). z - m is exact where it matters (Sterbenz: z within a factor two of m, so
+// exactly 1 for the row's max), and the product adds 2^-24 |z - m| log2(e) relative to the result; exp2f is within
+// 2 ulp. (Folding m into a fused multiply-add, exp2(z log2(e) - m log2(e)), saves an add but leaves the rounding
+// of m log2(e), up to 2^-24 |m| log2(e), on every P including the row's largest. On the H200 that form failed the
+// kernel test B2_T37_H4_KV2_hd16_nocap_W8: o32 off the fast policy by rel L2 2.55e-4, bound 2e-4, 13 bf16 outputs
+// one ulp off; this form: 4.16e-8 and none.)
+__device__ __forceinline__ float attn_exp(float z, float m) { return exp2f((z - m) * kLog2e); }
+// P = exp(z - m) / l before its bf16 rounding, with inv_l = 1 / l (attn_inv_l): attn_exp's error, the reciprocal's
+// 0.5 ulp and the product's 0.5 ulp, against P's own rounding to bf16 (2^-9).
+__device__ __forceinline__ float attn_prob(float z, float m, float inv_l) { return attn_exp(z, m) * inv_l; }
+// 1 / l of a row's sum; a row that sees no key (l = 0) never forms a P.
+__device__ __forceinline__ float attn_inv_l(float l) { return l > 0.0f ? __frcp_rn(l) : 0.0f; }
 
 // Shared-memory tile s (rows x HDP, row stride HDP + 8) = rows [row0, row0 + rows) of a head in global memory,
 // zero beyond T and beyond hd (zero padding leaves every dot product exact).
@@ -287,21 +285,18 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mnew = fmaxf(mrow[hr], mx);
       const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
-      const float mref2 = mref * kLog2e;
       float sum = 0;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) sum += attn_exp(z[nt][2 * hr], mref2) + attn_exp(z[nt][2 * hr + 1], mref2);
+      for (int nt = 0; nt < 4; ++nt) sum += attn_exp(z[nt][2 * hr], mref) + attn_exp(z[nt][2 * hr + 1], mref);
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref2) + sum;
+      lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref) + sum;
       mrow[hr] = mnew;
     }
   }
 
   // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
-  float m2[2], inv_l[2];
-  attn_row(mrow[0], lrow[0], m2[0], inv_l[0]);
-  attn_row(mrow[1], lrow[1], m2[1], inv_l[1]);
+  const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
   float o[NTD][4];
 #pragma unroll
   for (int nd = 0; nd < NTD; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
@@ -320,7 +315,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
         const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
         float pv = 0.0f;
         if (attn_visible(p, b, row[hr], j))
-          pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), m2[hr], inv_l[hr]);
+          pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), mrow[hr], inv_l[hr]);
         pb[nt][e] = __float2bfloat16_rn(pv);
       }
     uint32_t aP[2][4];
@@ -377,8 +372,8 @@ __global__ void attn_rowdot_kernel(const AttnParams p) {
 }
 
 // dS for one score: P (dP - D) sech^2(s / c) scale, with P rebuilt exactly as the forward's bf16 probability
-// (m2, inv_l: the query row's attn_row of the saved m and l).
-__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m2, float inv_l, float D, bool vis,
+// (m, inv_l: the query row's saved max and the reciprocal of its saved sum, attn_inv_l).
+__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float inv_l, float D, bool vis,
                                          float& p_out, const AttnParams& p) {
   if (!vis) {
     p_out = 0.0f;
@@ -386,7 +381,7 @@ __device__ __forceinline__ float attn_ds(float acc_s, float dp, float m2, float 
   }
   const float s = __fmul_rn(acc_s, p.scale);
   float sech2;
-  const float P = round_bf16(attn_prob(attn_capped(s, p, sech2), m2, inv_l));
+  const float P = round_bf16(attn_prob(attn_capped(s, p, sech2), m, inv_l));
   p_out = P;
   float ds = P * (dp - D);
   if (p.cap_on && !p.drop_sech2) ds *= sech2;
@@ -414,12 +409,13 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dq_kernel(const AttnParams 
   load_tile<HDP>(dOs, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, i0, BR, p.T, p.hd, p.vec);
 
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-  float m2[2], inv_l[2], Drow[2];
+  float mrow[2], inv_l[2], Drow[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const bool ok = row[hr] < p.T;
     const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
-    attn_row(ok ? p.m[si] : 0.0f, ok ? p.l[si] : 1.0f, m2[hr], inv_l[hr]);
+    mrow[hr] = ok ? p.m[si] : 0.0f;
+    inv_l[hr] = attn_inv_l(ok ? p.l[si] : 1.0f);
     Drow[hr] = ok ? p.Dv[si] : 0.0f;
   }
   const int j_end = min(p.T, i0 + BR);
@@ -444,7 +440,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dq_kernel(const AttnParams 
       for (int e = 0; e < 4; ++e) {
         const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
         float pv;
-        const float ds = attn_ds(s[nt][e], dp[nt][e], m2[hr], inv_l[hr], Drow[hr],
+        const float ds = attn_ds(s[nt][e], dp[nt][e], mrow[hr], inv_l[hr], Drow[hr],
                                  attn_visible(p, b, row[hr], j), pv, p);
         split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
       }
@@ -493,8 +489,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
   bf16* Vs = Ks + BK * LDS;
   bf16* Qs = Vs + BK * LDS;
   bf16* dOs = Qs + BQ * LDS;
-  float* m2S = reinterpret_cast<float*>(dOs + BQ * LDS);
-  float* inv_lS = m2S + BQ;
+  float* mS = reinterpret_cast<float*>(dOs + BQ * LDS);
+  float* inv_lS = mS + BQ;
   float* DS = inv_lS + BQ;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int j0 = blockIdx.x * BK, chunk = blockIdx.y % NCH, kvh = blockIdx.y / NCH, b = blockIdx.z;
@@ -526,7 +522,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
         const int i = qt * BQ + threadIdx.x;
         const bool ok = i < p.T;
         const int64_t si = (int64_t(b) * p.H + hq) * p.T + i;
-        attn_row(ok ? p.m[si] : 0.0f, ok ? p.l[si] : 1.0f, m2S[threadIdx.x], inv_lS[threadIdx.x]);
+        mS[threadIdx.x] = ok ? p.m[si] : 0.0f;
+        inv_lS[threadIdx.x] = attn_inv_l(ok ? p.l[si] : 1.0f);
         DS[threadIdx.x] = ok ? p.Dv[si] : 0.0f;
       }
       __syncthreads();
@@ -542,7 +539,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_dkdv_kernel(const AttnParam
           const int i = qt * BQ + ci, j = key[e >> 1];
           float pv;
           const float ds =
-              attn_ds(st[nt][e], dpt[nt][e], m2S[ci], inv_lS[ci], DS[ci], attn_visible(p, b, i, j), pv, p);
+              attn_ds(st[nt][e], dpt[nt][e], mS[ci], inv_lS[ci], DS[ci], attn_visible(p, b, i, j), pv, p);
           pb[nt][e] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
           split3(ds, x1[nt][e], x2[nt][e], x3[nt][e]);
         }

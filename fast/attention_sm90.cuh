@@ -264,13 +264,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mnew = fmaxf(mrow[hr], mx);
         const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
-        const float mref2 = mref * kLog2e;
         float sum = 0;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) sum += attn_exp(s[nt][2 * hr], mref2) + attn_exp(s[nt][2 * hr + 1], mref2);
+        for (int nt = 0; nt < 8; ++nt) sum += attn_exp(s[nt][2 * hr], mref) + attn_exp(s[nt][2 * hr + 1], mref);
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref2) + sum;
+        lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref) + sum;
         mrow[hr] = mnew;
       }
     }
@@ -278,9 +277,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
   }
 
   // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
-  float m2[2], inv_l[2];
-  attn_row(mrow[0], lrow[0], m2[0], inv_l[0]);
-  attn_row(mrow[1], lrow[1], m2[1], inv_l[1]);
+  const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
   cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
   cp_tile<BC, HD, kSm90Threads>(sV, vg, p.ld_qkv, kt0 * BC, p.T);
   cp_commit();
@@ -312,7 +309,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
           const int hr = e >> 1, j = j0 + nt * 8 + 2 * t + (e & 1);
           float pv = 0.0f;
           if (full || attn_visible(p, b, row[hr], j))
-            pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), m2[hr], inv_l[hr]);
+            pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), mrow[hr], inv_l[hr]);
           pb[nt][e] = __float2bfloat16_rn(pv);
         }
       uint32_t aP[4][4];
@@ -448,12 +445,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const int c = nt * 8 + 2 * t, i = i0 + c;
-      float m2q[2], inv_lq[2], Dq[2];
+      float mq[2], inv_lq[2], Dq[2];
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const bool ok = i + u < p.T;
         const int64_t si = (int64_t(b) * p.H + hq) * p.T + i + u;
-        attn_row(ok ? p.m[si] : 0.0f, ok ? p.l[si] : 1.0f, m2q[u], inv_lq[u]);
+        mq[u] = ok ? p.m[si] : 0.0f;
+        inv_lq[u] = attn_inv_l(ok ? p.l[si] : 1.0f);
         Dq[u] = ok ? p.Dv[si] : 0.0f;
       }
 #pragma unroll
@@ -462,7 +460,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
           float pv;
-          const float ds = attn_ds(st[nt][2 * hr + u], dpt[nt][2 * hr + u], m2q[u], inv_lq[u], Dq[u],
+          const float ds = attn_ds(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], inv_lq[u], Dq[u],
                                    full || attn_visible(p, b, i + u, key[hr]), pv, p);
           pb[u] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
           split3(ds, x1[u], x2[u], x3[u]);
@@ -543,12 +541,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
   cp_commit();
 
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-  float m2[2], inv_l[2], Drow[2];
+  float mrow[2], inv_l[2], Drow[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const bool ok = row[hr] < p.T;
     const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
-    attn_row(ok ? p.m[si] : 0.0f, ok ? p.l[si] : 1.0f, m2[hr], inv_l[hr]);
+    mrow[hr] = ok ? p.m[si] : 0.0f;
+    inv_l[hr] = attn_inv_l(ok ? p.l[si] : 1.0f);
     Drow[hr] = ok ? p.Dv[si] : 0.0f;
   }
   float dq[NDH][8][4];
@@ -581,7 +580,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
           float pv;
-          const float ds = attn_ds(s[nt][2 * hr + u], dp[nt][2 * hr + u], m2[hr], inv_l[hr], Drow[hr],
+          const float ds = attn_ds(s[nt][2 * hr + u], dp[nt][2 * hr + u], mrow[hr], inv_l[hr], Drow[hr],
                                    full || attn_visible(p, b, row[hr], j0 + c + u), pv, p);
           split3(ds, x1[u], x2[u], x3[u]);
         }
