@@ -8,8 +8,8 @@
 // trainer (check/fast_backend.cpp: gate_reference, gate_judge; the released presets' companion gemma2-odd
 // included, and once more with its base in NF4, first combination only), but computes the reference side once: it is the same for every build. Each build is loaded into its own
 // child process (a crash or a hang kills the child, not the harness) and judged setting by setting until a check
-// fails. The reference's own checks (goldens, finite differences) do not involve fast/ and are left out.
-// Exit 0 when every mutant is killed at value / tolerance >= 3 and no harmless build is flagged.
+// fails by 3 times its tolerance (judge_build). The reference's own checks (goldens, finite differences) do not involve
+// fast/ and are left out. Exit 0 when every mutant is killed at value / tolerance >= 3 and no harmless build is flagged.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/wait.h>
@@ -52,7 +52,14 @@ struct Verdict {
   double seconds = 0;
 };
 
-// In the child: load the build, ask every case's questions until one fails.
+// A mutant counts as killed robustly when a check fails at this multiple of its tolerance or more: a thinner kill
+// could turn into a pass with other inputs or another device.
+constexpr double kKillMargin = 3.0;
+
+// In the child: load the build, ask every case's questions until one fails by kKillMargin. A thinner failure is
+// kept while the remaining settings are asked (verify asks them all too), and the strongest failure is the verdict:
+// the companion that runs first (gemma2-hd128) decides most builds, but a bug it sees only faintly (the mma.sync
+// kernels' D from the bf16 output, a bf16 residual) shows fully in gemma2-odd or the released setting.
 nlohmann::json judge_build(const std::string& so, const std::vector<Case>& cases) {
   using Entry = int (*)(fast::GateRunArgs*, char*, size_t);
   void* h = ::dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -61,6 +68,7 @@ nlohmann::json judge_build(const std::string& so, const std::vector<Case>& cases
   if (!entry) return {{"error", "no gemma_fast_gate_run in " + so}};
   double worst = 0;
   std::string worst_check;
+  bool failed = false;
   for (const Case& c : cases) {
     const GateQuestions q = gate_questions(*c.ref);
     fast::Options opt;
@@ -80,9 +88,10 @@ nlohmann::json judge_build(const std::string& so, const std::vector<Case>& cases
         worst_check = k.name + " (" + k.why.substr(0, 160) + ")";
       }
     }
-    if (!r.all_pass()) return {{"caught", true}, {"ratio", worst}, {"check", worst_check}};
+    failed |= !r.all_pass();
+    if (failed && worst >= kKillMargin) break;
   }
-  return {{"caught", false}, {"ratio", worst}, {"check", worst_check}};
+  return {{"caught", failed}, {"ratio", worst}, {"check", worst_check}};
 }
 
 Verdict run_child(const std::string& name, const std::string& so, const std::vector<Case>& cases, int timeout) {
@@ -230,7 +239,7 @@ int main(int argc, char** argv) {
       progress("build " + name);
       Verdict v = run_child(name, (fs::path(dir) / (name + ".so")).string(), cases, timeout);
       const bool should_pass = name == "none" || name.rfind("harmless", 0) == 0;
-      const bool good = should_pass ? !v.caught : (v.caught && v.ratio >= 3.0);
+      const bool good = should_pass ? !v.caught : (v.caught && v.ratio >= kKillMargin);
       ok &= good;
       if (should_pass) {
         ++harmless;
