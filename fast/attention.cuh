@@ -116,10 +116,11 @@ __device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float
   return attn_cap_from(x, e, r, p);
 }
 
-// exp(z - m) as exp2((z - m) log2(e)). z - m is exact where it matters (Sterbenz: z within a factor two of m, so
-// exactly 1 for the row's max), and the product adds 2^-24 |z - m| log2(e) relative to the result; exp2f is within
-// 2 ulp. (Folding m into a fused multiply-add, exp2(z log2(e) - m log2(e)), saves an add but leaves the rounding
-// of m log2(e), up to 2^-24 |m| log2(e), on every P including the row's largest. On the H200 that form failed the
+// exp(z - m) as exp2((z - m) log2(e)). z - m is exact when z is within a factor two of m (Sterbenz; so exactly 1
+// for the row's max); the product's rounding and log2(e)'s own add at most 2^-23 |z - m| relative to the result
+// (an error d in the exponent is ln(2) d relatively); exp2f is within 2 ulp. (Folding m into a fused multiply-add,
+// exp2(z log2(e) - m log2(e)), saves an add but leaves the rounding of m log2(e), up to 2^-24 |m| relatively, on
+// every P including the row's largest. On the H200 that form failed the
 // kernel test B2_T37_H4_KV2_hd16_nocap_W8: o32 off the fast policy by rel L2 2.55e-4, bound 2e-4, 13 bf16 outputs
 // one ulp off; this form: 4.16e-8 and none.)
 __device__ __forceinline__ float attn_exp(float z, float m) { return exp2f((z - m) * kLog2e); }

@@ -82,7 +82,12 @@ nlohmann::json judge_build(const std::string& so, const std::vector<Case>& cases
     Report r;
     gate_judge(r, c.prefix, *c.ref, out);
     for (const Check& k : r.checks) {
-      const double q2 = k.tolerance > 0 ? k.value / k.tolerance : (k.value > 0 ? INFINITY : 0.0);
+      // A NaN value fails its check (Report::add) and counts as an infinite failure here, so that a later, smaller
+      // value does not overwrite it (NaN compares false with everything).
+      const double q2 = std::isnan(k.value) && !k.unresolved ? INFINITY
+                        : k.tolerance > 0    ? k.value / k.tolerance
+                        : k.value > 0        ? INFINITY
+                                             : 0.0;
       if (!(q2 <= worst)) {
         worst = q2;
         worst_check = k.name + " (" + k.why.substr(0, 160) + ")";
