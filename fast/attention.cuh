@@ -84,8 +84,9 @@ __device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, 
 
 // Elementwise math per score, shared by both kernel families and by forward and backward (so the backward rebuilds
 // the forward's bf16 P bit for bit). It is built on the special-function unit: per score, one exp2 for the softcap,
-// one for the probability and one approximate reciprocal, no division (tanhf, expf and two IEEE divisions took
-// about three times the instructions, and the kernels are bound by this arithmetic, not by the tensor cores).
+// one for the probability and one approximate reciprocal, no division. (tanhf, expf and two IEEE divisions before:
+// `ncu` showed the kernels latency-bound on that arithmetic, and this form made them 1.37x faster forward and 1.32x
+// backward at 9b, T = 4096, cap on; docs/benchmarks.md.)
 //
 // Softcap of a scaled score x: c tanh(x / c) = sign(x) c (1 - e) / (1 + e) and sech^2(x / c) = 4 e / (1 + e)^2,
 // with e = exp(-2|x|/c) = 2^(cap_k |x|), cap_k = -2 log2(e) / c. Error: exp2f is within 2 ulp (CUDA C Programming
@@ -94,35 +95,31 @@ __device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, 
 // relatively (6e-6 at |z| = 50). Scores enter the softmax through exp(z - m), so an absolute error d in z is a
 // relative error d in P, here 1/65 of the 2^-9 half-step of P's bf16 rounding. The form has no cancellation in the
 // tail, where 1 - tanh^2 would fall to zero (docs/model.md).
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr double kLog2eF64 = 1.4426950408889634;
+constexpr float kLog2e = float(kLog2eF64);
 
-__device__ __forceinline__ float attn_cap_e(float x, const AttnParams& p) { return exp2f(p.cap_k * fabsf(x)); }
-__device__ __forceinline__ float attn_cap_from(float x, float e, float r, const AttnParams& p) {
-  return copysignf(p.cap * ((1.0f - e) * r), x);
-}
-__device__ __forceinline__ float attn_capped(float x, const AttnParams& p) {
-  if (!p.cap_on) return x;
-  const float e = attn_cap_e(x, p);
-  return attn_cap_from(x, e, __fdividef(1.0f, 1.0f + e), p);
-}
 // The capped score, and d(capped)/dx = sech^2(x / c) in sech2 (1 without the cap).
 __device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float& sech2) {
   if (!p.cap_on) {
     sech2 = 1.0f;
     return x;
   }
-  const float e = attn_cap_e(x, p), r = __fdividef(1.0f, 1.0f + e);
+  const float e = exp2f(p.cap_k * fabsf(x)), r = __fdividef(1.0f, 1.0f + e);
   sech2 = 4.0f * e * (r * r);
-  return attn_cap_from(x, e, r, p);
+  return copysignf(p.cap * ((1.0f - e) * r), x);
+}
+// The capped score alone (the forward; the same arithmetic, so the same bits as the backward's).
+__device__ __forceinline__ float attn_capped(float x, const AttnParams& p) {
+  float unused;
+  return attn_capped(x, p, unused);
 }
 
 // exp(z - m) as exp2((z - m) log2(e)). z - m is exact when z is within a factor two of m (Sterbenz; so exactly 1
 // for the row's max); the product's rounding and log2(e)'s own add at most 2^-23 |z - m| relative to the result
 // (an error d in the exponent is ln(2) d relatively); exp2f is within 2 ulp. (Folding m into a fused multiply-add,
 // exp2(z log2(e) - m log2(e)), saves an add but leaves the rounding of m log2(e), up to 2^-24 |m| relatively, on
-// every P including the row's largest. On the H200 that form failed the
-// kernel test B2_T37_H4_KV2_hd16_nocap_W8: o32 off the fast policy by rel L2 2.55e-4, bound 2e-4, 13 bf16 outputs
-// one ulp off; this form: 4.16e-8 and none.)
+// every P including the row's largest. On the H200 that form failed the kernel test B2_T37_H4_KV2_hd16_nocap_W8:
+// o32 off the fast policy by rel L2 2.55e-4, bound 2e-4, 13 bf16 outputs one ulp off; this form: 4.16e-8, none.)
 __device__ __forceinline__ float attn_exp(float z, float m) { return exp2f((z - m) * kLog2e); }
 // P = exp(z - m) / l before its bf16 rounding, with inv_l = 1 / l (attn_inv_l): attn_exp's error, the reciprocal's
 // 0.5 ulp and the product's 0.5 ulp, against P's own rounding to bf16 (2^-9).
@@ -602,7 +599,7 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 
 inline void attn_set_derived(AttnParams& p) {
   p.ldm = attn_ldmatrix();
-  p.cap_k = p.cap_on ? float(-2.0 * 1.4426950408889634 / double(p.cap)) : 0.0f;
+  p.cap_k = p.cap_on ? float(-2.0 * kLog2eF64 / double(p.cap)) : 0.0f;
   p.vec = p.hd % 8 == 0 && p.ld_qkv % 8 == 0 && p.ld_o % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
           aligned16(p.v) && (p.dout == nullptr || aligned16(p.dout));
 }

@@ -308,7 +308,7 @@ struct Engine::Impl {
       }
       if (pass == 0) splits = DeviceArray<bf16>(size_t(std::max<int64_t>(per_layer, 1)), "LoRA bf16 splits (one layer's)", mem);
     }
-    splits_layer = -1;
+    invalidate_splits();
   }
 
   // The adapters changed (loaded, generated, an optimizer step): the slot's splits are stale.

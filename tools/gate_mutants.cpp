@@ -5,11 +5,12 @@
 // DIR holds one libgemma_fast_gate.so per build, named <mutant>.so (tools/mutants builds them from
 // tests/mutations/*.patch; "harmless-*" builds must pass, "none" is the unmodified source, every other one must
 // fail). The harness runs exactly the checks `verify --model PRESET --softcap ... --backend both` runs on the fast
-// trainer (check/fast_backend.cpp: gate_reference, gate_judge; the released presets' companion gemma2-odd
-// included, and once more with its base in NF4, first combination only), but computes the reference side once: it is the same for every build. Each build is loaded into its own
-// child process (a crash or a hang kills the child, not the harness) and judged setting by setting until a check
-// fails by 3 times its tolerance (judge_build). The reference's own checks (goldens, finite differences) do not involve
-// fast/ and are left out. Exit 0 when every mutant is killed at value / tolerance >= 3 and no harmless build is flagged.
+// trainer (check/fast_backend.cpp: gate_reference, gate_judge; the released presets' companions gemma2-odd, also
+// with its base in NF4 for the first combination only, and gemma2-hd128 included), but computes the reference side
+// once: it is the same for every build. Each build is loaded into its own child process (a crash or a hang kills the
+// child, not the harness) and judged setting by setting until a check fails by 3 times its tolerance
+// (judge_build). The reference's own checks (goldens, finite differences) do not involve fast/ and are left out.
+// Exit 0 when every mutant is killed at value / tolerance >= 3 and no harmless build is flagged.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/wait.h>
