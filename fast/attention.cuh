@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "fast/common.cuh"
+#include "fast/mma.cuh"
 #include "model/errors.hpp"
 
 namespace gemma::fast {
@@ -50,6 +51,9 @@ struct AttnParams {
   int64_t ld_o = 0;
   float* m = nullptr;   // (B, H, T) row max of the capped scores
   float* l = nullptr;   // (B, H, T) sum of exp(z - m)
+  // m and l already hold these inputs' statistics (a recomputed forward after the first one wrote them): the
+  // forward skips its first pass and leaves them as they are. The outputs are the same bits either way.
+  bool stats_in = false;
   // backward
   const bf16* dout = nullptr;  // (N, H*hd)
   float* Dv = nullptr;         // (B, H, T) rowsum(dout * o32)
@@ -60,18 +64,6 @@ struct AttnParams {
 };
 
 constexpr int kAttnThreads = 128;  // 4 warps, 16 rows each
-
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
-  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
-}
-__device__ __forceinline__ uint32_t ld_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // Key j is visible to query i of sequence b: causal, within the window, in the same document, not padding. A query
 // that sees no key (left padding) gets l = 0 and a zero output; its output never reaches a scored position.
@@ -127,6 +119,18 @@ __device__ __forceinline__ float attn_prob(float z, float m, float inv_l) { retu
 // 1 / l of a row's sum; a row that sees no key (l = 0) never forms a P.
 __device__ __forceinline__ float attn_inv_l(float l) { return l > 0.0f ? __frcp_rn(l) : 0.0f; }
 
+// A forward's saved row statistics for its two rows per thread (stats_in). Rows past T, which no output keeps,
+// get m = +inf and l = 0, so their P is exp(-inf) * 0 = 0 rather than anything unbounded.
+__device__ __forceinline__ void attn_load_stats(const AttnParams& p, int b, int h, const int (&row)[2],
+                                                float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
+    m[hr] = row[hr] < p.T ? p.m[si] : INFINITY;
+    l[hr] = row[hr] < p.T ? p.l[si] : 0.0f;
+  }
+}
+
 // Shared-memory tile s (rows x HDP, row stride HDP + 8) = rows [row0, row0 + rows) of a head in global memory,
 // zero beyond T and beyond hd (zero padding leaves every dot product exact).
 template <int HDP>
@@ -154,10 +158,6 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t ld_g, 
 // with x4, lanes 8m..8m+7 address the rows of 8x8 matrix m, and each lane receives (row g, columns 2t, 2t+1)
 // of each matrix, which is the A fragment for matrices (rows r0 | r0+8) x (columns k0 | k0+8) in that order,
 // and two B fragments (n-tiles nt, nt+1) for matrices (rows n0 | n0+8) x (columns k0 | k0+8).
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 template <int HDP, int NT, bool LDM>
 __device__ __forceinline__ void tile_abt(float (&acc)[NT][4], const bf16* As, int r0, const bf16* Bs, int lane) {
   constexpr int LDS = HDP + 8;
@@ -169,10 +169,7 @@ __device__ __forceinline__ void tile_abt(float (&acc)[NT][4], const bf16* As, in
     uint32_t a[4];
     if constexpr (LDM) {
       const int m = lane >> 3, rr = lane & 7;
-      const bf16* pa = As + (r0 + rr + 8 * (m & 1)) * LDS + kk * 16 + 8 * (m >> 1);
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                   : "r"(smem_addr(pa)));
+      ldmatrix_x4(a, As + (r0 + rr + 8 * (m & 1)) * LDS + kk * 16 + 8 * (m >> 1));
     } else {
       const bf16* pa = As + (r0 + g) * LDS + kk * 16 + 2 * t;
       a[0] = ld_u32(pa);
@@ -186,10 +183,12 @@ __device__ __forceinline__ void tile_abt(float (&acc)[NT][4], const bf16* As, in
       if constexpr (LDM) {
         // matrices: 0 = (n-tile nt, k0), 1 = (nt, k0 + 8), 2 = (nt + 1, k0), 3 = (nt + 1, k0 + 8)
         const int m = lane >> 3, rr = lane & 7;
-        const bf16* pb = Bs + ((nt + (m >> 1)) * 8 + rr) * LDS + kk * 16 + 8 * (m & 1);
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(b[0][0]), "=r"(b[0][1]), "=r"(b[1][0]), "=r"(b[1][1])
-                     : "r"(smem_addr(pb)));
+        uint32_t bq[4];
+        ldmatrix_x4(bq, Bs + ((nt + (m >> 1)) * 8 + rr) * LDS + kk * 16 + 8 * (m & 1));
+        b[0][0] = bq[0];
+        b[0][1] = bq[1];
+        b[1][0] = bq[2];
+        b[1][1] = bq[3];
       } else {
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
@@ -257,9 +256,10 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
   const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
   const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
 
-  // Pass 1: row max and sum.
+  // Pass 1: row max and sum (or the ones this attention's first forward saved).
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  for (int kt = kt0; kt < kt1; ++kt) {
+  if (p.stats_in) attn_load_stats(p, b, h, row, mrow, lrow);
+  for (int kt = kt0; kt < kt1 && !p.stats_in; ++kt) {
     __syncthreads();
     load_tile<HDP>(Ks, kg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
     __syncthreads();
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
           p.att[base + d] = __float2bfloat16_rn(o[nd][2 * hr + c]);
         }
       }
-    if (t == 0) {
+    if (t == 0 && !p.stats_in) {
       const int64_t si = (int64_t(b) * p.H + h) * p.T + r;
       p.m[si] = mrow[hr];
       p.l[si] = lrow[hr];

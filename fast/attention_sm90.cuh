@@ -47,11 +47,6 @@ __device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, i
                  : "memory");
   }
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 // cp.async writes through the generic proxy, wgmma reads through the async proxy: this orders the two.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -230,12 +225,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
   const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
 
   cp_tile<BR, HD, kSm90Threads>(sQ, qg, p.ld_qkv, i0, p.T);
-  cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
+  if (!p.stats_in) cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
   cp_commit();
 
-  // Pass 1: row max and sum.
+  // Pass 1: row max and sum (or the ones this attention's first forward saved).
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  for (int kt = kt0; kt < kt1; ++kt) {
+  if (p.stats_in) attn_load_stats(p, b, h, row, mrow, lrow);
+  for (int kt = kt0; kt < kt1 && !p.stats_in; ++kt) {
     const int buf = (kt - kt0) & 1;
     if (kt + 1 < kt1) cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * KBYTES, kg, p.ld_qkv, (kt + 1) * BC, p.T);
     cp_commit();
@@ -334,7 +330,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
         *reinterpret_cast<__nv_bfloat162*>(p.att + base + d) =
             __halves2bfloat162(__float2bfloat16_rn(x0), __float2bfloat16_rn(x1));
       }
-    if (t == 0) {
+    if (t == 0 && !p.stats_in) {
       const int64_t si = (int64_t(b) * p.H + h) * p.T + r;
       p.m[si] = mrow[hr];
       p.l[si] = lrow[hr];

@@ -131,6 +131,7 @@ struct Engine::Impl {
   int64_t prof_steps = 0;
   bool prof_skip = false;
   const char* phase = "fwd";
+  bool recomputing = false;  // layer_forward is the backward's recomputation: the attention statistics are kept
 
   void mark(const std::string& name) {
     if (!prof_on) return;
@@ -576,8 +577,12 @@ struct Engine::Impl {
       A.qkv = Hf(N * QKV, "activations: q|k|v");
       A.att = Hf(N * HD, "activations: attention output");
       A.o32 = F(N * HD, "activations: attention output (fp32)");
-      A.m = F(capB * H * capT, "activations: softmax max");
-      A.l = F(capB * H * capT, "activations: softmax sum");
+      // With recompute, every layer's softmax statistics (8 bytes per token, head and layer) outlive the shared
+      // activations, so the recomputed forward skips the attention's first pass (attn_params, stats_in); not with
+      // offload, the mode for the longest sequences, where they would cost 0.7 GiB of 80 at 9b, T = 131072.
+      const int64_t nstats = (keep_stats() ? L : 1) * capB * H * capT;
+      A.m = F(nstats, "activations: softmax max");
+      A.l = F(nstats, "activations: softmax sum");
       A.o = Hf(N * D, "activations: o_proj output");
       A.x_mid = F(N * D, "activations: mid-layer residual");
       A.xn2 = Hf(N * D, "activations: pre_feedforward_layernorm output");
@@ -672,6 +677,8 @@ struct Engine::Impl {
   // Layers
 
   Acts& acts_for(int64_t l) { return acts[opt.recompute ? 0 : size_t(l)]; }
+  // Every layer's softmax statistics kept across the recomputation (ensure).
+  bool keep_stats() const { return opt.recompute && !opt.offload; }
 
   AttnParams attn_params(int64_t l, int64_t B, int64_t T, Acts& A) {
     AttnParams p;
@@ -695,8 +702,10 @@ struct Engine::Impl {
     p.att = A.att.get();
     p.o32 = A.o32.get();
     p.ld_o = HD;
-    p.m = A.m.get();
-    p.l = A.l.get();
+    const int64_t stats0 = keep_stats() ? l * capB * H * capT : 0;
+    p.m = A.m.get() + stats0;
+    p.l = A.l.get() + stats0;
+    p.stats_in = recomputing && keep_stats();
     p.dout = datt.get();
     p.Dv = Dv.get();
     p.dq = dQ.get();
@@ -854,7 +863,11 @@ struct Engine::Impl {
         }
       }
       if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
-      if (opt.recompute) layer_forward(l, ck_dev(l), x_scratch.get(), B, T);
+      if (opt.recompute) {
+        recomputing = true;
+        layer_forward(l, ck_dev(l), x_scratch.get(), B, T);
+        recomputing = false;
+      }
       layer_backward(l, ck_dev(l), B, T);
       if (opt.offload) GEMMA_CUDA(cudaEventRecord(ev_free[l % 2], stream));
     }

@@ -55,17 +55,22 @@ struct Attention {
   std::vector<float> out;         // (N, H*hd) bf16 values
   std::vector<float> o32;         // (N, H*hd) the fp32 sum before rounding
   std::vector<float> dq, dk, dv;  // fp32, before the RoPE backward
+  // out and o32 again from a second forward given the first one's m and l (AttnParams::stats_in), as the
+  // engine's recomputation runs it.
+  std::vector<float> out_recomputed, o32_recomputed;
 };
 // q (N, H*hd), k, v (N, KV*hd), dout (N, H*hd): bf16 values. mma_only: attention.cuh's kernels even where the
 // Hopper ones (attention_sm90.cuh) apply.
 Attention attention(const AttnShape& s, const std::vector<float>& q, const std::vector<float>& k,
                     const std::vector<float>& v, const std::vector<float>& dout, bool mma_only = false);
 
-// Device time of the attention forward (attention_forward) and backward (attention_backward, rowdot included) on
+// Device time of the attention forward (attention_forward), backward (attention_backward, rowdot included) and
+// recomputed forward (attention_forward with stats_in: the second pass alone) on
 // the engine's fused q|k|v layout, inputs drawn on the device (q, k, v uniform in [-1, 1], dout in [-0.01, 0.01]):
 // the median over `iters` runs after one warm-up, in milliseconds (CUDA events).
 struct AttnTiming {
   double forward_ms = 0, backward_ms = 0;
+  double recomputed_forward_ms = 0;  // the forward given its own saved m and l (AttnParams::stats_in)
 };
 AttnTiming time_attention(const AttnShape& s, int iters, bool mma_only);
 // TFLOP/s of one cuBLAS bf16 product (n x n x n, fp32 accumulation, bf16 result) on random inputs, median of

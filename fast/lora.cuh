@@ -5,8 +5,9 @@
 // (common.cuh). x A^T over the split of A is exact up to fp32 accumulation order; xa B^T keeps the six pairs
 // of split terms whose product is at least 2^-16 of the leading one (the dropped three are below 2^-24, fp32's
 // own rounding). So the adapter branch is fp32 throughout, like PEFT's fp32 adapters, and matches the reference's
-// cast points: lora_mid f32, lora_out f32 (the adapter term is written in fp32), matmul_out bf16 twice: the base
-// product rounded, then bf16(base + adapter term) rounded once by lora_add_kernel. (Letting cuBLAS add the term
+// cast points: lora_mid f32, lora_out f32 (the adapter term stays fp32 up to its add), matmul_out bf16 twice: the base
+// product rounded, then bf16(base + adapter term) rounded once by lora_out_add_kernel (or, for a rank it does not
+// take, lora_add_kernel after the term's product into fp32). (Letting cuBLAS add the term
 // into the bf16 output with beta = 1 does not do that: measured on the H200, 18% of the outputs differed from
 // the single fp32 add and rounding, up to 2 ulps, while every fp32 output agreed to 1e-7.)
 // adapters f32, grads f32.
@@ -19,9 +20,11 @@
 // way into Lb = [d1 d2 d3 d1 d1 d2], dx += Lb Abwd; dA = sum_i di^T x and dB = s sum_i dy^T si come from the
 // first 3r columns of Lb and L.
 #pragma once
+#include <algorithm>
 #include <vector>
 
 #include "fast/gemm.cuh"
+#include "fast/mma.cuh"
 
 namespace gemma::fast {
 namespace {
@@ -111,6 +114,125 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
   }
 }
 
+// The forward's adapter term and its add in one kernel: y (N, out; row stride ldy) = bf16(y + fl(s acc)) with
+// acc = L B^T in fp32 over K = 6r (L: a group's split xa for one adapter, (N, K), row stride ldl; B: its Bfwd,
+// (out, K)). The same arithmetic as the product into fp32 (alpha = s) followed by lora_add_kernel, without the
+// fp32 term's round trip through memory (8 of the 12 bytes moved per output). A block per 128 x 128 output
+// tile holds the whole K of both operand tiles in shared memory (K <= 384, so r <= 64); eight warps of 64 x 32
+// outputs, mma.sync m16n8k16 fed by ldmatrix; the fp32 terms then go through shared memory so that y is read
+// and written in whole 16-byte pieces. lora_out_fused says when it applies. (A first version added straight
+// from the accumulator registers, 4 bytes and one dependent load per pair: on the H200 it made the 9b step
+// take 362 ms instead of 324 with the product into fp32 and lora_add_kernel.)
+constexpr int kLoraOutTile = 128, kLoraOutThreads = 256, kLoraOutMaxK = 384, kLoraOutLdc = 136;
+// Shared memory: the two operand tiles, later the fp32 output tile.
+inline int lora_out_smem(int K) {
+  return std::max(2 * kLoraOutTile * (K + 8) * 2, kLoraOutTile * kLoraOutLdc * 4);
+}
+
+__global__ void __launch_bounds__(kLoraOutThreads, 2) lora_out_add_kernel(bf16* y, int64_t ldy, const bf16* L,
+                                                                          int64_t ldl, const bf16* B, int K,
+                                                                          int64_t N, int64_t out, float s) {
+  extern __shared__ __align__(16) unsigned char smem_lora[];
+  const int LDS = K + 8;  // 16-byte rows for ldmatrix, and a 4-bank shift per row: no bank conflicts
+  bf16* Ls = reinterpret_cast<bf16*>(smem_lora);
+  bf16* Bs = Ls + kLoraOutTile * LDS;
+  const int64_t n0 = int64_t(blockIdx.y) * kLoraOutTile, o0 = int64_t(blockIdx.x) * kLoraOutTile;
+  const int chunks = K / 8;
+  // Both operand tiles by cp.async, rows past N or out zero-filled (every sum stays exact), all in flight at once.
+  for (int idx = threadIdx.x; idx < kLoraOutTile * chunks; idx += kLoraOutThreads) {
+    const int rr = idx / chunks, c = (idx - rr * chunks) * 8;
+    const bool lok = n0 + rr < N, bok = o0 + rr < out;
+    cp_async16(smem_addr(Ls + rr * LDS + c), L + (lok ? n0 + rr : 0) * ldl + c, lok);
+    cp_async16(smem_addr(Bs + rr * LDS + c), B + (bok ? o0 + rr : 0) * K + c, bok);
+  }
+  cp_commit();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wr = (warp >> 2) * 64, wc = (warp & 3) * 32;  // the warp's rows and columns within the tile
+  cp_wait<0>();
+  __syncthreads();
+  const int m = lane >> 3, rr = lane & 7;
+  float acc[4][4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t a[4][4], b[4][2];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], Ls + (wr + mt * 16 + rr + 8 * (m & 1)) * LDS + k0 + 8 * (m >> 1));
+#pragma unroll
+    for (int nt = 0; nt < 4; nt += 2) {  // matrices (n-tile nt, k0), (nt, k0 + 8), (nt + 1, k0), (nt + 1, k0 + 8)
+      uint32_t q[4];
+      ldmatrix_x4(q, Bs + (wc + (nt + (m >> 1)) * 8 + rr) * LDS + k0 + 8 * (m & 1));
+      b[nt][0] = q[0];
+      b[nt][1] = q[1];
+      b[nt + 1][0] = q[2];
+      b[nt + 1][1] = q[3];
+    }
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mma16816(acc[mt][nt], a[mt], b[nt]);
+  }
+  // Epilogue through shared memory (the operand tiles are spent): s * acc in fp32 per output, then each thread
+  // adds 8 consecutive outputs of a row with 16-byte accesses of y. Row stride 136 floats: a half-warp's 8-byte
+  // stores (4 rows x 4 column pairs) fall on 32 distinct banks.
+  __syncthreads();
+  float* Cs = reinterpret_cast<float*>(smem_lora);
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+        *reinterpret_cast<float2*>(Cs + (wr + mt * 16 + g + 8 * hr) * kLoraOutLdc + wc + nt * 8 + 2 * t) =
+            make_float2(__fmul_rn(s, acc[mt][nt][2 * hr]), __fmul_rn(s, acc[mt][nt][2 * hr + 1]));
+  __syncthreads();
+  const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+  constexpr int kIters = kLoraOutTile * kLoraOutTile / 8 / kLoraOutThreads;
+  uint4 raw[kIters];  // every load of y issued before any store: one memory round trip, not kIters
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = threadIdx.x + it * kLoraOutThreads, row = idx >> 4, c = (idx & 15) * 8;
+    const int64_t n = n0 + row, o = o0 + c;
+    if (vec && n < N && o + 8 <= out) raw[it] = *reinterpret_cast<const uint4*>(y + n * ldy + o);
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = threadIdx.x + it * kLoraOutThreads, row = idx >> 4, c = (idx & 15) * 8;
+    const int64_t n = n0 + row, o = o0 + c;
+    if (n >= N || o >= out) continue;
+    const float* d = Cs + row * kLoraOutLdc + c;
+    bf16* py = y + n * ldy + o;
+    if (vec && o + 8 <= out) {
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw[it]);
+      const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
+      const float dd[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 v = __bfloat1622float2(h[e]);
+        h[e] = __floats2bfloat162_rn(__fadd_rn(v.x, dd[2 * e]), __fadd_rn(v.y, dd[2 * e + 1]));
+      }
+      *reinterpret_cast<uint4*>(py) = raw[it];
+    } else {
+      for (int e = 0; e < 8 && o + e < out; ++e)
+        py[e] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(py[e]), d[e]));
+    }
+  }
+}
+
+// lora_out_add_kernel takes K = 6r in 16-wide steps of whole 16-byte rows, all of it in shared memory.
+inline bool lora_out_fused(int r, int64_t ldl, const bf16* L, const bf16* B) {
+  const int K = 6 * r;
+  return K % 16 == 0 && K <= kLoraOutMaxK && ldl % 8 == 0 && (reinterpret_cast<uintptr_t>(L) & 15) == 0 &&
+         (reinterpret_cast<uintptr_t>(B) & 15) == 0;
+}
+
+inline void lora_out_add(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int r, int64_t N,
+                         int64_t out, float s, cudaStream_t st) {
+  const int K = 6 * r, smem = lora_out_smem(K);
+  GEMMA_CUDA(cudaFuncSetAttribute(lora_out_add_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(unsigned((out + kLoraOutTile - 1) / kLoraOutTile), unsigned((N + kLoraOutTile - 1) / kLoraOutTile));
+  lora_out_add_kernel<<<grid, kLoraOutThreads, smem, st>>>(y, ldy, L, ldl, B, K, N, out, s);
+  GEMMA_LAUNCHED("lora_out_add_kernel");
+}
+
 // grad (R, C) += scale * (part_0 + part_1 + part_2), the three blocks block_stride apart, rows ld_part apart.
 __global__ void lora_grad_accum_kernel(float* grad, const float* part, int64_t R, int64_t C, int64_t ld_part,
                                        int64_t block_stride, float scale) {
@@ -160,6 +282,10 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
   lora_split(L, part, N, r, np, 1.0f, st);
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
+    if (lora_out_fused(r, w6, L + pi * 2 * r3, P.Bfwd)) {
+      lora_out_add(y + P.col, g.out_total, L + pi * 2 * r3, w6, P.Bfwd, r, N, P.out, s, st);
+      continue;
+    }
     gemm(h, N, P.out, 2 * r3, {L + pi * 2 * r3, w6, false}, {P.Bfwd, 2 * r3, true}, delta + P.col, true, g.out_total,
          s, 0.0f);
     lora_add_kernel<<<elementwise_blocks(N * P.out), 256, 0, st>>>(y + P.col, delta + P.col, N, P.out, g.out_total);

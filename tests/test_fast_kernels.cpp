@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 
 #include "fast/fast.hpp"
@@ -109,6 +110,16 @@ void expect_f32_match(const char* what, const std::vector<float>& got, const std
               d.rel_l2, tol, d.max_abs, d64.rel_l2);
   EXPECT_EQ(d.nan, 0) << what << ": elements left unwritten (NaN) or non-finite";
   EXPECT_LE(d.rel_l2, tol) << what << ": " << describe(d);
+}
+
+// Two runs that must give the same bits (a NaN must be the same NaN position, never a stand-in for a value).
+void expect_same_bits(const char* what, const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t differ = 0, first = got.size();
+  for (size_t i = 0; i < got.size(); ++i)
+    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0 && ++differ == 1) first = i;
+  std::printf("  %-28s %zu of %zu elements differ in their bits\n", what, differ, got.size());
+  EXPECT_EQ(differ, 0u) << what << ": first at " << first << ": " << got[first] << " vs " << want[first];
 }
 
 Config small_config(int64_t D) {
@@ -327,6 +338,8 @@ TEST_P(FastAttention, ForwardAndBackwardMatchTheReference) {
   expect_f32_match("dq", got.dq, flat(dq), flat(dq6), 1e-3);
   expect_f32_match("dk", got.dk, flat(dk), flat(dk6), 1e-3);
   expect_f32_match("dv", got.dv, flat(dv), flat(dv6), 1e-3);
+  expect_same_bits("recomputed forward, out", got.out_recomputed, got.out);
+  expect_same_bits("recomputed forward, o32", got.o32_recomputed, got.o32);
   }
 }
 
@@ -385,6 +398,10 @@ TEST_F(FastKernel, HopperAttentionAgreesWithTheMmaKernelsOnDocumentsPaddingAndLo
       return r;
     };
     EXPECT_LE(rel(hop.o32, mma.o32, "o32"), 2e-4);
+    for (const fk::Attention* a : {&hop, &mma}) {
+      expect_same_bits("recomputed forward, out", a->out_recomputed, a->out);
+      expect_same_bits("recomputed forward, o32", a->o32_recomputed, a->o32);
+    }
     EXPECT_LE(rel(hop.dq, mma.dq, "dq"), 1e-3);
     EXPECT_LE(rel(hop.dk, mma.dk, "dk"), 1e-3);
     EXPECT_LE(rel(hop.dv, mma.dv, "dv"), 1e-3);
@@ -543,9 +560,12 @@ TEST_F(FastKernel, LoraGroupForwardBackwardAreFp32Accurate) {
     std::vector<int64_t> outs;
     std::vector<bool> adapter;
   };
-  // q|k|v of tiny; gate|up with one projection not adapted; 9b's q|k|v widths at rank 32.
+  // q|k|v of tiny; gate|up with one projection not adapted; 9b's q|k|v widths at rank 32; rank 8 with rows and
+  // widths that are no multiple of the fused adapter kernel's 128 x 128 tile. Ranks 8 and 32 take the fused
+  // adapter add (lora_out_add_kernel: 6r a multiple of 16), rank 4 the fp32 product and lora_add_kernel.
   for (const G& g : {G{37, 64, 4, {64, 32, 32}, {true, true, true}}, G{21, 64, 4, {160, 160}, {false, true}},
-                     G{16, 3584, 32, {4096, 2048, 2048}, {true, true, true}}}) {
+                     G{16, 3584, 32, {4096, 2048, 2048}, {true, true, true}},
+                     G{300, 256, 8, {200, 72}, {true, true}}}) {
     const double s = 2.0;  // alpha = 2r (tools' synthetic adapters)
     std::vector<fk::LoraProj> projs;
     int64_t out_total = 0;
