@@ -441,7 +441,10 @@ INSTANTIATE_TEST_SUITE_P(
 // GeGLU
 
 TEST_F(FastKernel, GegluForwardAndBackward) {
-  const int64_t N = 5, I = 333;
+  // I = 333: the one-element-per-thread kernels; 336 (a multiple of 8): the eight-per-thread ones.
+  for (const int64_t I : {int64_t(333), int64_t(336)}) {
+  const int64_t N = 5;
+  std::printf("I = %lld\n", (long long)I);
   const Policy p = policy_fast();
   // Gate values up to +-12: GELU's left tail, where a naive sigmoid overflows exp.
   const std::vector<float> gu = random(size_t(N * 2 * I), 12.0, 40, "gate_up", true);
@@ -461,6 +464,7 @@ TEST_F(FastKernel, GegluForwardAndBackward) {
     }
   expect_bf16_match("geglu forward", fk::geglu_forward(N, I, gu), act, act64);
   expect_bf16_match("geglu backward", fk::geglu_backward(N, I, dact, gu), dgu, dgu64);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------
