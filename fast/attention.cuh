@@ -119,8 +119,8 @@ __device__ __forceinline__ float attn_prob(float z, float m, float inv_l) { retu
 // 1 / l of a row's sum; a row that sees no key (l = 0) never forms a P.
 __device__ __forceinline__ float attn_inv_l(float l) { return l > 0.0f ? __frcp_rn(l) : 0.0f; }
 
-// A forward's saved row statistics for its two rows per thread (stats_in). Rows past T, which no output keeps,
-// get m = +inf and l = 0, so their P is exp(-inf) * 0 = 0 rather than anything unbounded.
+// A forward's saved row statistics for its two rows per thread (stats_in). Rows past T have none saved and see no
+// key (attn_visible), so no P of theirs is ever formed; they get m = +inf and l = 0, values that would make one 0.
 __device__ __forceinline__ void attn_load_stats(const AttnParams& p, int b, int h, const int (&row)[2],
                                                 float (&m)[2], float (&l)[2]) {
 #pragma unroll

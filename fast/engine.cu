@@ -864,9 +864,13 @@ struct Engine::Impl {
       }
       if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
       if (opt.recompute) {
-        recomputing = true;
+        // Cleared however layer_forward ends: a forward after a failed one must compute its own statistics.
+        struct Recomputing {
+          bool& flag;
+          explicit Recomputing(bool& f) : flag(f) { flag = true; }
+          ~Recomputing() { flag = false; }
+        } scope(recomputing);
         layer_forward(l, ck_dev(l), x_scratch.get(), B, T);
-        recomputing = false;
       }
       layer_backward(l, ck_dev(l), B, T);
       if (opt.offload) GEMMA_CUDA(cudaEventRecord(ev_free[l % 2], stream));

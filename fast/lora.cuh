@@ -217,11 +217,13 @@ __global__ void __launch_bounds__(kLoraOutThreads, 2) lora_out_add_kernel(bf16* 
   }
 }
 
-// lora_out_add_kernel takes K = 6r in 16-wide steps of whole 16-byte rows, all of it in shared memory.
-inline bool lora_out_fused(int r, int64_t ldl, const bf16* L, const bf16* B) {
+// lora_out_add_kernel takes K = 6r in 16-wide steps of whole 16-byte rows, all of it in shared memory (up to
+// 200 KB at K = 384, within sm_90's 227 KB per block: the only target this is built for), and N rows in at most
+// 65535 row tiles of the grid's y (8.4 M tokens in one micro-batch).
+inline bool lora_out_fused(int r, int64_t N, int64_t ldl, const bf16* L, const bf16* B) {
   const int K = 6 * r;
-  return K % 16 == 0 && K <= kLoraOutMaxK && ldl % 8 == 0 && (reinterpret_cast<uintptr_t>(L) & 15) == 0 &&
-         (reinterpret_cast<uintptr_t>(B) & 15) == 0;
+  return K % 16 == 0 && K <= kLoraOutMaxK && (N + kLoraOutTile - 1) / kLoraOutTile <= 65535 && ldl % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(L) & 15) == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0;
 }
 
 inline void lora_out_add(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int r, int64_t N,
@@ -282,7 +284,7 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
   lora_split(L, part, N, r, np, 1.0f, st);
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
-    if (lora_out_fused(r, w6, L + pi * 2 * r3, P.Bfwd)) {
+    if (lora_out_fused(r, N, w6, L + pi * 2 * r3, P.Bfwd)) {
       lora_out_add(y + P.col, g.out_total, L + pi * 2 * r3, w6, P.Bfwd, r, N, P.out, s, st);
       continue;
     }
