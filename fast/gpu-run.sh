@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # fast/gpu-run.sh: everything the fast trainer needs a GPU for, in one call to the GPU host.
 #
-#   here:  cmake --build build-fast --target test_fast_kernels test_fast_model fast_bench
+#   here:  cmake --build build-fast --target test_fast_kernels test_fast_model test_fast_train train fast_bench
 #          /work/shared/tools/gpu-bundle build-fast .gpu
 #   there: LD_LIBRARY_PATH=.gpu/lib:/usr/local/cuda/lib64 fast/gpu-run.sh      (carry .gpu; logs go to $OUT)
 #
 # Phases (GPU_RUN_PHASES, default all, in this order):
 #   info       date, nvidia-smi, the tools' versions
-#   tests      both GPU test binaries (JUnit XML in results.tar.gz)
+#   tests      the kernel, whole-model and trainer tests (JUnit XML in results.tar.gz)
 #   bench      fast_bench: gemma2-9b 2 x 1024 (with and without recompute), gemma2-27b 2 x 1024, gemma2-9b 2 x 4096,
 #              QLoRA (--quantize nf4) 9b and 27b 2 x 1024,
 #              then gemma2-9b 2 x 1024 once more with GEMMA_FAST_PROFILE=1 (device time per schedule segment),
@@ -15,20 +15,22 @@
 #   alt        the other attention fragment path (GEMMA_FAST_LDMATRIX flipped): its attention and whole-model tests,
 #              and the 9b benchmarks at 1024 and 4096; then the whole-model tests with the mma.sync attention
 #              kernels in place of the Hopper ones (GEMMA_FAST_ATTN=mma)
-#   long       (not in the default set: about 9 minutes) gemma2-9b batch 1 within 80 GiB (--memory-limit 80,
-#              offloaded checkpoints) at 16384, 32768, 65536 and 131072 tokens
+#   hf         (in the default set when HF_BENCH names the peer's hf_peft_bench.py) HF + PEFT at the bench
+#              phase's three shapes, with and without activation checkpointing (tools/hf_peft_no_checkpointing.py)
+#   long       (not in the default set: about 6 minutes) gemma2-9b batch 1 within 80 GiB (--memory-limit 80,
+#              offloaded checkpoints) at 16384, 32768, 65536 and 135168 tokens (the longest that fits)
 #   faults     each deliberate bug of fast/device.hpp (GEMMA_FAST_FAULT) switched on: the tests that defend
 #              against it must fail, or they could not catch it
 #   sanitizer  compute-sanitizer memcheck and racecheck over the small kernel cases and a tiny model run
-# Writes at most 8 files (the device tool's limit): summary.txt, the two test logs, bench.log, alt.log,
-# faults.log, sanitizer.log, results.tar.gz. Exit status 0 only if every test passed, every fault was caught,
+# Writes at most 8 files (the device tool's limit): summary.txt, the kernel and model test logs, bench.log,
+# alt.log, faults.log, sanitizer.log, results.tar.gz (JUnit XML, the trainer test's and HF's logs). Exit status 0 only if every test passed, every fault was caught,
 # and the sanitizers found nothing.
 set -uo pipefail
 bin=${GPU_BIN:-.gpu/bin}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 extra=$(mktemp -d)
-phases=${GPU_RUN_PHASES:-info tests bench alt faults sanitizer}
+phases=${GPU_RUN_PHASES:-info tests bench ${HF_BENCH:+hf} alt faults sanitizer}
 summary=$out/summary.txt
 status=0
 note() { echo "$*" | tee -a "$summary"; }
@@ -51,11 +53,15 @@ if has info; then
 fi
 
 if has tests; then
-  for t in test_fast_kernels test_fast_model; do
+  # test_fast_train runs the bundle's `train` on the repository's examples/ (its build paths do not travel).
+  export GEMMA_TRAIN_BIN=${GEMMA_TRAIN_BIN:-$PWD/$bin/train} GEMMA_EXAMPLES_DIR=${GEMMA_EXAMPLES_DIR:-$PWD/examples}
+  for t in test_fast_kernels test_fast_model test_fast_train; do
     start=$SECONDS
-    timeout 300 "$bin/$t" --gtest_output="xml:$extra/$t.xml" >"$out/$t.log" 2>&1
+    log=$out/$t.log
+    [[ $t == test_fast_train ]] && log=$extra/$t.log  # in results.tar.gz: the device tool returns 8 files
+    timeout 300 "$bin/$t" --gtest_output="xml:$extra/$t.xml" >"$log" 2>&1
     rc=$?
-    note "$t: rc $rc, $(grep -c '^\[       OK \]' "$out/$t.log") passed, $(grep -c '^\[  FAILED  \]' "$out/$t.log") failed lines, $((SECONDS - start)) s"
+    note "$t: rc $rc, $(grep -c '^\[       OK \]' "$log") passed, $(grep -c '^\[  FAILED  \]' "$log") failed lines, $((SECONDS - start)) s"
     [[ $rc == 0 ]] || status=1
   done
 fi
@@ -69,6 +75,17 @@ if has bench; then
     timeout 120 "$bin/fast_bench" $args --attention --steps 10 --json "$extra/bench.jsonl" >>"$out/bench.log" 2>&1
     note "fast_bench $args --attention: rc $? $(grep -E '^global +cap on +wgmma' "$out/bench.log" | tail -1)"
   done
+fi
+
+if has hf; then
+  plan=('["gemma2-9b","eager",2,1024]' '["gemma2-9b","flex_attention",2,4096]' '["gemma2-27b","eager",2,1024]')
+  HF_STEPS=4 HF_WARM=2 OUT=$extra timeout 300 python3 "$HF_BENCH" "${plan[@]}" >"$extra/hf.log" 2>&1
+  note "HF + PEFT (checkpointing): rc $? $(grep -c '^{' "$extra/hf.log") rows"
+  mkdir -p "$extra/nock"
+  HF_STEPS=4 HF_WARM=2 OUT=$extra/nock timeout 300 python3 tools/hf_peft_no_checkpointing.py "$HF_BENCH" "${plan[@]}" \
+    >>"$extra/hf.log" 2>&1
+  note "HF + PEFT (no checkpointing): rc $?"
+  grep '^{' "$extra/hf.log" >>"$summary"
 fi
 
 if has alt; then
@@ -89,9 +106,9 @@ if has alt; then
 fi
 
 if has long; then
-  for T in 16384 32768 65536 131072; do
+  for T in 16384 32768 65536 135168; do
     w=1
-    [[ $T -ge 65536 ]] && w=0  # a step there takes 1.5 and 4.5 minutes: no warm-up step
+    [[ $T -ge 65536 ]] && w=0  # a step there takes 1.5 and 3.3 minutes: no warm-up step
     echo "== fast_bench --model gemma2-9b --batch 1 --seq $T --offload --memory-limit 80 --warmup $w --steps 1" >>"$out/bench.log"
     timeout 400 "$bin/fast_bench" --model gemma2-9b --batch 1 --seq $T --offload --memory-limit 80 --warmup $w --steps 1 \
       --json "$extra/bench.jsonl" >>"$out/bench.log" 2>&1
