@@ -42,9 +42,7 @@ __device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, i
     const int r = u / UPR, c = (u - r * UPR) * 8, row = row0 + r;
     const bool ok = row < T;
     const bf16* src = g + int64_t(ok ? row : 0) * ld + c;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s + swz<R>(r, c)), "l"(src),
-                 "r"(ok ? 16 : 0)
-                 : "memory");
+    cp_async16(s + swz<R>(r, c), src, ok);
   }
 }
 // cp.async writes through the generic proxy, wgmma reads through the async proxy: this orders the two.

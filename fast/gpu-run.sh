@@ -23,8 +23,8 @@
 #              against it must fail, or they could not catch it
 #   sanitizer  compute-sanitizer memcheck and racecheck over the small kernel cases and a tiny model run
 # Writes at most 8 files (the device tool's limit): summary.txt, the kernel and model test logs, bench.log,
-# alt.log, faults.log, sanitizer.log, results.tar.gz (JUnit XML, the trainer test's and HF's logs). Exit status 0 only if every test passed, every fault was caught,
-# and the sanitizers found nothing.
+# alt.log, faults.log, sanitizer.log, results.tar.gz (JUnit XML, the trainer test's and HF's logs). Exit status 0
+# only if every test passed, every fault was caught, and the sanitizers found nothing.
 set -uo pipefail
 bin=${GPU_BIN:-.gpu/bin}
 out=${OUT:-gpu-out}

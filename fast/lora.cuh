@@ -91,6 +91,10 @@ __global__ void lora_split_kernel(bf16* L, const float* part, int64_t N, int r, 
   }
 }
 
+// The adapter term d added to the rounded base product y in fp32; the caller rounds the sum to bf16 once. Both
+// adapter-add kernels (lora_add_kernel, lora_out_add_kernel) go through it.
+__device__ __forceinline__ float lora_sum(float y, float d) { return __fadd_rn(y, d); }
+
 // y = bf16(y + delta) over an (N, cols) block of the group's output: the one rounding of base + adapter term.
 // Two elements per thread (4- and 8-byte accesses) when the widths are even, as they are at every released width.
 __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t cols, int64_t ld) {
@@ -103,14 +107,14 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
       __nv_bfloat162* py = reinterpret_cast<__nv_bfloat162*>(y + n * ld + j);
       const float2 d = *reinterpret_cast<const float2*>(delta + n * ld + j);
       const float2 v = __bfloat1622float2(*py);
-      *py = __floats2bfloat162_rn(__fadd_rn(v.x, d.x), __fadd_rn(v.y, d.y));
+      *py = __floats2bfloat162_rn(lora_sum(v.x, d.x), lora_sum(v.y, d.y));
     }
     return;
   }
   const int64_t total = N * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += stride) {
     const int64_t n = i / cols, j = i - n * cols;
-    y[n * ld + j] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(y[n * ld + j]), delta[n * ld + j]));
+    y[n * ld + j] = __float2bfloat16_rn(lora_sum(__bfloat162float(y[n * ld + j]), delta[n * ld + j]));
   }
 }
 
@@ -207,12 +211,12 @@ __global__ void __launch_bounds__(kLoraOutThreads, 2) lora_out_add_kernel(bf16* 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 v = __bfloat1622float2(h[e]);
-        h[e] = __floats2bfloat162_rn(__fadd_rn(v.x, dd[2 * e]), __fadd_rn(v.y, dd[2 * e + 1]));
+        h[e] = __floats2bfloat162_rn(lora_sum(v.x, dd[2 * e]), lora_sum(v.y, dd[2 * e + 1]));
       }
       *reinterpret_cast<uint4*>(py) = raw[it];
     } else {
       for (int e = 0; e < 8 && o + e < out; ++e)
-        py[e] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(py[e]), d[e]));
+        py[e] = __float2bfloat16_rn(lora_sum(__bfloat162float(py[e]), d[e]));
     }
   }
 }
