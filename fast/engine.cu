@@ -728,8 +728,8 @@ struct Engine::Impl {
     mark(ph + " norms, rope, geglu");
     group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream);
     mark(ph + " q|k|v_proj + LoRA");
-    rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H), int(hd), cosv.get(), sinv.get(), stream);
-    rope_forward(A.qkv.get() + HD, QKV, N, T, pos.get(), int(KV), int(hd), cosv.get(), sinv.get(), stream);
+    // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
+    rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H + KV), int(hd), cosv.get(), sinv.get(), stream);
     mark(ph + " norms, rope, geglu");
     attention_forward(attn_params(l, B, T, A), stream);
     mark(ph + " attention");
