@@ -726,24 +726,28 @@ struct Engine::Impl {
     rmsnorm_forward_in(A.xn1.get(), A.rstd.get(), x_in, W.scale.get(), N, D, eps, stream);
     const std::string ph = phase;
     mark(ph + " norms");
-    group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream);
-    mark(ph + " q|k|v_proj + LoRA");
+    group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " q|k|v_proj (base product)"); });
+    mark(ph + " q|k|v_proj LoRA terms");
     // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
     rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H + KV), int(hd), cosv.get(), sinv.get(), stream);
     mark(ph + " rope");
     attention_forward(attn_params(l, B, T, A), stream);
     mark(ph + " attention");
-    group_forward(h, G[kO], r, s, A.att.get(), N, A.o.get(), A.L[kO].get(), part.get(), dacc.get(), stream);
-    mark(ph + " o_proj + LoRA");
+    group_forward(h, G[kO], r, s, A.att.get(), N, A.o.get(), A.L[kO].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " o_proj (base product)"); });
+    mark(ph + " o_proj LoRA terms");
     rmsnorm_forward_post(A.x_mid.get(), A.rstd.get() + N, A.o.get(), W.scale.get() + D, x_in, N, D, eps, stream);
     rmsnorm_forward_in(A.xn2.get(), A.rstd.get() + 2 * N, A.x_mid.get(), W.scale.get() + 2 * D, N, D, eps, stream);
     mark(ph + " norms");
-    group_forward(h, G[kGU], r, s, A.xn2.get(), N, A.gu.get(), A.L[kGU].get(), part.get(), dacc.get(), stream);
-    mark(ph + " gate|up_proj + LoRA");
+    group_forward(h, G[kGU], r, s, A.xn2.get(), N, A.gu.get(), A.L[kGU].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " gate|up_proj (base product)"); });
+    mark(ph + " gate|up_proj LoRA terms");
     geglu_forward(A.act.get(), A.gu.get(), N, I, stream);
     mark(ph + " geglu");
-    group_forward(h, G[kDown], r, s, A.act.get(), N, A.down.get(), A.L[kDown].get(), part.get(), dacc.get(), stream);
-    mark(ph + " down_proj + LoRA");
+    group_forward(h, G[kDown], r, s, A.act.get(), N, A.down.get(), A.L[kDown].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " down_proj (base product)"); });
+    mark(ph + " down_proj LoRA terms");
     rmsnorm_forward_post(x_out, A.rstd.get() + 3 * N, A.down.get(), W.scale.get() + 3 * D, A.x_mid.get(), N, D, eps,
                          stream);
     mark(ph + " norms");
@@ -763,22 +767,25 @@ struct Engine::Impl {
                           stream);
     mark("bwd norms");
     group_backward(h, G[kDown], r, s, A.act.get(), dsmall.get(), A.L[kDown].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
-    mark("bwd down_proj + LoRA");
+                   gpart.get(), stream,
+                   [&] { mark("bwd down_proj (base product)"); });
+    mark("bwd down_proj LoRA terms");
     geglu_backward(dgu.get(), dacc.get(), A.gu.get(), N, I, stream);
     mark("bwd geglu");
     group_backward(h, G[kGU], r, s, A.xn2.get(), dgu.get(), A.L[kGU].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
-    mark("bwd gate|up_proj + LoRA");
+                   gpart.get(), stream,
+                   [&] { mark("bwd gate|up_proj (base product)"); });
+    mark("bwd gate|up_proj LoRA terms");
     rmsnorm_backward_in(dres.get(), dacc.get(), A.x_mid.get(), A.rstd.get() + 2 * N, W.scale.get() + 2 * D, N, D,
                         stream);
     // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
     rmsnorm_backward_post(dsmall.get(), dres.get(), A.o.get(), A.rstd.get() + N, W.scale.get() + D, N, D, stream);
     mark("bwd norms");
     group_backward(h, G[kO], r, s, A.att.get(), dsmall.get(), A.L[kO].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
+                   gpart.get(), stream,
+                   [&] { mark("bwd o_proj (base product)"); });
     to_bf16(datt.get(), HD, dacc.get(), HD, N, HD, stream);
-    mark("bwd o_proj + LoRA");
+    mark("bwd o_proj LoRA terms");
     attention_backward(attn_params(l, B, T, A), stream);
     mark("bwd attention");
     rope_backward(dqkv.get(), QKV, dQ.get(), HD, N, T, pos.get(), int(H), int(hd), cosv.get(), sinv.get(), stream);
@@ -787,8 +794,9 @@ struct Engine::Impl {
     to_bf16(dqkv.get() + HD + KVHD, QKV, dV.get(), KVHD, N, KVHD, stream);
     mark("bwd rope, dv to bf16");
     group_backward(h, G[kQKV], r, s, A.xn1.get(), dqkv.get(), A.L[kQKV].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
-    mark("bwd q|k|v_proj + LoRA");
+                   gpart.get(), stream,
+                   [&] { mark("bwd q|k|v_proj (base product)"); });
+    mark("bwd q|k|v_proj LoRA terms");
     rmsnorm_backward_in(dres.get(), dacc.get(), x_in, A.rstd.get(), W.scale.get(), N, D, stream);
     mark("bwd norms");
   }
