@@ -725,28 +725,32 @@ struct Engine::Impl {
     cublasHandle_t h = blas->h;
     rmsnorm_forward_in(A.xn1.get(), A.rstd.get(), x_in, W.scale.get(), N, D, eps, stream);
     const std::string ph = phase;
-    mark(ph + " norms, rope, geglu");
-    group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream);
-    mark(ph + " q|k|v_proj + LoRA");
-    rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H), int(hd), cosv.get(), sinv.get(), stream);
-    rope_forward(A.qkv.get() + HD, QKV, N, T, pos.get(), int(KV), int(hd), cosv.get(), sinv.get(), stream);
-    mark(ph + " norms, rope, geglu");
+    mark(ph + " norms");
+    group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " q|k|v_proj (base product)"); });
+    mark(ph + " q|k|v_proj LoRA terms");
+    // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
+    rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H + KV), int(hd), cosv.get(), sinv.get(), stream);
+    mark(ph + " rope");
     attention_forward(attn_params(l, B, T, A), stream);
     mark(ph + " attention");
-    group_forward(h, G[kO], r, s, A.att.get(), N, A.o.get(), A.L[kO].get(), part.get(), dacc.get(), stream);
-    mark(ph + " o_proj + LoRA");
+    group_forward(h, G[kO], r, s, A.att.get(), N, A.o.get(), A.L[kO].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " o_proj (base product)"); });
+    mark(ph + " o_proj LoRA terms");
     rmsnorm_forward_post(A.x_mid.get(), A.rstd.get() + N, A.o.get(), W.scale.get() + D, x_in, N, D, eps, stream);
     rmsnorm_forward_in(A.xn2.get(), A.rstd.get() + 2 * N, A.x_mid.get(), W.scale.get() + 2 * D, N, D, eps, stream);
-    mark(ph + " norms, rope, geglu");
-    group_forward(h, G[kGU], r, s, A.xn2.get(), N, A.gu.get(), A.L[kGU].get(), part.get(), dacc.get(), stream);
-    mark(ph + " gate|up_proj + LoRA");
+    mark(ph + " norms");
+    group_forward(h, G[kGU], r, s, A.xn2.get(), N, A.gu.get(), A.L[kGU].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " gate|up_proj (base product)"); });
+    mark(ph + " gate|up_proj LoRA terms");
     geglu_forward(A.act.get(), A.gu.get(), N, I, stream);
-    mark(ph + " norms, rope, geglu");
-    group_forward(h, G[kDown], r, s, A.act.get(), N, A.down.get(), A.L[kDown].get(), part.get(), dacc.get(), stream);
-    mark(ph + " down_proj + LoRA");
+    mark(ph + " geglu");
+    group_forward(h, G[kDown], r, s, A.act.get(), N, A.down.get(), A.L[kDown].get(), part.get(), dacc.get(), stream,
+                  [&] { mark(ph + " down_proj (base product)"); });
+    mark(ph + " down_proj LoRA terms");
     rmsnorm_forward_post(x_out, A.rstd.get() + 3 * N, A.down.get(), W.scale.get() + 3 * D, A.x_mid.get(), N, D, eps,
                          stream);
-    mark(ph + " norms, rope, geglu");
+    mark(ph + " norms");
   }
 
   // dres holds d(layer output) on entry and d(layer input) on exit.
@@ -761,43 +765,47 @@ struct Engine::Impl {
     // x_out = x_mid + post_feedforward_layernorm(down)
     rmsnorm_backward_post(dsmall.get(), dres.get(), A.down.get(), A.rstd.get() + 3 * N, W.scale.get() + 3 * D, N, D,
                           stream);
-    mark("bwd norms, rope, geglu");
+    mark("bwd norms");
     group_backward(h, G[kDown], r, s, A.act.get(), dsmall.get(), A.L[kDown].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
-    mark("bwd down_proj + LoRA");
+                   gpart.get(), stream,
+                   [&] { mark("bwd down_proj (base product)"); });
+    mark("bwd down_proj LoRA terms");
     geglu_backward(dgu.get(), dacc.get(), A.gu.get(), N, I, stream);
-    mark("bwd norms, rope, geglu");
+    mark("bwd geglu");
     group_backward(h, G[kGU], r, s, A.xn2.get(), dgu.get(), A.L[kGU].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
-    mark("bwd gate|up_proj + LoRA");
+                   gpart.get(), stream,
+                   [&] { mark("bwd gate|up_proj (base product)"); });
+    mark("bwd gate|up_proj LoRA terms");
     rmsnorm_backward_in(dres.get(), dacc.get(), A.x_mid.get(), A.rstd.get() + 2 * N, W.scale.get() + 2 * D, N, D,
                         stream);
     // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
     rmsnorm_backward_post(dsmall.get(), dres.get(), A.o.get(), A.rstd.get() + N, W.scale.get() + D, N, D, stream);
-    mark("bwd norms, rope, geglu");
+    mark("bwd norms");
     group_backward(h, G[kO], r, s, A.att.get(), dsmall.get(), A.L[kO].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
+                   gpart.get(), stream,
+                   [&] { mark("bwd o_proj (base product)"); });
     to_bf16(datt.get(), HD, dacc.get(), HD, N, HD, stream);
-    mark("bwd o_proj + LoRA");
+    mark("bwd o_proj LoRA terms");
     attention_backward(attn_params(l, B, T, A), stream);
     mark("bwd attention");
     rope_backward(dqkv.get(), QKV, dQ.get(), HD, N, T, pos.get(), int(H), int(hd), cosv.get(), sinv.get(), stream);
     rope_backward(dqkv.get() + HD, QKV, dK.get(), KVHD, N, T, pos.get(), int(KV), int(hd), cosv.get(), sinv.get(),
                   stream);
     to_bf16(dqkv.get() + HD + KVHD, QKV, dV.get(), KVHD, N, KVHD, stream);
-    mark("bwd norms, rope, geglu");
+    mark("bwd rope, dv to bf16");
     group_backward(h, G[kQKV], r, s, A.xn1.get(), dqkv.get(), A.L[kQKV].get(), N, dacc.get(), part.get(), Lb.get(),
-                   gpart.get(), stream);
-    mark("bwd q|k|v_proj + LoRA");
+                   gpart.get(), stream,
+                   [&] { mark("bwd q|k|v_proj (base product)"); });
+    mark("bwd q|k|v_proj LoRA terms");
     rmsnorm_backward_in(dres.get(), dacc.get(), x_in, A.rstd.get(), W.scale.get(), N, D, stream);
-    mark("bwd norms, rope, geglu");
+    mark("bwd norms");
   }
 
   // Final norm, then the LM head and the loss chunk by chunk, then the final norm's backward: dres holds the
   // gradient of the residual x (N, D) entering the final norm.
   void head(int64_t N, const float* x, float grad_scale) {
     rmsnorm_forward_in(xf.get(), rstd_f.get(), x, final_scale.get(), N, D, eps, stream);
-    mark("fwd norms, rope, geglu");
+    mark("fwd norms");
     for (int64_t c0 = 0; c0 < N; c0 += chunk_rows) {
       LossChunk c;
       c.xf = xf.get() + c0 * D;
@@ -820,7 +828,7 @@ struct Engine::Impl {
     }
     mark("LM head + softcap + cross-entropy (fwd and bwd)");
     rmsnorm_backward_final(dres.get(), dxf.get(), x, rstd_f.get(), final_scale.get(), N, D, stream);
-    mark("bwd norms, rope, geglu");
+    mark("bwd norms");
   }
 
   // ------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 // first 3r columns of Lb and L.
 #pragma once
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "fast/gemm.cuh"
@@ -276,9 +277,12 @@ inline void lora_grad_accum(float* grad, const float* part, int64_t R, int64_t C
 
 // y (N, out_total) bf16 = x W^T + per adapter s xa B^T; L (N, 6r*np) keeps the split xa for the backward;
 // part (N, 3r*np) and delta (N, out_total) fp32 scratch.
+// after_base (optional) runs between the base product and the adapter terms (the profiler's mark).
 inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float s, const bf16* x, int64_t N, bf16* y,
-                          bf16* L, float* part, float* delta, cudaStream_t st) {
+                          bf16* L, float* part, float* delta, cudaStream_t st,
+                          const std::function<void()>& after_base = {}) {
   gemm(h, N, g.out_total, g.in, {x, g.in, false}, {g.W, g.in, true}, y, false, g.out_total, 1.0f, 0.0f);
+  if (after_base) after_base();
   const int np = int(g.projs.size());
   if (np == 0 || N == 0) return;
   const int64_t r3 = 3 * int64_t(r), w3 = r3 * np, w6 = 2 * w3;
@@ -303,8 +307,10 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
 // gradients are accumulated into gA, gB. L is the forward's split xa; part, Lb, gpart are scratch:
 // part (N, 3r*np) fp32, Lb (N, 6r*np) bf16, gpart (3r * max(in, out)) fp32.
 inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float s, const bf16* x, const bf16* dy,
-                           const bf16* L, int64_t N, float* dx, float* part, bf16* Lb, float* gpart, cudaStream_t st) {
+                           const bf16* L, int64_t N, float* dx, float* part, bf16* Lb, float* gpart, cudaStream_t st,
+                           const std::function<void()>& after_base = {}) {
   gemm(h, N, g.in, g.out_total, {dy, g.out_total, false}, {g.W, g.in, false}, dx, true, g.in, 1.0f, 0.0f);
+  if (after_base) after_base();
   const int np = int(g.projs.size());
   if (np == 0 || N == 0) return;
   const int64_t r3 = 3 * int64_t(r), w3 = r3 * np, w6 = 2 * w3;

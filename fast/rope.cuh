@@ -5,6 +5,7 @@
 // rotation runs in fp32 and the result is rounded once to bf16 (rope_out). The backward rotates the fp32
 // attention gradients by -angle and rounds once (grad_act), as the reference casts dq, dk after rope_apply.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -28,16 +29,21 @@ inline void rope_tables(int64_t T, int64_t hd, double theta, std::vector<float>&
   }
 }
 
+// Launch shape of the kernels below: threads over a token's (head, pair) or column index on the grid's x, the
+// tokens on its y (looping past the grid's 65535 rows), so no element pays a 64-bit division for its indices.
+constexpr int kRowThreads = 256;
+inline dim3 row_grid(int64_t N, int64_t per_row) {
+  return dim3(unsigned((per_row + kRowThreads - 1) / kRowThreads), unsigned(std::min<int64_t>(std::max<int64_t>(N, 1), 65535)));
+}
+
 // In place on `heads` heads starting at column 0 of x (row stride ld); row n is position pos[n] (n % T when pos is
 // null).
 __global__ void rope_forward_kernel(bf16* x, int64_t ld, int64_t N, int64_t T, const int32_t* pos, int heads, int hd,
                                     const float* cosv, const float* sinv) {
-  const int half = hd / 2;
-  const int64_t total = N * heads * half;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int k = int(i % half);
-    const int h = int((i / half) % heads);
-    const int64_t n = i / (int64_t(half) * heads);
+  const int half = hd / 2, i = blockIdx.x * kRowThreads + threadIdx.x;
+  if (i >= heads * half) return;
+  const int h = i / half, k = i - h * half;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t t = pos ? pos[n] : n % T;
     const float c = cosv[t * half + k], s = sinv[t * half + k];
     bf16* p = x + n * ld + int64_t(h) * hd;
@@ -50,12 +56,10 @@ __global__ void rope_forward_kernel(bf16* x, int64_t ld, int64_t N, int64_t T, c
 // out (bf16, row stride ld_out) = rotation by -angle of dx (fp32, row stride ld_in).
 __global__ void rope_backward_kernel(bf16* out, int64_t ld_out, const float* dx, int64_t ld_in, int64_t N, int64_t T,
                                      const int32_t* pos, int heads, int hd, const float* cosv, const float* sinv) {
-  const int half = hd / 2;
-  const int64_t total = N * heads * half;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int k = int(i % half);
-    const int h = int((i / half) % heads);
-    const int64_t n = i / (int64_t(half) * heads);
+  const int half = hd / 2, i = blockIdx.x * kRowThreads + threadIdx.x;
+  if (i >= heads * half) return;
+  const int h = i / half, k = i - h * half;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t t = pos ? pos[n] : n % T;
     const float c = cosv[t * half + k], s = sinv[t * half + k];
     const float* p = dx + n * ld_in + int64_t(h) * hd;
@@ -68,29 +72,31 @@ __global__ void rope_backward_kernel(bf16* out, int64_t ld_out, const float* dx,
 
 // out (bf16) = round(in) for an (N, cols) block: the v gradient, and the attention-output gradient.
 __global__ void to_bf16_kernel(bf16* out, int64_t ld_out, const float* in, int64_t ld_in, int64_t N, int64_t cols) {
-  const int64_t total = N * cols;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = i / cols, j = i - n * cols;
-    out[n * ld_out + j] = __float2bfloat16_rn(in[n * ld_in + j]);
-  }
+  const int64_t j = int64_t(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (j >= cols) return;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) out[n * ld_out + j] = __float2bfloat16_rn(in[n * ld_in + j]);
 }
 
 inline void rope_forward(bf16* x, int64_t ld, int64_t N, int64_t T, const int32_t* pos, int heads, int hd,
                          const float* cosv, const float* sinv, cudaStream_t st) {
-  rope_forward_kernel<<<elementwise_blocks(N * heads * (hd / 2)), 256, 0, st>>>(x, ld, N, T, pos, heads, hd, cosv, sinv);
+  if (N == 0) return;
+  rope_forward_kernel<<<row_grid(N, int64_t(heads) * (hd / 2)), kRowThreads, 0, st>>>(x, ld, N, T, pos, heads, hd, cosv,
+                                                                                       sinv);
   GEMMA_LAUNCHED("rope_forward_kernel");
 }
 
 inline void rope_backward(bf16* out, int64_t ld_out, const float* dx, int64_t ld_in, int64_t N, int64_t T,
                           const int32_t* pos, int heads, int hd, const float* cosv, const float* sinv, cudaStream_t st) {
-  rope_backward_kernel<<<elementwise_blocks(N * heads * (hd / 2)), 256, 0, st>>>(out, ld_out, dx, ld_in, N, T, pos,
-                                                                                  heads, hd, cosv, sinv);
+  if (N == 0) return;
+  rope_backward_kernel<<<row_grid(N, int64_t(heads) * (hd / 2)), kRowThreads, 0, st>>>(out, ld_out, dx, ld_in, N, T,
+                                                                                        pos, heads, hd, cosv, sinv);
   GEMMA_LAUNCHED("rope_backward_kernel");
 }
 
 inline void to_bf16(bf16* out, int64_t ld_out, const float* in, int64_t ld_in, int64_t N, int64_t cols,
                     cudaStream_t st) {
-  to_bf16_kernel<<<elementwise_blocks(N * cols), 256, 0, st>>>(out, ld_out, in, ld_in, N, cols);
+  if (N == 0 || cols == 0) return;
+  to_bf16_kernel<<<row_grid(N, cols), kRowThreads, 0, st>>>(out, ld_out, in, ld_in, N, cols);
   GEMMA_LAUNCHED("to_bf16_kernel");
 }
 
