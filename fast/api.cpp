@@ -62,7 +62,8 @@ Output run(const Checkpoint& ck, const Batch& batch, const Options& opt) {
       fail("logit_rows", "row " + std::to_string(row) + " is outside the batch's " +
                              std::to_string(batch.B * batch.T) + " rows");
   const std::vector<Batch> micro = split_micro(batch, opt.micro_batches);
-  Engine e(ck, {opt.softcap, opt.recompute, opt.offload});
+  Engine e(ck, {.softcap = opt.softcap, .recompute = opt.recompute, .offload = opt.offload,
+                .recompute_mlp_only = opt.recompute_mlp_only});
   const auto t0 = std::chrono::steady_clock::now();
   Engine::Pass p = e.forward_backward(micro, opt.logit_rows);
   e.synchronize();
@@ -85,7 +86,8 @@ GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const
     if (k < 0 || k >= int64_t(micro.size())) fail("gate", "probe of micro-batch " + std::to_string(k) + ", which does not exist");
     return micro[size_t(k)];
   };
-  Engine e(ck, {opt.softcap, opt.recompute, opt.offload});
+  Engine e(ck, {.softcap = opt.softcap, .recompute = opt.recompute, .offload = opt.offload,
+                .recompute_mlp_only = opt.recompute_mlp_only});
   GateOutput out;
   // Probes first: they must see the adapters before the optimizer step.
   for (const Batch& b : micro) out.embedding.push_back(e.probe_embedding(b));
@@ -108,14 +110,19 @@ GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const
 Trainer::Trainer(const Checkpoint& ck, const AdamWConfig& a, Softcap softcap, TrainerOptions o)
     : config_(ck.config), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
   check_softcap_available(ck.config, softcap, "fast");
-  engine_ = std::make_unique<Engine>(ck, EngineOptions{softcap, o.recompute, o.offload});
+  engine_ = std::make_unique<Engine>(
+      ck, EngineOptions{.softcap = softcap, .recompute = o.recompute, .offload = o.offload,
+                        .recompute_mlp_only = o.recompute_mlp_only});
 }
 
 Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const AdamWConfig& a, Softcap softcap,
                  TrainerOptions o)
     : config_(c), lr_(a.lr), beta1_(a.beta1), beta2_(a.beta2), eps_(a.eps), weight_decay_(a.weight_decay) {
   check_softcap_available(c, softcap, "fast");
-  engine_ = std::make_unique<Engine>(c, ad, seed, EngineOptions{softcap, o.recompute, o.offload, 0, o.quantize_nf4});
+  engine_ = std::make_unique<Engine>(c, ad, seed,
+                                     EngineOptions{.softcap = softcap, .recompute = o.recompute, .offload = o.offload,
+                                                   .quantize_nf4 = o.quantize_nf4,
+                                                   .recompute_mlp_only = o.recompute_mlp_only});
 }
 
 Trainer::~Trainer() = default;

@@ -115,7 +115,7 @@ int main(int argc, char** argv) {
   std::string model = "gemma2-9b", softcap = "attn,logits", json;
   int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0;
   int gpus = 1;
-  bool no_recompute = false, offload = false, longest = false, attention = false;
+  bool no_recompute = false, mlp_only = false, offload = false, longest = false, attention = false;
   std::string quantize;
   double memory_limit_gib = 0;
   app.add_option("--model", model, "preset");
@@ -129,6 +129,9 @@ int main(int argc, char** argv) {
   app.add_option("--layers", layers, "use only the first N layers (0: all)");
   app.add_option("--softcap", softcap, "none|attn|logits|attn,logits");
   app.add_flag("--no-recompute", no_recompute, "keep every layer's activations (no activation checkpointing)");
+  app.add_flag("--recompute-mlp-only", mlp_only,
+               "keep each layer's attention-block and down_proj outputs too: the backward recomputes only the MLP's "
+               "input half");
   app.add_flag("--offload", offload, "activation checkpoints in pinned host memory");
   app.add_option("--json", json, "append one JSON line with the result");
   app.add_option("--quantize", quantize, "nf4: base projections in NF4 as QLoRA keeps them")
@@ -142,7 +145,7 @@ int main(int argc, char** argv) {
     // The attention bench times both caps and both kernel families at the model's shapes, one warm-up run each:
     // the options of a training step would be ignored there, so they are refused.
     for (const char* o : {"--rank", "--warmup", "--micro-batches", "--layers", "--softcap", "--gpus", "--no-recompute",
-                          "--offload", "--quantize", "--memory-limit", "--longest"})
+                          "--recompute-mlp-only", "--offload", "--quantize", "--memory-limit", "--longest"})
       if (app.count(o) > 0) {
         std::fprintf(stderr, "fast_bench: %s does not apply to --attention (it times the attention kernels alone)\n", o);
         return 2;
@@ -178,6 +181,7 @@ int main(int argc, char** argv) {
     fast::TrainerOptions o;
     o.recompute = !no_recompute;
     o.offload = offload;
+    o.recompute_mlp_only = mlp_only;
     o.quantize_nf4 = quantize == "nf4";
     if (longest && gpus > 1) {
       std::fprintf(stderr, "fast_bench: --longest runs on one GPU (--gpus 1)\n");
@@ -283,18 +287,21 @@ int main(int argc, char** argv) {
     GEMMA_CUDA(cudaGetDeviceProperties(&prop, 0));
     const double N = base_params(c);
     // LoRA with a frozen base: forward 2N, input gradients 2N, recomputed forward 2N FLOPs per token (plus
-    // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without.
-    const double flops_tok = (o.recompute ? 6.0 : 4.0) * N;
+    // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without; with
+    // --recompute-mlp-only the recomputation is gate|up's 2 (2 I D) per layer.
+    const double n_gu = double(c.num_hidden_layers) * 2.0 * double(c.intermediate_size) * double(c.hidden_size);
+    const double flops_tok = 4.0 * N + (!o.recompute ? 0.0 : mlp_only ? 2.0 * n_gu : 2.0 * N);
     std::printf("\n%s (%lld layers%s), batch %lld x %lld%s, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
                 model.c_str(), (long long)c.num_hidden_layers, o.quantize_nf4 ? ", base in NF4" : ", base in bf16",
                 (long long)B, (long long)T, gpus > 1 ? (" per GPU on " + std::to_string(gpus) + " GPUs").c_str() : "",
                 (long long)rank,
-                softcap_name(sc).c_str(), o.recompute ? "activation checkpointing" : "no recompute",
+                softcap_name(sc).c_str(),
+                !o.recompute ? "no recompute" : mlp_only ? "activation checkpointing (MLP only)" : "activation checkpointing",
                 offload ? " (offloaded)" : "", prop.name);
     std::printf("median step %.3f s over %lld steps (min %.3f, max %.3f): %.0f tokens/s\n", med, (long long)steps,
                 secs.front(), secs.back(), tps);
     if (many) std::printf("median all-reduce of the adapter gradients: %.2f ms\n", allreduce[allreduce.size() / 2] * 1e3);
-    std::printf("model FLOPs (%.0fN per token, N = %.3g): %.0f TFLOP/s\n", flops_tok / N, N, flops_tok * tps / 1e12);
+    std::printf("model FLOPs (%.2gN per token, N = %.3g): %.0f TFLOP/s\n", flops_tok / N, N, flops_tok * tps / 1e12);
     std::printf("peak device allocations %.2f GiB%s; device memory in use at the end %.2f GiB of %.2f GiB\n",
                 double(peak) / gib, many ? " (the largest GPU's)" : "", double(total_b - free_b) / gib, double(total_b) / gib);
     const std::string prof = one ? one->profile() : "";
@@ -303,6 +310,7 @@ int main(int argc, char** argv) {
       std::ofstream f(json, std::ios::app);
       f << "{\"model\":\"" << model << "\",\"layers\":" << c.num_hidden_layers << ",\"batch\":" << B << ",\"seq\":" << T
         << ",\"rank\":" << rank << ",\"softcap\":\"" << softcap_name(sc) << "\",\"recompute\":" << (o.recompute ? 1 : 0)
+        << ",\"recompute_mlp_only\":" << (mlp_only ? 1 : 0)
         << ",\"offload\":" << (offload ? 1 : 0) << ",\"gpus\":" << gpus << ",\"quantize\":\""
         << (o.quantize_nf4 ? "nf4" : "none") << "\",\"memory_limit_gib\":" << memory_limit_gib << ",\"median_s\":" << med
         << ",\"tokens_per_s\":" << tps << ",\"peak_gib\":" << double(peak) / gib

@@ -159,7 +159,9 @@ DataParallelTrainer::DataParallelTrainer(const Checkpoint& ck, int gpus, const A
                                          TrainerOptions o)
     : impl_(std::make_unique<Impl>()) {
   start(ck.config, gpus, adamw, softcap, [&](int g) {
-    return std::make_unique<Engine>(ck, EngineOptions{softcap, o.recompute, o.offload, g});
+    return std::make_unique<Engine>(ck, EngineOptions{.softcap = softcap, .recompute = o.recompute,
+                                                      .offload = o.offload, .device = g,
+                                                      .recompute_mlp_only = o.recompute_mlp_only});
   });
 }
 
@@ -167,7 +169,10 @@ DataParallelTrainer::DataParallelTrainer(const Config& c, const AdapterConfig& a
                                          const AdamWConfig& adamw, Softcap softcap, TrainerOptions o)
     : impl_(std::make_unique<Impl>()) {
   start(c, gpus, adamw, softcap, [&](int g) {
-    return std::make_unique<Engine>(c, a, seed, EngineOptions{softcap, o.recompute, o.offload, g, o.quantize_nf4});
+    return std::make_unique<Engine>(c, a, seed,
+                                    EngineOptions{.softcap = softcap, .recompute = o.recompute, .offload = o.offload,
+                                                  .device = g, .quantize_nf4 = o.quantize_nf4,
+                                                  .recompute_mlp_only = o.recompute_mlp_only});
   });
 }
 

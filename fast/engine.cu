@@ -9,7 +9,9 @@
 // Step. Per micro-batch: embedding into the fp32 residual; per layer, the layer's input residual is the only
 // activation kept (activation checkpointing; optionally in pinned host memory); the head runs chunked over
 // tokens (loss.cuh); the backward recomputes each layer's forward from its checkpoint, then runs its backward.
-// Without recompute every layer keeps its activations (faster, about 0.35 GB per layer of gemma2-9b at 2 x 1024).
+// Without recompute every layer keeps its activations (faster, about 0.35 GB per layer of gemma2-9b at 2 x 1024);
+// with recompute_mlp_only a layer keeps the outputs of its attention block and down_proj (about 0.11 GB) and the
+// backward recomputes only its MLP's input half (the norms, gate|up, GeGLU): the same bits in every mode.
 // Adapter gradients accumulate in fp32 over the micro-batches, each scaled by 1 / (the step's scored targets).
 // The rounding points are those of the reference's `fast` policy (fast/README.md lists them per kernel).
 #include "fast/engine.hpp"
@@ -55,10 +57,13 @@ struct LayerWeights {
 };
 
 // One layer's activations as its backward reads them.
+// One layer's activations: pointers into the engine's activation buffers (Impl::act_bf16, act_f32), each either
+// this layer's own or shared by every layer, as the recompute mode decides (Impl::ensure).
 struct Acts {
-  DeviceArray<bf16> xn1, qkv, att, o, xn2, gu, act, down;
-  DeviceArray<float> o32, x_mid, rstd, m, l;
-  std::array<DeviceArray<bf16>, 4> L;  // split adapter inputs per group
+  bf16 *xn1 = nullptr, *qkv = nullptr, *att = nullptr, *o = nullptr, *xn2 = nullptr, *gu = nullptr, *act = nullptr,
+       *down = nullptr;
+  float *o32 = nullptr, *x_mid = nullptr, *rstd = nullptr, *m = nullptr, *l = nullptr;
+  std::array<bf16*, 4> L{};  // split adapter inputs per group
 };
 
 
@@ -115,7 +120,9 @@ struct Engine::Impl {
   std::vector<DeviceArray<float>> ckpt;
   float* host_ckpt = nullptr;
   size_t host_ckpt_bytes = 0;
-  std::vector<Acts> acts;
+  std::vector<Acts> acts;  // one per layer (ensure)
+  std::vector<DeviceArray<bf16>> act_bf16;
+  std::vector<DeviceArray<float>> act_f32;
   DeviceArray<float> x_scratch;
   DeviceArray<bf16> dres, dsmall, dgu, datt, dqkv, Lb;
   DeviceArray<float> dacc, dQ, dK, dV, Dv, part, gpart;
@@ -174,6 +181,10 @@ struct Engine::Impl {
     opt = o;
     if (opt.offload && !opt.recompute)
       throw InputError("fast: offloading activation checkpoints needs recompute (activation checkpointing)");
+    if (opt.recompute_mlp_only && (!opt.recompute || opt.offload))
+      throw InputError(std::string("fast: recompute_mlp_only keeps activations beside the checkpoints, so it needs "
+                                   "recompute and no offload; this run has ") +
+                       (opt.recompute ? "offload" : "no recompute"));
     if (ad.r < 1) throw InputError("fast: LoRA rank must be at least 1");
     D = c.hidden_size;
     I = c.intermediate_size;
@@ -533,6 +544,8 @@ struct Engine::Impl {
       host_ckpt = nullptr;
     }
     acts.clear();
+    act_bf16.clear();
+    act_f32.clear();
     for (auto* a : {&x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &logits, &row_loss}) a->reset();
     for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf, &dlog}) a->reset();
   }
@@ -570,28 +583,38 @@ struct Engine::Impl {
       }
       GEMMA_CUDA(e);
     }
-    const int64_t nacts = opt.recompute ? 1 : L;
-    acts.resize(size_t(nacts));
-    for (Acts& A : acts) {
-      A.xn1 = Hf(N * D, "activations: input_layernorm output");
-      A.qkv = Hf(N * QKV, "activations: q|k|v");
-      A.att = Hf(N * HD, "activations: attention output");
-      A.o32 = F(N * HD, "activations: attention output (fp32)");
-      // With recompute, every layer's softmax statistics (8 bytes per token, head and layer) outlive the shared
-      // activations, so the recomputed forward skips the attention's first pass (attn_params, stats_in); not with
-      // offload, the mode for the longest sequences, where they would cost 0.7 GiB of 80 at 9b, T = 131072.
-      const int64_t nstats = (keep_stats() ? L : 1) * capB * H * capT;
-      A.m = F(nstats, "activations: softmax max");
-      A.l = F(nstats, "activations: softmax sum");
-      A.o = Hf(N * D, "activations: o_proj output");
-      A.x_mid = F(N * D, "activations: mid-layer residual");
-      A.xn2 = Hf(N * D, "activations: pre_feedforward_layernorm output");
-      A.gu = Hf(N * 2 * I, "activations: gate|up");
-      A.act = Hf(N * I, "activations: GeGLU output");
-      A.down = Hf(N * D, "activations: down_proj output");
-      A.rstd = F(4 * N, "activations: RMSNorm 1/rms");
-      const auto& G = groups.empty() ? std::array<LoraGroupDev, 4>{} : groups[0];
-      for (int g = 0; g < 4; ++g) A.L[size_t(g)] = Hf(N * 6 * r * int64_t(G[size_t(g)].projs.size()), "activations: LoRA splits");
+    // Each activation buffer is per layer, or one that every layer's forward overwrites and the recomputation
+    // rebuilds (recompute); recompute_mlp_only keeps the attention block's and down_proj's outputs per layer.
+    acts.assign(size_t(L), Acts{});
+    const bool all = !opt.recompute, keep = opt.recompute_mlp_only;
+    auto per = [&](auto& own, auto Acts::*field, bool per_layer, int64_t n, const std::string& what) {
+      const int64_t copies = per_layer ? L : 1;
+      own.emplace_back(size_t(std::max<int64_t>(n * copies, 1)), what, mem);
+      for (int64_t l = 0; l < L; ++l) acts[size_t(l)].*field = own.back().get() + (per_layer ? l * n : 0);
+    };
+    per(act_bf16, &Acts::xn1, all, N * D, "activations: input_layernorm output");
+    per(act_bf16, &Acts::qkv, all || keep, N * QKV, "activations: q|k|v");
+    per(act_bf16, &Acts::att, all || keep, N * HD, "activations: attention output");
+    per(act_f32, &Acts::o32, all || keep, N * HD, "activations: attention output (fp32)");
+    // With recompute, every layer's softmax statistics (8 bytes per token, head and layer) outlive the shared
+    // activations, so the recomputed forward skips the attention's first pass (attn_params, stats_in); not with
+    // offload, the mode for the longest sequences, where they would cost 0.7 GiB of 80 at 9b, T = 131072.
+    const bool stats = all || keep_stats();
+    per(act_f32, &Acts::m, stats, capB * H * capT, "activations: softmax max");
+    per(act_f32, &Acts::l, stats, capB * H * capT, "activations: softmax sum");
+    per(act_bf16, &Acts::o, all || keep, N * D, "activations: o_proj output");
+    per(act_f32, &Acts::x_mid, all, N * D, "activations: mid-layer residual");
+    per(act_bf16, &Acts::xn2, all, N * D, "activations: pre_feedforward_layernorm output");
+    per(act_bf16, &Acts::gu, all, N * 2 * I, "activations: gate|up");
+    per(act_bf16, &Acts::act, all, N * I, "activations: GeGLU output");
+    per(act_bf16, &Acts::down, all || keep, N * D, "activations: down_proj output");
+    per(act_f32, &Acts::rstd, all || keep, 4 * N, "activations: RMSNorm 1/rms");
+    const auto& G = groups.empty() ? std::array<LoraGroupDev, 4>{} : groups[0];
+    for (int g = 0; g < 4; ++g) {
+      const int64_t n = N * 6 * r * int64_t(G[size_t(g)].projs.size());
+      const bool per_layer = all || (keep && g != kGU);
+      act_bf16.emplace_back(size_t(std::max<int64_t>(n * (per_layer ? L : 1), 1)), "activations: LoRA splits", mem);
+      for (int64_t l = 0; l < L; ++l) acts[size_t(l)].L[size_t(g)] = act_bf16.back().get() + (per_layer ? l * n : 0);
     }
     x_scratch = F(N * D, "recomputed layer output");
     dres = Hf(N * D, "residual gradient");
@@ -676,15 +699,15 @@ struct Engine::Impl {
   // ------------------------------------------------------------------------------------------------------
   // Layers
 
-  Acts& acts_for(int64_t l) { return acts[opt.recompute ? 0 : size_t(l)]; }
+  Acts& acts_for(int64_t l) { return acts[size_t(l)]; }
   // Every layer's softmax statistics kept across the recomputation (ensure).
   bool keep_stats() const { return opt.recompute && !opt.offload; }
 
   AttnParams attn_params(int64_t l, int64_t B, int64_t T, Acts& A) {
     AttnParams p;
-    p.q = A.qkv.get();
-    p.k = A.qkv.get() + HD;
-    p.v = A.qkv.get() + HD + KVHD;
+    p.q = A.qkv;
+    p.k = A.qkv + HD;
+    p.v = A.qkv + HD + KVHD;
     p.ld_qkv = QKV;
     p.B = int(B);
     p.T = int(T);
@@ -699,12 +722,11 @@ struct Engine::Impl {
     p.doc = has_doc ? doc.get() : nullptr;
     p.key_ok = has_mask ? key_ok.get() : nullptr;
     p.drop_sech2 = faults().softcap_grad_missing;
-    p.att = A.att.get();
-    p.o32 = A.o32.get();
+    p.att = A.att;
+    p.o32 = A.o32;
     p.ld_o = HD;
-    const int64_t stats0 = keep_stats() ? l * capB * H * capT : 0;
-    p.m = A.m.get() + stats0;
-    p.l = A.l.get() + stats0;
+    p.m = A.m;
+    p.l = A.l;
     p.stats_in = recomputing && keep_stats();
     p.dout = datt.get();
     p.Dv = Dv.get();
@@ -723,33 +745,38 @@ struct Engine::Impl {
     auto& G = groups[size_t(l)];
     const int64_t N = B * T;
     cublasHandle_t h = blas->h;
-    rmsnorm_forward_in(A.xn1.get(), A.rstd.get(), x_in, W.scale.get(), N, D, eps, stream);
+    // recompute_mlp_only: the attention block's and down_proj's outputs are this layer's own from the first
+    // forward (ensure); the recomputation rebuilds only the shared ones: xn1, x_mid, xn2, gate|up and GeGLU.
+    const bool kept = recomputing && opt.recompute_mlp_only;
+    rmsnorm_forward_in(A.xn1, A.rstd, x_in, W.scale.get(), N, D, eps, stream);
     const std::string ph = phase;
     mark(ph + " norms");
-    group_forward(h, G[kQKV], r, s, A.xn1.get(), N, A.qkv.get(), A.L[kQKV].get(), part.get(), dacc.get(), stream,
-                  [&] { mark(ph + " q|k|v_proj (base product)"); });
-    mark(ph + " q|k|v_proj LoRA terms");
-    // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
-    rope_forward(A.qkv.get(), QKV, N, T, pos.get(), int(H + KV), int(hd), cosv.get(), sinv.get(), stream);
-    mark(ph + " rope");
-    attention_forward(attn_params(l, B, T, A), stream);
-    mark(ph + " attention");
-    group_forward(h, G[kO], r, s, A.att.get(), N, A.o.get(), A.L[kO].get(), part.get(), dacc.get(), stream,
-                  [&] { mark(ph + " o_proj (base product)"); });
-    mark(ph + " o_proj LoRA terms");
-    rmsnorm_forward_post(A.x_mid.get(), A.rstd.get() + N, A.o.get(), W.scale.get() + D, x_in, N, D, eps, stream);
-    rmsnorm_forward_in(A.xn2.get(), A.rstd.get() + 2 * N, A.x_mid.get(), W.scale.get() + 2 * D, N, D, eps, stream);
+    if (!kept) {
+      group_forward(h, G[kQKV], r, s, A.xn1, N, A.qkv, A.L[kQKV], part.get(), dacc.get(), stream,
+                    [&] { mark(ph + " q|k|v_proj (base product)"); });
+      mark(ph + " q|k|v_proj LoRA terms");
+      // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
+      rope_forward(A.qkv, QKV, N, T, pos.get(), int(H + KV), int(hd), cosv.get(), sinv.get(), stream);
+      mark(ph + " rope");
+      attention_forward(attn_params(l, B, T, A), stream);
+      mark(ph + " attention");
+      group_forward(h, G[kO], r, s, A.att, N, A.o, A.L[kO], part.get(), dacc.get(), stream,
+                    [&] { mark(ph + " o_proj (base product)"); });
+      mark(ph + " o_proj LoRA terms");
+    }
+    rmsnorm_forward_post(A.x_mid, A.rstd + N, A.o, W.scale.get() + D, x_in, N, D, eps, stream);
+    rmsnorm_forward_in(A.xn2, A.rstd + 2 * N, A.x_mid, W.scale.get() + 2 * D, N, D, eps, stream);
     mark(ph + " norms");
-    group_forward(h, G[kGU], r, s, A.xn2.get(), N, A.gu.get(), A.L[kGU].get(), part.get(), dacc.get(), stream,
+    group_forward(h, G[kGU], r, s, A.xn2, N, A.gu, A.L[kGU], part.get(), dacc.get(), stream,
                   [&] { mark(ph + " gate|up_proj (base product)"); });
     mark(ph + " gate|up_proj LoRA terms");
-    geglu_forward(A.act.get(), A.gu.get(), N, I, stream);
+    geglu_forward(A.act, A.gu, N, I, stream);
     mark(ph + " geglu");
-    group_forward(h, G[kDown], r, s, A.act.get(), N, A.down.get(), A.L[kDown].get(), part.get(), dacc.get(), stream,
+    if (kept) return;  // down_proj's output and the last norm's 1/rms are kept; the layer's output is not needed
+    group_forward(h, G[kDown], r, s, A.act, N, A.down, A.L[kDown], part.get(), dacc.get(), stream,
                   [&] { mark(ph + " down_proj (base product)"); });
     mark(ph + " down_proj LoRA terms");
-    rmsnorm_forward_post(x_out, A.rstd.get() + 3 * N, A.down.get(), W.scale.get() + 3 * D, A.x_mid.get(), N, D, eps,
-                         stream);
+    rmsnorm_forward_post(x_out, A.rstd + 3 * N, A.down, W.scale.get() + 3 * D, A.x_mid, N, D, eps, stream);
     mark(ph + " norms");
   }
 
@@ -763,25 +790,25 @@ struct Engine::Impl {
     const int64_t N = B * T;
     cublasHandle_t h = blas->h;
     // x_out = x_mid + post_feedforward_layernorm(down)
-    rmsnorm_backward_post(dsmall.get(), dres.get(), A.down.get(), A.rstd.get() + 3 * N, W.scale.get() + 3 * D, N, D,
+    rmsnorm_backward_post(dsmall.get(), dres.get(), A.down, A.rstd + 3 * N, W.scale.get() + 3 * D, N, D,
                           stream);
     mark("bwd norms");
-    group_backward(h, G[kDown], r, s, A.act.get(), dsmall.get(), A.L[kDown].get(), N, dacc.get(), part.get(), Lb.get(),
+    group_backward(h, G[kDown], r, s, A.act, dsmall.get(), A.L[kDown], N, dacc.get(), part.get(), Lb.get(),
                    gpart.get(), stream,
                    [&] { mark("bwd down_proj (base product)"); });
     mark("bwd down_proj LoRA terms");
-    geglu_backward(dgu.get(), dacc.get(), A.gu.get(), N, I, stream);
+    geglu_backward(dgu.get(), dacc.get(), A.gu, N, I, stream);
     mark("bwd geglu");
-    group_backward(h, G[kGU], r, s, A.xn2.get(), dgu.get(), A.L[kGU].get(), N, dacc.get(), part.get(), Lb.get(),
+    group_backward(h, G[kGU], r, s, A.xn2, dgu.get(), A.L[kGU], N, dacc.get(), part.get(), Lb.get(),
                    gpart.get(), stream,
                    [&] { mark("bwd gate|up_proj (base product)"); });
     mark("bwd gate|up_proj LoRA terms");
-    rmsnorm_backward_in(dres.get(), dacc.get(), A.x_mid.get(), A.rstd.get() + 2 * N, W.scale.get() + 2 * D, N, D,
+    rmsnorm_backward_in(dres.get(), dacc.get(), A.x_mid, A.rstd + 2 * N, W.scale.get() + 2 * D, N, D,
                         stream);
     // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
-    rmsnorm_backward_post(dsmall.get(), dres.get(), A.o.get(), A.rstd.get() + N, W.scale.get() + D, N, D, stream);
+    rmsnorm_backward_post(dsmall.get(), dres.get(), A.o, A.rstd + N, W.scale.get() + D, N, D, stream);
     mark("bwd norms");
-    group_backward(h, G[kO], r, s, A.att.get(), dsmall.get(), A.L[kO].get(), N, dacc.get(), part.get(), Lb.get(),
+    group_backward(h, G[kO], r, s, A.att, dsmall.get(), A.L[kO], N, dacc.get(), part.get(), Lb.get(),
                    gpart.get(), stream,
                    [&] { mark("bwd o_proj (base product)"); });
     to_bf16(datt.get(), HD, dacc.get(), HD, N, HD, stream);
@@ -793,11 +820,11 @@ struct Engine::Impl {
                   stream);
     to_bf16(dqkv.get() + HD + KVHD, QKV, dV.get(), KVHD, N, KVHD, stream);
     mark("bwd rope, dv to bf16");
-    group_backward(h, G[kQKV], r, s, A.xn1.get(), dqkv.get(), A.L[kQKV].get(), N, dacc.get(), part.get(), Lb.get(),
+    group_backward(h, G[kQKV], r, s, A.xn1, dqkv.get(), A.L[kQKV], N, dacc.get(), part.get(), Lb.get(),
                    gpart.get(), stream,
                    [&] { mark("bwd q|k|v_proj (base product)"); });
     mark("bwd q|k|v_proj LoRA terms");
-    rmsnorm_backward_in(dres.get(), dacc.get(), x_in, A.rstd.get(), W.scale.get(), N, D, stream);
+    rmsnorm_backward_in(dres.get(), dacc.get(), x_in, A.rstd, W.scale.get(), N, D, stream);
     mark("bwd norms");
   }
 
@@ -951,18 +978,18 @@ struct Engine::Impl {
     layer_forward(l, xin, x_scratch.get(), mb.B, mb.T);
     Acts& A = acts_for(l);
     std::map<std::string, std::vector<float>> out;
-    out["xn1"] = d2h(A.xn1.get(), N * D);
-    out["q"] = d2h(A.qkv.get(), N * HD, QKV, HD);
-    out["k"] = d2h(A.qkv.get() + HD, N * KVHD, QKV, KVHD);
-    out["v"] = d2h(A.qkv.get() + HD + KVHD, N * KVHD, QKV, KVHD);
-    out["att"] = d2h(A.att.get(), N * HD);
-    out["o"] = d2h(A.o.get(), N * D);
-    out["x_mid"] = d2h(A.x_mid.get(), N * D);
-    out["xn2"] = d2h(A.xn2.get(), N * D);
-    out["gate"] = d2h(A.gu.get(), N * I, 2 * I, I);
-    out["up"] = d2h(A.gu.get() + I, N * I, 2 * I, I);
-    out["act"] = d2h(A.act.get(), N * I);
-    out["down"] = d2h(A.down.get(), N * D);
+    out["xn1"] = d2h(A.xn1, N * D);
+    out["q"] = d2h(A.qkv, N * HD, QKV, HD);
+    out["k"] = d2h(A.qkv + HD, N * KVHD, QKV, KVHD);
+    out["v"] = d2h(A.qkv + HD + KVHD, N * KVHD, QKV, KVHD);
+    out["att"] = d2h(A.att, N * HD);
+    out["o"] = d2h(A.o, N * D);
+    out["x_mid"] = d2h(A.x_mid, N * D);
+    out["xn2"] = d2h(A.xn2, N * D);
+    out["gate"] = d2h(A.gu, N * I, 2 * I, I);
+    out["up"] = d2h(A.gu + I, N * I, 2 * I, I);
+    out["act"] = d2h(A.act, N * I);
+    out["down"] = d2h(A.down, N * D);
     out["x_out"] = d2h(x_scratch.get(), N * D);
     std::vector<uint16_t> dyb(dy.size());
     for (size_t i = 0; i < dy.size(); ++i) dyb[i] = float_to_bf16(dy[i]);

@@ -19,6 +19,11 @@ struct EngineOptions {
   // Synthetic weights only: the base projections quantized to NF4 as QLoRA does (blocksize 64, double
   // quantization) and kept so on the device. A checkpoint brings its own (Checkpoint::nf4).
   bool quantize_nf4 = false;
+  // With recompute: each layer also keeps what its attention block and down_proj computed (q|k|v after RoPE, the
+  // attention output in bf16 and fp32, o_proj's and down_proj's outputs, their adapter splits, the RMSNorm
+  // 1/rms), so the backward recomputes only the two input norms, gate|up and GeGLU. The same bits as the other
+  // modes; about 57 KB more per token and layer at gemma2-9b. Not with offload (InputError).
+  bool recompute_mlp_only = false;
 };
 
 struct AdamWHyper {

@@ -40,6 +40,7 @@ struct Options {
   std::vector<int64_t> logit_rows;  // rows n of the flattened (B*T) batch whose capped logits (length V) to return
   bool recompute = true;            // activation checkpointing: keep one residual per layer, recompute the rest
   bool offload = false;             // keep those checkpoints in pinned host memory (needs recompute)
+  bool recompute_mlp_only = false;  // also keep each layer's attention-block outputs (EngineOptions)
 };
 
 struct Output {
@@ -96,6 +97,7 @@ struct GateRunArgs {
 struct TrainerOptions {
   bool recompute = true;
   bool offload = false;
+  bool recompute_mlp_only = false;
   // Synthetic weights only: base projections in NF4 as QLoRA keeps them (EngineOptions::quantize_nf4). From a
   // checkpoint, its own NF4 forms decide (Checkpoint::nf4).
   bool quantize_nf4 = false;

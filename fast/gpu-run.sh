@@ -8,7 +8,8 @@
 # Phases (GPU_RUN_PHASES, default all, in this order):
 #   info       date, nvidia-smi, the tools' versions
 #   tests      the kernel, whole-model and trainer tests (JUnit XML in results.tar.gz)
-#   bench      fast_bench: gemma2-9b 2 x 1024 (with and without recompute), gemma2-27b 2 x 1024, gemma2-9b 2 x 4096,
+#   bench      fast_bench: gemma2-9b 2 x 1024 (recompute, recompute MLP only, none), gemma2-27b 2 x 1024 and
+#              gemma2-9b 2 x 4096 (recompute, recompute MLP only),
 #              QLoRA (--quantize nf4) 9b and 27b 2 x 1024,
 #              then gemma2-9b 2 x 1024 once more with GEMMA_FAST_PROFILE=1 (device time per schedule segment),
 #              and the attention kernels alone (fast_bench --attention) at 9b 2 x 4096, 9b 2 x 1024, 27b 2 x 1024
@@ -35,8 +36,10 @@ summary=$out/summary.txt
 status=0
 note() { echo "$*" | tee -a "$summary"; }
 has() { [[ " $phases " == *" $1 "* ]]; }
-bench_configs=("--model gemma2-9b --batch 2 --seq 1024" "--model gemma2-9b --batch 2 --seq 1024 --no-recompute"
-               "--model gemma2-27b --batch 2 --seq 1024" "--model gemma2-9b --batch 2 --seq 4096"
+bench_configs=("--model gemma2-9b --batch 2 --seq 1024" "--model gemma2-9b --batch 2 --seq 1024 --recompute-mlp-only"
+               "--model gemma2-9b --batch 2 --seq 1024 --no-recompute"
+               "--model gemma2-27b --batch 2 --seq 1024" "--model gemma2-27b --batch 2 --seq 1024 --recompute-mlp-only"
+               "--model gemma2-9b --batch 2 --seq 4096" "--model gemma2-9b --batch 2 --seq 4096 --recompute-mlp-only"
                "--model gemma2-9b --batch 2 --seq 1024 --quantize nf4" "--model gemma2-27b --batch 2 --seq 1024 --quantize nf4")
 bench() {  # log, args...
   local log=$1

@@ -161,7 +161,8 @@ TEST_F(FastKernel, EmbeddingTimesBf16NormalizerIsExact) {
 // RMSNorm
 
 TEST_F(FastKernel, RmsNormForwardBothKinds) {
-  for (int64_t D : {200, 3584, 4608}) {
+  // 333: the one-element-per-step kernels; the others (multiples of 8) the eight-wide ones.
+  for (int64_t D : {200, 333, 3584, 4608}) {
     const int64_t N = 7;
     const Config c = small_config(D);
     RefCtx rf(c, policy_fast(), 1, N), r64(c, policy_f64(), 1, N);
@@ -197,41 +198,44 @@ TEST_F(FastKernel, RmsNormForwardBothKinds) {
 }
 
 TEST_F(FastKernel, RmsNormBackwardWithWeightGradient) {
-  const int64_t N = 13, D = 333;
-  const Config c = small_config(D);
-  RefCtx rf(c, policy_fast(), 1, N), r64(c, policy_f64(), 1, N);
-  const std::vector<float> w = random(size_t(D), 0.5, 20, "w", true);
-  for (fk::NormKind kind : {fk::NormKind::post, fk::NormKind::input, fk::NormKind::final}) {
-    const char* name = kind == fk::NormKind::post ? "post" : kind == fk::NormKind::input ? "input" : "final";
-    const bool x_bf16 = kind == fk::NormKind::post, dout_f32 = kind == fk::NormKind::input;
-    const std::vector<float> x = random(size_t(N * D), 2.0, 21, name, x_bf16);
-    const std::vector<float> dout = random(size_t(N * D), 1e-3, 22, name, !dout_f32);
-    const std::vector<float> dres = random(size_t(N * D), 1e-3, 23, name, true);
-    Mat<double> fwd;
-    Vec<double> rstd;
-    rmsnorm_forward(mat(x, N, D), vec(w), *r64.ctx, fwd, rstd);
-    std::vector<float> rstd_f(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) rstd_f[size_t(n)] = float(rstd(n));
-    const fk::NormGrad got = fk::rmsnorm_backward(kind, N, D, dout, x, rstd_f, w, dres);
-    // The reference reads the gradient as bf16 (grad_act) and the 1/rms the kernel is given.
-    Mat<double> dd = mat(dout, N, D);
-    cast(rf.policy, Cast::grad_act, dd);
-    Vec<double> rs(N);
-    for (int64_t n = 0; n < N; ++n) rs(n) = rstd_f[size_t(n)];
-    Mat<double> dx, dx64;
-    Vec<double> dw = Vec<double>::Zero(D), dw64 = Vec<double>::Zero(D);
-    rmsnorm_backward(dd, mat(x, N, D), rs, vec(w), *rf.ctx, dx, &dw);
-    rmsnorm_backward(mat(dout, N, D), mat(x, N, D), rs, vec(w), *r64.ctx, dx64, &dw64);
-    if (kind == fk::NormKind::input) {
-      dx += mat(dres, N, D);
-      cast(rf.policy, Cast::grad_act, dx);
-      dx64 += mat(dres, N, D);
+  // 333: the one-element-per-step kernels; 3584 (gemma2-9b): the eight-wide ones.
+  for (int64_t D : {333, 3584}) {
+    const int64_t N = 13;
+    const Config c = small_config(D);
+    RefCtx rf(c, policy_fast(), 1, N), r64(c, policy_f64(), 1, N);
+    const std::vector<float> w = random(size_t(D), 0.5, 20, "w", true);
+    for (fk::NormKind kind : {fk::NormKind::post, fk::NormKind::input, fk::NormKind::final}) {
+      const char* name = kind == fk::NormKind::post ? "post" : kind == fk::NormKind::input ? "input" : "final";
+      const bool x_bf16 = kind == fk::NormKind::post, dout_f32 = kind == fk::NormKind::input;
+      const std::vector<float> x = random(size_t(N * D), 2.0, 21, name, x_bf16);
+      const std::vector<float> dout = random(size_t(N * D), 1e-3, 22, name, !dout_f32);
+      const std::vector<float> dres = random(size_t(N * D), 1e-3, 23, name, true);
+      Mat<double> fwd;
+      Vec<double> rstd;
+      rmsnorm_forward(mat(x, N, D), vec(w), *r64.ctx, fwd, rstd);
+      std::vector<float> rstd_f(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n) rstd_f[size_t(n)] = float(rstd(n));
+      const fk::NormGrad got = fk::rmsnorm_backward(kind, N, D, dout, x, rstd_f, w, dres);
+      // The reference reads the gradient as bf16 (grad_act) and the 1/rms the kernel is given.
+      Mat<double> dd = mat(dout, N, D);
+      cast(rf.policy, Cast::grad_act, dd);
+      Vec<double> rs(N);
+      for (int64_t n = 0; n < N; ++n) rs(n) = rstd_f[size_t(n)];
+      Mat<double> dx, dx64;
+      Vec<double> dw = Vec<double>::Zero(D), dw64 = Vec<double>::Zero(D);
+      rmsnorm_backward(dd, mat(x, N, D), rs, vec(w), *rf.ctx, dx, &dw);
+      rmsnorm_backward(mat(dout, N, D), mat(x, N, D), rs, vec(w), *r64.ctx, dx64, &dw64);
+      if (kind == fk::NormKind::input) {
+        dx += mat(dres, N, D);
+        cast(rf.policy, Cast::grad_act, dx);
+        dx64 += mat(dres, N, D);
+      }
+      std::printf("%s norm backward, D = %lld\n", name, (long long)D);
+      expect_bf16_match("dx", got.dx, flat(dx), flat(dx64));
+      // dw: fp32 sums of N products; their terms are of either sign, so 1e-5 of the norm leaves room for
+      // cancellation while a missing (1 + w) or dropped term is off by 1e-2 or more.
+      expect_f32_match("dw (weight gradient)", got.dw, flat(dw), flat(dw64), 1e-5);
     }
-    std::printf("%s norm backward\n", name);
-    expect_bf16_match("dx", got.dx, flat(dx), flat(dx64));
-    // dw: fp32 sums of N products; their terms are of either sign, so 1e-5 of the norm leaves room for
-    // cancellation while a missing (1 + w) or dropped term is off by 1e-2 or more.
-    expect_f32_match("dw (weight gradient)", got.dw, flat(dw), flat(dw64), 1e-5);
   }
 }
 

@@ -210,13 +210,24 @@ TEST_F(FastModel, CheckpointOffloadAndNoRecomputeGiveTheSameBits) {
   Case k = tiny_case(11, 3, 37);
   fast::Options base;
   base.micro_batches = 3;
-  fast::Options off = base, keep = base;
+  fast::Options off = base, keep = base, mlp = base;
   off.offload = true;
   keep.recompute = false;
+  mlp.recompute_mlp_only = true;
   const fast::Output a = fast::run(k.ck, k.batch, base), b = fast::run(k.ck, k.batch, off),
-                     c = fast::run(k.ck, k.batch, keep);
+                     c = fast::run(k.ck, k.batch, keep), d = fast::run(k.ck, k.batch, mlp);
   expect_identical(a, b, "checkpoints offloaded to host memory");
   expect_identical(a, c, "every activation kept (no recompute)");
+  expect_identical(a, d, "the attention block's outputs kept (recompute_mlp_only)");
+  EXPECT_GT(d.peak_device_bytes, a.peak_device_bytes);
+  EXPECT_LT(d.peak_device_bytes, c.peak_device_bytes);
+  // Keeping activations beside offloaded checkpoints, or without checkpoints, is a contradiction: refused.
+  for (bool recompute : {false, true}) {
+    fast::Options bad = mlp;
+    bad.recompute = recompute;
+    bad.offload = recompute;
+    EXPECT_THROW(fast::run(k.ck, k.batch, bad), InputError) << "recompute " << recompute;
+  }
 }
 
 // QLoRA on the device: projections kept in NF4 and dequantized a layer at a time must give exactly the run of the
@@ -230,10 +241,12 @@ TEST_F(FastModel, Nf4BaseGivesTheBitsOfItsDequantizedWeights) {
   plain.nf4.clear();
   fast::Options base;
   base.micro_batches = 3;
-  fast::Options off = base, keep = base;
+  fast::Options off = base, keep = base, mlp = base;
   off.offload = true;
   keep.recompute = false;
-  for (const auto& [o, what] : {std::pair{base, "recompute"}, {off, "offload"}, {keep, "no recompute"}}) {
+  mlp.recompute_mlp_only = true;
+  for (const auto& [o, what] :
+       {std::pair{base, "recompute"}, {off, "offload"}, {keep, "no recompute"}, {mlp, "recompute_mlp_only"}}) {
     const fast::Output a = fast::run(k.ck, k.batch, o), b = fast::run(plain, k.batch, o);
     std::printf("%s: NF4 base loss %.9f, peak %zu bytes; bf16 base loss %.9f, peak %zu bytes\n", what, a.loss,
                 a.peak_device_bytes, b.loss, b.peak_device_bytes);
