@@ -56,7 +56,6 @@ struct LayerWeights {
   std::array<DeviceArray<bf16>, 7> plain;
 };
 
-// One layer's activations as its backward reads them.
 // One layer's activations: pointers into the engine's activation buffers (Impl::act_bf16, act_f32), each either
 // this layer's own or shared by every layer, as the recompute mode decides (Impl::ensure).
 struct Acts {
@@ -558,6 +557,18 @@ struct Engine::Impl {
     release_work();
     capB = std::max(capB, B);
     capT = std::max(capT, T);
+    // A failed allocation leaves no capacity behind: the next call allocates again instead of using freed buffers.
+    try {
+      allocate_work();
+    } catch (...) {
+      release_work();
+      capB = capT = capN = 0;
+      throw;
+    }
+  }
+
+  // Every buffer of a step of capB x capT tokens (ensure).
+  void allocate_work() {
     const int64_t N = capB * capT;
     capN = N;
     auto F = [&](int64_t n, const std::string& what) { return DeviceArray<float>(size_t(std::max<int64_t>(n, 1)), what, mem); };

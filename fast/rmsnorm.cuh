@@ -26,7 +26,8 @@ __global__ void norm_scale_kernel(float* scale, const bf16* w, int64_t D, bool p
     scale[j] = plain ? __bfloat162float(w[j]) : __fadd_rn(1.0f, __bfloat162float(w[j]));
 }
 
-// What both kernel widths compute per row and per element, so they differ only in the order of the fp32 sum.
+// What both kernel widths compute per row and per element: they differ in the order of the fp32 sums, and may
+// differ in where the compiler contracts a multiply and an add.
 // 1/rms from the fp32 sum of squares of the row's D values.
 __device__ __forceinline__ float norm_rstd(float ss, int64_t D, float eps) { return 1.0f / sqrtf(ss / float(D) + eps); }
 // One output: x r (1 + w), plus the residual (fp32) for the post norms.

@@ -364,6 +364,24 @@ TEST_F(FastModel, OutOfMemoryNamesTheSizeAndIsAnInputError) {
   EXPECT_NO_THROW(fast::run(k.ck, k.batch, fast::Options{}));
 }
 
+// A step that runs out of memory must leave the trainer as it was: the next, smaller step allocates its buffers
+// again (it once found the larger capacity recorded and ran on freed ones) and gives the bits of a trainer that
+// never tried.
+TEST_F(FastModel, AStepOutOfMemoryLeavesTheTrainerUsable) {
+  Case k = tiny_case(5, 2, 16);
+  const Case big = make_case(preset("gemma2-tiny"), 4, 5, 8, 2048);
+  ref::AdamWConfig h;
+  fast::Trainer tried(k.ck, h, Softcap{}), fresh(k.ck, h, Softcap{});
+  const double first = tried.step(k.batch, 1).loss;
+  EXPECT_EQ(first, fresh.step(k.batch, 1).loss);
+  // Room for twice the small step, far from the 512 times more tokens of `big`.
+  tried.set_memory_limit(2 * tried.peak_device_bytes());
+  EXPECT_THROW(tried.step(big.batch, 1), fast::OutOfMemory);
+  EXPECT_EQ(tried.step(k.batch, 1).loss, fresh.step(k.batch, 1).loss);
+  EXPECT_EQ(tried.adapters().size(), fresh.adapters().size());
+  for (const auto& [name, t] : tried.adapters()) EXPECT_EQ(t.to_double(), fresh.adapters().at(name).to_double()) << name;
+}
+
 TEST_F(FastModel, InputErrorsAreReported) {
   Case k = tiny_case(2, 2, 16);
   Checkpoint no_adapter = k.ck;
