@@ -24,9 +24,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
-#include <cstdlib>
 #include <map>
-#include <sstream>
 #include <string>
 
 #include "fast/adamw.cuh"
@@ -35,9 +33,15 @@
 #include "fast/fast.hpp"
 #include "fast/gemm.cuh"
 #include "fast/layer.cuh"
+#include "fast/lora.cuh"
 #include "fast/loss.cuh"
 #include "fast/nf4.cuh"
+#include "fast/profiler.cuh"
+#include "fast/rmsnorm.cuh"
+#include "fast/rope.cuh"
 #include "fast/synthetic.cuh"
+#include "fast/weights.cuh"
+#include "fast/workspace.cuh"
 #include "model/dtype.hpp"
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
@@ -586,7 +590,7 @@ struct Engine::Impl : Dims {
   // Layers
 
   Acts& acts_for(int64_t l) { return ws.acts[size_t(l)]; }
-  // Every layer's softmax statistics kept across the recomputation (ensure).
+  // Every layer's softmax statistics kept across the recomputation (allocate_work).
   bool keep_stats() const { return opt.recompute && !opt.offload; }
 
   LayerRun layer_run() {

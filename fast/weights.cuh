@@ -8,7 +8,8 @@
 
 #include "fast/lora.cuh"
 #include "fast/nf4.cuh"
-#include "model/config.hpp"
+#include "model/errors.hpp"
+#include "model/tensor.hpp"
 
 namespace gemma::fast {
 namespace {

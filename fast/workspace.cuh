@@ -45,7 +45,9 @@ struct Workspace {
   std::vector<int32_t> ids_h, tgt_h, slot_h;
   std::vector<float> loss_h;
 
-  // Frees every device buffer of a step (the requested-logit rows `capped` stay: they are sized separately).
+  // Frees every device buffer of a step (the requested-logit rows `capped` stay: they are sized separately). The
+  // capacities stay too: the engine grows them from these values and zeroes them itself where nothing is allocated
+  // after (Engine::Impl::ensure, reserve), so after release() they describe no buffer until allocate_work runs.
   void release() {
     for (auto* a : {&ids, &targets, &pos, &doc}) a->reset();
     key_ok.reset();
