@@ -289,7 +289,8 @@ int main(int argc, char** argv) {
     // LoRA with a frozen base: forward 2N, input gradients 2N, recomputed forward 2N FLOPs per token (plus
     // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without; with
     // --recompute-mlp-only the recomputation is gate|up's 2 (2 I D) per layer.
-    const double n_gu = double(c.num_hidden_layers) * 2.0 * double(c.intermediate_size) * double(c.hidden_size);
+    const double n_gu = double(c.num_hidden_layers) * 2.0 * double(proj_in(c, Proj::gate_proj)) *
+                        double(proj_out(c, Proj::gate_proj));
     const double flops_tok = 4.0 * N + (!o.recompute ? 0.0 : mlp_only ? 2.0 * n_gu : 2.0 * N);
     std::printf("\n%s (%lld layers%s), batch %lld x %lld%s, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
                 model.c_str(), (long long)c.num_hidden_layers, o.quantize_nf4 ? ", base in NF4" : ", base in bf16",

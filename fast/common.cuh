@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "fast/device.hpp"
 
@@ -96,6 +97,13 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   const float r = scratch[32];
   __syncthreads();
   return r;
+}
+
+// Whether every pointer can be read and written 16 bytes at a time (the eight-wide kernels' condition).
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 inline int elementwise_blocks(int64_t n, int threads = 256) {

@@ -89,16 +89,14 @@ __global__ void __launch_bounds__(kGegluVecThreads) geglu_backward_vec_kernel(bf
   }
 }
 
-inline bool geglu_vec(int64_t I, const void* a, const void* b) {
-  return I % 8 == 0 && (reinterpret_cast<uintptr_t>(a) & 15) == 0 && (reinterpret_cast<uintptr_t>(b) & 15) == 0;
-}
+inline bool geglu_vec(int64_t I, std::initializer_list<const void*> ptrs) { return I % 8 == 0 && aligned16(ptrs); }
 inline dim3 geglu_vec_grid(int64_t N, int64_t I) {
   return dim3(unsigned((I / 8 + kGegluVecThreads - 1) / kGegluVecThreads), unsigned(std::min<int64_t>(N, 65535)));
 }
 
 inline void geglu_forward(bf16* act, const bf16* gate_up, int64_t N, int64_t I, cudaStream_t st) {
   if (N == 0) return;
-  if (geglu_vec(I, act, gate_up)) {
+  if (geglu_vec(I, {act, gate_up})) {
     geglu_forward_vec_kernel<<<geglu_vec_grid(N, I), kGegluVecThreads, 0, st>>>(act, gate_up, N, I);
     GEMMA_LAUNCHED("geglu_forward_vec_kernel");
     return;
@@ -110,7 +108,7 @@ inline void geglu_forward(bf16* act, const bf16* gate_up, int64_t N, int64_t I, 
 inline void geglu_backward(bf16* dgate_up, const float* dact, const bf16* gate_up, int64_t N, int64_t I,
                            cudaStream_t st) {
   if (N == 0) return;
-  if (geglu_vec(I, dact, gate_up) && (reinterpret_cast<uintptr_t>(dgate_up) & 15) == 0) {
+  if (geglu_vec(I, {dgate_up, dact, gate_up})) {
     geglu_backward_vec_kernel<<<geglu_vec_grid(N, I), kGegluVecThreads, 0, st>>>(dgate_up, dact, gate_up, N, I);
     GEMMA_LAUNCHED("geglu_backward_vec_kernel");
     return;

@@ -7,8 +7,6 @@
 // result is rounded to bf16 (grad_act), and where the reference adds it to the residual gradient, the sum is
 // rounded again (dx += dtmp; cast).
 #pragma once
-#include <initializer_list>
-
 #include "fast/common.cuh"
 
 namespace gemma::fast {
@@ -182,10 +180,7 @@ __global__ void __launch_bounds__(1024) rmsnorm_backward_vec_kernel(bf16* dx, co
 }
 
 inline bool norm_vec(int64_t D, std::initializer_list<const void*> ptrs) {
-  if (D % 8 != 0 || D > 8192) return false;
-  for (const void* p : ptrs)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
+  return D % 8 == 0 && D <= 8192 && aligned16(ptrs);
 }
 inline unsigned norm_vec_threads(int64_t D) { return unsigned((D / 8 + 31) / 32 * 32); }
 
