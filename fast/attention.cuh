@@ -90,15 +90,21 @@ __device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, 
 constexpr double kLog2eF64 = 1.4426950408889634;
 constexpr float kLog2e = float(kLog2eF64);
 
-// The capped score, and d(capped)/dx = sech^2(x / c) in sech2 (1 without the cap).
-__device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float& sech2) {
-  if (!p.cap_on) {
+// The capped score, and d(capped)/dx = sech^2(x / c) in sech2 (1 without the cap). CAP is p.cap_on as a
+// compile-time constant: the Hopper kernels choose it once per tile (attn_tile_kind), attn_capped per call.
+template <bool CAP>
+__device__ __forceinline__ float attn_capped_k(float x, const AttnParams& p, float& sech2) {
+  if constexpr (!CAP) {
     sech2 = 1.0f;
     return x;
+  } else {
+    const float e = exp2f(p.cap_k * fabsf(x)), r = __fdividef(1.0f, 1.0f + e);
+    sech2 = 4.0f * e * (r * r);
+    return copysignf(p.cap * ((1.0f - e) * r), x);
   }
-  const float e = exp2f(p.cap_k * fabsf(x)), r = __fdividef(1.0f, 1.0f + e);
-  sech2 = 4.0f * e * (r * r);
-  return copysignf(p.cap * ((1.0f - e) * r), x);
+}
+__device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float& sech2) {
+  return p.cap_on ? attn_capped_k<true>(x, p, sech2) : attn_capped_k<false>(x, p, sech2);
 }
 // The capped score alone (the forward; the same arithmetic, so the same bits as the backward's).
 __device__ __forceinline__ float attn_capped(float x, const AttnParams& p) {
@@ -370,20 +376,26 @@ __global__ void attn_rowdot_kernel(const AttnParams p) {
 }
 
 // dS for one score: P (dP - D) sech^2(s / c) scale, with P rebuilt exactly as the forward's bf16 probability
-// (m, inv_l: the query row's saved max and the reciprocal of its saved sum, attn_inv_l).
-__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float inv_l, float D, bool vis,
-                                         float& p_out, const AttnParams& p) {
+// (m, inv_l: the query row's saved max and the reciprocal of its saved sum, attn_inv_l). CAP as attn_capped_k.
+template <bool CAP>
+__device__ __forceinline__ float attn_ds_k(float acc_s, float dp, float m, float inv_l, float D, bool vis,
+                                           float& p_out, const AttnParams& p) {
   if (!vis) {
     p_out = 0.0f;
     return 0.0f;
   }
   const float s = __fmul_rn(acc_s, p.scale);
   float sech2;
-  const float P = round_bf16(attn_prob(attn_capped(s, p, sech2), m, inv_l));
+  const float P = round_bf16(attn_prob(attn_capped_k<CAP>(s, p, sech2), m, inv_l));
   p_out = P;
   float ds = P * (dp - D);
   if (p.cap_on && !p.drop_sech2) ds *= sech2;
   return ds * p.scale;
+}
+__device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float inv_l, float D, bool vis,
+                                         float& p_out, const AttnParams& p) {
+  return p.cap_on ? attn_ds_k<true>(acc_s, dp, m, inv_l, D, vis, p_out, p)
+                  : attn_ds_k<false>(acc_s, dp, m, inv_l, D, vis, p_out, p);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@
 // and GEMMA_FAST_ATTN=mma, runs attention.cuh's kernels. The numbers differ from those kernels only by the fp32
 // accumulation order inside the products.
 #pragma once
+#include <type_traits>
+
 #include "fast/attention.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -60,6 +62,14 @@ __device__ __forceinline__ uint64_t desc_nmajor(uint32_t addr) {
          (uint64_t(1) << 62);
 }
 
+// N-major B spanning several 64-column panels (for an n128 product): the leading byte offset is the panel
+// stride (CUTLASS's canonical MN-major 128B-swizzle layout, ((8 elements, 8, m), (8, k)) : ((1, 8, LBO), (64,
+// SBO)) in 16-byte units, m counting the 64-wide panels), the stride byte offset the 8-row groups along K.
+__device__ __forceinline__ uint64_t desc_nmajor_panels(uint32_t addr, uint32_t panel_bytes) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(panel_bytes >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
 #define GEMMA_WG_D32(d)                                                                                          \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),       \
       "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),   \
@@ -81,6 +91,24 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GEMMA_WG_D32_ASM ", %32, %33, p, 1, 1, 0, %35;\n}\n"
       : GEMMA_WG_D32(d)
       : "l"(da), "l"(db), "r"(accumulate), "n"(TB));
+#endif
+}
+// d0 | d1 (64 x 128, columns 0-63 in d0 and 64-127 in d1, each as wgmma_ss's d) += A B over one k16 step, A
+// K-major, B N-major over two 64-column panels (desc_nmajor_panels). One product instead of two m64n64 ones: A is
+// read from shared memory once, not twice (the backward's dK, dV and dQ products are limited by shared-memory
+// bandwidth: per warpgroup an m64n64k16 reads 4 KB in its 32 cycles, and two warpgroups share 128 bytes a cycle).
+__device__ __forceinline__ void wgmma_ss_n128_nmajor(float (&d0)[8][4], float (&d1)[8][4], uint64_t da,
+                                                     uint64_t db) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
+      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 1;\n}\n"
+      : GEMMA_WG_D32(d0), GEMMA_WG_D32(d1)
+      : "l"(da), "l"(db));
 #endif
 }
 // The same for a 64 x 32 result, B K-major.
@@ -132,42 +160,6 @@ __device__ __forceinline__ void wg_hold(float (&d)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
-// S (64 rows x 64 keys) = A B^T over the whole head dimension: A the 64-row slice at a_base of an RA-row tile,
-// B the 64-row tile at b_base.
-template <int RA, int HD>
-__device__ __forceinline__ void wg_abt(float (&s)[8][4], uint32_t a_base, uint32_t b_base) {
-  wg_hold(s);
-  wg_arrive();
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk)
-    wgmma_ss<0>(s, desc_kmajor(a_base + (kk >> 2) * (RA * 128) + (kk & 3) * 32),
-             desc_kmajor(b_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32), kk > 0);
-  wg_commit();
-  wg_wait0();
-  wg_hold(s);
-}
-
-// o[dc] (64 x 64 columns dc*64..) += P V, P (64 x 64 keys) as four k16 A fragments, V the 64-key tile at v_base.
-template <int ND>
-__device__ __forceinline__ void wg_pv(float (&o)[ND][8][4], uint32_t (&a)[4][4], uint32_t v_base) {
-#pragma unroll
-  for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
-  // The A fragments too: they must be written before wgmma.fence, and the compiler must not move that.
-#pragma unroll
-  for (int k = 0; k < 4; ++k)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[k][i])::"memory");
-  wg_arrive();
-#pragma unroll
-  for (int dc = 0; dc < ND; ++dc)
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_rs_nmajor(o[dc], a[ks], desc_nmajor(v_base + dc * (64 * 128) + ks * 2048));
-  wg_commit();
-  wg_wait0();
-#pragma unroll
-  for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
-}
-
 // The C fragments of a 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps.
 __device__ __forceinline__ void c_to_a64(uint32_t (&a)[4][4], const bf16 (&x)[8][4]) {
 #pragma unroll
@@ -189,14 +181,81 @@ __device__ __forceinline__ bool attn_tile_full(const AttnParams& p, int r_lo, in
   return !p.doc && !p.key_ok && r_hi < p.T && j0 + 63 <= r_lo && (p.window <= 0 || r_hi - j0 < p.window);
 }
 
+// Calls f(cap, full) with p.cap_on and a tile's attn_tile_full as compile-time constants (std::bool_constant), so
+// that a tile's per-score code is straight-line: with a branch per score (on the cap, on the mask test) the
+// compiler kept each score's chain of exp2, reciprocal and multiplies apart, and with two warps per scheduler
+// nothing hid their latency (ncu, forward at 9b T = 4096: issue slots 30% busy, 5.7 cycles between a warp's
+// instructions, fixed-latency dependencies the largest stall).
+template <class F>
+__device__ __forceinline__ void attn_tile_kind(bool cap, bool full, F&& f) {
+  if (cap) {
+    if (full)
+      f(std::true_type{}, std::true_type{});
+    else
+      f(std::true_type{}, std::false_type{});
+  } else {
+    if (full)
+      f(std::false_type{}, std::true_type{});
+    else
+      f(std::false_type{}, std::false_type{});
+  }
+}
+
 constexpr int kSm90Threads = 256;  // two warpgroups, 64 query rows each
 
 template <int HD>
 constexpr int attn_fwd_sm90_smem() {
-  return 1024 + (128 + 4 * 64) * HD * 2;  // Q tile, K and V double-buffered, alignment slack
+  return 1024 + (128 + 4 * 64) * HD * 2;  // Q tile, four K/V tiles, alignment slack
+}
+
+// S (64 rows x 64 keys) = A B^T over the whole head dimension, issued as one commit group (wg_wait completes
+// it): A the 64-row slice at a_base of an RA-row tile, B the 64-row tile at b_base.
+template <int RA, int HD>
+__device__ __forceinline__ void wg_abt_issue(float (&s)[8][4], uint32_t a_base, uint32_t b_base) {
+  wg_arrive();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk)
+    wgmma_ss<0>(s, desc_kmajor(a_base + (kk >> 2) * (RA * 128) + (kk & 3) * 32),
+                desc_kmajor(b_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32), kk > 0);
+  wg_commit();
+}
+// o[dc] (64 x 64 columns dc*64..) += P V, issued as one commit group: P (64 x 64 keys) as four k16 A fragments
+// (written before wgmma.fence, which the empty asm statements keep the compiler from reordering), V the 64-key
+// tile at v_base.
+template <int ND>
+__device__ __forceinline__ void wg_pv_issue(float (&o)[ND][8][4], uint32_t (&a)[4][4], uint32_t v_base) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[k][i])::"memory");
+  wg_arrive();
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc)
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_rs_nmajor(o[dc], a[ks], desc_nmajor(v_base + dc * (64 * 128) + ks * 2048));
+  wg_commit();
+}
+// Waits until at most N of this warpgroup's committed product groups are in flight (they complete in order).
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // Forward: a block per (128 queries, head, sequence); warpgroup w owns rows 64 w .. 64 w + 63 of the tile.
+// Software-pipelined: each pass issues a tile's products before the per-score work of the tile before it needs
+// their results, so the tensor cores run while the warpgroup computes exponentials. Pass 1 loads K two tiles
+// ahead into a ring of three slots (its products are not overlapped with its statistics within a warpgroup: two
+// score accumulators in flight, even waited for at once, make ptxas serialize every product, C7514); pass 2 keeps
+// one (Q K_i^T and P_{i-1} V_{i-1} are issued together, tile i's probabilities are computed while P_{i-1} V_{i-1}
+// runs) over two K and two V tiles, V a tile behind K. Pass 2 never rescales O (the statistics are final), so
+// nothing waits on the P V product but the next one. One barrier per tile: it publishes the tiles that every
+// thread's cp.async brought, and it is passed only once every thread has waited for the products that read the
+// buffer the next copy overwrites. Every warpgroup runs every tile's products, also the (at most one per pass and
+// block) tile its rows cannot see, whose scores it then ignores: a product issued only on some paths makes ptxas
+// serialize all of them (C7514). The products, their order and the per-score arithmetic are those of the
+// unpipelined kernel, so the results are the same bits.
 template <int HD>
 __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const AttnParams p) {
 #ifndef GEMMA_SM90_DEVICE
@@ -206,10 +265,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
   constexpr uint32_t KBYTES = BC * HD * 2;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
-  const uint32_t sK = sQ + BR * HD * 2, sV = sK + 2 * KBYTES;
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
-            t = lane & 3;
-  const int i0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
+  const uint32_t sKV = sQ + BR * HD * 2;  // four 64-row tiles
+  // The warpgroup index from lane 0: ptxas then knows it is the same across the warp, and so are the branches
+  // around the products below (otherwise it serializes every wgmma: C7518, "WG.DP in divergent path").
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), warp = (threadIdx.x >> 5) & 3,
+            lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // Blocks of later queries see more keys: they start first, so the short ones fill the last wave (at 9b,
+  // T = 4096, 1024 blocks on 132 multiprocessors, in blockIdx.x order the SMs were idle 14% of the kernel's time).
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * BR, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (p.H / p.KV);
   const int64_t tok0 = int64_t(b) * p.T;
   const bf16* qg = p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd;
@@ -220,35 +283,40 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
   const uint32_t a_base = sQ + wg * 64 * 128;
   const int j_end = min(p.T, i0 + BR);
   const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
-  const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
-
-  cp_tile<BR, HD, kSm90Threads>(sQ, qg, p.ld_qkv, i0, p.T);
-  if (!p.stats_in) cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
-  cp_commit();
-
-  // Pass 1: row max and sum (or the ones this attention's first forward saved).
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  if (p.stats_in) attn_load_stats(p, b, h, row, mrow, lrow);
-  for (int kt = kt0; kt < kt1 && !p.stats_in; ++kt) {
-    const int buf = (kt - kt0) & 1;
-    if (kt + 1 < kt1) cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * KBYTES, kg, p.ld_qkv, (kt + 1) * BC, p.T);
-    cp_commit();
-    cp_wait<1>();
-    fence_async_smem();
-    __syncthreads();
-    const int j0 = kt * BC;
-    if (attn_tile_seen(p, r_lo, r_hi, j0)) {
-      float s[8][4] = {};
-      wg_abt<BR, HD>(s, a_base, sK + buf * KBYTES);
-      const bool full = attn_tile_full(p, r_lo, r_hi, j0);
+  const int kt0 = j_begin / BC, n = (j_end + BC - 1) / BC - kt0;  // n >= 1: j_begin <= i0 < j_end
+  auto seen = [&](int i) { return attn_tile_seen(p, r_lo, r_hi, (kt0 + i) * BC); };
+  auto load = [&](uint32_t s, const bf16* src, int i) {
+    cp_tile<BC, HD, kSm90Threads>(s, src, p.ld_qkv, (kt0 + i) * BC, p.T);
+  };
+  // Tile i's scores in place: scaled, capped, -inf where masked.
+  auto capped = [&](float (&s)[8][4], int i) {
+    const int j0 = (kt0 + i) * BC;
+    attn_tile_kind(p.cap_on, attn_tile_full(p, r_lo, r_hi, j0), [&](auto cap, auto full) {
+      constexpr bool kCap = decltype(cap)::value, kFull = decltype(full)::value;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = j0 + nt * 8 + 2 * t + (e & 1);
-          s[nt][e] = full || attn_visible(p, b, row[e >> 1], j) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p)
-                                                               : -INFINITY;
+          float unused;
+          s[nt][e] = kFull || attn_visible(p, b, row[e >> 1], j)
+                         ? attn_capped_k<kCap>(__fmul_rn(s[nt][e], p.scale), p, unused)
+                         : -INFINITY;
         }
+    });
+  };
+  cp_tile<BR, HD, kSm90Threads>(sQ, qg, p.ld_qkv, i0, p.T);  // joins the first commit group below
+
+  // Pass 1: row max and sum (or the ones this attention's first forward saved).
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+  if (p.stats_in) {
+    attn_load_stats(p, b, h, row, mrow, lrow);
+  } else {
+    auto kslot = [&](int i) { return sKV + uint32_t(i % 3) * KBYTES; };
+    // Tile i's statistics from its scores s (product complete), folded into mrow, lrow.
+    auto stats = [&](float (&s)[8][4], int i) {
+      if (!seen(i)) return;
+      capped(s, i);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         float mx = -INFINITY;
@@ -266,52 +334,99 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
         lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref) + sum;
         mrow[hr] = mnew;
       }
+    };
+    load(kslot(0), kg, 0);
+    cp_commit();
+    if (n > 1) load(kslot(1), kg, 1);
+    cp_commit();
+    for (int i = 0; i < n; ++i) {
+      cp_wait<1>();  // K_i (K_{i+1} may still be in flight)
+      fence_async_smem();
+      __syncthreads();  // and every warpgroup has waited for Q K_{i-1}^T: slot (i + 2) % 3 is free
+      if (i + 2 < n) load(kslot(i + 2), kg, i + 2);
+      cp_commit();
+      float s[8][4];
+      wg_abt_issue<BR, HD>(s, a_base, kslot(i));
+      wg_wait<0>();
+      wg_hold(s);
+      stats(s, i);
     }
-    __syncthreads();
+    __syncthreads();  // every product of pass 1 is complete before pass 2 reuses the slots
   }
 
   // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
   const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
-  cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
-  cp_tile<BC, HD, kSm90Threads>(sV, vg, p.ld_qkv, kt0 * BC, p.T);
+  auto kbuf = [&](int i) { return sKV + uint32_t(i & 1) * KBYTES; };
+  auto vbuf = [&](int i) { return sKV + uint32_t(2 + (i & 1)) * KBYTES; };
+  load(kbuf(0), kg, 0);
+  load(vbuf(0), vg, 0);
+  cp_commit();
+  if (n > 1) load(kbuf(1), kg, 1);
   cp_commit();
   float o[ND][8][4];
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) o[dc][nt][0] = o[dc][nt][1] = o[dc][nt][2] = o[dc][nt][3] = 0.0f;
-  for (int kt = kt0; kt < kt1; ++kt) {
-    const int buf = (kt - kt0) & 1;
-    if (kt + 1 < kt1) {
-      cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * KBYTES, kg, p.ld_qkv, (kt + 1) * BC, p.T);
-      cp_tile<BC, HD, kSm90Threads>(sV + (buf ^ 1) * KBYTES, vg, p.ld_qkv, (kt + 1) * BC, p.T);
+  float s[8][4];
+  uint32_t aP[4][4];
+  // Tile i's probabilities (unrounded) in place of its scores, then (after the P V product reading aP is
+  // complete) rounded to bf16 into aP.
+  auto probs = [&](int i) {
+    if (!seen(i)) {  // its product ran (the pipeline is the same for every tile) but no score is visible
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      return;
     }
-    cp_commit();
-    cp_wait<1>();
+    capped(s, i);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e >> 1;
+        s[nt][e] = s[nt][e] == -INFINITY ? 0.0f : attn_prob(s[nt][e], mrow[hr], inv_l[hr]);
+      }
+  };
+  auto round_p = [&] {
+    bf16 pb[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pb[nt][e] = __float2bfloat16_rn(s[nt][e]);
+    c_to_a64(aP, pb);
+  };
+  cp_wait<1>();
+  fence_async_smem();
+  __syncthreads();
+  wg_abt_issue<BR, HD>(s, a_base, kbuf(0));
+  wg_wait<0>();
+  wg_hold(s);
+  probs(0);
+  round_p();
+  for (int i = 1; i < n; ++i) {
+    cp_wait<0>();  // K_i, V_{i-1}
     fence_async_smem();
-    __syncthreads();
-    const int j0 = kt * BC;
-    if (attn_tile_seen(p, r_lo, r_hi, j0)) {
-      float s[8][4] = {};
-      wg_abt<BR, HD>(s, a_base, sK + buf * KBYTES);
-      const bool full = attn_tile_full(p, r_lo, r_hi, j0);
-      bf16 pb[8][4];
+    __syncthreads();  // and every warpgroup has waited for Q K_{i-1}^T and P_{i-2} V_{i-2}: their slots are free
+    if (i + 1 < n) load(kbuf(i + 1), kg, i + 1);
+    load(vbuf(i), vg, i);
+    cp_commit();
+    wg_abt_issue<BR, HD>(s, a_base, kbuf(i));
+    wg_pv_issue<ND>(o, aP, vbuf(i - 1));
+    wg_wait<1>();
+    wg_hold(s);
+    probs(i);
+    wg_wait<0>();
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hr = e >> 1, j = j0 + nt * 8 + 2 * t + (e & 1);
-          float pv = 0.0f;
-          if (full || attn_visible(p, b, row[hr], j))
-            pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), mrow[hr], inv_l[hr]);
-          pb[nt][e] = __float2bfloat16_rn(pv);
-        }
-      uint32_t aP[4][4];
-      c_to_a64(aP, pb);
-      wg_pv<ND>(o, aP, sV + buf * KBYTES);
-    }
-    __syncthreads();
+    for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
+    round_p();
   }
+  cp_wait<0>();  // V_{n-1}
+  fence_async_smem();
+  __syncthreads();
+  wg_pv_issue<ND>(o, aP, vbuf(n - 1));
+  wg_wait<0>();
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
 
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -341,6 +456,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
 // m64n32 product over the whole head dimension for S and for dP), so no score is computed twice; each warpgroup
 // turns its half into bf16 operands in shared memory (P and the three terms of the dS split), and after a barrier
 // each warpgroup multiplies the whole 64 x 64 operand tiles into its half of the head dimension of the result.
+// Two barriers per tile: the first publishes the tile's copies and is passed only once every warpgroup has waited
+// for the last tile's products (so the other buffer and the operand tiles are free, and the next copy starts
+// there), the second publishes the operand tiles.
 
 // s (64 x 32) = A B^T over the head dimension: A the 64-row tile at a_base, B the 32 rows at b_base of a 64-row
 // tile; the same for the second pair into s2, both in one commit group.
@@ -366,11 +484,18 @@ __device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_bas
 // 64-row N-major tile (rows are k).
 template <int NDH>
 __device__ __forceinline__ void wg_xy(float (&acc)[NDH][8][4], uint32_t x, uint32_t y, int first) {
-#pragma unroll
-  for (int dc = 0; dc < NDH; ++dc)
+  if constexpr (NDH == 2) {  // head_dim 256: both panels in one n128 product per k step
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
-      wgmma_ss<1>(acc[dc], desc_kmajor(x + ks * 32), desc_nmajor(y + (first + dc) * (64 * 128) + ks * 2048), 1);
+      wgmma_ss_n128_nmajor(acc[0], acc[1], desc_kmajor(x + ks * 32),
+                           desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
+  } else {
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+        wgmma_ss<1>(acc[dc], desc_kmajor(x + ks * 32), desc_nmajor(y + (first + dc) * (64 * 128) + ks * 2048), 1);
+  }
 }
 
 // Two bf16 values at (r, c), (r, c + 1) of a 64 x 64 swizzled operand tile (c even).
@@ -380,7 +505,8 @@ __device__ __forceinline__ void st_pair(uint32_t tile, int r, int c, bf16 lo, bf
 
 template <int HD>
 constexpr int attn_bwd_sm90_smem() {
-  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2;  // two single tiles, two double-buffered, four operand tiles
+  // two single tiles, two double-buffered, four operand tiles, and (dK, dV) two buffers of a tile's m, l, D
+  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4;
 }
 
 // dK, dV: a block per (64 keys, kv head, sequence), looping over the group's query heads and the 64-query tiles
@@ -396,6 +522,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
+  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries
+  const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
             t = lane & 3;
   const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
@@ -406,11 +534,23 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
   auto q_of = [&](int it) { return p.q + tok0 * p.ld_qkv + int64_t(kvh * G + it / nqt) * p.hd; };
   auto o_of = [&](int it) { return p.dout + tok0 * p.ld_o + int64_t(kvh * G + it / nqt) * p.hd; };
   auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
+  // Tile it's Q, dO and saved statistics (threads 0-191, one value each; rows past T zero) into buffer bf. The
+  // statistics come with the tiles, a tile ahead, rather than as 24 dependent loads per thread once the scores
+  // are there.
+  auto load_tile = [&](int it, int bf) {
+    cp_tile<BQ, HD, kSm90Threads>(sQ + bf * TB, q_of(it), p.ld_qkv, row_of(it), p.T);
+    cp_tile<BQ, HD, kSm90Threads>(sO + bf * TB, o_of(it), p.ld_o, row_of(it), p.T);
+    if (threadIdx.x < 3 * BQ) {
+      const int a = threadIdx.x / BQ, qi = threadIdx.x % BQ, i = row_of(it) + qi;
+      const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
+      const int64_t si = (int64_t(b) * p.H + kvh * G + it / nqt) * p.T + (i < p.T ? i : 0);
+      cp_async4(sStat + uint32_t(((bf * 3 + a) * BQ + qi) * 4), src + si, i < p.T);
+    }
+  };
 
   cp_tile<BK, HD, kSm90Threads>(sK, p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
   cp_tile<BK, HD, kSm90Threads>(sV, p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
-  cp_tile<BQ, HD, kSm90Threads>(sQ, q_of(0), p.ld_qkv, row_of(0), p.T);
-  cp_tile<BQ, HD, kSm90Threads>(sO, o_of(0), p.ld_o, row_of(0), p.T);
+  load_tile(0, 0);
   cp_commit();
 
   const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
@@ -424,48 +564,48 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
 
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
-    if (it + 1 < total) {
-      cp_tile<BQ, HD, kSm90Threads>(sQ + (buf ^ 1) * TB, q_of(it + 1), p.ld_qkv, row_of(it + 1), p.T);
-      cp_tile<BQ, HD, kSm90Threads>(sO + (buf ^ 1) * TB, o_of(it + 1), p.ld_o, row_of(it + 1), p.T);
-    }
-    cp_commit();
-    cp_wait<1>();
+    cp_wait<0>();  // this tile's Q and dO
     fence_async_smem();
-    __syncthreads();
-    const int hq = kvh * G + it / nqt, i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
+    __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
+    if (it + 1 < total) load_tile(it + 1, buf ^ 1);
+    cp_commit();
+    const int i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
     float st[4][4] = {}, dpt[4][4] = {};
     wg_abt_n32_pair<HD>(st, sK, sQ + buf * TB + 32 * wg * 128, dpt, sV, sO + buf * TB + 32 * wg * 128);
     const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + 31 < p.T && (p.window <= 0 || i0 + 31 - j0 < p.window);
+    attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
+      constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int c = nt * 8 + 2 * t, i = i0 + c;
-      float mq[2], inv_lq[2], Dq[2];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const bool ok = i + u < p.T;
-        const int64_t si = (int64_t(b) * p.H + hq) * p.T + i + u;
-        mq[u] = ok ? p.m[si] : 0.0f;
-        inv_lq[u] = attn_inv_l(ok ? p.l[si] : 1.0f);
-        Dq[u] = ok ? p.Dv[si] : 0.0f;
-      }
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        bf16 pb[2], x1[2], x2[2], x3[2];
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c = nt * 8 + 2 * t, i = i0 + c;
+        float mq[2], inv_lq[2], Dq[2];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          float pv;
-          const float ds = attn_ds(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], inv_lq[u], Dq[u],
-                                   full || attn_visible(p, b, i + u, key[hr]), pv, p);
-          pb[u] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
-          split3(ds, x1[u], x2[u], x3[u]);
+          const bool ok = i + u < p.T;
+          const float* sq = stat + buf * 3 * BQ + 32 * wg + c + u;  // [m; l; D] of query i + u
+          mq[u] = ok ? sq[0] : 0.0f;
+          inv_lq[u] = attn_inv_l(ok ? sq[BQ] : 1.0f);
+          Dq[u] = ok ? sq[2 * BQ] : 0.0f;
         }
-        const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
-        st_pair(sP, r, cc, pb[0], pb[1]);
-        st_pair(sS, r, cc, x1[0], x1[1]);
-        st_pair(sS + OB, r, cc, x2[0], x2[1]);
-        st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          bf16 pb[2], x1[2], x2[2], x3[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            float pv;
+            const float ds = attn_ds_k<kCap>(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], inv_lq[u], Dq[u],
+                                             kFull || attn_visible(p, b, i + u, key[hr]), pv, p);
+            pb[u] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
+            split3(ds, x1[u], x2[u], x3[u]);
+          }
+          const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
+          st_pair(sP, r, cc, pb[0], pb[1]);
+          st_pair(sS, r, cc, x1[0], x1[1]);
+          st_pair(sS + OB, r, cc, x2[0], x2[1]);
+          st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
+        }
       }
-    }
+    });
     fence_async_smem();
     __syncthreads();
 #pragma unroll
@@ -485,7 +625,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
       wg_hold(dk[dc]);
       wg_hold(dv[dc]);
     }
-    __syncthreads();
   }
 
 #pragma unroll
@@ -519,7 +658,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
   const uint32_t sO = sQ + TB, sK = sO + TB, sV = sK + 2 * TB, sS = sV + 2 * TB + OB;  // sS: 3 tiles
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
             t = lane & 3;
-  const int i0 = blockIdx.x * BQ, h = blockIdx.y, b = blockIdx.z;
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, b = blockIdx.z;  // longest first, as the forward
   const int kvh = h / (p.H / p.KV);
   const int64_t tok0 = int64_t(b) * p.T;
   const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
@@ -552,37 +691,40 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
 
   for (int kt = kt0; kt < kt1; ++kt) {
     const int buf = (kt - kt0) & 1;
+    cp_wait<0>();  // this tile's K and V
+    fence_async_smem();
+    __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
     if (kt + 1 < kt1) {
       cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * TB, kg, p.ld_qkv, (kt + 1) * BC, p.T);
       cp_tile<BC, HD, kSm90Threads>(sV + (buf ^ 1) * TB, vg, p.ld_qkv, (kt + 1) * BC, p.T);
     }
     cp_commit();
-    cp_wait<1>();
-    fence_async_smem();
-    __syncthreads();
     const int j0 = kt * BC + 32 * wg;  // this warpgroup's 32 keys
     float s[4][4] = {}, dp[4][4] = {};
     wg_abt_n32_pair<HD>(s, sQ, sK + buf * TB + 32 * wg * 128, dp, sO, sV + buf * TB + 32 * wg * 128);
     const bool full = !p.doc && !p.key_ok && j0 + 31 <= i0 && i0 + BQ - 1 < p.T &&
                       (p.window <= 0 || i0 + BQ - 1 - j0 < p.window);
+    attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
+      constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int c = nt * 8 + 2 * t;
-        bf16 x1[2], x2[2], x3[2];
+        for (int hr = 0; hr < 2; ++hr) {
+          const int c = nt * 8 + 2 * t;
+          bf16 x1[2], x2[2], x3[2];
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          float pv;
-          const float ds = attn_ds(s[nt][2 * hr + u], dp[nt][2 * hr + u], mrow[hr], inv_l[hr], Drow[hr],
-                                   full || attn_visible(p, b, row[hr], j0 + c + u), pv, p);
-          split3(ds, x1[u], x2[u], x3[u]);
+          for (int u = 0; u < 2; ++u) {
+            float pv;
+            const float ds = attn_ds_k<kCap>(s[nt][2 * hr + u], dp[nt][2 * hr + u], mrow[hr], inv_l[hr], Drow[hr],
+                                             kFull || attn_visible(p, b, row[hr], j0 + c + u), pv, p);
+            split3(ds, x1[u], x2[u], x3[u]);
+          }
+          const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
+          st_pair(sS, r, cc, x1[0], x1[1]);
+          st_pair(sS + OB, r, cc, x2[0], x2[1]);
+          st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
         }
-        const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
-        st_pair(sS, r, cc, x1[0], x1[1]);
-        st_pair(sS + OB, r, cc, x2[0], x2[1]);
-        st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
-      }
+    });
     fence_async_smem();
     __syncthreads();
 #pragma unroll
@@ -595,7 +737,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
     wg_wait0();
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc) wg_hold(dq[dc]);
-    __syncthreads();
   }
 
 #pragma unroll
