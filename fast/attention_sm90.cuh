@@ -1,7 +1,7 @@
 // Attention for Hopper (sm_90a): the same algorithm and cast points as attention.cuh (two passes, P normalised
 // and rounded to bf16 before P V, scores recomputed in the backward), with the products on warpgroup MMA
-// (wgmma.mma_async m64n64k16, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async
-// fills one tile ahead of the one being multiplied.
+// (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async fills ahead of
+// the ones being multiplied.
 //
 // Layout (PTX ISA, "Shared Memory Matrix Layout", 128B swizzle): a tile of R rows x HD bf16 is HD / 64 column
 // panels, each R rows of 128 bytes; inside a panel the eight 16-byte units of row r sit at unit ^ (r mod 8). For
