@@ -628,6 +628,16 @@ TEST(TrainBinary, BadDataAndOptionsExit2) {
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--max-grad-norm", "-1"}, d), "train", {"--max-grad-norm"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--epochs", "2"}, d), "train", {"--epochs", "synthetic"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--packing"}, d), "train", {"--packing", "give --data"});
+  // The fast backend's activation-memory modes: not for the reference, and not in the combinations the engine
+  // has no layout for (checked before any GPU is looked for).
+  for (const char* flag : {"--no-recompute", "--recompute-mlp-only", "--offload"})
+    expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", flag}, d), "train", {flag, "the fast backend"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-mlp-only", "--offload"}, d),
+                  "train", {"--recompute-mlp-only", "one or the other"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-mlp-only", "--no-recompute"}, d),
+                  "train", {"--recompute-mlp-only", "--no-recompute turns it off"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--offload", "--no-recompute"}, d),
+                  "train", {"--offload", "there are none"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--save-steps", "2"}, d), "train", {"--save-steps"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--resume", d / "nothing"}, d), "train", {"no such directory"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/alpaca-tiny.jsonl"}, d), "train",

@@ -45,6 +45,8 @@ struct TrainOptions {
   std::optional<std::string> softcap, log_path, report_path;
   std::string backend = "reference";
   int gpus = 1;  // --gpus: data parallel over this many GPUs (fast backend)
+  // The fast backend's activation memory (fast::TrainerOptions; every mode gives the same bits, test_fast_model).
+  bool no_recompute = false, recompute_mlp_only = false, offload = false;
   std::optional<std::string> data;
   bool packing = false;
   TokenizerOptions tokenizer;
@@ -198,7 +200,11 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
   if (p.batch % o.gpus != 0)
     fail("--gpus", "the batch's " + std::to_string(p.batch) + " sequences do not split evenly over " +
                        std::to_string(o.gpus) + " GPUs");
-  fast::DataParallelTrainer trainer(in.model, o.gpus, o.adamw, p.sc);
+  fast::TrainerOptions topt;
+  topt.recompute = !o.no_recompute;
+  topt.recompute_mlp_only = o.recompute_mlp_only;
+  topt.offload = o.offload;
+  fast::DataParallelTrainer trainer(in.model, o.gpus, o.adamw, p.sc, topt);
   std::printf("train (fast, CUDA%s): %s; softcap %s; %lld steps of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g wd %g\n",
               o.gpus > 1 ? (", " + std::to_string(o.gpus) + " GPUs").c_str() : "", in.description.c_str(),
               softcap_name(p.sc).c_str(), (long long)p.total_steps, (long long)p.batch,
@@ -527,10 +533,21 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   // Flag combinations first: they are wrong on any machine, with or without a GPU.
   if (o.softcap && *o.softcap == "all" && o.backend == "both")
     fail("--softcap all", "runs one backend (reference or fast): --backend both with one combination at a time");
+  if (o.recompute_mlp_only && o.no_recompute)
+    fail("--recompute-mlp-only", "chooses what activation checkpointing recomputes; --no-recompute turns it off");
+  if (o.recompute_mlp_only && o.offload)
+    fail("--recompute-mlp-only", "keeps the attention block's outputs on the device; --offload moves the layers' "
+                                 "checkpoints to host memory: one or the other");
+  if (o.offload && o.no_recompute)
+    fail("--offload", "moves the activation checkpoints to host memory; with --no-recompute there are none");
   const bool on_gpu = o.backend != "reference";
   std::string why;
   if (on_gpu && !fast_available(&why)) fail("--backend " + o.backend, why);
   if (o.gpus != 1 && !on_gpu) fail("--gpus", "only the fast backend runs on GPUs; the reference runs on the CPU");
+  for (const auto& [set, flag] : {std::pair{o.no_recompute, "--no-recompute"},
+                                  std::pair{o.recompute_mlp_only, "--recompute-mlp-only"}, std::pair{o.offload, "--offload"}})
+    if (set && !on_gpu)
+      fail(flag, "sets the fast backend's activation memory; the reference keeps every activation in host memory");
   if (o.max_steps && *o.max_steps < (o.eval_data ? 0 : 1))
     fail("--max-steps", "must be at least 1 (0 only with --eval-data: evaluate without training)");
   if (o.max_steps == 0 && (o.output_dir || o.save_adapter || o.resume || o.save_steps))
@@ -702,6 +719,10 @@ int main(int argc, char** argv) {
   app.add_option("--backend", o.backend,
                  "reference | fast | both (fast beside the reference, per-step band; exit 1 outside it)");
   app.add_option("--gpus", o.gpus, "fast backend: data parallel over the first N GPUs (NCCL)");
+  app.add_flag("--no-recompute", o.no_recompute, "fast backend: keep every layer's activations (no activation checkpointing)");
+  app.add_flag("--recompute-mlp-only", o.recompute_mlp_only,
+               "fast backend: also keep each layer's attention-block and down_proj outputs; recompute only the MLP");
+  app.add_flag("--offload", o.offload, "fast backend: the layers' activation checkpoints in pinned host memory");
   app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
   app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
   app.add_option("--tokenizer", o.tokenizer.model_path, "SentencePiece tokenizer.model for text rows");
