@@ -146,9 +146,11 @@ __device__ __forceinline__ void wg_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wg_wait0() {
+// Waits until at most N of this warpgroup's committed product groups are in flight (they complete in order).
+template <int N>
+__device__ __forceinline__ void wg_wait() {
 #ifdef GEMMA_SM90_DEVICE
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous products.
@@ -172,7 +174,7 @@ __device__ __forceinline__ void c_to_a64(uint32_t (&a)[4][4], const bf16 (&x)[8]
 }
 
 // Can any of rows [r_lo, r_hi] see a key of [j0, j0 + 64)? (causal and window only; the per-element test does
-// the rest.) A warpgroup skips the products of a tile it cannot see.
+// the rest.) The forward skips the per-score work of a tile its warpgroup cannot see (not its products).
 __device__ __forceinline__ bool attn_tile_seen(const AttnParams& p, int r_lo, int r_hi, int j0) {
   return r_lo < p.T && j0 <= r_hi && (p.window <= 0 || j0 + 63 > r_lo - p.window);
 }
@@ -234,13 +236,6 @@ __device__ __forceinline__ void wg_pv_issue(float (&o)[ND][8][4], uint32_t (&a)[
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) wgmma_rs_nmajor(o[dc], a[ks], desc_nmajor(v_base + dc * (64 * 128) + ks * 2048));
   wg_commit();
-}
-// Waits until at most N of this warpgroup's committed product groups are in flight (they complete in order).
-template <int N>
-__device__ __forceinline__ void wg_wait() {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
 }
 
 // Forward: a block per (128 queries, head, sequence); warpgroup w owns rows 64 w .. 64 w + 63 of the tile.
@@ -475,7 +470,7 @@ __device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_bas
     wgmma_ss_n32(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
   }
   wg_commit();
-  wg_wait0();
+  wg_wait<0>();
   wg_hold(s);
   wg_hold(s2);
 }
@@ -619,7 +614,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
     wg_xy<NDH>(dk, sS + OB, sQ + buf * TB, wg * NDH);
     wg_xy<NDH>(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
     wg_commit();
-    wg_wait0();
+    wg_wait<0>();
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc) {
       wg_hold(dk[dc]);
@@ -734,7 +729,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const Att
     wg_xy<NDH>(dq, sS + OB, sK + buf * TB, wg * NDH);
     wg_xy<NDH>(dq, sS + 2 * OB, sK + buf * TB, wg * NDH);
     wg_commit();
-    wg_wait0();
+    wg_wait<0>();
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc) wg_hold(dq[dc]);
   }
