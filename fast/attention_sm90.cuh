@@ -3,14 +3,10 @@
 // (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async fills ahead of
 // the ones being multiplied.
 //
-// Layout (PTX ISA, "Shared Memory Matrix Layout", 128B swizzle): a tile of R rows x HD bf16 is HD / 64 column
-// panels, each R rows of 128 bytes; inside a panel the eight 16-byte units of row r sit at unit ^ (r mod 8). For
-// S = Q K^T both operands are K-major (the head dimension is contiguous): one k16 step is a 32-byte offset inside
-// the panel, the 8-row groups are 1024 bytes apart (the descriptor's stride byte offset). For O = P V the B
-// operand V is N-major (stored [key][d]): the 16 keys of a k step are 16 consecutive rows, a 64-wide column
-// block is one panel, and again the 8-row groups (now along K) are 1024 bytes apart. P enters from registers:
-// the accumulator fragment of S (per warp the mma.sync m16n8 C layout) is, after the bf16 rounding, the A
-// fragment of the next product (c_to_a), as in attention.cuh.
+// Layout: fast/wgmma.cuh (128-byte swizzled tiles). For S = Q K^T both operands are K-major (the head dimension
+// is contiguous); for O = P V the B operand V is N-major (stored [key][d]). P enters from registers: the
+// accumulator fragment of S (per warp the mma.sync m16n8 C layout) is, after the bf16 rounding, the A fragment of
+// the next product (c_to_a), as in attention.cuh.
 //
 // Only head_dim 128 and 256 (the released models) with 16-byte aligned rows take this path; everything else,
 // and GEMMA_FAST_ATTN=mma, runs attention.cuh's kernels. The numbers differ from those kernels only by the fp32
@@ -19,19 +15,10 @@
 #include <type_traits>
 
 #include "fast/attention.cuh"
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define GEMMA_SM90_DEVICE 1
-#endif
+#include "fast/wgmma.cuh"
 
 namespace gemma::fast {
 namespace {
-
-// Byte offset of element (r, c) in an R-row swizzled tile (see the file comment).
-template <int R>
-__device__ __forceinline__ uint32_t swz(int r, int c) {
-  return uint32_t((c >> 6) * (R * 128) + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) + (c & 7) * 2);
-}
 
 // Rows [row0, row0 + R) of a head (row stride ld elements) into a swizzled tile at shared address s; rows at or
 // beyond T are zero-filled (cp.async with source size 0), so their products are exact zeros. NT threads share
@@ -47,121 +34,6 @@ __device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, i
     cp_async16(s + swz<R>(r, c), src, ok);
   }
 }
-// cp.async writes through the generic proxy, wgmma reads through the async proxy: this orders the two.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// Matrix descriptors (PTX ISA, "Matrix Descriptor Format"): start address >> 4 (bits 0-13), leading byte offset
-// >> 4 (16-29), stride byte offset >> 4 (32-45), swizzle mode 1 = 128 bytes (62-63). K-major swizzled operands
-// ignore the leading offset (1 by convention); for the N-major V, whose 64-wide blocks are one swizzle atom wide,
-// both offsets are the 1024-byte 8-row stride, so whichever the hardware takes for the K direction is right.
-__device__ __forceinline__ uint64_t desc_kmajor(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-__device__ __forceinline__ uint64_t desc_nmajor(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
-
-// N-major B spanning several 64-column panels (for an n128 product): the leading byte offset is the panel
-// stride (CUTLASS's canonical MN-major 128B-swizzle layout, ((8 elements, 8, m), (8, k)) : ((1, 8, LBO), (64,
-// SBO)) in 16-byte units, m counting the 64-wide panels), the stride byte offset the 8-row groups along K.
-__device__ __forceinline__ uint64_t desc_nmajor_panels(uint32_t addr, uint32_t panel_bytes) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(panel_bytes >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
-
-#define GEMMA_WG_D32(d)                                                                                          \
-  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),       \
-      "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),   \
-      "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),   \
-      "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),   \
-      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-#define GEMMA_WG_D32_ASM                                                                                          \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
-  "%24, %25, %26, %27, %28, %29, %30, %31}"
-
-// d (64 x 64 per warpgroup; per warp 16 rows in the m16n8 C layout, d[n8 tile][4]) (+)= A B over one k16 step, A
-// (64 x 16) K-major and B from shared memory: B K-major (TB = 0, B stored as the rows of B^T) or N-major (TB = 1).
-// accumulate = 0 overwrites d.
-template <int TB>
-__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GEMMA_WG_D32_ASM ", %32, %33, p, 1, 1, 0, %35;\n}\n"
-      : GEMMA_WG_D32(d)
-      : "l"(da), "l"(db), "r"(accumulate), "n"(TB));
-#endif
-}
-// d0 | d1 (64 x 128, columns 0-63 in d0 and 64-127 in d1, each as wgmma_ss's d) += A B over one k16 step, A
-// K-major, B N-major over two 64-column panels (desc_nmajor_panels). One product instead of two m64n64 ones: A is
-// read from shared memory once, not twice (the backward's dK, dV and dQ products are limited by shared-memory
-// bandwidth: per warpgroup an m64n64k16 reads 4 KB in its 32 cycles, and two warpgroups share 128 bytes a cycle).
-__device__ __forceinline__ void wgmma_ss_n128_nmajor(float (&d0)[8][4], float (&d1)[8][4], uint64_t da,
-                                                     uint64_t db) {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
-      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 1;\n}\n"
-      : GEMMA_WG_D32(d0), GEMMA_WG_D32(d1)
-      : "l"(da), "l"(db));
-#endif
-}
-// The same for a 64 x 32 result, B K-major.
-__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int accumulate) {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
-        "+f"(d[3][2]), "+f"(d[3][3])
-      : "l"(da), "l"(db), "r"(accumulate));
-#endif
-}
-// d += A B with A (64 x 16 per warpgroup) from registers in the mma.sync A-fragment layout and B (16 x 64) an
-// N-major shared-memory tile.
-__device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GEMMA_WG_D32_ASM
-      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : GEMMA_WG_D32(d)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-#endif
-}
-__device__ __forceinline__ void wg_arrive() {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_commit() {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-// Waits until at most N of this warpgroup's committed product groups are in flight (they complete in order).
-template <int N>
-__device__ __forceinline__ void wg_wait() {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
-}
-// Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous products.
-template <int N>
-__device__ __forceinline__ void wg_hold(float (&d)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
-}
-
 // The C fragments of a 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps.
 __device__ __forceinline__ void c_to_a64(uint32_t (&a)[4][4], const bf16 (&x)[8][4]) {
 #pragma unroll
@@ -482,8 +354,8 @@ __device__ __forceinline__ void wg_xy(float (&acc)[NDH][8][4], uint32_t x, uint3
   if constexpr (NDH == 2) {  // head_dim 256: both panels in one n128 product per k step
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
-      wgmma_ss_n128_nmajor(acc[0], acc[1], desc_kmajor(x + ks * 32),
-                           desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
+      wgmma_ss_n128<1>(acc[0], acc[1], desc_kmajor(x + ks * 32),
+                       desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
   } else {
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc)

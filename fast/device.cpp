@@ -102,13 +102,30 @@ bool attn_hopper() {
       throw InputError("GEMMA_FAST_ATTN: '" + s + "' is neither 'wgmma' (the default) nor 'mma'");
     return s != "mma";
   }();
-  if (!on) return false;
-  // The Hopper kernels exist as sm_90a code only: a build for several architectures may run on another device.
+  return on && device_sm90();
+}
+
+// Both cache per host thread (one drives each GPU) and device; devices past 63 are asked every time.
+bool device_sm90() {
+  thread_local int cached[64] = {};  // 0 not asked, 1 yes, 2 no
   int dev = 0, major = 0, minor = 0;
   GEMMA_CUDA(cudaGetDevice(&dev));
+  if (dev < 64 && cached[dev]) return cached[dev] == 1;
   GEMMA_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   GEMMA_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
+  const bool yes = major == 9 && minor == 0;
+  if (dev < 64) cached[dev] = yes ? 1 : 2;
+  return yes;
+}
+
+int device_sms() {
+  thread_local int cached[64] = {};
+  int dev = 0, n = 0;
+  GEMMA_CUDA(cudaGetDevice(&dev));
+  if (dev < 64 && cached[dev]) return cached[dev];
+  GEMMA_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < 64) cached[dev] = n;
+  return n;
 }
 
 }  // namespace gemma::fast

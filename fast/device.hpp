@@ -100,5 +100,10 @@ bool attn_ldmatrix();
 // head_dim 128 and 256 on a compute capability 9.0 device, =mma the mma.sync kernels (fast/attention.cuh)
 // everywhere; anything else is an InputError.
 bool attn_hopper();
+// Whether the current device is compute capability 9.0, the one the sm_90a kernels (wgmma) run on: a build for
+// several architectures may run on another.
+bool device_sm90();
+// The current device's multiprocessors.
+int device_sms();
 
 }  // namespace gemma::fast

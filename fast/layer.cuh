@@ -139,19 +139,22 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
   rmsnorm_backward_post(ws.dsmall.get(), ws.dres.get(), A.down, A.rstd + 3 * N, W.scale.get() + 3 * D, N, D, stream);
   run.mark("bwd norms");
   group_backward(h, G[kDown], r, s, A.act, ws.dsmall.get(), A.L[kDown], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
-                 ws.gpart.get(), stream, [&] { run.mark("bwd down_proj (base product)"); });
+                 ws.gpart.get(), stream, [&] { run.mark("bwd down_proj (base product)"); },
+                 [&] { run.mark("bwd down_proj LoRA terms"); });
   run.mark("bwd down_proj LoRA terms");
   geglu_backward(ws.dgu.get(), ws.dacc.get(), A.gu, N, I, stream);
   run.mark("bwd geglu");
   group_backward(h, G[kGU], r, s, A.xn2, ws.dgu.get(), A.L[kGU], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
-                 ws.gpart.get(), stream, [&] { run.mark("bwd gate|up_proj (base product)"); });
+                 ws.gpart.get(), stream, [&] { run.mark("bwd gate|up_proj (base product)"); },
+                 [&] { run.mark("bwd gate|up_proj LoRA terms"); });
   run.mark("bwd gate|up_proj LoRA terms");
   rmsnorm_backward_in(ws.dres.get(), ws.dacc.get(), A.x_mid, A.rstd + 2 * N, W.scale.get() + 2 * D, N, D, stream);
   // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
   rmsnorm_backward_post(ws.dsmall.get(), ws.dres.get(), A.o, A.rstd + N, W.scale.get() + D, N, D, stream);
   run.mark("bwd norms");
   group_backward(h, G[kO], r, s, A.att, ws.dsmall.get(), A.L[kO], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
-                 ws.gpart.get(), stream, [&] { run.mark("bwd o_proj (base product)"); });
+                 ws.gpart.get(), stream, [&] { run.mark("bwd o_proj (base product)"); },
+                 [&] { run.mark("bwd o_proj LoRA terms"); });
   to_bf16(ws.datt.get(), HD, ws.dacc.get(), HD, N, HD, stream);
   run.mark("bwd o_proj LoRA terms");
   attention_backward(attn_params(run, l, B, T, A), stream);
@@ -163,7 +166,8 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
   to_bf16(ws.dqkv.get() + HD + KVHD, QKV, ws.dV.get(), KVHD, N, KVHD, stream);
   run.mark("bwd rope, dv to bf16");
   group_backward(h, G[kQKV], r, s, A.xn1, ws.dqkv.get(), A.L[kQKV], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
-                 ws.gpart.get(), stream, [&] { run.mark("bwd q|k|v_proj (base product)"); });
+                 ws.gpart.get(), stream, [&] { run.mark("bwd q|k|v_proj (base product)"); },
+                 [&] { run.mark("bwd q|k|v_proj LoRA terms"); });
   run.mark("bwd q|k|v_proj LoRA terms");
   rmsnorm_backward_in(ws.dres.get(), ws.dacc.get(), x_in, A.rstd, W.scale.get(), N, D, stream);
   run.mark("bwd norms");

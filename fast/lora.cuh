@@ -26,6 +26,7 @@
 
 #include "fast/gemm.cuh"
 #include "fast/mma.cuh"
+#include "fast/wgmma.cuh"
 
 namespace gemma::fast {
 namespace {
@@ -122,121 +123,298 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
 // The forward's adapter term and its add in one kernel: y (N, out; row stride ldy) = bf16(y + fl(s acc)) with
 // acc = L B^T in fp32 over K = 6r (L: a group's split xa for one adapter, (N, K), row stride ldl; B: its Bfwd,
 // (out, K)). The same arithmetic as the product into fp32 (alpha = s) followed by lora_add_kernel, without the
-// fp32 term's round trip through memory (8 of the 12 bytes moved per output). A block per 128 x 128 output
-// tile holds the whole K of both operand tiles in shared memory (K <= 384, so r <= 64); eight warps of 64 x 32
-// outputs, mma.sync m16n8k16 fed by ldmatrix; the fp32 terms then go through shared memory so that y is read
-// and written in whole 16-byte pieces. lora_out_fused says when it applies. (A first version added straight
-// from the accumulator registers, 4 bytes and one dependent load per pair: on the H200 it made the 9b step
-// take 362 ms instead of 324 with the product into fp32 and lora_add_kernel.)
-constexpr int kLoraOutTile = 128, kLoraOutThreads = 256, kLoraOutMaxK = 384, kLoraOutLdc = 136;
-// Shared memory: the two operand tiles, later the fp32 output tile.
-inline int lora_out_smem(int K) {
-  return std::max(2 * kLoraOutTile * (K + 8) * 2, kLoraOutTile * kLoraOutLdc * 4);
+// fp32 term's round trip through memory (8 of the 12 bytes moved per output).
+//
+// A block keeps one 128-column tile of B in shared memory and walks down `iters` row tiles of y, copying the next
+// tile's L rows and y rows (cp.async, double-buffered) while it multiplies the current one; the fp32 sums are
+// added to y's tile in shared memory, and y goes back in whole 16-byte pieces (element by element where a row's
+// width or alignment does not allow them). y is read and written once: 4 bytes per output, 70 us for 27b's
+// gate_proj at 2 x 1024 on the H200. Two kernels do the product:
+// - lora_out_add_wg_kernel (sm_90a, K <= 192, that is r <= 32): warpgroup MMA on 128-byte swizzled tiles
+//   (fast/wgmma.cuh), K zero-padded to a multiple of 64 (the padded terms are exact zeros), each of the two
+//   warpgroups 64 rows x 128 columns, m64n128k16;
+// - lora_out_add_kernel (everywhere else, K <= 384): eight warps of 16 MT rows x 32 columns, mma.sync m16n8k16 fed
+//   by ldmatrix, row tiles of 32 MT rows with MT the largest of 4, 2, 1 whose buffers fit (lora_out_mt).
+// Why wgmma: measured with ncu on the H200, the mma.sync product ran at about 140 TFLOP/s whatever the tiling
+// and whether the block streamed or held one tile (83 us for 9b's gate_proj term, 206 us for 27b's, against the
+// 27 and 70 us that moving y takes). A first fused kernel added from the accumulator registers with 4-byte
+// accesses and made the 9b step slower than the unfused product and add (362 ms against 324).
+constexpr int kLoraOutCols = 128, kLoraOutThreads = 256, kLoraOutMaxK = 384, kLoraOutLdy = kLoraOutCols + 8;
+constexpr int kLoraOutSmemMax = 232448;  // sm_90's opt-in shared memory per block (227 KB)
+// lora_out_add_kernel's shared memory at MT: B's tile, two L tiles, two y tiles. Rows of K + 8 and 136 bf16:
+// 16-byte aligned for ldmatrix and cp.async, and shifted by 4 banks per row, so that neither ldmatrix nor the
+// epilogue's 4-byte accesses (8 rows x 4 column pairs per warp) conflict.
+inline int lora_out_smem(int K, int mt) {
+  const int rows = 32 * mt;
+  return (kLoraOutCols + 2 * rows) * (K + 8) * 2 + 2 * rows * kLoraOutLdy * 2;
+}
+inline int lora_out_mt(int K) {
+  for (int mt : {4, 2, 1})
+    if (lora_out_smem(K, mt) <= kLoraOutSmemMax) return mt;
+  return 0;
+}
+constexpr int kLoraWgMaxK = 192;
+inline int lora_out_wg_kp(int K) { return (K + 63) / 64 * 64; }
+// lora_out_add_wg_kernel's: 1024 bytes of alignment slack, B's tile and two L tiles (128 x Kp each), two y tiles.
+inline int lora_out_wg_smem(int Kp) { return 1024 + 3 * 128 * Kp * 2 + 2 * 128 * kLoraOutLdy * 2; }
+
+// Rows [n0, n0 + rows) x columns [o0, o0 + 128) of y into (kLoad: cp.async for whole aligned 16-byte pieces) or
+// out of a shared tile of row stride kLoraOutLdy; rows past N and columns past out are not touched.
+template <bool kLoad>
+__device__ __forceinline__ void lora_y_tile(bf16* Yt, bf16* y, int64_t ldy, int64_t n0, int64_t o0, int rows,
+                                            int64_t N, int64_t out, bool vec) {
+  for (int idx = threadIdx.x; idx < rows * (kLoraOutCols / 8); idx += kLoraOutThreads) {
+    const int rr = idx >> 4, c = (idx & 15) * 8;
+    const int64_t n = n0 + rr, o = o0 + c;
+    if (n >= N || o >= out) continue;
+    bf16* sh = Yt + rr * kLoraOutLdy + c;
+    bf16* gl = y + n * ldy + o;
+    if (vec && o + 8 <= out) {
+      if (kLoad)
+        cp_async16(smem_addr(sh), gl, true);
+      else
+        *reinterpret_cast<uint4*>(gl) = *reinterpret_cast<const uint4*>(sh);
+    } else {
+      for (int e = 0; e < 8 && o + e < out; ++e) {
+        if (kLoad)
+          sh[e] = gl[e];
+        else
+          gl[e] = sh[e];
+      }
+    }
+  }
 }
 
-__global__ void __launch_bounds__(kLoraOutThreads, 2) lora_out_add_kernel(bf16* y, int64_t ldy, const bf16* L,
-                                                                          int64_t ldl, const bf16* B, int K,
-                                                                          int64_t N, int64_t out, float s) {
+// y's tile at (row, col), (row, col + 1) += s (a0, a1), each rounded to bf16 once.
+__device__ __forceinline__ void lora_y_add2(bf16* Yt, int row, int col, float s, float a0, float a1) {
+  auto* p = reinterpret_cast<__nv_bfloat162*>(Yt + row * kLoraOutLdy + col);
+  const float2 v = __bfloat1622float2(*p);
+  *p = __floats2bfloat162_rn(lora_sum(v.x, __fmul_rn(s, a0)), lora_sum(v.y, __fmul_rn(s, a1)));
+}
+
+template <int MT>
+__global__ void __launch_bounds__(kLoraOutThreads, 1)
+    lora_out_add_kernel(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int K, int64_t N,
+                        int64_t out, float s, int iters) {
+  constexpr int TM = 32 * MT;  // rows per tile
   extern __shared__ __align__(16) unsigned char smem_lora[];
-  const int LDS = K + 8;  // 16-byte rows for ldmatrix, and a 4-bank shift per row: no bank conflicts
-  bf16* Ls = reinterpret_cast<bf16*>(smem_lora);
-  bf16* Bs = Ls + kLoraOutTile * LDS;
-  const int64_t n0 = int64_t(blockIdx.y) * kLoraOutTile, o0 = int64_t(blockIdx.x) * kLoraOutTile;
-  const int chunks = K / 8;
-  // Both operand tiles by cp.async, rows past N or out zero-filled (every sum stays exact), all in flight at once.
-  for (int idx = threadIdx.x; idx < kLoraOutTile * chunks; idx += kLoraOutThreads) {
+  const int LDS = K + 8, chunks = K / 8;
+  bf16* Bs = reinterpret_cast<bf16*>(smem_lora);
+  bf16* Ls = Bs + kLoraOutCols * LDS;  // [2][TM][LDS]
+  bf16* Ys = Ls + 2 * TM * LDS;        // [2][TM][kLoraOutLdy]
+  const int64_t o0 = int64_t(blockIdx.x) * kLoraOutCols, first = int64_t(blockIdx.y) * iters;
+  const int64_t left = (N + TM - 1) / TM - first;
+  const int n_it = left < iters ? int(left) : iters;
+  const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+  // B's tile, once; its rows past out zero-filled (every sum stays exact).
+  for (int idx = threadIdx.x; idx < kLoraOutCols * chunks; idx += kLoraOutThreads) {
     const int rr = idx / chunks, c = (idx - rr * chunks) * 8;
-    const bool lok = n0 + rr < N, bok = o0 + rr < out;
-    cp_async16(smem_addr(Ls + rr * LDS + c), L + (lok ? n0 + rr : 0) * ldl + c, lok);
-    cp_async16(smem_addr(Bs + rr * LDS + c), B + (bok ? o0 + rr : 0) * K + c, bok);
+    const bool ok = o0 + rr < out;
+    cp_async16(smem_addr(Bs + rr * LDS + c), B + (ok ? o0 + rr : 0) * K + c, ok);
   }
+  // Row tile t's L rows (past N zero-filled) and y rows into buffer b.
+  auto load = [&](int64_t t, int b) {
+    const int64_t n0 = t * TM;
+    bf16* Ld = Ls + b * TM * LDS;
+    for (int idx = threadIdx.x; idx < TM * chunks; idx += kLoraOutThreads) {
+      const int rr = idx / chunks, c = (idx - rr * chunks) * 8;
+      const bool ok = n0 + rr < N;
+      cp_async16(smem_addr(Ld + rr * LDS + c), L + (ok ? n0 + rr : 0) * ldl + c, ok);
+    }
+    lora_y_tile<true>(Ys + b * TM * kLoraOutLdy, y, ldy, n0, o0, TM, N, out, vec);
+  };
+  load(first, 0);
   cp_commit();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int wr = (warp >> 2) * 64, wc = (warp & 3) * 32;  // the warp's rows and columns within the tile
-  cp_wait<0>();
-  __syncthreads();
+  const int wr = (warp >> 2) * 16 * MT, wc = (warp & 3) * 32;  // the warp's rows and columns within the tile
   const int m = lane >> 3, rr = lane & 7;
-  float acc[4][4][4] = {};
-  for (int k0 = 0; k0 < K; k0 += 16) {
-    uint32_t a[4][4], b[4][2];
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], Ls + (wr + mt * 16 + rr + 8 * (m & 1)) * LDS + k0 + 8 * (m >> 1));
-#pragma unroll
-    for (int nt = 0; nt < 4; nt += 2) {  // matrices (n-tile nt, k0), (nt, k0 + 8), (nt + 1, k0), (nt + 1, k0 + 8)
-      uint32_t q[4];
-      ldmatrix_x4(q, Bs + (wc + (nt + (m >> 1)) * 8 + rr) * LDS + k0 + 8 * (m & 1));
-      b[nt][0] = q[0];
-      b[nt][1] = q[1];
-      b[nt + 1][0] = q[2];
-      b[nt + 1][1] = q[3];
+  for (int it = 0; it < n_it; ++it) {
+    const int b = it & 1;
+    if (it + 1 < n_it) {  // the next tile's copies go out before this tile's products
+      load(first + it + 1, b ^ 1);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
     }
+    __syncthreads();
+    const bf16* Lt = Ls + b * TM * LDS;
+    float acc[MT][4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      uint32_t a[MT][4], bb[4][2];
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt], Lt + (wr + mt * 16 + rr + 8 * (m & 1)) * LDS + k0 + 8 * (m >> 1));
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) mma16816(acc[mt][nt], a[mt], b[nt]);
+      for (int nt = 0; nt < 4; nt += 2) {  // matrices (n-tile nt, k0), (nt, k0 + 8), (nt + 1, k0), (nt + 1, k0 + 8)
+        uint32_t q[4];
+        ldmatrix_x4(q, Bs + (wc + (nt + (m >> 1)) * 8 + rr) * LDS + k0 + 8 * (m & 1));
+        bb[nt][0] = q[0];
+        bb[nt][1] = q[1];
+        bb[nt + 1][0] = q[2];
+        bb[nt + 1][1] = q[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mma16816(acc[mt][nt], a[mt], bb[nt]);
+    }
+    // acc[mt][nt][2 hr + j] is output (wr + 16 mt + g + 8 hr, wc + 8 nt + 2 t + j).
+    bf16* Yt = Ys + b * TM * kLoraOutLdy;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+          lora_y_add2(Yt, wr + mt * 16 + g + 8 * hr, wc + nt * 8 + 2 * t, s, acc[mt][nt][2 * hr],
+                      acc[mt][nt][2 * hr + 1]);
+    __syncthreads();
+    lora_y_tile<false>(Yt, y, ldy, (first + it) * TM, o0, TM, N, out, vec);
+    __syncthreads();  // buffer b is free: the copies issued next iteration (tile it + 2) overwrite it
   }
-  // Epilogue through shared memory (the operand tiles are spent): s * acc in fp32 per output, then each thread
-  // adds 8 consecutive outputs of a row with 16-byte accesses of y. Row stride 136 floats: a half-warp's 8-byte
-  // stores (4 rows x 4 column pairs) fall on 32 distinct banks.
-  __syncthreads();
-  float* Cs = reinterpret_cast<float*>(smem_lora);
+}
+
+// The same on warpgroup MMA (sm_90a; see above): row tiles of 128, warpgroup w multiplies rows 64 w .. 64 w + 63;
+// K padded to Kp (64, 128 or 192), a compile-time constant so that the k steps unroll and the first overwrites
+// the accumulators (a zeroing before the products made ptxas serialize them, C7515).
+template <int Kp>
+__global__ void __launch_bounds__(kLoraOutThreads, 1)
+    lora_out_add_wg_kernel(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int K, int64_t N,
+                           int64_t out, float s, int iters) {
+#ifdef GEMMA_SM90_DEVICE
+  constexpr int TM = 128;
+  extern __shared__ __align__(16) unsigned char smem_lora[];
+  const uint32_t raw = smem_addr(smem_lora), base = (raw + 1023) & ~1023u;  // the swizzle needs 1024-byte tiles
+  const uint32_t tile = TM * Kp * 2, panel = TM * 128;  // bytes of a swizzled tile and of its 64-column panels
+  const uint32_t sB = base, sL = base + tile;           // L buffer b at sL + b * tile
+  bf16* Ys = reinterpret_cast<bf16*>(smem_lora + (base - raw) + 3 * tile);  // [2][TM][kLoraOutLdy]
+  const int64_t o0 = int64_t(blockIdx.x) * kLoraOutCols, first = int64_t(blockIdx.y) * iters;
+  const int64_t left = (N + TM - 1) / TM - first;
+  const int n_it = left < iters ? int(left) : iters;
+  const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+  // 128 rows from row0 of a (row stride ld) into the swizzled tile at s; rows past `rows` and columns past K are
+  // zero-filled.
+  auto cp_swz = [&](uint32_t s_tile, const bf16* a, int64_t ld, int64_t row0, int64_t rows) {
+    const int upr = Kp / 8;
+    for (int u = threadIdx.x; u < TM * upr; u += kLoraOutThreads) {
+      const int r = u / upr, c = (u - r * upr) * 8;
+      const bool ok = row0 + r < rows && c < K;
+      cp_async16(s_tile + swz<TM>(r, c), ok ? a + (row0 + r) * ld + c : a, ok);
+    }
+  };
+  cp_swz(sB, B, K, o0, out);
+  auto load = [&](int64_t t, int b) {
+    cp_swz(sL + b * tile, L, ldl, t * TM, N);
+    lora_y_tile<true>(Ys + b * TM * kLoraOutLdy, y, ldy, t * TM, o0, TM, N, out, vec);
+  };
+  load(first, 0);
+  cp_commit();
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // provably warp-uniform (ptxas C7514)
+  const int lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
+  for (int it = 0; it < n_it; ++it) {
+    const int b = it & 1;
+    if (it + 1 < n_it) {
+      load(first + it + 1, b ^ 1);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
+    fence_async_smem();
+    __syncthreads();
+    float d0[8][4], d1[8][4];  // columns 0-63 and 64-127
+    const uint32_t a = sL + b * tile + wg * (64 * 128);
+    wg_arrive();
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
+    for (int kk = 0; kk < Kp / 16; ++kk)
+      wgmma_ss_n128<0>(d0, d1, desc_kmajor(a + (kk >> 2) * panel + (kk & 3) * 32),
+                       desc_kmajor(sB + (kk >> 2) * panel + (kk & 3) * 32), kk > 0);
+    wg_commit();
+    wg_wait<0>();
+    wg_hold(d0);
+    wg_hold(d1);
+    // d0/d1[nt][2 hr + j] is output (64 wg + 16 wi + g + 8 hr, 8 nt + 2 t + j, + 64 for d1).
+    bf16* Yt = Ys + b * TM * kLoraOutLdy;
+    const int row = wg * 64 + wi * 16 + g;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-        *reinterpret_cast<float2*>(Cs + (wr + mt * 16 + g + 8 * hr) * kLoraOutLdc + wc + nt * 8 + 2 * t) =
-            make_float2(__fmul_rn(s, acc[mt][nt][2 * hr]), __fmul_rn(s, acc[mt][nt][2 * hr + 1]));
-  __syncthreads();
-  const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
-  constexpr int kIters = kLoraOutTile * kLoraOutTile / 8 / kLoraOutThreads;
-  uint4 raw[kIters];  // every load of y issued before any store: one memory round trip, not kIters
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int idx = threadIdx.x + it * kLoraOutThreads, row = idx >> 4, c = (idx & 15) * 8;
-    const int64_t n = n0 + row, o = o0 + c;
-    if (vec && n < N && o + 8 <= out) raw[it] = *reinterpret_cast<const uint4*>(y + n * ldy + o);
-  }
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int idx = threadIdx.x + it * kLoraOutThreads, row = idx >> 4, c = (idx & 15) * 8;
-    const int64_t n = n0 + row, o = o0 + c;
-    if (n >= N || o >= out) continue;
-    const float* d = Cs + row * kLoraOutLdc + c;
-    bf16* py = y + n * ldy + o;
-    if (vec && o + 8 <= out) {
-      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw[it]);
-      const float4 d0 = *reinterpret_cast<const float4*>(d), d1 = *reinterpret_cast<const float4*>(d + 4);
-      const float dd[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 v = __bfloat1622float2(h[e]);
-        h[e] = __floats2bfloat162_rn(lora_sum(v.x, dd[2 * e]), lora_sum(v.y, dd[2 * e + 1]));
+      for (int nt = 0; nt < 8; ++nt) {
+        lora_y_add2(Yt, row + 8 * hr, nt * 8 + 2 * t, s, d0[nt][2 * hr], d0[nt][2 * hr + 1]);
+        lora_y_add2(Yt, row + 8 * hr, 64 + nt * 8 + 2 * t, s, d1[nt][2 * hr], d1[nt][2 * hr + 1]);
       }
-      *reinterpret_cast<uint4*>(py) = raw[it];
-    } else {
-      for (int e = 0; e < 8 && o + e < out; ++e)
-        py[e] = __float2bfloat16_rn(lora_sum(__bfloat162float(py[e]), d[e]));
-    }
+    __syncthreads();
+    lora_y_tile<false>(Yt, y, ldy, (first + it) * TM, o0, TM, N, out, vec);
+    __syncthreads();
   }
+#else
+  (void)y, (void)ldy, (void)L, (void)ldl, (void)B, (void)K, (void)N, (void)out, (void)s, (void)iters;
+#endif
 }
 
-// lora_out_add_kernel takes K = 6r in 16-wide steps of whole 16-byte rows, all of it in shared memory (up to
-// 200 KB at K = 384, within sm_90's 227 KB per block: the only target this is built for), and N rows in at most
-// 65535 row tiles of the grid's y (8.4 M tokens in one micro-batch).
+// Whether the sm_90a kernel takes an adapter of K = 6r: built for sm_90a (GEMMA_FAST_WGMMA), K within its shared
+// memory, on a compute capability 9.0 device.
+inline bool lora_out_wg(int K) {
+#ifdef GEMMA_FAST_WGMMA
+  return K <= kLoraWgMaxK && device_sm90();
+#else
+  (void)K;
+  return false;
+#endif
+}
+
+// One of the two kernels takes K = 6r in 16-wide steps of whole 16-byte rows with its buffers within shared
+// memory (K <= 384: r <= 64), L and B in 16-byte aligned rows, and N in at most 65535 groups of 64 row tiles
+// (268 M tokens in one micro-batch at r = 32).
 inline bool lora_out_fused(int r, int64_t N, int64_t ldl, const bf16* L, const bf16* B) {
-  const int K = 6 * r;
-  return K % 16 == 0 && K <= kLoraOutMaxK && (N + kLoraOutTile - 1) / kLoraOutTile <= 65535 && ldl % 8 == 0 &&
+  const int K = 6 * r, mt = K <= kLoraOutMaxK ? lora_out_mt(K) : 0;
+  return K % 16 == 0 && mt > 0 && N > 0 && (N + 32 * mt - 1) / (32 * mt) <= int64_t(65535) * 64 && ldl % 8 == 0 &&
          (reinterpret_cast<uintptr_t>(L) & 15) == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0;
+}
+
+// Row tiles per block: one block per multiprocessor fits (shared memory), so the grid runs in waves; the count
+// minimises waves x (tiles per block + 1), the 1 standing for the block's first copies, which nothing hides.
+inline int lora_out_iters(int64_t col_tiles, int64_t row_tiles, int sms) {
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int64_t it = 1; it <= std::min<int64_t>(row_tiles, 64); ++it) {
+    const int64_t groups = (row_tiles + it - 1) / it;
+    if (groups > 65535) continue;
+    const int64_t waves = (col_tiles * groups + sms - 1) / sms, cost = waves * (it + 1);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = int(it);
+    }
+  }
+  return best;
 }
 
 inline void lora_out_add(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int r, int64_t N,
                          int64_t out, float s, cudaStream_t st) {
-  const int K = 6 * r, smem = lora_out_smem(K);
-  GEMMA_CUDA(cudaFuncSetAttribute(lora_out_add_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(unsigned((out + kLoraOutTile - 1) / kLoraOutTile), unsigned((N + kLoraOutTile - 1) / kLoraOutTile));
-  lora_out_add_kernel<<<grid, kLoraOutThreads, smem, st>>>(y, ldy, L, ldl, B, K, N, out, s);
+  const int K = 6 * r;
+  const bool wg = lora_out_wg(K);
+  const int mt = wg ? 4 : lora_out_mt(K), Kp = lora_out_wg_kp(K), rows = 32 * mt;
+  const int smem = wg ? lora_out_wg_smem(Kp) : lora_out_smem(K, mt);
+  const int64_t col_tiles = (out + kLoraOutCols - 1) / kLoraOutCols, row_tiles = (N + rows - 1) / rows;
+  const int iters = lora_out_iters(col_tiles, row_tiles, device_sms());
+  const dim3 grid(unsigned(col_tiles), unsigned((row_tiles + iters - 1) / iters));
+  auto launch = [&](auto kernel) {
+    GEMMA_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kLoraOutThreads, smem, st>>>(y, ldy, L, ldl, B, K, N, out, s, iters);
+  };
+  if (wg && Kp == 64)
+    launch(lora_out_add_wg_kernel<64>);
+  else if (wg && Kp == 128)
+    launch(lora_out_add_wg_kernel<128>);
+  else if (wg)
+    launch(lora_out_add_wg_kernel<192>);
+  else if (mt == 4)
+    launch(lora_out_add_kernel<4>);
+  else if (mt == 2)
+    launch(lora_out_add_kernel<2>);
+  else
+    launch(lora_out_add_kernel<1>);
   GEMMA_LAUNCHED("lora_out_add_kernel");
 }
 
@@ -306,13 +484,25 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
 // dx (N, in) fp32 = dy W + per adapter dxa A (the caller rounds it to bf16 where the reference does); the adapter
 // gradients are accumulated into gA, gB. L is the forward's split xa; part, Lb, gpart are scratch:
 // part (N, 3r*np) fp32, Lb (N, 6r*np) bf16, gpart (3r * max(in, out)) fp32.
+// The adapters' share of dx is computed first and the base product adds itself to it (beta = 1, in cuBLAS's
+// epilogue): one fp32 addition of the two fp32 products either way, but dx is written once and read once in the
+// big product's epilogue, not written, read and written again by the small product (at 27b, down_proj's dx is
+// 302 MB in fp32: the small product that added into it took 232 us, the base product 1.7 ms).
+// before_base and after_base (optional) run around the base product (the profiler's marks).
 inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float s, const bf16* x, const bf16* dy,
                            const bf16* L, int64_t N, float* dx, float* part, bf16* Lb, float* gpart, cudaStream_t st,
-                           const std::function<void()>& after_base = {}) {
-  gemm(h, N, g.in, g.out_total, {dy, g.out_total, false}, {g.W, g.in, false}, dx, true, g.in, 1.0f, 0.0f);
-  if (after_base) after_base();
+                           const std::function<void()>& after_base = {},
+                           const std::function<void()>& before_base = {}) {
   const int np = int(g.projs.size());
-  if (np == 0 || N == 0) return;
+  const auto base = [&](float beta) {
+    if (before_base) before_base();
+    gemm(h, N, g.in, g.out_total, {dy, g.out_total, false}, {g.W, g.in, false}, dx, true, g.in, 1.0f, beta);
+    if (after_base) after_base();
+  };
+  if (np == 0 || N == 0) {
+    base(0.0f);
+    return;
+  }
   const int64_t r3 = 3 * int64_t(r), w3 = r3 * np, w6 = 2 * w3;
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
@@ -320,7 +510,8 @@ inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float
          part + pi * r3, true, w3, 1.0f, 0.0f);
   }
   lora_split(Lb, part, N, r, np, s, st);
-  gemm(h, N, g.in, w6, {Lb, w6, false}, {g.Abwd, g.in, false}, dx, true, g.in, 1.0f, 1.0f);
+  gemm(h, N, g.in, w6, {Lb, w6, false}, {g.Abwd, g.in, false}, dx, true, g.in, 1.0f, 0.0f);
+  base(1.0f);
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
     // dA (r, in): the three row blocks of [d1 d2 d3]^T x.

@@ -577,12 +577,16 @@ TEST_F(FastKernel, LoraGroupForwardBackwardAreFp32Accurate) {
   };
   // q|k|v of tiny; gate|up with one projection not adapted; 9b's q|k|v widths at rank 32; rank 8 with rows and
   // widths that are no multiple of the fused adapter kernel's 128 x 128 tile; rank 8 with widths that are no
-  // multiple of 8 (the kernel's element-wise tail: outputs at columns 36 and 54 of a row of 72). Ranks 8 and 32
-  // take the fused adapter add (lora_out_add_kernel: 6r a multiple of 16), rank 4 the fp32 product and
-  // lora_add_kernel.
+  // multiple of 8 (the kernel's element-wise tail: outputs at columns 36 and 54 of a row of 72); 4133 rows at
+  // ranks 8 and 64, where on the H200's 132 multiprocessors the fused kernel's blocks walk several row tiles
+  // (lora_out_iters: 3 tiles of 128 rows at rank 8, 10 of 32 at rank 64), the last one partial, and the first
+  // projection's last column tile ends in a piece of 4 columns. Ranks 8, 32 and 64 take the fused adapter add (6r
+  // a multiple of 16): on the H200 lora_out_add_wg_kernel up to rank 32, lora_out_add_kernel (mma.sync) at 64;
+  // rank 4 the fp32 product and lora_add_kernel.
   for (const G& g : {G{37, 64, 4, {64, 32, 32}, {true, true, true}}, G{21, 64, 4, {160, 160}, {false, true}},
                      G{16, 3584, 32, {4096, 2048, 2048}, {true, true, true}},
-                     G{300, 256, 8, {200, 72}, {true, true}}, G{130, 64, 8, {36, 18, 18}, {true, true, true}}}) {
+                     G{300, 256, 8, {200, 72}, {true, true}}, G{130, 64, 8, {36, 18, 18}, {true, true, true}},
+                     G{4133, 64, 8, {1100, 52}, {true, true}}, G{4133, 64, 64, {1100, 52}, {true, true}}}) {
     const double s = 2.0;  // alpha = 2r (tools' synthetic adapters)
     std::vector<fk::LoraProj> projs;
     int64_t out_total = 0;
