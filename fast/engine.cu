@@ -223,7 +223,8 @@ struct Engine::Impl : Dims {
   // Layer l's adapters as their bf16 split terms (lora.cuh) in the shared slot, unless it holds them already.
   void ensure_splits(int64_t l) {
     if (lora.splits_layer == l) return;
-    for (auto& g : lora.groups[size_t(l)]) lora_prepare(g, r, stream);
+    const auto& groups = lora.groups[size_t(l)];
+    lora_prepare(groups.data(), int(groups.size()), r, stream);
     lora.splits_layer = l;
     mark("LoRA bf16 splits");
   }

@@ -455,7 +455,7 @@ LoraGroup lora_group(int64_t N, int64_t in, int64_t r, double scaling, const std
     }
     col += p.out;
   }
-  lora_prepare(g, int(r), kStream);
+  lora_prepare(&g, 1, int(r), kStream);
   auto xd = up_bf16(x, m);
   auto dyd = up_bf16(dy, m);
   auto y = poisoned<bf16>(size_t(N * out_total), m);
