@@ -380,15 +380,16 @@ inline bool lora_out_wg(int K) {
 
 // One of the two kernels takes K = 6r in 16-wide steps of whole 16-byte rows with its buffers within shared
 // memory (K <= 384: r <= 64), L and B in 16-byte aligned rows, and N in at most 65535 groups of 64 row tiles
-// (268 M tokens in one micro-batch at r = 32).
+// (row tiles of 128 rows up to r = 32: 537 M tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64).
 inline bool lora_out_fused(int r, int64_t N, int64_t ldl, const bf16* L, const bf16* B) {
   const int K = 6 * r, mt = K <= kLoraOutMaxK ? lora_out_mt(K) : 0;
   return K % 16 == 0 && mt > 0 && N > 0 && (N + 32 * mt - 1) / (32 * mt) <= int64_t(65535) * 64 && ldl % 8 == 0 &&
          (reinterpret_cast<uintptr_t>(L) & 15) == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0;
 }
 
-// Row tiles per block: one block per multiprocessor fits (shared memory), so the grid runs in waves; the count
-// minimises waves x (tiles per block + 1), the 1 standing for the block's first copies, which nothing hides.
+// Row tiles per block: one block per multiprocessor fits (shared memory; registers too for the mma.sync kernel at
+// MT = 4), so the grid runs in waves; the count minimises waves x (tiles per block + 1), the 1 standing for the
+// block's first copies, which nothing hides.
 inline int lora_out_iters(int64_t col_tiles, int64_t row_tiles, int sms) {
   int best = 1;
   int64_t best_cost = -1;
