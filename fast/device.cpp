@@ -2,7 +2,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <sstream>
+#include <utility>
 
 #include "fast/fast.hpp"
 #include "model/bugs.hpp"
@@ -105,27 +107,27 @@ bool attn_hopper() {
   return on && device_sm90();
 }
 
-// Both cache per host thread (one drives each GPU) and device; devices past 63 are asked every time.
-bool device_sm90() {
-  thread_local int cached[64] = {};  // 0 not asked, 1 yes, 2 no
-  int dev = 0, major = 0, minor = 0;
+namespace {
+
+// attr's value on the current device, asked once per host thread (one drives each GPU), device and attribute:
+// these are asked at every launch that picks a kernel. -1 stands for "not asked yet" (no attribute asked here is
+// negative; 0 could not, since the H200's compute capability minor is 0).
+int device_attribute(cudaDeviceAttr attr) {
+  thread_local std::map<std::pair<int, int>, int> cached;
+  int dev = 0;
   GEMMA_CUDA(cudaGetDevice(&dev));
-  if (dev < 64 && cached[dev]) return cached[dev] == 1;
-  GEMMA_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  GEMMA_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  const bool yes = major == 9 && minor == 0;
-  if (dev < 64) cached[dev] = yes ? 1 : 2;
-  return yes;
+  int& v = cached.try_emplace({dev, int(attr)}, -1).first->second;
+  if (v < 0) GEMMA_CUDA(cudaDeviceGetAttribute(&v, attr, dev));
+  return v;
 }
 
-int device_sms() {
-  thread_local int cached[64] = {};
-  int dev = 0, n = 0;
-  GEMMA_CUDA(cudaGetDevice(&dev));
-  if (dev < 64 && cached[dev]) return cached[dev];
-  GEMMA_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  if (dev < 64) cached[dev] = n;
-  return n;
+}  // namespace
+
+bool device_sm90() {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+         device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
 }
+
+int device_sms() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 }  // namespace gemma::fast

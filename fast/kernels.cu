@@ -484,6 +484,22 @@ LoraGroup lora_group(int64_t N, int64_t in, int64_t r, double scaling, const std
   return res;
 }
 
+std::string lora_out_kernel(int64_t r, int64_t N, int64_t out, int64_t ldl) {
+  const LoraOutPlan p = lora_out_plan(int(r), N, out, ldl, nullptr, nullptr);
+  if (!p.kernel) return "unfused";
+  return std::string(p.kernel) + " tiles " + std::to_string(p.row_tiles) + " iters " + std::to_string(p.iters);
+}
+
+bool hopper_kernels() {
+#ifdef GEMMA_FAST_WGMMA
+  return device_sm90();
+#else
+  return false;
+#endif
+}
+
+int multiprocessors() { return device_sms(); }
+
 void adamw(std::vector<float>& p, const std::vector<float>& g, std::vector<float>& mo, std::vector<float>& v,
            int64_t t, double lr, double beta1, double beta2, double eps, double weight_decay) {
   MemoryTracker m;

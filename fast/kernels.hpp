@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "model/nf4_weight.hpp"
@@ -107,6 +108,15 @@ struct LoraGroup {
 // Projections sharing the input x (N, in): forward, then backward of dy (N, sum of outs) bf16 values.
 LoraGroup lora_group(int64_t N, int64_t in, int64_t r, double scaling, const std::vector<LoraProj>& projs,
                      const std::vector<float>& x, const std::vector<float>& dy);
+
+// The fused kernel lora_out_add runs for one adapter of rank r on an (N, out) block whose split rows are ldl apart
+// (lora_out_plan on the current device, with aligned L and B), and its row tiles: "<kernel> tiles <row tiles>
+// iters <per block>", or "unfused".
+std::string lora_out_kernel(int64_t r, int64_t N, int64_t out, int64_t ldl);
+// Whether the current device takes the sm_90a (wgmma) kernels: built for sm_90a and compute capability 9.0.
+bool hopper_kernels();
+// The current device's multiprocessors.
+int multiprocessors();
 
 // One AdamW step t (1-based) on p with gradient g and moments m, v (updated in place).
 void adamw(std::vector<float>& p, const std::vector<float>& g, std::vector<float>& m, std::vector<float>& v, int64_t t,

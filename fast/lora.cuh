@@ -144,10 +144,10 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
 // added to y's tile in shared memory, and y goes back in whole 16-byte pieces (element by element where a row's
 // width or alignment does not allow them). y is read and written once: 4 bytes per output, 70 us for 27b's
 // gate_proj at 2 x 1024 on the H200. Two kernels do the product:
-// - lora_out_add_wg_kernel (sm_90a, K <= 192, that is r <= 32): warpgroup MMA on 128-byte swizzled tiles
-//   (fast/wgmma.cuh), K zero-padded to a multiple of 64 (the padded terms are exact zeros), each of the two
-//   warpgroups 64 rows x 128 columns, m64n128k16;
-// - lora_out_add_kernel (everywhere else, K <= 384): eight warps of 16 MT rows x 32 columns, mma.sync m16n8k16 fed
+// - lora_out_add_wg_kernel (sm_90a, K <= 192, that is r <= 32, and r % 4 == 0): warpgroup MMA on 128-byte
+//   swizzled tiles (fast/wgmma.cuh), K zero-padded to a multiple of 64 (the padded terms are exact zeros), each
+//   of the two warpgroups 64 rows x 128 columns, m64n128k16;
+// - lora_out_add_kernel (everywhere else, K <= 384 and r % 8 == 0): eight warps of 16 MT rows x 32 columns, mma.sync m16n8k16 fed
 //   by ldmatrix, row tiles of 32 MT rows with MT the largest of 4, 2, 1 whose buffers fit (lora_out_mt).
 // Why wgmma: measured with ncu on the H200, the mma.sync product ran at about 140 TFLOP/s whatever the tiling
 // and whether the block streamed or held one tile (83 us for 9b's gate_proj term, 206 us for 27b's, against the
@@ -378,15 +378,6 @@ inline bool lora_out_wg(int K) {
 #endif
 }
 
-// One of the two kernels takes K = 6r in 16-wide steps of whole 16-byte rows with its buffers within shared
-// memory (K <= 384: r <= 64), L and B in 16-byte aligned rows, and N in at most 65535 groups of 64 row tiles
-// (row tiles of 128 rows up to r = 32: 537 M tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64).
-inline bool lora_out_fused(int r, int64_t N, int64_t ldl, const bf16* L, const bf16* B) {
-  const int K = 6 * r, mt = K <= kLoraOutMaxK ? lora_out_mt(K) : 0;
-  return K % 16 == 0 && mt > 0 && N > 0 && (N + 32 * mt - 1) / (32 * mt) <= int64_t(65535) * 64 && ldl % 8 == 0 &&
-         (reinterpret_cast<uintptr_t>(L) & 15) == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0;
-}
-
 // Row tiles per block: one block per multiprocessor fits (shared memory; registers too for the mma.sync kernel at
 // MT = 4), so the grid runs in waves; the count minimises waves x (tiles per block + 1), the 1 standing for the
 // block's first copies, which nothing hides.
@@ -405,32 +396,69 @@ inline int lora_out_iters(int64_t col_tiles, int64_t row_tiles, int sms) {
   return best;
 }
 
-inline void lora_out_add(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int r, int64_t N,
-                         int64_t out, float s, cudaStream_t st) {
-  const int K = 6 * r;
-  const bool wg = lora_out_wg(K);
-  const int mt = wg ? 4 : lora_out_mt(K), Kp = lora_out_wg_kp(K), rows = 32 * mt;
-  const int smem = wg ? lora_out_wg_smem(Kp) : lora_out_smem(K, mt);
-  const int64_t col_tiles = (out + kLoraOutCols - 1) / kLoraOutCols, row_tiles = (N + rows - 1) / rows;
-  const int iters = lora_out_iters(col_tiles, row_tiles, device_sms());
-  const dim3 grid(unsigned(col_tiles), unsigned((row_tiles + iters - 1) / iters));
+// How lora_out_add runs one adapter's term, decided on the host from the rank, the shapes and the device.
+struct LoraOutPlan {
+  const char* kernel = nullptr;  // the fused kernel's name; nullptr: not fused (the term's product into fp32,
+                                 // then lora_add_kernel)
+  int K = 0;                     // 6r, the split product's depth
+  int Kp = 0;                    // the Hopper kernel's K padded to 64, 128 or 192 (0 for mma.sync)
+  int mt = 0;                    // the mma.sync kernel's MT (0 for the Hopper kernel)
+  int rows = 0;                  // rows per row tile: 128 (Hopper) or 32 MT
+  int iters = 0;                 // row tiles per block; the grid's last block row may have fewer
+  int smem = 0;                  // dynamic shared memory, bytes
+  int64_t col_tiles = 0, row_tiles = 0;  // of 128 columns and of `rows` rows
+};
+
+// One of the two fused kernels takes K = 6r when its rows fit a block's shared memory (K <= 384: r <= 64), its
+// product can step through K (the Hopper kernel zero-pads K to a multiple of 64 and needs only whole 16-byte
+// pieces, K % 8 == 0: r % 4 == 0; the mma.sync one takes 16 at a time, K % 16 == 0: r % 8 == 0), L and B have
+// 16-byte aligned rows, and N fits in at most 65535 groups of 64 row tiles (128-row tiles up to r = 32: 537 M
+// tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64).
+inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t out, int64_t ldl, const bf16* L, const bf16* B) {
+  LoraOutPlan p;
+  p.K = 6 * r;
+  const bool wg = lora_out_wg(p.K);
+  p.mt = wg || p.K > kLoraOutMaxK ? 0 : lora_out_mt(p.K);
+  p.rows = wg ? 128 : 32 * p.mt;
+  const bool fits = p.K % (wg ? 8 : 16) == 0 && p.rows > 0 && N > 0 && out > 0 &&
+                    (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0 &&
+                    (reinterpret_cast<uintptr_t>(L) & 15) == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0;
+  if (!fits) return p;
+  p.Kp = wg ? lora_out_wg_kp(p.K) : 0;
+  p.smem = wg ? lora_out_wg_smem(p.Kp) : lora_out_smem(p.K, p.mt);
+  p.col_tiles = (out + kLoraOutCols - 1) / kLoraOutCols;
+  p.row_tiles = (N + p.rows - 1) / p.rows;
+  p.iters = lora_out_iters(p.col_tiles, p.row_tiles, device_sms());
+  p.kernel = wg ? (p.Kp == 64    ? "lora_out_add_wg_kernel<64>"
+                   : p.Kp == 128 ? "lora_out_add_wg_kernel<128>"
+                                 : "lora_out_add_wg_kernel<192>")
+                : (p.mt == 4 ? "lora_out_add_kernel<4>" : p.mt == 2 ? "lora_out_add_kernel<2>" : "lora_out_add_kernel<1>");
+  return p;
+}
+
+// y (N, out; row stride ldy) = bf16(y + fl(s L B^T)) by the kernel plan names (plan.kernel set: lora_out_plan of the
+// same r, N, out, ldl, L, B).
+inline void lora_out_add(const LoraOutPlan& plan, bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B,
+                         int64_t N, int64_t out, float s, cudaStream_t st) {
+  const dim3 grid(unsigned(plan.col_tiles), unsigned((plan.row_tiles + plan.iters - 1) / plan.iters));
   auto launch = [&](auto kernel) {
-    GEMMA_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kLoraOutThreads, smem, st>>>(y, ldy, L, ldl, B, K, N, out, s, iters);
+    GEMMA_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem));
+    kernel<<<grid, kLoraOutThreads, plan.smem, st>>>(y, ldy, L, ldl, B, plan.K, N, out, s, plan.iters);
   };
-  if (wg && Kp == 64)
+  if (plan.Kp == 64)
     launch(lora_out_add_wg_kernel<64>);
-  else if (wg && Kp == 128)
+  else if (plan.Kp == 128)
     launch(lora_out_add_wg_kernel<128>);
-  else if (wg)
+  else if (plan.Kp == 192)
     launch(lora_out_add_wg_kernel<192>);
-  else if (mt == 4)
+  else if (plan.mt == 4)
     launch(lora_out_add_kernel<4>);
-  else if (mt == 2)
+  else if (plan.mt == 2)
     launch(lora_out_add_kernel<2>);
   else
     launch(lora_out_add_kernel<1>);
-  GEMMA_LAUNCHED("lora_out_add_kernel");
+  const cudaError_t e = cudaGetLastError();  // GEMMA_LAUNCHED, with the name chosen at run time
+  if (e != cudaSuccess) cuda_fail(e, plan.kernel, __FILE__, __LINE__);
 }
 
 // grad (R, C) += scale * (part_0 + part_1 + part_2), the three blocks block_stride apart, rows ld_part apart.
@@ -498,8 +526,9 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
   lora_split(L, part, N, r, np, 1.0f, st);
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
-    if (lora_out_fused(r, N, w6, L + pi * 2 * r3, P.Bfwd)) {
-      lora_out_add(y + P.col, g.out_total, L + pi * 2 * r3, w6, P.Bfwd, r, N, P.out, s, st);
+    const LoraOutPlan plan = lora_out_plan(r, N, P.out, w6, L + pi * 2 * r3, P.Bfwd);
+    if (plan.kernel) {
+      lora_out_add(plan, y + P.col, g.out_total, L + pi * 2 * r3, w6, P.Bfwd, N, P.out, s, st);
       continue;
     }
     gemm(h, N, P.out, 2 * r3, {L + pi * 2 * r3, w6, false}, {P.Bfwd, 2 * r3, true}, delta + P.col, true, g.out_total,

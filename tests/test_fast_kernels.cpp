@@ -577,16 +577,38 @@ TEST_F(FastKernel, LoraGroupForwardBackwardAreFp32Accurate) {
   };
   // q|k|v of tiny; gate|up with one projection not adapted; 9b's q|k|v widths at rank 32; rank 8 with rows and
   // widths that are no multiple of the fused adapter kernel's 128 x 128 tile; rank 8 with widths that are no
-  // multiple of 8 (the kernel's element-wise tail: outputs at columns 36 and 54 of a row of 72); 4133 rows at
-  // ranks 8 and 64, where on the H200's 132 multiprocessors the fused kernel's blocks walk several row tiles
-  // (lora_out_iters: 3 tiles of 128 rows at rank 8, 10 of 32 at rank 64), the last one partial, and the first
-  // projection's last column tile ends in a piece of 4 columns. Ranks 8, 32 and 64 take the fused adapter add (6r
-  // a multiple of 16): on the H200 lora_out_add_wg_kernel up to rank 32, lora_out_add_kernel (mma.sync) at 64;
-  // rank 4 the fp32 product and lora_add_kernel.
-  for (const G& g : {G{37, 64, 4, {64, 32, 32}, {true, true, true}}, G{21, 64, 4, {160, 160}, {false, true}},
+  // multiple of 8 (the kernel's element-wise tail: outputs at columns 36 and 54 of a row of 72); then groups whose
+  // blocks walk several row tiles, with the first projection's last column tile a piece of 4 or 5 columns:
+  // 4133 rows at ranks 8 and 64, and 4000 rows, where the grid's last block row has fewer tiles than the others,
+  // at ranks 12 (K = 72: the Hopper kernel pads K to 128), 16, 24 (K = 144, padded to 192), 48 and 64, two of
+  // them with an odd total width (1153), so y goes element by element. Which kernel each takes on the H200 is
+  // asserted below; rank 5 (K = 30) takes neither: the fp32 product and lora_add_kernel.
+  struct Expect {
+    int64_t r, N, out, ldl;
+    const char* plan;  // on the H200 (132 multiprocessors)
+  };
+  if (fk::hopper_kernels() && fk::multiprocessors() == 132) {
+    for (const Expect& e : {Expect{4, 37, 64, 72, "lora_out_add_wg_kernel<64> tiles 1 iters 1"},
+                            Expect{5, 21, 160, 30, "unfused"},
+                            Expect{8, 4133, 1100, 96, "lora_out_add_wg_kernel<64> tiles 33 iters 3"},
+                            Expect{64, 4133, 1100, 768, "lora_out_add_kernel<1> tiles 130 iters 10"},
+                            Expect{12, 4000, 1100, 144, "lora_out_add_wg_kernel<128> tiles 32 iters 3"},
+                            Expect{16, 4000, 1101, 192, "lora_out_add_wg_kernel<128> tiles 32 iters 3"},
+                            Expect{24, 4000, 1100, 288, "lora_out_add_wg_kernel<192> tiles 32 iters 3"},
+                            Expect{32, 16, 4096, 576, "lora_out_add_wg_kernel<192> tiles 1 iters 1"},
+                            Expect{48, 4000, 1100, 576, "lora_out_add_kernel<2> tiles 63 iters 5"},
+                            Expect{64, 4000, 1101, 768, "lora_out_add_kernel<1> tiles 125 iters 9"}})
+      EXPECT_EQ(fk::lora_out_kernel(e.r, e.N, e.out, e.ldl), e.plan) << "rank " << e.r << ", " << e.N << " rows";
+  } else {
+    std::printf("not an H200 (132 multiprocessors) with the sm_90a kernels: which kernel runs is not asserted\n");
+  }
+  for (const G& g : {G{37, 64, 4, {64, 32, 32}, {true, true, true}}, G{21, 64, 5, {160, 160}, {false, true}},
                      G{16, 3584, 32, {4096, 2048, 2048}, {true, true, true}},
                      G{300, 256, 8, {200, 72}, {true, true}}, G{130, 64, 8, {36, 18, 18}, {true, true, true}},
-                     G{4133, 64, 8, {1100, 52}, {true, true}}, G{4133, 64, 64, {1100, 52}, {true, true}}}) {
+                     G{4133, 64, 8, {1100, 52}, {true, true}}, G{4133, 64, 64, {1100, 52}, {true, true}},
+                     G{4000, 64, 12, {1100, 52}, {true, true}}, G{4000, 64, 16, {1101, 52}, {true, true}},
+                     G{4000, 64, 24, {1100, 52}, {true, true}}, G{4000, 64, 48, {1100, 52}, {true, true}},
+                     G{4000, 64, 64, {1101, 52}, {true, true}}}) {
     const double s = 2.0;  // alpha = 2r (tools' synthetic adapters)
     std::vector<fk::LoraProj> projs;
     int64_t out_total = 0;
