@@ -530,6 +530,7 @@ struct Engine::Impl : Dims {
     ws.chunk_rows = std::clamp<int64_t>((int64_t(512) << 20) / (Vp * 6), 1, N);
     ws.logits = F(ws.chunk_rows * Vp, "logits chunk (fp32)");
     ws.dlog = Hf(ws.chunk_rows * Vp, "logits-gradient chunk (bf16)");
+    ws.ce_stats = F(ws.chunk_rows * ce_parts(Vp) * 2, "loss block statistics");
   }
 
   // RoPE tables for positions 0..rows-1 (rebuilt when a micro-batch's positions go further).
@@ -631,6 +632,7 @@ struct Engine::Impl : Dims {
       c.grad_scale = grad_scale;
       c.logits = ws.logits.get();
       c.dlog = ws.dlog.get();
+      c.stats = reinterpret_cast<float2*>(ws.ce_stats.get());
       c.row_loss = ws.row_loss.get() + c0;
       c.capped_out = ws.capped.get();
       c.dxf = ws.dxf.get() + c0 * D;

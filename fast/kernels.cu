@@ -382,6 +382,7 @@ Loss loss(int64_t N, int64_t D, int64_t V, const std::vector<float>& xf, const s
   auto sl = up(slot, m);
   auto logits = poisoned<float>(size_t(chunk_rows * Vp), m);
   auto dlog = poisoned<bf16>(size_t(chunk_rows * Vp), m);
+  auto stats = poisoned<float>(size_t(chunk_rows * ce_parts(Vp) * 2), m);
   auto rl = poisoned<float>(size_t(N), m);
   auto capped = poisoned<float>(std::max<size_t>(capped_rows.size(), 1) * size_t(V), m);
   auto dxf = poisoned<bf16>(size_t(N * D), m);
@@ -400,6 +401,7 @@ Loss loss(int64_t N, int64_t D, int64_t V, const std::vector<float>& xf, const s
     c.grad_scale = float(grad_scale);
     c.logits = logits.get();
     c.dlog = dlog.get();
+    c.stats = reinterpret_cast<float2*>(stats.get());
     c.row_loss = rl.get() + c0;
     c.capped_out = capped.get();
     c.dxf = dxf.get() + c0 * D;

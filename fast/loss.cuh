@@ -1,8 +1,8 @@
 // Final softcap + cross-entropy over the vocabulary, fused with the tied LM head and chunked over tokens, so the
-// (N, V) logits never exist at once: per chunk, logits = xf E^T (fp32, cuBLAS), one block per row finds
-// logsumexp of the capped logits online (max and sum merged in a fixed order), writes the row's loss
-// lse - z_y (fp32: the true-class term never goes through bf16) and d/dlogits
-// = grad_scale (softmax(z) - onehot(y)) sech^2(l / c), rounded to bf16, then dxf = dlogits E (bf16 out).
+// (N, V) logits never exist at once: per chunk, logits = xf E^T (fp32, cuBLAS); ce_stats_kernel finds the max and
+// sum of exp of the capped logits over blocks of columns, and ce_grad_kernel merges a row's blocks in a fixed order
+// into its logsumexp, writes the row's loss lse - z_y (fp32: the true-class term never goes through bf16) and
+// d/dlogits = grad_scale (softmax(z) - onehot(y)) sech^2(l / c), rounded to bf16; then dxf = dlogits E (bf16 out).
 // The vocabulary is padded to a multiple of 128 rows of E (nonzero rows no token maps to): padded columns are
 // excluded from the softmax and get a zero gradient, they are not treated as logits of 0 (docs/model.md).
 // Label -100: loss 0 and a zero gradient row. grad_scale is 1 / (scored targets over all micro-batches of the
@@ -14,7 +14,14 @@
 namespace gemma::fast {
 namespace {
 
-constexpr int kCeThreads = 1024;
+// The per-row work is split over blocks of kCePart columns (32 per thread), so that a chunk of a few hundred rows
+// still fills the device (one 1024-thread block per row left the second of two waves a third full at 349 rows, and
+// took 4.2 ms for the 2048 rows of 9b 2 x 1024 on the H200, about 4x the time its 5 GB of traffic take):
+// ce_stats_kernel writes each block's (max, sum of exp) and ce_grad_kernel merges a row's blocks in a fixed order,
+// so the results do not depend on the chunking or on the run.
+constexpr int kCeThreads = 256;
+constexpr int64_t kCePart = 8192;
+inline int64_t ce_parts(int64_t cols) { return (cols + kCePart - 1) / kCePart; }
 
 // (m, s) with s = sum exp(z - m): merge two partial results. Symmetric in its arguments, so both lanes of a
 // butterfly get the same bits.
@@ -25,32 +32,14 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
   m = M;
 }
 
-__device__ __forceinline__ float final_capped(float l, bool cap_on, float cap) {
-  return cap_on ? cap * tanhf(l / cap) : l;
-}
+// c tanh(l / c), the quotient an IEEE division. (l times the fp32 reciprocal 1 / c, one rounding more and the same
+// relative shift on every logit, moved enough of the bf16 logit gradients to fail the gate's head probe on
+// gemma2-odd: 0.278% of dxf one bf16 ulp or more off the reference, against a tolerance of 0.104%.)
+__device__ __forceinline__ float final_capped(float l, bool cap_on, float cap) { return cap_on ? cap * tanhf(l / cap) : l; }
 
-__global__ void __launch_bounds__(kCeThreads) ce_kernel(bf16* dlog,              // (rows, Vp)
-                                                        float* row_loss,         // (rows)
-                                                        float* capped_out,       // (slots, V) capped logits
-                                                        const int* capped_slot,  // (rows) slot or -1; may be null
-                                                        const float* logits,     // (rows, Vp)
-                                                        const int32_t* target,   // (rows), -100 ignored
-                                                        int64_t V, int64_t Vp, bool cap_on, float cap,
-                                                        float grad_scale, bool drop_sech2, bool pad_unmasked) {
-  __shared__ float wm[32], ws[32], res[2];
-  const int64_t n = blockIdx.x;
-  const float* lr = logits + n * Vp;
-  const int64_t cols = pad_unmasked ? Vp : V;
-  float m = -INFINITY, s = 0.0f;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const float z = final_capped(lr[j], cap_on, cap);
-    if (z > m) {
-      s = s * expf(m - z) + 1.0f;
-      m = z;
-    } else {
-      s += expf(z - m);
-    }
-  }
+// The whole block's (m, s), merged by a butterfly in each warp and then warp by warp in order; every thread gets it.
+__device__ __forceinline__ void ce_block_ms(float& m, float& s) {
+  __shared__ float wm[kCeThreads / 32], ws[kCeThreads / 32];
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
     ms_merge(m, s, m2, s2);
@@ -61,38 +50,109 @@ __global__ void __launch_bounds__(kCeThreads) ce_kernel(bf16* dlog,             
     ws[warp] = s;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float M = wm[0], S = ws[0];
-    for (int w = 1; w < int(blockDim.x >> 5); ++w) ms_merge(M, S, wm[w], ws[w]);
-    res[0] = M;
-    res[1] = S;
+  m = wm[0];
+  s = ws[0];
+  for (int w = 1; w < kCeThreads / 32; ++w) ms_merge(m, s, wm[w], ws[w]);
+}
+
+// Block (part, row): (max, sum of exp(z - max)) of the capped logits z in columns [part kCePart, (part + 1)
+// kCePart) of the first `cols` (V, or Vp when the padded columns are wrongly left in: the fault switch) into
+// stats[row, part]. Rows are read as float4 (Vp is a multiple of 128, so every row is 16-byte aligned and a
+// group of 4 never crosses Vp); a thread folds each group of 4 into its running pair once.
+__global__ void __launch_bounds__(kCeThreads) ce_stats_kernel(float2* stats, const float* logits, int64_t cols,
+                                                              int64_t Vp, int parts, bool cap_on, float cap) {
+  const int part = blockIdx.x;
+  const int64_t n = blockIdx.y, j0 = part * kCePart, j1 = min(j0 + kCePart, cols);
+  const float* lr = logits + n * Vp;
+  float m = -INFINITY, s = 0.0f;
+  for (int64_t j = j0 + 4 * threadIdx.x; j < j1; j += 4 * kCeThreads) {
+    const float4 v = *reinterpret_cast<const float4*>(lr + j);
+    float z[4] = {v.x, v.y, v.z, v.w};
+    float g = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      z[e] = j + e < j1 ? final_capped(z[e], cap_on, cap) : -INFINITY;
+      g = fmaxf(g, z[e]);
+    }
+    if (g > m) {
+      s = m == -INFINITY ? 0.0f : s * expf(m - g);
+      m = g;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s += z[e] == -INFINITY ? 0.0f : expf(z[e] - m);
+  }
+  ce_block_ms(m, s);
+  if (threadIdx.x == 0) stats[n * parts + part] = make_float2(m, s);
+}
+
+// Block (part, row): the row's max M and log S, S = sum exp(z - M), from its blocks' pairs (merged in part order,
+// the same bits in every block), then for its columns d/dlogits = grad_scale (softmax(z) - onehot(y)) sech^2(l / c)
+// in bf16, zeros for the padded columns past cols and for an ignored row; block 0 writes the row's loss
+// (M - z_y) + log S. Rows of capped logits the caller asked for (capped_slot) are written too.
+// The logsumexp is never formed as one fp32 number M + log S: its rounding (up to half an ulp of M, 1e-6 at M = 30)
+// would move z - lse by as much, and for the true class of a sharply peaked row z_y - lse is about -log S, small
+// (the rounding is 10% of it at log S = 1e-5), so softmax - 1 would move by the same fraction. z - M is exact for z
+// within a factor two of M (Sterbenz), so expm1((z_y - M) - log S) keeps its relative accuracy. (With
+// z - (M + log S) the gate's head probe on gemma2-odd failed: 0.278% of dxf a bf16 ulp or more off the reference,
+// tolerance 0.104%.)
+__global__ void __launch_bounds__(kCeThreads) ce_grad_kernel(bf16* dlog,              // (rows, Vp)
+                                                             float* row_loss,         // (rows)
+                                                             float* capped_out,       // (slots, V) capped logits
+                                                             const int* capped_slot,  // (rows) slot or -1; may be null
+                                                             const float* logits,     // (rows, Vp)
+                                                             const int32_t* target,   // (rows), -100 ignored
+                                                             const float2* stats,     // (rows, parts)
+                                                             int parts, int64_t V, int64_t Vp, int64_t cols,
+                                                             bool cap_on, float cap, float grad_scale,
+                                                             bool drop_sech2) {
+  __shared__ float row_max, row_log_sum;
+  const int part = blockIdx.x;
+  const int64_t n = blockIdx.y, j0 = part * kCePart, j1 = part + 1 == parts ? Vp : min(j0 + kCePart, Vp);
+  const float* lr = logits + n * Vp;
+  bf16* dr = dlog + n * Vp;
+  if (threadIdx.x < 32) {  // lanes fold parts lane, lane + 32, ... in order, then a butterfly
+    float m = -INFINITY, s = 0.0f;
+    for (int q = threadIdx.x; q < parts; q += 32) {
+      const float2 ms = stats[n * parts + q];
+      ms_merge(m, s, ms.x, ms.y);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+      ms_merge(m, s, m2, s2);
+    }
+    if (threadIdx.x == 0) {
+      row_max = m;
+      row_log_sum = logf(s);
+    }
   }
   __syncthreads();
-  const float lse = res[0] + logf(res[1]);
-
+  const float M = row_max, log_s = row_log_sum;
+  const int64_t y = target[n];
   const int slot = capped_slot ? capped_slot[n] : -1;
   if (slot >= 0)
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) capped_out[int64_t(slot) * V + j] = final_capped(lr[j], cap_on, cap);
-
-  const int64_t y = target[n];
-  bf16* dr = dlog + n * Vp;
-  if (y < 0) {
-    if (threadIdx.x == 0) row_loss[n] = 0.0f;
-    for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) dr[j] = __float2bfloat16_rn(0.0f);
-    return;
-  }
-  if (threadIdx.x == 0) row_loss[n] = lse - final_capped(lr[y], cap_on, cap);
-  for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) {
-    float d = 0.0f;
-    if (j < cols) {
-      const float l = lr[j];
-      const float zl = final_capped(l, cap_on, cap) - lse;
-      // The true class: softmax - 1 as expm1, which keeps its relative accuracy when the softmax is near 1.
-      d = j == y ? expm1f(zl) : expf(zl);
-      if (cap_on && !drop_sech2) d *= softcap_grad(l, cap);
-      d *= grad_scale;
+    for (int64_t j = j0 + threadIdx.x; j < min(j1, V); j += kCeThreads)
+      capped_out[int64_t(slot) * V + j] = final_capped(lr[j], cap_on, cap);
+  if (part == 0 && threadIdx.x == 0) row_loss[n] = y < 0 ? 0.0f : (M - final_capped(lr[y], cap_on, cap)) + log_s;
+  for (int64_t j = j0 + 4 * threadIdx.x; j < j1; j += 4 * kCeThreads) {
+    const float4 v = *reinterpret_cast<const float4*>(lr + j);
+    const float l[4] = {v.x, v.y, v.z, v.w};
+    float d[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      d[e] = 0.0f;
+      if (y >= 0 && j + e < cols) {
+        const float zl = (final_capped(l[e], cap_on, cap) - M) - log_s;
+        // The true class: softmax - 1 as expm1, which keeps its relative accuracy when the softmax is near 1.
+        d[e] = j + e == y ? expm1f(zl) : expf(zl);
+        if (cap_on && !drop_sech2) d[e] *= softcap_grad(l[e], cap);
+        d[e] *= grad_scale;
+      }
     }
-    dr[j] = __float2bfloat16_rn(d);
+    __nv_bfloat162 lo = __floats2bfloat162_rn(d[0], d[1]), hi = __floats2bfloat162_rn(d[2], d[3]);
+    uint2 packed;
+    packed.x = *reinterpret_cast<uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(dr + j) = packed;
   }
 }
 
@@ -106,6 +166,7 @@ struct LossChunk {
   float cap, grad_scale;
   float* logits;     // (rows, Vp) scratch
   bf16* dlog;        // (rows, Vp) scratch
+  float2* stats;     // (rows, ce_parts(Vp)) scratch
   float* row_loss;   // (rows)
   float* capped_out; // (slots, V)
   bf16* dxf;         // (rows, D)
@@ -114,10 +175,16 @@ struct LossChunk {
 inline void lm_head_loss_chunk(cublasHandle_t h, const LossChunk& c, cudaStream_t st) {
   if (c.rows == 0) return;
   gemm(h, c.rows, c.Vp, c.D, {c.xf, c.D, false}, {c.E, c.D, true}, c.logits, true, c.Vp, 1.0f, 0.0f);
-  ce_kernel<<<unsigned(c.rows), kCeThreads, 0, st>>>(c.dlog, c.row_loss, c.capped_out, c.capped_slot, c.logits,
-                                                     c.target, c.V, c.Vp, c.cap_on, c.cap, c.grad_scale,
-                                                     faults().logit_softcap_grad_missing, faults().padded_vocab_unmasked);
-  GEMMA_LAUNCHED("ce_kernel");
+  const bool pad_unmasked = faults().padded_vocab_unmasked;
+  const int64_t cols = pad_unmasked ? c.Vp : c.V;
+  const int parts = int(ce_parts(cols));
+  const dim3 grid(unsigned(parts), unsigned(c.rows));
+  ce_stats_kernel<<<grid, kCeThreads, 0, st>>>(c.stats, c.logits, cols, c.Vp, parts, c.cap_on, c.cap);
+  GEMMA_LAUNCHED("ce_stats_kernel");
+  ce_grad_kernel<<<grid, kCeThreads, 0, st>>>(c.dlog, c.row_loss, c.capped_out, c.capped_slot, c.logits, c.target,
+                                              c.stats, parts, c.V, c.Vp, cols, c.cap_on, c.cap, c.grad_scale,
+                                              faults().logit_softcap_grad_missing);
+  GEMMA_LAUNCHED("ce_grad_kernel");
   gemm(h, c.rows, c.D, c.Vp, {c.dlog, c.Vp, false}, {c.E, c.D, false}, c.dxf, false, c.D, 1.0f, 0.0f);
 }
 

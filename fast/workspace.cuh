@@ -41,6 +41,7 @@ struct Workspace {
   DeviceArray<bf16> dres, dsmall, dgu, datt, dqkv, Lb;
   DeviceArray<float> dacc, dQ, dK, dV, Dv, part, gpart;
   DeviceArray<bf16> xf, dxf, dlog;
+  DeviceArray<float> ce_stats;  // the loss chunk's per-block (max, sum) pairs (loss.cuh), two floats each
   DeviceArray<float> rstd_f, logits, row_loss, capped;
   std::vector<int32_t> ids_h, tgt_h, slot_h;
   std::vector<float> loss_h;
@@ -56,7 +57,8 @@ struct Workspace {
     acts.clear();
     act_bf16.clear();
     act_f32.clear();
-    for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &logits, &row_loss})
+    for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &logits, &row_loss,
+                    &ce_stats})
       a->reset();
     for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf, &dlog}) a->reset();
   }
