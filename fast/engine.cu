@@ -527,7 +527,9 @@ struct Engine::Impl : Dims {
     ws.rstd_f = F(N, "final norm 1/rms");
     ws.row_loss = F(N, "per-token losses");
     // Logits chunks of about 512 MiB (fp32 logits and bf16 gradients): the (N, V) matrix never exists at once.
-    ws.chunk_rows = std::clamp<int64_t>((int64_t(512) << 20) / (Vp * 6), 1, N);
+    // At most kCeMaxRows (loss.cuh's grid), which only small vocabularies reach (Vp <= 1280 and N > 65535).
+    ws.chunk_rows = std::clamp<int64_t>((int64_t(512) << 20) / (Vp * 6), 1,
+                                        std::max<int64_t>(1, std::min(N, kCeMaxRows)));
     ws.logits = F(ws.chunk_rows * Vp, "logits chunk (fp32)");
     ws.dlog = Hf(ws.chunk_rows * Vp, "logits-gradient chunk (bf16)");
     ws.ce_stats = F(ws.chunk_rows * ce_parts(Vp) * 2, "loss block statistics");

@@ -9,6 +9,8 @@
 // step). Cast points: logits f32, logits_capped f32, loss f64 (row losses are summed in double on the host),
 // grad_act bf16 for dlogits and dxf.
 #pragma once
+#include <stdexcept>
+
 #include "fast/gemm.cuh"
 
 namespace gemma::fast {
@@ -21,6 +23,7 @@ namespace {
 // so the results do not depend on the chunking or on the run.
 constexpr int kCeThreads = 256;
 constexpr int64_t kCePart = 8192;
+constexpr int64_t kCeMaxRows = 65535;  // rows of a chunk: the grid's y dimension
 inline int64_t ce_parts(int64_t cols) { return (cols + kCePart - 1) / kCePart; }
 
 // (m, s) with s = sum exp(z - m): merge two partial results. Symmetric in its arguments, so both lanes of a
@@ -32,12 +35,11 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
   m = M;
 }
 
-// c tanh(l / c), the quotient an IEEE division. (l times the fp32 reciprocal 1 / c, one rounding more and the same
-// relative shift on every logit, moved enough of the bf16 logit gradients to fail the gate's head probe on
-// gemma2-odd: 0.278% of dxf one bf16 ulp or more off the reference, against a tolerance of 0.104%.)
+// c tanh(l / c), the quotient an IEEE division (as the reference's order has it: divide, tanh, multiply).
 __device__ __forceinline__ float final_capped(float l, bool cap_on, float cap) { return cap_on ? cap * tanhf(l / cap) : l; }
 
 // The whole block's (m, s), merged by a butterfly in each warp and then warp by warp in order; every thread gets it.
+// Once per kernel: a second call would overwrite wm, ws before every thread has read them.
 __device__ __forceinline__ void ce_block_ms(float& m, float& s) {
   __shared__ float wm[kCeThreads / 32], ws[kCeThreads / 32];
   for (int o = 16; o > 0; o >>= 1) {
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kCeThreads) ce_stats_kernel(float2* stats, con
       g = fmaxf(g, z[e]);
     }
     if (g > m) {
-      s = m == -INFINITY ? 0.0f : s * expf(m - g);
+      s *= expf(m - g);  // 0 while m is -inf, unless s is already NaN: a NaN logit keeps the row's sum NaN
       m = g;
     }
 #pragma unroll
@@ -85,8 +87,8 @@ __global__ void __launch_bounds__(kCeThreads) ce_stats_kernel(float2* stats, con
   if (threadIdx.x == 0) stats[n * parts + part] = make_float2(m, s);
 }
 
-// Block (part, row): the row's max M and log S, S = sum exp(z - M), from its blocks' pairs (merged in part order,
-// the same bits in every block), then for its columns d/dlogits = grad_scale (softmax(z) - onehot(y)) sech^2(l / c)
+// Block (part, row): the row's max M and log S, S = sum exp(z - M), from its blocks' pairs (merged in a fixed
+// order: lane q folds parts q, q + 32, ... in turn, then a butterfly; the same bits in every block), then for its columns d/dlogits = grad_scale (softmax(z) - onehot(y)) sech^2(l / c)
 // in bf16, zeros for the padded columns past cols and for an ignored row; block 0 writes the row's loss
 // (M - z_y) + log S. Rows of capped logits the caller asked for (capped_slot) are written too.
 // The logsumexp is never formed as one fp32 number M + log S: its rounding (up to half an ulp of M, 1e-6 at M = 30)
@@ -174,11 +176,12 @@ struct LossChunk {
 
 inline void lm_head_loss_chunk(cublasHandle_t h, const LossChunk& c, cudaStream_t st) {
   if (c.rows == 0) return;
+  if (c.rows > kCeMaxRows) throw std::logic_error("lm_head_loss_chunk: more rows than the grid takes");
   gemm(h, c.rows, c.Vp, c.D, {c.xf, c.D, false}, {c.E, c.D, true}, c.logits, true, c.Vp, 1.0f, 0.0f);
   const bool pad_unmasked = faults().padded_vocab_unmasked;
   const int64_t cols = pad_unmasked ? c.Vp : c.V;
   const int parts = int(ce_parts(cols));
-  const dim3 grid(unsigned(parts), unsigned(c.rows));
+  const dim3 grid(unsigned(parts), unsigned(c.rows));  // c.rows <= kCeMaxRows: gridDim.y
   ce_stats_kernel<<<grid, kCeThreads, 0, st>>>(c.stats, c.logits, cols, c.Vp, parts, c.cap_on, c.cap);
   GEMMA_LAUNCHED("ce_stats_kernel");
   ce_grad_kernel<<<grid, kCeThreads, 0, st>>>(c.dlog, c.row_loss, c.capped_out, c.capped_slot, c.logits, c.target,
