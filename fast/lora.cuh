@@ -150,8 +150,9 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
 // - lora_out_add_wg_kernel (sm_90a, K <= 192, that is r <= 32, and r % 4 == 0): warpgroup MMA on 128-byte
 //   swizzled tiles (fast/wgmma.cuh), K zero-padded to a multiple of 64 (the padded terms are exact zeros), each
 //   of the two warpgroups 64 rows x 128 columns, m64n128k16;
-// - lora_out_add_kernel (everywhere else, K <= 384 and r % 8 == 0): eight warps of 16 MT rows x 32 columns, mma.sync m16n8k16 fed
-//   by ldmatrix, row tiles of 32 MT rows with MT the largest of 4, 2, 1 whose buffers fit (lora_out_mt).
+// - lora_out_add_kernel (everywhere else, K <= 384 and r % 8 == 0): eight warps of 16 MT rows x 32 columns,
+//   mma.sync m16n8k16 fed by ldmatrix, row tiles of 32 MT rows with MT the largest of 4, 2, 1 whose buffers fit
+//   (lora_out_mt).
 // Why wgmma: measured with ncu on the H200, the mma.sync product ran at about 140 TFLOP/s whatever the tiling
 // and whether the block streamed or held one tile (83 us for 9b's gate_proj term, 206 us for 27b's, against the
 // 27 and 70 us that moving y takes). A first fused kernel added from the accumulator registers with 4-byte
@@ -454,7 +455,9 @@ inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t out, int64_t ldl, con
   p.kernel = wg ? (p.Kp == 64    ? "lora_out_add_wg_kernel<64>"
                    : p.Kp == 128 ? "lora_out_add_wg_kernel<128>"
                                  : "lora_out_add_wg_kernel<192>")
-                : (p.mt == 4 ? "lora_out_add_kernel<4>" : p.mt == 2 ? "lora_out_add_kernel<2>" : "lora_out_add_kernel<1>");
+                : (p.mt == 4   ? "lora_out_add_kernel<4>"
+                   : p.mt == 2 ? "lora_out_add_kernel<2>"
+                               : "lora_out_add_kernel<1>");
   return p;
 }
 

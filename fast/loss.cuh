@@ -36,7 +36,9 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
 }
 
 // c tanh(l / c), the quotient an IEEE division (as the reference's order has it: divide, tanh, multiply).
-__device__ __forceinline__ float final_capped(float l, bool cap_on, float cap) { return cap_on ? cap * tanhf(l / cap) : l; }
+__device__ __forceinline__ float final_capped(float l, bool cap_on, float cap) {
+  return cap_on ? cap * tanhf(l / cap) : l;
+}
 
 // The whole block's (m, s), merged by a butterfly in each warp and then warp by warp in order; every thread gets it.
 // Once per kernel: a second call would overwrite wm, ws before every thread has read them.
@@ -88,9 +90,9 @@ __global__ void __launch_bounds__(kCeThreads) ce_stats_kernel(float2* stats, con
 }
 
 // Block (part, row): the row's max M and log S, S = sum exp(z - M), from its blocks' pairs (merged in a fixed
-// order: lane q folds parts q, q + 32, ... in turn, then a butterfly; the same bits in every block), then for its columns d/dlogits = grad_scale (softmax(z) - onehot(y)) sech^2(l / c)
-// in bf16, zeros for the padded columns past cols and for an ignored row; block 0 writes the row's loss
-// (M - z_y) + log S. Rows of capped logits the caller asked for (capped_slot) are written too.
+// order: lane q folds parts q, q + 32, ... in turn, then a butterfly; the same bits in every block), then for its
+// columns d/dlogits = grad_scale (softmax(z) - onehot(y)) sech^2(l / c) in bf16, zeros for the padded columns past
+// cols and for an ignored row; block 0 writes the row's loss (M - z_y) + log S. Rows of capped logits the caller asked for (capped_slot) are written too.
 // The logsumexp is never formed as one fp32 number M + log S: its rounding (up to half an ulp of M, 1e-6 at M = 30)
 // would move z - lse by as much, and for the true class of a sharply peaked row z_y - lse is about -log S, small
 // (the rounding is 10% of it at log S = 1e-5), so softmax - 1 would move by the same fraction. z - M is exact for z
