@@ -202,11 +202,11 @@ struct Engine::Impl : Dims {
           }
           at += align8(P.out * 6 * r);
           G[size_t(gi)].projs.push_back(P);
-          lora.gpart_max = std::max(lora.gpart_max, 3 * int64_t(r) * std::max(P.out, proj_in(cfg, p)));
         }
         for (auto& g : G) {
           const int64_t np = int64_t(g.projs.size());
           lora.np_max = std::max<int>(lora.np_max, int(np));
+          lora.gpart_max = std::max(lora.gpart_max, lora_gpart_elems(g, int(r)));
           if (pass == 1) g.Abwd = lora.splits.get() + at;
           at += align8(6 * r * np * g.in);
         }

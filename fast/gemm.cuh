@@ -30,6 +30,22 @@ inline void gemm(cublasHandle_t h, int64_t M, int64_t N, int64_t K, Operand A, O
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// A batch of `count` products of the same shape, C_i = alpha op(A_i) op(B_i) + beta C_i, with X_i = X + i
+// stride_X (elements; 0 repeats one operand): one launch, where a loop of gemm() calls would launch count small
+// products, each with its own ramp and launch gap (LoRA's per-adapter products, 9 to 22 us each at 9b 2 x 1024).
+inline void gemm_batched(cublasHandle_t h, int64_t M, int64_t N, int64_t K, Operand A, int64_t stride_a, Operand B,
+                         int64_t stride_b, void* C, bool c_fp32, int64_t ldc, int64_t stride_c, float alpha, float beta,
+                         int64_t count) {
+  if (M == 0 || N == 0 || count == 0) return;
+  if (count == 1) return gemm(h, M, N, K, A, B, C, c_fp32, ldc, alpha, beta);
+  const cublasOperation_t op_first = B.t ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = A.t ? CUBLAS_OP_T : CUBLAS_OP_N;
+  GEMMA_CUBLAS(cublasGemmStridedBatchedEx(h, op_first, op_second, int(N), int(M), int(K), &alpha, B.p, CUDA_R_16BF,
+                                          int(B.ld), stride_b, A.p, CUDA_R_16BF, int(A.ld), stride_a, &beta, C,
+                                          c_fp32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc), stride_c, int(count),
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 // A cuBLAS handle on a stream, with a workspace the trainer owns (counted in the peak, and fixed, so the
 // algorithm cuBLAS picks, and with it the bits, do not depend on what else was allocated).
 struct Blas {

@@ -464,9 +464,7 @@ LoraGroup lora_group(int64_t N, int64_t in, int64_t r, double scaling, const std
   auto L = poisoned<bf16>(size_t(std::max<int64_t>(N * 6 * r * np, 1)), m);
   auto part = poisoned<float>(size_t(std::max<int64_t>(N * 3 * r * np, 1)), m);
   auto Lb = poisoned<bf16>(size_t(std::max<int64_t>(N * 6 * r * np, 1)), m);
-  int64_t gmax = 1;
-  for (const auto& p : projs) gmax = std::max(gmax, 3 * r * std::max(p.out, in));
-  auto gpart = poisoned<float>(size_t(gmax), m);
+  auto gpart = poisoned<float>(size_t(std::max<int64_t>(lora_gpart_elems(g, int(r)), 1)), m);
   auto dx = poisoned<float>(size_t(N * in), m);
   auto delta = poisoned<float>(size_t(N * out_total), m);
   group_forward(blas.h, g, int(r), float(scaling), xd.get(), N, y.get(), L.get(), part.get(), delta.get(), kStream);

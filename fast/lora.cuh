@@ -158,6 +158,28 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
 // 27 and 70 us that moving y takes). A first fused kernel added from the accumulator registers with 4-byte
 // accesses and made the 9b step slower than the unfused product and add (362 ms against 324).
 constexpr int kLoraOutCols = 128, kLoraOutThreads = 256, kLoraOutMaxK = 384, kLoraOutLdy = kLoraOutCols + 8;
+// The adapters of one group (the projections sharing an input, at most three: q|k|v) go in one launch: their
+// column tiles side by side in the grid's x, so that the small projections fill the multiprocessors the large one
+// leaves idle and the group pays one launch (at 9b 2 x 1024 q, k, v took 18, 10 and 10 us in three launches).
+struct LoraOutJob {
+  bf16* y = nullptr;        // the projection's first output column (row stride ldy)
+  const bf16* L = nullptr;  // its split xa, (N, K), row stride ldl
+  const bf16* B = nullptr;  // its Bfwd, (out, K)
+  int64_t out = 0;          // its output width
+  int64_t tile0 = 0;        // its first column tile in the grid
+};
+constexpr int kLoraOutJobsMax = 4;
+struct LoraOutJobs {
+  LoraOutJob job[kLoraOutJobsMax];
+  int count = 0;
+};
+// Block column bx's job, and the job's first output column o0 for it.
+__device__ __forceinline__ const LoraOutJob& lora_out_job(const LoraOutJobs& jobs, int64_t bx, int64_t& o0) {
+  int k = 0;
+  while (k + 1 < jobs.count && bx >= jobs.job[k + 1].tile0) ++k;
+  o0 = (bx - jobs.job[k].tile0) * kLoraOutCols;
+  return jobs.job[k];
+}
 constexpr int kLoraOutSmemMax = 232448;  // sm_90's opt-in shared memory per block (227 KB)
 // lora_out_add_kernel's shared memory at MT: B's tile, two L tiles, two y tiles. Rows of K + 8 and 136 bf16:
 // 16-byte aligned for ldmatrix and cp.async, and shifted by 4 banks per row, so that neither ldmatrix nor the
@@ -212,15 +234,19 @@ __device__ __forceinline__ void lora_y_add2(bf16* Yt, int row, int col, float s,
 
 template <int MT>
 __global__ void __launch_bounds__(kLoraOutThreads, 1)
-    lora_out_add_kernel(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int K, int64_t N,
-                        int64_t out, float s, int iters) {
+    lora_out_add_kernel(const LoraOutJobs jobs, int64_t ldy, int64_t ldl, int K, int64_t N, float s, int iters) {
   constexpr int TM = 32 * MT;  // rows per tile
   extern __shared__ __align__(16) unsigned char smem_lora[];
   const int LDS = K + 8, chunks = K / 8;
   bf16* Bs = reinterpret_cast<bf16*>(smem_lora);
   bf16* Ls = Bs + kLoraOutCols * LDS;  // [2][TM][LDS]
   bf16* Ys = Ls + 2 * TM * LDS;        // [2][TM][kLoraOutLdy]
-  const int64_t o0 = int64_t(blockIdx.x) * kLoraOutCols, first = int64_t(blockIdx.y) * iters;
+  int64_t o0;
+  const LoraOutJob& job = lora_out_job(jobs, blockIdx.x, o0);
+  bf16* const y = job.y;
+  const bf16* const L = job.L;
+  const bf16* const B = job.B;
+  const int64_t out = job.out, first = int64_t(blockIdx.y) * iters;
   const int64_t left = (N + TM - 1) / TM - first;
   const int n_it = left < iters ? int(left) : iters;
   const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
@@ -298,8 +324,7 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
 // the accumulators (a zeroing before the products made ptxas serialize them, C7515).
 template <int Kp>
 __global__ void __launch_bounds__(kLoraOutThreads, 1)
-    lora_out_add_wg_kernel(bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B, int K, int64_t N,
-                           int64_t out, float s, int iters) {
+    lora_out_add_wg_kernel(const LoraOutJobs jobs, int64_t ldy, int64_t ldl, int K, int64_t N, float s, int iters) {
 #ifdef GEMMA_SM90_DEVICE
   constexpr int TM = 128;
   extern __shared__ __align__(16) unsigned char smem_lora[];
@@ -307,7 +332,12 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
   const uint32_t tile = TM * Kp * 2, panel = TM * 128;  // bytes of a swizzled tile and of its 64-column panels
   const uint32_t sB = base, sL = base + tile;           // L buffer b at sL + b * tile
   bf16* Ys = reinterpret_cast<bf16*>(smem_lora + (base - raw) + 3 * tile);  // [2][TM][kLoraOutLdy]
-  const int64_t o0 = int64_t(blockIdx.x) * kLoraOutCols, first = int64_t(blockIdx.y) * iters;
+  int64_t o0;
+  const LoraOutJob& job = lora_out_job(jobs, blockIdx.x, o0);
+  bf16* const y = job.y;
+  const bf16* const L = job.L;
+  const bf16* const B = job.B;
+  const int64_t out = job.out, first = int64_t(blockIdx.y) * iters;
   const int64_t left = (N + TM - 1) / TM - first;
   const int n_it = left < iters ? int(left) : iters;
   const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
@@ -367,7 +397,7 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
     __syncthreads();
   }
 #else
-  (void)y, (void)ldy, (void)L, (void)ldl, (void)B, (void)K, (void)N, (void)out, (void)s, (void)iters;
+  (void)jobs, (void)ldy, (void)ldl, (void)K, (void)N, (void)s, (void)iters;
 #endif
 }
 
@@ -419,9 +449,9 @@ inline int lora_out_iters(int64_t col_tiles, int64_t row_tiles, int sms) {
   return best;
 }
 
-// How lora_out_add runs one adapter's term, decided on the host from the rank, the shapes and the device.
+// How lora_out_add runs a group's adapter terms, decided on the host from the rank, the shapes and the device.
 struct LoraOutPlan {
-  const char* kernel = nullptr;  // the fused kernel's name; nullptr: not fused (the term's product into fp32,
+  const char* kernel = nullptr;  // the fused kernel's name; nullptr: not fused (each term's product into fp32,
                                  // then lora_add_kernel)
   int K = 0;                     // 6r, the split product's depth
   int Kp = 0;                    // the Hopper kernel's K padded to 64, 128 or 192 (0 for mma.sync)
@@ -429,27 +459,35 @@ struct LoraOutPlan {
   int rows = 0;                  // rows per row tile: 128 (Hopper) or 32 MT
   int iters = 0;                 // row tiles per block; the grid's last block row may have fewer
   int smem = 0;                  // dynamic shared memory, bytes
-  int64_t col_tiles = 0, row_tiles = 0;  // of 128 columns and of `rows` rows
+  int64_t col_tiles = 0, row_tiles = 0;  // of 128 columns (every job's, side by side) and of `rows` rows
+  LoraOutJobs jobs;                      // the adapters of the launch, with their first column tiles
 };
 
 // One of the two fused kernels takes K = 6r when its rows fit a block's shared memory (K <= 384: r <= 64), its
 // product can step through K (the Hopper kernel zero-pads K to a multiple of 64 and needs only whole 16-byte
-// pieces, K % 8 == 0: r % 4 == 0; the mma.sync one takes 16 at a time, K % 16 == 0: r % 8 == 0), L and B have
-// 16-byte aligned rows, and N fits in at most 65535 groups of 64 row tiles (128-row tiles up to r = 32: 537 M
-// tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64).
-inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t out, int64_t ldl, const bf16* L, const bf16* B) {
+// pieces, K % 8 == 0: r % 4 == 0; the mma.sync one takes 16 at a time, K % 16 == 0: r % 8 == 0), every L and B
+// has 16-byte aligned rows, and N fits in at most 65535 groups of 64 row tiles (128-row tiles up to r = 32: 537 M
+// tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64). jobs[i].tile0 is ignored (the plan sets it).
+inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t ldl, const LoraOutJob* jobs, int njobs) {
   LoraOutPlan p;
   p.K = 6 * r;
   const bool wg = lora_out_wg(p.K);
   p.mt = wg || p.K > kLoraOutMaxK ? 0 : lora_out_mt(p.K);
   p.rows = wg ? 128 : 32 * p.mt;
-  const bool fits = p.K % (wg ? 8 : 16) == 0 && p.rows > 0 && N > 0 && out > 0 &&
-                    (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0 &&
-                    (reinterpret_cast<uintptr_t>(L) & 15) == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0;
+  bool fits = njobs > 0 && njobs <= kLoraOutJobsMax && p.K % (wg ? 8 : 16) == 0 && p.rows > 0 && N > 0 &&
+              (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0;
+  for (int i = 0; fits && i < njobs; ++i)
+    fits = jobs[i].out > 0 && (reinterpret_cast<uintptr_t>(jobs[i].L) & 15) == 0 &&
+           (reinterpret_cast<uintptr_t>(jobs[i].B) & 15) == 0;
   if (!fits) return p;
   p.Kp = wg ? lora_out_wg_kp(p.K) : 0;
   p.smem = wg ? lora_out_wg_smem(p.Kp) : lora_out_smem(p.K, p.mt);
-  p.col_tiles = (out + kLoraOutCols - 1) / kLoraOutCols;
+  for (int i = 0; i < njobs; ++i) {
+    p.jobs.job[i] = jobs[i];
+    p.jobs.job[i].tile0 = p.col_tiles;
+    p.col_tiles += (jobs[i].out + kLoraOutCols - 1) / kLoraOutCols;
+  }
+  p.jobs.count = njobs;
   p.row_tiles = (N + p.rows - 1) / p.rows;
   p.iters = lora_out_iters(p.col_tiles, p.row_tiles, device_sms());
   p.kernel = wg ? (p.Kp == 64    ? "lora_out_add_wg_kernel<64>"
@@ -460,15 +498,22 @@ inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t out, int64_t ldl, con
                                : "lora_out_add_kernel<1>");
   return p;
 }
+// One adapter's plan (out columns, split rows L, Bfwd B).
+inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t out, int64_t ldl, const bf16* L, const bf16* B) {
+  LoraOutJob j;
+  j.L = L;
+  j.B = B;
+  j.out = out;
+  return lora_out_plan(r, N, ldl, &j, 1);
+}
 
-// y (N, out; row stride ldy) = bf16(y + fl(s L B^T)) by the kernel plan names (plan.kernel set: lora_out_plan of the
-// same r, N, out, ldl, L, B).
-inline void lora_out_add(const LoraOutPlan& plan, bf16* y, int64_t ldy, const bf16* L, int64_t ldl, const bf16* B,
-                         int64_t N, int64_t out, float s, cudaStream_t st) {
+// For every job of the plan, y (N, out; row stride ldy) = bf16(y + fl(s L B^T)) by the kernel the plan names
+// (plan.kernel set; every job's L has row stride ldl).
+inline void lora_out_add(const LoraOutPlan& plan, int64_t ldy, int64_t ldl, int64_t N, float s, cudaStream_t st) {
   const dim3 grid(unsigned(plan.col_tiles), unsigned((plan.row_tiles + plan.iters - 1) / plan.iters));
   auto launch = [&](auto kernel) {
     GEMMA_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem));
-    kernel<<<grid, kLoraOutThreads, plan.smem, st>>>(y, ldy, L, ldl, B, plan.K, N, out, s, plan.iters);
+    kernel<<<grid, kLoraOutThreads, plan.smem, st>>>(plan.jobs, ldy, ldl, plan.K, N, s, plan.iters);
   };
   if (plan.Kp == 64)
     launch(lora_out_add_wg_kernel<64>);
@@ -487,13 +532,26 @@ inline void lora_out_add(const LoraOutPlan& plan, bf16* y, int64_t ldy, const bf
 }
 
 // grad (R, C) += scale * (part_0 + part_1 + part_2), the three blocks block_stride apart, rows ld_part apart.
-__global__ void lora_grad_accum_kernel(float* grad, const float* part, int64_t R, int64_t C, int64_t ld_part,
-                                       int64_t block_stride, float scale) {
-  const int64_t total = R * C;
+struct LoraAccumJob {
+  float* grad = nullptr;
+  const float* part = nullptr;
+  int64_t R = 0, C = 0, ld_part = 0, block_stride = 0;
+  float scale = 1.0f;
+};
+// A group's gradients, dA and dB of each adapter (q|k|v: six), in one launch.
+constexpr int kLoraAccumJobsMax = 2 * kLoraOutJobsMax;
+struct LoraAccumJobs {
+  LoraAccumJob job[kLoraAccumJobsMax];
+  int count = 0;
+};
+// Block row blockIdx.y does job blockIdx.y.
+__global__ void lora_grad_accum_kernel(const LoraAccumJobs jobs) {
+  const LoraAccumJob& jb = jobs.job[blockIdx.y];
+  const int64_t total = jb.R * jb.C;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t rr = i / C, cc = i - rr * C;
-    const float* pp = part + rr * ld_part + cc;
-    grad[i] += __fmul_rn(__fadd_rn(__fadd_rn(pp[0], pp[block_stride]), pp[2 * block_stride]), scale);
+    const int64_t rr = i / jb.C, cc = i - rr * jb.C;
+    const float* pp = jb.part + rr * jb.ld_part + cc;
+    jb.grad[i] += __fmul_rn(__fadd_rn(__fadd_rn(pp[0], pp[jb.block_stride]), pp[2 * jb.block_stride]), jb.scale);
   }
 }
 
@@ -528,10 +586,40 @@ inline void lora_split(bf16* L, const float* part, int64_t N, int r, int np, flo
   GEMMA_LAUNCHED("lora_split_kernel");
 }
 
-inline void lora_grad_accum(float* grad, const float* part, int64_t R, int64_t C, int64_t ld_part,
-                            int64_t block_stride, float scale, cudaStream_t st) {
-  lora_grad_accum_kernel<<<elementwise_blocks(R * C), 256, 0, st>>>(grad, part, R, C, ld_part, block_stride, scale);
+inline void lora_grad_accum(const LoraAccumJobs& jobs, cudaStream_t st) {
+  int64_t most = 0;
+  for (int i = 0; i < jobs.count; ++i) most = std::max(most, jobs.job[i].R * jobs.job[i].C);
+  if (jobs.count == 0 || most == 0) return;
+  lora_grad_accum_kernel<<<dim3(unsigned(elementwise_blocks(most)), unsigned(jobs.count)), 256, 0, st>>>(jobs);
   GEMMA_LAUNCHED("lora_grad_accum_kernel");
+}
+
+// Elements of group_backward's gradient partials for a group: dA's of every adapter (3r x in each), then dB's
+// (out x 3r each).
+inline int64_t lora_gpart_elems(const LoraGroupDev& g, int r) {
+  int64_t n = 0;
+  for (const LoraProjDev& P : g.projs) n += 3 * int64_t(r) * (g.in + P.out);
+  return n;
+}
+
+// Calls f(first, count) for each run of consecutive adapters of g whose backward products batch: equal widths,
+// their dy columns and their Bfwd blocks equally far apart (k and v of q|k|v; gate and up).
+template <class F>
+void lora_runs(const LoraGroupDev& g, F&& f) {
+  const int np = int(g.projs.size());
+  for (int i = 0; i < np;) {
+    int j = i + 1;
+    for (; j < np; ++j) {
+      const LoraProjDev &a = g.projs[size_t(j - 1)], &b = g.projs[size_t(j)];
+      const int64_t dcol = b.col - a.col, dB = b.Bfwd - a.Bfwd;
+      if (b.out != a.out || dcol <= 0 || dB <= 0) break;
+      if (j > i + 1 && (dcol != g.projs[size_t(i + 1)].col - g.projs[size_t(i)].col ||
+                        dB != g.projs[size_t(i + 1)].Bfwd - g.projs[size_t(i)].Bfwd))
+        break;
+    }
+    f(i, j - i);
+    i = j;
+  }
 }
 
 // y (N, out_total) bf16 = x W^T + per adapter s xa B^T; L (N, 6r*np) keeps the split xa for the backward;
@@ -545,17 +633,25 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
   const int np = int(g.projs.size());
   if (np == 0 || N == 0) return;
   const int64_t r3 = 3 * int64_t(r), w3 = r3 * np, w6 = 2 * w3;
-  for (int pi = 0; pi < np; ++pi)
-    gemm(h, N, r3, g.in, {x, g.in, false}, {g.Abwd + (pi * 2 * r3 + 2 * int64_t(r)) * g.in, g.in, true},
-         part + pi * r3, true, w3, 1.0f, 0.0f);
+  // x A^T of every adapter at once: rows [2r, 5r) of each adapter's block of Abwd, into its 3r columns of part.
+  gemm_batched(h, N, r3, g.in, {x, g.in, false}, 0, {g.Abwd + 2 * int64_t(r) * g.in, g.in, true}, 2 * r3 * g.in, part,
+               true, w3, r3, 1.0f, 0.0f, np);
   lora_split(L, part, N, r, np, 1.0f, st);
+  std::array<LoraOutJob, kLoraOutJobsMax> jobs{};
+  for (int pi = 0; pi < np && pi < kLoraOutJobsMax; ++pi) {
+    const LoraProjDev& P = g.projs[size_t(pi)];
+    jobs[size_t(pi)].y = y + P.col;
+    jobs[size_t(pi)].L = L + pi * 2 * r3;
+    jobs[size_t(pi)].B = P.Bfwd;
+    jobs[size_t(pi)].out = P.out;
+  }
+  const LoraOutPlan plan = lora_out_plan(r, N, w6, jobs.data(), np);
+  if (plan.kernel) {
+    lora_out_add(plan, g.out_total, w6, N, s, st);
+    return;
+  }
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
-    const LoraOutPlan plan = lora_out_plan(r, N, P.out, w6, L + pi * 2 * r3, P.Bfwd);
-    if (plan.kernel) {
-      lora_out_add(plan, y + P.col, g.out_total, L + pi * 2 * r3, w6, P.Bfwd, N, P.out, s, st);
-      continue;
-    }
     gemm(h, N, P.out, 2 * r3, {L + pi * 2 * r3, w6, false}, {P.Bfwd, 2 * r3, true}, delta + P.col, true, g.out_total,
          s, 0.0f);
     lora_add_kernel<<<elementwise_blocks(N * P.out), 256, 0, st>>>(y + P.col, delta + P.col, N, P.out, g.out_total);
@@ -565,7 +661,7 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
 
 // dx (N, in) fp32 = dy W + per adapter dxa A (the caller rounds it to bf16 where the reference does); the adapter
 // gradients are accumulated into gA, gB. L is the forward's split xa; part, Lb, gpart are scratch:
-// part (N, 3r*np) fp32, Lb (N, 6r*np) bf16, gpart (3r * max(in, out)) fp32.
+// part (N, 3r*np) fp32, Lb (N, 6r*np) bf16, gpart (lora_gpart_elems(g, r)) fp32.
 // The adapters' share of dx is computed first and the base product adds itself to it (beta = 1, in cuBLAS's
 // epilogue): one fp32 addition of the two fp32 products either way, but dx is written once and read once in the
 // big product's epilogue, not written, read and written again by the small product (at 27b, down_proj's dx is
@@ -576,6 +672,7 @@ inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float
                            const std::function<void()>& after_base = {},
                            const std::function<void()>& before_base = {}) {
   const int np = int(g.projs.size());
+  if (np > kLoraOutJobsMax) throw std::logic_error("group_backward: more adapters in a group than kLoraOutJobsMax");
   const auto base = [&](float beta) {
     if (before_base) before_base();
     gemm(h, N, g.in, g.out_total, {dy, g.out_total, false}, {g.W, g.in, false}, dx, true, g.in, 1.0f, beta);
@@ -586,23 +683,39 @@ inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float
     return;
   }
   const int64_t r3 = 3 * int64_t(r), w3 = r3 * np, w6 = 2 * w3;
-  for (int pi = 0; pi < np; ++pi) {
+  // Products batched over a run of adapters (lora_runs): one launch for gate and up, one for k and v.
+  lora_runs(g, [&](int pi, int count) {
     const LoraProjDev& P = g.projs[size_t(pi)];
-    gemm(h, N, r3, P.out, {dy + P.col, g.out_total, false}, {P.Bfwd + 2 * int64_t(r), 6 * int64_t(r), false},
-         part + pi * r3, true, w3, 1.0f, 0.0f);
-  }
+    const int64_t dcol = count > 1 ? g.projs[size_t(pi + 1)].col - P.col : 0;
+    const int64_t dB = count > 1 ? g.projs[size_t(pi + 1)].Bfwd - P.Bfwd : 0;
+    gemm_batched(h, N, r3, P.out, {dy + P.col, g.out_total, false}, dcol,
+                 {P.Bfwd + 2 * int64_t(r), 6 * int64_t(r), false}, dB, part + pi * r3, true, w3, r3, 1.0f, 0.0f,
+                 count);
+  });
   lora_split(Lb, part, N, r, np, s, st);
   gemm(h, N, g.in, w6, {Lb, w6, false}, {g.Abwd, g.in, false}, dx, true, g.in, 1.0f, 0.0f);
   base(1.0f);
+  // gpart: every adapter's dA partials (3r x in each), then every adapter's dB partials (out x 3r each).
+  float* const gpart_b = gpart + np * r3 * g.in;
+  // dA (r, in) of each adapter: the three row blocks of [d1 d2 d3]^T x.
+  gemm_batched(h, r3, g.in, N, {Lb, w6, true}, 2 * r3, {x, g.in, false}, 0, gpart, true, g.in, r3 * g.in, 1.0f, 0.0f,
+               np);
+  // dB (out, r): the three column blocks of dy^T [s1 s2 s3], times s.
+  std::array<int64_t, kLoraOutJobsMax + 1> b_at{};
+  for (int pi = 0; pi < np; ++pi) b_at[size_t(pi + 1)] = b_at[size_t(pi)] + g.projs[size_t(pi)].out * r3;
+  lora_runs(g, [&](int pi, int count) {
+    const LoraProjDev& P = g.projs[size_t(pi)];
+    const int64_t dcol = count > 1 ? g.projs[size_t(pi + 1)].col - P.col : 0;
+    gemm_batched(h, P.out, r3, N, {dy + P.col, g.out_total, true}, dcol, {L + pi * 2 * r3, w6, false}, 2 * r3,
+                 gpart_b + b_at[size_t(pi)], true, r3, P.out * r3, 1.0f, 0.0f, count);
+  });
+  LoraAccumJobs acc;
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
-    // dA (r, in): the three row blocks of [d1 d2 d3]^T x.
-    gemm(h, r3, g.in, N, {Lb + pi * 2 * r3, w6, true}, {x, g.in, false}, gpart, true, g.in, 1.0f, 0.0f);
-    lora_grad_accum(P.gA, gpart, r, g.in, g.in, int64_t(r) * g.in, 1.0f, st);
-    // dB (out, r): the three column blocks of dy^T [s1 s2 s3], times s.
-    gemm(h, P.out, r3, N, {dy + P.col, g.out_total, true}, {L + pi * 2 * r3, w6, false}, gpart, true, r3, 1.0f, 0.0f);
-    lora_grad_accum(P.gB, gpart, P.out, r, r3, r, s, st);
+    acc.job[acc.count++] = {P.gA, gpart + pi * r3 * g.in, r, g.in, g.in, int64_t(r) * g.in, 1.0f};
+    acc.job[acc.count++] = {P.gB, gpart_b + b_at[size_t(pi)], P.out, r, r3, r, s};
   }
+  lora_grad_accum(acc, st);
 }
 
 }  // namespace

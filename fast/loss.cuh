@@ -40,8 +40,9 @@ __device__ __forceinline__ float final_capped(float l, bool cap_on, float cap) {
   return cap_on ? cap * tanhf(l / cap) : l;
 }
 
-// The whole block's (m, s), merged by a butterfly in each warp and then warp by warp in order; every thread gets it.
-// Once per kernel: a second call would overwrite wm, ws before every thread has read them.
+// The whole block's (m, s) in thread 0 (the one that stores it), merged by a butterfly in each warp and then warp by
+// warp in order; the other threads keep their warp's pair. Once per kernel: a second call would overwrite wm, ws
+// before thread 0 has read them.
 __device__ __forceinline__ void ce_block_ms(float& m, float& s) {
   __shared__ float wm[kCeThreads / 32], ws[kCeThreads / 32];
   for (int o = 16; o > 0; o >>= 1) {
@@ -54,6 +55,7 @@ __device__ __forceinline__ void ce_block_ms(float& m, float& s) {
     ws[warp] = s;
   }
   __syncthreads();
+  if (threadIdx.x != 0) return;
   m = wm[0];
   s = ws[0];
   for (int w = 1; w < kCeThreads / 32; ++w) ms_merge(m, s, wm[w], ws[w]);

@@ -68,7 +68,7 @@ struct AdapterState {
   int64_t splits_layer = -1;  // the layer whose splits the slot holds (-1: none, or stale)
   std::vector<std::array<LoraGroupDev, 4>> groups;  // per layer, by Group: the base weight and its adapters
   int np_max = 0;           // most adapters in one group
-  int64_t gpart_max = 0;    // the largest adapter gradient partial (3r x max(in, out))
+  int64_t gpart_max = 0;    // the largest group's adapter gradient partials (lora_gpart_elems)
 
   int64_t offset(const std::string& name) const {
     for (const auto& t : tensors)

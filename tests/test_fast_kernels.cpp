@@ -585,7 +585,9 @@ TEST_F(FastKernel, LoraGroupForwardBackwardAreFp32Accurate) {
   // 4133 rows at ranks 8 and 64, and 4000 rows, where the grid's last block row has fewer tiles than the others,
   // at ranks 12 (K = 72: the Hopper kernel pads K to 128), 16, 24 (K = 144, padded to 192), 48 and 64, two of
   // them with an odd total width (1153), so y goes element by element. Which kernel each takes on the H200 is
-  // asserted below; rank 5 (K = 30) takes neither: the fp32 product and lora_add_kernel.
+  // asserted below; rank 5 (K = 30) takes neither: the fp32 product and lora_add_kernel. A group's adapters share
+  // one fused launch (their column tiles side by side) and, where widths are equal (k and v; gate and up, as in
+  // the 200 | 200 group), batched backward products: the three-adapter groups and the 200 | 200 one cover both.
   struct Expect {
     int64_t r, N, out, ldl;
     const char* plan;  // on the H200 (132 multiprocessors)
@@ -607,7 +609,8 @@ TEST_F(FastKernel, LoraGroupForwardBackwardAreFp32Accurate) {
   }
   for (const G& g : {G{37, 64, 4, {64, 32, 32}, {true, true, true}}, G{21, 64, 5, {160, 160}, {false, true}},
                      G{16, 3584, 32, {4096, 2048, 2048}, {true, true, true}},
-                     G{300, 256, 8, {200, 72}, {true, true}}, G{130, 64, 8, {36, 18, 18}, {true, true, true}},
+                     G{300, 256, 8, {200, 72}, {true, true}}, G{300, 256, 8, {200, 200}, {true, true}},
+                     G{130, 64, 8, {36, 18, 18}, {true, true, true}},
                      G{4133, 64, 8, {1100, 52}, {true, true}}, G{4133, 64, 64, {1100, 52}, {true, true}},
                      G{4000, 64, 12, {1100, 52}, {true, true}}, G{4000, 64, 16, {1101, 52}, {true, true}},
                      G{4000, 64, 24, {1100, 52}, {true, true}}, G{4000, 64, 48, {1100, 52}, {true, true}},
