@@ -602,24 +602,34 @@ inline int64_t lora_gpart_elems(const LoraGroupDev& g, int r) {
   return n;
 }
 
-// Calls f(first, count) for each run of consecutive adapters of g whose backward products batch: equal widths,
-// their dy columns and their Bfwd blocks equally far apart (k and v of q|k|v; gate and up).
-template <class F>
-void lora_runs(const LoraGroupDev& g, F&& f) {
+// A run of consecutive adapters of a group whose backward products batch: equal widths, their dy columns dcol
+// and their Bfwd blocks dB elements apart (k and v of q|k|v; gate and up). A run of one has dcol = dB = 0.
+struct LoraRun {
+  int first = 0, count = 0;
+  int64_t dcol = 0, dB = 0;
+};
+struct LoraRuns {
+  std::array<LoraRun, kLoraOutJobsMax> run;
+  int count = 0;
+};
+// g's adapters as runs (at most kLoraOutJobsMax adapters: group_backward's limit).
+inline LoraRuns lora_runs(const LoraGroupDev& g) {
+  LoraRuns runs;
   const int np = int(g.projs.size());
-  for (int i = 0; i < np;) {
-    int j = i + 1;
-    for (; j < np; ++j) {
+  int i = 0;
+  while (i < np) {
+    LoraRun& run = runs.run[size_t(runs.count++)];
+    run = {i, 1, 0, 0};
+    for (int j = i + 1; j < np; ++j, ++run.count) {
       const LoraProjDev &a = g.projs[size_t(j - 1)], &b = g.projs[size_t(j)];
       const int64_t dcol = b.col - a.col, dB = b.Bfwd - a.Bfwd;
-      if (b.out != a.out || dcol <= 0 || dB <= 0) break;
-      if (j > i + 1 && (dcol != g.projs[size_t(i + 1)].col - g.projs[size_t(i)].col ||
-                        dB != g.projs[size_t(i + 1)].Bfwd - g.projs[size_t(i)].Bfwd))
-        break;
+      if (b.out != a.out || dcol <= 0 || dB <= 0 || (run.count > 1 && (dcol != run.dcol || dB != run.dB))) break;
+      run.dcol = dcol;
+      run.dB = dB;
     }
-    f(i, j - i);
-    i = j;
+    i += run.count;
   }
+  return runs;
 }
 
 // y (N, out_total) bf16 = x W^T + per adapter s xa B^T; L (N, 6r*np) keeps the split xa for the backward;
@@ -684,14 +694,14 @@ inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float
   }
   const int64_t r3 = 3 * int64_t(r), w3 = r3 * np, w6 = 2 * w3;
   // Products batched over a run of adapters (lora_runs): one launch for gate and up, one for k and v.
-  lora_runs(g, [&](int pi, int count) {
-    const LoraProjDev& P = g.projs[size_t(pi)];
-    const int64_t dcol = count > 1 ? g.projs[size_t(pi + 1)].col - P.col : 0;
-    const int64_t dB = count > 1 ? g.projs[size_t(pi + 1)].Bfwd - P.Bfwd : 0;
-    gemm_batched(h, N, r3, P.out, {dy + P.col, g.out_total, false}, dcol,
-                 {P.Bfwd + 2 * int64_t(r), 6 * int64_t(r), false}, dB, part + pi * r3, true, w3, r3, 1.0f, 0.0f,
-                 count);
-  });
+  const LoraRuns runs = lora_runs(g);
+  for (int k = 0; k < runs.count; ++k) {
+    const LoraRun& run = runs.run[size_t(k)];
+    const LoraProjDev& P = g.projs[size_t(run.first)];
+    gemm_batched(h, N, r3, P.out, {dy + P.col, g.out_total, false}, run.dcol,
+                 {P.Bfwd + 2 * int64_t(r), 6 * int64_t(r), false}, run.dB, part + run.first * r3, true, w3, r3, 1.0f,
+                 0.0f, run.count);
+  }
   lora_split(Lb, part, N, r, np, s, st);
   gemm(h, N, g.in, w6, {Lb, w6, false}, {g.Abwd, g.in, false}, dx, true, g.in, 1.0f, 0.0f);
   base(1.0f);
@@ -703,12 +713,12 @@ inline void group_backward(cublasHandle_t h, const LoraGroupDev& g, int r, float
   // dB (out, r): the three column blocks of dy^T [s1 s2 s3], times s.
   std::array<int64_t, kLoraOutJobsMax + 1> b_at{};
   for (int pi = 0; pi < np; ++pi) b_at[size_t(pi + 1)] = b_at[size_t(pi)] + g.projs[size_t(pi)].out * r3;
-  lora_runs(g, [&](int pi, int count) {
-    const LoraProjDev& P = g.projs[size_t(pi)];
-    const int64_t dcol = count > 1 ? g.projs[size_t(pi + 1)].col - P.col : 0;
-    gemm_batched(h, P.out, r3, N, {dy + P.col, g.out_total, true}, dcol, {L + pi * 2 * r3, w6, false}, 2 * r3,
-                 gpart_b + b_at[size_t(pi)], true, r3, P.out * r3, 1.0f, 0.0f, count);
-  });
+  for (int k = 0; k < runs.count; ++k) {
+    const LoraRun& run = runs.run[size_t(k)];
+    const LoraProjDev& P = g.projs[size_t(run.first)];
+    gemm_batched(h, P.out, r3, N, {dy + P.col, g.out_total, true}, run.dcol, {L + run.first * 2 * r3, w6, false},
+                 2 * r3, gpart_b + b_at[size_t(run.first)], true, r3, P.out * r3, 1.0f, 0.0f, run.count);
+  }
   LoraAccumJobs acc;
   for (int pi = 0; pi < np; ++pi) {
     const LoraProjDev& P = g.projs[size_t(pi)];
