@@ -21,17 +21,22 @@ namespace gemma::fast {
 namespace {
 
 // Rows [row0, row0 + R) of a head (row stride ld elements) into a swizzled tile at shared address s; rows at or
-// beyond T are zero-filled (cp.async with source size 0), so their products are exact zeros. NT threads share
-// the copy, 16 bytes each per step.
+// beyond T are zero-filled (cp.async with source size 0), so their products are exact zeros. NT threads (thread
+// index tid in 0 .. NT - 1) share the copy, 16 bytes each per step: thread tid copies one 16-byte column of rows
+// tid / UPR, that + RSTEP, ..., so its addresses move by constants and the unrolled loop has no division (the
+// per-copy index arithmetic of a strided loop was about a fifth of the instructions of the backward's dK kernel,
+// ncu at 9b, T = 4096).
 template <int R, int HD, int NT>
-__device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, int row0, int T) {
-  constexpr int UPR = HD / 8;
-#pragma unroll 4
-  for (int u = threadIdx.x; u < R * UPR; u += NT) {
-    const int r = u / UPR, c = (u - r * UPR) * 8, row = row0 + r;
-    const bool ok = row < T;
-    const bf16* src = g + int64_t(ok ? row : 0) * ld + c;
-    cp_async16(s + swz<R>(r, c), src, ok);
+__device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, int row0, int T, int tid = threadIdx.x) {
+  constexpr int UPR = HD / 8, RSTEP = NT / UPR;  // 16-byte units per row; rows between one thread's copies
+  static_assert(NT % UPR == 0 && R % RSTEP == 0, "every step copies whole rows");
+  const int r = tid / UPR, c = (tid % UPR) * 8;
+  const bf16* src = g + int64_t(row0 + r) * ld + c;
+  const int64_t step = int64_t(RSTEP) * ld;
+#pragma unroll
+  for (int k = 0; k < R / RSTEP; ++k) {
+    const bool ok = row0 + r + k * RSTEP < T;
+    cp_async16(s + swz<R>(r + k * RSTEP, c), ok ? src + k * step : g, ok);
   }
 }
 // The C fragments of a 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps.
@@ -319,305 +324,297 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward. Both kernels split each 64 x 64 tile of scores between the two warpgroups by columns (32 each, an
-// m64n32 product over the whole head dimension for S and for dP), so no score is computed twice; each warpgroup
-// turns its half into bf16 operands in shared memory (P and the three terms of the dS split), and after a barrier
-// each warpgroup multiplies the whole 64 x 64 operand tiles into its half of the head dimension of the result.
-// Two barriers per tile: the first publishes the tile's copies and is passed only once every warpgroup has waited
-// for the last tile's products (so the other buffer and the operand tiles are free, and the next copy starts
-// there), the second publishes the operand tiles.
-
-// s (64 x 32) = A B^T over the head dimension: A the 64-row tile at a_base, B the 32 rows at b_base of a 64-row
-// tile; the same for the second pair into s2, both in one commit group.
-template <int HD>
-__device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_base, uint32_t b_base,
-                                                float (&s2)[4][4], uint32_t a2_base, uint32_t b2_base) {
-  wg_hold(s);
-  wg_hold(s2);
-  wg_arrive();
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss_n32(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
-    wgmma_ss_n32(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
-  }
-  wg_commit();
-  wg_wait<0>();
-  wg_hold(s);
-  wg_hold(s2);
-}
-
-// acc[dc] (64 x 64, columns of panel first + dc of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile, Y a
-// 64-row N-major tile (rows are k).
-template <int NDH>
-__device__ __forceinline__ void wg_xy(float (&acc)[NDH][8][4], uint32_t x, uint32_t y, int first) {
-  if constexpr (NDH == 2) {  // head_dim 256: both panels in one n128 product per k step
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-      wgmma_ss_n128<1>(acc[0], acc[1], desc_kmajor(x + ks * 32),
-                       desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
-  } else {
-#pragma unroll
-    for (int dc = 0; dc < NDH; ++dc)
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-        wgmma_ss<1>(acc[dc], desc_kmajor(x + ks * 32), desc_nmajor(y + (first + dc) * (64 * 128) + ks * 2048), 1);
-  }
-}
-
-// Two bf16 values at (r, c), (r, c + 1) of a 64 x 64 swizzled operand tile (c even).
-__device__ __forceinline__ void st_pair(uint32_t tile, int r, int c, bf16 lo, bf16 hi) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swz<64>(r, c)), "r"(pack_bf16(lo, hi)) : "memory");
-}
+// Backward: three kernels of one template (attn_bwd_sm90_kernel), dQ, dK and dV, each computing a 64-row block of
+// its result over the whole head dimension. The block's fixed 64-row tiles (X: Q and dO for dQ; K and V for dK; K
+// for dV) are shared by both warpgroups; the tiles of the other side (Y: K and V for dQ; Q and dO of each of the kv
+// head's query heads for dK and dV) alternate between them, warpgroup w taking tiles w, w + 2, ... into its own
+// buffers, with its own fp32 accumulator (64 x HD: 128 registers a thread at head_dim 256). Nothing but the final
+// sum couples the warpgroups, so one computes its scores while the other's products run (ping-pong, as
+// FlashAttention 3 schedules its softmax against the other warpgroup's products); in the kernels before (one tile
+// at a time, split between the warpgroups by columns, two block-wide barriers a tile) the tensor pipe was 29-35%
+// busy (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and, except for dV, dP = X2 Y2^T as m64n64
+// products over the head dimension, turns them into dS (split into its three exact bf16 terms) or P, bf16 A
+// fragments in registers (the accumulator layout is the A layout, as P in the forward), and adds dS K (dQ),
+// dS^T Q (dK) or P^T dO (dV) as m64nHD products with A from registers. At the end warpgroup 1's sum goes through
+// shared memory and warpgroup 0 adds it to its own: a fixed order, so two runs give the same bits. At head_dim 128
+// one kernel accumulates dK and dV (kAttnDKDV, 128 registers a thread); at 256 the two would need 256 registers, so
+// dK and dV are separate kernels there, at the price of S computed twice (7 products a score over the three kernels
+// instead of 6) and of Q and dO read twice.
+enum AttnBwdPart { kAttnDQ, kAttnDK, kAttnDV, kAttnDKDV };
 
 template <int HD>
 constexpr int attn_bwd_sm90_smem() {
-  // two single tiles, two double-buffered, four operand tiles, and (dK, dV) two buffers of a tile's m, l, D
-  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4;
+  // X1, X2, each warpgroup's Y1 and Y2, each warpgroup's [m; l; D] of its tile's 64 queries, alignment slack
+  return 1024 + 6 * 64 * HD * 2 + 2 * 3 * 64 * 4;
 }
 
-// dK, dV: a block per (64 keys, kv head, sequence), looping over the group's query heads and the 64-query tiles
-// that see the keys. Warpgroup w computes S^T = K Q^T and dP^T = V dO^T for queries 32 w .. 32 w + 31 of the
-// tile, and accumulates dK, dV for head-dimension columns w HD/2 .. (w + 1) HD/2 - 1.
-template <int HD>
-__global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const AttnParams p) {
+// A barrier of warpgroup wg's 128 threads alone (named barriers 1 and 2; __syncthreads is barrier 0).
+__device__ __forceinline__ void wg_bar(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
+
+template <int HD, int PART>
+__global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const AttnParams p) {
 #ifndef GEMMA_SM90_DEVICE
   __trap();  // built without wgmma: attn_sm90_applies never launches this
 #endif
-  constexpr int BK = 64, BQ = 64, NDH = HD / 128;
-  constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
+  constexpr int NP = HD / 64;
+  constexpr uint32_t TB = 64 * HD * 2;
+  constexpr bool kDQ = PART == kAttnDQ, kDV = PART == kAttnDV, kDKDV = PART == kAttnDKDV;
+  // Accumulators: dQ, dK or dV; dK and dV (kDKDV, head_dim 128 only: 128 registers a thread, as one at 256).
+  constexpr int NACC = kDKDV ? 2 : 1;
+  static_assert(!kDKDV || HD == 128, "dK and dV in one kernel at head_dim 128 only");
+  // The A terms of a tile: dS's three bf16 terms, P's one (dV), or both (kDKDV: dS in 0-2, P in 3).
+  constexpr int NTERM = kDV ? 1 : kDKDV ? 4 : 3;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
-  const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
-  const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
-  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries
-  const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
-            t = lane & 3;
-  const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
-  const int G = p.H / p.KV;
+  const uint32_t s0 = smem_addr(smem_sm90), sX1 = (s0 + 1023u) & ~1023u, sX2 = sX1 + TB;
+  // The warpgroup index from lane 0, so that ptxas knows the branches around the products are warp-uniform
+  // (attn_fwd_sm90_kernel).
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), tid = threadIdx.x & 127,
+            warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint32_t sY1 = sX1 + 2 * TB + uint32_t(wg) * 2 * TB, sY2 = sY1 + TB;
+  const uint32_t sStat = sX1 + 6 * TB + uint32_t(wg) * (3 * 64 * 4);
+  const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - s0));
+  const int b = blockIdx.z, G = p.H / p.KV;
   const int64_t tok0 = int64_t(b) * p.T;
-  const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
-  const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
-  auto q_of = [&](int it) { return p.q + tok0 * p.ld_qkv + int64_t(kvh * G + it / nqt) * p.hd; };
-  auto o_of = [&](int it) { return p.dout + tok0 * p.ld_o + int64_t(kvh * G + it / nqt) * p.hd; };
-  auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
-  // Tile it's Q, dO and saved statistics (threads 0-191, one value each; rows past T zero) into buffer bf. The
-  // statistics come with the tiles, a tile ahead, rather than as 24 dependent loads per thread once the scores
-  // are there.
-  auto load_tile = [&](int it, int bf) {
-    cp_tile<BQ, HD, kSm90Threads>(sQ + bf * TB, q_of(it), p.ld_qkv, row_of(it), p.T);
-    cp_tile<BQ, HD, kSm90Threads>(sO + bf * TB, o_of(it), p.ld_o, row_of(it), p.T);
-    if (threadIdx.x < 3 * BQ) {
-      const int a = threadIdx.x / BQ, qi = threadIdx.x % BQ, i = row_of(it) + qi;
-      const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
-      const int64_t si = (int64_t(b) * p.H + kvh * G + it / nqt) * p.T + (i < p.T ? i : 0);
-      cp_async4(sStat + uint32_t(((bf * 3 + a) * BQ + qi) * 4), src + si, i < p.T);
+
+  // dQ: the block's 64 queries of head h (the longest rows first, as the forward), the key tiles they see.
+  // dK, dV: the block's 64 keys of kv head kvh, the 64-query tiles of each of its G query heads that see them.
+  int r0, h = 0, kvh, kt0 = 0, qt0 = 0, nqt = 1, total;
+  if constexpr (kDQ) {
+    r0 = (gridDim.x - 1 - blockIdx.x) * 64;
+    h = blockIdx.y;
+    kvh = h / G;
+    const int j_end = min(p.T, r0 + 64), j_begin = p.window > 0 ? max(0, r0 - p.window + 1) : 0;
+    kt0 = j_begin / 64;
+    total = (j_end + 63) / 64 - kt0;
+  } else {
+    r0 = blockIdx.x * 64;
+    kvh = blockIdx.y;
+    const int i_end = p.window > 0 ? min(p.T, r0 + 63 + p.window) : p.T;
+    qt0 = r0 / 64;
+    nqt = (i_end + 63) / 64 - qt0;
+    total = G * nqt;
+  }
+  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
+  // Tile it of the other side: its first row, and (dK, dV) its query head (one division, once per tile).
+  struct YTile {
+    int row, head;
+  };
+  auto y_tile = [&](int it) {
+    if constexpr (kDQ) return YTile{(kt0 + it) * 64, h};
+    const int hi = it / nqt;
+    return YTile{(qt0 + it - hi * nqt) * 64, kvh * G + hi};
+  };
+  auto load_y1 = [&](YTile y) {  // K (dQ) or Q (dK, dV)
+    if constexpr (kDQ)
+      cp_tile<64, HD, 128>(sY1, kg, p.ld_qkv, y.row, p.T, tid);
+    else
+      cp_tile<64, HD, 128>(sY1, p.q + tok0 * p.ld_qkv + int64_t(y.head) * p.hd, p.ld_qkv, y.row, p.T, tid);
+  };
+  auto load_y2 = [&](YTile y) {  // V (dQ) or dO (dK, dV)
+    if constexpr (kDQ)
+      cp_tile<64, HD, 128>(sY2, vg, p.ld_qkv, y.row, p.T, tid);
+    else
+      cp_tile<64, HD, 128>(sY2, p.dout + tok0 * p.ld_o + int64_t(y.head) * p.hd, p.ld_o, y.row, p.T, tid);
+  };
+  // The saved m, l (and D) of a tile's 64 queries (dK, dV; rows past T zero), read per score column.
+  auto load_stats = [&](YTile y) {
+    if constexpr (!kDQ) {
+      const int64_t si0 = (int64_t(b) * p.H + y.head) * p.T;
+#pragma unroll
+      for (int a = 0; a < (kDV ? 2 : 3); ++a) {
+        if (tid >= 64) break;
+        const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
+        const int i = y.row + tid;
+        cp_async4(sStat + uint32_t((a * 64 + tid) * 4), src + si0 + (i < p.T ? i : 0), i < p.T);
+      }
     }
   };
 
-  cp_tile<BK, HD, kSm90Threads>(sK, p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
-  cp_tile<BK, HD, kSm90Threads>(sV, p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
-  load_tile(0, 0);
+  if constexpr (kDQ) {
+    cp_tile<64, HD, kSm90Threads>(sX1, p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd, p.ld_qkv, r0, p.T, threadIdx.x);
+    cp_tile<64, HD, kSm90Threads>(sX2, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, r0, p.T, threadIdx.x);
+  } else {
+    cp_tile<64, HD, kSm90Threads>(sX1, kg, p.ld_qkv, r0, p.T, threadIdx.x);
+    if constexpr (!kDV) cp_tile<64, HD, kSm90Threads>(sX2, vg, p.ld_qkv, r0, p.T, threadIdx.x);
+  }
+  if (wg < total) {
+    const YTile y = y_tile(wg);
+    load_y1(y);
+    load_y2(y);
+    load_stats(y);
+  }
   cp_commit();
 
-  const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
-  float dk[NDH][8][4], dv[NDH][8][4];
+  // dQ: this thread's two query rows' statistics, for every tile.
+  const int rr[2] = {warp * 16 + g, warp * 16 + g + 8};  // rows of the score tile (queries for dQ, keys otherwise)
+  float mrow[2] = {}, inv_lrow[2] = {}, Drow[2] = {};
+  if constexpr (kDQ) {
 #pragma unroll
-  for (int dc = 0; dc < NDH; ++dc)
+    for (int hr = 0; hr < 2; ++hr) {
+      const int i = r0 + rr[hr];
+      const bool ok = i < p.T;
+      const int64_t si = (int64_t(b) * p.H + h) * p.T + i;
+      mrow[hr] = ok ? p.m[si] : 0.0f;
+      inv_lrow[hr] = attn_inv_l(ok ? p.l[si] : 1.0f);
+      Drow[hr] = ok ? p.Dv[si] : 0.0f;
+    }
+  }
+  float acc[NACC][NP][8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+  for (int n = 0; n < NACC; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dk[dc][nt][e] = dv[dc][nt][e] = 0.0f;
+    for (int dc = 0; dc < NP; ++dc)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) acc[n][dc][nt][0] = acc[n][dc][nt][1] = acc[n][dc][nt][2] = acc[n][dc][nt][3] = 0.0f;
 
-  for (int it = 0; it < total; ++it) {
-    const int buf = it & 1;
-    cp_wait<0>();  // this tile's Q and dO
-    fence_async_smem();
-    __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
-    if (it + 1 < total) load_tile(it + 1, buf ^ 1);
-    cp_commit();
-    const int i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
-    float st[4][4] = {}, dpt[4][4] = {};
-    wg_abt_n32_pair<HD>(st, sK, sQ + buf * TB + 32 * wg * 128, dpt, sV, sO + buf * TB + 32 * wg * 128);
-    const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + 31 < p.T && (p.window <= 0 || i0 + 31 - j0 < p.window);
+  cp_wait<0>();
+  fence_async_smem();
+  __syncthreads();  // X (every thread's copies) and each warpgroup's first tile
+  YTile cur = y_tile(wg);
+  for (int it = wg; it < total; it += 2) {
+    const YTile next = y_tile(it + 2);  // meaningful when it + 2 < total
+    if (it != wg) {
+      cp_wait<0>();
+      fence_async_smem();
+      wg_bar(wg);  // this warpgroup's copies of tile it
+    }
+    float s[8][4], dp[8][4];
+    wg_arrive();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+      wgmma_ss<0>(s, desc_kmajor(sX1 + off), desc_kmajor(sY1 + off), kk > 0);
+      if constexpr (!kDV) wgmma_ss<0>(dp, desc_kmajor(sX2 + off), desc_kmajor(sY2 + off), kk > 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    wg_hold(s);
+    if constexpr (!kDV) wg_hold(dp);
+    if constexpr (!kDV && !kDKDV) {
+      if (it + 2 < total) {  // Y2 (V or dO) is read by no later product of this tile: fetch the next one now
+        wg_bar(wg);
+        load_y2(next);
+        cp_commit();
+      }
+    }
+
+    // dS (three bf16 terms) and/or P as the A fragments of the k16 steps over this tile's 64 columns.
+    uint32_t a[NTERM][4][4];
+    const int x0 = cur.row;  // first column: key (dQ) or query (dK, dV)
+    const bool full = !p.doc && !p.key_ok && (kDQ ? x0 + 63 <= r0 && r0 + 63 < p.T && (p.window <= 0 || r0 + 63 - x0 < p.window)
+                                                  : r0 + 63 <= x0 && x0 + 63 < p.T && (p.window <= 0 || x0 + 63 - r0 < p.window));
     attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
       constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int c = nt * 8 + 2 * t, i = i0 + c;
-        float mq[2], inv_lq[2], Dq[2];
+      for (int nt = 0; nt < 8; ++nt) {
+        float mc[2], inv_lc[2], Dc[2];  // dK, dV: the statistics of this thread's two query columns
+        if constexpr (!kDQ) {
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const bool ok = i + u < p.T;
-          const float* sq = stat + buf * 3 * BQ + 32 * wg + c + u;  // [m; l; D] of query i + u
-          mq[u] = ok ? sq[0] : 0.0f;
-          inv_lq[u] = attn_inv_l(ok ? sq[BQ] : 1.0f);
-          Dq[u] = ok ? sq[2 * BQ] : 0.0f;
+          for (int u = 0; u < 2; ++u) {
+            const int c = nt * 8 + 2 * t + u;
+            const bool ok = x0 + c < p.T;
+            mc[u] = ok ? stat[c] : 0.0f;
+            inv_lc[u] = attn_inv_l(ok ? stat[64 + c] : 1.0f);
+            Dc[u] = ok && !kDV ? stat[128 + c] : 0.0f;
+          }
         }
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          bf16 pb[2], x1[2], x2[2], x3[2];
+          float ds[2], pv[2];
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            float pv;
-            const float ds = attn_ds_k<kCap>(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], inv_lq[u], Dq[u],
-                                             kFull || attn_visible(p, b, i + u, key[hr]), pv, p);
-            pb[u] = __float2bfloat16_rn(pv);  // exact: pv is already a bf16 value
-            split3(ds, x1[u], x2[u], x3[u]);
+            const int e = 2 * hr + u, c = x0 + nt * 8 + 2 * t + u, r = r0 + rr[hr];
+            const int qi = kDQ ? r : c, kj = kDQ ? c : r;
+            ds[u] = attn_ds_k<kCap>(s[nt][e], kDV ? 0.0f : dp[nt][e], kDQ ? mrow[hr] : mc[u],
+                                    kDQ ? inv_lrow[hr] : inv_lc[u], kDQ ? Drow[hr] : Dc[u],
+                                    kFull || attn_visible(p, b, qi, kj), pv[u], p);
           }
-          const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
-          st_pair(sP, r, cc, pb[0], pb[1]);
-          st_pair(sS, r, cc, x1[0], x1[1]);
-          st_pair(sS + OB, r, cc, x2[0], x2[1]);
-          st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
+          const int ks = nt >> 1, slot = (nt & 1) * 2 + hr;  // c_to_a64's order
+          if constexpr (!kDV) split3x2(ds[0], ds[1], a[0][ks][slot], a[1][ks][slot], a[2][ks][slot]);
+          if constexpr (kDV || kDKDV) {  // exact: pv is already a bf16 value
+            const __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]);
+            a[NTERM - 1][ks][slot] = *reinterpret_cast<const uint32_t*>(&pp);
+          }
         }
       }
     });
-    fence_async_smem();
-    __syncthreads();
+
+    // acc += A B over the tile's 64 columns: B = K (dQ), Q (dK) or dO (dV), N-major over NP panels; kDKDV: dK
+    // from dS and Q, dV from P and dO.
+    const uint32_t sB = kDV ? sY2 : sY1;
 #pragma unroll
-    for (int dc = 0; dc < NDH; ++dc) {
-      wg_hold(dk[dc]);
-      wg_hold(dv[dc]);
-    }
+    for (int x = 0; x < NTERM; ++x)
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[x][k][i])::"memory");
+#pragma unroll
+    for (int n = 0; n < NACC; ++n)
+#pragma unroll
+      for (int dc = 0; dc < NP; ++dc) wg_hold(acc[n][dc]);
     wg_arrive();
-    wg_xy<NDH>(dv, sP, sO + buf * TB, wg * NDH);
-    wg_xy<NDH>(dk, sS, sQ + buf * TB, wg * NDH);
-    wg_xy<NDH>(dk, sS + OB, sQ + buf * TB, wg * NDH);
-    wg_xy<NDH>(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
+#pragma unroll
+    for (int x = 0; x < (kDKDV ? 3 : NTERM); ++x)
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_nmajor_panels(sB + ks * 2048, 64 * 128));
+    if constexpr (kDKDV) {
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+        wgmma_rs_panels<NP>(acc[NACC - 1], a[NTERM - 1][ks], desc_nmajor_panels(sY2 + ks * 2048, 64 * 128));
+    }
     wg_commit();
     wg_wait<0>();
 #pragma unroll
-    for (int dc = 0; dc < NDH; ++dc) {
-      wg_hold(dk[dc]);
-      wg_hold(dv[dc]);
+    for (int n = 0; n < NACC; ++n)
+#pragma unroll
+      for (int dc = 0; dc < NP; ++dc) wg_hold(acc[n][dc]);
+    if (it + 2 < total) {  // every product reading this tile is complete: fetch the next tile
+      wg_bar(wg);
+      load_y1(next);
+      if constexpr (kDV || kDKDV) load_y2(next);
+      load_stats(next);
+      cp_commit();
     }
+    cur = next;
   }
 
+  // Warpgroup 1's sums, in its own fragment order, into shared memory (all of it is free once both warpgroups'
+  // products are complete); warpgroup 0 adds them to its own.
+  static_assert(NACC * 64 * HD * 4 <= 6 * int(TB), "the sums fit in the tiles' space");
+  float* red = reinterpret_cast<float*>(smem_sm90 + (sX1 - s0));
+  __syncthreads();  // every product of both warpgroups is complete
+  if (wg == 1) {
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int j = key[hr];
-    if (j >= p.T) continue;
-    const int64_t base = (tok0 + j) * p.ld_dkv + int64_t(kvh) * p.hd;
+    for (int n = 0; n < NACC; ++n)
 #pragma unroll
-    for (int dc = 0; dc < NDH; ++dc)
+      for (int dc = 0; dc < NP; ++dc)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int d = (wg * NDH + dc) * 64 + nt * 8 + 2 * t;
-        *reinterpret_cast<float2*>(p.dk + base + d) = make_float2(dk[dc][nt][2 * hr], dk[dc][nt][2 * hr + 1]);
-        *reinterpret_cast<float2*>(p.dv + base + d) = make_float2(dv[dc][nt][2 * hr], dv[dc][nt][2 * hr + 1]);
-      }
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) red[(((n * NP + dc) * 8 + nt) * 4 + e) * 128 + tid] = acc[n][dc][nt][e];
   }
-}
-
-// dQ: a block per (64 queries, head, sequence), looping over the 64-key tiles the queries see. Warpgroup w
-// computes S = Q K^T and dP = dO V^T for keys 32 w .. 32 w + 31 of the tile, and accumulates dQ for head-dimension
-// columns w HD/2 .. (w + 1) HD/2 - 1.
-template <int HD>
-__global__ void __launch_bounds__(kSm90Threads, 1) attn_dq_sm90_kernel(const AttnParams p) {
-#ifndef GEMMA_SM90_DEVICE
-  __trap();  // built without wgmma: attn_sm90_applies never launches this
-#endif
-  constexpr int BQ = 64, BC = 64, NDH = HD / 128;
-  constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
-  extern __shared__ __align__(16) unsigned char smem_sm90[];
-  const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
-  const uint32_t sO = sQ + TB, sK = sO + TB, sV = sK + 2 * TB, sS = sV + 2 * TB + OB;  // sS: 3 tiles
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
-            t = lane & 3;
-  const int i0 = (gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, b = blockIdx.z;  // longest first, as the forward
-  const int kvh = h / (p.H / p.KV);
-  const int64_t tok0 = int64_t(b) * p.T;
-  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
-  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
-  const int j_end = min(p.T, i0 + BQ);
-  const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
-  const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
-
-  cp_tile<BQ, HD, kSm90Threads>(sQ, p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd, p.ld_qkv, i0, p.T);
-  cp_tile<BQ, HD, kSm90Threads>(sO, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, i0, p.T);
-  cp_tile<BC, HD, kSm90Threads>(sK, kg, p.ld_qkv, kt0 * BC, p.T);
-  cp_tile<BC, HD, kSm90Threads>(sV, vg, p.ld_qkv, kt0 * BC, p.T);
-  cp_commit();
-
-  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-  float mrow[2], inv_l[2], Drow[2];
+  __syncthreads();
+  if (wg == 1) return;
+  const int64_t ld = kDQ ? p.ld_o : p.ld_dkv;
+  const int col0 = (kDQ ? h : kvh) * p.hd;
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const bool ok = row[hr] < p.T;
-    const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
-    mrow[hr] = ok ? p.m[si] : 0.0f;
-    inv_l[hr] = attn_inv_l(ok ? p.l[si] : 1.0f);
-    Drow[hr] = ok ? p.Dv[si] : 0.0f;
-  }
-  float dq[NDH][8][4];
+  for (int n = 0; n < NACC; ++n) {
+    float* out = kDQ ? p.dq : kDV || n == 1 ? p.dv : p.dk;
 #pragma unroll
-  for (int dc = 0; dc < NDH; ++dc)
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = r0 + rr[hr];
+      if (r >= p.T) continue;
+      const int64_t base = (tok0 + r) * ld + col0;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) dq[dc][nt][0] = dq[dc][nt][1] = dq[dc][nt][2] = dq[dc][nt][3] = 0.0f;
-
-  for (int kt = kt0; kt < kt1; ++kt) {
-    const int buf = (kt - kt0) & 1;
-    cp_wait<0>();  // this tile's K and V
-    fence_async_smem();
-    __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
-    if (kt + 1 < kt1) {
-      cp_tile<BC, HD, kSm90Threads>(sK + (buf ^ 1) * TB, kg, p.ld_qkv, (kt + 1) * BC, p.T);
-      cp_tile<BC, HD, kSm90Threads>(sV + (buf ^ 1) * TB, vg, p.ld_qkv, (kt + 1) * BC, p.T);
-    }
-    cp_commit();
-    const int j0 = kt * BC + 32 * wg;  // this warpgroup's 32 keys
-    float s[4][4] = {}, dp[4][4] = {};
-    wg_abt_n32_pair<HD>(s, sQ, sK + buf * TB + 32 * wg * 128, dp, sO, sV + buf * TB + 32 * wg * 128);
-    const bool full = !p.doc && !p.key_ok && j0 + 31 <= i0 && i0 + BQ - 1 < p.T &&
-                      (p.window <= 0 || i0 + BQ - 1 - j0 < p.window);
-    attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
-      constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
+      for (int dc = 0; dc < NP; ++dc)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int c = nt * 8 + 2 * t;
-          bf16 x1[2], x2[2], x3[2];
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            float pv;
-            const float ds = attn_ds_k<kCap>(s[nt][2 * hr + u], dp[nt][2 * hr + u], mrow[hr], inv_l[hr], Drow[hr],
-                                             kFull || attn_visible(p, b, row[hr], j0 + c + u), pv, p);
-            split3(ds, x1[u], x2[u], x3[u]);
-          }
-          const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
-          st_pair(sS, r, cc, x1[0], x1[1]);
-          st_pair(sS + OB, r, cc, x2[0], x2[1]);
-          st_pair(sS + 2 * OB, r, cc, x3[0], x3[1]);
+        for (int nt = 0; nt < 8; ++nt) {
+          const int d = dc * 64 + nt * 8 + 2 * t, f = (((n * NP + dc) * 8 + nt) * 4 + 2 * hr) * 128 + tid;
+          *reinterpret_cast<float2*>(out + base + d) =
+              make_float2(acc[n][dc][nt][2 * hr] + red[f], acc[n][dc][nt][2 * hr + 1] + red[f + 128]);
         }
-    });
-    fence_async_smem();
-    __syncthreads();
-#pragma unroll
-    for (int dc = 0; dc < NDH; ++dc) wg_hold(dq[dc]);
-    wg_arrive();
-    wg_xy<NDH>(dq, sS, sK + buf * TB, wg * NDH);
-    wg_xy<NDH>(dq, sS + OB, sK + buf * TB, wg * NDH);
-    wg_xy<NDH>(dq, sS + 2 * OB, sK + buf * TB, wg * NDH);
-    wg_commit();
-    wg_wait<0>();
-#pragma unroll
-    for (int dc = 0; dc < NDH; ++dc) wg_hold(dq[dc]);
-  }
-
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = row[hr];
-    if (r >= p.T) continue;
-    const int64_t base = (tok0 + r) * p.ld_o + int64_t(h) * p.hd;
-#pragma unroll
-    for (int dc = 0; dc < NDH; ++dc)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int d = (wg * NDH + dc) * 64 + nt * 8 + 2 * t;
-        *reinterpret_cast<float2*>(p.dq + base + d) = make_float2(dq[dc][nt][2 * hr], dq[dc][nt][2 * hr + 1]);
-      }
+    }
   }
 }
 
@@ -656,17 +653,26 @@ inline void attention_forward(AttnParams p, cudaStream_t st) {
     attn_fwd_sm90_launch<128>(p, st);
 }
 
+template <int HD, int PART>
+void attn_bwd_sm90_part(const AttnParams& p, dim3 grid, const char* name, cudaStream_t st) {
+  constexpr int smem = attn_bwd_sm90_smem<HD>();
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, PART>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  attn_bwd_sm90_kernel<HD, PART><<<grid, kSm90Threads, smem, st>>>(p);
+  const cudaError_t e = cudaGetLastError();  // GEMMA_LAUNCHED with the part's name
+  if (e != cudaSuccess) cuda_fail(e, name, __FILE__, __LINE__);
+}
+
 template <int HD>
 void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
-  constexpr int smem = attn_bwd_sm90_smem<HD>();
-  GEMMA_CUDA(cudaFuncSetAttribute(attn_dq_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
-  attn_dq_sm90_kernel<HD><<<grid_q, kSm90Threads, smem, st>>>(p);
-  GEMMA_LAUNCHED("attn_dq_sm90_kernel");
-  GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV), unsigned(p.B));
-  attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem, st>>>(p);
-  GEMMA_LAUNCHED("attn_dkdv_sm90_kernel");
+  attn_bwd_sm90_part<HD, kAttnDQ>(p, grid_q, "launch of attn_bwd_sm90_kernel (dq)", st);
+  if constexpr (HD == 128) {
+    attn_bwd_sm90_part<HD, kAttnDKDV>(p, grid_k, "launch of attn_bwd_sm90_kernel (dk, dv)", st);
+  } else {
+    attn_bwd_sm90_part<HD, kAttnDK>(p, grid_k, "launch of attn_bwd_sm90_kernel (dk)", st);
+    attn_bwd_sm90_part<HD, kAttnDV>(p, grid_k, "launch of attn_bwd_sm90_kernel (dv)", st);
+  }
 }
 
 // dq, dk, dv (fp32, before the RoPE backward) from dout (bf16), o32, m, l and a recomputation of the scores.

@@ -119,6 +119,42 @@ __device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[8][4], const uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 #endif
 }
+// d (64 x 64 NP: panel q of d holds columns 64 q .. 64 q + 63, each as wgmma_ss's d) += A B over one k16 step, A
+// (64 x 16 per warpgroup) from registers in the mma.sync A-fragment layout (as wgmma_rs_nmajor), B an N-major
+// shared-memory operand over NP 64-column panels (desc_nmajor_panels). NP = 2 (m64n128k16) or 4 (m64n256k16): the
+// whole head dimension of the attention backward's dQ, dK or dV in one product per k step.
+template <int NP>
+__device__ __forceinline__ void wgmma_rs_panels(float (&d)[NP][8][4], const uint32_t (&a)[4], uint64_t db) {
+#ifdef GEMMA_SM90_DEVICE
+  static_assert(NP == 2 || NP == 4, "m64n128k16 or m64n256k16");
+  if constexpr (NP == 2) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21,"
+        " %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41,"
+        " %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61,"
+        " %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : GEMMA_WG_D32(d[0]), GEMMA_WG_D32(d[1])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21,"
+        " %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41,"
+        " %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61,"
+        " %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81,"
+        " %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101,"
+        " %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118,"
+        " %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+        : GEMMA_WG_D32(d[0]), GEMMA_WG_D32(d[1]), GEMMA_WG_D32(d[2]), GEMMA_WG_D32(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+#endif
+}
 __device__ __forceinline__ void wg_arrive() {
 #ifdef GEMMA_SM90_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
