@@ -324,23 +324,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward: three kernels of one template (attn_bwd_sm90_kernel), dQ, dK and dV, each computing a 64-row block of
-// its result over the whole head dimension. The block's fixed 64-row tiles (X: Q and dO for dQ; K and V for dK; K
-// for dV) are shared by both warpgroups; the tiles of the other side (Y: K and V for dQ; Q and dO of each of the kv
-// head's query heads for dK and dV) alternate between them, warpgroup w taking tiles w, w + 2, ... into its own
-// buffers, with its own fp32 accumulator (64 x HD: 128 registers a thread at head_dim 256). Nothing but the final
-// sum couples the warpgroups, so one computes its scores while the other's products run (ping-pong, as
-// FlashAttention 3 schedules its softmax against the other warpgroup's products); in the kernels before (one tile
-// at a time, split between the warpgroups by columns, two block-wide barriers a tile) the tensor pipe was 29-35%
-// busy (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and, except for dV, dP = X2 Y2^T as m64n64
-// products over the head dimension, turns them into dS (split into its three exact bf16 terms) or P, bf16 A
-// fragments in registers (the accumulator layout is the A layout, as P in the forward), and adds dS K (dQ),
-// dS^T Q (dK) or P^T dO (dV) as m64nHD products with A from registers. At the end warpgroup 1's sum goes through
-// shared memory and warpgroup 0 adds it to its own: a fixed order, so two runs give the same bits. At head_dim 128
-// one kernel accumulates dK and dV (kAttnDKDV, 128 registers a thread); at 256 the two would need 256 registers, so
-// dK and dV are separate kernels there, at the price of S computed twice (7 products a score over the three kernels
-// instead of 6) and of Q and dO read twice.
-enum AttnBwdPart { kAttnDQ, kAttnDK, kAttnDV, kAttnDKDV };
+// Backward, ping-pong: one template (attn_bwd_sm90_kernel) for dQ (both head sizes) and for dK with dV (head_dim
+// 128; at 256 see attn_dkdv_sm90_kernel below), each block computing a 64-row block of its result over the whole
+// head dimension. The block's fixed 64-row tiles (X: Q and dO for dQ; K and V for dK, dV) are shared by both
+// warpgroups; the tiles of the other side (Y: K and V for dQ; Q and dO of each of the kv head's query heads for dK,
+// dV) alternate between them, warpgroup w taking tiles w, w + 2, ... into its own buffers, with its own fp32
+// accumulators (64 x HD: 128 registers a thread for dQ at head_dim 256, for dK and dV together at 128). Nothing but
+// the final sum couples the warpgroups, so one computes its scores while the other's products run (ping-pong, as
+// FlashAttention 3 schedules its softmax against the other warpgroup's products); the split-tile kernels before
+// (one tile at a time shared by the warpgroups, two block-wide barriers a tile) kept the tensor pipe 29-35% busy
+// (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and dP = X2 Y2^T as m64n64 products over the
+// head dimension, turns them into dS (its three exact bf16 terms) and, for dV, P as bf16 A fragments in registers
+// (the accumulator layout is the A layout, as P in the forward), and adds dS K (dQ), or dS^T Q and P^T dO (dK, dV),
+// as m64nHD products with A from registers. At the end warpgroup 1's sums go through shared memory and warpgroup 0
+// adds them to its own: a fixed order, so two runs give the same bits.
+enum AttnBwdPart { kAttnDQ, kAttnDKDV };
 
 template <int HD>
 constexpr int attn_bwd_sm90_smem() {
@@ -358,12 +356,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
 #endif
   constexpr int NP = HD / 64;
   constexpr uint32_t TB = 64 * HD * 2;
-  constexpr bool kDQ = PART == kAttnDQ, kDV = PART == kAttnDV, kDKDV = PART == kAttnDKDV;
-  // Accumulators: dQ, dK or dV; dK and dV (kDKDV, head_dim 128 only: 128 registers a thread, as one at 256).
+  constexpr bool kDQ = PART == kAttnDQ, kDKDV = PART == kAttnDKDV;
+  // Accumulators: dQ; or dK and dV (kDKDV, head_dim 128 only: 128 registers a thread, as dQ's at 256).
   constexpr int NACC = kDKDV ? 2 : 1;
   static_assert(!kDKDV || HD == 128, "dK and dV in one kernel at head_dim 128 only");
-  // The A terms of a tile: dS's three bf16 terms, P's one (dV), or both (kDKDV: dS in 0-2, P in 3).
-  constexpr int NTERM = kDV ? 1 : kDKDV ? 4 : 3;
+  // The A terms of a tile: dS's three bf16 terms, and for kDKDV P's one (in 3).
+  constexpr int NTERM = kDKDV ? 4 : 3;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t s0 = smem_addr(smem_sm90), sX1 = (s0 + 1023u) & ~1023u, sX2 = sX1 + TB;
   // The warpgroup index from lane 0, so that ptxas knows the branches around the products are warp-uniform
@@ -422,7 +420,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     if constexpr (!kDQ) {
       const int64_t si0 = (int64_t(b) * p.H + y.head) * p.T;
 #pragma unroll
-      for (int a = 0; a < (kDV ? 2 : 3); ++a) {
+      for (int a = 0; a < 3; ++a) {
         if (tid >= 64) break;
         const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
         const int i = y.row + tid;
@@ -436,7 +434,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     cp_tile<64, HD, kSm90Threads>(sX2, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, r0, p.T, threadIdx.x);
   } else {
     cp_tile<64, HD, kSm90Threads>(sX1, kg, p.ld_qkv, r0, p.T, threadIdx.x);
-    if constexpr (!kDV) cp_tile<64, HD, kSm90Threads>(sX2, vg, p.ld_qkv, r0, p.T, threadIdx.x);
+    cp_tile<64, HD, kSm90Threads>(sX2, vg, p.ld_qkv, r0, p.T, threadIdx.x);
   }
   if (wg < total) {
     const YTile y = y_tile(wg);
@@ -485,21 +483,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     for (int kk = 0; kk < HD / 16; ++kk) {
       const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
       wgmma_ss<0>(s, desc_kmajor(sX1 + off), desc_kmajor(sY1 + off), kk > 0);
-      if constexpr (!kDV) wgmma_ss<0>(dp, desc_kmajor(sX2 + off), desc_kmajor(sY2 + off), kk > 0);
+      wgmma_ss<0>(dp, desc_kmajor(sX2 + off), desc_kmajor(sY2 + off), kk > 0);
     }
     wg_commit();
     wg_wait<0>();
     wg_hold(s);
-    if constexpr (!kDV) wg_hold(dp);
-    if constexpr (!kDV && !kDKDV) {
-      if (it + 2 < total) {  // Y2 (V or dO) is read by no later product of this tile: fetch the next one now
+    wg_hold(dp);
+    if constexpr (kDQ) {
+      if (it + 2 < total) {  // V is read by no later product of this tile: fetch the next one now
         wg_bar(wg);
         load_y2(next);
         cp_commit();
       }
     }
 
-    // dS (three bf16 terms) and/or P as the A fragments of the k16 steps over this tile's 64 columns.
+    // dS (three bf16 terms) and, for dV, P as the A fragments of the k16 steps over this tile's 64 columns.
     uint32_t a[NTERM][4][4];
     const int x0 = cur.row;  // first column: key (dQ) or query (dK, dV)
     const bool full = !p.doc && !p.key_ok && (kDQ ? x0 + 63 <= r0 && r0 + 63 < p.T && (p.window <= 0 || r0 + 63 - x0 < p.window)
@@ -516,7 +514,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
             const bool ok = x0 + c < p.T;
             mc[u] = ok ? stat[c] : 0.0f;
             inv_lc[u] = attn_inv_l(ok ? stat[64 + c] : 1.0f);
-            Dc[u] = ok && !kDV ? stat[128 + c] : 0.0f;
+            Dc[u] = ok ? stat[128 + c] : 0.0f;
           }
         }
 #pragma unroll
@@ -526,13 +524,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
           for (int u = 0; u < 2; ++u) {
             const int e = 2 * hr + u, c = x0 + nt * 8 + 2 * t + u, r = r0 + rr[hr];
             const int qi = kDQ ? r : c, kj = kDQ ? c : r;
-            ds[u] = attn_ds_k<kCap>(s[nt][e], kDV ? 0.0f : dp[nt][e], kDQ ? mrow[hr] : mc[u],
+            ds[u] = attn_ds_k<kCap>(s[nt][e], dp[nt][e], kDQ ? mrow[hr] : mc[u],
                                     kDQ ? inv_lrow[hr] : inv_lc[u], kDQ ? Drow[hr] : Dc[u],
                                     kFull || attn_visible(p, b, qi, kj), pv[u], p);
           }
           const int ks = nt >> 1, slot = (nt & 1) * 2 + hr;  // c_to_a64's order
-          if constexpr (!kDV) split3x2(ds[0], ds[1], a[0][ks][slot], a[1][ks][slot], a[2][ks][slot]);
-          if constexpr (kDV || kDKDV) {  // exact: pv is already a bf16 value
+          split3x2(ds[0], ds[1], a[0][ks][slot], a[1][ks][slot], a[2][ks][slot]);
+          if constexpr (kDKDV) {  // exact: pv is already a bf16 value
             const __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]);
             a[NTERM - 1][ks][slot] = *reinterpret_cast<const uint32_t*>(&pp);
           }
@@ -540,9 +538,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
       }
     });
 
-    // acc += A B over the tile's 64 columns: B = K (dQ), Q (dK) or dO (dV), N-major over NP panels; kDKDV: dK
-    // from dS and Q, dV from P and dO.
-    const uint32_t sB = kDV ? sY2 : sY1;
+    // acc += A B over the tile's 64 columns, B N-major over NP panels: dQ += dS K; dK += dS^T Q, dV += P^T dO.
 #pragma unroll
     for (int x = 0; x < NTERM; ++x)
 #pragma unroll
@@ -557,7 +553,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
 #pragma unroll
     for (int x = 0; x < (kDKDV ? 3 : NTERM); ++x)
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_nmajor_panels(sB + ks * 2048, 64 * 128));
+      for (int ks = 0; ks < 4; ++ks) wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_nmajor_panels(sY1 + ks * 2048, 64 * 128));
     if constexpr (kDKDV) {
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
@@ -572,7 +568,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     if (it + 2 < total) {  // every product reading this tile is complete: fetch the next tile
       wg_bar(wg);
       load_y1(next);
-      if constexpr (kDV || kDKDV) load_y2(next);
+      if constexpr (kDKDV) load_y2(next);
       load_stats(next);
       cp_commit();
     }
@@ -600,7 +596,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
   const int col0 = (kDQ ? h : kvh) * p.hd;
 #pragma unroll
   for (int n = 0; n < NACC; ++n) {
-    float* out = kDQ ? p.dq : kDV || n == 1 ? p.dv : p.dk;
+    float* out = kDQ ? p.dq : n == 1 ? p.dv : p.dk;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int r = r0 + rr[hr];
@@ -615,6 +611,200 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
               make_float2(acc[n][dc][nt][2 * hr] + red[f], acc[n][dc][nt][2 * hr + 1] + red[f + 128]);
         }
     }
+  }
+}
+
+// dK and dV at head_dim 256 (attn_dkdv_sm90_kernel): both accumulators over the whole head dimension would need
+// 256 registers a thread, so the ping-pong schedule above does not apply; separate dK and dV kernels in it measured
+// slower than this fused kernel (docs/benchmarks.md: 2.22 + 1.91 ms against 3.90 in one step of 4 layers at 9b,
+// T = 4096, ncu), which computes every score once, shared by the two warpgroups. Each 64 x 64 tile of scores is
+// split between the warpgroups by columns (32 each, an m64n32 product over the whole head dimension for S and
+// for dP); each warpgroup turns its half into bf16 operands in shared memory (P and the three terms of the dS
+// split), and after a barrier each multiplies the whole 64 x 64 operand tiles into its half of the head dimension
+// of dK and dV. Two barriers per tile: the first publishes the tile's copies and is passed only once every
+// warpgroup has waited for the last tile's products (so the other buffer and the operand tiles are free, and the
+// next copy starts there), the second publishes the operand tiles.
+
+// s (64 x 32) = A B^T over the head dimension: A the 64-row tile at a_base, B the 32 rows at b_base of a 64-row
+// tile; the same for the second pair into s2, both in one commit group.
+template <int HD>
+__device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_base, uint32_t b_base,
+                                                float (&s2)[4][4], uint32_t a2_base, uint32_t b2_base) {
+  wg_hold(s);
+  wg_hold(s2);
+  wg_arrive();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+    wgmma_ss_n32(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
+    wgmma_ss_n32(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
+  }
+  wg_commit();
+  wg_wait<0>();
+  wg_hold(s);
+  wg_hold(s2);
+}
+
+// acc[dc] (64 x 64, columns of panel first + dc of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile, Y a
+// 64-row N-major tile (rows are k).
+template <int NDH>
+__device__ __forceinline__ void wg_xy(float (&acc)[NDH][8][4], uint32_t x, uint32_t y, int first) {
+  if constexpr (NDH == 2) {  // head_dim 256: both panels in one n128 product per k step
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+      wgmma_ss_n128<1>(acc[0], acc[1], desc_kmajor(x + ks * 32),
+                       desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
+  } else {
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+        wgmma_ss<1>(acc[dc], desc_kmajor(x + ks * 32), desc_nmajor(y + (first + dc) * (64 * 128) + ks * 2048), 1);
+  }
+}
+
+// Two bf16 values, packed as pack_bf16 (the one at column c in the low half), at (r, c), (r, c + 1) of a 64 x 64
+// swizzled operand tile (c even).
+__device__ __forceinline__ void st_word(uint32_t tile, int r, int c, uint32_t w) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swz<64>(r, c)), "r"(w) : "memory");
+}
+
+template <int HD>
+constexpr int attn_dkdv_sm90_smem() {
+  // two single tiles, two double-buffered, four operand tiles, and (dK, dV) two buffers of a tile's m, l, D
+  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4;
+}
+
+// dK, dV: a block per (64 keys, kv head, sequence), looping over the group's query heads and the 64-query tiles
+// that see the keys. Warpgroup w computes S^T = K Q^T and dP^T = V dO^T for queries 32 w .. 32 w + 31 of the
+// tile, and accumulates dK, dV for head-dimension columns w HD/2 .. (w + 1) HD/2 - 1.
+template <int HD>
+__global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const AttnParams p) {
+#ifndef GEMMA_SM90_DEVICE
+  __trap();  // built without wgmma: attn_sm90_applies never launches this
+#endif
+  constexpr int BK = 64, BQ = 64, NDH = HD / 128;
+  constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
+  extern __shared__ __align__(16) unsigned char smem_sm90[];
+  const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
+  const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
+  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries
+  const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
+            t = lane & 3;
+  const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
+  const int G = p.H / p.KV;
+  const int64_t tok0 = int64_t(b) * p.T;
+  const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
+  const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
+  auto q_of = [&](int it) { return p.q + tok0 * p.ld_qkv + int64_t(kvh * G + it / nqt) * p.hd; };
+  auto o_of = [&](int it) { return p.dout + tok0 * p.ld_o + int64_t(kvh * G + it / nqt) * p.hd; };
+  auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
+  // Tile it's Q, dO and saved statistics (threads 0-191, one value each; rows past T zero) into buffer bf. The
+  // statistics come with the tiles, a tile ahead, rather than as 24 dependent loads per thread once the scores
+  // are there.
+  auto load_tile = [&](int it, int bf) {
+    cp_tile<BQ, HD, kSm90Threads>(sQ + bf * TB, q_of(it), p.ld_qkv, row_of(it), p.T);
+    cp_tile<BQ, HD, kSm90Threads>(sO + bf * TB, o_of(it), p.ld_o, row_of(it), p.T);
+    if (threadIdx.x < 3 * BQ) {
+      const int a = threadIdx.x / BQ, qi = threadIdx.x % BQ, i = row_of(it) + qi;
+      const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
+      const int64_t si = (int64_t(b) * p.H + kvh * G + it / nqt) * p.T + (i < p.T ? i : 0);
+      cp_async4(sStat + uint32_t(((bf * 3 + a) * BQ + qi) * 4), src + si, i < p.T);
+    }
+  };
+
+  cp_tile<BK, HD, kSm90Threads>(sK, p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
+  cp_tile<BK, HD, kSm90Threads>(sV, p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
+  load_tile(0, 0);
+  cp_commit();
+
+  const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  float dk[NDH][8][4], dv[NDH][8][4];
+#pragma unroll
+  for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[dc][nt][e] = dv[dc][nt][e] = 0.0f;
+
+  for (int it = 0; it < total; ++it) {
+    const int buf = it & 1;
+    cp_wait<0>();  // this tile's Q and dO
+    fence_async_smem();
+    __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
+    if (it + 1 < total) load_tile(it + 1, buf ^ 1);
+    cp_commit();
+    const int i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
+    float st[4][4] = {}, dpt[4][4] = {};
+    wg_abt_n32_pair<HD>(st, sK, sQ + buf * TB + 32 * wg * 128, dpt, sV, sO + buf * TB + 32 * wg * 128);
+    const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + 31 < p.T && (p.window <= 0 || i0 + 31 - j0 < p.window);
+    attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
+      constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c = nt * 8 + 2 * t, i = i0 + c;
+        float mq[2], inv_lq[2], Dq[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const bool ok = i + u < p.T;
+          const float* sq = stat + buf * 3 * BQ + 32 * wg + c + u;  // [m; l; D] of query i + u
+          mq[u] = ok ? sq[0] : 0.0f;
+          inv_lq[u] = attn_inv_l(ok ? sq[BQ] : 1.0f);
+          Dq[u] = ok ? sq[2 * BQ] : 0.0f;
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          float ds[2], pv[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            ds[u] = attn_ds_k<kCap>(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], inv_lq[u], Dq[u],
+                                    kFull || attn_visible(p, b, i + u, key[hr]), pv[u], p);
+          const __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]);  // exact: pv are already bf16 values
+          uint32_t w1, w2, w3;
+          split3x2(ds[0], ds[1], w1, w2, w3);
+          const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
+          st_word(sP, r, cc, *reinterpret_cast<const uint32_t*>(&pp));
+          st_word(sS, r, cc, w1);
+          st_word(sS + OB, r, cc, w2);
+          st_word(sS + 2 * OB, r, cc, w3);
+        }
+      }
+    });
+    fence_async_smem();
+    __syncthreads();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) {
+      wg_hold(dk[dc]);
+      wg_hold(dv[dc]);
+    }
+    wg_arrive();
+    wg_xy<NDH>(dv, sP, sO + buf * TB, wg * NDH);
+    wg_xy<NDH>(dk, sS, sQ + buf * TB, wg * NDH);
+    wg_xy<NDH>(dk, sS + OB, sQ + buf * TB, wg * NDH);
+    wg_xy<NDH>(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
+    wg_commit();
+    wg_wait<0>();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) {
+      wg_hold(dk[dc]);
+      wg_hold(dv[dc]);
+    }
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int j = key[hr];
+    if (j >= p.T) continue;
+    const int64_t base = (tok0 + j) * p.ld_dkv + int64_t(kvh) * p.hd;
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int d = (wg * NDH + dc) * 64 + nt * 8 + 2 * t;
+        *reinterpret_cast<float2*>(p.dk + base + d) = make_float2(dk[dc][nt][2 * hr], dk[dc][nt][2 * hr + 1]);
+        *reinterpret_cast<float2*>(p.dv + base + d) = make_float2(dv[dc][nt][2 * hr], dv[dc][nt][2 * hr + 1]);
+      }
   }
 }
 
@@ -653,25 +843,23 @@ inline void attention_forward(AttnParams p, cudaStream_t st) {
     attn_fwd_sm90_launch<128>(p, st);
 }
 
-template <int HD, int PART>
-void attn_bwd_sm90_part(const AttnParams& p, dim3 grid, const char* name, cudaStream_t st) {
-  constexpr int smem = attn_bwd_sm90_smem<HD>();
-  GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, PART>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  attn_bwd_sm90_kernel<HD, PART><<<grid, kSm90Threads, smem, st>>>(p);
-  const cudaError_t e = cudaGetLastError();  // GEMMA_LAUNCHED with the part's name
-  if (e != cudaSuccess) cuda_fail(e, name, __FILE__, __LINE__);
-}
-
 template <int HD>
 void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
   const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
   const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV), unsigned(p.B));
-  attn_bwd_sm90_part<HD, kAttnDQ>(p, grid_q, "launch of attn_bwd_sm90_kernel (dq)", st);
+  constexpr int smem = attn_bwd_sm90_smem<HD>();
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  attn_bwd_sm90_kernel<HD, kAttnDQ><<<grid_q, kSm90Threads, smem, st>>>(p);
+  GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dq)");
   if constexpr (HD == 128) {
-    attn_bwd_sm90_part<HD, kAttnDKDV>(p, grid_k, "launch of attn_bwd_sm90_kernel (dk, dv)", st);
+    GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDKDV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attn_bwd_sm90_kernel<HD, kAttnDKDV><<<grid_k, kSm90Threads, smem, st>>>(p);
+    GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dk, dv)");
   } else {
-    attn_bwd_sm90_part<HD, kAttnDK>(p, grid_k, "launch of attn_bwd_sm90_kernel (dk)", st);
-    attn_bwd_sm90_part<HD, kAttnDV>(p, grid_k, "launch of attn_bwd_sm90_kernel (dv)", st);
+    constexpr int smem_kv = attn_dkdv_sm90_smem<HD>();
+    GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_kv));
+    attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem_kv, st>>>(p);
+    GEMMA_LAUNCHED("attn_dkdv_sm90_kernel");
   }
 }
 
