@@ -90,12 +90,13 @@ __device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, 
 constexpr double kLog2eF64 = 1.4426950408889634;
 constexpr float kLog2e = float(kLog2eF64);
 
-// 2^x on the special-function unit, ex2.approx.ftz.f32: the approximation exp2f itself uses (within 2 ulp) without
-// the subnormal handling exp2f wraps around it (a compare and two scalings, three instructions of the roughly 35 a
-// score costs in the backward, twice per score): a result below 2^-126 is 0 instead of subnormal. The two uses
-// below are then off by less than 2^-126 absolutely where that happens: a probability P < 2^-126 (a row's largest P
-// is at least 1 / T) and the cap's e < 2^-126 (|score| > 44 c), whose sech^2 < 2^-124 multiplies the score's
-// gradient.
+// 2^x on the special-function unit, ex2.approx.ftz.f32: exp2f compiles to ex2.approx.f32, which for results of
+// 2^-126 and above is this same approximation (within exp2f's 2 ulp) and wraps it, for subnormal results, in a
+// compare and two scalings: three instructions of the roughly 35 a score costs in the backward, twice per score.
+// Here a result below 2^-126 is 0 instead of subnormal, which moves the two uses below by less than 2^-126
+// absolutely where it happens: exp(z - m) < 2^-126 (then P = exp(z - m) / l is 0 instead of below 2^-126 / l; a
+// row's largest P is at least 1 / T) and the cap's e < 2^-126 (|score| > 43.7 c), whose sech^2 < 2^-124 then
+// becomes 0 as the factor of the score's gradient.
 __device__ __forceinline__ float attn_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

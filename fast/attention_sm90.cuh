@@ -1,12 +1,13 @@
 // Attention for Hopper (sm_90a): the same algorithm and cast points as attention.cuh (two passes, P normalised
 // and rounded to bf16 before P V, scores recomputed in the backward), with the products on warpgroup MMA
-// (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async fills ahead of
-// the ones being multiplied.
+// (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async fills: ahead of
+// the ones being multiplied in the forward and the split-tile dK/dV kernel; in the ping-pong backward kernels each
+// warpgroup copies its next tile once its products are done, and the other warpgroup's work covers the wait.
 //
 // Layout: fast/wgmma.cuh (128-byte swizzled tiles). For S = Q K^T both operands are K-major (the head dimension
 // is contiguous); for O = P V the B operand V is N-major (stored [key][d]). P enters from registers: the
 // accumulator fragment of S (per warp the mma.sync m16n8 C layout) is, after the bf16 rounding, the A fragment of
-// the next product (c_to_a), as in attention.cuh.
+// the next product (c_to_a64; c_to_a in attention.cuh).
 //
 // Only head_dim 128 and 256 (the released models) with 16-byte aligned rows take this path; everything else,
 // and GEMMA_FAST_ATTN=mma, runs attention.cuh's kernels. The numbers differ from those kernels only by the fp32
@@ -330,10 +331,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
 // warpgroups; the tiles of the other side (Y: K and V for dQ; Q and dO of each of the kv head's query heads for dK,
 // dV) alternate between them, warpgroup w taking tiles w, w + 2, ... into its own buffers, with its own fp32
 // accumulators (64 x HD: 128 registers a thread for dQ at head_dim 256, for dK and dV together at 128). Nothing but
-// the final sum couples the warpgroups, so one computes its scores while the other's products run (ping-pong, as
-// FlashAttention 3 schedules its softmax against the other warpgroup's products); the split-tile kernels before
-// (one tile at a time shared by the warpgroups, two block-wide barriers a tile) kept the tensor pipe 29-35% busy
-// (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and dP = X2 Y2^T as m64n64 products over the
+// the final sum couples the warpgroups, so one can compute its scores while the other's products run (ping-pong;
+// FlashAttention 3 enforces that alternation with barriers between its warpgroups, here nothing orders them); the
+// split-tile kernels before (one tile at a time shared by the warpgroups, two block-wide barriers a tile) kept the
+// tensor pipe 29-35% busy (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and dP = X2 Y2^T as m64n64 products over the
 // head dimension, turns them into dS (its three exact bf16 terms) and, for dV, P as bf16 A fragments in registers
 // (the accumulator layout is the A layout, as P in the forward), and adds dS K (dQ), or dS^T Q and P^T dO (dK, dV),
 // as m64nHD products with A from registers. At the end warpgroup 1's sums go through shared memory and warpgroup 0
@@ -500,6 +501,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     // dS (three bf16 terms) and, for dV, P as the A fragments of the k16 steps over this tile's 64 columns.
     uint32_t a[NTERM][4][4];
     const int x0 = cur.row;  // first column: key (dQ) or query (dK, dV)
+    // Every score of the tile visible (attn_tile_full with the queries as rows: r0.. for dQ, x0.. for dK, dV).
     const bool full = !p.doc && !p.key_ok && (kDQ ? x0 + 63 <= r0 && r0 + 63 < p.T && (p.window <= 0 || r0 + 63 - x0 < p.window)
                                                   : r0 + 63 <= x0 && x0 + 63 < p.T && (p.window <= 0 || x0 + 63 - r0 < p.window));
     attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
@@ -645,22 +647,13 @@ __device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_bas
   wg_hold(s2);
 }
 
-// acc[dc] (64 x 64, columns of panel first + dc of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile, Y a
-// 64-row N-major tile (rows are k).
-template <int NDH>
-__device__ __forceinline__ void wg_xy(float (&acc)[NDH][8][4], uint32_t x, uint32_t y, int first) {
-  if constexpr (NDH == 2) {  // head_dim 256: both panels in one n128 product per k step
+// acc (64 x 128: columns of panels first and first + 1 of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile,
+// Y a 64-row N-major tile (rows are k) of 64-column panels.
+__device__ __forceinline__ void wg_xy(float (&acc)[2][8][4], uint32_t x, uint32_t y, int first) {
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-      wgmma_ss_n128<1>(acc[0], acc[1], desc_kmajor(x + ks * 32),
-                       desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
-  } else {
-#pragma unroll
-    for (int dc = 0; dc < NDH; ++dc)
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-        wgmma_ss<1>(acc[dc], desc_kmajor(x + ks * 32), desc_nmajor(y + (first + dc) * (64 * 128) + ks * 2048), 1);
-  }
+  for (int ks = 0; ks < 4; ++ks)  // both panels in one n128 product per k step
+    wgmma_ss_n128<1>(acc[0], acc[1], desc_kmajor(x + ks * 32),
+                     desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
 }
 
 // Two bf16 values, packed as pack_bf16 (the one at column c in the low half), at (r, c), (r, c + 1) of a 64 x 64
@@ -683,6 +676,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
 #ifndef GEMMA_SM90_DEVICE
   __trap();  // built without wgmma: attn_sm90_applies never launches this
 #endif
+  static_assert(HD == 256, "head_dim 128 takes the ping-pong dK, dV kernel");
   constexpr int BK = 64, BQ = 64, NDH = HD / 128;
   constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
@@ -779,10 +773,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
       wg_hold(dv[dc]);
     }
     wg_arrive();
-    wg_xy<NDH>(dv, sP, sO + buf * TB, wg * NDH);
-    wg_xy<NDH>(dk, sS, sQ + buf * TB, wg * NDH);
-    wg_xy<NDH>(dk, sS + OB, sQ + buf * TB, wg * NDH);
-    wg_xy<NDH>(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
+    wg_xy(dv, sP, sO + buf * TB, wg * NDH);
+    wg_xy(dk, sS, sQ + buf * TB, wg * NDH);
+    wg_xy(dk, sS + OB, sQ + buf * TB, wg * NDH);
+    wg_xy(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
     wg_commit();
     wg_wait<0>();
 #pragma unroll

@@ -76,9 +76,10 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t
 }
 // d0 | d1 (64 x 128, columns 0-63 in d0 and 64-127 in d1, each as wgmma_ss's d) += A B over one k16 step, A
 // K-major; B K-major (TB = 0: 128 rows of B^T, 16 groups of 8 rows 1024 bytes apart, desc_kmajor) or N-major over
-// two 64-column panels (TB = 1, desc_nmajor_panels); accumulate = 0 overwrites d. One product instead of two m64n64 ones: A is read from
-// shared memory once, not twice (the attention backward's dK, dV and dQ products are limited by shared-memory
-// bandwidth: per warpgroup an m64n64k16 reads 4 KB in its 32 cycles, and two warpgroups share 128 bytes a cycle).
+// two 64-column panels (TB = 1, desc_nmajor_panels); accumulate = 0 overwrites d. One product instead of two
+// m64n64 ones: A is read from shared memory once, not twice (the split-tile dK, dV products of the attention
+// backward at head_dim 256 and the adapters' fused add: per warpgroup an m64n64k16 reads 4 KB in its 32 cycles, and
+// two warpgroups share 128 bytes a cycle).
 template <int TB>
 __device__ __forceinline__ void wgmma_ss_n128(float (&d0)[8][4], float (&d1)[8][4], uint64_t da, uint64_t db,
                                               int accumulate = 1) {
