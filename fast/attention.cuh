@@ -80,13 +80,13 @@ __device__ __forceinline__ bool attn_visible(const AttnParams& p, int b, int i, 
 // `ncu` showed the kernels latency-bound on that arithmetic, and this form made them 1.37x faster forward and 1.32x
 // backward at 9b, T = 4096, cap on; docs/benchmarks.md.)
 //
-// Softcap of a scaled score x: c tanh(x / c) = sign(x) c (1 - e) / (1 + e) and sech^2(x / c) = 4 e / (1 + e)^2,
-// with e = exp(-2|x|/c) = 2^(cap_k |x|), cap_k = -2 log2(e) / c. Error: attn_exp2 is within 2 ulp (CUDA C Programming
-// Guide, table of single-precision functions) and so is __fdividef for a divisor in [1, 2], so 1 - e is off by at
-// most 3e-7 and the capped score by at most 6e-7 c (3e-5 at Gemma 2's c = 50), absolutely; tanhf was within 2 ulp
-// relatively (6e-6 at |z| = 50). Scores enter the softmax through exp(z - m), so an absolute error d in z is a
-// relative error d in P, here 1/65 of the 2^-9 half-step of P's bf16 rounding. The form has no cancellation in the
-// tail, where 1 - tanh^2 would fall to zero (docs/model.md).
+// Softcap of a scaled score x: c tanh(x / c) = sign(x) c (1 - e) / (1 + e) and sech^2(x / c) = 4 e / (1 + e)^2, with
+// e = exp(-2|x|/c) = 2^(cap_k |x|), cap_k = -2 log2(e) / c. Error: attn_exp2 is exp2f's approximation, within 2 ulp
+// (CUDA C Programming Guide, table of single-precision functions), and so is __fdividef for a divisor in [1, 2], so
+// 1 - e is off by at most 3e-7 and the capped score by at most 6e-7 c (3e-5 at Gemma 2's c = 50), absolutely; tanhf
+// was within 2 ulp relatively (6e-6 at |z| = 50). Scores enter the softmax through exp(z - m), so an absolute error
+// d in z is a relative error d in P, here 1/65 of the 2^-9 half-step of P's bf16 rounding. The form has no
+// cancellation in the tail, where 1 - tanh^2 would fall to zero (docs/model.md).
 constexpr double kLog2eF64 = 1.4426950408889634;
 constexpr float kLog2e = float(kLog2eF64);
 
@@ -125,12 +125,12 @@ __device__ __forceinline__ float attn_capped(float x, const AttnParams& p) {
   return attn_capped(x, p, unused);
 }
 
-// exp(z - m) as exp2((z - m) log2(e)). z - m is exact when z is within a factor two of m (Sterbenz; so exactly 1
-// for the row's max); the product's rounding and log2(e)'s own add at most 2^-23 |z - m| relative to the result
-// (an error d in the exponent is ln(2) d relatively); attn_exp2 is within 2 ulp. (Folding m into a fused multiply-add,
+// exp(z - m) as exp2((z - m) log2(e)). z - m is exact when z is within a factor two of m (Sterbenz; so exactly 1 for
+// the row's max); the product's rounding and log2(e)'s own add at most 2^-23 |z - m| relative to the result (an
+// error d in the exponent is ln(2) d relatively); attn_exp2 is within 2 ulp. (Folding m into a fused multiply-add,
 // exp2(z log2(e) - m log2(e)), saves an add but leaves the rounding of m log2(e), up to 2^-24 |m| relatively, on
-// every P including the row's largest. On the H200 that form failed the kernel test B2_T37_H4_KV2_hd16_nocap_W8:
-// o32 off the fast policy by rel L2 2.55e-4, bound 2e-4, 13 bf16 outputs one ulp off; this form: 4.16e-8, none.)
+// every P including the row's largest. On the H200 that form failed the kernel test B2_T37_H4_KV2_hd16_nocap_W8: o32
+// off the fast policy by rel L2 2.55e-4, bound 2e-4, 13 bf16 outputs one ulp off; this form: 4.16e-8, none.)
 __device__ __forceinline__ float attn_exp(float z, float m) { return attn_exp2((z - m) * kLog2e); }
 // P = exp(z - m) / l before its bf16 rounding, with inv_l = 1 / l (attn_inv_l): attn_exp's error, the reciprocal's
 // 0.5 ulp and the product's 0.5 ulp, against P's own rounding to bf16 (2^-9).

@@ -334,11 +334,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
 // the final sum couples the warpgroups, so one can compute its scores while the other's products run (ping-pong;
 // FlashAttention 3 enforces that alternation with barriers between its warpgroups, here nothing orders them); the
 // split-tile kernels before (one tile at a time shared by the warpgroups, two block-wide barriers a tile) kept the
-// tensor pipe 29-35% busy (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and dP = X2 Y2^T as m64n64 products over the
-// head dimension, turns them into dS (its three exact bf16 terms) and, for dV, P as bf16 A fragments in registers
-// (the accumulator layout is the A layout, as P in the forward), and adds dS K (dQ), or dS^T Q and P^T dO (dK, dV),
-// as m64nHD products with A from registers. At the end warpgroup 1's sums go through shared memory and warpgroup 0
-// adds them to its own: a fixed order, so two runs give the same bits.
+// tensor pipe 29-35% busy (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and dP = X2 Y2^T as
+// m64n64 products over the head dimension, turns them into dS (its three exact bf16 terms) and, for dV, P as bf16 A
+// fragments in registers (the accumulator layout is the A layout, as P in the forward), and adds dS K (dQ), or dS^T
+// Q and P^T dO (dK, dV), as m64nHD products with A from registers. At the end warpgroup 1's sums go through shared
+// memory and warpgroup 0 adds them to its own: a fixed order, so two runs give the same bits.
 enum AttnBwdPart { kAttnDQ, kAttnDKDV };
 
 template <int HD>
@@ -465,7 +465,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
 #pragma unroll
     for (int dc = 0; dc < NP; ++dc)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) acc[n][dc][nt][0] = acc[n][dc][nt][1] = acc[n][dc][nt][2] = acc[n][dc][nt][3] = 0.0f;
+      for (int nt = 0; nt < 8; ++nt)
+        acc[n][dc][nt][0] = acc[n][dc][nt][1] = acc[n][dc][nt][2] = acc[n][dc][nt][3] = 0.0f;
 
   cp_wait<0>();
   fence_async_smem();
@@ -502,8 +503,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     uint32_t a[NTERM][4][4];
     const int x0 = cur.row;  // first column: key (dQ) or query (dK, dV)
     // Every score of the tile visible (attn_tile_full with the queries as rows: r0.. for dQ, x0.. for dK, dV).
-    const bool full = !p.doc && !p.key_ok && (kDQ ? x0 + 63 <= r0 && r0 + 63 < p.T && (p.window <= 0 || r0 + 63 - x0 < p.window)
-                                                  : r0 + 63 <= x0 && x0 + 63 < p.T && (p.window <= 0 || x0 + 63 - r0 < p.window));
+    const bool full =
+        !p.doc && !p.key_ok &&
+        (kDQ ? x0 + 63 <= r0 && r0 + 63 < p.T && (p.window <= 0 || r0 + 63 - x0 < p.window)
+             : r0 + 63 <= x0 && x0 + 63 < p.T && (p.window <= 0 || x0 + 63 - r0 < p.window));
     attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
       constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
@@ -555,7 +558,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
 #pragma unroll
     for (int x = 0; x < (kDKDV ? 3 : NTERM); ++x)
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_nmajor_panels(sY1 + ks * 2048, 64 * 128));
+      for (int ks = 0; ks < 4; ++ks)
+        wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_nmajor_panels(sY1 + ks * 2048, 64 * 128));
     if constexpr (kDKDV) {
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
@@ -842,16 +846,17 @@ void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
   const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
   const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV), unsigned(p.B));
   constexpr int smem = attn_bwd_sm90_smem<HD>();
-  GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr auto kMaxSmem = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDQ>, kMaxSmem, smem));
   attn_bwd_sm90_kernel<HD, kAttnDQ><<<grid_q, kSm90Threads, smem, st>>>(p);
   GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dq)");
   if constexpr (HD == 128) {
-    GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDKDV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDKDV>, kMaxSmem, smem));
     attn_bwd_sm90_kernel<HD, kAttnDKDV><<<grid_k, kSm90Threads, smem, st>>>(p);
     GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dk, dv)");
   } else {
     constexpr int smem_kv = attn_dkdv_sm90_smem<HD>();
-    GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_kv));
+    GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, kMaxSmem, smem_kv));
     attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem_kv, st>>>(p);
     GEMMA_LAUNCHED("attn_dkdv_sm90_kernel");
   }
