@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "fast/attention.cuh"
+#include "fast/tma.cuh"
 #include "fast/wgmma.cuh"
 
 namespace gemma::fast {
@@ -83,11 +84,6 @@ __device__ __forceinline__ void attn_tile_kind(bool cap, bool full, F&& f) {
 
 constexpr int kSm90Threads = 256;  // two warpgroups, 64 query rows each
 
-template <int HD>
-constexpr int attn_fwd_sm90_smem() {
-  return 1024 + (128 + 4 * 64) * HD * 2;  // Q tile, four K/V tiles, alignment slack
-}
-
 // S (64 rows x 64 keys) = A B^T over the whole head dimension, issued as one commit group (wg_wait completes
 // it): A the 64-row slice at a_base of an RA-row tile, B the 64-row tile at b_base.
 template <int RA, int HD>
@@ -116,29 +112,48 @@ __device__ __forceinline__ void wg_pv_issue(float (&o)[ND][8][4], uint32_t (&a)[
   wg_commit();
 }
 
-// Forward: a block per (128 queries, head, sequence); warpgroup w owns rows 64 w .. 64 w + 63 of the tile.
-// Software-pipelined: each pass issues a tile's products before the per-score work of the tile before it needs
-// their results, so the tensor cores run while the warpgroup computes exponentials. Pass 1 loads K two tiles
-// ahead into a ring of three slots (its products are not overlapped with its statistics within a warpgroup: two
-// score accumulators in flight, even waited for at once, make ptxas serialize every product, C7514); pass 2 keeps
-// one (Q K_i^T and P_{i-1} V_{i-1} are issued together, tile i's probabilities are computed while P_{i-1} V_{i-1}
-// runs) over two K and two V tiles, V a tile behind K. Pass 2 never rescales O (the statistics are final), so
-// nothing waits on the P V product but the next one. One barrier per tile: it publishes the tiles that every
-// thread's cp.async brought, and it is passed only once every thread has waited for the products that read the
-// buffer the next copy overwrites. Every warpgroup runs every tile's products, also the (at most one per pass and
-// block) tile its rows cannot see, whose scores it then ignores: a product issued only on some paths makes ptxas
-// serialize all of them (C7514). The products, their order and the per-score arithmetic are those of the
-// unpipelined kernel, so the results are the same bits.
+// Forward: a block per (128 queries, head, sequence) of three warpgroups: warpgroups 0 and 1 (the consumers) own
+// rows 64 w .. 64 w + 63 of the query tile, warpgroup 2's first thread (the producer) copies every tile by TMA
+// (tma.cuh). The copies run in one order known to all (Q; pass 1: K_0 .. K_{n-1}; pass 2: K_0, V_0, K_1, V_1, ...)
+// through a ring of kFwdSlots 64-row slots, each with a "full" barrier (the producer's expected bytes) and an
+// "empty" one (one arrival per consumer warp once the products reading the slot are complete), so neither side
+// waits for the other but at a slot: no block-wide barrier, no copy instructions or address arithmetic in the
+// consumers (the cp.async kernel before spent a fifth of its instructions there, ncu). The two consumers take turns
+// issuing their products (ping-pong, as FlashAttention 3 schedules them): warpgroup w waits at named barrier 3 + w
+// for the other's signal, issues one step's products, then signals the other, so that one's exponentials run while
+// the other's products do instead of both at once (the barrier-per-tile kernel kept them in step, ncu: issue slots
+// 30% busy). Within a warpgroup pass 2 is software-pipelined as before (Q K_i^T and P_{i-1} V_{i-1} issued
+// together, tile i's probabilities computed while P_{i-1} V_{i-1} runs); pass 1 is not (two score accumulators in
+// flight make ptxas serialize every product, C7514). Pass 2 never rescales O (the statistics are final). Every
+// consumer runs every tile's products, also the (at most one per pass and block) tile its rows cannot see, whose
+// scores it then ignores: a product issued only on some paths makes ptxas serialize all of them (C7514). The
+// products, their order and the per-score arithmetic are those of the unpipelined kernel, so the results are the
+// same bits.
+constexpr int kFwdThreads = 384;
 template <int HD>
-__global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const AttnParams p) {
+__host__ __device__ constexpr int attn_fwd_slots() {
+  return HD == 256 ? 5 : 8;  // 5 x 32 KB beside the 64 KB Q tile fill the 227 KB a block can have
+}
+template <int HD>
+constexpr int attn_fwd_sm90_smem() {  // Q tile, the slots, alignment slack, a full and an empty barrier a slot and Q's
+  return 1024 + (128 + attn_fwd_slots<HD>() * 64) * HD * 2 + 8 * (2 * attn_fwd_slots<HD>() + 1);
+}
+struct AttnTmaps {
+  CUtensorMap q, k, v;  // tma_rows_map over p.q (128-row boxes), p.k, p.v (64-row boxes)
+};
+
+template <int HD>
+__global__ void __launch_bounds__(kFwdThreads, 1)
+    attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ AttnTmaps tm) {
 #ifndef GEMMA_SM90_DEVICE
   __trap();  // built without wgmma: attn_sm90_applies never launches this
 #endif
-  constexpr int BR = 128, BC = 64, ND = HD / 64;
+  constexpr int BR = 128, BC = 64, ND = HD / 64, NS = attn_fwd_slots<HD>();
   constexpr uint32_t KBYTES = BC * HD * 2;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
-  const uint32_t sKV = sQ + BR * HD * 2;  // four 64-row tiles
+  const uint32_t sKV = sQ + BR * HD * 2;
+  const uint32_t bar_full = sKV + NS * KBYTES, bar_empty = bar_full + 8 * NS, bar_q = bar_empty + 8 * NS;
   // The warpgroup index from lane 0: ptxas then knows it is the same across the warp, and so are the branches
   // around the products below (otherwise it serializes every wgmma: C7518, "WG.DP in divergent path").
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), warp = (threadIdx.x >> 5) & 3,
@@ -147,20 +162,67 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
   // T = 4096, 1024 blocks on 132 multiprocessors, in blockIdx.x order the SMs were idle 14% of the kernel's time).
   const int i0 = (gridDim.x - 1 - blockIdx.x) * BR, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (p.H / p.KV);
-  const int64_t tok0 = int64_t(b) * p.T;
-  const bf16* qg = p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd;
-  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
-  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
-  const int r_lo = i0 + wg * 64, r_hi = r_lo + 63;
-  const int row[2] = {r_lo + warp * 16 + g, r_lo + warp * 16 + g + 8};
-  const uint32_t a_base = sQ + wg * 64 * 128;
   const int j_end = min(p.T, i0 + BR);
   const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
   const int kt0 = j_begin / BC, n = (j_end + BC - 1) / BC - kt0;  // n >= 1: j_begin <= i0 < j_end
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_empty + 8 * s, 8);  // the eight consumer warps
+    }
+    mbar_init(bar_q, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();  // the last block-wide barrier: the producer's other warps leave below
+
+  if (wg == 2) {  // the producer
+    regs_dec<24>();
+    if (threadIdx.x == 256) {
+      mbar_expect_tx(bar_q, BR * HD * 2);
+#pragma unroll
+      for (int c = 0; c < ND; ++c) tma_load_3d(sQ + c * (BR * 128), &tm.q, h * p.hd + c * 64, i0, b, bar_q);
+      int L = 0;  // copies issued
+      auto put = [&](const CUtensorMap* map, int i) {
+        const int s = L % NS;
+        if (L >= NS) mbar_wait(bar_empty + 8 * s, uint32_t(L / NS - 1) & 1u);  // the slot's previous tile is read
+        mbar_expect_tx(bar_full + 8 * s, KBYTES);
+#pragma unroll
+        for (int c = 0; c < ND; ++c)
+          tma_load_3d(sKV + s * KBYTES + c * (BC * 128), map, kvh * p.hd + c * 64, (kt0 + i) * BC, b, bar_full + 8 * s);
+        ++L;
+      };
+      if (!p.stats_in)
+        for (int i = 0; i < n; ++i) put(&tm.k, i);
+      for (int i = 0; i < n; ++i) {
+        put(&tm.k, i);
+        put(&tm.v, i);
+      }
+    }
+    return;
+  }
+  regs_inc<240>();
+
+  const int64_t tok0 = int64_t(b) * p.T;
+  const int r_lo = i0 + wg * 64, r_hi = r_lo + 63;
+  const int row[2] = {r_lo + warp * 16 + g, r_lo + warp * 16 + g + 8};
+  const uint32_t a_base = sQ + wg * 64 * 128;
   auto seen = [&](int i) { return attn_tile_seen(p, r_lo, r_hi, (kt0 + i) * BC); };
-  auto load = [&](uint32_t s, const bf16* src, int i) {
-    cp_tile<BC, HD, kSm90Threads>(s, src, p.ld_qkv, (kt0 + i) * BC, p.T);
+  // Copy L of the common order: its slot, the wait for its bytes, the release once this warp's products that
+  // read it are complete.
+  auto slot = [&](int L) { return sKV + uint32_t(L % NS) * KBYTES; };
+  auto arrived = [&](int L) { mbar_wait(bar_full + 8 * (L % NS), uint32_t(L / NS) & 1u); };
+  auto release = [&](int L) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty + 8 * (L % NS));
   };
+  // The turn-taking around each step's products (one step: pass 1's score product of a tile, pass 2's score product
+  // with the previous tile's P V, the last P V). Warpgroup 1 signals once ahead, so warpgroup 0 goes first, and
+  // leaves out its last signal, which nothing waits for: both run the same number of steps.
+  auto turn = [&] { bar_sync(3 + wg, 256); };
+  auto pass_turn = [&](bool last) {
+    if (!(last && wg == 1)) bar_arrive(4 - wg, 256);
+  };
+  if (wg == 1) bar_arrive(3, 256);
   // Tile i's scores in place: scaled, capped, -inf where masked.
   auto capped = [&](float (&s)[8][4], int i) {
     const int j0 = (kt0 + i) * BC;
@@ -178,14 +240,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
         }
     });
   };
-  cp_tile<BR, HD, kSm90Threads>(sQ, qg, p.ld_qkv, i0, p.T);  // joins the first commit group below
+  mbar_wait(bar_q, 0);
 
   // Pass 1: row max and sum (or the ones this attention's first forward saved).
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+  int L = 0;  // copies consumed
   if (p.stats_in) {
     attn_load_stats(p, b, h, row, mrow, lrow);
   } else {
-    auto kslot = [&](int i) { return sKV + uint32_t(i % 3) * KBYTES; };
     // Tile i's statistics from its scores s (product complete), folded into mrow, lrow.
     auto stats = [&](float (&s)[8][4], int i) {
       if (!seen(i)) return;
@@ -208,34 +270,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
         mrow[hr] = mnew;
       }
     };
-    load(kslot(0), kg, 0);
-    cp_commit();
-    if (n > 1) load(kslot(1), kg, 1);
-    cp_commit();
-    for (int i = 0; i < n; ++i) {
-      cp_wait<1>();  // K_i (K_{i+1} may still be in flight)
-      fence_async_smem();
-      __syncthreads();  // and every warpgroup has waited for Q K_{i-1}^T: slot (i + 2) % 3 is free
-      if (i + 2 < n) load(kslot(i + 2), kg, i + 2);
-      cp_commit();
+    for (int i = 0; i < n; ++i, ++L) {
       float s[8][4];
-      wg_abt_issue<BR, HD>(s, a_base, kslot(i));
+      arrived(L);
+      turn();
+      wg_abt_issue<BR, HD>(s, a_base, slot(L));
+      pass_turn(false);
       wg_wait<0>();
       wg_hold(s);
+      release(L);
       stats(s, i);
     }
-    __syncthreads();  // every product of pass 1 is complete before pass 2 reuses the slots
   }
 
-  // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
+  // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V. Tile i's K is copy L + 2 i, its V copy L + 2 i + 1.
   const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
-  auto kbuf = [&](int i) { return sKV + uint32_t(i & 1) * KBYTES; };
-  auto vbuf = [&](int i) { return sKV + uint32_t(2 + (i & 1)) * KBYTES; };
-  load(kbuf(0), kg, 0);
-  load(vbuf(0), vg, 0);
-  cp_commit();
-  if (n > 1) load(kbuf(1), kg, 1);
-  cp_commit();
   float o[ND][8][4];
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc)
@@ -268,35 +317,38 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_fwd_sm90_kernel(const At
       for (int e = 0; e < 4; ++e) pb[nt][e] = __float2bfloat16_rn(s[nt][e]);
     c_to_a64(aP, pb);
   };
-  cp_wait<1>();
-  fence_async_smem();
-  __syncthreads();
-  wg_abt_issue<BR, HD>(s, a_base, kbuf(0));
+  arrived(L);
+  turn();
+  wg_abt_issue<BR, HD>(s, a_base, slot(L));
+  pass_turn(false);
   wg_wait<0>();
   wg_hold(s);
+  release(L);
   probs(0);
   round_p();
   for (int i = 1; i < n; ++i) {
-    cp_wait<0>();  // K_i, V_{i-1}
-    fence_async_smem();
-    __syncthreads();  // and every warpgroup has waited for Q K_{i-1}^T and P_{i-2} V_{i-2}: their slots are free
-    if (i + 1 < n) load(kbuf(i + 1), kg, i + 1);
-    load(vbuf(i), vg, i);
-    cp_commit();
-    wg_abt_issue<BR, HD>(s, a_base, kbuf(i));
-    wg_pv_issue<ND>(o, aP, vbuf(i - 1));
+    const int Lk = L + 2 * i, Lv = Lk - 1;  // K_i, V_{i-1}
+    arrived(Lv);
+    arrived(Lk);
+    turn();
+    wg_abt_issue<BR, HD>(s, a_base, slot(Lk));
+    wg_pv_issue<ND>(o, aP, slot(Lv));
+    pass_turn(false);
     wg_wait<1>();
     wg_hold(s);
+    release(Lk);
     probs(i);
     wg_wait<0>();
 #pragma unroll
     for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
+    release(Lv);
     round_p();
   }
-  cp_wait<0>();  // V_{n-1}
-  fence_async_smem();
-  __syncthreads();
-  wg_pv_issue<ND>(o, aP, vbuf(n - 1));
+  const int Lv = L + 2 * n - 1;  // V_{n-1}
+  arrived(Lv);
+  turn();
+  wg_pv_issue<ND>(o, aP, slot(Lv));
+  pass_turn(true);
   wg_wait<0>();
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
@@ -824,9 +876,13 @@ inline bool attn_sm90_applies(const AttnParams& p) {
 template <int HD>
 void attn_fwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
   constexpr int smem = attn_fwd_sm90_smem<HD>();
-  GEMMA_CUDA(cudaFuncSetAttribute(attn_fwd_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  AttnTmaps tm;
+  tm.q = tma_rows_map(p.q, int64_t(p.H) * p.hd, p.T, p.B, p.ld_qkv, 128);
+  tm.k = tma_rows_map(p.k, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
+  tm.v = tma_rows_map(p.v, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
   const dim3 grid(unsigned((p.T + 127) / 128), unsigned(p.H), unsigned(p.B));
-  attn_fwd_sm90_kernel<HD><<<grid, kSm90Threads, smem, st>>>(p);
+  GEMMA_CUDA(cudaFuncSetAttribute(attn_fwd_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  attn_fwd_sm90_kernel<HD><<<grid, kFwdThreads, smem, st>>>(p, tm);
   GEMMA_LAUNCHED("attn_fwd_sm90_kernel");
 }
 

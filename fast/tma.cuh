@@ -1,0 +1,127 @@
+// Tensor memory access (TMA) and the shared-memory barriers (mbarrier) it completes, for the Hopper attention
+// forward (attention_sm90.cuh): one thread of a producer warp copies whole tiles of rows into the 128-byte swizzled
+// layout of wgmma.cuh, the consumer warpgroups wait on a per-slot barrier for the bytes to land and arrive on another
+// once their products have read the slot. PTX ISA references: "Tensor copy" (cp.async.bulk.tensor), "mbarrier",
+// "setmaxnreg", "bar/barrier". The device functions compile to nothing outside sm_90a device code
+// (GEMMA_SM90_DEVICE), as in wgmma.cuh.
+#pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fast/device.hpp"
+#include "fast/wgmma.cuh"
+
+namespace gemma::fast {
+namespace {
+
+// An mbarrier at shared address a expecting `count` arrivals per phase; then fence.mbarrier_init makes the
+// initialisation visible to the async proxy (the TMA unit completes transactions on it) before first use.
+__device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_init_fence() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// One arrival that also expects `bytes` of transactions (the TMA copies that complete on this barrier).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t bytes) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
+#endif
+}
+// Returns once the phase with the given parity (0 for the first, 1 for the second, ...) has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
+#ifdef GEMMA_SM90_DEVICE
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+
+// One box of the 3-d tensor map at `map` (coordinates c0 innermost) into shared address dst, completing its bytes
+// on the mbarrier at mbar. Elements outside the tensor's extent are written as zeros.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t mbar) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(mbar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#endif
+}
+
+// The register budget of the calling warpgroup (every warp of it executes this): a producer gives registers up,
+// consumers take them, so that three warpgroups fit beside each other (PTX ISA, setmaxnreg).
+template <int N>
+__device__ __forceinline__ void regs_dec() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void regs_inc() {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
+// Named barrier `id` (1..15; 0 is __syncthreads) completing once `n` threads have arrived: bar_sync arrives and
+// waits, bar_arrive arrives only.
+__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (the trainer links the runtime only).
+inline PFN_cuTensorMapEncodeTiled_v12000 tma_encode_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    GEMMA_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    if (q != cudaDriverEntryPointSuccess || f == nullptr)
+      throw std::runtime_error("cuTensorMapEncodeTiled: not found in the CUDA driver (TMA needs driver 12.0 or later)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A tensor map over rows of bf16: B sequences of T rows, each row `cols` elements of which a box copies 64 (128
+// bytes) and `box_rows` rows, rows `ld` elements apart, sequences T * ld apart; 128-byte swizzle, so that a box
+// lands as one column panel of wgmma.cuh's layout (its shared address a multiple of 1024). Rows at or past T read
+// as zeros (the tensor's extent), not as the next sequence's. Needs base 16-byte aligned and ld a multiple of 8
+// (AttnParams::vec); throws std::runtime_error naming the driver's error otherwise.
+inline CUtensorMap tma_rows_map(const void* base, int64_t cols, int64_t T, int64_t B, int64_t ld, int box_rows) {
+  CUtensorMap m;
+  const cuuint64_t dim[3] = {cuuint64_t(cols), cuuint64_t(T), cuuint64_t(B)};
+  const cuuint64_t stride[2] = {cuuint64_t(ld) * 2, cuuint64_t(ld) * 2 * cuuint64_t(T)};
+  const cuuint32_t box[3] = {64, cuuint32_t(box_rows), 1}, estride[3] = {1, 1, 1};
+  const CUresult r = tma_encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(base), dim, stride, box,
+                                     estride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("cuTensorMapEncodeTiled failed (CUresult " + std::to_string(int(r)) + ") for rows of " +
+                             std::to_string(cols) + " bf16, stride " + std::to_string(ld) + ", T " + std::to_string(T));
+  return m;
+}
+
+}  // namespace
+}  // namespace gemma::fast
