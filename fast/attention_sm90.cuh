@@ -1,8 +1,9 @@
 // Attention for Hopper (sm_90a): the same algorithm and cast points as attention.cuh (two passes, P normalised
 // and rounded to bf16 before P V, scores recomputed in the backward), with the products on warpgroup MMA
-// (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that cp.async fills: ahead of
-// the ones being multiplied in the forward and the split-tile dK/dV kernel; in the ping-pong backward kernels each
-// warpgroup copies its next tile once its products are done, and the other warpgroup's work covers the wait.
+// (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that TMA fills (tma.cuh): in
+// the forward a producer warp keeps a ring of slots ahead of the consumers; in the ping-pong backward kernels each
+// warpgroup's first thread fetches its next tile once its products are done, and the other warpgroup's work covers
+// the wait; in the split-tile dK/dV kernel thread 0 fetches a tile ahead.
 //
 // Layout: fast/wgmma.cuh (128-byte swizzled tiles). For S = Q K^T both operands are K-major (the head dimension
 // is contiguous); for O = P V the B operand V is N-major (stored [key][d]). P enters from registers: the
@@ -22,25 +23,6 @@
 namespace gemma::fast {
 namespace {
 
-// Rows [row0, row0 + R) of a head (row stride ld elements) into a swizzled tile at shared address s; rows at or
-// beyond T are zero-filled (cp.async with source size 0), so their products are exact zeros. NT threads (thread
-// index tid in 0 .. NT - 1) share the copy, 16 bytes each per step: thread tid copies one 16-byte column of rows
-// tid / UPR, that + RSTEP, ..., so its addresses move by constants and the unrolled loop has no division (the
-// per-copy index arithmetic of a strided loop was about a fifth of the instructions of the backward's dK kernel,
-// ncu at 9b, T = 4096).
-template <int R, int HD, int NT>
-__device__ __forceinline__ void cp_tile(uint32_t s, const bf16* g, int64_t ld, int row0, int T, int tid = threadIdx.x) {
-  constexpr int UPR = HD / 8, RSTEP = NT / UPR;  // 16-byte units per row; rows between one thread's copies
-  static_assert(NT % UPR == 0 && R % RSTEP == 0, "every step copies whole rows");
-  const int r = tid / UPR, c = (tid % UPR) * 8;
-  const bf16* src = g + int64_t(row0 + r) * ld + c;
-  const int64_t step = int64_t(RSTEP) * ld;
-#pragma unroll
-  for (int k = 0; k < R / RSTEP; ++k) {
-    const bool ok = row0 + r + k * RSTEP < T;
-    cp_async16(s + swz<R>(r + k * RSTEP, c), ok ? src + k * step : g, ok);
-  }
-}
 // The C fragments of a 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps.
 __device__ __forceinline__ void c_to_a64(uint32_t (&a)[4][4], const bf16 (&x)[8][4]) {
 #pragma unroll
@@ -142,6 +124,15 @@ struct AttnTmaps {
   CUtensorMap q, k, v;  // tma_rows_map over p.q (128-row boxes), p.k, p.v (64-row boxes)
 };
 
+// Rows row0 .. row0 + R - 1 of sequence b, columns col0 .. col0 + HD - 1, of the tensor map's rows into the
+// R-row swizzled tile at dst (HD / 64 boxes of R rows), their bytes expected on the mbarrier at bar. One thread.
+template <int R, int HD>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap* map, int col0, int row0, int b, uint32_t bar) {
+  mbar_expect_tx(bar, R * HD * 2);
+#pragma unroll
+  for (int c = 0; c < HD / 64; ++c) tma_load_3d(dst + c * (R * 128), map, col0 + c * 64, row0, b, bar);
+}
+
 template <int HD>
 __global__ void __launch_bounds__(kFwdThreads, 1)
     attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ AttnTmaps tm) {
@@ -178,17 +169,12 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   if (wg == 2) {  // the producer
     regs_dec<24>();
     if (threadIdx.x == 256) {
-      mbar_expect_tx(bar_q, BR * HD * 2);
-#pragma unroll
-      for (int c = 0; c < ND; ++c) tma_load_3d(sQ + c * (BR * 128), &tm.q, h * p.hd + c * 64, i0, b, bar_q);
+      tma_tile<BR, HD>(sQ, &tm.q, h * p.hd, i0, b, bar_q);
       int L = 0;  // copies issued
       auto put = [&](const CUtensorMap* map, int i) {
         const int s = L % NS;
         if (L >= NS) mbar_wait(bar_empty + 8 * s, uint32_t(L / NS - 1) & 1u);  // the slot's previous tile is read
-        mbar_expect_tx(bar_full + 8 * s, KBYTES);
-#pragma unroll
-        for (int c = 0; c < ND; ++c)
-          tma_load_3d(sKV + s * KBYTES + c * (BC * 128), map, kvh * p.hd + c * 64, (kt0 + i) * BC, b, bar_full + 8 * s);
+        tma_tile<BC, HD>(sKV + s * KBYTES, map, kvh * p.hd, (kt0 + i) * BC, b, bar_full + 8 * s);
         ++L;
       };
       if (!p.stats_in)
@@ -384,7 +370,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
 // dV) alternate between them, warpgroup w taking tiles w, w + 2, ... into its own buffers, with its own fp32
 // accumulators (64 x HD: 128 registers a thread for dQ at head_dim 256, for dK and dV together at 128). Nothing but
 // the final sum couples the warpgroups, so one can compute its scores while the other's products run (ping-pong;
-// FlashAttention 3 enforces that alternation with barriers between its warpgroups, here nothing orders them); the
+// the forward's turn-taking between the warpgroups, tried here, measured the same at head_dim 256 and 2.8% slower
+// at 128, so nothing orders them). The warpgroup's first thread copies its next Y tiles by TMA once the products
+// reading its buffers are complete (one buffer each: two per warpgroup do not fit beside X at head_dim 256); the
 // split-tile kernels before (one tile at a time shared by the warpgroups, two block-wide barriers a tile) kept the
 // tensor pipe 29-35% busy (ncu at 9b, T = 4096). Per tile a warpgroup computes S = X1 Y1^T and dP = X2 Y2^T as
 // m64n64 products over the head dimension, turns them into dS (its three exact bf16 terms) and, for dV, P as bf16 A
@@ -395,15 +383,20 @@ enum AttnBwdPart { kAttnDQ, kAttnDKDV };
 
 template <int HD>
 constexpr int attn_bwd_sm90_smem() {
-  // X1, X2, each warpgroup's Y1 and Y2, each warpgroup's [m; l; D] of its tile's 64 queries, alignment slack
-  return 1024 + 6 * 64 * HD * 2 + 2 * 3 * 64 * 4;
+  // X1, X2, each warpgroup's Y1 and Y2, each warpgroup's [m; l; D] of its tile's 64 queries, alignment slack, five
+  // mbarriers (X; each warpgroup's Y1 and Y2)
+  return 1024 + 6 * 64 * HD * 2 + 2 * 3 * 64 * 4 + 5 * 8;
 }
+struct AttnBwdTmaps {
+  CUtensorMap q, k, v, dout;  // tma_rows_map over p.q, p.k, p.v, p.dout, 64-row boxes
+};
 
 // A barrier of warpgroup wg's 128 threads alone (named barriers 1 and 2; __syncthreads is barrier 0).
 __device__ __forceinline__ void wg_bar(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 
 template <int HD, int PART>
-__global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kSm90Threads, 1)
+    attn_bwd_sm90_kernel(const AttnParams p, const __grid_constant__ AttnBwdTmaps tm) {
 #ifndef GEMMA_SM90_DEVICE
   __trap();  // built without wgmma: attn_sm90_applies never launches this
 #endif
@@ -423,6 +416,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
             warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint32_t sY1 = sX1 + 2 * TB + uint32_t(wg) * 2 * TB, sY2 = sY1 + TB;
   const uint32_t sStat = sX1 + 6 * TB + uint32_t(wg) * (3 * 64 * 4);
+  const uint32_t bar_x = sX1 + 6 * TB + 2 * 3 * 64 * 4, bar_y1 = bar_x + 8 + 16 * wg, bar_y2 = bar_y1 + 8;
   const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - s0));
   const int b = blockIdx.z, G = p.H / p.KV;
   const int64_t tok0 = int64_t(b) * p.T;
@@ -445,8 +439,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     nqt = (i_end + 63) / 64 - qt0;
     total = G * nqt;
   }
-  const bf16* kg = p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
-  const bf16* vg = p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd;
   // Tile it of the other side: its first row, and (dK, dV) its query head (one division, once per tile).
   struct YTile {
     int row, head;
@@ -456,17 +448,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     const int hi = it / nqt;
     return YTile{(qt0 + it - hi * nqt) * 64, kvh * G + hi};
   };
+  // A tile's copies by TMA, issued by the warpgroup's first thread, each completing on its own barrier.
   auto load_y1 = [&](YTile y) {  // K (dQ) or Q (dK, dV)
-    if constexpr (kDQ)
-      cp_tile<64, HD, 128>(sY1, kg, p.ld_qkv, y.row, p.T, tid);
-    else
-      cp_tile<64, HD, 128>(sY1, p.q + tok0 * p.ld_qkv + int64_t(y.head) * p.hd, p.ld_qkv, y.row, p.T, tid);
+    if (tid == 0) tma_tile<64, HD>(sY1, kDQ ? &tm.k : &tm.q, (kDQ ? kvh : y.head) * p.hd, y.row, b, bar_y1);
   };
   auto load_y2 = [&](YTile y) {  // V (dQ) or dO (dK, dV)
-    if constexpr (kDQ)
-      cp_tile<64, HD, 128>(sY2, vg, p.ld_qkv, y.row, p.T, tid);
-    else
-      cp_tile<64, HD, 128>(sY2, p.dout + tok0 * p.ld_o + int64_t(y.head) * p.hd, p.ld_o, y.row, p.T, tid);
+    if (tid == 0) tma_tile<64, HD>(sY2, kDQ ? &tm.v : &tm.dout, (kDQ ? kvh : y.head) * p.hd, y.row, b, bar_y2);
   };
   // The saved m, l (and D) of a tile's 64 queries (dK, dV; rows past T zero), read per score column.
   auto load_stats = [&](YTile y) {
@@ -482,12 +469,23 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     }
   };
 
-  if constexpr (kDQ) {
-    cp_tile<64, HD, kSm90Threads>(sX1, p.q + tok0 * p.ld_qkv + int64_t(h) * p.hd, p.ld_qkv, r0, p.T, threadIdx.x);
-    cp_tile<64, HD, kSm90Threads>(sX2, p.dout + tok0 * p.ld_o + int64_t(h) * p.hd, p.ld_o, r0, p.T, threadIdx.x);
-  } else {
-    cp_tile<64, HD, kSm90Threads>(sX1, kg, p.ld_qkv, r0, p.T, threadIdx.x);
-    cp_tile<64, HD, kSm90Threads>(sX2, vg, p.ld_qkv, r0, p.T, threadIdx.x);
+  if (threadIdx.x == 0) {
+    mbar_init(bar_x, 2);  // X1 and X2 arrive with their bytes
+    for (int w = 0; w < 2; ++w) {
+      mbar_init(bar_x + 8 + 16 * w, 1);
+      mbar_init(bar_x + 16 + 16 * w, 1);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if constexpr (kDQ) {
+      tma_tile<64, HD>(sX1, &tm.q, h * p.hd, r0, b, bar_x);
+      tma_tile<64, HD>(sX2, &tm.dout, h * p.hd, r0, b, bar_x);
+    } else {
+      tma_tile<64, HD>(sX1, &tm.k, kvh * p.hd, r0, b, bar_x);
+      tma_tile<64, HD>(sX2, &tm.v, kvh * p.hd, r0, b, bar_x);
+    }
   }
   if (wg < total) {
     const YTile y = y_tile(wg);
@@ -495,7 +493,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
     load_y2(y);
     load_stats(y);
   }
-  cp_commit();
+  cp_commit();  // the statistics (dK, dV)
 
   // dQ: this thread's two query rows' statistics, for every tile.
   const int rr[2] = {warp * 16 + g, warp * 16 + g + 8};  // rows of the score tile (queries for dQ, keys otherwise)
@@ -520,17 +518,19 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
       for (int nt = 0; nt < 8; ++nt)
         acc[n][dc][nt][0] = acc[n][dc][nt][1] = acc[n][dc][nt][2] = acc[n][dc][nt][3] = 0.0f;
 
-  cp_wait<0>();
-  fence_async_smem();
-  __syncthreads();  // X (every thread's copies) and each warpgroup's first tile
+  if constexpr (kDKDV) cp_wait<0>();
+  __syncthreads();  // each warpgroup's first statistics (dK, dV)
+  mbar_wait(bar_x, 0);
   YTile cur = y_tile(wg);
-  for (int it = wg; it < total; it += 2) {
+  for (int it = wg, j = 0; it < total; it += 2, ++j) {
     const YTile next = y_tile(it + 2);  // meaningful when it + 2 < total
-    if (it != wg) {
-      cp_wait<0>();
-      fence_async_smem();
-      wg_bar(wg);  // this warpgroup's copies of tile it
-    }
+    if constexpr (kDKDV)
+      if (it != wg) {
+        cp_wait<0>();
+        wg_bar(wg);  // this warpgroup's copies of tile it's statistics
+      }
+    mbar_wait(bar_y1, uint32_t(j) & 1u);
+    mbar_wait(bar_y2, uint32_t(j) & 1u);
     float s[8][4], dp[8][4];
     wg_arrive();
 #pragma unroll
@@ -547,7 +547,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_bwd_sm90_kernel(const At
       if (it + 2 < total) {  // V is read by no later product of this tile: fetch the next one now
         wg_bar(wg);
         load_y2(next);
-        cp_commit();
       }
     }
 
@@ -720,15 +719,17 @@ __device__ __forceinline__ void st_word(uint32_t tile, int r, int c, uint32_t w)
 
 template <int HD>
 constexpr int attn_dkdv_sm90_smem() {
-  // two single tiles, two double-buffered, four operand tiles, and (dK, dV) two buffers of a tile's m, l, D
-  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4;
+  // two single tiles, two double-buffered, four operand tiles, two buffers of a tile's m, l, D, three mbarriers
+  // (K and V; each buffer's Q and dO)
+  return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4 + 3 * 8;
 }
 
 // dK, dV: a block per (64 keys, kv head, sequence), looping over the group's query heads and the 64-query tiles
 // that see the keys. Warpgroup w computes S^T = K Q^T and dP^T = V dO^T for queries 32 w .. 32 w + 31 of the
 // tile, and accumulates dK, dV for head-dimension columns w HD/2 .. (w + 1) HD/2 - 1.
 template <int HD>
-__global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kSm90Threads, 1)
+    attn_dkdv_sm90_kernel(const AttnParams p, const __grid_constant__ AttnBwdTmaps tm) {
 #ifndef GEMMA_SM90_DEVICE
   __trap();  // built without wgmma: attn_sm90_applies never launches this
 #endif
@@ -739,6 +740,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
   const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries
+  const uint32_t bar_kv = sStat + 2 * 3 * 64 * 4, bar_t = bar_kv + 8;  // bar_t + 8 bf: buffer bf's Q and dO
   const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
             t = lane & 3;
@@ -747,15 +749,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
   const int64_t tok0 = int64_t(b) * p.T;
   const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
   const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
-  auto q_of = [&](int it) { return p.q + tok0 * p.ld_qkv + int64_t(kvh * G + it / nqt) * p.hd; };
-  auto o_of = [&](int it) { return p.dout + tok0 * p.ld_o + int64_t(kvh * G + it / nqt) * p.hd; };
   auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
-  // Tile it's Q, dO and saved statistics (threads 0-191, one value each; rows past T zero) into buffer bf. The
-  // statistics come with the tiles, a tile ahead, rather than as 24 dependent loads per thread once the scores
-  // are there.
+  // Tile it's Q and dO (TMA, thread 0) and saved statistics (cp.async, threads 0-191, one value each; rows past T
+  // zero) into buffer bf. The statistics come with the tiles, a tile ahead, rather than as 24 dependent loads per
+  // thread once the scores are there.
   auto load_tile = [&](int it, int bf) {
-    cp_tile<BQ, HD, kSm90Threads>(sQ + bf * TB, q_of(it), p.ld_qkv, row_of(it), p.T);
-    cp_tile<BQ, HD, kSm90Threads>(sO + bf * TB, o_of(it), p.ld_o, row_of(it), p.T);
+    if (threadIdx.x == 0) {
+      const int col = (kvh * G + it / nqt) * p.hd;
+      tma_tile<BQ, HD>(sQ + bf * TB, &tm.q, col, row_of(it), b, bar_t + 8 * bf);
+      tma_tile<BQ, HD>(sO + bf * TB, &tm.dout, col, row_of(it), b, bar_t + 8 * bf);
+    }
     if (threadIdx.x < 3 * BQ) {
       const int a = threadIdx.x / BQ, qi = threadIdx.x % BQ, i = row_of(it) + qi;
       const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
@@ -764,8 +767,15 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
     }
   };
 
-  cp_tile<BK, HD, kSm90Threads>(sK, p.k + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
-  cp_tile<BK, HD, kSm90Threads>(sV, p.v + tok0 * p.ld_qkv + int64_t(kvh) * p.hd, p.ld_qkv, j0, p.T);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 3; ++i) mbar_init(bar_kv + 8 * i, 2);  // two tiles' bytes each
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    tma_tile<BK, HD>(sK, &tm.k, kvh * p.hd, j0, b, bar_kv);
+    tma_tile<BK, HD>(sV, &tm.v, kvh * p.hd, j0, b, bar_kv);
+  }
   load_tile(0, 0);
   cp_commit();
 
@@ -780,11 +790,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
 
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
-    cp_wait<0>();  // this tile's Q and dO
-    fence_async_smem();
+    cp_wait<0>();  // this tile's statistics
     __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
     if (it + 1 < total) load_tile(it + 1, buf ^ 1);
     cp_commit();
+    mbar_wait(bar_kv, 0);
+    mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q and dO
     const int i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
     float st[4][4] = {}, dpt[4][4] = {};
     wg_abt_n32_pair<HD>(st, sK, sQ + buf * TB + 32 * wg * 128, dpt, sV, sO + buf * TB + 32 * wg * 128);
@@ -859,7 +870,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) attn_dkdv_sm90_kernel(const A
 }
 
 // Whether a call takes the Hopper path: built for sm_90a (GEMMA_FAST_WGMMA), not switched off, on an sm_90 device,
-// a head size it has, rows cp.async can copy (16-byte aligned), and outputs it can write two at a time (float2 and
+// a head size it has, rows TMA can copy (16-byte aligned, row strides too), and outputs it can write two at a time (float2 and
 // bf16 pairs: even row strides, 8-byte aligned fp32 outputs).
 inline bool attn_aligned(const void* ptr, uintptr_t a) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 inline bool attn_sm90_applies(const AttnParams& p) {
@@ -899,21 +910,26 @@ inline void attention_forward(AttnParams p, cudaStream_t st) {
 
 template <int HD>
 void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
+  AttnBwdTmaps tm;
+  tm.q = tma_rows_map(p.q, int64_t(p.H) * p.hd, p.T, p.B, p.ld_qkv, 64);
+  tm.k = tma_rows_map(p.k, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
+  tm.v = tma_rows_map(p.v, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
+  tm.dout = tma_rows_map(p.dout, int64_t(p.H) * p.hd, p.T, p.B, p.ld_o, 64);
   const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
   const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV), unsigned(p.B));
   constexpr int smem = attn_bwd_sm90_smem<HD>();
   constexpr auto kMaxSmem = cudaFuncAttributeMaxDynamicSharedMemorySize;
   GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDQ>, kMaxSmem, smem));
-  attn_bwd_sm90_kernel<HD, kAttnDQ><<<grid_q, kSm90Threads, smem, st>>>(p);
+  attn_bwd_sm90_kernel<HD, kAttnDQ><<<grid_q, kSm90Threads, smem, st>>>(p, tm);
   GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dq)");
   if constexpr (HD == 128) {
     GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDKDV>, kMaxSmem, smem));
-    attn_bwd_sm90_kernel<HD, kAttnDKDV><<<grid_k, kSm90Threads, smem, st>>>(p);
+    attn_bwd_sm90_kernel<HD, kAttnDKDV><<<grid_k, kSm90Threads, smem, st>>>(p, tm);
     GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dk, dv)");
   } else {
     constexpr int smem_kv = attn_dkdv_sm90_smem<HD>();
     GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, kMaxSmem, smem_kv));
-    attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem_kv, st>>>(p);
+    attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem_kv, st>>>(p, tm);
     GEMMA_LAUNCHED("attn_dkdv_sm90_kernel");
   }
 }
