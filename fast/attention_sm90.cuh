@@ -97,11 +97,11 @@ __device__ __forceinline__ void wg_pv_issue(float (&o)[ND][8][4], uint32_t (&a)[
 // Forward: a block per (128 queries, head, sequence) of three warpgroups: warpgroups 0 and 1 (the consumers) own
 // rows 64 w .. 64 w + 63 of the query tile, warpgroup 2's first thread (the producer) copies every tile by TMA
 // (tma.cuh). The copies run in one order known to all (Q; pass 1: K_0 .. K_{n-1}; pass 2: K_0, V_0, K_1, V_1, ...)
-// through a ring of kFwdSlots 64-row slots, each with a "full" barrier (the producer's expected bytes) and an
+// through a ring of attn_fwd_slots 64-row slots, each with a "full" barrier (the producer's expected bytes) and an
 // "empty" one (one arrival per consumer warp once the products reading the slot are complete), so neither side
 // waits for the other but at a slot: no block-wide barrier, no copy instructions or address arithmetic in the
-// consumers (the cp.async kernel before spent a fifth of its instructions there, ncu). The two consumers take turns
-// issuing their products (ping-pong, as FlashAttention 3 schedules them): warpgroup w waits at named barrier 3 + w
+// consumers (in the backward's cp.async dK kernel those were a fifth of the instructions, ncu). The two consumers
+// take turns issuing their products (ping-pong, as FlashAttention 3 schedules them): warpgroup w waits at barrier 3 + w
 // for the other's signal, issues one step's products, then signals the other, so that one's exponentials run while
 // the other's products do instead of both at once (the barrier-per-tile kernel kept them in step, ncu: issue slots
 // 30% busy). Within a warpgroup pass 2 is software-pipelined as before (Q K_i^T and P_{i-1} V_{i-1} issued
@@ -123,15 +123,6 @@ constexpr int attn_fwd_sm90_smem() {  // Q tile, the slots, alignment slack, a f
 struct AttnTmaps {
   CUtensorMap q, k, v;  // tma_rows_map over p.q (128-row boxes), p.k, p.v (64-row boxes)
 };
-
-// Rows row0 .. row0 + R - 1 of sequence b, columns col0 .. col0 + HD - 1, of the tensor map's rows into the
-// R-row swizzled tile at dst (HD / 64 boxes of R rows), their bytes expected on the mbarrier at bar. One thread.
-template <int R, int HD>
-__device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap* map, int col0, int row0, int b, uint32_t bar) {
-  mbar_expect_tx(bar, R * HD * 2);
-#pragma unroll
-  for (int c = 0; c < HD / 64; ++c) tma_load_3d(dst + c * (R * 128), map, col0 + c * 64, row0, b, bar);
-}
 
 template <int HD>
 __global__ void __launch_bounds__(kFwdThreads, 1)
@@ -471,10 +462,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
   if (threadIdx.x == 0) {
     mbar_init(bar_x, 2);  // X1 and X2 arrive with their bytes
-    for (int w = 0; w < 2; ++w) {
-      mbar_init(bar_x + 8 + 16 * w, 1);
-      mbar_init(bar_x + 16 + 16 * w, 1);
-    }
+    for (int i = 1; i <= 4; ++i) mbar_init(bar_x + 8 * i, 1);  // each warpgroup's Y1 and Y2
     mbar_init_fence();
   }
   __syncthreads();
@@ -870,8 +858,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 }
 
 // Whether a call takes the Hopper path: built for sm_90a (GEMMA_FAST_WGMMA), not switched off, on an sm_90 device,
-// a head size it has, rows TMA can copy (16-byte aligned, row strides too), and outputs it can write two at a time (float2 and
-// bf16 pairs: even row strides, 8-byte aligned fp32 outputs).
+// a head size it has, rows TMA can copy (16-byte aligned, row strides too), and outputs it can write two at a time
+// (float2 and bf16 pairs: even row strides, 8-byte aligned fp32 outputs).
 inline bool attn_aligned(const void* ptr, uintptr_t a) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 inline bool attn_sm90_applies(const AttnParams& p) {
 #ifdef GEMMA_FAST_WGMMA

@@ -69,6 +69,17 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// Rows row0 .. row0 + R - 1 of sequence b, columns col0 .. col0 + HD - 1, of a tma_rows_map's rows into the R-row
+// swizzled tile at dst (wgmma.cuh's layout: HD / 64 boxes of R rows, one column panel each), their bytes expected
+// on the mbarrier at bar. One thread.
+template <int R, int HD>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap* map, int col0, int row0, int b,
+                                         uint32_t bar) {
+  mbar_expect_tx(bar, R * HD * 2);
+#pragma unroll
+  for (int c = 0; c < HD / 64; ++c) tma_load_3d(dst + c * (R * 128), map, col0 + c * 64, row0, b, bar);
+}
+
 // The register budget of the calling warpgroup (every warp of it executes this): a producer gives registers up,
 // consumers take them, so that three warpgroups fit beside each other (PTX ISA, setmaxnreg).
 template <int N>
@@ -86,7 +97,9 @@ __device__ __forceinline__ void regs_inc() {
 
 // Named barrier `id` (1..15; 0 is __syncthreads) completing once `n` threads have arrived: bar_sync arrives and
 // waits, bar_arrive arrives only.
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
