@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   // Copy L of the common order: its slot, the wait for its bytes, the release once this warp's products that
   // read it are complete.
   auto slot = [&](int L) { return sKV + uint32_t(L % NS) * KBYTES; };
-  auto arrived = [&](int L) { mbar_wait(bar_full + 8 * (L % NS), uint32_t(L / NS) & 1u); };
+  auto arrived = [&](int L) { mbar_wait_spin(bar_full + 8 * (L % NS), uint32_t(L / NS) & 1u); };
   auto release = [&](int L) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty + 8 * (L % NS));
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
         }
     });
   };
-  mbar_wait(bar_q, 0);
+  mbar_wait_spin(bar_q, 0);
 
   // Pass 1: row max and sum (or the ones this attention's first forward saved).
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};

@@ -490,6 +490,23 @@ std::string lora_out_kernel(int64_t r, int64_t N, int64_t out, int64_t ldl) {
   return std::string(p.kernel) + " tiles " + std::to_string(p.row_tiles) + " iters " + std::to_string(p.iters);
 }
 
+namespace {
+// One thread waits on an mbarrier that nothing arrives on: tma.cuh's bounded wait must trap.
+__global__ void stuck_wait_kernel() {
+  __shared__ alignas(8) uint64_t bar;
+  const uint32_t a = smem_addr(&bar);
+  mbar_init(a, 1);
+  mbar_init_fence();
+  mbar_wait(a, 0);
+}
+}  // namespace
+
+std::string stuck_barrier_wait() {
+  stuck_wait_kernel<<<1, 1, 0, kStream>>>();
+  GEMMA_CUDA(cudaGetLastError());
+  return cudaGetErrorName(cudaStreamSynchronize(kStream));
+}
+
 bool hopper_kernels() {
 #ifdef GEMMA_FAST_WGMMA
   return device_sm90();

@@ -115,6 +115,10 @@ LoraGroup lora_group(int64_t N, int64_t in, int64_t r, double scaling, const std
 std::string lora_out_kernel(int64_t r, int64_t N, int64_t out, int64_t ldl);
 // Whether the current device takes the sm_90a (wgmma) kernels: built for sm_90a and compute capability 9.0.
 bool hopper_kernels();
+// Launches one thread that waits (tma.cuh's mbar_wait) on a barrier nothing arrives on and returns the name of
+// the error the launch ends with: "cudaErrorLaunchFailure" once the wait's bound (kMbarTimeoutNs, 4 s) traps. The
+// trap leaves the process's CUDA context unusable: call it in a process of its own.
+std::string stuck_barrier_wait();
 // The current device's multiprocessors.
 int multiprocessors();
 

@@ -199,11 +199,13 @@ inline int lora_out_wg_kp(int K) { return (K + 63) / 64 * 64; }
 inline int lora_out_wg_smem(int Kp) { return 1024 + 3 * 128 * Kp * 2 + 2 * 128 * kLoraOutLdy * 2; }
 
 // Rows [n0, n0 + rows) x columns [o0, o0 + 128) of y into (kLoad: cp.async for whole aligned 16-byte pieces) or
-// out of a shared tile of row stride kLoraOutLdy; rows past N and columns past out are not touched.
+// out of a shared tile of row stride kLoraOutLdy; rows past N and columns past out are not touched. Threads
+// tid = 0 .. nthreads - 1 share the work (the block's, or one warpgroup's).
 template <bool kLoad>
 __device__ __forceinline__ void lora_y_tile(bf16* Yt, bf16* y, int64_t ldy, int64_t n0, int64_t o0, int rows,
-                                            int64_t N, int64_t out, bool vec) {
-  for (int idx = threadIdx.x; idx < rows * (kLoraOutCols / 8); idx += kLoraOutThreads) {
+                                            int64_t N, int64_t out, bool vec, int tid = int(threadIdx.x),
+                                            int nthreads = kLoraOutThreads) {
+  for (int idx = tid; idx < rows * (kLoraOutCols / 8); idx += nthreads) {
     const int rr = idx >> 4, c = (idx & 15) * 8;
     const int64_t n = n0 + rr, o = o0 + c;
     if (n >= N || o >= out) continue;
@@ -321,7 +323,11 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
 
 // The same on warpgroup MMA (sm_90a; see above): row tiles of 128, warpgroup w multiplies rows 64 w .. 64 w + 63;
 // K padded to Kp (64, 128 or 192), a compile-time constant so that the k steps unroll and the first overwrites
-// the accumulators (a zeroing before the products made ptxas serialize them, C7515).
+// the accumulators (a zeroing before the products made ptxas serialize them, C7515). After B's tile, which the
+// whole block copies, each warpgroup copies, multiplies, adds and stores its own 64 rows of every tile, with its own
+// barrier (named barrier 1 + w): the two drift apart, so that one's products run while the other adds and stores.
+// In one block-wide step they waited for each other three times a tile, and the tensor cores idled through
+// every add and store.
 template <int Kp>
 __global__ void __launch_bounds__(kLoraOutThreads, 1)
     lora_out_add_wg_kernel(const LoraOutJobs jobs, int64_t ldy, int64_t ldl, int K, int64_t N, float s, int iters) {
@@ -341,25 +347,30 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
   const int64_t left = (N + TM - 1) / TM - first;
   const int n_it = left < iters ? int(left) : iters;
   const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
-  // 128 rows from row0 of a (row stride ld) into the swizzled tile at s; rows past `rows` and columns past K are
-  // zero-filled.
-  auto cp_swz = [&](uint32_t s_tile, const bf16* a, int64_t ld, int64_t row0, int64_t rows) {
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // provably warp-uniform (ptxas C7514)
+  const int tid = threadIdx.x & 127, lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3, g = lane >> 2,
+            t = lane & 3;
+  // Rows r0 .. r0 + nr - 1 of a 128-row swizzled tile at s from rows row0 + r0 .. of a (row stride ld), by
+  // threads tid0 .. tid0 + nt - 1; rows past `rows` and columns past K are zero-filled.
+  auto cp_swz = [&](uint32_t s_tile, const bf16* a, int64_t ld, int64_t row0, int64_t rows, int r0, int nr, int tid0,
+                    int nt) {
     const int upr = Kp / 8;
-    for (int u = threadIdx.x; u < TM * upr; u += kLoraOutThreads) {
-      const int r = u / upr, c = (u - r * upr) * 8;
+    for (int u = tid0; u < nr * upr; u += nt) {
+      const int r = r0 + u / upr, c = (u - (u / upr) * upr) * 8;
       const bool ok = row0 + r < rows && c < K;
       cp_async16(s_tile + swz<TM>(r, c), ok ? a + (row0 + r) * ld + c : a, ok);
     }
   };
-  cp_swz(sB, B, K, o0, out);
-  auto load = [&](int64_t t, int b) {
-    cp_swz(sL + b * tile, L, ldl, t * TM, N);
-    lora_y_tile<true>(Ys + b * TM * kLoraOutLdy, y, ldy, t * TM, o0, TM, N, out, vec);
+  cp_swz(sB, B, K, o0, out, 0, TM, int(threadIdx.x), kLoraOutThreads);
+  // This warpgroup's 64 rows of row tile tt into buffer b: its L rows and its y rows.
+  auto load = [&](int64_t tt, int b) {
+    cp_swz(sL + b * tile, L, ldl, tt * TM, N, 64 * wg, 64, tid, 128);
+    lora_y_tile<true>(Ys + (b * TM + 64 * wg) * kLoraOutLdy, y, ldy, tt * TM + 64 * wg, o0, 64, N, out, vec, tid,
+                      128);
   };
+  auto wg_sync = [&] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
   load(first, 0);
   cp_commit();
-  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // provably warp-uniform (ptxas C7514)
-  const int lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
   for (int it = 0; it < n_it; ++it) {
     const int b = it & 1;
     if (it + 1 < n_it) {
@@ -370,7 +381,10 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
       cp_wait<0>();
     }
     fence_async_smem();
-    __syncthreads();
+    if (it == 0)
+      __syncthreads();  // B's tile came from the whole block's copies
+    else
+      wg_sync();
     float d0[8][4], d1[8][4];  // columns 0-63 and 64-127
     const uint32_t a = sL + b * tile + wg * (64 * 128);
     wg_arrive();
@@ -392,9 +406,10 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
         lora_y_add2(Yt, row + 8 * hr, nt * 8 + 2 * t, s, d0[nt][2 * hr], d0[nt][2 * hr + 1]);
         lora_y_add2(Yt, row + 8 * hr, 64 + nt * 8 + 2 * t, s, d1[nt][2 * hr], d1[nt][2 * hr + 1]);
       }
-    __syncthreads();
-    lora_y_tile<false>(Yt, y, ldy, (first + it) * TM, o0, TM, N, out, vec);
-    __syncthreads();
+    wg_sync();
+    lora_y_tile<false>(Yt + 64 * wg * kLoraOutLdy, y, ldy, (first + it) * TM + 64 * wg, o0, 64, N, out, vec, tid,
+                       128);
+    wg_sync();  // the buffer is refilled next
   }
 #else
   (void)jobs, (void)ldy, (void)ldl, (void)K, (void)N, (void)s, (void)iters;

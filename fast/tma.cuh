@@ -42,18 +42,50 @@ __device__ __forceinline__ void mbar_arrive(uint32_t a) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
 #endif
 }
-// Returns once the phase with the given parity (0 for the first, 1 for the second, ...) has completed.
+// True once the phase with the given parity (0 for the first, 1 for the second, ...) has completed; the hardware
+// may suspend the thread a while before answering false.
+__device__ __forceinline__ bool mbar_try_wait(uint32_t a, uint32_t parity) {
+  uint32_t done = 0;
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(a), "r"(parity)
+      : "memory");
+#endif
+  return done != 0;
+}
+
+// A wait longer than this is a phase that will never complete (a copy never issued, a parity out of step with the
+// ring, too few arrivals): the kernel traps, so the launch fails with cudaErrorLaunchFailure at the host's next
+// CUDA call instead of the process spinning until something outside kills it. A legitimate wait is a few tiles'
+// products, microseconds; under compute-sanitizer, which slows kernels by about three orders of magnitude,
+// milliseconds. 4 s leaves a margin of 10^3 over that (a debugger stopped at a breakpoint inside the kernel
+// exceeds it) and fits the 32 bits of %globaltimer_lo (ns; wraps every 4.29 s, which the unsigned difference
+// absorbs): one register held across the wait, where the forward's consumers have none to spare.
+constexpr uint32_t kMbarTimeoutNs = 4'000'000'000u;
+
+// Returns once the phase with the given parity has completed; traps after kMbarTimeoutNs of waiting.
 __device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
 #ifdef GEMMA_SM90_DEVICE
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(a), "r"(parity)
-        : "memory");
-  } while (!done);
+  if (mbar_try_wait(a, parity)) return;
+  uint32_t t0, t;
+  asm volatile("mov.u32 %0, %%globaltimer_lo;\n" : "=r"(t0));
+  while (!mbar_try_wait(a, parity)) {
+    asm volatile("mov.u32 %0, %%globaltimer_lo;\n" : "=r"(t));
+    if (t - t0 > kMbarTimeoutNs) __trap();
+  }
 #endif
+}
+
+// mbar_wait without the bound, for the forward's consumer warpgroups: any trap in their code makes ptxas spill
+// about 1.2 KB a thread of the head_dim 256 kernel (the bound's register alone does not). A consumer waits on
+// bytes the producer copies, and the producer's own waits are bounded: while a consumer is stuck, its slot is
+// never released, the producer's wait for it traps and the launch ends, unless the producer had already issued
+// its last copies (the stuck wait is then among the last ring's worth of tiles).
+__device__ __forceinline__ void mbar_wait_spin(uint32_t a, uint32_t parity) {
+  while (!mbar_try_wait(a, parity)) {
+  }
 }
 
 // One box of the 3-d tensor map at `map` (coordinates c0 innermost) into shared address dst, completing its bytes

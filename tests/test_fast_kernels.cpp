@@ -16,9 +16,11 @@
 // Without a CUDA device every test skips with the reason.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
+#include <cstdlib>
 
 #include "fast/fast.hpp"
 #include "fast/kernels.hpp"
@@ -831,4 +833,23 @@ TEST_F(FastKernel, OutOfMemoryIsAnInputErrorWithTheSizeAndAHint) {
     EXPECT_NE(as_input, nullptr) << "tools exit 2 on an InputError";
   }
   fk::allocate(size_t(1) << 20);  // the device is still usable afterwards
+}
+
+// tma.cuh's bounded barrier wait: a wait nothing will complete ends the launch (a trap) after 4 s instead of hanging
+// the process. The trap leaves the CUDA context unusable, so the launch runs in a child process (gtest's
+// "threadsafe" death test re-executes this binary for the one statement); the child exits 0 only on the trap's
+// error after at least 3.5 s (a bound of 0, or a trap for another reason, answers at once).
+TEST_F(FastKernel, ABarrierWaitThatNeverCompletesFailsTheLaunchAfterItsBound) {
+  if (!fk::hopper_kernels())
+    GTEST_SKIP() << "the barrier waits are sm_90a code: they need a GEMMA_FAST_WGMMA build on a Hopper GPU";
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        const auto t0 = std::chrono::steady_clock::now();
+        const std::string err = fk::stuck_barrier_wait();
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::fprintf(stderr, "the launch ended with %s after %.2f s\n", err.c_str(), s);
+        std::exit(err == "cudaErrorLaunchFailure" && s >= 3.5 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "the launch ended with");
 }
