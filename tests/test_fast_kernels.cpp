@@ -22,6 +22,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include <unistd.h>
+
 #include "fast/fast.hpp"
 #include "fast/kernels.hpp"
 #include "fast/testing.hpp"
@@ -837,19 +839,23 @@ TEST_F(FastKernel, OutOfMemoryIsAnInputErrorWithTheSizeAndAHint) {
 
 // tma.cuh's bounded barrier wait: a wait nothing will complete ends the launch (a trap) after 4 s instead of hanging
 // the process. The trap leaves the CUDA context unusable, so the launch runs in a child process (gtest's
-// "threadsafe" death test re-executes this binary for the one statement); the child exits 0 only on the trap's
-// error after at least 3.5 s (a bound of 0, or a trap for another reason, answers at once).
+// "threadsafe" death test re-executes this binary for the one statement). The child creates its CUDA context
+// before the clock starts (a small allocation), then exits 0 only on the trap's error between 3.5 and 10 s: a bound of
+// 0, or a trap for another reason, answers at once; a bound far above 4 s answers late; a wait with no bound at all
+// is ended by the alarm at 30 s (SIGALRM, not an exit, so the test fails instead of hanging).
 TEST_F(FastKernel, ABarrierWaitThatNeverCompletesFailsTheLaunchAfterItsBound) {
   if (!fk::hopper_kernels())
     GTEST_SKIP() << "the barrier waits are sm_90a code: they need a GEMMA_FAST_WGMMA build on a Hopper GPU";
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(
       {
+        ::alarm(30);
+        fk::allocate(256);  // the CUDA context, created outside the timed span
         const auto t0 = std::chrono::steady_clock::now();
         const std::string err = fk::stuck_barrier_wait();
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         std::fprintf(stderr, "the launch ended with %s after %.2f s\n", err.c_str(), s);
-        std::exit(err == "cudaErrorLaunchFailure" && s >= 3.5 ? 0 : 1);
+        std::exit(err == "cudaErrorLaunchFailure" && s >= 3.5 && s <= 10 ? 0 : 1);
       },
       ::testing::ExitedWithCode(0), "the launch ended with");
 }
