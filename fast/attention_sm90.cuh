@@ -382,9 +382,6 @@ struct AttnBwdTmaps {
   CUtensorMap q, k, v, dout;  // tma_rows_map over p.q, p.k, p.v, p.dout, 64-row boxes
 };
 
-// A barrier of warpgroup wg's 128 threads alone (named barriers 1 and 2; __syncthreads is barrier 0).
-__device__ __forceinline__ void wg_bar(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
-
 template <int HD, int PART>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     attn_bwd_sm90_kernel(const AttnParams p, const __grid_constant__ AttnBwdTmaps tm) {

@@ -39,8 +39,9 @@ float draw(float a, bool full = false) {
   return x;
 }
 
+constexpr uint64_t kFnvOffset = 1469598103934665603ull;  // FNV-1a's 64-bit offset basis
 // h continues an earlier hash, so that several vectors hash as their concatenation.
-uint64_t fnv1a(const std::vector<float>& v, uint64_t h = 1469598103934665603ull) {
+uint64_t fnv1a(const std::vector<float>& v, uint64_t h = kFnvOffset) {
   const auto* p = reinterpret_cast<const unsigned char*>(v.data());
   for (size_t i = 0; i < v.size() * sizeof(float); ++i) {
     h ^= p[i];
@@ -146,7 +147,7 @@ int main(int argc, char** argv) {
     for (float& v : x) v = draw(1);
     for (float& v : dy) v = draw(0.01f);
     const kernels::LoraGroup g = kernels::lora_group(c.N, c.in, c.r, 2.0, projs, x, dy);
-    uint64_t hA = 1469598103934665603ull, hB = hA;
+    uint64_t hA = kFnvOffset, hB = hA;
     for (const std::vector<float>& a : g.dA) hA = fnv1a(a, hA);
     for (const std::vector<float>& b : g.dB) hB = fnv1a(b, hB);
     std::printf("lora N %lld in %lld r %lld outs %s: y %016llx dx %016llx dA %016llx dB %016llx\n", (long long)c.N,

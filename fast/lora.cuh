@@ -368,7 +368,6 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
     lora_y_tile<true>(Ys + (b * TM + 64 * wg) * kLoraOutLdy, y, ldy, tt * TM + 64 * wg, o0, 64, N, out, vec, tid,
                       128);
   };
-  auto wg_sync = [&] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
   load(first, 0);
   cp_commit();
   for (int it = 0; it < n_it; ++it) {
@@ -384,7 +383,7 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
     if (it == 0)
       __syncthreads();  // B's tile came from the whole block's copies
     else
-      wg_sync();
+      wg_bar(wg);
     float d0[8][4], d1[8][4];  // columns 0-63 and 64-127
     const uint32_t a = sL + b * tile + wg * (64 * 128);
     wg_arrive();
@@ -406,10 +405,10 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
         lora_y_add2(Yt, row + 8 * hr, nt * 8 + 2 * t, s, d0[nt][2 * hr], d0[nt][2 * hr + 1]);
         lora_y_add2(Yt, row + 8 * hr, 64 + nt * 8 + 2 * t, s, d1[nt][2 * hr], d1[nt][2 * hr + 1]);
       }
-    wg_sync();
+    wg_bar(wg);
     lora_y_tile<false>(Yt + 64 * wg * kLoraOutLdy, y, ldy, (first + it) * TM + 64 * wg, o0, 64, N, out, vec, tid,
                        128);
-    wg_sync();  // the buffer is refilled next
+    wg_bar(wg);  // the buffer is refilled next
   }
 #else
   (void)jobs, (void)ldy, (void)ldl, (void)K, (void)N, (void)s, (void)iters;
