@@ -26,6 +26,7 @@
 #include <map>
 #include <queue>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "fast/gemm.cuh"
@@ -143,13 +144,16 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
 // fp32 term's round trip through memory (8 of the 12 bytes moved per output).
 //
 // A block keeps one 128-column tile of B in shared memory and walks down `iters` row tiles of y, copying the next
-// tile's L rows and y rows (cp.async, double-buffered) while it multiplies the current one; the fp32 sums are
+// tiles' L rows and y rows (cp.async; one tile ahead for mma.sync, up to three for wgmma) while it multiplies the
+// current one; the fp32 sums are
 // added to y's tile in shared memory, and y goes back in whole 16-byte pieces (element by element where a row's
 // width or alignment does not allow them). y is read and written once: 4 bytes per output, 70 us for 27b's
 // gate_proj at 2 x 1024 on the H200. Two kernels do the product:
 // - lora_out_add_wg_kernel (sm_90a, K <= 192, that is r <= 32, and r % 4 == 0): warpgroup MMA on 128-byte
-//   swizzled tiles (fast/wgmma.cuh), K zero-padded to a multiple of 64 (the padded terms are exact zeros), each
-//   of the two warpgroups 64 rows x 128 columns, m64n128k16;
+//   swizzled tiles (fast/wgmma.cuh), each of two or three warpgroups 64 rows x 128 columns, m64n128k16; at r = 16 and
+//   32 the tiles hold the 3r distinct split columns of L and B and the k steps pick the six pairs from them (half
+//   the shared memory and half the L copies), otherwise all 6r, zero-padded to a multiple of 64 (the padded
+//   terms are exact zeros);
 // - lora_out_add_kernel (everywhere else, K <= 384 and r % 8 == 0): eight warps of 16 MT rows x 32 columns,
 //   mma.sync m16n8k16 fed by ldmatrix, row tiles of 32 MT rows with MT the largest of 4, 2, 1 whose buffers fit
 //   (lora_out_mt).
@@ -194,22 +198,62 @@ inline int lora_out_mt(int K) {
   return 0;
 }
 constexpr int kLoraWgMaxK = 192;
-inline int lora_out_wg_kp(int K) { return (K + 63) / 64 * 64; }
-// lora_out_add_wg_kernel's: 1024 bytes of alignment slack, B's tile and two L tiles (128 x Kp each), two y tiles.
-inline int lora_out_wg_smem(int Kp) { return 1024 + 3 * 128 * Kp * 2 + 2 * 128 * kLoraOutLdy * 2; }
+// lora_out_add_wg_kernel's configuration for rank r (r <= 32, r % 4 == 0). At r % 16 == 0 (R16 = r / 16) its
+// tiles hold only the three distinct split blocks, [s1 s2 s3] of L and [B1 B2 B3] of Bfwd (columns [2r, 5r)), and
+// each k16 step picks its pair of blocks; otherwise (R16 = 0) they hold all 6r columns, as the mma.sync kernel's
+// do. Kp: the tiles' width, the columns held rounded up to whole 64-column panels.
+inline int lora_out_wg_r16(int r) { return r % 16 == 0 ? r / 16 : 0; }
+inline int lora_out_wg_kp(int r) { return ((lora_out_wg_r16(r) ? 3 * r : 6 * r) + 63) / 64 * 64; }
+// Warpgroups per block at Kp, each 64 rows of a row tile (3 where two stages of 192-row tiles fit beside B's tile,
+// else 2), and pipeline stages (L and y tiles in flight): two.
+__host__ __device__ constexpr int lora_out_wg_groups(int Kp) { return Kp <= 128 ? 3 : 2; }
+constexpr int kLoraWgStages = 2;
+// lora_out_add_wg_kernel's shared memory: 1024 bytes of alignment slack, B's tile (128 x Kp), and per stage an L
+// tile (64 W x Kp, W warpgroups) and a y tile (64 W x 128, unpadded: its 16-byte units are swizzled instead,
+// lora_y_at).
+inline int lora_out_wg_smem(int Kp) {
+  const int rows = 64 * lora_out_wg_groups(Kp);
+  return 1024 + 128 * Kp * 2 + kLoraWgStages * (rows * Kp * 2 + rows * kLoraOutCols * 2);
+}
+// Element (row, col) of a y tile: row stride kLoraOutLdy (kSwz false), or kLoraOutCols with the 16-byte unit
+// col / 8 at unit ^ (row mod 8) (kSwz true), so that neither the 16-byte copies nor the epilogue's 4-byte accesses
+// (8 rows x 4 column pairs per warp, rows 256 bytes apart) conflict.
+template <bool kSwz>
+__device__ __forceinline__ bf16* lora_y_at(bf16* Yt, int row, int col) {
+  return kSwz ? Yt + row * kLoraOutCols + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7)) : Yt + row * kLoraOutLdy + col;
+}
 
 // Rows [n0, n0 + rows) x columns [o0, o0 + 128) of y into (kLoad: cp.async for whole aligned 16-byte pieces) or
-// out of a shared tile of row stride kLoraOutLdy; rows past N and columns past out are not touched. Threads
-// tid = 0 .. nthreads - 1 share the work (the block's, or one warpgroup's).
-template <bool kLoad>
+// out of a shared tile laid out as lora_y_at<kSwz>; rows past N and columns past out are not touched. Threads
+// tid = 0 .. nthreads - 1 share the work (the block's, or one warpgroup's). The tile's row 0 is row n0 (a multiple
+// of 8 when kSwz, so that the swizzle of rows within it is the whole tile's).
+template <bool kLoad, bool kSwz = false>
 __device__ __forceinline__ void lora_y_tile(bf16* Yt, bf16* y, int64_t ldy, int64_t n0, int64_t o0, int rows,
                                             int64_t N, int64_t out, bool vec, int tid = int(threadIdx.x),
                                             int nthreads = kLoraOutThreads) {
+  if constexpr (kSwz) {
+    // A whole tile of aligned rows: thread tid moves unit tid mod 16 of rows tid / 16 + j nthreads / 16, the
+    // same column and (nthreads a multiple of 128) the same swizzle in every row, so each 16-byte piece costs
+    // an address increment. The general loop below took 41 to 45 instructions a piece, and the copies in and out
+    // were half of the instructions lora_out_add_wg_kernel issued (ncu, 9b's gate|up at 2 x 4096).
+    if (vec && n0 + rows <= N && o0 + kLoraOutCols <= out && nthreads % 128 == 0 && (rows * 16) % nthreads == 0) {
+      const int step = nthreads / 16, r0 = tid >> 4, c = (tid & 15) * 8;
+      bf16* sh = lora_y_at<true>(Yt, r0, c);
+      bf16* gl = y + (n0 + r0) * ldy + o0 + c;
+      for (int rr = r0; rr < rows; rr += step, sh += step * kLoraOutCols, gl += step * ldy) {
+        if constexpr (kLoad)
+          cp_async16(smem_addr(sh), gl, true);
+        else
+          *reinterpret_cast<uint4*>(gl) = *reinterpret_cast<const uint4*>(sh);
+      }
+      return;
+    }
+  }
   for (int idx = tid; idx < rows * (kLoraOutCols / 8); idx += nthreads) {
     const int rr = idx >> 4, c = (idx & 15) * 8;
     const int64_t n = n0 + rr, o = o0 + c;
     if (n >= N || o >= out) continue;
-    bf16* sh = Yt + rr * kLoraOutLdy + c;
+    bf16* sh = lora_y_at<kSwz>(Yt, rr, c);
     bf16* gl = y + n * ldy + o;
     if (vec && o + 8 <= out) {
       if (kLoad)
@@ -227,9 +271,9 @@ __device__ __forceinline__ void lora_y_tile(bf16* Yt, bf16* y, int64_t ldy, int6
   }
 }
 
-// y's tile at (row, col), (row, col + 1) += s (a0, a1), each rounded to bf16 once.
+// y's tile (row stride kLoraOutLdy) at (row, col), (row, col + 1) += s (a0, a1), each rounded to bf16 once.
 __device__ __forceinline__ void lora_y_add2(bf16* Yt, int row, int col, float s, float a0, float a1) {
-  auto* p = reinterpret_cast<__nv_bfloat162*>(Yt + row * kLoraOutLdy + col);
+  auto* p = reinterpret_cast<__nv_bfloat162*>(lora_y_at<false>(Yt, row, col));
   const float2 v = __bfloat1622float2(*p);
   *p = __floats2bfloat162_rn(lora_sum(v.x, __fmul_rn(s, a0)), lora_sum(v.y, __fmul_rn(s, a1)));
 }
@@ -321,94 +365,167 @@ __global__ void __launch_bounds__(kLoraOutThreads, 1)
   }
 }
 
-// The same on warpgroup MMA (sm_90a; see above): row tiles of 128, warpgroup w multiplies rows 64 w .. 64 w + 63;
-// K padded to Kp (64, 128 or 192), a compile-time constant so that the k steps unroll and the first overwrites
-// the accumulators (a zeroing before the products made ptxas serialize them, C7515). After B's tile, which the
-// whole block copies, each warpgroup copies, multiplies, adds and stores its own 64 rows of every tile, with its own
-// barrier (named barrier 1 + w): the two drift apart, so that one's products run while the other adds and stores.
-// In one block-wide step they waited for each other three times a tile, and the tensor cores idled through
-// every add and store.
-template <int Kp>
-__global__ void __launch_bounds__(kLoraOutThreads, 1)
+// k16 step kk of lora_out_add_wg_kernel's product: the 16-column block kl of the L tile and kb of the B tile.
+// R16 = 0: the tiles hold [s1 s2 s3 s1 s1 s2] and [B1 B1 B1 B2 B3 B2], step kk is block kk of both. R16 > 0 (r =
+// 16 R16): they hold [s1 s2 s3] and [B1 B2 B3], and step kk takes the same pair of split blocks, in the same order,
+// as step kk of the first layout, so the two accumulate the same products in the same order (the first layout's
+// zero-padded steps, which R16 > 0 skips, add exact zeros).
+template <int R16>
+__device__ __forceinline__ void lora_wg_step(int kk, int& kl, int& kb) {
+  if constexpr (R16 == 0) {
+    kl = kb = kk;
+  } else {
+    // The pairs (1,1) (2,1) (3,1) (1,2) (1,3) (2,2): the split blocks of L and of B each step takes.
+    constexpr int l_of[6] = {0, 1, 2, 0, 0, 1}, b_of[6] = {0, 0, 0, 1, 2, 1};
+    kl = l_of[kk / R16] * R16 + kk % R16;
+    kb = b_of[kk / R16] * R16 + kk % R16;
+  }
+}
+
+// The same on warpgroup MMA (sm_90a; see above): row tiles of 64 W rows (W = lora_out_wg_groups(Kp) warpgroups),
+// warpgroup w multiplies rows 64 w .. 64 w + 63;
+// the tiles Kp wide (lora_out_wg_kp; with R16 > 0, 3r columns of L and B, lora_wg_step), compile-time constants
+// so that the k steps unroll and the first overwrites the accumulators (a zeroing before the products made ptxas
+// serialize them, C7515). After B's tile, which the whole block copies, each warpgroup copies, multiplies, adds and
+// stores its own 64 rows of every tile, with its own barrier (named barrier 1 + w): they drift apart, so that one's
+// products run while another's add and store. The copies run one tile ahead (a second tile ahead, three stages of
+// 128 rows, moved nothing: ncu, 9b's gate|up at 2 x 4096); the shared memory goes to a third warpgroup instead,
+// whose warps hide more of each one's waits (product, barriers).
+template <int Kp, int R16>
+__global__ void __launch_bounds__(128 * lora_out_wg_groups(Kp), 1)
     lora_out_add_wg_kernel(const LoraOutJobs jobs, int64_t ldy, int64_t ldl, int K, int64_t N, float s, int iters) {
 #ifdef GEMMA_SM90_DEVICE
-  constexpr int TM = 128;
+  constexpr int W = lora_out_wg_groups(Kp), TM = 64 * W, S = kLoraWgStages, kSteps = R16 ? 6 * R16 : Kp / 16;
+  constexpr int kUnits = R16 ? 6 * R16 : Kp / 8;  // 16-byte units copied per tile row: the 3r columns, or all Kp
   extern __shared__ __align__(16) unsigned char smem_lora[];
   const uint32_t raw = smem_addr(smem_lora), base = (raw + 1023) & ~1023u;  // the swizzle needs 1024-byte tiles
-  const uint32_t tile = TM * Kp * 2, panel = TM * 128;  // bytes of a swizzled tile and of its 64-column panels
-  const uint32_t sB = base, sL = base + tile;           // L buffer b at sL + b * tile
-  bf16* Ys = reinterpret_cast<bf16*>(smem_lora + (base - raw) + 3 * tile);  // [2][TM][kLoraOutLdy]
+  // Bytes of a swizzled L tile and of its 64-column panels (TM rows: a multiple of 1024 bytes), and of B's.
+  const uint32_t tile = TM * Kp * 2, panel = TM * 128, btile = kLoraOutCols * Kp * 2, bpanel = kLoraOutCols * 128;
+  const uint32_t sB = base, sL = base + btile;  // L stage b at sL + b * tile
+  bf16* Ys = reinterpret_cast<bf16*>(smem_lora + (base - raw) + btile + S * tile);  // [S][TM][kLoraOutCols]
   int64_t o0;
   const LoraOutJob& job = lora_out_job(jobs, blockIdx.x, o0);
   bf16* const y = job.y;
   const bf16* const L = job.L;
-  const bf16* const B = job.B;
+  const bf16* const B = R16 ? job.B + 2 * 16 * R16 : job.B;  // R16 > 0: Bfwd's columns [2r, 5r), [B1 B2 B3]
+  const int Kc = R16 ? 3 * 16 * R16 : K;                       // the columns of L and B the tiles hold
   const int64_t out = job.out, first = int64_t(blockIdx.y) * iters;
   const int64_t left = (N + TM - 1) / TM - first;
   const int n_it = left < iters ? int(left) : iters;
   const bool vec = (ldy & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // provably warp-uniform (ptxas C7514)
-  const int tid = threadIdx.x & 127, lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3, g = lane >> 2,
-            t = lane & 3;
-  // Rows r0 .. r0 + nr - 1 of a 128-row swizzled tile at s from rows row0 + r0 .. of a (row stride ld), by
-  // threads tid0 .. tid0 + nt - 1; rows past `rows` and columns past K are zero-filled.
-  auto cp_swz = [&](uint32_t s_tile, const bf16* a, int64_t ld, int64_t row0, int64_t rows, int r0, int nr, int tid0,
-                    int nt) {
-    const int upr = Kp / 8;
-    for (int u = tid0; u < nr * upr; u += nt) {
-      const int r = r0 + u / upr, c = (u - (u / upr) * upr) * 8;
-      const bool ok = row0 + r < rows && c < K;
-      cp_async16(s_tile + swz<TM>(r, c), ok ? a + (row0 + r) * ld + c : a, ok);
+  const int tid = threadIdx.x & 127, lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3;
+  // Rows r0 .. r0 + nr - 1 of a swizzled tile of R rows (R = TM: an L tile; kLoraOutCols: B's) at s from rows
+  // row0 + r0 .. of a (row stride ld), by threads tid0 .. tid0 + nt - 1; rows past `rows` and columns past Kc
+  // are zero-filled.
+  auto cp_swz = [&](auto R, uint32_t s_tile, const bf16* a, int64_t ld, int64_t row0, int64_t rows, int r0, int nr,
+                    int tid0, int nt) {
+    for (int u = tid0; u < nr * kUnits; u += nt) {
+      const int r = r0 + u / kUnits, c = (u - (u / kUnits) * kUnits) * 8;
+      const bool ok = row0 + r < rows && c < Kc;
+      cp_async16(s_tile + swz<decltype(R)::value>(r, c), ok ? a + (row0 + r) * ld + c : a, ok);
     }
   };
-  cp_swz(sB, B, K, o0, out, 0, TM, int(threadIdx.x), kLoraOutThreads);
-  // This warpgroup's 64 rows of row tile tt into buffer b: its L rows and its y rows.
+  using RowsB = std::integral_constant<int, kLoraOutCols>;
+  using RowsL = std::integral_constant<int, TM>;
+  cp_swz(RowsB{}, sB, B, K, o0, out, 0, kLoraOutCols, int(threadIdx.x), 128 * W);
+  // The warpgroup's share of an L tile whose rows are all below N, planned once: thread tid's kLU units, their
+  // shared offsets and their element offsets from the tile's first row (below 2^31: 192 rows of ldl < 2^24, the
+  // plan's bound). cp_swz recomputed them for every tile (ncu: 9% of the kernel's stall samples).
+  constexpr int kLU = 64 * kUnits / 128;
+  uint32_t l_sh[kLU];
+  int32_t l_gl[kLU];
+  bool l_ok[kLU];
+#pragma unroll
+  for (int j = 0; j < kLU; ++j) {
+    const int u = tid + 128 * j, r = 64 * wg + u / kUnits, c = (u % kUnits) * 8;
+    l_sh[j] = swz<TM>(r, c);
+    l_gl[j] = int32_t(r * ldl + c);
+    l_ok[j] = c < Kc;
+  }
+  // The epilogue's y accesses, one ldmatrix and one stmatrix per pair of 8-column chunks (2 cp, 2 cp + 1): lane l
+  // addresses row 16 wi + (l mod 8) + 8 ((l / 8) mod 2) of this warp's 16 and chunk 2 cp + (l / 16) mod 2, so that
+  // register q holds (row g + 8 (q mod 2), columns 2t, 2t + 1) of chunk 2 cp + q / 2: the accumulators' layout.
+  // Byte offsets within a stage's y tile; the row's swizzle is l mod 8 (its row mod 8).
+  uint32_t y_mat[8];
+  {
+    const int row = 64 * wg + 16 * wi + (lane & 7) + 8 * ((lane >> 3) & 1), half = (lane >> 4) & 1;
+#pragma unroll
+    for (int cp = 0; cp < 8; ++cp) y_mat[cp] = uint32_t(row * kLoraOutCols + (((2 * cp + half) ^ (lane & 7)) << 3)) * 2;
+  }
+  // This warpgroup's 64 rows of row tile tt into stage b: its L rows and its y rows.
   auto load = [&](int64_t tt, int b) {
-    cp_swz(sL + b * tile, L, ldl, tt * TM, N, 64 * wg, 64, tid, 128);
-    lora_y_tile<true>(Ys + (b * TM + 64 * wg) * kLoraOutLdy, y, ldy, tt * TM + 64 * wg, o0, 64, N, out, vec, tid,
-                      128);
-  };
-  load(first, 0);
-  cp_commit();
-  for (int it = 0; it < n_it; ++it) {
-    const int b = it & 1;
-    if (it + 1 < n_it) {
-      load(first + it + 1, b ^ 1);
-      cp_commit();
-      cp_wait<1>();
+    if (tt * TM + TM <= N) {
+      const bf16* Lt = L + tt * TM * ldl;
+#pragma unroll
+      for (int j = 0; j < kLU; ++j) cp_async16(sL + b * tile + l_sh[j], l_ok[j] ? Lt + l_gl[j] : L, l_ok[j]);
     } else {
-      cp_wait<0>();
+      cp_swz(RowsL{}, sL + b * tile, L, ldl, tt * TM, N, 64 * wg, 64, tid, 128);
     }
+    lora_y_tile<true, true>(Ys + (b * TM + 64 * wg) * kLoraOutCols, y, ldy, tt * TM + 64 * wg, o0, 64, N, out, vec,
+                            tid, 128);
+  };
+  // One commit group per stage, empty past the block's last tile, so that "group it is complete" is always
+  // cp_wait<S - 1> (B's tile rides in the first group).
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    if (st < n_it) load(first + st, st);
+    cp_commit();
+  }
+  // The product, the add and the store of a tile run in turn within a warpgroup; the warpgroups drift apart.
+  // (Issuing the next tile's product before this one's add needs two accumulator sets in flight by turns, which
+  // made ptxas serialize every product, C7514, as in the attention's pass 1.)
+  int b = 0, bn = S - 1;  // this tile's stage and the stage the copies issued now go to
+  for (int it = 0; it < n_it; ++it) {
+    if (it + S - 1 < n_it) load(first + it + S - 1, bn);
+    cp_commit();
+    cp_wait<S - 1>();
     fence_async_smem();
     if (it == 0)
       __syncthreads();  // B's tile came from the whole block's copies
     else
       wg_bar(wg);
     float d0[8][4], d1[8][4];  // columns 0-63 and 64-127
-    const uint32_t a = sL + b * tile + wg * (64 * 128);
+    // Descriptors of the stage's L rows and of B: each step's is the base's plus its offset / 16 (the 14-bit
+    // address field cannot carry: shared addresses stay below 2^18).
+    const uint64_t da = desc_kmajor(sL + b * tile + wg * (64 * 128)), db = desc_kmajor(sB);
     wg_arrive();
 #pragma unroll
-    for (int kk = 0; kk < Kp / 16; ++kk)
-      wgmma_ss_n128<0>(d0, d1, desc_kmajor(a + (kk >> 2) * panel + (kk & 3) * 32),
-                       desc_kmajor(sB + (kk >> 2) * panel + (kk & 3) * 32), kk > 0);
+    for (int kk = 0; kk < kSteps; ++kk) {
+      int kl, kb;
+      lora_wg_step<R16>(kk, kl, kb);
+      wgmma_ss_n128<0>(d0, d1, da + ((kl >> 2) * panel + (kl & 3) * 32) / 16,
+                       db + ((kb >> 2) * bpanel + (kb & 3) * 32) / 16, kk > 0);
+    }
     wg_commit();
     wg_wait<0>();
     wg_hold(d0);
     wg_hold(d1);
-    // d0/d1[nt][2 hr + j] is output (64 wg + 16 wi + g + 8 hr, 8 nt + 2 t + j, + 64 for d1).
-    bf16* Yt = Ys + b * TM * kLoraOutLdy;
-    const int row = wg * 64 + wi * 16 + g;
+    // d0/d1[nt][2 hr + j] is output (64 wg + 16 wi + g + 8 hr, 8 nt + 2 t + j, + 64 for d1): the sum and its one
+    // rounding as lora_y_add2's, on the registers ldmatrix gives (y_mat): 8 + 8 matrix accesses a tile where
+    // 4-byte accesses took 32 + 32 and their addresses.
+    const uint32_t Yt = smem_addr(Ys) + uint32_t(b * TM * kLoraOutCols * 2);
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr)
+    for (int cp = 0; cp < 8; ++cp) {
+      float(&d)[8][4] = cp < 4 ? d0 : d1;
+      uint32_t v[4];
+      ldmatrix_x4_at(v, Yt + y_mat[cp]);
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        lora_y_add2(Yt, row + 8 * hr, nt * 8 + 2 * t, s, d0[nt][2 * hr], d0[nt][2 * hr + 1]);
-        lora_y_add2(Yt, row + 8 * hr, 64 + nt * 8 + 2 * t, s, d1[nt][2 * hr], d1[nt][2 * hr + 1]);
+      for (int q = 0; q < 4; ++q) {
+        const int nt = (2 * cp + (q >> 1)) & 7, hr = q & 1;
+        const float2 yv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v[q]));
+        const __nv_bfloat162 o = __floats2bfloat162_rn(lora_sum(yv.x, __fmul_rn(s, d[nt][2 * hr])),
+                                                       lora_sum(yv.y, __fmul_rn(s, d[nt][2 * hr + 1])));
+        v[q] = *reinterpret_cast<const uint32_t*>(&o);
       }
+      stmatrix_x4_at(Yt + y_mat[cp], v);
+    }
     wg_bar(wg);
-    lora_y_tile<false>(Yt + 64 * wg * kLoraOutLdy, y, ldy, (first + it) * TM + 64 * wg, o0, 64, N, out, vec, tid,
-                       128);
-    wg_bar(wg);  // the buffer is refilled next
+    lora_y_tile<false, true>(Ys + (b * TM + 64 * wg) * kLoraOutCols, y, ldy, (first + it) * TM + 64 * wg, o0, 64,
+                             N, out, vec, tid, 128);
+    wg_bar(wg);  // stage b is free: the copies issued next (tile it + S) overwrite it
+    b = b + 1 == S ? 0 : b + 1;
+    bn = bn + 1 == S ? 0 : bn + 1;
   }
 #else
   (void)jobs, (void)ldy, (void)ldl, (void)K, (void)N, (void)s, (void)iters;
@@ -468,9 +585,11 @@ struct LoraOutPlan {
   const char* kernel = nullptr;  // the fused kernel's name; nullptr: not fused (each term's product into fp32,
                                  // then lora_add_kernel)
   int K = 0;                     // 6r, the split product's depth
-  int Kp = 0;                    // the Hopper kernel's K padded to 64, 128 or 192 (0 for mma.sync)
+  int Kp = 0;                    // the Hopper kernel's tile width, 64, 128 or 192 (0 for mma.sync; lora_out_wg_kp)
+  int r16 = 0;                   // the Hopper kernel's R16 (lora_out_wg_r16)
   int mt = 0;                    // the mma.sync kernel's MT (0 for the Hopper kernel)
-  int rows = 0;                  // rows per row tile: 128 (Hopper) or 32 MT
+  int rows = 0;                  // rows per row tile: 64 W (Hopper, lora_out_wg_groups) or 32 MT
+  int threads = 0;               // per block: 128 W (Hopper) or kLoraOutThreads
   int iters = 0;                 // row tiles per block; the grid's last block row may have fewer
   int smem = 0;                  // dynamic shared memory, bytes
   int64_t col_tiles = 0, row_tiles = 0;  // of 128 columns (every job's, side by side) and of `rows` rows
@@ -478,23 +597,26 @@ struct LoraOutPlan {
 };
 
 // One of the two fused kernels takes K = 6r when its rows fit a block's shared memory (K <= 384: r <= 64), its
-// product can step through K (the Hopper kernel zero-pads K to a multiple of 64 and needs only whole 16-byte
+// product can step through K (the Hopper kernel pads its tiles to a multiple of 64 and needs only whole 16-byte
 // pieces, K % 8 == 0: r % 4 == 0; the mma.sync one takes 16 at a time, K % 16 == 0: r % 8 == 0), every L and B
-// has 16-byte aligned rows, and N fits in at most 65535 groups of 64 row tiles (128-row tiles up to r = 32: 537 M
-// tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64). jobs[i].tile0 is ignored (the plan sets it).
+// has 16-byte aligned rows, and N fits in at most 65535 groups of 64 row tiles (tiles of 128 or 192 rows up to
+// r = 32: at least 537 M tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64). jobs[i].tile0 is ignored
+// (the plan sets it).
 inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t ldl, const LoraOutJob* jobs, int njobs) {
   LoraOutPlan p;
   p.K = 6 * r;
   const bool wg = lora_out_wg(p.K);
   p.mt = wg || p.K > kLoraOutMaxK ? 0 : lora_out_mt(p.K);
-  p.rows = wg ? 128 : 32 * p.mt;
+  p.rows = wg ? 64 * lora_out_wg_groups(lora_out_wg_kp(r)) : 32 * p.mt;
+  p.threads = wg ? 128 * lora_out_wg_groups(lora_out_wg_kp(r)) : kLoraOutThreads;
   bool fits = njobs > 0 && njobs <= kLoraOutJobsMax && p.K % (wg ? 8 : 16) == 0 && p.rows > 0 && N > 0 &&
-              (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0;
+              (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0 && ldl < (int64_t(1) << 24);
   for (int i = 0; fits && i < njobs; ++i)
     fits = jobs[i].out > 0 && (reinterpret_cast<uintptr_t>(jobs[i].L) & 15) == 0 &&
            (reinterpret_cast<uintptr_t>(jobs[i].B) & 15) == 0;
   if (!fits) return p;
-  p.Kp = wg ? lora_out_wg_kp(p.K) : 0;
+  p.Kp = wg ? lora_out_wg_kp(r) : 0;
+  p.r16 = wg ? lora_out_wg_r16(r) : 0;
   p.smem = wg ? lora_out_wg_smem(p.Kp) : lora_out_smem(p.K, p.mt);
   for (int i = 0; i < njobs; ++i) {
     p.jobs.job[i] = jobs[i];
@@ -504,9 +626,11 @@ inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t ldl, const LoraOutJob
   p.jobs.count = njobs;
   p.row_tiles = (N + p.rows - 1) / p.rows;
   p.iters = lora_out_iters(p.col_tiles, p.row_tiles, device_sms());
-  p.kernel = wg ? (p.Kp == 64    ? "lora_out_add_wg_kernel<64>"
-                   : p.Kp == 128 ? "lora_out_add_wg_kernel<128>"
-                                 : "lora_out_add_wg_kernel<192>")
+  p.kernel = wg ? (p.r16 == 1    ? "lora_out_add_wg_kernel<64, 1>"
+                   : p.r16 == 2  ? "lora_out_add_wg_kernel<128, 2>"
+                   : p.Kp == 64  ? "lora_out_add_wg_kernel<64, 0>"
+                   : p.Kp == 128 ? "lora_out_add_wg_kernel<128, 0>"
+                                 : "lora_out_add_wg_kernel<192, 0>")
                 : (p.mt == 4   ? "lora_out_add_kernel<4>"
                    : p.mt == 2 ? "lora_out_add_kernel<2>"
                                : "lora_out_add_kernel<1>");
@@ -527,14 +651,18 @@ inline void lora_out_add(const LoraOutPlan& plan, int64_t ldy, int64_t ldl, int6
   const dim3 grid(unsigned(plan.col_tiles), unsigned((plan.row_tiles + plan.iters - 1) / plan.iters));
   auto launch = [&](auto kernel) {
     GEMMA_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem));
-    kernel<<<grid, kLoraOutThreads, plan.smem, st>>>(plan.jobs, ldy, ldl, plan.K, N, s, plan.iters);
+    kernel<<<grid, unsigned(plan.threads), plan.smem, st>>>(plan.jobs, ldy, ldl, plan.K, N, s, plan.iters);
   };
-  if (plan.Kp == 64)
-    launch(lora_out_add_wg_kernel<64>);
+  if (plan.r16 == 1)
+    launch(lora_out_add_wg_kernel<64, 1>);
+  else if (plan.r16 == 2)
+    launch(lora_out_add_wg_kernel<128, 2>);
+  else if (plan.Kp == 64)
+    launch(lora_out_add_wg_kernel<64, 0>);
   else if (plan.Kp == 128)
-    launch(lora_out_add_wg_kernel<128>);
+    launch(lora_out_add_wg_kernel<128, 0>);
   else if (plan.Kp == 192)
-    launch(lora_out_add_wg_kernel<192>);
+    launch(lora_out_add_wg_kernel<192, 0>);
   else if (plan.mt == 4)
     launch(lora_out_add_kernel<4>);
   else if (plan.mt == 2)

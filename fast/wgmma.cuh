@@ -156,6 +156,15 @@ __device__ __forceinline__ void wgmma_rs_panels(float (&d)[NP][8][4], const uint
   }
 #endif
 }
+// The inverse of ldmatrix_x4_at (sm_90): lane l's registers go to (row g, columns 2t, 2t + 1) of the four 8 x 8
+// matrices whose row addresses lanes 8m .. 8m + 7 give.
+__device__ __forceinline__ void stmatrix_x4_at(uint32_t row, const uint32_t (&r)[4]) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(row), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+#endif
+}
 __device__ __forceinline__ void wg_arrive() {
 #ifdef GEMMA_SM90_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
