@@ -174,6 +174,11 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
         put(&tm.k, i);
         put(&tm.v, i);
       }
+      // The producer leaves once the consumers have released the last slot-full of copies: a consumer stuck in
+      // its unbounded waits then holds the producer in a bounded one, whose trap ends the launch. Without this, a
+      // launch of at most NS copies (head_dim 128 with T up to 128, head_dim 256 with one key tile) had no bounded
+      // wait anywhere.
+      for (int l = L > NS ? L - NS : 0; l < L; ++l) mbar_wait(bar_empty + 8 * (l % NS), uint32_t(l / NS) & 1u);
     }
     return;
   }
@@ -329,6 +334,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   wg_wait<0>();
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
+  release(Lv);  // the producer waits for every copy's release before it leaves
 
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {

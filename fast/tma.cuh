@@ -81,8 +81,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
 // mbar_wait without the bound, for the forward's consumer warpgroups: any trap in their code makes ptxas spill
 // about 1.2 KB a thread of the head_dim 256 kernel (the bound's register alone does not). A consumer waits on
 // bytes the producer copies, and the producer's own waits are bounded: while a consumer is stuck, its slot is
-// never released, the producer's wait for it traps and the launch ends, unless the producer had already issued
-// its last copies (the stuck wait is then among the last ring's worth of tiles).
+// never released, the producer's wait for it traps and the launch ends; after its last copy the producer waits
+// for the last ring's worth of releases too, so a launch of at most a ring's worth of copies is covered as well.
 __device__ __forceinline__ void mbar_wait_spin(uint32_t a, uint32_t parity) {
   while (!mbar_try_wait(a, parity)) {
   }
