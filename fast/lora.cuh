@@ -430,7 +430,7 @@ __global__ void __launch_bounds__(128 * lora_out_wg_groups(Kp), 1)
   using RowsL = std::integral_constant<int, TM>;
   cp_swz(RowsB{}, sB, B, K, o0, out, 0, kLoraOutCols, int(threadIdx.x), 128 * W);
   // The warpgroup's share of an L tile whose rows are all below N, planned once: thread tid's kLU units, their
-  // shared offsets and their element offsets from the tile's first row (below 2^31: 192 rows of ldl < 2^24, the
+  // shared offsets and their element offsets from the tile's first row (below 2^31: 192 rows of ldl < 2^23, the
   // plan's bound). cp_swz recomputed them for every tile (ncu: 9% of the kernel's stall samples).
   constexpr int kLU = 64 * kUnits / 128;
   uint32_t l_sh[kLU];
@@ -600,8 +600,9 @@ struct LoraOutPlan {
 // product can step through K (the Hopper kernel pads its tiles to a multiple of 64 and needs only whole 16-byte
 // pieces, K % 8 == 0: r % 4 == 0; the mma.sync one takes 16 at a time, K % 16 == 0: r % 8 == 0), every L and B
 // has 16-byte aligned rows, and N fits in at most 65535 groups of 64 row tiles (tiles of 128 or 192 rows up to
-// r = 32: at least 537 M tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64). jobs[i].tile0 is ignored
-// (the plan sets it).
+// r = 32: at least 537 M tokens in one micro-batch; 64 rows up to r = 56, 32 at r = 64), and ldl < 2^23 (the
+// Hopper kernel's L offsets within a tile are 32-bit: 191 ldl + K below 2^31). jobs[i].tile0 is ignored (the plan
+// sets it).
 inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t ldl, const LoraOutJob* jobs, int njobs) {
   LoraOutPlan p;
   p.K = 6 * r;
@@ -610,7 +611,7 @@ inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t ldl, const LoraOutJob
   p.rows = wg ? 64 * lora_out_wg_groups(lora_out_wg_kp(r)) : 32 * p.mt;
   p.threads = wg ? 128 * lora_out_wg_groups(lora_out_wg_kp(r)) : kLoraOutThreads;
   bool fits = njobs > 0 && njobs <= kLoraOutJobsMax && p.K % (wg ? 8 : 16) == 0 && p.rows > 0 && N > 0 &&
-              (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0 && ldl < (int64_t(1) << 24);
+              (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0 && ldl < (int64_t(1) << 23);
   for (int i = 0; fits && i < njobs; ++i)
     fits = jobs[i].out > 0 && (reinterpret_cast<uintptr_t>(jobs[i].L) & 15) == 0 &&
            (reinterpret_cast<uintptr_t>(jobs[i].B) & 15) == 0;
