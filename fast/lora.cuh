@@ -144,8 +144,7 @@ __global__ void lora_add_kernel(bf16* y, const float* delta, int64_t N, int64_t 
 // fp32 term's round trip through memory (8 of the 12 bytes moved per output).
 //
 // A block keeps one 128-column tile of B in shared memory and walks down `iters` row tiles of y, copying the next
-// tiles' L rows and y rows (cp.async; one tile ahead for mma.sync, up to three for wgmma) while it multiplies the
-// current one; the fp32 sums are
+// tile's L rows and y rows (cp.async, double-buffered) while it multiplies the current one; the fp32 sums are
 // added to y's tile in shared memory, and y goes back in whole 16-byte pieces (element by element where a row's
 // width or alignment does not allow them). y is read and written once: 4 bytes per output, 70 us for 27b's
 // gate_proj at 2 x 1024 on the H200. Two kernels do the product:
@@ -215,9 +214,10 @@ inline int lora_out_wg_smem(int Kp) {
   const int rows = 64 * lora_out_wg_groups(Kp);
   return 1024 + 128 * Kp * 2 + kLoraWgStages * (rows * Kp * 2 + rows * kLoraOutCols * 2);
 }
-// Element (row, col) of a y tile: row stride kLoraOutLdy (kSwz false), or kLoraOutCols with the 16-byte unit
-// col / 8 at unit ^ (row mod 8) (kSwz true), so that neither the 16-byte copies nor the epilogue's 4-byte accesses
-// (8 rows x 4 column pairs per warp, rows 256 bytes apart) conflict.
+// Element (row, col) of a y tile: row stride kLoraOutLdy (kSwz false: the mma.sync kernel, whose epilogue's 4-byte
+// accesses, 8 rows x 4 column pairs a warp, the 8-element pad keeps apart), or kLoraOutCols with the 16-byte unit
+// col / 8 at unit ^ (row mod 8) (kSwz true: the wgmma kernel, whose ldmatrix / stmatrix read and write a column of
+// 16-byte units of 8 consecutive rows, rows 256 bytes apart, in eight different bank groups).
 template <bool kSwz>
 __device__ __forceinline__ bf16* lora_y_at(bf16* Yt, int row, int col) {
   return kSwz ? Yt + row * kLoraOutCols + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7)) : Yt + row * kLoraOutLdy + col;
@@ -383,14 +383,14 @@ __device__ __forceinline__ void lora_wg_step(int kk, int& kl, int& kb) {
 }
 
 // The same on warpgroup MMA (sm_90a; see above): row tiles of 64 W rows (W = lora_out_wg_groups(Kp) warpgroups),
-// warpgroup w multiplies rows 64 w .. 64 w + 63;
-// the tiles Kp wide (lora_out_wg_kp; with R16 > 0, 3r columns of L and B, lora_wg_step), compile-time constants
-// so that the k steps unroll and the first overwrites the accumulators (a zeroing before the products made ptxas
-// serialize them, C7515). After B's tile, which the whole block copies, each warpgroup copies, multiplies, adds and
-// stores its own 64 rows of every tile, with its own barrier (named barrier 1 + w): they drift apart, so that one's
-// products run while another's add and store. The copies run one tile ahead (a second tile ahead, three stages of
-// 128 rows, moved nothing: ncu, 9b's gate|up at 2 x 4096); the shared memory goes to a third warpgroup instead,
-// whose warps hide more of each one's waits (product, barriers).
+// warpgroup w multiplies rows 64 w .. 64 w + 63; the tiles Kp wide (lora_out_wg_kp; with R16 > 0, 3r columns of L
+// and B, lora_wg_step), compile-time constants so that the k steps unroll and the first overwrites the
+// accumulators (a zeroing before the products made ptxas serialize them, C7515). After B's tile, which the whole
+// block copies, each warpgroup copies, multiplies, adds and stores its own 64 rows of every tile, with its own
+// barrier (named barrier 1 + w): they drift apart, so that one's products run while another's add and store.
+// The copies run one tile ahead (a second tile ahead, three stages of 128 rows, moved nothing: ncu, 9b's gate|up
+// at 2 x 4096); the shared memory goes to a third warpgroup instead, whose warps hide more of each one's waits
+// (product, barriers).
 template <int Kp, int R16>
 __global__ void __launch_bounds__(128 * lora_out_wg_groups(Kp), 1)
     lora_out_add_wg_kernel(const LoraOutJobs jobs, int64_t ldy, int64_t ldl, int K, int64_t N, float s, int iters) {
@@ -608,8 +608,9 @@ inline LoraOutPlan lora_out_plan(int r, int64_t N, int64_t ldl, const LoraOutJob
   p.K = 6 * r;
   const bool wg = lora_out_wg(p.K);
   p.mt = wg || p.K > kLoraOutMaxK ? 0 : lora_out_mt(p.K);
-  p.rows = wg ? 64 * lora_out_wg_groups(lora_out_wg_kp(r)) : 32 * p.mt;
-  p.threads = wg ? 128 * lora_out_wg_groups(lora_out_wg_kp(r)) : kLoraOutThreads;
+  const int groups = wg ? lora_out_wg_groups(lora_out_wg_kp(r)) : 0;  // the Hopper kernel's warpgroups
+  p.rows = wg ? 64 * groups : 32 * p.mt;
+  p.threads = wg ? 128 * groups : kLoraOutThreads;
   bool fits = njobs > 0 && njobs <= kLoraOutJobsMax && p.K % (wg ? 8 : 16) == 0 && p.rows > 0 && N > 0 &&
               (N + p.rows - 1) / p.rows <= int64_t(65535) * 64 && ldl % 8 == 0 && ldl < (int64_t(1) << 23);
   for (int i = 0; fits && i < njobs; ++i)

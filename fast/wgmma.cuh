@@ -182,8 +182,8 @@ __device__ __forceinline__ void wg_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-// A barrier of warpgroup wg's 128 threads alone (named barriers 1 and 2; __syncthreads is barrier 0): the Hopper
-// attention's and the fused adapter add's warpgroups each wait for their own copies and stores.
+// A barrier of warpgroup wg's 128 threads alone (named barrier 1 + wg: 1 to 3; __syncthreads is barrier 0): the
+// Hopper attention's and the fused adapter add's warpgroups each wait for their own copies and stores.
 __device__ __forceinline__ void wg_bar(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 // Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous products.
 template <int N>
