@@ -63,7 +63,8 @@ Output run(const Checkpoint& ck, const Batch& batch, const Options& opt) {
                              std::to_string(batch.B * batch.T) + " rows");
   const std::vector<Batch> micro = split_micro(batch, opt.micro_batches);
   Engine e(ck, {.softcap = opt.softcap, .recompute = opt.recompute, .offload = opt.offload,
-                .recompute_mlp_only = opt.recompute_mlp_only});
+                .recompute_mlp_only = opt.recompute_mlp_only,
+                .recompute_num_layers = opt.recompute_num_layers});
   const auto t0 = std::chrono::steady_clock::now();
   Engine::Pass p = e.forward_backward(micro, opt.logit_rows);
   e.synchronize();
@@ -87,7 +88,8 @@ GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const
     return micro[size_t(k)];
   };
   Engine e(ck, {.softcap = opt.softcap, .recompute = opt.recompute, .offload = opt.offload,
-                .recompute_mlp_only = opt.recompute_mlp_only});
+                .recompute_mlp_only = opt.recompute_mlp_only,
+                .recompute_num_layers = opt.recompute_num_layers});
   GateOutput out;
   // Probes first: they must see the adapters before the optimizer step.
   for (const Batch& b : micro) out.embedding.push_back(e.probe_embedding(b));
@@ -112,7 +114,8 @@ Trainer::Trainer(const Checkpoint& ck, const AdamWConfig& a, Softcap softcap, Tr
   check_softcap_available(ck.config, softcap, "fast");
   engine_ = std::make_unique<Engine>(
       ck, EngineOptions{.softcap = softcap, .recompute = o.recompute, .offload = o.offload,
-                        .recompute_mlp_only = o.recompute_mlp_only});
+                        .recompute_mlp_only = o.recompute_mlp_only,
+                .recompute_num_layers = o.recompute_num_layers});
 }
 
 Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const AdamWConfig& a, Softcap softcap,
@@ -122,7 +125,8 @@ Trainer::Trainer(const Config& c, const AdapterConfig& ad, uint64_t seed, const 
   engine_ = std::make_unique<Engine>(c, ad, seed,
                                      EngineOptions{.softcap = softcap, .recompute = o.recompute, .offload = o.offload,
                                                    .quantize_nf4 = o.quantize_nf4,
-                                                   .recompute_mlp_only = o.recompute_mlp_only});
+                                                   .recompute_mlp_only = o.recompute_mlp_only,
+                .recompute_num_layers = o.recompute_num_layers});
 }
 
 Trainer::~Trainer() = default;

@@ -113,7 +113,7 @@ void attention_bench(const Config& c, const std::string& model, int64_t B, int64
 int main(int argc, char** argv) {
   CLI::App app{"fast_bench: tokens/s and peak GPU memory of the fast trainer"};
   std::string model = "gemma2-9b", softcap = "attn,logits", json;
-  int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0;
+  int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0, recompute_layers = -1;
   int gpus = 1;
   bool no_recompute = false, mlp_only = false, offload = false, longest = false, attention = false;
   std::string quantize;
@@ -132,6 +132,8 @@ int main(int argc, char** argv) {
   app.add_flag("--recompute-mlp-only", mlp_only,
                "keep each layer's attention-block and down_proj outputs too: the backward recomputes only the MLP's "
                "input half");
+  app.add_option("--recompute-num-layers", recompute_layers,
+                 "checkpoint and recompute only the first N layers; the rest keep every activation (default: all)");
   app.add_flag("--offload", offload, "activation checkpoints in pinned host memory");
   app.add_option("--json", json, "append one JSON line with the result");
   app.add_option("--quantize", quantize, "nf4: base projections in NF4 as QLoRA keeps them")
@@ -140,12 +142,23 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_flag("--attention", attention, "time the attention kernels alone at the model's shapes (--steps runs each)");
   app.add_flag("--longest", longest, "search the longest sequence that fits (multiples of 1024; --seq is ignored)");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "fast_bench: %s\n", e.what());
+    return 2;
+  }
+  if (app.count("--recompute-num-layers") > 0 && recompute_layers < 0) {
+    std::fprintf(stderr, "fast_bench: --recompute-num-layers must be 0 or more (0: every activation kept)\n");
+    return 2;
+  }
   if (attention) {
     // The attention bench times both caps and both kernel families at the model's shapes, one warm-up run each:
     // the options of a training step would be ignored there, so they are refused.
     for (const char* o : {"--rank", "--warmup", "--micro-batches", "--layers", "--softcap", "--gpus", "--no-recompute",
-                          "--recompute-mlp-only", "--offload", "--quantize", "--memory-limit", "--longest"})
+                          "--recompute-mlp-only", "--recompute-num-layers", "--offload", "--quantize", "--memory-limit", "--longest"})
       if (app.count(o) > 0) {
         std::fprintf(stderr, "fast_bench: %s does not apply to --attention (it times the attention kernels alone)\n", o);
         return 2;
@@ -182,6 +195,7 @@ int main(int argc, char** argv) {
     o.recompute = !no_recompute;
     o.offload = offload;
     o.recompute_mlp_only = mlp_only;
+    o.recompute_num_layers = recompute_layers;
     o.quantize_nf4 = quantize == "nf4";
     if (longest && gpus > 1) {
       std::fprintf(stderr, "fast_bench: --longest runs on one GPU (--gpus 1)\n");
@@ -288,17 +302,22 @@ int main(int argc, char** argv) {
     const double N = base_params(c);
     // LoRA with a frozen base: forward 2N, input gradients 2N, recomputed forward 2N FLOPs per token (plus
     // attention and the adapters, not counted), so 6N with activation checkpointing and 4N without; with
-    // --recompute-mlp-only the recomputation is gate|up's 2 (2 I D) per layer.
+    // --recompute-mlp-only the recomputation is gate|up's 2 (2 I D) per layer; --recompute-num-layers n recomputes
+    // n of the L layers.
     const double n_gu = double(c.num_hidden_layers) * 2.0 * double(proj_in(c, Proj::gate_proj)) *
                         double(proj_out(c, Proj::gate_proj));
-    const double flops_tok = 4.0 * N + (!o.recompute ? 0.0 : mlp_only ? 2.0 * n_gu : 2.0 * N);
+    const int64_t n_rec = !o.recompute ? 0 : recompute_layers < 0 ? c.num_hidden_layers : recompute_layers;
+    const double rec_frac = double(n_rec) / double(c.num_hidden_layers);
+    const double flops_tok = 4.0 * N + rec_frac * (mlp_only ? 2.0 * n_gu : 2.0 * N);
+    const std::string rec_layers =
+        o.recompute && n_rec < c.num_hidden_layers ? ", " + std::to_string(n_rec) + " layers recomputed" : "";
     std::printf("\n%s (%lld layers%s), batch %lld x %lld%s, LoRA r=%lld on 7 projections, softcap %s, %s%s, %s\n",
                 model.c_str(), (long long)c.num_hidden_layers, o.quantize_nf4 ? ", base in NF4" : ", base in bf16",
                 (long long)B, (long long)T, gpus > 1 ? (" per GPU on " + std::to_string(gpus) + " GPUs").c_str() : "",
                 (long long)rank,
                 softcap_name(sc).c_str(),
                 !o.recompute ? "no recompute" : mlp_only ? "activation checkpointing (MLP only)" : "activation checkpointing",
-                offload ? " (offloaded)" : "", prop.name);
+                (rec_layers + (offload ? " (offloaded)" : "")).c_str(), prop.name);
     std::printf("median step %.3f s over %lld steps (min %.3f, max %.3f): %.0f tokens/s\n", med, (long long)steps,
                 secs.front(), secs.back(), tps);
     if (many) std::printf("median all-reduce of the adapter gradients: %.2f ms\n", allreduce[allreduce.size() / 2] * 1e3);
@@ -311,7 +330,7 @@ int main(int argc, char** argv) {
       std::ofstream f(json, std::ios::app);
       f << "{\"model\":\"" << model << "\",\"layers\":" << c.num_hidden_layers << ",\"batch\":" << B << ",\"seq\":" << T
         << ",\"rank\":" << rank << ",\"softcap\":\"" << softcap_name(sc) << "\",\"recompute\":" << (o.recompute ? 1 : 0)
-        << ",\"recompute_mlp_only\":" << (mlp_only ? 1 : 0)
+        << ",\"recompute_mlp_only\":" << (mlp_only ? 1 : 0) << ",\"recompute_num_layers\":" << n_rec
         << ",\"offload\":" << (offload ? 1 : 0) << ",\"gpus\":" << gpus << ",\"quantize\":\""
         << (o.quantize_nf4 ? "nf4" : "none") << "\",\"memory_limit_gib\":" << memory_limit_gib << ",\"median_s\":" << med
         << ",\"tokens_per_s\":" << tps << ",\"peak_gib\":" << double(peak) / gib

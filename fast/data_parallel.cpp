@@ -161,7 +161,8 @@ DataParallelTrainer::DataParallelTrainer(const Checkpoint& ck, int gpus, const A
   start(ck.config, gpus, adamw, softcap, [&](int g) {
     return std::make_unique<Engine>(ck, EngineOptions{.softcap = softcap, .recompute = o.recompute,
                                                       .offload = o.offload, .device = g,
-                                                      .recompute_mlp_only = o.recompute_mlp_only});
+                                                      .recompute_mlp_only = o.recompute_mlp_only,
+                .recompute_num_layers = o.recompute_num_layers});
   });
 }
 
@@ -172,7 +173,8 @@ DataParallelTrainer::DataParallelTrainer(const Config& c, const AdapterConfig& a
     return std::make_unique<Engine>(c, a, seed,
                                     EngineOptions{.softcap = softcap, .recompute = o.recompute, .offload = o.offload,
                                                   .device = g, .quantize_nf4 = o.quantize_nf4,
-                                                  .recompute_mlp_only = o.recompute_mlp_only});
+                                                  .recompute_mlp_only = o.recompute_mlp_only,
+                .recompute_num_layers = o.recompute_num_layers});
   });
 }
 

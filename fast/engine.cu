@@ -15,7 +15,8 @@
 // tokens (loss.cuh); the backward recomputes each layer's forward from its checkpoint, then runs its backward.
 // Without recompute every layer keeps its activations (faster, about 0.35 GB per layer of gemma2-9b at 2 x 1024);
 // with recompute_mlp_only a layer keeps the outputs of its attention block and down_proj (about 0.11 GB) and the
-// backward recomputes only its MLP's input half (the norms, gate|up, GeGLU): the same bits in every mode.
+// backward recomputes only its MLP's input half (the norms, gate|up, GeGLU); with recompute_num_layers n only the
+// first n layers are recomputed and the others keep everything: the same bits in every mode.
 // Adapter gradients accumulate in fp32 over the micro-batches, each scaled by 1 / (the step's scored targets).
 // The rounding points are those of the reference's `fast` policy (fast/README.md lists them per kernel).
 #include "fast/engine.hpp"
@@ -86,6 +87,15 @@ struct Engine::Impl : Dims {
       throw InputError(std::string("fast: recompute_mlp_only keeps activations beside the checkpoints, so it needs "
                                    "recompute and no offload; this run has ") +
                        (opt.recompute ? "offload" : "no recompute"));
+    if (opt.recompute_num_layers != -1) {
+      if (!opt.recompute)
+        throw InputError("fast: recompute_num_layers chooses which layers activation checkpointing recomputes; this "
+                         "run has no recompute");
+      if (opt.recompute_num_layers < 0 || opt.recompute_num_layers > c.num_hidden_layers)
+        throw InputError("fast: recompute_num_layers " + std::to_string(opt.recompute_num_layers) +
+                         " is outside 0 .. num_hidden_layers " + std::to_string(c.num_hidden_layers) +
+                         " (or -1 for every layer)");
+    }
     if (ad.r < 1) throw InputError("fast: LoRA rank must be at least 1");
     D = c.hidden_size;
     I = c.intermediate_size;
@@ -474,38 +484,54 @@ struct Engine::Impl : Dims {
       }
       GEMMA_CUDA(e);
     }
-    // Each activation buffer is per layer, or one that every layer's forward overwrites and the recomputation
-    // rebuilds (recompute); recompute_mlp_only keeps the attention block's and down_proj's outputs per layer.
+    // Each activation buffer is a layer's own, or one that every recomputed layer's forward overwrites and its
+    // recomputation rebuilds; recompute_mlp_only keeps the attention block's and down_proj's outputs per layer, and
+    // a layer that is not recomputed (no recompute, or past recompute_num_layers) keeps all of its own.
     ws.acts.assign(size_t(L), Acts{});
-    const bool all = !opt.recompute, keep = opt.recompute_mlp_only;
-    auto per = [&](auto& own, auto Acts::*field, bool per_layer, int64_t n, const std::string& what) {
-      const int64_t copies = per_layer ? L : 1;
-      own.emplace_back(size_t(std::max<int64_t>(n * copies, 1)), what, mem);
-      for (int64_t l = 0; l < L; ++l) ws.acts[size_t(l)].*field = own.back().get() + (per_layer ? l * n : 0);
+    const bool mlp_only = opt.recompute_mlp_only;
+    // kind: what a layer keeps of the activation (kAll: only if not recomputed; kKept: also with recompute_mlp_only;
+    // kStats: also when the statistics outlive the recomputation).
+    enum Kind { kAll, kKept, kStats };
+    auto own = [&](int64_t l, Kind kind) {
+      return !recomputed(l) || (kind == kKept && mlp_only) || (kind == kStats && keep_stats());
     };
-    per(ws.act_bf16, &Acts::xn1, all, N * D, "activations: input_layernorm output");
-    per(ws.act_bf16, &Acts::qkv, all || keep, N * QKV, "activations: q|k|v");
-    per(ws.act_bf16, &Acts::att, all || keep, N * HD, "activations: attention output");
-    per(ws.act_f32, &Acts::o32, all || keep, N * HD, "activations: attention output (fp32)");
+    // One allocation: a slice per layer that owns the activation, then one slice the others share.
+    auto slices = [&](Kind kind) {
+      int64_t owners = 0;
+      for (int64_t l = 0; l < L; ++l) owners += own(l, kind);
+      return owners + (owners < L ? 1 : 0);
+    };
+    auto place = [&](auto* base, int64_t n, Kind kind, auto&& set) {
+      const int64_t shared = slices(kind) - 1;  // the last slice, when some layer does not own one
+      int64_t next = 0;
+      for (int64_t l = 0; l < L; ++l) set(l, base + (own(l, kind) ? next++ : shared) * n);
+    };
+    auto per = [&](auto& bufs, auto Acts::*field, Kind kind, int64_t n, const std::string& what) {
+      bufs.emplace_back(size_t(std::max<int64_t>(n * slices(kind), 1)), what, mem);
+      place(bufs.back().get(), n, kind, [&](int64_t l, auto* p) { ws.acts[size_t(l)].*field = p; });
+    };
+    per(ws.act_bf16, &Acts::xn1, kAll, N * D, "activations: input_layernorm output");
+    per(ws.act_bf16, &Acts::qkv, kKept, N * QKV, "activations: q|k|v");
+    per(ws.act_bf16, &Acts::att, kKept, N * HD, "activations: attention output");
+    per(ws.act_f32, &Acts::o32, kKept, N * HD, "activations: attention output (fp32)");
     // With recompute, every layer's softmax statistics (8 bytes per token, head and layer) outlive the shared
     // activations, so the recomputed forward skips the attention's first pass (attn_params, stats_in); not with
     // offload, the mode for the longest sequences, where they would cost 0.7 GiB of 80 at 9b, T = 131072.
-    const bool stats = all || keep_stats();
-    per(ws.act_f32, &Acts::m, stats, ws.capB * H * ws.capT, "activations: softmax max");
-    per(ws.act_f32, &Acts::l, stats, ws.capB * H * ws.capT, "activations: softmax sum");
-    per(ws.act_bf16, &Acts::o, all || keep, N * D, "activations: o_proj output");
-    per(ws.act_f32, &Acts::x_mid, all, N * D, "activations: mid-layer residual");
-    per(ws.act_bf16, &Acts::xn2, all, N * D, "activations: pre_feedforward_layernorm output");
-    per(ws.act_bf16, &Acts::gu, all, N * 2 * I, "activations: gate|up");
-    per(ws.act_bf16, &Acts::act, all, N * I, "activations: GeGLU output");
-    per(ws.act_bf16, &Acts::down, all || keep, N * D, "activations: down_proj output");
-    per(ws.act_f32, &Acts::rstd, all || keep, 4 * N, "activations: RMSNorm 1/rms");
+    per(ws.act_f32, &Acts::m, kStats, ws.capB * H * ws.capT, "activations: softmax max");
+    per(ws.act_f32, &Acts::l, kStats, ws.capB * H * ws.capT, "activations: softmax sum");
+    per(ws.act_bf16, &Acts::o, kKept, N * D, "activations: o_proj output");
+    per(ws.act_f32, &Acts::x_mid, kAll, N * D, "activations: mid-layer residual");
+    per(ws.act_bf16, &Acts::xn2, kAll, N * D, "activations: pre_feedforward_layernorm output");
+    per(ws.act_bf16, &Acts::gu, kAll, N * 2 * I, "activations: gate|up");
+    per(ws.act_bf16, &Acts::act, kAll, N * I, "activations: GeGLU output");
+    per(ws.act_bf16, &Acts::down, kKept, N * D, "activations: down_proj output");
+    per(ws.act_f32, &Acts::rstd, kKept, 4 * N, "activations: RMSNorm 1/rms");
     const auto& G = lora.groups.empty() ? std::array<LoraGroupDev, 4>{} : lora.groups[0];
     for (int g = 0; g < 4; ++g) {
       const int64_t n = N * 6 * r * int64_t(G[size_t(g)].projs.size());
-      const bool per_layer = all || (keep && g != kGU);
-      ws.act_bf16.emplace_back(size_t(std::max<int64_t>(n * (per_layer ? L : 1), 1)), "activations: LoRA splits", mem);
-      for (int64_t l = 0; l < L; ++l) ws.acts[size_t(l)].L[size_t(g)] = ws.act_bf16.back().get() + (per_layer ? l * n : 0);
+      const Kind kind = g == kGU ? kAll : kKept;  // gate|up's splits are recomputed with the MLP
+      ws.act_bf16.emplace_back(size_t(std::max<int64_t>(n * slices(kind), 1)), "activations: LoRA splits", mem);
+      place(ws.act_bf16.back().get(), n, kind, [&](int64_t l, bf16* p) { ws.acts[size_t(l)].L[size_t(g)] = p; });
     }
     ws.x_scratch = F(N * D, "recomputed layer output");
     ws.dres = Hf(N * D, "residual gradient");
@@ -596,6 +622,11 @@ struct Engine::Impl : Dims {
   Acts& acts_for(int64_t l) { return ws.acts[size_t(l)]; }
   // Every layer's softmax statistics kept across the recomputation (allocate_work).
   bool keep_stats() const { return opt.recompute && !opt.offload; }
+  // Layer l is checkpointed and recomputed in the backward (recompute_num_layers: the first ones); the others keep
+  // every activation of their forward.
+  bool recomputed(int64_t l) const {
+    return opt.recompute && (opt.recompute_num_layers < 0 || l < opt.recompute_num_layers);
+  }
 
   LayerRun layer_run() {
     return LayerRun{cfg, *this, opt.softcap, blas->h, stream, ws, prof, phase, recomputing, keep_stats(),
@@ -685,7 +716,7 @@ struct Engine::Impl : Dims {
         }
       }
       if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
-      if (opt.recompute) {
+      if (recomputed(l)) {
         // Cleared however layer_forward ends: a forward after a failed one must compute its own statistics.
         struct Recomputing {
           bool& flag;

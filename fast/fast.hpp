@@ -41,6 +41,7 @@ struct Options {
   bool recompute = true;            // activation checkpointing: keep one residual per layer, recompute the rest
   bool offload = false;             // keep those checkpoints in pinned host memory (needs recompute)
   bool recompute_mlp_only = false;  // also keep each layer's attention-block outputs (EngineOptions)
+  int64_t recompute_num_layers = -1;  // only the first N layers checkpointed, the rest keep everything (EngineOptions)
 };
 
 struct Output {
@@ -98,6 +99,7 @@ struct TrainerOptions {
   bool recompute = true;
   bool offload = false;
   bool recompute_mlp_only = false;
+  int64_t recompute_num_layers = -1;  // EngineOptions
   // Synthetic weights only: base projections in NF4 as QLoRA keeps them (EngineOptions::quantize_nf4). From a
   // checkpoint, its own NF4 forms decide (Checkpoint::nf4).
   bool quantize_nf4 = false;

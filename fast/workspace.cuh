@@ -12,7 +12,7 @@ namespace gemma::fast {
 namespace {
 
 // One layer's activations: pointers into the workspace's activation buffers (act_bf16, act_f32), each either this
-// layer's own or shared by every layer, as the recompute mode decides (allocate_work).
+// layer's own or shared by the recomputed layers, as the recompute mode decides (allocate_work).
 struct Acts {
   bf16 *xn1 = nullptr, *qkv = nullptr, *att = nullptr, *o = nullptr, *xn2 = nullptr, *gu = nullptr, *act = nullptr,
        *down = nullptr;

@@ -230,6 +230,49 @@ TEST_F(FastModel, CheckpointOffloadAndNoRecomputeGiveTheSameBits) {
   }
 }
 
+// recompute_num_layers: the first n layers checkpointed and recomputed, the others keeping everything. Four
+// layers with n = 2, so that each wrong layout shows: two kept layers sharing a buffer would read each other's
+// activations, and a layer whose recomputation were skipped would read the other recomputed layer's (with two
+// layers and n = 1 neither would change a bit). Every combination gives the bits of the full recompute.
+TEST_F(FastModel, RecomputingOnlySomeLayersGivesTheSameBits) {
+  Case k = make_case(with_layers(preset("gemma2-tiny"), 4), 4, 23, 3, 37);
+  fast::Options base;
+  base.micro_batches = 3;
+  const fast::Output a = fast::run(k.ck, k.batch, base);
+  fast::Options none = base;
+  none.recompute = false;
+  const fast::Output all_kept = fast::run(k.ck, k.batch, none);
+  expect_identical(a, all_kept, "no recompute");
+  for (bool mlp_only : {false, true})
+    for (bool offload : {false, true}) {
+      if (mlp_only && offload) continue;  // refused (CheckpointOffloadAndNoRecomputeGiveTheSameBits)
+      fast::Options o = base;
+      o.recompute_mlp_only = mlp_only;
+      o.offload = offload;
+      const fast::Output every = fast::run(k.ck, k.batch, o);
+      size_t last_peak = every.peak_device_bytes;
+      for (int64_t n : {3, 2, 0}) {
+        o.recompute_num_layers = n;
+        const fast::Output b = fast::run(k.ck, k.batch, o);
+        const std::string what = "recompute_num_layers " + std::to_string(n) + (mlp_only ? ", MLP only" : "") +
+                                 (offload ? ", offloaded" : "");
+        std::printf("%s: loss %.9f, peak %zu bytes\n", what.c_str(), b.loss, b.peak_device_bytes);
+        expect_identical(a, b, what.c_str());
+        // Each layer kept whole holds more than its recomputation's share.
+        EXPECT_GT(b.peak_device_bytes, last_peak) << what;
+        last_peak = b.peak_device_bytes;
+      }
+    }
+  for (int64_t n : {int64_t(-2), int64_t(5)}) {
+    fast::Options bad = base;
+    bad.recompute_num_layers = n;
+    EXPECT_THROW(fast::run(k.ck, k.batch, bad), InputError) << n;
+  }
+  fast::Options contradiction = none;
+  contradiction.recompute_num_layers = 2;
+  EXPECT_THROW(fast::run(k.ck, k.batch, contradiction), InputError);
+}
+
 // QLoRA on the device: projections kept in NF4 and dequantized a layer at a time must give exactly the run of the
 // same dequantized weights uploaded as bf16 (staging changes where the bits live, not what they are), with every
 // checkpointing option; a form that no longer matches its weight is refused at load, naming the weight.

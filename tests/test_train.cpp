@@ -632,6 +632,13 @@ TEST(TrainBinary, BadDataAndOptionsExit2) {
   // has no layout for (checked before any GPU is looked for).
   for (const char* flag : {"--no-recompute", "--recompute-mlp-only", "--offload"})
     expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", flag}, d), "train", {flag, "the fast backend"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--recompute-num-layers", "1"}, d), "train",
+                  {"--recompute-num-layers", "the fast backend"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "1",
+                                    "--no-recompute"}, d),
+                  "train", {"--recompute-num-layers", "--no-recompute turns it off"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "-1"}, d),
+                  "train", {"--recompute-num-layers", "must be 0 or more"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-mlp-only", "--offload"}, d),
                   "train", {"--recompute-mlp-only", "one or the other"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-mlp-only", "--no-recompute"}, d),

@@ -162,7 +162,14 @@ int main(int argc, char** argv) {
   app.add_option("--mutants", dir, "directory of <name>.so builds")->required();
   app.add_option("--json", json_path, "write the kill table as JSON");
   app.add_option("--timeout", timeout, "seconds one build may take");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "gate-mutants: %s\n", e.what());
+    return 2;
+  }
   try {
     std::vector<Softcap> combos;
     if (softcap == "all") {

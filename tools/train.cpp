@@ -47,6 +47,7 @@ struct TrainOptions {
   int gpus = 1;  // --gpus: data parallel over this many GPUs (fast backend)
   // The fast backend's activation memory (fast::TrainerOptions; every mode gives the same bits, test_fast_model).
   bool no_recompute = false, recompute_mlp_only = false, offload = false;
+  std::optional<int64_t> recompute_num_layers;  // only the first N layers checkpointed (EngineOptions)
   std::optional<std::string> data;
   bool packing = false;
   TokenizerOptions tokenizer;
@@ -197,12 +198,16 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
     fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (" + in.adapters_hint + ")");
   // One GPU: fast::Trainer; several: the data-parallel trainer (each GPU takes batch / gpus sequences, in
   // micro-batches of the same rows; the loss normalised by the whole batch's scored targets, as on one GPU).
+  if (o.recompute_num_layers && *o.recompute_num_layers > in.model.config.num_hidden_layers)
+    fail("--recompute-num-layers", std::to_string(*o.recompute_num_layers) + " is more than the model's " +
+                                       std::to_string(in.model.config.num_hidden_layers) + " layers");
   if (p.batch % o.gpus != 0)
     fail("--gpus", "the batch's " + std::to_string(p.batch) + " sequences do not split evenly over " +
                        std::to_string(o.gpus) + " GPUs");
   fast::TrainerOptions topt;
   topt.recompute = !o.no_recompute;
   topt.recompute_mlp_only = o.recompute_mlp_only;
+  topt.recompute_num_layers = o.recompute_num_layers.value_or(-1);
   topt.offload = o.offload;
   fast::DataParallelTrainer trainer(in.model, o.gpus, o.adamw, p.sc, topt);
   std::printf("train (fast, CUDA%s): %s; softcap %s; %lld steps of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g wd %g\n",
@@ -538,6 +543,11 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.recompute_mlp_only && o.offload)
     fail("--recompute-mlp-only", "keeps the attention block's outputs on the device; --offload moves the layers' "
                                  "checkpoints to host memory: one or the other");
+  if (o.recompute_num_layers && o.no_recompute)
+    fail("--recompute-num-layers", "chooses how many layers activation checkpointing recomputes; --no-recompute turns "
+                                   "it off");
+  if (o.recompute_num_layers && *o.recompute_num_layers < 0)
+    fail("--recompute-num-layers", "must be 0 or more (0: no layer recomputed, every activation kept)");
   if (o.offload && o.no_recompute)
     fail("--offload", "moves the activation checkpoints to host memory; with --no-recompute there are none");
   const bool on_gpu = o.backend != "reference";
@@ -545,7 +555,8 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (on_gpu && !fast_available(&why)) fail("--backend " + o.backend, why);
   if (o.gpus != 1 && !on_gpu) fail("--gpus", "only the fast backend runs on GPUs; the reference runs on the CPU");
   for (const auto& [set, flag] : {std::pair{o.no_recompute, "--no-recompute"},
-                                  std::pair{o.recompute_mlp_only, "--recompute-mlp-only"}, std::pair{o.offload, "--offload"}})
+                                  std::pair{o.recompute_mlp_only, "--recompute-mlp-only"}, std::pair{o.offload, "--offload"},
+                                  std::pair{o.recompute_num_layers.has_value(), "--recompute-num-layers"}})
     if (set && !on_gpu)
       fail(flag, "sets the fast backend's activation memory; the reference keeps every activation in host memory");
   if (o.max_steps && *o.max_steps < (o.eval_data ? 0 : 1))
@@ -722,6 +733,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-recompute", o.no_recompute, "fast backend: keep every layer's activations (no activation checkpointing)");
   app.add_flag("--recompute-mlp-only", o.recompute_mlp_only,
                "fast backend: also keep each layer's attention-block and down_proj outputs; recompute only the MLP");
+  app.add_option("--recompute-num-layers", o.recompute_num_layers,
+                 "fast backend: checkpoint and recompute only the first N layers; the rest keep every activation "
+                 "(default: all)");
   app.add_flag("--offload", o.offload, "fast backend: the layers' activation checkpoints in pinned host memory");
   app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
   app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
