@@ -146,5 +146,6 @@ size_t Trainer::peak_device_bytes() const { return engine_->peak_bytes(); }
 std::string Trainer::profile() const { return engine_->profile(); }
 void Trainer::set_memory_limit(size_t bytes) { engine_->set_memory_limit(bytes); }
 bool Trainer::reserve(int64_t B, int64_t T, std::string* why) { return engine_->reserve(B, T, why); }
+int64_t Trainer::fit_recompute_num_layers(int64_t B, int64_t T) { return engine_->fit_recompute_num_layers(B, T); }
 
 }  // namespace gemma::fast

@@ -114,6 +114,7 @@ int main(int argc, char** argv) {
   CLI::App app{"fast_bench: tokens/s and peak GPU memory of the fast trainer"};
   std::string model = "gemma2-9b", softcap = "attn,logits", json;
   int64_t B = 2, T = 1024, rank = 32, warmup = 2, steps = 5, micro = 1, layers = 0, recompute_layers = -1;
+  std::string recompute_layers_arg;
   int gpus = 1;
   bool no_recompute = false, mlp_only = false, offload = false, longest = false, attention = false;
   std::string quantize;
@@ -132,8 +133,9 @@ int main(int argc, char** argv) {
   app.add_flag("--recompute-mlp-only", mlp_only,
                "keep each layer's attention-block and down_proj outputs too: the backward recomputes only the MLP's "
                "input half");
-  app.add_option("--recompute-num-layers", recompute_layers,
-                 "checkpoint and recompute only the first N layers; the rest keep every activation (default: all)");
+  app.add_option("--recompute-num-layers", recompute_layers_arg,
+                 "N: checkpoint and recompute only the first N layers, the rest keep every activation (default: "
+                 "all); auto: the fewest that fit the device or --memory-limit");
   app.add_flag("--offload", offload, "activation checkpoints in pinned host memory");
   app.add_option("--json", json, "append one JSON line with the result");
   app.add_option("--quantize", quantize, "nf4: base projections in NF4 as QLoRA keeps them")
@@ -150,8 +152,22 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fast_bench: %s\n", e.what());
     return 2;
   }
-  if (app.count("--recompute-num-layers") > 0 && recompute_layers < 0) {
-    std::fprintf(stderr, "fast_bench: --recompute-num-layers must be 0 or more (0: every activation kept)\n");
+  const bool fit_layers = recompute_layers_arg == "auto";
+  if (!recompute_layers_arg.empty() && !fit_layers) {
+    size_t used = 0;
+    try {
+      recompute_layers = std::stoll(recompute_layers_arg, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != recompute_layers_arg.size() || recompute_layers < 0) {
+      std::fprintf(stderr, "fast_bench: --recompute-num-layers '%s' is neither a count of 0 or more nor auto\n",
+                   recompute_layers_arg.c_str());
+      return 2;
+    }
+  }
+  if (fit_layers && longest) {
+    std::fprintf(stderr, "fast_bench: --recompute-num-layers auto and --longest are two searches: one at a time\n");
     return 2;
   }
   if (attention) {
@@ -223,6 +239,13 @@ int main(int argc, char** argv) {
       one->set_memory_limit(limit - context_bytes);
       std::printf("memory limit %.2f GiB: %.2f GiB for the trainer's allocations after the CUDA context's %.2f GiB\n",
                   memory_limit_gib, double(limit - context_bytes) / gib, double(context_bytes) / gib);
+    }
+    if (fit_layers) {
+      const int64_t rows = (B + micro - 1) / micro;
+      recompute_layers = one ? one->fit_recompute_num_layers(rows, T) : many->fit_recompute_num_layers(rows, T);
+      std::printf("--recompute-num-layers auto: %lld of %lld layers recomputed (the fewest with which micro-batches "
+                  "of %lld x %lld tokens fit)\n",
+                  (long long)recompute_layers, (long long)c.num_hidden_layers, (long long)rows, (long long)T);
     }
     if (longest) {
       // Doubling from 1024 while a step fits, then bisection on multiples of 1024 between the last fit and the

@@ -232,4 +232,16 @@ size_t DataParallelTrainer::peak_device_bytes() const {
 
 int DataParallelTrainer::gpus() const { return int(impl_->engines.size()); }
 
+int64_t DataParallelTrainer::fit_recompute_num_layers(int64_t B, int64_t T) {
+  int64_t n = 0;
+  for (const auto& e : impl_->engines) n = std::max(n, e->fit_recompute_num_layers(B, T));
+  // A GPU that fit fewer takes the common setting (every GPU then runs the same schedule; the bits are the same in
+  // any case).
+  for (const auto& e : impl_->engines) {
+    e->set_recompute_num_layers(n);
+    if (!e->reserve(B, T)) throw std::logic_error("fast: recompute_num_layers " + std::to_string(n) + " no longer fits");
+  }
+  return n;
+}
+
 }  // namespace gemma::fast

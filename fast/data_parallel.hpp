@@ -61,6 +61,9 @@ class DataParallelTrainer {
   Step gradients(const Batch& batch, int64_t micro_batches, TensorMap* grads, int gpu = 0);
   TensorMap adapters(int gpu = 0) const;  // fp32, HF names
   size_t peak_device_bytes() const;       // the largest of the GPUs' peaks
+  // The fastest recompute_num_layers with which every GPU fits its micro-batches of B x T sequences (each GPU's
+  // own fit, Engine::fit_recompute_num_layers; the largest of them on all), kept for the following steps.
+  int64_t fit_recompute_num_layers(int64_t B, int64_t T);
   int gpus() const;
 
  private:

@@ -87,15 +87,7 @@ struct Engine::Impl : Dims {
       throw InputError(std::string("fast: recompute_mlp_only keeps activations beside the checkpoints, so it needs "
                                    "recompute and no offload; this run has ") +
                        (opt.recompute ? "offload" : "no recompute"));
-    if (opt.recompute_num_layers != -1) {
-      if (!opt.recompute)
-        throw InputError("fast: recompute_num_layers chooses which layers activation checkpointing recomputes; this "
-                         "run has no recompute");
-      if (opt.recompute_num_layers < 0 || opt.recompute_num_layers > c.num_hidden_layers)
-        throw InputError("fast: recompute_num_layers " + std::to_string(opt.recompute_num_layers) +
-                         " is outside 0 .. num_hidden_layers " + std::to_string(c.num_hidden_layers) +
-                         " (or -1 for every layer)");
-    }
+    check_recompute_num_layers(opt.recompute_num_layers);
     if (ad.r < 1) throw InputError("fast: LoRA rank must be at least 1");
     D = c.hidden_size;
     I = c.intermediate_size;
@@ -437,6 +429,44 @@ struct Engine::Impl : Dims {
   void release_work() {
     ws.release();
     offl.release_host();
+  }
+
+  void check_recompute_num_layers(int64_t n) const {
+    if (n == -1) return;
+    if (!opt.recompute)
+      throw InputError("fast: recompute_num_layers chooses which layers activation checkpointing recomputes; this "
+                       "run has no recompute");
+    if (n < 0 || n > cfg.num_hidden_layers)
+      throw InputError("fast: recompute_num_layers " + std::to_string(n) + " is outside 0 .. num_hidden_layers " +
+                       std::to_string(cfg.num_hidden_layers) + " (or -1 for every layer)");
+  }
+  void set_recompute_num_layers(int64_t n) {
+    check_recompute_num_layers(n);
+    GEMMA_CUDA(cudaStreamSynchronize(stream));
+    GEMMA_CUDA(cudaStreamSynchronize(offl.copy));
+    release_work();
+    ws.capB = ws.capT = ws.capN = 0;
+    opt.recompute_num_layers = n;
+  }
+  int64_t fit_recompute_num_layers(int64_t B, int64_t T) {
+    if (!opt.recompute)
+      throw InputError("fast: choosing recompute_num_layers needs recompute (activation checkpointing)");
+    std::string why;
+    auto fits = [&](int64_t n) {
+      set_recompute_num_layers(n);
+      return reserve(B, T, &why);
+    };
+    if (!fits(L))
+      throw OutOfMemory("fast: micro-batches of " + std::to_string(B) + " x " + std::to_string(T) +
+                        " tokens do not fit even with every layer recomputed: " + why);
+    if (fits(0)) return 0;
+    int64_t lo = 0, hi = L;  // lo does not fit, hi does
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      (fits(mid) ? hi : lo) = mid;
+    }
+    if (!fits(hi)) throw std::logic_error("fast: recompute_num_layers " + std::to_string(hi) + " no longer fits: " + why);
+    return hi;
   }
 
   void ensure(int64_t B, int64_t T) {
@@ -992,6 +1022,14 @@ bool Engine::reserve(int64_t B, int64_t T, std::string* why) {
   return impl_->reserve(B, T, why);
 }
 void Engine::set_memory_limit(size_t bytes) { impl_->mem.limit = bytes; }
+void Engine::set_recompute_num_layers(int64_t n) {
+  GEMMA_ON_DEVICE();
+  impl_->set_recompute_num_layers(n);
+}
+int64_t Engine::fit_recompute_num_layers(int64_t B, int64_t T) {
+  GEMMA_ON_DEVICE();
+  return impl_->fit_recompute_num_layers(B, T);
+}
 std::string Engine::profile() const { return impl_->profile(); }
 
 }  // namespace gemma::fast

@@ -86,6 +86,14 @@ class Engine {
   // out-of-memory message of a failure (device, limit, or pinned host memory for offloaded checkpoints).
   bool reserve(int64_t B, int64_t T, std::string* why = nullptr);
   void set_memory_limit(size_t bytes);  // MemoryTracker::limit; 0: the device's memory
+  // EngineOptions::recompute_num_layers for the steps from now on (InputError as at construction); the work
+  // buffers are freed, to be sized again for the new layout by the next reserve or step.
+  void set_recompute_num_layers(int64_t n);
+  // The fewest recomputed layers (the fastest recompute_num_layers) with which micro-batches of B x T fit the
+  // device or the memory limit, found by bisection over reserve (memory falls as n grows); the engine keeps that
+  // setting with its buffers reserved. OutOfMemory when a step does not fit even with every layer recomputed;
+  // InputError without recompute.
+  int64_t fit_recompute_num_layers(int64_t B, int64_t T);
   // With GEMMA_FAST_PROFILE=1: device time per step by schedule segment (CUDA events); empty otherwise.
   std::string profile() const;
 

@@ -133,6 +133,9 @@ class Trainer {
   // on a device of that size (0: the device's own); reserve says whether a step of B x T fits (Engine::reserve).
   void set_memory_limit(size_t bytes);
   bool reserve(int64_t B, int64_t T, std::string* why = nullptr);
+  // The fastest recompute_num_layers with which micro-batches of B x T sequences fit (Engine::
+  // fit_recompute_num_layers), kept for the following steps; train and fast_bench --recompute-num-layers auto.
+  int64_t fit_recompute_num_layers(int64_t B, int64_t T);
 
  private:
   std::unique_ptr<Engine> engine_;

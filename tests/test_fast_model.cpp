@@ -276,6 +276,58 @@ TEST_F(FastModel, RecomputingOnlySomeLayersGivesTheSameBits) {
   EXPECT_THROW(fast::run(k.ck, k.batch, contradiction), InputError);
 }
 
+// recompute_num_layers auto (Trainer::fit_recompute_num_layers): the fewest recomputed layers that fit. On the
+// four-layer model, a memory limit halfway between what n = 1 and n = 2 reserve must give 2, and the step must then
+// run within the limit (it allocates nothing reserve did not) with the full recompute's bits; the device's whole
+// memory gives 0; below what n = 4 needs, the fit refuses.
+TEST_F(FastModel, FitRecomputeNumLayersTakesTheFewestThatFit) {
+  Config c = preset("gemma2-tiny");
+  c.num_hidden_layers = 4;
+  c.layer_types = {c.layer_types[0], c.layer_types[1], c.layer_types[0], c.layer_types[1]};
+  Case k = make_case(c, 4, 29, 2, 37);
+  const AdamWConfig h;
+  const Softcap sc{true, true};
+  const int64_t B = k.batch.B, T = k.batch.T;
+  auto reserved = [&](int64_t n) {
+    fast::TrainerOptions o;
+    o.recompute_num_layers = n;
+    fast::Trainer t(k.ck, h, sc, o);
+    EXPECT_TRUE(t.reserve(B, T)) << n;
+    return t.peak_device_bytes();
+  };
+  const size_t m1 = reserved(1), m2 = reserved(2), m4 = reserved(4);
+  std::printf("reserved with 1, 2, 4 layers recomputed: %zu, %zu, %zu bytes\n", m1, m2, m4);
+  ASSERT_GT(m1, m2);
+  ASSERT_GT(m2, m4);
+
+  fast::Trainer plain(k.ck, h, sc);
+  const fast::Trainer::Step a = plain.step(k.batch, 1);
+  fast::Trainer fit(k.ck, h, sc);
+  const size_t limit = (m1 + m2) / 2;
+  fit.set_memory_limit(limit);
+  EXPECT_EQ(fit.fit_recompute_num_layers(B, T), 2);
+  const fast::Trainer::Step b = fit.step(k.batch, 1);
+  EXPECT_LE(fit.peak_device_bytes(), limit);
+  EXPECT_EQ(a.loss, b.loss);
+  const TensorMap pa = plain.adapters(), pb = fit.adapters();
+  int64_t differ = 0;
+  for (const auto& [name, t] : pa) {
+    const std::vector<double> x = t.to_double(), y = pb.at(name).to_double();
+    for (size_t i = 0; i < x.size(); ++i) differ += x[i] != y[i];
+  }
+  EXPECT_EQ(differ, 0) << "adapter values differ after one step";
+
+  fast::Trainer roomy(k.ck, h, sc);
+  EXPECT_EQ(roomy.fit_recompute_num_layers(B, T), 0);
+  fast::Trainer tight(k.ck, h, sc);
+  tight.set_memory_limit(m4 - 1);
+  EXPECT_THROW(tight.fit_recompute_num_layers(B, T), fast::OutOfMemory);
+  fast::TrainerOptions none;
+  none.recompute = false;
+  fast::Trainer keep_all(k.ck, h, sc, none);
+  EXPECT_THROW(keep_all.fit_recompute_num_layers(B, T), InputError);
+}
+
 // QLoRA on the device: projections kept in NF4 and dequantized a layer at a time must give exactly the run of the
 // same dequantized weights uploaded as bf16 (staging changes where the bits live, not what they are), with every
 // checkpointing option; a form that no longer matches its weight is refused at load, naming the weight.

@@ -639,6 +639,11 @@ TEST(TrainBinary, BadDataAndOptionsExit2) {
                   "train", {"--recompute-num-layers", "--no-recompute turns it off"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "-1"}, d),
                   "train", {"--recompute-num-layers", "must be 0 or more"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "some"}, d),
+                  "train", {"--recompute-num-layers", "'some' is neither a number of layers nor auto"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "auto",
+                                    "--no-recompute"}, d),
+                  "train", {"--recompute-num-layers", "--no-recompute turns it off"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-mlp-only", "--offload"}, d),
                   "train", {"--recompute-mlp-only", "one or the other"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-mlp-only", "--no-recompute"}, d),

@@ -47,7 +47,8 @@ struct TrainOptions {
   int gpus = 1;  // --gpus: data parallel over this many GPUs (fast backend)
   // The fast backend's activation memory (fast::TrainerOptions; every mode gives the same bits, test_fast_model).
   bool no_recompute = false, recompute_mlp_only = false, offload = false;
-  std::optional<int64_t> recompute_num_layers;  // only the first N layers checkpointed (EngineOptions)
+  // --recompute-num-layers: only the first N layers checkpointed (EngineOptions), or "auto": the fewest that fit.
+  std::optional<std::string> recompute_num_layers;
   std::optional<std::string> data;
   bool packing = false;
   TokenizerOptions tokenizer;
@@ -55,6 +56,24 @@ struct TrainOptions {
   int64_t save_steps = 0;
   std::vector<std::string> report_with;
 };
+
+// --recompute-num-layers as a number of layers (nullopt: not given, or auto); exit 2 for anything but a count of
+// 0 or more or "auto".
+std::optional<int64_t> recompute_layers_of(const TrainOptions& o) {
+  if (!o.recompute_num_layers || *o.recompute_num_layers == "auto") return std::nullopt;
+  const std::string& v = *o.recompute_num_layers;
+  size_t used = 0;
+  int64_t n = -1;
+  try {
+    n = std::stoll(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || v.empty())
+    fail("--recompute-num-layers", "'" + v + "' is neither a number of layers nor auto");
+  if (n < 0) fail("--recompute-num-layers", "must be 0 or more (0: no layer recomputed, every activation kept) or auto");
+  return n;
+}
 
 // Stops with a message naming where a non-finite value first appeared.
 void check_finite(int64_t step, size_t micro, const std::string& what, double v) {
@@ -198,8 +217,10 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
     fail("--backend fast", "the fast trainer trains LoRA adapters: give adapters (" + in.adapters_hint + ")");
   // One GPU: fast::Trainer; several: the data-parallel trainer (each GPU takes batch / gpus sequences, in
   // micro-batches of the same rows; the loss normalised by the whole batch's scored targets, as on one GPU).
-  if (o.recompute_num_layers && *o.recompute_num_layers > in.model.config.num_hidden_layers)
-    fail("--recompute-num-layers", std::to_string(*o.recompute_num_layers) + " is more than the model's " +
+  const std::optional<int64_t> recompute_layers = recompute_layers_of(o);  // nullopt: every layer, or auto
+  const bool fit_layers = o.recompute_num_layers == "auto";
+  if (recompute_layers && *recompute_layers > in.model.config.num_hidden_layers)
+    fail("--recompute-num-layers", std::to_string(*recompute_layers) + " is more than the model's " +
                                        std::to_string(in.model.config.num_hidden_layers) + " layers");
   if (p.batch % o.gpus != 0)
     fail("--gpus", "the batch's " + std::to_string(p.batch) + " sequences do not split evenly over " +
@@ -207,9 +228,16 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
   fast::TrainerOptions topt;
   topt.recompute = !o.no_recompute;
   topt.recompute_mlp_only = o.recompute_mlp_only;
-  topt.recompute_num_layers = o.recompute_num_layers.value_or(-1);
+  topt.recompute_num_layers = recompute_layers.value_or(-1);
   topt.offload = o.offload;
   fast::DataParallelTrainer trainer(in.model, o.gpus, o.adamw, p.sc, topt);
+  if (fit_layers) {
+    const int64_t rows = std::min(p.micro_rows, p.batch / o.gpus), T = p.data ? p.data->seq_len : in.batch.T;
+    const int64_t n = trainer.fit_recompute_num_layers(rows, T);
+    std::printf("--recompute-num-layers auto: %lld of %lld layers recomputed (the fewest with which micro-batches of "
+                "%lld x %lld tokens fit)\n",
+                (long long)n, (long long)in.model.config.num_hidden_layers, (long long)rows, (long long)T);
+  }
   std::printf("train (fast, CUDA%s): %s; softcap %s; %lld steps of %lld x %lld tokens in micro-batches of %lld rows; AdamW lr %g wd %g\n",
               o.gpus > 1 ? (", " + std::to_string(o.gpus) + " GPUs").c_str() : "", in.description.c_str(),
               softcap_name(p.sc).c_str(), (long long)p.total_steps, (long long)p.batch,
@@ -543,11 +571,10 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.recompute_mlp_only && o.offload)
     fail("--recompute-mlp-only", "keeps the attention block's outputs on the device; --offload moves the layers' "
                                  "checkpoints to host memory: one or the other");
+  (void)recompute_layers_of(o);  // a malformed value first
   if (o.recompute_num_layers && o.no_recompute)
     fail("--recompute-num-layers", "chooses how many layers activation checkpointing recomputes; --no-recompute turns "
                                    "it off");
-  if (o.recompute_num_layers && *o.recompute_num_layers < 0)
-    fail("--recompute-num-layers", "must be 0 or more (0: no layer recomputed, every activation kept)");
   if (o.offload && o.no_recompute)
     fail("--offload", "moves the activation checkpoints to host memory; with --no-recompute there are none");
   const bool on_gpu = o.backend != "reference";
@@ -734,8 +761,8 @@ int main(int argc, char** argv) {
   app.add_flag("--recompute-mlp-only", o.recompute_mlp_only,
                "fast backend: also keep each layer's attention-block and down_proj outputs; recompute only the MLP");
   app.add_option("--recompute-num-layers", o.recompute_num_layers,
-                 "fast backend: checkpoint and recompute only the first N layers; the rest keep every activation "
-                 "(default: all)");
+                 "fast backend: N: checkpoint and recompute only the first N layers, the rest keep every activation "
+                 "(default: all); auto: the fewest that fit the GPU");
   app.add_flag("--offload", o.offload, "fast backend: the layers' activation checkpoints in pinned host memory");
   app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
   app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
