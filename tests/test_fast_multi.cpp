@@ -123,3 +123,19 @@ TEST(FastMulti, ABatchThatDoesNotSplitIsAnInputError) {
   EXPECT_THROW(tr.step(three, 1), InputError);
   EXPECT_THROW(fast::DataParallelTrainer(s.c, s.a, 11, fast::device_count() + 1, s.h, {true, true}), InputError);
 }
+
+// recompute_num_layers auto on two GPUs (DataParallelTrainer::fit_recompute_num_layers): each GPU's fit, the
+// largest of them on both; here both GPUs hold the whole model's activations with room to spare, so nothing is
+// recomputed, and three steps give the default trainer's bits with the GPUs in step.
+TEST(FastMulti, FitRecomputeNumLayersOnTwoGpusTrainsTheDefaultsBits) {
+  NEED_TWO_GPUS();
+  const Setting s;
+  fast::DataParallelTrainer plain(s.c, s.a, 11, 2, s.h, {true, true});
+  fast::DataParallelTrainer fit(s.c, s.a, 11, 2, s.h, {true, true});
+  EXPECT_EQ(fit.fit_recompute_num_layers(s.batch.B / 2, s.batch.T), 0);
+  for (int step = 0; step < 3; ++step) {
+    EXPECT_EQ(plain.step(s.batch, 1).loss, fit.step(s.batch, 1).loss) << "step " << step;
+    EXPECT_TRUE(same_bits(fit.adapters(0), fit.adapters(1))) << "step " << step;
+  }
+  EXPECT_TRUE(same_bits(plain.adapters(0), fit.adapters(0)));
+}

@@ -1,7 +1,7 @@
 // The fast trainer as `train` drives it (label gpu; each test skips, with the reason, without a CUDA device):
-// the learning-rate schedule and clipping by global norm on the device, and `train --backend both` on real text
-// for 200 steps, inside the band that bf16 rounding itself opens (tools/train.cpp, train_both), and outside it when
-// the fast trainer has a deliberate bug.
+// the learning-rate schedule and clipping by global norm on the device, `--recompute-num-layers`, and `train
+// --backend both` on real text for 200 steps, inside the band that bf16 rounding itself opens (tools/train.cpp,
+// train_both), and outside it when the fast trainer has a deliberate bug.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -174,4 +174,39 @@ TEST(FastTrainSoftcaps, EachCombinationIsTheRunOfThatCombinationAlone) {
                 fl["runs"][sc][0]["loss"].get<double>(), ol["steps"][0]["loss"].get<double>(),
                 rl["runs"][sc][0]["loss"].get<double>(), fl["runs"][sc][4]["loss"].get<double>());
   }
+}
+
+// train --recompute-num-layers on real text: the fit to the GPU (which names what it chose) and one layer of two
+// recomputed, MLP only, train the default's loss curve bit for bit (the adapters after each step decide the next
+// loss); more layers than the model has is exit 2 naming the flag.
+TEST(FastTrainMemory, RecomputeNumLayersTrainsTheDefaultsCurve) {
+  NEED_GPU();
+  TempDir d;
+  auto run = [&](const std::vector<std::string>& extra, const std::string& log) {
+    std::vector<std::string> a{"--backend", "fast", "--model", "gemma2-tiny", "--data", kExamples + "/alpaca-tiny.jsonl",
+                               "--tokenizer", kExamples + "/tiny-tokenizer.model", "--seq-len", "96", "--batch", "2",
+                               "--max-steps", "4", "--lr", "5e-3", "--log", log};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return run_tool(kTrain, a, d);
+  };
+  const ToolRun base = run({}, d / "base.json");
+  ASSERT_TRUE(base.exited);
+  ASSERT_EQ(base.status, 0) << base.err;
+  const json bl = json::parse(slurp(d / "base.json"));
+  ASSERT_EQ(bl["steps"].size(), 4u);
+  const std::vector<std::pair<std::vector<std::string>, const char*>> settings = {
+      {{"--recompute-num-layers", "auto"}, "auto"}, {{"--recompute-num-layers", "1", "--recompute-mlp-only"}, "1"}};
+  for (const auto& [extra, what] : settings) {
+    const ToolRun r = run(extra, d / "other.json");
+    ASSERT_EQ(r.status, 0) << what << ": " << r.err;
+    const json ol = json::parse(slurp(d / "other.json"));
+    ASSERT_EQ(ol["steps"].size(), 4u) << what;
+    for (size_t i = 0; i < 4; ++i)
+      EXPECT_EQ(bl["steps"][i]["loss"].get<double>(), ol["steps"][i]["loss"].get<double>()) << what << " step " << i + 1;
+  }
+  const ToolRun fit = run({"--recompute-num-layers", "auto"}, d / "other.json");
+  EXPECT_NE(fit.out.find("--recompute-num-layers auto: 0 of 2 layers recomputed"), std::string::npos) << fit.out;
+  const ToolRun three = run({"--recompute-num-layers", "3"}, d / "other.json");
+  EXPECT_EQ(three.status, 2);
+  EXPECT_NE(three.err.find("--recompute-num-layers: 3 is more than the model's 2 layers"), std::string::npos) << three.err;
 }
