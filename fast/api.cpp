@@ -75,6 +75,7 @@ Output run(const Checkpoint& ck, const Batch& batch, const Options& opt) {
   out.grads = e.grads();
   out.logits = std::move(p.logits);
   out.peak_device_bytes = e.peak_bytes();
+  out.layers_rebuilt = p.layers_rebuilt;
   return out;
 }
 

@@ -152,17 +152,20 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fast_bench: %s\n", e.what());
     return 2;
   }
-  const bool fit_layers = recompute_layers_arg == "auto";
-  if (!recompute_layers_arg.empty() && !fit_layers) {
-    size_t used = 0;
+  const bool recompute_layers_set = app.count("--recompute-num-layers") > 0;
+  bool fit_layers = false;
+  if (recompute_layers_set) {
     try {
-      recompute_layers = std::stoll(recompute_layers_arg, &used);
-    } catch (const std::exception&) {
-      used = 0;
+      const std::optional<int64_t> n = parse_recompute_num_layers(recompute_layers_arg, "--recompute-num-layers");
+      fit_layers = !n;
+      recompute_layers = n.value_or(-1);
+    } catch (const InputError& e) {
+      std::fprintf(stderr, "fast_bench: %s\n", e.what());
+      return 2;
     }
-    if (used != recompute_layers_arg.size() || recompute_layers < 0) {
-      std::fprintf(stderr, "fast_bench: --recompute-num-layers '%s' is neither a count of 0 or more nor auto\n",
-                   recompute_layers_arg.c_str());
+    if (no_recompute) {
+      std::fprintf(stderr, "fast_bench: --recompute-num-layers chooses the layers activation checkpointing recomputes; "
+                           "--no-recompute turns it off\n");
       return 2;
     }
   }
@@ -185,6 +188,14 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "fast_bench: --steps must be at least 1\n");
       return 2;
     }
+    // The model and the flags that depend on it first: they are wrong on any machine.
+    Config c = preset(model);
+    if (layers > 0) c = with_layers(c, layers);
+    if (recompute_layers > c.num_hidden_layers) {
+      std::fprintf(stderr, "fast_bench: --recompute-num-layers %lld is more than the model's %lld layers\n",
+                   (long long)recompute_layers, (long long)c.num_hidden_layers);
+      return 2;
+    }
     std::string why;
     if (!fast::device_available(&why)) {
       std::fprintf(stderr, "fast_bench: %s\n", why.c_str());
@@ -195,8 +206,6 @@ int main(int argc, char** argv) {
     size_t free0 = 0, total0 = 0;
     GEMMA_CUDA(cudaMemGetInfo(&free0, &total0));
     const size_t context_bytes = total0 - free0;
-    Config c = preset(model);
-    if (layers > 0) c = with_layers(c, layers);
     if (attention) {
       attention_bench(c, model, B, T, steps, json);
       return 0;

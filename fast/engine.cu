@@ -63,6 +63,7 @@ struct Engine::Impl : Dims {
   Profiler prof;
   const char* phase = "fwd";  // the forward's profile segments: "fwd", or "recompute" in the backward
   bool recomputing = false;   // layer_forward is the backward's recomputation
+  int64_t layers_rebuilt = 0; // layer recomputations of the current forward_backward (Pass::layers_rebuilt)
 
   void mark(const std::string& name) { prof.mark(name, stream); }
 
@@ -144,6 +145,8 @@ struct Engine::Impl : Dims {
     lora.n_params = off;
     lora.params = DeviceArray<float>(size_t(lora.n_params), "LoRA adapters (fp32)", mem);
     lora.grads = DeviceArray<float>(size_t(lora.n_params), "LoRA gradients (fp32)", mem);
+    // With the weights, not on first use: a step sized by reserve (fit_recompute_num_layers) allocates nothing more.
+    lora.sumsq_work = DeviceArray<double>(size_t(kSumSqBlocks + 1), "gradient norm partial sums", mem);
     lora.adam_m = DeviceArray<float>(size_t(lora.n_params), "AdamW first moments", mem);
     lora.adam_v = DeviceArray<float>(size_t(lora.n_params), "AdamW second moments", mem);
     GEMMA_CUDA(cudaMemsetAsync(lora.grads.get(), 0, size_t(lora.n_params) * 4, stream));
@@ -448,9 +451,23 @@ struct Engine::Impl : Dims {
     ws.capB = ws.capT = ws.capN = 0;
     opt.recompute_num_layers = n;
   }
+  // What the fit leaves free when the limit is the device itself: CUDA loads kernels lazily and NCCL sets up its
+  // buffers at the first all-reduce, outside the engine's count.
+  static constexpr size_t kFitMargin = size_t(1) << 30;
+
   int64_t fit_recompute_num_layers(int64_t B, int64_t T) {
     if (!opt.recompute)
       throw InputError("fast: choosing recompute_num_layers needs recompute (activation checkpointing)");
+    struct RestoreLimit {
+      size_t& limit;
+      size_t saved;
+      ~RestoreLimit() { limit = saved; }
+    } restore{mem.limit, mem.limit};
+    if (mem.limit == 0) {
+      size_t free_b = 0, total_b = 0;
+      GEMMA_CUDA(cudaMemGetInfo(&free_b, &total_b));
+      mem.limit = mem.current + free_b - std::min(free_b, kFitMargin);
+    }
     std::string why;
     auto fits = [&](int64_t n) {
       set_recompute_num_layers(n);
@@ -657,6 +674,14 @@ struct Engine::Impl : Dims {
   bool recomputed(int64_t l) const {
     return opt.recompute && (opt.recompute_num_layers < 0 || l < opt.recompute_num_layers);
   }
+  // Whether the backward must rebuild layer l's activations: a checkpointed layer's, except the last one's, since
+  // the buffers it shares with the others were last written by its own forward and nothing has written them since
+  // (the layers after it own theirs, and the head and every backward write only the workspace). So the full
+  // recompute rebuilds L - 1 layers, and recompute_num_layers n rebuilds n - 1.
+  bool rebuilt(int64_t l) const {
+    const int64_t n = !opt.recompute ? 0 : opt.recompute_num_layers < 0 ? L : opt.recompute_num_layers;
+    return l < n - 1;
+  }
 
   LayerRun layer_run() {
     return LayerRun{cfg, *this, opt.softcap, blas->h, stream, ws, prof, phase, recomputing, keep_stats(),
@@ -746,7 +771,8 @@ struct Engine::Impl : Dims {
         }
       }
       if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
-      if (recomputed(l)) {
+      if (rebuilt(l)) {
+        ++layers_rebuilt;
         // Cleared however layer_forward ends: a forward after a failed one must compute its own statistics.
         struct Recomputing {
           bool& flag;
@@ -894,6 +920,7 @@ struct Engine::Impl : Dims {
     GEMMA_CUDA(cudaMemsetAsync(lora.grads.get(), 0, size_t(lora.n_params) * 4, stream));
     const float grad_scale = float(1.0 / double(total));
     Pass out;
+    layers_rebuilt = 0;
     for (const Batch& b : micro) out.tokens += b.count_targets();
     int64_t row0 = 0;
     for (const Batch& mb : micro) {
@@ -915,6 +942,7 @@ struct Engine::Impl : Dims {
     GEMMA_CUDA(cudaStreamSynchronize(stream));
     prof.end(stream);
     prof.count_step();
+    out.layers_rebuilt = layers_rebuilt;
     return out;
   }
 
@@ -929,7 +957,6 @@ struct Engine::Impl : Dims {
   }
 
   double grad_norm() {
-    if (!lora.sumsq_work.get()) lora.sumsq_work = DeviceArray<double>(size_t(kSumSqBlocks + 1), "gradient norm partial sums", mem);
     sum_squares(lora.grads.get(), lora.n_params, lora.sumsq_work.get(), stream);
     double sq = 0;
     GEMMA_CUDA(cudaMemcpyAsync(&sq, lora.sumsq_work.get() + kSumSqBlocks, sizeof sq, cudaMemcpyDeviceToHost, stream));

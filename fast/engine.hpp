@@ -24,10 +24,12 @@ struct EngineOptions {
   // 1/rms), so the backward recomputes only the two input norms, gate|up and GeGLU. The same bits as the other
   // modes; about 57 KB more per token and layer at gemma2-9b. Not with offload (InputError).
   bool recompute_mlp_only = false;
-  // With recompute: only layers 0 .. recompute_num_layers - 1 are checkpointed and recomputed (Megatron-LM's
-  // "block" method, its name); the layers after them keep every activation, as without recompute. -1: every layer.
-  // Trades memory for time a layer at a time (about 0.35 GB per layer of gemma2-9b at 2 x 1024); the same bits in
-  // every mode. Outside -1 .. num_hidden_layers, or without recompute: InputError.
+  // With recompute: only layers 0 .. recompute_num_layers - 1 share their activation buffers and are recomputed in
+  // the backward (Megatron-LM's "block" method, its name; all but the last of them, whose shared buffers still hold
+  // its forward's); the layers after them keep every activation, as without recompute. -1: every layer. Trades
+  // memory for time a layer at a time (about 0.35 GB per layer of gemma2-9b at 2 x 1024; n = 1 holds and takes as
+  // much as 0); the same bits in every mode. InputError outside -1 .. num_hidden_layers, or other than -1 without
+  // recompute.
   int64_t recompute_num_layers = -1;
 };
 
@@ -50,6 +52,7 @@ class Engine {
     double loss_sum = 0;  // sum of per-target losses
     int64_t tokens = 0;   // scored targets over all micro-batches
     std::map<int64_t, std::vector<float>> logits;  // requested rows of the flattened batch -> capped logits
+    int64_t layers_rebuilt = 0;  // layers the backward recomputed, summed over micro-batches (recompute_num_layers)
   };
   // Forward and backward over the micro-batches of one step: adapter gradients are zeroed, then accumulated
   // with every micro-batch scaled by 1 / (the step's scored targets). Waits for the device. `total_targets` > 0
@@ -90,9 +93,9 @@ class Engine {
   // buffers are freed, to be sized again for the new layout by the next reserve or step.
   void set_recompute_num_layers(int64_t n);
   // The fewest recomputed layers (the fastest recompute_num_layers) with which micro-batches of B x T fit the
-  // device or the memory limit, found by bisection over reserve (memory falls as n grows); the engine keeps that
-  // setting with its buffers reserved. OutOfMemory when a step does not fit even with every layer recomputed;
-  // InputError without recompute.
+  // memory limit, or the device less 1 GiB for what CUDA and NCCL allocate outside the engine, found by bisection
+  // over reserve (memory falls as n grows); the engine keeps that setting with its buffers reserved. OutOfMemory
+  // when a step does not fit even with every layer recomputed; InputError without recompute.
   int64_t fit_recompute_num_layers(int64_t B, int64_t T);
   // With GEMMA_FAST_PROFILE=1: device time per step by schedule segment (CUDA events); empty otherwise.
   std::string profile() const;

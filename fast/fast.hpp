@@ -51,6 +51,7 @@ struct Output {
   std::map<int64_t, std::vector<float>> logits;  // row -> capped logits, for Options::logit_rows
   double seconds = 0;                            // forward + backward on the device (weights' upload excluded)
   size_t peak_device_bytes = 0;                  // peak of this run's device allocations
+  int64_t layers_rebuilt = 0;  // layer recomputations in the backward, summed over micro-batches (EngineOptions)
 };
 
 // Loss and adapter gradients on a validated Checkpoint with adapters (the base is frozen).

@@ -61,7 +61,7 @@ struct AdapterState {
   std::vector<Tensor> tensors;
   int64_t n_params = 0;
   DeviceArray<float> params, grads, adam_m, adam_v;
-  DeviceArray<double> sumsq_work;  // grad_norm's partial sums (allocated on first use)
+  DeviceArray<double> sumsq_work;  // grad_norm's partial sums
   int64_t adam_t = 0;              // AdamW steps taken
   // One layer's bf16 split terms of the adapters (lora.cuh), rebuilt when another layer needs them.
   DeviceArray<bf16> splits;

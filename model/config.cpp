@@ -34,6 +34,14 @@ std::string softcap_combo(Softcap s) {
 
 std::vector<Softcap> all_softcaps() { return {{false, false}, {true, false}, {false, true}, {true, true}}; }
 
+std::optional<int64_t> parse_recompute_num_layers(const std::string& text, const std::string& flag) {
+  if (text == "auto") return std::nullopt;
+  const bool digits = !text.empty() && text.size() <= 9 &&
+                      text.find_first_not_of("0123456789") == std::string::npos;
+  if (!digits) fail(flag, "'" + text + "' is neither a number of layers (0 or more) nor auto");
+  return std::stoll(text);
+}
+
 Softcap config_softcaps(const Config& c) {
   return {c.attn_logit_softcapping.has_value(), c.final_logit_softcapping.has_value()};
 }

@@ -48,6 +48,9 @@ std::string softcap_name(Softcap s);   // "none", "attn", "logits", "attn,logits
 std::string softcap_combo(Softcap s);  // "none", "attn", "logits", "attn_logits" (the case-file group)
 // The four combinations in a fixed order: none, attn, logits, attn,logits.
 std::vector<Softcap> all_softcaps();
+// The fast trainer's --recompute-num-layers: a count of 0 or more in decimal digits, or "auto" (nullopt: the fewest
+// recomputed layers that fit); throws InputError naming `flag` for anything else (signs, spaces, empty).
+std::optional<int64_t> parse_recompute_num_layers(const std::string& text, const std::string& flag);
 // Every cap the config defines is on: the default when the user names none.
 Softcap config_softcaps(const Config& c);
 // Throws when `s` asks for a cap the config does not define (null in config.json).

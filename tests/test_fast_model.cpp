@@ -246,6 +246,10 @@ TEST_F(FastModel, RecomputingOnlySomeLayersGivesTheSameBits) {
   none.recompute = false;
   const fast::Output all_kept = fast::run(k.ck, k.batch, none);
   expect_identical(a, all_kept, "no recompute");
+  // The last recomputed layer's shared buffers still hold its forward's activations: the backward rebuilds the
+  // others only (3 layers of 4 in each of the 3 micro-batches; none without recompute).
+  EXPECT_EQ(a.layers_rebuilt, 3 * 3);
+  EXPECT_EQ(all_kept.layers_rebuilt, 0);
   for (bool mlp_only : {false, true})
     for (bool offload : {false, true}) {
       if (mlp_only && offload) continue;  // refused (CheckpointOffloadAndNoRecomputeGiveTheSameBits)
@@ -261,9 +265,11 @@ TEST_F(FastModel, RecomputingOnlySomeLayersGivesTheSameBits) {
                                  (offload ? ", offloaded" : "");
         std::printf("%s: loss %.9f, peak %zu bytes\n", what.c_str(), b.loss, b.peak_device_bytes);
         expect_identical(a, b, what.c_str());
-        // Each layer kept whole holds more than its recomputation's share.
+        // Each layer kept whole holds more than its share of the shared buffers.
         EXPECT_GT(b.peak_device_bytes, last_peak) << what;
         last_peak = b.peak_device_bytes;
+        // A kept layer recomputed anyway would give the same bits and memory: the count shows it.
+        EXPECT_EQ(b.layers_rebuilt, 3 * std::max<int64_t>(n - 1, 0)) << what;
       }
     }
   for (int64_t n : {int64_t(-2), int64_t(5)}) {

@@ -638,9 +638,11 @@ TEST(TrainBinary, BadDataAndOptionsExit2) {
                                     "--no-recompute"}, d),
                   "train", {"--recompute-num-layers", "--no-recompute turns it off"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "-1"}, d),
-                  "train", {"--recompute-num-layers", "must be 0 or more"});
+                  "train", {"--recompute-num-layers", "'-1' is neither a number of layers (0 or more) nor auto"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "some"}, d),
-                  "train", {"--recompute-num-layers", "'some' is neither a number of layers nor auto"});
+                  "train", {"--recompute-num-layers", "'some' is neither a number of layers (0 or more) nor auto"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "+3"}, d),
+                  "train", {"--recompute-num-layers", "'+3' is neither"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--backend", "fast", "--recompute-num-layers", "auto",
                                     "--no-recompute"}, d),
                   "train", {"--recompute-num-layers", "--no-recompute turns it off"});

@@ -57,22 +57,10 @@ struct TrainOptions {
   std::vector<std::string> report_with;
 };
 
-// --recompute-num-layers as a number of layers (nullopt: not given, or auto); exit 2 for anything but a count of
-// 0 or more or "auto".
+// --recompute-num-layers as a number of layers (nullopt: not given, or auto; exit 2 naming the flag otherwise).
 std::optional<int64_t> recompute_layers_of(const TrainOptions& o) {
-  if (!o.recompute_num_layers || *o.recompute_num_layers == "auto") return std::nullopt;
-  const std::string& v = *o.recompute_num_layers;
-  size_t used = 0;
-  int64_t n = -1;
-  try {
-    n = std::stoll(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != v.size() || v.empty())
-    fail("--recompute-num-layers", "'" + v + "' is neither a number of layers nor auto");
-  if (n < 0) fail("--recompute-num-layers", "must be 0 or more (0: no layer recomputed, every activation kept) or auto");
-  return n;
+  if (!o.recompute_num_layers) return std::nullopt;
+  return parse_recompute_num_layers(*o.recompute_num_layers, "--recompute-num-layers");
 }
 
 // Stops with a message naming where a non-finite value first appeared.
@@ -232,7 +220,10 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
   topt.offload = o.offload;
   fast::DataParallelTrainer trainer(in.model, o.gpus, o.adamw, p.sc, topt);
   if (fit_layers) {
-    const int64_t rows = std::min(p.micro_rows, p.batch / o.gpus), T = p.data ? p.data->seq_len : in.batch.T;
+    // The rows of the largest micro-batch a step makes: step() splits a GPU's sequences into ceil(per / micro_rows)
+    // micro-batches of ceil(per / micro) rows.
+    const int64_t per = p.batch / o.gpus, micro = (per + p.micro_rows - 1) / p.micro_rows;
+    const int64_t rows = (per + micro - 1) / micro, T = p.data ? p.data->seq_len : in.batch.T;
     const int64_t n = trainer.fit_recompute_num_layers(rows, T);
     std::printf("--recompute-num-layers auto: %lld of %lld layers recomputed (the fewest with which micro-batches of "
                 "%lld x %lld tokens fit)\n",
