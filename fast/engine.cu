@@ -12,7 +12,8 @@
 //
 // Step. Per micro-batch: embedding into the fp32 residual; per layer, the layer's input residual is the only
 // activation kept (activation checkpointing; optionally in pinned host memory); the head runs chunked over
-// tokens (loss.cuh); the backward recomputes each layer's forward from its checkpoint, then runs its backward.
+// tokens (loss.cuh); the backward recomputes each layer's forward from its checkpoint (every recomputed layer but
+// the last, whose shared buffers still hold its forward's), then runs its backward.
 // Without recompute every layer keeps its activations (faster, about 0.35 GB per layer of gemma2-9b at 2 x 1024);
 // with recompute_mlp_only a layer keeps the outputs of its attention block and down_proj (about 0.11 GB) and the
 // backward recomputes only its MLP's input half (the norms, gate|up, GeGLU); with recompute_num_layers n only the
