@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const uint32_t sY1 = sX1 + 2 * TB + uint32_t(wg) * 2 * TB, sY2 = sY1 + TB;
   const uint32_t sStat = sX1 + 6 * TB + uint32_t(wg) * (3 * 64 * 4);
   const uint32_t bar_x = sX1 + 6 * TB + 2 * 3 * 64 * 4, bar_y1 = bar_x + 8 + 16 * wg, bar_y2 = bar_y1 + 8;
-  const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - s0));
+  float* stat = reinterpret_cast<float*>(smem_sm90 + (sStat - s0));
   const int b = blockIdx.z, G = p.H / p.KV;
   const int64_t tok0 = int64_t(b) * p.T;
 
@@ -463,6 +463,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     }
   };
 
+  // dK, dV: once this thread's copies of a tile's statistics are complete, the l it copied becomes 1 / l
+  // (attn_inv_l; 1 for rows past T, as before), so the per-score loop reads a reciprocal per query instead of
+  // computing one per score pair (a correctly rounded reciprocal is several instructions).
+  auto invert_l = [&](YTile y) {
+    if constexpr (!kDQ)
+      if (tid < 64) stat[64 + tid] = attn_inv_l(y.row + tid < p.T ? stat[64 + tid] : 1.0f);
+  };
+
   if (threadIdx.x == 0) {
     mbar_init(bar_x, 2);  // X1 and X2 arrive with their bytes
     for (int i = 1; i <= 4; ++i) mbar_init(bar_x + 8 * i, 1);  // each warpgroup's Y1 and Y2
@@ -509,15 +517,19 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       for (int nt = 0; nt < 8; ++nt)
         acc[n][dc][nt][0] = acc[n][dc][nt][1] = acc[n][dc][nt][2] = acc[n][dc][nt][3] = 0.0f;
 
-  if constexpr (kDKDV) cp_wait<0>();
+  YTile cur = y_tile(wg);
+  if constexpr (kDKDV) {
+    cp_wait<0>();
+    if (wg < total) invert_l(cur);
+  }
   __syncthreads();  // each warpgroup's first statistics (dK, dV)
   mbar_wait(bar_x, 0);
-  YTile cur = y_tile(wg);
   for (int it = wg, j = 0; it < total; it += 2, ++j) {
     const YTile next = y_tile(it + 2);  // meaningful when it + 2 < total
     if constexpr (kDKDV)
       if (it != wg) {
         cp_wait<0>();
+        invert_l(cur);
         wg_bar(wg);  // this warpgroup's copies of tile it's statistics
       }
     mbar_wait(bar_y1, uint32_t(j) & 1u);
@@ -557,11 +569,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         if constexpr (!kDQ) {
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int c = nt * 8 + 2 * t + u;
-            const bool ok = x0 + c < p.T;
-            mc[u] = ok ? stat[c] : 0.0f;
-            inv_lc[u] = attn_inv_l(ok ? stat[64 + c] : 1.0f);
-            Dc[u] = ok ? stat[128 + c] : 0.0f;
+            const int c = nt * 8 + 2 * t + u;  // rows past T: m = D = 0 (cp_async4's zero fill), 1 / l = 1
+            mc[u] = stat[c];
+            inv_lc[u] = stat[64 + c];
+            Dc[u] = stat[128 + c];
           }
         }
 #pragma unroll
@@ -732,7 +743,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
   const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries
   const uint32_t bar_kv = sStat + 2 * 3 * 64 * 4, bar_t = bar_kv + 8;  // bar_t + 8 bf: buffer bf's Q and dO
-  const float* stat = reinterpret_cast<const float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
+  float* stat = reinterpret_cast<float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
             t = lane & 3;
   const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
@@ -782,6 +793,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
     cp_wait<0>();  // this tile's statistics
+    // The l this thread copied becomes 1 / l (attn_inv_l; 1 for rows past T), once per query instead of once per
+    // score pair below.
+    if (threadIdx.x >= BQ && threadIdx.x < 2 * BQ) {
+      float& l = stat[(buf * 3 + 1) * BQ + threadIdx.x - BQ];
+      l = attn_inv_l(row_of(it) + int(threadIdx.x) - BQ < p.T ? l : 1.0f);
+    }
     __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
     if (it + 1 < total) load_tile(it + 1, buf ^ 1);
     cp_commit();
@@ -799,11 +816,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         float mq[2], inv_lq[2], Dq[2];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          const bool ok = i + u < p.T;
-          const float* sq = stat + buf * 3 * BQ + 32 * wg + c + u;  // [m; l; D] of query i + u
-          mq[u] = ok ? sq[0] : 0.0f;
-          inv_lq[u] = attn_inv_l(ok ? sq[BQ] : 1.0f);
-          Dq[u] = ok ? sq[2 * BQ] : 0.0f;
+          // [m; 1 / l; D] of query i + u; past T m = D = 0 (cp_async4's zero fill) and 1 / l = 1
+          const float* sq = stat + buf * 3 * BQ + 32 * wg + c + u;
+          mq[u] = sq[0];
+          inv_lq[u] = sq[BQ];
+          Dq[u] = sq[2 * BQ];
         }
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
