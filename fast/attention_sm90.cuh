@@ -449,7 +449,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   auto load_y2 = [&](YTile y) {  // V (dQ) or dO (dK, dV)
     if (tid == 0) tma_tile<64, HD>(sY2, kDQ ? &tm.v : &tm.dout, (kDQ ? kvh : y.head) * p.hd, y.row, b, bar_y2);
   };
-  // The saved m, l (and D) of a tile's 64 queries (dK, dV; rows past T zero), read per score column.
+  // The saved m, l (and D) of a tile's 64 queries (dK, dV; rows past T zero), read per score column once
+  // invert_l has made l its reciprocal.
   auto load_stats = [&](YTile y) {
     if constexpr (!kDQ) {
       const int64_t si0 = (int64_t(b) * p.H + y.head) * p.T;
@@ -741,7 +742,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
-  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries
+  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries (l made 1 / l once copied)
   const uint32_t bar_kv = sStat + 2 * 3 * 64 * 4, bar_t = bar_kv + 8;  // bar_t + 8 bf: buffer bf's Q and dO
   float* stat = reinterpret_cast<float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
