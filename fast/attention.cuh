@@ -35,6 +35,9 @@ struct AttnParams {
   int64_t ld_qkv = 0;
   int B = 0, T = 0, H = 0, KV = 0, hd = 0;
   float scale = 1;  // query_pre_attn_scalar^-0.5
+  // dS's last factor (attn_set_derived): 4 scale with the cap, taking sech^2 = 4 e / (1 + e)^2's 4 (attn_capped_k),
+  // scale without it or with drop_sech2
+  float ds_scale = 1;
   bool cap_on = false;
   float cap = 1;
   float cap_k = 0;  // -2 log2(e) / cap (attn_set_derived): the softcap's exp2 argument per |score|
@@ -103,21 +106,24 @@ __device__ __forceinline__ float attn_exp2(float x) {
   return y;
 }
 
-// The capped score, and d(capped)/dx = sech^2(x / c) in sech2 (1 without the cap). CAP is p.cap_on as a
-// compile-time constant: the Hopper kernels choose it once per tile (attn_tile_kind), attn_capped per call.
+// The capped score, and a quarter of d(capped)/dx = sech^2(x / c) in sech2_q: e / (1 + e)^2 (1 / 4 without the
+// cap). The 4 goes into dS's last factor instead (attn_ds_from_p, p.ds_scale): scaling by a power of two is exact, so
+// ((ds e / (1 + e)^2) 4 scale) rounds to the same bits as ((ds 4 e / (1 + e)^2) scale) wherever no intermediate is
+// below 2^-126, and that saves a multiply per score. CAP is p.cap_on as a compile-time constant: the Hopper kernels
+// choose it once per tile (attn_tile_kind), attn_capped per call.
 template <bool CAP>
-__device__ __forceinline__ float attn_capped_k(float x, const AttnParams& p, float& sech2) {
+__device__ __forceinline__ float attn_capped_k(float x, const AttnParams& p, float& sech2_q) {
   if constexpr (!CAP) {
-    sech2 = 1.0f;
+    sech2_q = 0.25f;
     return x;
   } else {
     const float e = attn_exp2(p.cap_k * fabsf(x)), r = __fdividef(1.0f, 1.0f + e);
-    sech2 = 4.0f * e * (r * r);
+    sech2_q = e * (r * r);
     return copysignf(p.cap * ((1.0f - e) * r), x);
   }
 }
-__device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float& sech2) {
-  return p.cap_on ? attn_capped_k<true>(x, p, sech2) : attn_capped_k<false>(x, p, sech2);
+__device__ __forceinline__ float attn_capped(float x, const AttnParams& p, float& sech2_q) {
+  return p.cap_on ? attn_capped_k<true>(x, p, sech2_q) : attn_capped_k<false>(x, p, sech2_q);
 }
 // The capped score alone (the forward; the same arithmetic, so the same bits as the backward's).
 __device__ __forceinline__ float attn_capped(float x, const AttnParams& p) {
@@ -388,6 +394,16 @@ __global__ void attn_rowdot_kernel(const AttnParams p) {
   }
 }
 
+// dS = P (dP - D) sech^2(s / c) scale from a score's bf16 P, with sech2_q = sech^2 / 4 (attn_capped_k): the
+// multiplies in this order are the reference's, with the 4 applied last as part of p.ds_scale. CAP as attn_capped_k.
+template <bool CAP>
+__device__ __forceinline__ float attn_ds_from_p(float P, float dp, float D, float sech2_q, const AttnParams& p) {
+  float ds = P * (dp - D);
+  if constexpr (CAP)
+    if (!p.drop_sech2) ds *= sech2_q;
+  return ds * p.ds_scale;
+}
+
 // dS for one score: P (dP - D) sech^2(s / c) scale, with P rebuilt exactly as the forward's bf16 probability
 // (m, inv_l: the query row's saved max and the reciprocal of its saved sum, attn_inv_l). CAP as attn_capped_k.
 template <bool CAP>
@@ -398,17 +414,36 @@ __device__ __forceinline__ float attn_ds_k(float acc_s, float dp, float m, float
     return 0.0f;
   }
   const float s = __fmul_rn(acc_s, p.scale);
-  float sech2;
-  const float P = round_bf16(attn_prob(attn_capped_k<CAP>(s, p, sech2), m, inv_l));
+  float sech2_q;
+  const float P = round_bf16(attn_prob(attn_capped_k<CAP>(s, p, sech2_q), m, inv_l));
   p_out = P;
-  float ds = P * (dp - D);
-  if (p.cap_on && !p.drop_sech2) ds *= sech2;
-  return ds * p.scale;
+  return attn_ds_from_p<CAP>(P, dp, D, sech2_q, p);
 }
 __device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float inv_l, float D, bool vis,
                                          float& p_out, const AttnParams& p) {
   return p.cap_on ? attn_ds_k<true>(acc_s, dp, m, inv_l, D, vis, p_out, p)
                   : attn_ds_k<false>(acc_s, dp, m, inv_l, D, vis, p_out, p);
+}
+
+// attn_ds_k for the two scores u = 0, 1 of an accumulator fragment's pair, with their P also returned as the
+// packed bf16 pair p01 (u = 0 in the low half, as pack_bf16). One paired conversion rounds both P, and its halves
+// serve as P's value in dS and as the A operand of P^T dO: the same roundings as two round_bf16 and a repacking,
+// in three instructions a pair instead of five. An invisible score gives P = 0 and dS = 0, as attn_ds_k.
+template <bool CAP>
+__device__ __forceinline__ void attn_ds2_k(const float (&acc_s)[2], const float (&dp)[2], const float (&m)[2],
+                                           const float (&inv_l)[2], const float (&D)[2], const bool (&vis)[2],
+                                           float (&ds)[2], uint32_t& p01, const AttnParams& p) {
+  float x[2], sech2_q[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    x[u] = attn_prob(attn_capped_k<CAP>(__fmul_rn(acc_s[u], p.scale), p, sech2_q[u]), m[u], inv_l[u]);
+    if (!vis[u]) x[u] = 0.0f;
+  }
+  const __nv_bfloat162 pp = __floats2bfloat162_rn(x[0], x[1]);
+  p01 = *reinterpret_cast<const uint32_t*>(&pp);
+  const float P[2] = {__low2float(pp), __high2float(pp)};
+#pragma unroll
+  for (int u = 0; u < 2; ++u) ds[u] = vis[u] ? attn_ds_from_p<CAP>(P[u], dp[u], D[u], sech2_q[u], p) : 0.0f;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -625,6 +660,7 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 inline void attn_set_derived(AttnParams& p) {
   p.ldm = attn_ldmatrix();
   p.cap_k = p.cap_on ? float(-2.0 * kLog2eF64 / double(p.cap)) : 0.0f;
+  p.ds_scale = p.cap_on && !p.drop_sech2 ? 4.0f * p.scale : p.scale;
   p.vec = p.hd % 8 == 0 && p.ld_qkv % 8 == 0 && p.ld_o % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
           aligned16(p.v) && (p.dout == nullptr || aligned16(p.dout));
 }

@@ -8,7 +8,7 @@
 // Layout: fast/wgmma.cuh (128-byte swizzled tiles). For S = Q K^T both operands are K-major (the head dimension
 // is contiguous); for O = P V the B operand V is N-major (stored [key][d]). P enters from registers: the
 // accumulator fragment of S (per warp the mma.sync m16n8 C layout) is, after the bf16 rounding, the A fragment of
-// the next product (c_to_a64; c_to_a in attention.cuh).
+// the next product (round_p in the forward; c_to_a in attention.cuh).
 //
 // Only head_dim 128 and 256 (the released models) with 16-byte aligned rows take this path; everything else,
 // and GEMMA_FAST_ATTN=mma, runs attention.cuh's kernels. The numbers differ from those kernels only by the fp32
@@ -22,17 +22,6 @@
 
 namespace gemma::fast {
 namespace {
-
-// The C fragments of a 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps.
-__device__ __forceinline__ void c_to_a64(uint32_t (&a)[4][4], const bf16 (&x)[8][4]) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    a[kk][0] = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
-    a[kk][1] = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
-    a[kk][2] = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-    a[kk][3] = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-  }
-}
 
 // Can any of rows [r_lo, r_hi] see a key of [j0, j0 + 64)? (causal and window only; the per-element test does
 // the rest.) The forward skips the per-score work of a tile its warpgroup cannot see (not its products).
@@ -291,13 +280,17 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
         s[nt][e] = s[nt][e] == -INFINITY ? 0.0f : attn_prob(s[nt][e], mrow[hr], inv_l[hr]);
       }
   };
+  // The C fragments of the 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps, each pair rounded by one
+  // paired conversion.
   auto round_p = [&] {
-    bf16 pb[8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pb[nt][e] = __float2bfloat16_rn(s[nt][e]);
-    c_to_a64(aP, pb);
+      for (int q = 0; q < 4; ++q) {
+        const int nt = 2 * kk + (q >> 1), e = 2 * (q & 1);
+        const __nv_bfloat162 pp = __floats2bfloat162_rn(s[nt][e], s[nt][e + 1]);
+        aP[kk][q] = *reinterpret_cast<const uint32_t*>(&pp);
+      }
   };
   arrived(L);
   turn();
@@ -566,33 +559,41 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        float mc[2], inv_lc[2], Dc[2];  // dK, dV: the statistics of this thread's two query columns
+        // The statistics of this thread's two columns: the row's (dQ), or its two queries' (dK, dV: read as
+        // pairs; rows past T m = D = 0, cp_async4's zero fill, and 1 / l = 1).
+        float stc[3][2] = {};
         if constexpr (!kDQ) {
+          const int c = nt * 8 + 2 * t;
 #pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int c = nt * 8 + 2 * t + u;  // rows past T: m = D = 0 (cp_async4's zero fill), 1 / l = 1
-            mc[u] = stat[c];
-            inv_lc[u] = stat[64 + c];
-            Dc[u] = stat[128 + c];
+          for (int k = 0; k < 3; ++k) {
+            const float2 v = *reinterpret_cast<const float2*>(stat + 64 * k + c);
+            stc[k][0] = v.x, stc[k][1] = v.y;
           }
         }
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          float ds[2], pv[2];
+          float ds[2];
+          bool vis[2];
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int e = 2 * hr + u, c = x0 + nt * 8 + 2 * t + u, r = r0 + rr[hr];
-            const int qi = kDQ ? r : c, kj = kDQ ? c : r;
-            ds[u] = attn_ds_k<kCap>(s[nt][e], dp[nt][e], kDQ ? mrow[hr] : mc[u],
-                                    kDQ ? inv_lrow[hr] : inv_lc[u], kDQ ? Drow[hr] : Dc[u],
-                                    kFull || attn_visible(p, b, qi, kj), pv[u], p);
+            const int c = x0 + nt * 8 + 2 * t + u, r = r0 + rr[hr];
+            vis[u] = kFull || attn_visible(p, b, kDQ ? r : c, kDQ ? c : r);
           }
-          const int ks = nt >> 1, slot = (nt & 1) * 2 + hr;  // c_to_a64's order
+          const float sc[2] = {s[nt][2 * hr], s[nt][2 * hr + 1]}, dpc[2] = {dp[nt][2 * hr], dp[nt][2 * hr + 1]};
+          const float mc[2] = {kDQ ? mrow[hr] : stc[0][0], kDQ ? mrow[hr] : stc[0][1]},
+                      inv_lc[2] = {kDQ ? inv_lrow[hr] : stc[1][0], kDQ ? inv_lrow[hr] : stc[1][1]},
+                      Dc[2] = {kDQ ? Drow[hr] : stc[2][0], kDQ ? Drow[hr] : stc[2][1]};
+          if constexpr (kDQ) {  // P's value only: the paired form made ptxas spill here at head_dim 256
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              float pv;
+              ds[u] = attn_ds_k<kCap>(sc[u], dpc[u], mc[u], inv_lc[u], Dc[u], vis[u], pv, p);
+            }
+          }
+          const int ks = nt >> 1, slot = (nt & 1) * 2 + hr;  // the forward's round_p order
+          if constexpr (kDKDV)  // P also as dV's A operand
+            attn_ds2_k<kCap>(sc, dpc, mc, inv_lc, Dc, vis, ds, a[NTERM - 1][ks][slot], p);
           split3x2(ds[0], ds[1], a[0][ks][slot], a[1][ks][slot], a[2][ks][slot]);
-          if constexpr (kDKDV) {  // exact: pv is already a bf16 value
-            const __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]);
-            a[NTERM - 1][ks][slot] = *reinterpret_cast<const uint32_t*>(&pp);
-          }
         }
       }
     });
@@ -814,27 +815,22 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         const int c = nt * 8 + 2 * t, i = i0 + c;
-        float mq[2], inv_lq[2], Dq[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          // [m; 1 / l; D] of query i + u; past T m = D = 0 (cp_async4's zero fill) and 1 / l = 1
-          const float* sq = stat + buf * 3 * BQ + 32 * wg + c + u;
-          mq[u] = sq[0];
-          inv_lq[u] = sq[BQ];
-          Dq[u] = sq[2 * BQ];
-        }
+        // [m; 1 / l; D] of queries i and i + 1, read as pairs; past T m = D = 0 (cp_async4's zero fill), 1 / l = 1
+        const float* sq = stat + buf * 3 * BQ + 32 * wg + c;
+        const float2 m2 = *reinterpret_cast<const float2*>(sq), l2 = *reinterpret_cast<const float2*>(sq + BQ),
+                     d2 = *reinterpret_cast<const float2*>(sq + 2 * BQ);
+        const float mq[2] = {m2.x, m2.y}, inv_lq[2] = {l2.x, l2.y}, Dq[2] = {d2.x, d2.y};
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          float ds[2], pv[2];
-#pragma unroll
-          for (int u = 0; u < 2; ++u)
-            ds[u] = attn_ds_k<kCap>(st[nt][2 * hr + u], dpt[nt][2 * hr + u], mq[u], inv_lq[u], Dq[u],
-                                    kFull || attn_visible(p, b, i + u, key[hr]), pv[u], p);
-          const __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]);  // exact: pv are already bf16 values
+          float ds[2];
+          uint32_t p01;
+          const bool vis[2] = {kFull || attn_visible(p, b, i, key[hr]), kFull || attn_visible(p, b, i + 1, key[hr])};
+          const float sc[2] = {st[nt][2 * hr], st[nt][2 * hr + 1]}, dpc[2] = {dpt[nt][2 * hr], dpt[nt][2 * hr + 1]};
+          attn_ds2_k<kCap>(sc, dpc, mq, inv_lq, Dq, vis, ds, p01, p);
           uint32_t w1, w2, w3;
           split3x2(ds[0], ds[1], w1, w2, w3);
           const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
-          st_word(sP, r, cc, *reinterpret_cast<const uint32_t*>(&pp));
+          st_word(sP, r, cc, p01);
           st_word(sS, r, cc, w1);
           st_word(sS + OB, r, cc, w2);
           st_word(sS + 2 * OB, r, cc, w3);
