@@ -676,29 +676,32 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 }
 
 // dK and dV at head_dim 256 (attn_dkdv_sm90_kernel): both accumulators over the whole head dimension would need
-// 256 registers a thread, so the ping-pong schedule above does not apply; separate dK and dV kernels in it measured
-// slower than this fused kernel (docs/benchmarks.md: 2.22 + 1.91 ms against 3.90 in one step of 4 layers at 9b,
-// T = 4096, ncu), which computes every score once, shared by the two warpgroups. Each 64 x 64 tile of scores is
-// split between the warpgroups by columns (32 each, an m64n32 product over the whole head dimension for S and
-// for dP); each warpgroup turns its half into bf16 operands in shared memory (P and the three terms of the dS
-// split), and after a barrier each multiplies the whole 64 x 64 operand tiles into its half of the head dimension
-// of dK and dV. Two barriers per tile: the first publishes the tile's copies and is passed only once every
-// warpgroup has waited for the last tile's products (so the other buffer and the operand tiles are free, and the
-// next copy starts there), the second publishes the operand tiles.
+// 256 registers a thread, so the ping-pong schedule above does not apply (separate dK and dV kernels measured slower
+// than one fused kernel: docs/benchmarks.md, 2.22 + 1.91 ms against 3.90 in one step of 4 layers at 9b, T = 4096,
+// ncu). The work is split by kind instead (warp specialisation): warpgroups 0 and 1, the consumers, each keep dK and
+// dV for half of the head dimension (128 registers a thread) and only multiply; warpgroup 2, the scorer, computes each
+// 64 x 64 tile's S^T = K Q^T and dP^T = V dO^T, turns them into the bf16 operand tiles in shared memory (P and the
+// three terms of the dS split) and hands them over. The scorer's work on tile i + 1 runs while the consumers'
+// products of tile i do, where the split-tile kernel before (the two warpgroups computing half a tile's scores each,
+// then both multiplying, two block-wide barriers a tile) left the tensor cores idle during the per-score work.
+// Hand-over, by named barriers of all 384 threads: kOpsFull (the scorer has written tile i's operands) and kOpsFree
+// (the consumers' products of tile i are complete, so the operand tiles may be overwritten). Q and dO are double
+// buffered: consumer c copies (TMA) its half of the head dimension of tile i + 2 into tile i's buffer once its own
+// products reading that half are complete; the scorer copies K, V and the first two tiles, and each tile's saved
+// statistics (cp.async, a tile ahead). The products, their operands and their order are those of the split-tile
+// kernel, so the results are the same bits.
 
-// s (64 x 32) = A B^T over the head dimension: A the 64-row tile at a_base, B the 32 rows at b_base of a 64-row
-// tile; the same for the second pair into s2, both in one commit group.
+// dP^T or S^T (64 keys x 64 queries) for two A, B pairs, both in one commit group: A the 64-row tiles at a_base,
+// a2_base, B the 64-row tiles at b_base, b2_base, over the whole head dimension.
 template <int HD>
-__device__ __forceinline__ void wg_abt_n32_pair(float (&s)[4][4], uint32_t a_base, uint32_t b_base,
-                                                float (&s2)[4][4], uint32_t a2_base, uint32_t b2_base) {
-  wg_hold(s);
-  wg_hold(s2);
+__device__ __forceinline__ void wg_abt_pair(float (&s)[8][4], uint32_t a_base, uint32_t b_base, float (&s2)[8][4],
+                                            uint32_t a2_base, uint32_t b2_base) {
   wg_arrive();
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss_n32(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
-    wgmma_ss_n32(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
+    wgmma_ss<0>(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
+    wgmma_ss<0>(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
   }
   wg_commit();
   wg_wait<0>();
@@ -721,18 +724,18 @@ __device__ __forceinline__ void st_word(uint32_t tile, int r, int c, uint32_t w)
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swz<64>(r, c)), "r"(w) : "memory");
 }
 
+constexpr int kDkdvThreads = 384;  // two consumer warpgroups and the scorer
 template <int HD>
 constexpr int attn_dkdv_sm90_smem() {
-  // two single tiles, two double-buffered, four operand tiles, two buffers of a tile's m, l, D, three mbarriers
-  // (K and V; each buffer's Q and dO)
+  // K and V, Q and dO double-buffered, four operand tiles, two buffers of a tile's m, l, D, three mbarriers (K and
+  // V; each buffer's Q and dO)
   return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4 + 3 * 8;
 }
 
 // dK, dV: a block per (64 keys, kv head, sequence), looping over the group's query heads and the 64-query tiles
-// that see the keys. Warpgroup w computes S^T = K Q^T and dP^T = V dO^T for queries 32 w .. 32 w + 31 of the
-// tile, and accumulates dK, dV for head-dimension columns w HD/2 .. (w + 1) HD/2 - 1.
+// that see the keys. Consumer c accumulates dK, dV for head-dimension columns c HD/2 .. (c + 1) HD/2 - 1.
 template <int HD>
-__global__ void __launch_bounds__(kSm90Threads, 1)
+__global__ void __launch_bounds__(kDkdvThreads, 1)
     attn_dkdv_sm90_kernel(const AttnParams p, const __grid_constant__ AttnBwdTmaps tm) {
 #ifndef GEMMA_SM90_DEVICE
   __trap();  // built without wgmma: attn_sm90_applies never launches this
@@ -740,50 +743,121 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   static_assert(HD == 256, "head_dim 128 takes the ping-pong dK, dV kernel");
   constexpr int BK = 64, BQ = 64, NDH = HD / 128;
   constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
+  constexpr int kOpsFull = 5, kOpsFree = 6, kScorer = 7;  // named barriers (1 and 2 are wg_bar's)
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
   const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries (l made 1 / l once copied)
   const uint32_t bar_kv = sStat + 2 * 3 * 64 * 4, bar_t = bar_kv + 8;  // bar_t + 8 bf: buffer bf's Q and dO
   float* stat = reinterpret_cast<float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2,
-            t = lane & 3;
+  // The warpgroup index from lane 0, so that ptxas knows the branches around the products are warp-uniform
+  // (attn_fwd_sm90_kernel).
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), tid = threadIdx.x & 127,
+            warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
   const int G = p.H / p.KV;
-  const int64_t tok0 = int64_t(b) * p.T;
   const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
   const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
   auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
-  // Tile it's Q and dO (TMA, thread 0) and saved statistics (cp.async, threads 0-191, one value each; rows past T
-  // zero) into buffer bf. The statistics come with the tiles, a tile ahead, rather than as 24 dependent loads per
-  // thread once the scores are there.
-  auto load_tile = [&](int it, int bf) {
-    if (threadIdx.x == 0) {
-      const int col = (kvh * G + it / nqt) * p.hd;
-      tma_tile<BQ, HD>(sQ + bf * TB, &tm.q, col, row_of(it), b, bar_t + 8 * bf);
-      tma_tile<BQ, HD>(sO + bf * TB, &tm.dout, col, row_of(it), b, bar_t + 8 * bf);
+  // Half c of the head dimension (panels 2c, 2c + 1) of tile it's Q and dO into buffer bf, one arrival on its
+  // barrier with the bytes. One thread.
+  auto load_half = [&](int it, int bf, int c) {
+    const int col = (kvh * G + it / nqt) * p.hd + c * 128;
+    const uint32_t bar = bar_t + 8 * bf;
+    mbar_expect_tx(bar, 2 * 2 * 64 * 128);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      tma_load_3d(sQ + bf * TB + (2 * c + q) * (64 * 128), &tm.q, col + q * 64, row_of(it), b, bar);
+      tma_load_3d(sO + bf * TB + (2 * c + q) * (64 * 128), &tm.dout, col + q * 64, row_of(it), b, bar);
     }
-    if (threadIdx.x < 3 * BQ) {
-      const int a = threadIdx.x / BQ, qi = threadIdx.x % BQ, i = row_of(it) + qi;
+  };
+  // Tile it's saved statistics into buffer bf (the scorer's threads; rows past T zero), one cp.async group.
+  auto load_stats = [&](int it, int bf) {
+    for (int x = tid; x < 3 * BQ; x += 128) {
+      const int a = x / BQ, qi = x % BQ, i = row_of(it) + qi;
       const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
       const int64_t si = (int64_t(b) * p.H + kvh * G + it / nqt) * p.T + (i < p.T ? i : 0);
       cp_async4(sStat + uint32_t(((bf * 3 + a) * BQ + qi) * 4), src + si, i < p.T);
     }
+    cp_commit();
   };
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < 3; ++i) mbar_init(bar_kv + 8 * i, 2);  // two tiles' bytes each
+    for (int i = 0; i < 3; ++i) mbar_init(bar_kv + 8 * i, 2);  // two arrivals with bytes each
     mbar_init_fence();
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    tma_tile<BK, HD>(sK, &tm.k, kvh * p.hd, j0, b, bar_kv);
-    tma_tile<BK, HD>(sV, &tm.v, kvh * p.hd, j0, b, bar_kv);
-  }
-  load_tile(0, 0);
-  cp_commit();
+  __syncthreads();  // the last block-wide barrier
 
   const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  if (wg == 2) {  // the scorer
+    if (tid == 0) {
+      tma_tile<BK, HD>(sK, &tm.k, kvh * p.hd, j0, b, bar_kv);
+      tma_tile<BK, HD>(sV, &tm.v, kvh * p.hd, j0, b, bar_kv);
+      for (int it = 0; it < 2 && it < total; ++it) {
+        load_half(it, it, 0);
+        load_half(it, it, 1);
+      }
+    }
+    load_stats(0, 0);
+    mbar_wait(bar_kv, 0);
+    for (int it = 0; it < total; ++it) {
+      const int buf = it & 1;
+      cp_wait<0>();  // this tile's statistics; the l this thread copied becomes 1 / l (1 for rows past T)
+      for (int x = tid; x < 3 * BQ; x += 128)
+        if (x >= BQ && x < 2 * BQ) {
+          float& l = stat[(buf * 3 + 1) * BQ + x - BQ];
+          l = attn_inv_l(row_of(it) + x - BQ < p.T ? l : 1.0f);
+        }
+      bar_sync(kScorer, 128);  // ... for every scorer thread; and buffer buf ^ 1's are read
+      if (it + 1 < total) load_stats(it + 1, buf ^ 1);
+      mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q and dO
+      const int i0 = row_of(it);
+      float st[8][4], dpt[8][4];
+      wg_abt_pair<HD>(st, sK, sQ + buf * TB, dpt, sV, sO + buf * TB);
+      // P and dS's three terms as bf16 pairs, held until the operand tiles are free.
+      uint32_t wp[8][2], w1[8][2], w2[8][2], w3[8][2];
+      const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + BQ - 1 < p.T &&
+                        (p.window <= 0 || i0 + BQ - 1 - j0 < p.window);
+      attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
+        constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int c = nt * 8 + 2 * t, i = i0 + c;
+          // [m; 1 / l; D] of queries i and i + 1, read as pairs; past T m = D = 0 (cp_async4's zero fill), 1 / l = 1
+          const float* sq = stat + buf * 3 * BQ + c;
+          const float2 m2 = *reinterpret_cast<const float2*>(sq), l2 = *reinterpret_cast<const float2*>(sq + BQ),
+                       d2 = *reinterpret_cast<const float2*>(sq + 2 * BQ);
+          const float mq[2] = {m2.x, m2.y}, inv_lq[2] = {l2.x, l2.y}, Dq[2] = {d2.x, d2.y};
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            float ds[2];
+            const bool vis[2] = {kFull || attn_visible(p, b, i, key[hr]), kFull || attn_visible(p, b, i + 1, key[hr])};
+            const float sc[2] = {st[nt][2 * hr], st[nt][2 * hr + 1]},
+                        dpc[2] = {dpt[nt][2 * hr], dpt[nt][2 * hr + 1]};
+            attn_ds2_k<kCap>(sc, dpc, mq, inv_lq, Dq, vis, ds, wp[nt][hr], p);
+            split3x2(ds[0], ds[1], w1[nt][hr], w2[nt][hr], w3[nt][hr]);
+          }
+        }
+      });
+      if (it > 0) bar_sync(kOpsFree, kDkdvThreads);  // the consumers' products of tile it - 1 are complete
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = warp * 16 + g + 8 * hr, c = nt * 8 + 2 * t;
+          st_word(sP, r, c, wp[nt][hr]);
+          st_word(sS, r, c, w1[nt][hr]);
+          st_word(sS + OB, r, c, w2[nt][hr]);
+          st_word(sS + 2 * OB, r, c, w3[nt][hr]);
+        }
+      fence_async_smem();
+      bar_arrive(kOpsFull, kDkdvThreads);
+    }
+    return;
+  }
+
+  // The consumers.
+  const int64_t tok0 = int64_t(b) * p.T;
   float dk[NDH][8][4], dv[NDH][8][4];
 #pragma unroll
   for (int dc = 0; dc < NDH; ++dc)
@@ -791,54 +865,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[dc][nt][e] = dv[dc][nt][e] = 0.0f;
-
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
-    cp_wait<0>();  // this tile's statistics
-    // The l this thread copied becomes 1 / l (attn_inv_l; 1 for rows past T), once per query instead of once per
-    // score pair below.
-    if (threadIdx.x >= BQ && threadIdx.x < 2 * BQ) {
-      float& l = stat[(buf * 3 + 1) * BQ + threadIdx.x - BQ];
-      l = attn_inv_l(row_of(it) + int(threadIdx.x) - BQ < p.T ? l : 1.0f);
-    }
-    __syncthreads();  // ... everywhere, and the last tile's products are complete everywhere: buf ^ 1 is free
-    if (it + 1 < total) load_tile(it + 1, buf ^ 1);
-    cp_commit();
-    mbar_wait(bar_kv, 0);
-    mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q and dO
-    const int i0 = row_of(it) + 32 * wg;  // this warpgroup's 32 queries
-    float st[4][4] = {}, dpt[4][4] = {};
-    wg_abt_n32_pair<HD>(st, sK, sQ + buf * TB + 32 * wg * 128, dpt, sV, sO + buf * TB + 32 * wg * 128);
-    const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + 31 < p.T && (p.window <= 0 || i0 + 31 - j0 < p.window);
-    attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
-      constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int c = nt * 8 + 2 * t, i = i0 + c;
-        // [m; 1 / l; D] of queries i and i + 1, read as pairs; past T m = D = 0 (cp_async4's zero fill), 1 / l = 1
-        const float* sq = stat + buf * 3 * BQ + 32 * wg + c;
-        const float2 m2 = *reinterpret_cast<const float2*>(sq), l2 = *reinterpret_cast<const float2*>(sq + BQ),
-                     d2 = *reinterpret_cast<const float2*>(sq + 2 * BQ);
-        const float mq[2] = {m2.x, m2.y}, inv_lq[2] = {l2.x, l2.y}, Dq[2] = {d2.x, d2.y};
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          float ds[2];
-          uint32_t p01;
-          const bool vis[2] = {kFull || attn_visible(p, b, i, key[hr]), kFull || attn_visible(p, b, i + 1, key[hr])};
-          const float sc[2] = {st[nt][2 * hr], st[nt][2 * hr + 1]}, dpc[2] = {dpt[nt][2 * hr], dpt[nt][2 * hr + 1]};
-          attn_ds2_k<kCap>(sc, dpc, mq, inv_lq, Dq, vis, ds, p01, p);
-          uint32_t w1, w2, w3;
-          split3x2(ds[0], ds[1], w1, w2, w3);
-          const int r = warp * 16 + g + 8 * hr, cc = 32 * wg + c;
-          st_word(sP, r, cc, p01);
-          st_word(sS, r, cc, w1);
-          st_word(sS + OB, r, cc, w2);
-          st_word(sS + 2 * OB, r, cc, w3);
-        }
-      }
-    });
-    fence_async_smem();
-    __syncthreads();
+    bar_sync(kOpsFull, kDkdvThreads);  // tile it's operands (and so its Q and dO, which the scorer waited for)
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc) {
       wg_hold(dk[dc]);
@@ -856,6 +885,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       wg_hold(dk[dc]);
       wg_hold(dv[dc]);
     }
+    // This warpgroup's half of buffer buf is read: tile it + 2 goes there. The other half is the other's.
+    if (tid == 0 && it + 2 < total) load_half(it + 2, buf, wg);
+    if (it + 1 < total) bar_arrive(kOpsFree, kDkdvThreads);
   }
 
 #pragma unroll
@@ -934,7 +966,7 @@ void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
   } else {
     constexpr int smem_kv = attn_dkdv_sm90_smem<HD>();
     GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, kMaxSmem, smem_kv));
-    attn_dkdv_sm90_kernel<HD><<<grid_k, kSm90Threads, smem_kv, st>>>(p, tm);
+    attn_dkdv_sm90_kernel<HD><<<grid_k, kDkdvThreads, smem_kv, st>>>(p, tm);
     GEMMA_LAUNCHED("attn_dkdv_sm90_kernel");
   }
 }
