@@ -3,7 +3,7 @@
 // (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that TMA fills (tma.cuh): in
 // the forward a producer warp keeps a ring of slots ahead of the consumers; in the ping-pong backward kernels each
 // warpgroup's first thread fetches its next tile once its products are done, and the other warpgroup's work covers
-// the wait; in the split-tile dK/dV kernel thread 0 fetches a tile ahead.
+// the wait; in the warp-specialised dK/dV kernel each consumer warpgroup fetches its half of the tile after next.
 //
 // Layout: fast/wgmma.cuh (128-byte swizzled tiles). For S = Q K^T both operands are K-major (the head dimension
 // is contiguous); for O = P V the B operand V is N-major (stored [key][d]). P enters from registers: the

@@ -77,7 +77,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t
 // d0 | d1 (64 x 128, columns 0-63 in d0 and 64-127 in d1, each as wgmma_ss's d) += A B over one k16 step, A
 // K-major; B K-major (TB = 0: 128 rows of B^T, 16 groups of 8 rows 1024 bytes apart, desc_kmajor) or N-major over
 // two 64-column panels (TB = 1, desc_nmajor_panels); accumulate = 0 overwrites d. One product instead of two
-// m64n64 ones: A is read from shared memory once, not twice (the split-tile dK, dV products of the attention
+// m64n64 ones: A is read from shared memory once, not twice (the dK, dV products of the attention
 // backward at head_dim 256 and the adapters' fused add: per warpgroup an m64n64k16 reads 4 KB in its 32 cycles, and
 // two warpgroups share 128 bytes a cycle).
 template <int TB>
@@ -93,19 +93,6 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d0)[8][4], float (&d1)[8][
       "%64, %65, p, 1, 1, 0, %66;\n}\n"
       : GEMMA_WG_D32(d0), GEMMA_WG_D32(d1)
       : "l"(da), "l"(db), "n"(TB), "r"(accumulate));
-#endif
-}
-// The same for a 64 x 32 result, B K-major.
-__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int accumulate) {
-#ifdef GEMMA_SM90_DEVICE
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
-        "+f"(d[3][2]), "+f"(d[3][3])
-      : "l"(da), "l"(db), "r"(accumulate));
 #endif
 }
 // d += A B with A (64 x 16 per warpgroup) from registers in the mma.sync A-fragment layout and B (16 x 64) an
