@@ -395,7 +395,8 @@ __global__ void attn_rowdot_kernel(const AttnParams p) {
 }
 
 // dS = P (dP - D) sech^2(s / c) scale from a score's bf16 P, with sech2_q = sech^2 / 4 (attn_capped_k): the
-// multiplies in this order are the reference's, with the 4 applied last as part of p.ds_scale. CAP as attn_capped_k.
+// multiplies in the order they had with sech^2 whole, its 4 applied last as part of p.ds_scale (the same bits, as
+// attn_capped_k says). CAP as attn_capped_k.
 template <bool CAP>
 __device__ __forceinline__ float attn_ds_from_p(float P, float dp, float D, float sech2_q, const AttnParams& p) {
   float ds = P * (dp - D);
