@@ -66,6 +66,25 @@ __device__ __forceinline__ void wg_abt_issue(float (&s)[8][4], uint32_t a_base, 
                 desc_kmajor(b_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32), kk > 0);
   wg_commit();
 }
+// Two score products over the whole head dimension, both in one commit group, and their completion: s = A B^T and
+// s2 = A2 B2^T (64 x 64 each), A, A2 the 64-row tiles at a_base, a2_base, B, B2 the 64-row tiles at b_base, b2_base
+// (the backward's S and dP, or S^T and dP^T).
+template <int HD>
+__device__ __forceinline__ void wg_abt_pair(float (&s)[8][4], uint32_t a_base, uint32_t b_base, float (&s2)[8][4],
+                                            uint32_t a2_base, uint32_t b2_base) {
+  wg_arrive();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+    wgmma_ss<0>(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
+    wgmma_ss<0>(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
+  }
+  wg_commit();
+  wg_wait<0>();
+  wg_hold(s);
+  wg_hold(s2);
+}
+
 // o[dc] (64 x 64 columns dc*64..) += P V, issued as one commit group: P (64 x 64 keys) as four k16 A fragments
 // (written before wgmma.fence, which the empty asm statements keep the compiler from reordering), V the 64-key
 // tile at v_base.
@@ -529,17 +548,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     mbar_wait(bar_y1, uint32_t(j) & 1u);
     mbar_wait(bar_y2, uint32_t(j) & 1u);
     float s[8][4], dp[8][4];
-    wg_arrive();
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-      wgmma_ss<0>(s, desc_kmajor(sX1 + off), desc_kmajor(sY1 + off), kk > 0);
-      wgmma_ss<0>(dp, desc_kmajor(sX2 + off), desc_kmajor(sY2 + off), kk > 0);
-    }
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(s);
-    wg_hold(dp);
+    wg_abt_pair<HD>(s, sX1, sY1, dp, sX2, sY2);
     if constexpr (kDQ) {
       if (it + 2 < total) {  // V is read by no later product of this tile: fetch the next one now
         wg_bar(wg);
@@ -691,24 +700,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 // statistics (cp.async, a tile ahead). The products, their operands and their order are those of the split-tile
 // kernel, so the results are the same bits.
 
-// dP^T or S^T (64 keys x 64 queries) for two A, B pairs, both in one commit group: A the 64-row tiles at a_base,
-// a2_base, B the 64-row tiles at b_base, b2_base, over the whole head dimension.
-template <int HD>
-__device__ __forceinline__ void wg_abt_pair(float (&s)[8][4], uint32_t a_base, uint32_t b_base, float (&s2)[8][4],
-                                            uint32_t a2_base, uint32_t b2_base) {
-  wg_arrive();
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss<0>(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
-    wgmma_ss<0>(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
-  }
-  wg_commit();
-  wg_wait<0>();
-  wg_hold(s);
-  wg_hold(s2);
-}
-
 // acc (64 x 128: columns of panels first and first + 1 of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile,
 // Y a 64-row N-major tile (rows are k) of 64-column panels.
 __device__ __forceinline__ void wg_xy(float (&acc)[2][8][4], uint32_t x, uint32_t y, int first) {
@@ -802,12 +793,11 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
     mbar_wait(bar_kv, 0);
     for (int it = 0; it < total; ++it) {
       const int buf = it & 1;
-      cp_wait<0>();  // this tile's statistics; the l this thread copied becomes 1 / l (1 for rows past T)
-      for (int x = tid; x < 3 * BQ; x += 128)
-        if (x >= BQ && x < 2 * BQ) {
-          float& l = stat[(buf * 3 + 1) * BQ + x - BQ];
-          l = attn_inv_l(row_of(it) + x - BQ < p.T ? l : 1.0f);
-        }
+      cp_wait<0>();  // this tile's statistics; the l this thread copied (load_stats) becomes 1 / l (1 past T)
+      if (tid >= BQ && tid < 2 * BQ) {
+        float& l = stat[(buf * 3 + 1) * BQ + tid - BQ];
+        l = attn_inv_l(row_of(it) + tid - BQ < p.T ? l : 1.0f);
+      }
       bar_sync(kScorer, 128);  // ... for every scorer thread; and buffer buf ^ 1's are read
       if (it + 1 < total) load_stats(it + 1, buf ^ 1);
       mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q and dO
