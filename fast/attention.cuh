@@ -430,11 +430,13 @@ __device__ __forceinline__ float attn_ds(float acc_s, float dp, float m, float i
 // packed bf16 pair p01 (u = 0 in the low half, as pack_bf16). One paired conversion rounds both P, and its halves
 // serve as P's value in dS and as the A operand of P^T dO: the same roundings as two round_bf16 and a repacking,
 // in three instructions a pair instead of five. An invisible score gives P = 0 and dS = 0, as attn_ds_k.
+// Its two halves, for a kernel that has S before dP (attn_dkdv_sm90_kernel): attn_p2_k needs the scores alone and
+// gives p01 and the pair's sech2_q; attn_ds2_from_p then takes dP.
 template <bool CAP>
-__device__ __forceinline__ void attn_ds2_k(const float (&acc_s)[2], const float (&dp)[2], const float (&m)[2],
-                                           const float (&inv_l)[2], const float (&D)[2], const bool (&vis)[2],
-                                           float (&ds)[2], uint32_t& p01, const AttnParams& p) {
-  float x[2], sech2_q[2];
+__device__ __forceinline__ void attn_p2_k(const float (&acc_s)[2], const float (&m)[2], const float (&inv_l)[2],
+                                          const bool (&vis)[2], float (&sech2_q)[2], uint32_t& p01,
+                                          const AttnParams& p) {
+  float x[2];
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
     x[u] = attn_prob(attn_capped_k<CAP>(__fmul_rn(acc_s[u], p.scale), p, sech2_q[u]), m[u], inv_l[u]);
@@ -442,9 +444,23 @@ __device__ __forceinline__ void attn_ds2_k(const float (&acc_s)[2], const float 
   }
   const __nv_bfloat162 pp = __floats2bfloat162_rn(x[0], x[1]);
   p01 = *reinterpret_cast<const uint32_t*>(&pp);
+}
+template <bool CAP>
+__device__ __forceinline__ void attn_ds2_from_p(uint32_t p01, const float (&dp)[2], const float (&D)[2],
+                                                const float (&sech2_q)[2], const bool (&vis)[2], float (&ds)[2],
+                                                const AttnParams& p) {
+  const __nv_bfloat162 pp = *reinterpret_cast<const __nv_bfloat162*>(&p01);
   const float P[2] = {__low2float(pp), __high2float(pp)};
 #pragma unroll
   for (int u = 0; u < 2; ++u) ds[u] = vis[u] ? attn_ds_from_p<CAP>(P[u], dp[u], D[u], sech2_q[u], p) : 0.0f;
+}
+template <bool CAP>
+__device__ __forceinline__ void attn_ds2_k(const float (&acc_s)[2], const float (&dp)[2], const float (&m)[2],
+                                           const float (&inv_l)[2], const float (&D)[2], const bool (&vis)[2],
+                                           float (&ds)[2], uint32_t& p01, const AttnParams& p) {
+  float sech2_q[2];
+  attn_p2_k<CAP>(acc_s, m, inv_l, vis, sech2_q, p01, p);
+  attn_ds2_from_p<CAP>(p01, dp, D, sech2_q, vis, ds, p);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ __device__ __forceinline__ void attn_tile_kind(bool cap, bool full, F&& f) {
 constexpr int kSm90Threads = 256;  // two warpgroups, 64 query rows each
 
 // S (64 rows x 64 keys) = A B^T over the whole head dimension, issued as one commit group (wg_wait completes
-// it): A the 64-row slice at a_base of an RA-row tile, B the 64-row tile at b_base.
+// it): A the 64-row slice at a_base of an RA-row tile, B the 64-row tile at b_base. Each step's descriptors are
+// built from their addresses, not advanced from a base's (desc_advance), here and in wg_pv_issue: the forward
+// calls these, and held base descriptors made ptxas spill 68 bytes of its head_dim 256 kernel (2026-12-03).
 template <int RA, int HD>
 __device__ __forceinline__ void wg_abt_issue(float (&s)[8][4], uint32_t a_base, uint32_t b_base) {
   wg_arrive();
@@ -72,17 +74,40 @@ __device__ __forceinline__ void wg_abt_issue(float (&s)[8][4], uint32_t a_base, 
 template <int HD>
 __device__ __forceinline__ void wg_abt_pair(float (&s)[8][4], uint32_t a_base, uint32_t b_base, float (&s2)[8][4],
                                             uint32_t a2_base, uint32_t b2_base) {
+  const uint64_t da = desc_kmajor(a_base), db = desc_kmajor(b_base), da2 = desc_kmajor(a2_base),
+                 db2 = desc_kmajor(b2_base);
   wg_arrive();
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss<0>(s, desc_kmajor(a_base + off), desc_kmajor(b_base + off), kk > 0);
-    wgmma_ss<0>(s2, desc_kmajor(a2_base + off), desc_kmajor(b2_base + off), kk > 0);
+    wgmma_ss<0>(s, desc_advance(da, off), desc_advance(db, off), kk > 0);
+    wgmma_ss<0>(s2, desc_advance(da2, off), desc_advance(db2, off), kk > 0);
   }
   wg_commit();
   wg_wait<0>();
   wg_hold(s);
   wg_hold(s2);
+}
+// wg_abt_pair's products as two commit groups, s's first, not waited for: s is complete after wg_wait<1>, s2
+// after wg_wait<0>, so that the work on s overlaps s2's product.
+template <int HD>
+__device__ __forceinline__ void wg_abt_pair_issue(float (&s)[8][4], uint32_t a_base, uint32_t b_base,
+                                                  float (&s2)[8][4], uint32_t a2_base, uint32_t b2_base) {
+  const uint64_t da = desc_kmajor(a_base), db = desc_kmajor(b_base), da2 = desc_kmajor(a2_base),
+                 db2 = desc_kmajor(b2_base);
+  wg_arrive();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+    wgmma_ss<0>(s, desc_advance(da, off), desc_advance(db, off), kk > 0);
+  }
+  wg_commit();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+    wgmma_ss<0>(s2, desc_advance(da2, off), desc_advance(db2, off), kk > 0);
+  }
+  wg_commit();
 }
 
 // o[dc] (64 x 64 columns dc*64..) += P V, issued as one commit group: P (64 x 64 keys) as four k16 A fragments
@@ -100,6 +125,18 @@ __device__ __forceinline__ void wg_pv_issue(float (&o)[ND][8][4], uint32_t (&a)[
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) wgmma_rs_nmajor(o[dc], a[ks], desc_nmajor(v_base + dc * (64 * 128) + ks * 2048));
   wg_commit();
+}
+
+// Launch order. Blocks start in linear-index order (x fastest), so the grids are (head, sequence, row block) with
+// the row block's rank in z, 0 for the one with the most tiles: every head's and sequence's longest blocks start
+// first and the short ones fill the last wave (longest processing time first). With the row block in x, the
+// (head, sequence) groups started one after another and the last groups' long blocks ran on alone: ncu had the
+// multiprocessors idle 12%, 10% and 5% of the forward's, the dK, dV kernel's and the dQ kernel's time at 9b,
+// T = 4096 (2026-12-03). gridDim.y and gridDim.z are at most 65535: attn_check_grid.
+inline void attn_check_grid(int64_t batch, int64_t row_blocks) {
+  if (batch > 65535 || row_blocks > 65535)
+    throw InputError("fast: batch " + std::to_string(batch) + " or " + std::to_string(row_blocks) +
+                     " row blocks of the sequence exceed the attention kernels' grid (at most 65535 each)");
 }
 
 // Forward: a block per (128 queries, head, sequence) of three warpgroups: warpgroups 0 and 1 (the consumers) own
@@ -148,9 +185,8 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   // around the products below (otherwise it serializes every wgmma: C7518, "WG.DP in divergent path").
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), warp = (threadIdx.x >> 5) & 3,
             lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  // Blocks of later queries see more keys: they start first, so the short ones fill the last wave (at 9b,
-  // T = 4096, 1024 blocks on 132 multiprocessors, in blockIdx.x order the SMs were idle 14% of the kernel's time).
-  const int i0 = (gridDim.x - 1 - blockIdx.x) * BR, h = blockIdx.y, b = blockIdx.z;
+  // Blocks of later queries see more keys: they start first (the launch order above).
+  const int i0 = (gridDim.z - 1 - blockIdx.z) * BR, h = blockIdx.x, b = blockIdx.y;
   const int kvh = h / (p.H / p.KV);
   const int j_end = min(p.T, i0 + BR);
   const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
@@ -424,22 +460,23 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const uint32_t sStat = sX1 + 6 * TB + uint32_t(wg) * (3 * 64 * 4);
   const uint32_t bar_x = sX1 + 6 * TB + 2 * 3 * 64 * 4, bar_y1 = bar_x + 8 + 16 * wg, bar_y2 = bar_y1 + 8;
   float* stat = reinterpret_cast<float*>(smem_sm90 + (sStat - s0));
-  const int b = blockIdx.z, G = p.H / p.KV;
+  const int b = blockIdx.y, G = p.H / p.KV;
   const int64_t tok0 = int64_t(b) * p.T;
 
   // dQ: the block's 64 queries of head h (the longest rows first, as the forward), the key tiles they see.
-  // dK, dV: the block's 64 keys of kv head kvh, the 64-query tiles of each of its G query heads that see them.
+  // dK, dV: the block's 64 keys of kv head kvh (the earliest keys, seen by the most queries, first), the 64-query
+  // tiles of each of its G query heads that see them.
   int r0, h = 0, kvh, kt0 = 0, qt0 = 0, nqt = 1, total;
   if constexpr (kDQ) {
-    r0 = (gridDim.x - 1 - blockIdx.x) * 64;
-    h = blockIdx.y;
+    r0 = (gridDim.z - 1 - blockIdx.z) * 64;
+    h = blockIdx.x;
     kvh = h / G;
     const int j_end = min(p.T, r0 + 64), j_begin = p.window > 0 ? max(0, r0 - p.window + 1) : 0;
     kt0 = j_begin / 64;
     total = (j_end + 63) / 64 - kt0;
   } else {
-    r0 = blockIdx.x * 64;
-    kvh = blockIdx.y;
+    r0 = blockIdx.z * 64;
+    kvh = blockIdx.x;
     const int i_end = p.window > 0 ? min(p.T, r0 + 63 + p.window) : p.T;
     qt0 = r0 / 64;
     nqt = (i_end + 63) / 64 - qt0;
@@ -618,16 +655,15 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     for (int n = 0; n < NACC; ++n)
 #pragma unroll
       for (int dc = 0; dc < NP; ++dc) wg_hold(acc[n][dc]);
+    const uint64_t dy1 = desc_nmajor_panels(sY1, 64 * 128), dy2 = desc_nmajor_panels(sY2, 64 * 128);
     wg_arrive();
 #pragma unroll
     for (int x = 0; x < (kDKDV ? 3 : NTERM); ++x)
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-        wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_nmajor_panels(sY1 + ks * 2048, 64 * 128));
+      for (int ks = 0; ks < 4; ++ks) wgmma_rs_panels<NP>(acc[0], a[x][ks], desc_advance(dy1, ks * 2048));
     if constexpr (kDKDV) {
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-        wgmma_rs_panels<NP>(acc[NACC - 1], a[NTERM - 1][ks], desc_nmajor_panels(sY2 + ks * 2048, 64 * 128));
+      for (int ks = 0; ks < 4; ++ks) wgmma_rs_panels<NP>(acc[NACC - 1], a[NTERM - 1][ks], desc_advance(dy2, ks * 2048));
     }
     wg_commit();
     wg_wait<0>();
@@ -703,10 +739,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 // acc (64 x 128: columns of panels first and first + 1 of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile,
 // Y a 64-row N-major tile (rows are k) of 64-column panels.
 __device__ __forceinline__ void wg_xy(float (&acc)[2][8][4], uint32_t x, uint32_t y, int first) {
+  const uint64_t dx = desc_kmajor(x), dy = desc_nmajor_panels(y + first * (64 * 128), 64 * 128);
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)  // both panels in one n128 product per k step
-    wgmma_ss_n128<1>(acc[0], acc[1], desc_kmajor(x + ks * 32),
-                     desc_nmajor_panels(y + first * (64 * 128) + ks * 2048, 64 * 128));
+    wgmma_ss_n128<1>(acc[0], acc[1], desc_advance(dx, ks * 32), desc_advance(dy, ks * 2048));
 }
 
 // Two bf16 values, packed as pack_bf16 (the one at column c in the low half), at (r, c), (r, c + 1) of a 64 x 64
@@ -745,7 +781,8 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
   // (attn_fwd_sm90_kernel).
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), tid = threadIdx.x & 127,
             warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int j0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
+  // the earliest keys, seen by the most queries, first (the launch order above)
+  const int j0 = blockIdx.z * BK, kvh = blockIdx.x, b = blockIdx.y;
   const int G = p.H / p.KV;
   const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
   const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
@@ -803,28 +840,50 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
       mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q and dO
       const int i0 = row_of(it);
       float st[8][4], dpt[8][4];
-      wg_abt_pair<HD>(st, sK, sQ + buf * TB, dpt, sV, sO + buf * TB);
-      // P and dS's three terms as bf16 pairs, held until the operand tiles are free.
+      wg_abt_pair_issue<HD>(st, sK, sQ + buf * TB, dpt, sV, sO + buf * TB);
+      wg_wait<1>();
+      wg_hold(st);
+      // P and dS's three terms as bf16 pairs, held until the operand tiles are free. P (and sech^2 / 4, in place of
+      // the scores) while dP^T's product runs, then dS.
       uint32_t wp[8][2], w1[8][2], w2[8][2], w3[8][2];
       const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + BQ - 1 < p.T &&
                         (p.window <= 0 || i0 + BQ - 1 - j0 < p.window);
+      // [m; 1 / l; D] of queries i and i + 1, read as pairs; past T m = D = 0 (cp_async4's zero fill), 1 / l = 1
+      const float* sq = stat + buf * 3 * BQ + 2 * t;
       attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
         constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
-          const int c = nt * 8 + 2 * t, i = i0 + c;
-          // [m; 1 / l; D] of queries i and i + 1, read as pairs; past T m = D = 0 (cp_async4's zero fill), 1 / l = 1
-          const float* sq = stat + buf * 3 * BQ + c;
-          const float2 m2 = *reinterpret_cast<const float2*>(sq), l2 = *reinterpret_cast<const float2*>(sq + BQ),
-                       d2 = *reinterpret_cast<const float2*>(sq + 2 * BQ);
-          const float mq[2] = {m2.x, m2.y}, inv_lq[2] = {l2.x, l2.y}, Dq[2] = {d2.x, d2.y};
+          const int i = i0 + nt * 8 + 2 * t;
+          const float2 m2 = *reinterpret_cast<const float2*>(sq + nt * 8),
+                       l2 = *reinterpret_cast<const float2*>(sq + nt * 8 + BQ);
+          const float mq[2] = {m2.x, m2.y}, inv_lq[2] = {l2.x, l2.y};
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
-            float ds[2];
             const bool vis[2] = {kFull || attn_visible(p, b, i, key[hr]), kFull || attn_visible(p, b, i + 1, key[hr])};
-            const float sc[2] = {st[nt][2 * hr], st[nt][2 * hr + 1]},
-                        dpc[2] = {dpt[nt][2 * hr], dpt[nt][2 * hr + 1]};
-            attn_ds2_k<kCap>(sc, dpc, mq, inv_lq, Dq, vis, ds, wp[nt][hr], p);
+            const float sc[2] = {st[nt][2 * hr], st[nt][2 * hr + 1]};
+            float sech2_q[2];
+            attn_p2_k<kCap>(sc, mq, inv_lq, vis, sech2_q, wp[nt][hr], p);
+            st[nt][2 * hr] = sech2_q[0];
+            st[nt][2 * hr + 1] = sech2_q[1];
+          }
+        }
+      });
+      wg_wait<0>();
+      wg_hold(dpt);
+      attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
+        constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int i = i0 + nt * 8 + 2 * t;
+          const float2 d2 = *reinterpret_cast<const float2*>(sq + nt * 8 + 2 * BQ);
+          const float Dq[2] = {d2.x, d2.y};
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const bool vis[2] = {kFull || attn_visible(p, b, i, key[hr]), kFull || attn_visible(p, b, i + 1, key[hr])};
+            const float dpc[2] = {dpt[nt][2 * hr], dpt[nt][2 * hr + 1]}, sech2_q[2] = {st[nt][2 * hr], st[nt][2 * hr + 1]};
+            float ds[2];
+            attn_ds2_from_p<kCap>(wp[nt][hr], dpc, Dq, sech2_q, vis, ds, p);
             split3x2(ds[0], ds[1], w1[nt][hr], w2[nt][hr], w3[nt][hr]);
           }
         }
@@ -918,7 +977,8 @@ void attn_fwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
   tm.q = tma_rows_map(p.q, int64_t(p.H) * p.hd, p.T, p.B, p.ld_qkv, 128);
   tm.k = tma_rows_map(p.k, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
   tm.v = tma_rows_map(p.v, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
-  const dim3 grid(unsigned((p.T + 127) / 128), unsigned(p.H), unsigned(p.B));
+  attn_check_grid(p.B, (p.T + 127) / 128);
+  const dim3 grid(unsigned(p.H), unsigned(p.B), unsigned((p.T + 127) / 128));
   GEMMA_CUDA(cudaFuncSetAttribute(attn_fwd_sm90_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   attn_fwd_sm90_kernel<HD><<<grid, kFwdThreads, smem, st>>>(p, tm);
   GEMMA_LAUNCHED("attn_fwd_sm90_kernel");
@@ -942,8 +1002,9 @@ void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
   tm.k = tma_rows_map(p.k, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
   tm.v = tma_rows_map(p.v, int64_t(p.KV) * p.hd, p.T, p.B, p.ld_qkv, 64);
   tm.dout = tma_rows_map(p.dout, int64_t(p.H) * p.hd, p.T, p.B, p.ld_o, 64);
-  const dim3 grid_q(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
-  const dim3 grid_k(unsigned((p.T + 63) / 64), unsigned(p.KV), unsigned(p.B));
+  attn_check_grid(p.B, (p.T + 63) / 64);
+  const dim3 grid_q(unsigned(p.H), unsigned(p.B), unsigned((p.T + 63) / 64));
+  const dim3 grid_k(unsigned(p.KV), unsigned(p.B), unsigned((p.T + 63) / 64));
   constexpr int smem = attn_bwd_sm90_smem<HD>();
   constexpr auto kMaxSmem = cudaFuncAttributeMaxDynamicSharedMemorySize;
   GEMMA_CUDA(cudaFuncSetAttribute(attn_bwd_sm90_kernel<HD, kAttnDQ>, kMaxSmem, smem));

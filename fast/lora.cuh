@@ -486,16 +486,15 @@ __global__ void __launch_bounds__(128 * lora_out_wg_groups(Kp), 1)
     else
       wg_bar(wg);
     float d0[8][4], d1[8][4];  // columns 0-63 and 64-127
-    // Descriptors of the stage's L rows and of B: each step's is the base's plus its offset / 16 (the 14-bit
-    // address field cannot carry: shared addresses stay below 2^18).
+    // Descriptors of the stage's L rows and of B, each step's advanced from them (desc_advance).
     const uint64_t da = desc_kmajor(sL + b * tile + wg * (64 * 128)), db = desc_kmajor(sB);
     wg_arrive();
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
       int kl, kb;
       lora_wg_step<R16>(kk, kl, kb);
-      wgmma_ss_n128<0>(d0, d1, da + ((kl >> 2) * panel + (kl & 3) * 32) / 16,
-                       db + ((kb >> 2) * bpanel + (kb & 3) * 32) / 16, kk > 0);
+      wgmma_ss_n128<0>(d0, d1, desc_advance(da, (kl >> 2) * panel + (kl & 3) * 32),
+                       desc_advance(db, (kb >> 2) * bpanel + (kb & 3) * 32), kk > 0);
     }
     wg_commit();
     wg_wait<0>();

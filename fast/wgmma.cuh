@@ -51,6 +51,15 @@ __device__ __forceinline__ uint64_t desc_nmajor_panels(uint32_t addr, uint32_t p
          (uint64_t(1) << 62);
 }
 
+// The descriptor of the operand off bytes on from desc's (off a multiple of 16): shared-memory addresses stay below
+// 2^18, so the 14-bit address field (addr >> 4) plus off / 16 cannot carry into the leading byte offset, and
+// desc_advance(desc_kmajor(a), off) == desc_kmajor(a + off) (likewise the N-major ones). Only the low word changes,
+// one uniform add where building the descriptor from a + off takes five (mask, shift, the constant bits): the
+// scorer of the dK, dV kernel issued about 390 such instructions a tile for its 32 products (ncu, 2026-12-03).
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t off) {
+  return (desc & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(desc) + (off >> 4));
+}
+
 #define GEMMA_WG_D32(d)                                                                                          \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),       \
       "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),   \
