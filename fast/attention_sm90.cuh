@@ -726,7 +726,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 // ncu). The work is split by kind instead (warp specialisation): warpgroups 0 and 1, the consumers, each keep dK and
 // dV for half of the head dimension (128 registers a thread) and only multiply; warpgroup 2, the scorer, computes each
 // 64 x 64 tile's S^T = K Q^T and dP^T = V dO^T, turns them into the bf16 operand tiles in shared memory (P and the
-// three terms of the dS split) and hands them over. The scorer's work on tile i + 1 runs while the consumers'
+// three terms of the dS split; P and sech^2 while dP^T's product runs, the two being separate commit groups) and
+// hands them over. The scorer's work on tile i + 1 runs while the consumers'
 // products of tile i do, where the split-tile kernel before (the two warpgroups computing half a tile's scores each,
 // then both multiplying, two block-wide barriers a tile) left the tensor cores idle during the per-score work.
 // Hand-over, by named barriers of all 384 threads: kOpsFull (the scorer has written tile i's operands) and kOpsFree
