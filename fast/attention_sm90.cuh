@@ -68,6 +68,11 @@ __device__ __forceinline__ void wg_abt_issue(float (&s)[8][4], uint32_t a_base, 
                 desc_kmajor(b_base + (kk >> 2) * (64 * 128) + (kk & 3) * 32), kk > 0);
   wg_commit();
 }
+// Step kk (k16) of a score product over 64-row tiles, from their base descriptors (desc_advance).
+__device__ __forceinline__ void wg_abt_step(float (&s)[8][4], uint64_t da, uint64_t db, int kk) {
+  const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+  wgmma_ss<0>(s, desc_advance(da, off), desc_advance(db, off), kk > 0);
+}
 // Two score products over the whole head dimension, both in one commit group, and their completion: s = A B^T and
 // s2 = A2 B2^T (64 x 64 each), A, A2 the 64-row tiles at a_base, a2_base, B, B2 the 64-row tiles at b_base, b2_base
 // (the backward's S and dP, or S^T and dP^T).
@@ -79,9 +84,8 @@ __device__ __forceinline__ void wg_abt_pair(float (&s)[8][4], uint32_t a_base, u
   wg_arrive();
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss<0>(s, desc_advance(da, off), desc_advance(db, off), kk > 0);
-    wgmma_ss<0>(s2, desc_advance(da2, off), desc_advance(db2, off), kk > 0);
+    wg_abt_step(s, da, db, kk);
+    wg_abt_step(s2, da2, db2, kk);
   }
   wg_commit();
   wg_wait<0>();
@@ -97,16 +101,10 @@ __device__ __forceinline__ void wg_abt_pair_issue(float (&s)[8][4], uint32_t a_b
                  db2 = desc_kmajor(b2_base);
   wg_arrive();
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss<0>(s, desc_advance(da, off), desc_advance(db, off), kk > 0);
-  }
+  for (int kk = 0; kk < HD / 16; ++kk) wg_abt_step(s, da, db, kk);
   wg_commit();
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-    wgmma_ss<0>(s2, desc_advance(da2, off), desc_advance(db2, off), kk > 0);
-  }
+  for (int kk = 0; kk < HD / 16; ++kk) wg_abt_step(s2, da2, db2, kk);
   wg_commit();
 }
 
