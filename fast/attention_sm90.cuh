@@ -132,9 +132,11 @@ __device__ __forceinline__ void wg_pv_issue(float (&o)[ND][8][4], uint32_t (&a)[
 // multiprocessors idle 12%, 10% and 5% of the forward's, the dK, dV kernel's and the dQ kernel's time at 9b,
 // T = 4096 (2026-12-03). gridDim.y and gridDim.z are at most 65535: attn_check_grid.
 inline void attn_check_grid(int64_t batch, int64_t row_blocks) {
-  if (batch > 65535 || row_blocks > 65535)
-    throw InputError("fast: batch " + std::to_string(batch) + " or " + std::to_string(row_blocks) +
-                     " row blocks of the sequence exceed the attention kernels' grid (at most 65535 each)");
+  if (batch > 65535)
+    throw InputError("fast: batch " + std::to_string(batch) + " exceeds the attention kernels' grid (at most 65535)");
+  if (row_blocks > 65535)
+    throw InputError("fast: the sequence takes " + std::to_string(row_blocks) +
+                     " row blocks, more than the attention kernels' grid holds (65535)");
 }
 
 // Forward: a block per (128 queries, head, sequence) of three warpgroups: warpgroups 0 and 1 (the consumers) own
@@ -870,6 +872,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
       });
       wg_wait<0>();
       wg_hold(dpt);
+      // vis is recomputed (only on tiles not wholly visible): 32 flags held across would cost registers.
       attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
         constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
 #pragma unroll
