@@ -14,10 +14,12 @@
 // activation kept (activation checkpointing; optionally in pinned host memory); the head runs chunked over
 // tokens (loss.cuh); the backward recomputes each layer's forward from its checkpoint (every recomputed layer but
 // the last, whose shared buffers still hold its forward's), then runs its backward.
-// Without recompute every layer keeps its activations (faster, about 0.35 GB per layer of gemma2-9b at 2 x 1024);
-// with recompute_mlp_only a layer keeps the outputs of its attention block and down_proj (about 0.11 GB) and the
+// Without recompute every layer keeps its activations (faster, about 0.34 GB per layer of gemma2-9b at 2 x 1024;
+// the bf16 attention output, o_proj's input, is rounded again from the kept fp32 one instead); with
+// recompute_mlp_only a layer keeps the outputs of its attention block and down_proj (about 0.10 GB) and the
 // backward recomputes only its MLP's input half (the norms, gate|up, GeGLU); with recompute_num_layers n only the
-// first n layers are recomputed and the others keep everything: the same bits in every mode.
+// first n layers are recomputed and the others keep everything, or with recompute_mlp_only their gate|up output
+// (0.12 GB), the norms and GeGLU rebuilt from it: the same bits in every mode.
 // Adapter gradients accumulate in fp32 over the micro-batches, each scaled by 1 / (the step's scored targets).
 // The rounding points are those of the reference's `fast` policy (fast/README.md lists them per kernel).
 #include "fast/engine.hpp"
@@ -534,14 +536,25 @@ struct Engine::Impl : Dims {
     }
     // Each activation buffer is a layer's own, or one that every recomputed layer's forward overwrites and its
     // recomputation rebuilds; recompute_mlp_only keeps the attention block's and down_proj's outputs per layer, and
-    // a layer that is not recomputed (no recompute, or past recompute_num_layers) keeps all of its own.
+    // a layer that is not recomputed (no recompute, or past recompute_num_layers) keeps all of its own, except with
+    // recompute_mlp_only, where it keeps the gate|up product's output and the backward rebuilds the norms and GeGLU
+    // from it (half the memory of keeping them at 9b, for a tenth of the layer's recomputation time).
     ws.acts.assign(size_t(L), Acts{});
     const bool mlp_only = opt.recompute_mlp_only;
-    // kind: what a layer keeps of the activation (kAll: only if not recomputed; kKept: also with recompute_mlp_only;
-    // kStats: also when the statistics outlive the recomputation).
-    enum Kind { kAll, kKept, kStats };
+    // kind: what a layer keeps of the activation (kAll: only if not recomputed, and not with recompute_mlp_only,
+    // whose layers rebuild the norms and GeGLU; kKept: also with recompute_mlp_only; kStats: also when the statistics
+    // outlive the recomputation;
+    // kGate: only if not recomputed, also with recompute_mlp_only; kShared: never, one buffer for every layer).
+    enum Kind { kAll, kGate, kKept, kStats, kShared };
     auto own = [&](int64_t l, Kind kind) {
-      return !recomputed(l) || (kind == kKept && mlp_only) || (kind == kStats && keep_stats());
+      switch (kind) {
+        case kAll: return !recomputed(l) && !mlp_only;
+        case kGate: return !recomputed(l);
+        case kKept: return !recomputed(l) || mlp_only;
+        case kStats: return !recomputed(l) || keep_stats();
+        case kShared: return false;
+      }
+      return true;
     };
     // One allocation: a slice per layer that owns the activation, then one slice the others share.
     auto slices = [&](Kind kind) {
@@ -560,7 +573,9 @@ struct Engine::Impl : Dims {
     };
     per(ws.act_bf16, &Acts::xn1, kAll, N * D, "activations: input_layernorm output");
     per(ws.act_bf16, &Acts::qkv, kKept, N * QKV, "activations: q|k|v");
-    per(ws.act_bf16, &Acts::att, kKept, N * HD, "activations: attention output");
+    // The bf16 attention output is o_proj's input: the backward rounds o32 again where a later forward has
+    // overwritten it (LayerRun::att_current), the kernels' own rounding of the same values, so no layer keeps it.
+    per(ws.act_bf16, &Acts::att, kShared, N * HD, "activations: attention output");
     per(ws.act_f32, &Acts::o32, kKept, N * HD, "activations: attention output (fp32)");
     // With recompute, every layer's softmax statistics (8 bytes per token, head and layer) outlive the shared
     // activations, so the recomputed forward skips the attention's first pass (attn_params, stats_in); not with
@@ -570,14 +585,14 @@ struct Engine::Impl : Dims {
     per(ws.act_bf16, &Acts::o, kKept, N * D, "activations: o_proj output");
     per(ws.act_f32, &Acts::x_mid, kAll, N * D, "activations: mid-layer residual");
     per(ws.act_bf16, &Acts::xn2, kAll, N * D, "activations: pre_feedforward_layernorm output");
-    per(ws.act_bf16, &Acts::gu, kAll, N * 2 * I, "activations: gate|up");
+    per(ws.act_bf16, &Acts::gu, kGate, N * 2 * I, "activations: gate|up");
     per(ws.act_bf16, &Acts::act, kAll, N * I, "activations: GeGLU output");
     per(ws.act_bf16, &Acts::down, kKept, N * D, "activations: down_proj output");
     per(ws.act_f32, &Acts::rstd, kKept, 4 * N, "activations: RMSNorm 1/rms");
     const auto& G = lora.groups.empty() ? std::array<LoraGroupDev, 4>{} : lora.groups[0];
     for (int g = 0; g < 4; ++g) {
       const int64_t n = N * 6 * r * int64_t(G[size_t(g)].projs.size());
-      const Kind kind = g == kGU ? kAll : kKept;  // gate|up's splits are recomputed with the MLP
+      const Kind kind = g == kGU ? kGate : kKept;  // gate|up's splits are recomputed with its product
       ws.act_bf16.emplace_back(size_t(std::max<int64_t>(n * slices(kind), 1)), "activations: LoRA splits", mem);
       place(ws.act_bf16.back().get(), n, kind, [&](int64_t l, bf16* p) { ws.acts[size_t(l)].L[size_t(g)] = p; });
     }
@@ -675,30 +690,36 @@ struct Engine::Impl : Dims {
   bool recomputed(int64_t l) const {
     return opt.recompute && (opt.recompute_num_layers < 0 || l < opt.recompute_num_layers);
   }
-  // Whether the backward must rebuild layer l's activations: a checkpointed layer's, except the last one's, since
-  // the buffers it shares with the others were last written by its own forward and nothing has written them since
-  // (the layers after it own theirs, and the head and every backward write only the workspace). So the full
-  // recompute rebuilds L - 1 layers, and recompute_num_layers n rebuilds n - 1.
+  // Whether the backward must rebuild layer l's activations: a layer's that shares buffers with the others, except
+  // the last such layer's, whose forward wrote them last (the layers after it own theirs, and the head and every
+  // backward write only the workspace). So the full recompute rebuilds L - 1 layers and recompute_num_layers n
+  // rebuilds n - 1; with recompute_mlp_only every layer shares the norms' and GeGLU's buffers, so L - 1 layers are
+  // rebuilt, those past n from their own gate|up output (layer_forward's gate_up_kept).
   bool rebuilt(int64_t l) const {
-    const int64_t n = !opt.recompute ? 0 : opt.recompute_num_layers < 0 ? L : opt.recompute_num_layers;
+    if (!opt.recompute) return false;
+    if (opt.recompute_mlp_only) return l < L - 1;
+    const int64_t n = opt.recompute_num_layers < 0 ? L : opt.recompute_num_layers;
     return l < n - 1;
   }
+  // Whether layer l's bf16 attention output (one buffer for every layer) still holds its own when its backward
+  // runs: the last layer's forward wrote it last, and a full recomputation writes it again.
+  bool att_current(int64_t l) const { return l == L - 1 || (rebuilt(l) && !opt.recompute_mlp_only); }
 
-  LayerRun layer_run() {
+  LayerRun layer_run(int64_t l) {
     return LayerRun{cfg, *this, opt.softcap, blas->h, stream, ws, prof, phase, recomputing, keep_stats(),
-                    opt.recompute_mlp_only};
+                    opt.recompute_mlp_only, recomputing && !recomputed(l), att_current(l)};
   }
   // Layer l's weights in place (NF4 staged, adapter splits prepared), then its pass (layer.cuh).
   void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T) {
     stage(l);
     ensure_splits(l);
-    fast::layer_forward(layer_run(), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, x_out, B,
+    fast::layer_forward(layer_run(l), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, x_out, B,
                         T);
   }
   void layer_backward(int64_t l, const float* x_in, int64_t B, int64_t T) {
     stage(l);
     ensure_splits(l);
-    fast::layer_backward(layer_run(), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, B, T);
+    fast::layer_backward(layer_run(l), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, B, T);
   }
 
   // Final norm, then the LM head and the loss chunk by chunk, then the final norm's backward: dres holds the
@@ -773,7 +794,7 @@ struct Engine::Impl : Dims {
       }
       if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
       if (rebuilt(l)) {
-        ++layers_rebuilt;
+        layers_rebuilt += recomputed(l);  // not the norms and GeGLU alone (recompute_mlp_only past n)
         // Cleared however layer_forward ends: a forward after a failed one must compute its own statistics.
         struct Recomputing {
           bool& flag;

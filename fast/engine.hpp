@@ -20,15 +20,16 @@ struct EngineOptions {
   // quantization) and kept so on the device. A checkpoint brings its own (Checkpoint::nf4).
   bool quantize_nf4 = false;
   // With recompute: each layer also keeps what its attention block and down_proj computed (q|k|v after RoPE, the
-  // attention output in bf16 and fp32, o_proj's and down_proj's outputs, their adapter splits, the RMSNorm
-  // 1/rms), so the backward recomputes only the two input norms, gate|up and GeGLU. The same bits as the other
-  // modes; about 57 KB more per token and layer at gemma2-9b. Not with offload (InputError).
+  // attention output in fp32, o_proj's and down_proj's outputs, their adapter splits, the RMSNorm 1/rms), so the
+  // backward recomputes only the two input norms, gate|up and GeGLU. The same bits as the other modes; about 48 KB
+  // more per token and layer at gemma2-9b. Not with offload (InputError).
   bool recompute_mlp_only = false;
   // With recompute: only layers 0 .. recompute_num_layers - 1 share their activation buffers and are recomputed in
   // the backward (Megatron-LM's "block" method, its name; all but the last of them, whose shared buffers still hold
-  // its forward's); the layers after them keep every activation, as without recompute. -1: every layer. Trades
-  // memory for time a layer at a time (about 0.35 GB per layer of gemma2-9b at 2 x 1024; n = 1 holds and takes as
-  // much as 0); the same bits in every mode. InputError outside -1 .. num_hidden_layers, or other than -1 without
+  // its forward's); the layers after them keep every activation, as without recompute, or with recompute_mlp_only
+  // only gate|up's output, from which the backward rebuilds the norms and GeGLU. -1: every layer. Trades memory for
+  // time a layer at a time (at gemma2-9b 2 x 1024 about 0.34 GB a layer, 0.12 GB with recompute_mlp_only; n = 1
+  // holds and takes as much as 0 in the full recompute); the same bits in every mode. InputError outside -1 .. num_hidden_layers, or other than -1 without
   // recompute.
   int64_t recompute_num_layers = -1;
 };

@@ -41,7 +41,7 @@ struct Options {
   bool recompute = true;            // activation checkpointing: keep one residual per layer, recompute the rest
   bool offload = false;             // keep those checkpoints in pinned host memory (needs recompute)
   bool recompute_mlp_only = false;  // also keep each layer's attention-block outputs (EngineOptions)
-  int64_t recompute_num_layers = -1;  // only the first N layers checkpointed, the rest keep everything (EngineOptions)
+  int64_t recompute_num_layers = -1;  // only the first N layers checkpointed, the rest keep more (EngineOptions)
 };
 
 struct Output {

@@ -36,6 +36,8 @@ struct LayerRun {
   bool recomputing = false;  // this forward is the backward's recomputation
   bool keep_stats = false;   // each layer's softmax statistics outlive its activations: a recomputation reads them
   bool mlp_only = false;     // recompute_mlp_only: the attention block's and down_proj's outputs are the layer's own
+  bool gate_up_kept = false;  // this recomputation's layer keeps its gate|up output: only the norms and GeGLU run
+  bool att_current = true;    // A.att holds this layer's bf16 attention output; if not, the backward rounds A.o32
 
   void mark(const std::string& name) const { prof.mark(name, stream); }
 };
@@ -80,8 +82,8 @@ inline AttnParams attn_params(const LayerRun& run, int64_t l, int64_t B, int64_t
 
 // Layer l's forward: x_out = x_mid + post_feedforward_layernorm(down(GeGLU(gate|up(xn2)))), x_mid = x_in +
 // post_attention_layernorm(o(attention(RoPE(q|k|v(xn1))))), xn1, xn2 the input norms; activations into A. In a
-// recompute_mlp_only recomputation the attention block and down_proj are skipped (A holds them) and x_out is not
-// written. W: the layer's norm scales; G: its projection groups (base weights and adapters, splits prepared).
+// recompute_mlp_only recomputation the attention block and down_proj are skipped (A holds them), and gate|up too
+// where the layer keeps it (gate_up_kept), and x_out is not written. W: the layer's norm scales; G: its projection groups (base weights and adapters, splits prepared).
 inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W, const std::array<LoraGroupDev, 4>& G,
                           const Acts& A, const float* x_in, float* x_out, int64_t B, int64_t T) {
   const Dims& d = run.d;
@@ -111,9 +113,11 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
   rmsnorm_forward_post(A.x_mid, A.rstd + N, A.o, W.scale.get() + D, x_in, N, D, eps, stream);
   rmsnorm_forward_in(A.xn2, A.rstd + 2 * N, A.x_mid, W.scale.get() + 2 * D, N, D, eps, stream);
   run.mark(ph + " norms");
-  group_forward(h, G[kGU], r, s, A.xn2, N, A.gu, A.L[kGU], ws.part.get(), ws.dacc.get(), stream,
-                [&] { run.mark(ph + " gate|up_proj (base product)"); });
-  run.mark(ph + " gate|up_proj LoRA terms");
+  if (!run.gate_up_kept) {
+    group_forward(h, G[kGU], r, s, A.xn2, N, A.gu, A.L[kGU], ws.part.get(), ws.dacc.get(), stream,
+                  [&] { run.mark(ph + " gate|up_proj (base product)"); });
+    run.mark(ph + " gate|up_proj LoRA terms");
+  }
   geglu_forward(A.act, A.gu, N, I, stream);
   run.mark(ph + " geglu");
   if (kept) return;  // down_proj's output and the last norm's 1/rms are kept; the layer's output is not needed
@@ -152,6 +156,10 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
   // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
   rmsnorm_backward_post(ws.dsmall.get(), ws.dres.get(), A.o, A.rstd + N, W.scale.get() + D, N, D, stream);
   run.mark("bwd norms");
+  if (!run.att_current) {  // the attention kernels' rounding of the same fp32 values: the same bits
+    to_bf16(A.att, HD, A.o32, HD, N, HD, stream);
+    run.mark("bwd attention output to bf16");
+  }
   group_backward(h, G[kO], r, s, A.att, ws.dsmall.get(), A.L[kO], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
                  ws.gpart.get(), stream, [&] { run.mark("bwd o_proj (base product)"); },
                  [&] { run.mark("bwd o_proj LoRA terms"); });
