@@ -753,7 +753,7 @@ int main(int argc, char** argv) {
                "fast backend: also keep each layer's attention-block and down_proj outputs; recompute only the MLP");
   app.add_option("--recompute-num-layers", o.recompute_num_layers,
                  "fast backend: N: checkpoint and recompute only the first N layers, the rest keep every activation "
-                 "(default: all); auto: the fewest that fit the GPU");
+                 "(with --recompute-mlp-only gate|up's output) (default: all); auto: the fewest that fit the GPU");
   app.add_flag("--offload", o.offload, "fast backend: the layers' activation checkpoints in pinned host memory");
   app.add_option("--data", o.data, "JSONL training data (input_ids[/labels], or text / Alpaca rows with --tokenizer)");
   app.add_flag("--packing", o.packing, "pack --data examples into rows (position_ids restart per example)");
