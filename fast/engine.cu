@@ -538,13 +538,13 @@ struct Engine::Impl : Dims {
     // recomputation rebuilds; recompute_mlp_only keeps the attention block's and down_proj's outputs per layer, and
     // a layer that is not recomputed (no recompute, or past recompute_num_layers) keeps all of its own, except with
     // recompute_mlp_only, where it keeps the gate|up product's output and the backward rebuilds the norms and GeGLU
-    // from it (half the memory of keeping them at 9b, for a tenth of the layer's recomputation time).
+    // from it (half the memory of keeping them at 9b; 0.45 ms a layer against 2.9 for its MLP's recomputation).
     ws.acts.assign(size_t(L), Acts{});
     const bool mlp_only = opt.recompute_mlp_only;
-    // kind: what a layer keeps of the activation (kAll: only if not recomputed, and not with recompute_mlp_only,
-    // whose layers rebuild the norms and GeGLU; kKept: also with recompute_mlp_only; kStats: also when the statistics
-    // outlive the recomputation;
-    // kGate: only if not recomputed, also with recompute_mlp_only; kShared: never, one buffer for every layer).
+    // kind: which layers own the activation. kAll: those not recomputed, and none with recompute_mlp_only, whose
+    // layers all rebuild the norms and GeGLU; kGate: those not recomputed; kKept: those, and every layer with
+    // recompute_mlp_only; kStats: those, and every layer when the statistics outlive the recomputation; kShared:
+    // none, one buffer for every layer.
     enum Kind { kAll, kGate, kKept, kStats, kShared };
     auto own = [&](int64_t l, Kind kind) {
       switch (kind) {

@@ -83,7 +83,8 @@ inline AttnParams attn_params(const LayerRun& run, int64_t l, int64_t B, int64_t
 // Layer l's forward: x_out = x_mid + post_feedforward_layernorm(down(GeGLU(gate|up(xn2)))), x_mid = x_in +
 // post_attention_layernorm(o(attention(RoPE(q|k|v(xn1))))), xn1, xn2 the input norms; activations into A. In a
 // recompute_mlp_only recomputation the attention block and down_proj are skipped (A holds them), and gate|up too
-// where the layer keeps it (gate_up_kept), and x_out is not written. W: the layer's norm scales; G: its projection groups (base weights and adapters, splits prepared).
+// where the layer keeps it (gate_up_kept), and x_out is not written. W: the layer's norm scales; G: its projection
+// groups (base weights and adapters, splits prepared).
 inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W, const std::array<LoraGroupDev, 4>& G,
                           const Acts& A, const float* x_in, float* x_out, int64_t B, int64_t T) {
   const Dims& d = run.d;
