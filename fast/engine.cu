@@ -534,11 +534,11 @@ struct Engine::Impl : Dims {
       }
       GEMMA_CUDA(e);
     }
-    // Each activation buffer is a layer's own, or one that every recomputed layer's forward overwrites and its
-    // recomputation rebuilds; recompute_mlp_only keeps the attention block's and down_proj's outputs per layer, and
+    // Each activation buffer is a layer's own, or one that the layers sharing it overwrite in their forwards and
+    // rebuild in the backward; recompute_mlp_only keeps the attention block's and down_proj's outputs per layer, and
     // a layer that is not recomputed (no recompute, or past recompute_num_layers) keeps all of its own, except with
     // recompute_mlp_only, where it keeps the gate|up product's output and the backward rebuilds the norms and GeGLU
-    // from it (half the memory of keeping them at 9b; 0.45 ms a layer against 2.9 for its MLP's recomputation).
+    // from it (half the memory of keeping them at 9b; 0.45 ms a layer, and 2.9 more where gate|up is recomputed).
     ws.acts.assign(size_t(L), Acts{});
     const bool mlp_only = opt.recompute_mlp_only;
     // kind: which layers own the activation. kAll: those not recomputed, and none with recompute_mlp_only, whose
@@ -690,24 +690,32 @@ struct Engine::Impl : Dims {
   bool recomputed(int64_t l) const {
     return opt.recompute && (opt.recompute_num_layers < 0 || l < opt.recompute_num_layers);
   }
+  // The layers recomputed: 0 .. n_recomputed() - 1.
+  int64_t n_recomputed() const {
+    return !opt.recompute ? 0 : opt.recompute_num_layers < 0 ? L : opt.recompute_num_layers;
+  }
   // Whether the backward must rebuild layer l's activations: a layer's that shares buffers with the others, except
-  // the last such layer's, whose forward wrote them last (the layers after it own theirs, and the head and every
-  // backward write only the workspace). So the full recompute rebuilds L - 1 layers and recompute_num_layers n
-  // rebuilds n - 1; with recompute_mlp_only every layer shares the norms' and GeGLU's buffers, so L - 1 layers are
-  // rebuilt, those past n from their own gate|up output (layer_forward's gate_up_kept).
+  // the last such layer's, whose forward wrote them last (the layers after it own theirs, the head writes only the
+  // workspace, and a backward only the workspace and the attention output, which att_current follows). So the full
+  // recompute rebuilds L - 1 layers and recompute_num_layers n rebuilds n - 1; with recompute_mlp_only every layer
+  // shares the norms' and GeGLU's buffers, so L - 1 layers are rebuilt, without the gate|up product where the
+  // layer's own is still there (gate_up_current).
   bool rebuilt(int64_t l) const {
     if (!opt.recompute) return false;
     if (opt.recompute_mlp_only) return l < L - 1;
-    const int64_t n = opt.recompute_num_layers < 0 ? L : opt.recompute_num_layers;
-    return l < n - 1;
+    return l < n_recomputed() - 1;
   }
+  // Whether layer l's gate|up output and its adapter splits still hold its own when its backward runs: a layer
+  // that is not recomputed owns them, and the last recomputed layer's forward wrote the shared ones last.
+  bool gate_up_current(int64_t l) const { return !recomputed(l) || l == n_recomputed() - 1; }
   // Whether layer l's bf16 attention output (one buffer for every layer) still holds its own when its backward
   // runs: the last layer's forward wrote it last, and a full recomputation writes it again.
   bool att_current(int64_t l) const { return l == L - 1 || (rebuilt(l) && !opt.recompute_mlp_only); }
 
   LayerRun layer_run(int64_t l) {
+    const bool gate_up_kept = recomputing && opt.recompute_mlp_only && gate_up_current(l);
     return LayerRun{cfg, *this, opt.softcap, blas->h, stream, ws, prof, phase, recomputing, keep_stats(),
-                    opt.recompute_mlp_only, recomputing && !recomputed(l), att_current(l)};
+                    opt.recompute_mlp_only, gate_up_kept, att_current(l)};
   }
   // Layer l's weights in place (NF4 staged, adapter splits prepared), then its pass (layer.cuh).
   void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T) {
@@ -794,7 +802,7 @@ struct Engine::Impl : Dims {
       }
       if (opt.offload && l <= L - 2) mark("offload: waiting for a checkpoint");
       if (rebuilt(l)) {
-        layers_rebuilt += recomputed(l);  // not the norms and GeGLU alone (recompute_mlp_only past n)
+        layers_rebuilt += !gate_up_current(l);  // not the norms and GeGLU alone (recompute_mlp_only)
         // Cleared however layer_forward ends: a forward after a failed one must compute its own statistics.
         struct Recomputing {
           bool& flag;
