@@ -135,7 +135,8 @@ int main(int argc, char** argv) {
                "input half");
   app.add_option("--recompute-num-layers", recompute_layers_arg,
                  "N: checkpoint and recompute only the first N layers, the rest keep every activation (with "
-                 "--recompute-mlp-only gate|up's output) (default: all); auto: the fewest that fit the device or --memory-limit");
+                 "--recompute-mlp-only gate|up's output) (default: all); auto: the fewest that fit the device or "
+                 "--memory-limit");
   app.add_flag("--offload", offload, "activation checkpoints in pinned host memory");
   app.add_option("--json", json, "append one JSON line with the result");
   app.add_option("--quantize", quantize, "nf4: base projections in NF4 as QLoRA keeps them")

@@ -24,13 +24,12 @@ struct EngineOptions {
   // backward recomputes only the two input norms, gate|up and GeGLU. The same bits as the other modes; about 48 KB
   // more per token and layer at gemma2-9b. Not with offload (InputError).
   bool recompute_mlp_only = false;
-  // With recompute: only layers 0 .. recompute_num_layers - 1 share their activation buffers and are recomputed in
-  // the backward (Megatron-LM's "block" method, its name; all but the last of them, whose shared buffers still hold
-  // its forward's); the layers after them keep every activation, as without recompute, or with recompute_mlp_only
-  // only gate|up's output, from which the backward rebuilds the norms and GeGLU. -1: every layer. Trades memory for
-  // time a layer at a time (at gemma2-9b 2 x 1024 about 0.34 GB a layer, 0.12 GB with recompute_mlp_only; n = 1
-  // holds and takes as much as 0 in the full recompute); the same bits in every mode. InputError outside -1 .. num_hidden_layers, or other than -1 without
-  // recompute.
+  // With recompute: only layers 0 .. recompute_num_layers - 1 are recomputed in the backward (Megatron-LM's "block"
+  // method, its name; all but the last of them, whose shared buffers still hold its forward's); the layers after
+  // them keep every activation, as without recompute, or with recompute_mlp_only only gate|up's output, from which
+  // the backward rebuilds the norms and GeGLU. -1: every layer. Trades memory for time a layer at a time (at
+  // gemma2-9b 2 x 1024 about 0.34 GB a layer, 0.12 GB with recompute_mlp_only; n = 1 holds and takes as much as 0);
+  // the same bits in every mode. InputError outside -1 .. num_hidden_layers, or other than -1 without recompute.
   int64_t recompute_num_layers = -1;
 };
 
