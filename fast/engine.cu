@@ -685,15 +685,12 @@ struct Engine::Impl : Dims {
   Acts& acts_for(int64_t l) { return ws.acts[size_t(l)]; }
   // Every layer's softmax statistics kept across the recomputation (allocate_work).
   bool keep_stats() const { return opt.recompute && !opt.offload; }
-  // Layer l is checkpointed and recomputed in the backward (recompute_num_layers: the first ones); the others keep
-  // every activation of their forward.
-  bool recomputed(int64_t l) const {
-    return opt.recompute && (opt.recompute_num_layers < 0 || l < opt.recompute_num_layers);
-  }
-  // The layers recomputed: 0 .. n_recomputed() - 1.
+  // The layers checkpointed and recomputed in the backward: 0 .. n_recomputed() - 1 (recompute_num_layers: the
+  // first ones); the others keep their forward's activations (all, or with recompute_mlp_only gate|up's output).
   int64_t n_recomputed() const {
     return !opt.recompute ? 0 : opt.recompute_num_layers < 0 ? L : opt.recompute_num_layers;
   }
+  bool recomputed(int64_t l) const { return l < n_recomputed(); }
   // Whether the backward must rebuild layer l's activations: a layer's that shares buffers with the others, except
   // the last such layer's, whose forward wrote them last (the layers after it own theirs, the head writes only the
   // workspace, and a backward only the workspace and the attention output, which att_current follows). So the full
