@@ -730,8 +730,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 // hands them over. The scorer's work on tile i + 1 runs while the consumers'
 // products of tile i do, where the split-tile kernel before (the two warpgroups computing half a tile's scores each,
 // then both multiplying, two block-wide barriers a tile) left the tensor cores idle during the per-score work.
-// Hand-over, by named barriers of all 384 threads: kOpsFull (the scorer has written tile i's operands) and kOpsFree
-// (the consumers' products of tile i are complete, so the operand tiles may be overwritten). Q and dO are double
+// Hand-over, by named barriers of all 384 threads, in two parts: P's tile as soon as P is computed (kPFull; kPFree once
+// the consumers' dV product of the last tile is complete), so that dV's product runs while the scorer computes dS, and
+// the three dS tiles after (kSFull; kSFree once the dK products are complete). The tiles are written by stmatrix. (One
+// hand-over of all four tiles before, each 32-bit word stored by itself: ncu had the kernel at 2.07 ms, 2.01 with the
+// two parts; docs/benchmarks.md, eighteenth session.) Q and dO are double
 // buffered: consumer c copies (TMA) its half of the head dimension of tile i + 2 into tile i's buffer once its own
 // products reading that half are complete; the scorer copies K, V and the first two tiles, and each tile's saved
 // statistics (cp.async, a tile ahead). The products, their operands and their order are those of the split-tile
@@ -746,10 +749,24 @@ __device__ __forceinline__ void wg_xy(float (&acc)[2][8][4], uint32_t x, uint32_
     wgmma_ss_n128<1>(acc[0], acc[1], desc_advance(dx, ks * 32), desc_advance(dy, ks * 2048));
 }
 
-// Two bf16 values, packed as pack_bf16 (the one at column c in the low half), at (r, c), (r, c + 1) of a 64 x 64
-// swizzled operand tile (c even).
-__device__ __forceinline__ void st_word(uint32_t tile, int r, int c, uint32_t w) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swz<64>(r, c)), "r"(w) : "memory");
+// A warp's 16 rows of a 64 x 64 swizzled operand tile from the accumulator layout: w[nt][hr] packs (pack_bf16, the
+// lower column in the low half) the values at row 16 warp + g + 8 hr, columns 8 nt + 2t, 8 nt + 2t + 1 (lane 4g + t).
+// One stmatrix per pair of 8-column chunks; row[cp] is this lane's row address for chunks 2 cp, 2 cp + 1
+// (stmatrix_rows).
+__device__ __forceinline__ void st_tile64(const uint32_t (&row)[4], uint32_t tile, const uint32_t (&w)[8][2]) {
+#pragma unroll
+  for (int cp = 0; cp < 4; ++cp) {
+    const uint32_t v[4] = {w[2 * cp][0], w[2 * cp][1], w[2 * cp + 1][0], w[2 * cp + 1][1]};
+    stmatrix_x4_at(tile + row[cp], v);
+  }
+}
+// Lane l's row offsets for st_tile64: matrix q = l / 8 of an stmatrix_x4 is rows g + 8 (q mod 2) of chunk 2 cp + q / 2
+// (the order of st_tile64's registers), so lane l addresses row 16 warp + (l mod 8) + 8 ((l / 8) mod 2) of chunk
+// 2 cp + l / 16, whose swizzled 16 bytes start at row * 128 + ((chunk ^ (row mod 8)) << 4) (swz<64>).
+__device__ __forceinline__ void stmatrix_rows(int warp, int lane, uint32_t (&row)[4]) {
+  const int r = warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), half = (lane >> 4) & 1;
+#pragma unroll
+  for (int cp = 0; cp < 4; ++cp) row[cp] = uint32_t(r * 128 + (((2 * cp + half) ^ (lane & 7)) << 4));
 }
 
 constexpr int kDkdvThreads = 384;  // two consumer warpgroups and the scorer
@@ -771,7 +788,8 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
   static_assert(HD == 256, "head_dim 128 takes the ping-pong dK, dV kernel");
   constexpr int BK = 64, BQ = 64, NDH = HD / 128;
   constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
-  constexpr int kOpsFull = 5, kOpsFree = 6, kScorer = 7;  // named barriers (1 and 2 are wg_bar's)
+  // named barriers (1 and 2 are wg_bar's): the P tile written / read, the dS tiles written / read, the scorer's own
+  constexpr int kPFull = 5, kPFree = 6, kSFull = 8, kSFree = 9, kScorer = 7;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
@@ -828,6 +846,8 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
       }
     }
     load_stats(0, 0);
+    uint32_t st_row[4];
+    stmatrix_rows(warp, lane, st_row);
     mbar_wait(bar_kv, 0);
     for (int it = 0; it < total; ++it) {
       const int buf = it & 1;
@@ -870,6 +890,11 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
           }
         }
       });
+      // P goes to its tile now, so that the consumers' dV product runs while dS is computed.
+      if (it > 0) bar_sync(kPFree, kDkdvThreads);  // the consumers' dV product of tile it - 1 is complete
+      st_tile64(st_row, sP, wp);
+      fence_async_smem();
+      bar_arrive(kPFull, kDkdvThreads);
       wg_wait<0>();
       wg_hold(dpt);
       // vis is recomputed (only on tiles not wholly visible): 32 flags held across would cost registers.
@@ -890,19 +915,12 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
           }
         }
       });
-      if (it > 0) bar_sync(kOpsFree, kDkdvThreads);  // the consumers' products of tile it - 1 are complete
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int r = warp * 16 + g + 8 * hr, c = nt * 8 + 2 * t;
-          st_word(sP, r, c, wp[nt][hr]);
-          st_word(sS, r, c, w1[nt][hr]);
-          st_word(sS + OB, r, c, w2[nt][hr]);
-          st_word(sS + 2 * OB, r, c, w3[nt][hr]);
-        }
+      if (it > 0) bar_sync(kSFree, kDkdvThreads);  // the consumers' dK products of tile it - 1 are complete
+      st_tile64(st_row, sS, w1);
+      st_tile64(st_row, sS + OB, w2);
+      st_tile64(st_row, sS + 2 * OB, w3);
       fence_async_smem();
-      bar_arrive(kOpsFull, kDkdvThreads);
+      bar_arrive(kSFull, kDkdvThreads);
     }
     return;
   }
@@ -918,7 +936,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
       for (int e = 0; e < 4; ++e) dk[dc][nt][e] = dv[dc][nt][e] = 0.0f;
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
-    bar_sync(kOpsFull, kDkdvThreads);  // tile it's operands (and so its Q and dO, which the scorer waited for)
+    bar_sync(kPFull, kDkdvThreads);  // tile it's P (and so its Q and dO, which the scorer waited for)
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc) {
       wg_hold(dk[dc]);
@@ -926,10 +944,17 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
     }
     wg_arrive();
     wg_xy(dv, sP, sO + buf * TB, wg * NDH);
+    wg_commit();
+    bar_sync(kSFull, kDkdvThreads);  // tile it's dS terms
+    wg_arrive();
     wg_xy(dk, sS, sQ + buf * TB, wg * NDH);
     wg_xy(dk, sS + OB, sQ + buf * TB, wg * NDH);
     wg_xy(dk, sS + 2 * OB, sQ + buf * TB, wg * NDH);
     wg_commit();
+    wg_wait<1>();
+#pragma unroll
+    for (int dc = 0; dc < NDH; ++dc) wg_hold(dv[dc]);
+    if (it + 1 < total) bar_arrive(kPFree, kDkdvThreads);  // P's tile is read
     wg_wait<0>();
 #pragma unroll
     for (int dc = 0; dc < NDH; ++dc) {
@@ -938,7 +963,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
     }
     // This warpgroup's half of buffer buf is read: tile it + 2 goes there. The other half is the other's.
     if (tid == 0 && it + 2 < total) load_half(it + 2, buf, wg);
-    if (it + 1 < total) bar_arrive(kOpsFree, kDkdvThreads);
+    if (it + 1 < total) bar_arrive(kSFree, kDkdvThreads);
   }
 
 #pragma unroll
