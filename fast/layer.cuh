@@ -96,10 +96,12 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
   cublasHandle_t h = run.blas;
   const std::string& ph = run.phase;
   const bool kept = run.recomputing && run.mlp_only;
+  float* const delta = ws.dacc.get();  // the adapter terms where the fused add does not apply (group_forward)
+  const int64_t delta_n = int64_t(ws.dacc.size());
   rmsnorm_forward_in(A.xn1, A.rstd, x_in, W.scale.get(), N, D, eps, stream);
   run.mark(ph + " norms");
   if (!kept) {
-    group_forward(h, G[kQKV], r, s, A.xn1, N, A.qkv, A.L[kQKV], ws.part.get(), ws.dacc.get(), stream,
+    group_forward(h, G[kQKV], r, s, A.xn1, N, A.qkv, A.L[kQKV], ws.part.get(), delta, delta_n, stream,
                   [&] { run.mark(ph + " q|k|v_proj (base product)"); });
     run.mark(ph + " q|k|v_proj LoRA terms");
     // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
@@ -107,7 +109,7 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
     run.mark(ph + " rope");
     attention_forward(attn_params(run, l, B, T, A), stream);
     run.mark(ph + " attention");
-    group_forward(h, G[kO], r, s, A.att, N, A.o, A.L[kO], ws.part.get(), ws.dacc.get(), stream,
+    group_forward(h, G[kO], r, s, A.att, N, A.o, A.L[kO], ws.part.get(), delta, delta_n, stream,
                   [&] { run.mark(ph + " o_proj (base product)"); });
     run.mark(ph + " o_proj LoRA terms");
   }
@@ -115,14 +117,14 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
   rmsnorm_forward_in(A.xn2, A.rstd + 2 * N, A.x_mid, W.scale.get() + 2 * D, N, D, eps, stream);
   run.mark(ph + " norms");
   if (!run.gate_up_kept) {
-    group_forward(h, G[kGU], r, s, A.xn2, N, A.gu, A.L[kGU], ws.part.get(), ws.dacc.get(), stream,
+    group_forward(h, G[kGU], r, s, A.xn2, N, A.gu, A.L[kGU], ws.part.get(), delta, delta_n, stream,
                   [&] { run.mark(ph + " gate|up_proj (base product)"); });
     run.mark(ph + " gate|up_proj LoRA terms");
   }
   geglu_forward(A.act, A.gu, N, I, stream);
   run.mark(ph + " geglu");
   if (kept) return;  // down_proj's output and the last norm's 1/rms are kept; the layer's output is not needed
-  group_forward(h, G[kDown], r, s, A.act, N, A.down, A.L[kDown], ws.part.get(), ws.dacc.get(), stream,
+  group_forward(h, G[kDown], r, s, A.act, N, A.down, A.L[kDown], ws.part.get(), delta, delta_n, stream,
                 [&] { run.mark(ph + " down_proj (base product)"); });
   run.mark(ph + " down_proj LoRA terms");
   rmsnorm_forward_post(x_out, A.rstd + 3 * N, A.down, W.scale.get() + 3 * D, A.x_mid, N, D, eps, stream);

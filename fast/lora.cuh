@@ -776,10 +776,11 @@ inline LoraRuns lora_runs(const LoraGroupDev& g) {
 }
 
 // y (N, out_total) bf16 = x W^T + per adapter s xa B^T; L (N, 6r*np) keeps the split xa for the backward;
-// part (N, 3r*np) and delta (N, out_total) fp32 scratch.
+// part (N, 3r*np) fp32 scratch; delta fp32 scratch of delta_elems elements, at least out_total, used only where the
+// fused add does not apply (the adapter terms in fp32, then lora_add_kernel), in blocks of rows of out_total each.
 // after_base (optional) runs between the base product and the adapter terms (the profiler's mark).
 inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float s, const bf16* x, int64_t N, bf16* y,
-                          bf16* L, float* part, float* delta, cudaStream_t st,
+                          bf16* L, float* part, float* delta, int64_t delta_elems, cudaStream_t st,
                           const std::function<void()>& after_base = {}) {
   gemm(h, N, g.out_total, g.in, {x, g.in, false}, {g.W, g.in, true}, y, false, g.out_total, 1.0f, 0.0f);
   if (after_base) after_base();
@@ -803,12 +804,22 @@ inline void group_forward(cublasHandle_t h, const LoraGroupDev& g, int r, float 
     lora_out_add(plan, g.out_total, w6, N, s, st);
     return;
   }
-  for (int pi = 0; pi < np; ++pi) {
-    const LoraProjDev& P = g.projs[size_t(pi)];
-    gemm(h, N, P.out, 2 * r3, {L + pi * 2 * r3, w6, false}, {P.Bfwd, 2 * r3, true}, delta + P.col, true, g.out_total,
-         s, 0.0f);
-    lora_add_kernel<<<elementwise_blocks(N * P.out), 256, 0, st>>>(y + P.col, delta + P.col, N, P.out, g.out_total);
-    GEMMA_LAUNCHED("lora_add_kernel");
+  // Blocks of rows: the engine's delta is sized for the backward's widest input, half of gate|up's output at Gemma
+  // 2's shapes. cuBLAS may take another kernel for fewer rows, so these terms' fp32 bits may depend on the block (as
+  // any product's on its shape; the tests judge this path by the policy's tolerance, not by bits).
+  if (delta_elems < g.out_total)
+    throw std::logic_error("group_forward: delta holds " + std::to_string(delta_elems) + " elements, fewer than a row");
+  const int64_t rows = std::min(N, delta_elems / g.out_total);
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t n = std::min(rows, N - r0);
+    for (int pi = 0; pi < np; ++pi) {
+      const LoraProjDev& P = g.projs[size_t(pi)];
+      gemm(h, n, P.out, 2 * r3, {L + r0 * w6 + pi * 2 * r3, w6, false}, {P.Bfwd, 2 * r3, true}, delta + P.col, true,
+           g.out_total, s, 0.0f);
+      lora_add_kernel<<<elementwise_blocks(n * P.out), 256, 0, st>>>(y + r0 * g.out_total + P.col, delta + P.col, n,
+                                                                     P.out, g.out_total);
+      GEMMA_LAUNCHED("lora_add_kernel");
+    }
   }
 }
 

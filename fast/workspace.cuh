@@ -40,9 +40,11 @@ struct Workspace {
   DeviceArray<float> x_scratch;
   DeviceArray<bf16> dres, dsmall, dgu, datt, dqkv, Lb;
   DeviceArray<float> dacc, dQ, dK, dV, Dv, part, gpart;
-  DeviceArray<bf16> xf, dxf, dlog;
+  DeviceArray<bf16> xf, dxf;
   DeviceArray<float> ce_stats;  // the loss chunk's per-block (max, sum) pairs (loss.cuh), two floats each
-  DeviceArray<float> rstd_f, logits, row_loss, capped;
+  DeviceArray<float> rstd_f, row_loss, capped;
+  float* logits = nullptr;  // the logits chunk (chunk_rows, Vp) in dacc's buffer
+  bf16* dlog = nullptr;     // its gradient in dgu's
   std::vector<int32_t> ids_h, tgt_h, slot_h;
   std::vector<float> loss_h;
 
@@ -57,10 +59,11 @@ struct Workspace {
     acts.clear();
     act_bf16.clear();
     act_f32.clear();
-    for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &logits, &row_loss,
-                    &ce_stats})
+    for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &row_loss, &ce_stats})
       a->reset();
-    for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf, &dlog}) a->reset();
+    for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf}) a->reset();
+    logits = nullptr;
+    dlog = nullptr;
   }
 };
 
