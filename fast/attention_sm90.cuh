@@ -762,11 +762,11 @@ __device__ __forceinline__ void st_tile64(const uint32_t (&row)[4], uint32_t til
 }
 // Lane l's row offsets for st_tile64: matrix q = l / 8 of an stmatrix_x4 is rows g + 8 (q mod 2) of chunk 2 cp + q / 2
 // (the order of st_tile64's registers), so lane l addresses row 16 warp + (l mod 8) + 8 ((l / 8) mod 2) of chunk
-// 2 cp + l / 16, whose swizzled 16 bytes start at row * 128 + ((chunk ^ (row mod 8)) << 4) (swz<64>).
+// 2 cp + l / 16.
 __device__ __forceinline__ void stmatrix_rows(int warp, int lane, uint32_t (&row)[4]) {
   const int r = warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), half = (lane >> 4) & 1;
 #pragma unroll
-  for (int cp = 0; cp < 4; ++cp) row[cp] = uint32_t(r * 128 + (((2 * cp + half) ^ (lane & 7)) << 4));
+  for (int cp = 0; cp < 4; ++cp) row[cp] = swz<64>(r, 8 * (2 * cp + half));
 }
 
 constexpr int kDkdvThreads = 384;  // two consumer warpgroups and the scorer

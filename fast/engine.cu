@@ -615,8 +615,6 @@ struct Engine::Impl : Dims {
     // (group_forward: at least one row of the widest output); the head: the fp32 logits chunk.
     ws.dacc = F(std::max({N * std::max({D, I, HD}), std::max({QKV, D, 2 * I}), ws.chunk_rows * Vp}),
                 "fp32 product sums (input gradients, adapter terms); logits chunk (fp32)");
-    ws.logits = ws.dacc.get();
-    ws.dlog = ws.dgu.get();
     ws.dQ = F(N * HD, "dq (fp32)");
     ws.dK = F(N * KVHD, "dk (fp32)");
     ws.dV = F(N * KVHD, "dv (fp32)");
@@ -752,8 +750,8 @@ struct Engine::Impl : Dims {
       c.cap_on = opt.softcap.logits;
       c.cap = float(cfg.final_logit_softcapping.value_or(1.0));
       c.grad_scale = grad_scale;
-      c.logits = ws.logits;
-      c.dlog = ws.dlog;
+      c.logits = ws.dacc.get();  // the chunk lives in these two (allocate_work)
+      c.dlog = ws.dgu.get();
       c.stats = reinterpret_cast<float2*>(ws.ce_stats.get());
       c.row_loss = ws.row_loss.get() + c0;
       c.capped_out = ws.capped.get();

@@ -43,8 +43,6 @@ struct Workspace {
   DeviceArray<bf16> xf, dxf;
   DeviceArray<float> ce_stats;  // the loss chunk's per-block (max, sum) pairs (loss.cuh), two floats each
   DeviceArray<float> rstd_f, row_loss, capped;
-  float* logits = nullptr;  // the logits chunk (chunk_rows, Vp) in dacc's buffer
-  bf16* dlog = nullptr;     // its gradient in dgu's
   std::vector<int32_t> ids_h, tgt_h, slot_h;
   std::vector<float> loss_h;
 
@@ -62,8 +60,6 @@ struct Workspace {
     for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &row_loss, &ce_stats})
       a->reset();
     for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf}) a->reset();
-    logits = nullptr;
-    dlog = nullptr;
   }
 };
 
