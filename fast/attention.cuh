@@ -60,6 +60,10 @@ struct AttnParams {
   // backward
   const bf16* dout = nullptr;  // (N, H*hd)
   float* Dv = nullptr;         // (B, H, T) rowsum(dout * o32)
+  // (B, H, ceil(T / 64), 3, 64): each 64-query tile's m, 1 / l (attn_inv_l) and D, rows past T 0, 1 and 0, so that
+  // attn_dkdv_sm90_kernel takes a tile's statistics in one bulk copy. attn_rowdot_kernel writes it where set; the
+  // head_dim 256 Hopper backward requires it.
+  float* tile_stats = nullptr;
   float* dq = nullptr;         // (N, H*hd)
   float* dk = nullptr;         // (N, KV*hd)
   float* dv = nullptr;         // (N, KV*hd)
@@ -391,6 +395,19 @@ __global__ void attn_rowdot_kernel(const AttnParams p) {
   if (lane == 0) {
     const int64_t b = n / p.T, t = n - b * p.T;
     p.Dv[(b * p.H + h) * p.T + t] = s;
+    if (p.tile_stats != nullptr) {
+      const int64_t si = (b * p.H + h) * p.T + t;
+      float* ts = p.tile_stats + ((b * p.H + h) * ((p.T + 63) / 64) + t / 64) * 192 + t % 64;
+      ts[0] = p.m[si];
+      ts[64] = attn_inv_l(p.l[si]);
+      ts[128] = s;
+      if (t == p.T - 1)  // the last tile's rows past T
+        for (int u = 1; (t + u) % 64 != 0; ++u) {
+          ts[u] = 0.0f;
+          ts[64 + u] = 1.0f;
+          ts[128 + u] = 0.0f;
+        }
+    }
   }
 }
 

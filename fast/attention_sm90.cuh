@@ -734,11 +734,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 // the consumers' dV product of the last tile is complete), so that dV's product runs while the scorer computes dS, and
 // the three dS tiles after (kSFull; kSFree once the dK products are complete). The tiles are written by stmatrix. (One
 // hand-over of all four tiles before, each 32-bit word stored by itself: ncu had the kernel at 2.07 ms, 2.01 with the
-// two parts; docs/benchmarks.md, eighteenth session.) Q and dO are double
+// two parts; docs/benchmarks.md, eighteenth session.) The dS tiles of tile i are stored at the end of iteration i but
+// released (kSFull) only once tile i + 1's S^T product is complete, so the scorer's products run ahead of the
+// consumers' dK products instead of queueing behind them (nineteenth session: a tile every 4633 cycles instead of
+// 5276, by clock64 stamps in one block). Q and dO are double
 // buffered: consumer c copies (TMA) its half of the head dimension of tile i + 2 into tile i's buffer once its own
-// products reading that half are complete; the scorer copies K, V and the first two tiles, and each tile's saved
-// statistics (cp.async, a tile ahead). The products, their operands and their order are those of the split-tile
-// kernel, so the results are the same bits.
+// products reading that half are complete, consumer 0 with the tile's statistics (m, 1 / l and D, which
+// attn_rowdot_kernel lays out a tile at a time: one bulk copy); the scorer copies K, V and the first two tiles.
+// (Until the nineteenth session the scorer copied each tile's statistics itself, by cp.async a tile ahead, and
+// turned l into 1 / l, behind a barrier of its four warps: ncu's samples put 18% of the scorer's time there.) The
+// products, their operands and their order are those of the split-tile kernel, so the results are the same bits.
 
 // acc (64 x 128: columns of panels first and first + 1 of Y) += X Y over 64 k: X a 64 x 64 K-major operand tile,
 // Y a 64-row N-major tile (rows are k) of 64-column panels.
@@ -789,12 +794,12 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
   constexpr int BK = 64, BQ = 64, NDH = HD / 128;
   constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
   // named barriers (1 and 2 are wg_bar's): the P tile written / read, the dS tiles written / read, the scorer's own
-  constexpr int kPFull = 5, kPFree = 6, kSFull = 8, kSFree = 9, kScorer = 7;
+  constexpr int kPFull = 5, kPFree = 6, kSFull = 8, kSFree = 9;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB, sP = sO + 2 * TB, sS = sP + OB;  // sS: 3 tiles
-  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; l; D] for a tile's 64 queries (l made 1 / l once copied)
-  const uint32_t bar_kv = sStat + 2 * 3 * 64 * 4, bar_t = bar_kv + 8;  // bar_t + 8 bf: buffer bf's Q and dO
+  const uint32_t sStat = sS + 3 * OB;  // two buffers of [m; 1 / l; D] for a tile's 64 queries
+  const uint32_t bar_kv = sStat + 2 * 3 * 64 * 4, bar_t = bar_kv + 8;  // bar_t + 8 bf: buffer bf's Q, dO, statistics
   float* stat = reinterpret_cast<float*>(smem_sm90 + (sStat - smem_addr(smem_sm90)));
   // The warpgroup index from lane 0, so that ptxas knows the branches around the products are warp-uniform
   // (attn_fwd_sm90_kernel).
@@ -806,27 +811,22 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
   const int i_end = p.window > 0 ? min(p.T, j0 + BK - 1 + p.window) : p.T;
   const int qt0 = j0 / BQ, nqt = (i_end + BQ - 1) / BQ - qt0, total = G * nqt;
   auto row_of = [&](int it) { return (qt0 + it % nqt) * BQ; };
-  // Half c of the head dimension (panels 2c, 2c + 1) of tile it's Q and dO into buffer bf, one arrival on its
-  // barrier with the bytes. One thread.
+  // Half c of the head dimension (panels 2c, 2c + 1) of tile it's Q and dO into buffer bf, and with half 0 the
+  // tile's statistics [m; 1 / l; D] (p.tile_stats, one bulk copy of 768 bytes), one arrival on the buffer's barrier
+  // with the bytes. One thread.
   auto load_half = [&](int it, int bf, int c) {
-    const int col = (kvh * G + it / nqt) * p.hd + c * 128;
+    const int h = kvh * G + it / nqt, col = h * p.hd + c * 128;
     const uint32_t bar = bar_t + 8 * bf;
-    mbar_expect_tx(bar, 2 * 2 * 64 * 128);
+    mbar_expect_tx(bar, 2 * 2 * 64 * 128 + (c == 0 ? 3 * BQ * 4 : 0));
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       tma_load_3d(sQ + bf * TB + (2 * c + q) * (64 * 128), &tm.q, col + q * 64, row_of(it), b, bar);
       tma_load_3d(sO + bf * TB + (2 * c + q) * (64 * 128), &tm.dout, col + q * 64, row_of(it), b, bar);
     }
-  };
-  // Tile it's saved statistics into buffer bf (the scorer's threads; rows past T zero), one cp.async group.
-  auto load_stats = [&](int it, int bf) {
-    for (int x = tid; x < 3 * BQ; x += 128) {
-      const int a = x / BQ, qi = x % BQ, i = row_of(it) + qi;
-      const float* src = a == 0 ? p.m : a == 1 ? p.l : p.Dv;
-      const int64_t si = (int64_t(b) * p.H + kvh * G + it / nqt) * p.T + (i < p.T ? i : 0);
-      cp_async4(sStat + uint32_t(((bf * 3 + a) * BQ + qi) * 4), src + si, i < p.T);
-    }
-    cp_commit();
+    if (c == 0)
+      bulk_load(sStat + uint32_t(bf * 3 * BQ * 4),
+                p.tile_stats + ((int64_t(b) * p.H + h) * ((p.T + BQ - 1) / BQ) + row_of(it) / BQ) * (3 * BQ),
+                3 * BQ * 4, bar);
   };
 
   if (threadIdx.x == 0) {
@@ -845,31 +845,27 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
         load_half(it, it, 1);
       }
     }
-    load_stats(0, 0);
     uint32_t st_row[4];
     stmatrix_rows(warp, lane, st_row);
     mbar_wait(bar_kv, 0);
     for (int it = 0; it < total; ++it) {
       const int buf = it & 1;
-      cp_wait<0>();  // this tile's statistics; the l this thread copied (load_stats) becomes 1 / l (1 past T)
-      if (tid >= BQ && tid < 2 * BQ) {
-        float& l = stat[(buf * 3 + 1) * BQ + tid - BQ];
-        l = attn_inv_l(row_of(it) + tid - BQ < p.T ? l : 1.0f);
-      }
-      bar_sync(kScorer, 128);  // ... for every scorer thread; and buffer buf ^ 1's are read
-      if (it + 1 < total) load_stats(it + 1, buf ^ 1);
-      mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q and dO
+      mbar_wait(bar_t + 8 * buf, uint32_t(it >> 1) & 1u);  // this tile's Q, dO and statistics
       const int i0 = row_of(it);
       float st[8][4], dpt[8][4];
       wg_abt_pair_issue<HD>(st, sK, sQ + buf * TB, dpt, sV, sO + buf * TB);
       wg_wait<1>();
       wg_hold(st);
+      // Only now do the consumers get tile it - 1's dS tiles (stored at the end of the last iteration): their dK
+      // products issued beside this tile's S^T and dP^T held the scorer's own issue up behind them (clock64 stamps:
+      // 2366 cycles from the loop's head to the last product issued, 1017 with the tensor cores to itself).
+      if (it > 0) bar_arrive(kSFull, kDkdvThreads);
       // P and dS's three terms as bf16 pairs, held until the operand tiles are free. P (and sech^2 / 4, in place of
       // the scores) while dP^T's product runs, then dS.
       uint32_t wp[8][2], w1[8][2], w2[8][2], w3[8][2];
       const bool full = !p.doc && !p.key_ok && i0 >= j0 + BK - 1 && i0 + BQ - 1 < p.T &&
                         (p.window <= 0 || i0 + BQ - 1 - j0 < p.window);
-      // [m; 1 / l; D] of queries i and i + 1, read as pairs; past T m = D = 0 (cp_async4's zero fill), 1 / l = 1
+      // [m; 1 / l; D] of queries i and i + 1, read as pairs (past T 0, 1 and 0: attn_rowdot_kernel)
       const float* sq = stat + buf * 3 * BQ + 2 * t;
       attn_tile_kind(p.cap_on, full, [&](auto cap, auto full_c) {
         constexpr bool kCap = decltype(cap)::value, kFull = decltype(full_c)::value;
@@ -920,8 +916,8 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
       st_tile64(st_row, sS + OB, w2);
       st_tile64(st_row, sS + 2 * OB, w3);
       fence_async_smem();
-      bar_arrive(kSFull, kDkdvThreads);
     }
+    bar_arrive(kSFull, kDkdvThreads);  // the last tile's dS tiles
     return;
   }
 
@@ -1042,6 +1038,7 @@ void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
     attn_bwd_sm90_kernel<HD, kAttnDKDV><<<grid_k, kSm90Threads, smem, st>>>(p, tm);
     GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dk, dv)");
   } else {
+    if (p.tile_stats == nullptr) throw std::logic_error("attention_backward: head_dim 256 needs p.tile_stats");
     constexpr int smem_kv = attn_dkdv_sm90_smem<HD>();
     GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, kMaxSmem, smem_kv));
     attn_dkdv_sm90_kernel<HD><<<grid_k, kDkdvThreads, smem_kv, st>>>(p, tm);

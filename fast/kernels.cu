@@ -186,7 +186,7 @@ namespace {
 // faults, which the caller sets.
 struct AttnRun {
   DeviceArray<bf16> att;
-  DeviceArray<float> o32, m, l, Dv, dq, dk, dv;
+  DeviceArray<float> o32, m, l, Dv, tile_stats, dq, dk, dv;
   AttnParams p;
   AttnRun(const AttnShape& s, const bf16* qkv, const bf16* dout, bool mma_only, MemoryTracker& mem) {
     const int64_t N = s.B * s.T, HD = s.H * s.hd, KVHD = s.KV * s.hd;
@@ -195,6 +195,7 @@ struct AttnRun {
     m = poisoned<float>(size_t(N * s.H), mem);
     l = poisoned<float>(size_t(N * s.H), mem);
     Dv = poisoned<float>(size_t(N * s.H), mem);
+    tile_stats = poisoned<float>(size_t(s.B * s.H * ((s.T + 63) / 64) * 192), mem);
     dq = poisoned<float>(size_t(N * HD), mem);
     dk = poisoned<float>(size_t(N * KVHD), mem);
     dv = poisoned<float>(size_t(N * KVHD), mem);
@@ -217,6 +218,7 @@ struct AttnRun {
     p.l = l.get();
     p.dout = dout;
     p.Dv = Dv.get();
+    p.tile_stats = tile_stats.get();
     p.dq = dq.get();
     p.dk = dk.get();
     p.dv = dv.get();

@@ -73,6 +73,7 @@ inline AttnParams attn_params(const LayerRun& run, int64_t l, int64_t B, int64_t
   p.stats_in = run.recomputing && run.keep_stats;
   p.dout = ws.datt.get();
   p.Dv = ws.Dv.get();
+  p.tile_stats = ws.tile_stats.get();
   p.dq = ws.dQ.get();
   p.dk = ws.dK.get();
   p.dv = ws.dV.get();

@@ -101,6 +101,16 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// `bytes` contiguous bytes from global src into shared address dst, completing on the mbarrier at mbar (PTX ISA,
+// cp.async.bulk): src, dst and bytes multiples of 16. One thread; the caller adds bytes to the barrier's expected count.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t mbar) {
+#ifdef GEMMA_SM90_DEVICE
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(mbar)
+               : "memory");
+#endif
+}
+
 // Rows row0 .. row0 + R - 1 of sequence b, columns col0 .. col0 + HD - 1, of a tma_rows_map's rows into the R-row
 // swizzled tile at dst (wgmma.cuh's layout: HD / 64 boxes of R rows, one column panel each), their bytes expected
 // on the mbarrier at bar. One thread.

@@ -39,7 +39,7 @@ struct Workspace {
   std::vector<DeviceArray<float>> act_f32;
   DeviceArray<float> x_scratch;
   DeviceArray<bf16> dres, dsmall, dgu, datt, dqkv, Lb;
-  DeviceArray<float> dacc, dQ, dK, dV, Dv, part, gpart;
+  DeviceArray<float> dacc, dQ, dK, dV, Dv, tile_stats, part, gpart;
   DeviceArray<bf16> xf, dxf;
   DeviceArray<float> ce_stats;  // the loss chunk's per-block (max, sum) pairs (loss.cuh), two floats each
   DeviceArray<float> rstd_f, row_loss, capped;
@@ -57,7 +57,7 @@ struct Workspace {
     acts.clear();
     act_bf16.clear();
     act_f32.clear();
-    for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &part, &gpart, &rstd_f, &row_loss, &ce_stats})
+    for (auto* a : {&cosv, &sinv, &x_scratch, &dacc, &dQ, &dK, &dV, &Dv, &tile_stats, &part, &gpart, &rstd_f, &row_loss, &ce_stats})
       a->reset();
     for (auto* a : {&dres, &dsmall, &dgu, &datt, &dqkv, &Lb, &xf, &dxf}) a->reset();
   }
