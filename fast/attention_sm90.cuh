@@ -1050,6 +1050,8 @@ void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
 inline void attention_backward(AttnParams p, cudaStream_t st) {
   if (p.B == 0 || p.T == 0) return;
   attn_set_derived(p);
+  // Only the head_dim 256 dK, dV kernel reads the tile layout of the statistics: elsewhere the rowdot kernel skips it.
+  if (!attn_sm90_applies(p) || p.hd != 256) p.tile_stats = nullptr;
   if (!attn_sm90_applies(p)) return attention_backward_mma(p, st);
   const int64_t warps = int64_t(p.B) * p.T * p.H;
   attn_rowdot_kernel<<<unsigned((warps * 32 + 255) / 256), 256, 0, st>>>(p);
