@@ -777,8 +777,8 @@ __device__ __forceinline__ void stmatrix_rows(int warp, int lane, uint32_t (&row
 constexpr int kDkdvThreads = 384;  // two consumer warpgroups and the scorer
 template <int HD>
 constexpr int attn_dkdv_sm90_smem() {
-  // K and V, Q and dO double-buffered, four operand tiles, two buffers of a tile's m, l, D, three mbarriers (K and
-  // V; each buffer's Q and dO)
+  // K and V, Q and dO double-buffered, four operand tiles, two buffers of a tile's m, 1 / l, D, three mbarriers (K
+  // and V; each buffer's Q, dO and statistics)
   return 1024 + 6 * 64 * HD * 2 + 4 * 64 * 64 * 2 + 2 * 3 * 64 * 4 + 3 * 8;
 }
 
@@ -793,7 +793,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
   static_assert(HD == 256, "head_dim 128 takes the ping-pong dK, dV kernel");
   constexpr int BK = 64, BQ = 64, NDH = HD / 128;
   constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
-  // named barriers (1 and 2 are wg_bar's): the P tile written / read, the dS tiles written / read, the scorer's own
+  // named barriers (1 and 2 are wg_bar's): the P tile written / read, the dS tiles written / read
   constexpr int kPFull = 5, kPFree = 6, kSFull = 8, kSFree = 9;
   extern __shared__ __align__(16) unsigned char smem_sm90[];
   const uint32_t sK = (smem_addr(smem_sm90) + 1023u) & ~1023u;
@@ -957,7 +957,8 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
       wg_hold(dk[dc]);
       wg_hold(dv[dc]);
     }
-    // This warpgroup's half of buffer buf is read: tile it + 2 goes there. The other half is the other's.
+    // This warpgroup's half of buffer buf is read: tile it + 2 goes there. The other half is the other's. Consumer 0
+    // also overwrites the buffer's statistics, which the scorer read before it released tile it's dS (kSFull).
     if (tid == 0 && it + 2 < total) load_half(it + 2, buf, wg);
     if (it + 1 < total) bar_arrive(kSFree, kDkdvThreads);
   }
@@ -1038,7 +1039,6 @@ void attn_bwd_sm90_launch(const AttnParams& p, cudaStream_t st) {
     attn_bwd_sm90_kernel<HD, kAttnDKDV><<<grid_k, kSm90Threads, smem, st>>>(p, tm);
     GEMMA_LAUNCHED("attn_bwd_sm90_kernel (dk, dv)");
   } else {
-    if (p.tile_stats == nullptr) throw std::logic_error("attention_backward: head_dim 256 needs p.tile_stats");
     constexpr int smem_kv = attn_dkdv_sm90_smem<HD>();
     GEMMA_CUDA(cudaFuncSetAttribute(attn_dkdv_sm90_kernel<HD>, kMaxSmem, smem_kv));
     attn_dkdv_sm90_kernel<HD><<<grid_k, kDkdvThreads, smem_kv, st>>>(p, tm);
@@ -1052,6 +1052,7 @@ inline void attention_backward(AttnParams p, cudaStream_t st) {
   attn_set_derived(p);
   // Only the head_dim 256 dK, dV kernel reads the tile layout of the statistics: elsewhere the rowdot kernel skips it.
   if (!attn_sm90_applies(p) || p.hd != 256) p.tile_stats = nullptr;
+  else if (p.tile_stats == nullptr) throw std::logic_error("attention_backward: head_dim 256 needs p.tile_stats");
   if (!attn_sm90_applies(p)) return attention_backward_mma(p, st);
   const int64_t warps = int64_t(p.B) * p.T * p.H;
   attn_rowdot_kernel<<<unsigned((warps * 32 + 255) / 256), 256, 0, st>>>(p);
