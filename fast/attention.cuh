@@ -70,6 +70,21 @@ struct AttnParams {
   int64_t ld_dkv = 0;
 };
 
+// p.tile_stats' layout, shared by its writer (attn_rowdot_kernel), its reader (attn_dkdv_sm90_kernel's bulk copy)
+// and the buffers' owners (the engine's workspace, the kernel tests): for each (b, h), ceil(T / 64) tiles of
+// kAttnStatsTile queries, each [m; 1 / l; D] as three runs of kAttnStatsTile floats.
+constexpr int kAttnStatsTile = 64;
+constexpr int kAttnStatsTileFloats = 3 * kAttnStatsTile;
+// Floats in p.tile_stats for B sequences of T tokens and H heads.
+__host__ __device__ constexpr int64_t attn_tile_stats_count(int64_t B, int64_t H, int64_t T) {
+  return B * H * ((T + kAttnStatsTile - 1) / kAttnStatsTile) * kAttnStatsTileFloats;
+}
+// Offset in p.tile_stats of the tile that holds query t of sequence b, head h (its m; 1 / l at + kAttnStatsTile,
+// D at + 2 kAttnStatsTile).
+__host__ __device__ constexpr int64_t attn_tile_stats_offset(int64_t H, int64_t T, int64_t b, int64_t h, int64_t t) {
+  return ((b * H + h) * ((T + kAttnStatsTile - 1) / kAttnStatsTile) + t / kAttnStatsTile) * kAttnStatsTileFloats;
+}
+
 constexpr int kAttnThreads = 128;  // 4 warps, 16 rows each
 
 // Key j is visible to query i of sequence b: causal, within the window, in the same document, not padding. A query
@@ -381,31 +396,33 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
 }
 
 // D = rowsum(dO * O) per (token, head), the softmax backward's rowsum(P * dP) (equal in exact arithmetic, since
-// O = P V with the same bf16 P; O is the fp32 sum, so no rounding enters here). A warp per (token, head).
+// O = P V with the same bf16 P; O is the fp32 sum, so no rounding enters here). A warp per (token, head), the
+// warps in (b, h, t) order: consecutive warps' lane 0 then read m, l and write D and p.tile_stats at consecutive
+// addresses (in token order they were H T floats apart: 17 us of a 67 us launch at 9b, T = 4096).
 __global__ void attn_rowdot_kernel(const AttnParams p) {
   const int64_t gw = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (gw >= int64_t(p.B) * p.T * p.H) return;
-  const int64_t n = gw / p.H;
-  const int h = int(gw - n * p.H);
-  const int64_t base = n * p.ld_o + int64_t(h) * p.hd;
+  const int64_t si = gw;  // (b H + h) T + t, the index of m, l and D
+  const int64_t bh = si / p.T, t = si - bh * p.T, b = bh / p.H;
+  const int h = int(bh - b * p.H);
+  const int64_t base = (b * p.T + t) * p.ld_o + int64_t(h) * p.hd;
   float s = 0;
   for (int d = lane; d < p.hd; d += 32) s += __bfloat162float(p.dout[base + d]) * p.o32[base + d];
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) {
-    const int64_t b = n / p.T, t = n - b * p.T;
-    p.Dv[(b * p.H + h) * p.T + t] = s;
+    p.Dv[si] = s;
     if (p.tile_stats != nullptr) {
-      const int64_t si = (b * p.H + h) * p.T + t;
-      float* ts = p.tile_stats + ((b * p.H + h) * ((p.T + 63) / 64) + t / 64) * 192 + t % 64;
+      constexpr int R = kAttnStatsTile;
+      float* ts = p.tile_stats + attn_tile_stats_offset(p.H, p.T, b, h, t) + t % R;
       ts[0] = p.m[si];
-      ts[64] = attn_inv_l(p.l[si]);
-      ts[128] = s;
+      ts[R] = attn_inv_l(p.l[si]);
+      ts[2 * R] = s;
       if (t == p.T - 1)  // the last tile's rows past T
-        for (int u = 1; (t + u) % 64 != 0; ++u) {
+        for (int u = 1; (t + u) % R != 0; ++u) {
           ts[u] = 0.0f;
-          ts[64 + u] = 1.0f;
-          ts[128 + u] = 0.0f;
+          ts[R + u] = 1.0f;
+          ts[2 * R + u] = 0.0f;
         }
     }
   }

@@ -792,6 +792,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
 #endif
   static_assert(HD == 256, "head_dim 128 takes the ping-pong dK, dV kernel");
   constexpr int BK = 64, BQ = 64, NDH = HD / 128;
+  static_assert(BQ == kAttnStatsTile, "a query tile's statistics are one tile of p.tile_stats");
   constexpr uint32_t TB = 64 * HD * 2, OB = 64 * 64 * 2;
   // named barriers (1 and 2 are wg_bar's): the P tile written / read, the dS tiles written / read
   constexpr int kPFull = 5, kPFree = 6, kSFull = 8, kSFree = 9;
@@ -825,8 +826,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 1)
     }
     if (c == 0)
       bulk_load(sStat + uint32_t(bf * 3 * BQ * 4),
-                p.tile_stats + ((int64_t(b) * p.H + h) * ((p.T + BQ - 1) / BQ) + row_of(it) / BQ) * (3 * BQ),
-                3 * BQ * 4, bar);
+                p.tile_stats + attn_tile_stats_offset(p.H, p.T, b, h, row_of(it)), 3 * BQ * 4, bar);
   };
 
   if (threadIdx.x == 0) {

@@ -619,7 +619,7 @@ struct Engine::Impl : Dims {
     ws.dK = F(N * KVHD, "dk (fp32)");
     ws.dV = F(N * KVHD, "dv (fp32)");
     ws.Dv = F(ws.capB * H * ws.capT, "attention rowsum(dO O)");
-    ws.tile_stats = F(ws.capB * H * ((ws.capT + 63) / 64) * 192, "attention statistics a 64-query tile at a time");
+    ws.tile_stats = F(attn_tile_stats_count(ws.capB, H, ws.capT), "attention statistics a 64-query tile at a time");
     ws.part = F(N * 3 * r * lora.np_max, "LoRA partial products");
     ws.Lb = Hf(N * 6 * r * lora.np_max, "LoRA backward splits");
     ws.gpart = F(lora.gpart_max, "LoRA gradient partials");

@@ -195,7 +195,7 @@ struct AttnRun {
     m = poisoned<float>(size_t(N * s.H), mem);
     l = poisoned<float>(size_t(N * s.H), mem);
     Dv = poisoned<float>(size_t(N * s.H), mem);
-    tile_stats = poisoned<float>(size_t(s.B * s.H * ((s.T + 63) / 64) * 192), mem);
+    tile_stats = poisoned<float>(size_t(attn_tile_stats_count(s.B, s.H, s.T)), mem);
     dq = poisoned<float>(size_t(N * HD), mem);
     dk = poisoned<float>(size_t(N * KVHD), mem);
     dv = poisoned<float>(size_t(N * KVHD), mem);
