@@ -46,7 +46,7 @@ PresetShape preset_shape(const std::string& name) {
   if (c.vocab_size == 256000) return {kDefaultPresetLayers, 2, 48};
   if (name == "gemma2-odd") return {c.num_hidden_layers, 3, 40};
   // Several of the Hopper attention's 128-query and 64-key tiles, the last one cut by T.
-  if (name == "gemma2-hd128") return {c.num_hidden_layers, 2, 150};
+  if (name == "gemma2-hd128" || name == "gemma2-hd256") return {c.num_hidden_layers, 2, 150};
   return {c.num_hidden_layers, 2, 20};
 }
 

@@ -10,7 +10,9 @@
 
 namespace gemma::check {
 
-bool gate_companion(const std::string& name) { return name == "gemma2-odd" || name == "gemma2-hd128"; }
+bool gate_companion(const std::string& name) {
+  return name == "gemma2-odd" || name == "gemma2-hd128" || name == "gemma2-hd256";
+}
 
 bool gate_preset(const std::string& name) {
   return name == "gemma2-2b" || name == "gemma2-9b" || name == "gemma2-27b" || gate_companion(name);

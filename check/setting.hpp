@@ -13,7 +13,8 @@ namespace gemma::check {
 // Presets whose synthetic run is a gate setting (the three released models and their companions).
 bool gate_preset(const std::string& name);
 // The companions a released preset's gate runs beside it: gemma2-odd (what the released widths cannot reach: an odd
-// vocabulary, padding masks, head_dim 18) and gemma2-hd128 (the released head sizes' GPU attention, small widths).
+// vocabulary, padding masks, head_dim 18), gemma2-hd128 and gemma2-hd256 (the released head sizes' GPU attention,
+// small widths).
 bool gate_companion(const std::string& name);
 
 // Turns a plain synthetic run of a gate preset (synthetic weights, bf16 adapters, a uniform batch) into the gate's

@@ -82,7 +82,7 @@ Config released(int64_t D, int64_t I, int64_t L, int64_t H, int64_t KV, int64_t 
 }  // namespace
 
 std::vector<std::string> preset_names() {
-  return {"gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma2-tiny", "gemma2-micro", "gemma2-odd", "gemma2-hd128"};
+  return {"gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma2-tiny", "gemma2-micro", "gemma2-odd", "gemma2-hd128", "gemma2-hd256"};
 }
 
 bool is_preset(const std::string& name) {
@@ -130,6 +130,13 @@ Config preset(const std::string& name) {
     // kernels was caught at only 1.9 times its tolerance).
     Config c = preset("gemma2-odd");
     c.head_dim = 128;
+    return c;
+  }
+  if (name == "gemma2-hd256") {
+    // The third companion: the same with head_dim 256, gemma2-2b's and gemma2-9b's attention path on the GPU, whose
+    // kernels (the head_dim 256 dK, dV kernel above all) no other gate setting of gemma2-27b reaches.
+    Config c = preset("gemma2-odd");
+    c.head_dim = 256;
     return c;
   }
   std::string known;

@@ -213,27 +213,33 @@ TEST(Gate, ACorrectTrainerPassesTheGate) {
   }
 }
 
-// The second companion's setting (2 x 150 tokens, head_dim 128, padding masks) on the CPU: correct stand-ins pass it
-// and attention bugs fail it with margin, as on gemma2-odd. (Its GPU run is the trainer's: docs/verification.md.)
-TEST(Gate, TheHd128CompanionPassesCorrectStandInsAndCatchesAttentionBugs) {
-  const check::Inputs& in = preset_inputs("gemma2-hd128");
-  ASSERT_EQ(in.model.config.head_dim, 128);
+// The head-size companions' settings (2 x 150 tokens, head_dim 128 or 256, padding masks) on the CPU: correct
+// stand-ins pass them and attention bugs fail them with margin, as on gemma2-odd. (Their GPU runs are the trainer's:
+// docs/verification.md.)
+class GateHeadDimCompanion : public ::testing::TestWithParam<int> {};
+
+TEST_P(GateHeadDimCompanion, PassesCorrectStandInsAndCatchesAttentionBugs) {
+  const int hd = GetParam();
+  const check::Inputs& in = preset_inputs("gemma2-hd" + std::to_string(hd));
+  ASSERT_EQ(in.model.config.head_dim, hd);
   ASSERT_EQ(in.batch.T, 150);
   ASSERT_FALSE(in.batch.attention_mask.empty());  // the companions' padding, as gemma2-odd's
   for (uint64_t seed = 3; seed < 7; ++seed) {
     const GateVerdict v = gate_with(in, {true, true}, std::nullopt, seed, seed % 2 == 0);
     EXPECT_TRUE(v.pass) << "seed " << seed << ": " << v.worst << " " << v.worst_check;
-    std::printf("hd128, correct stand-in, seed %llu: worst %.3g of tolerance (%s)\n", (unsigned long long)seed,
+    std::printf("hd%d, correct stand-in, seed %llu: worst %.3g of tolerance (%s)\n", hd, (unsigned long long)seed,
                 v.worst, v.worst_check.c_str());
   }
   for (Bug b : {Bug::softcap_grad_missing, Bug::sliding_off_by_one, Bug::qpas_head_dim}) {
     const GateVerdict v = gate_with(in, {true, true}, b);
     EXPECT_FALSE(v.pass) << bug_info(b).id;
     EXPECT_GE(v.worst, 3.0) << bug_info(b).id << ": " << v.worst_check;
-    std::printf("hd128, %s: worst %.3g of tolerance (%s)\n", std::string(bug_info(b).id).c_str(), v.worst,
+    std::printf("hd%d, %s: worst %.3g of tolerance (%s)\n", hd, std::string(bug_info(b).id).c_str(), v.worst,
                 v.worst_check.substr(0, 160).c_str());
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, GateHeadDimCompanion, ::testing::Values(128, 256));
 
 class GateBug : public ::testing::TestWithParam<Bug> {};
 

@@ -6,8 +6,8 @@
 // tests/mutations/*.patch; "harmless-*" builds must pass, "none" is the unmodified source, every other one must
 // fail). The harness runs exactly the checks `verify --model PRESET --softcap ... --backend both` runs on the fast
 // trainer (check/fast_backend.cpp: gate_reference, gate_judge; the released presets' companions gemma2-odd, also
-// with its base in NF4 for the first combination only, and gemma2-hd128 included), but computes the reference side
-// once: it is the same for every build. Each build is loaded into its own child process (a crash or a hang kills the
+// with its base in NF4 for the first combination only, gemma2-hd128 and gemma2-hd256 included), but computes the
+// reference side once: it is the same for every build. Each build is loaded into its own child process (a crash or a hang kills the
 // child, not the harness) and judged setting by setting until a check fails by 3 times its tolerance
 // (judge_build). The reference's own checks (goldens, finite differences) do not involve fast/ and are left out.
 // Exit 0 when every mutant is killed at value / tolerance >= 3 and no harmless build is flagged.
@@ -202,6 +202,11 @@ int main(int argc, char** argv) {
       cs.model = "gemma2-hd128";  // the Hopper attention at small widths, as verify runs it
       settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
       tags.push_back("hd128 ");
+      // head_dim 256's kernels, asked last (settings run from the back): a build another setting kills keeps the
+      // verdict and deciding check it had before this companion existed.
+      cs.model = "gemma2-hd256";
+      settings.insert(settings.begin(), std::make_unique<Inputs>(load_inputs(cs)));
+      tags.insert(tags.begin(), "hd256 ");
     }
     // The companion first: its cases take a second each, and most broken builds fail there already.
     std::vector<Case> cases;

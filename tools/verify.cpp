@@ -83,10 +83,11 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
 
   Report report;
   nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array(),
-                 hd128_runs = nlohmann::json::array();
-  // Where a setting's runs go in --json: the main setting's, gemma2-odd's (its NF4 run too), gemma2-hd128's.
+                 hd128_runs = nlohmann::json::array(), hd256_runs = nlohmann::json::array();
+  // Where a setting's runs go in --json: the main setting's, gemma2-odd's (its NF4 run too), gemma2-hd128's,
+  // gemma2-hd256's.
   auto runs_for = [&](const std::string& tag) -> nlohmann::json& {
-    return tag.empty() ? runs : tag == "hd128 " ? hd128_runs : companion_runs;
+    return tag.empty() ? runs : tag == "hd128 " ? hd128_runs : tag == "hd256 " ? hd256_runs : companion_runs;
   };
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
@@ -241,7 +242,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   };
   verify_setting(spec, in, "", combos);
   // A released preset's gate also runs gemma2-odd: what the released widths cannot reach (an odd vocabulary, a
-  // padding mask, sqrt(hidden) not a bf16 number, head_dim 18); with the trainer, gemma2-hd128 too.
+  // padding mask, sqrt(hidden) not a bf16 number, head_dim 18); with the trainer, gemma2-hd128 and gemma2-hd256 too.
   if (spec.model && gate_preset(*spec.model) && !gate_companion(*spec.model)) {
     InputSpec cs;
     cs.model = "gemma2-odd";
@@ -259,16 +260,18 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       std::printf("\n");
       verify_setting(cs, qi, "odd nf4 ", {combos.front()});
     }
-    // The attention path the released head sizes take on the GPU (fast/attention_sm90.cuh) at small widths, where
-    // the tolerances are tight: a trainer-side companion (the reference's code path is gemma2-odd's).
-    if (run_fast) {
-      InputSpec hs = cs;
-      hs.model = "gemma2-hd128";
-      hs.quantize = spec.quantize;
-      const Inputs hi = load_inputs(hs);
-      std::printf("\n");
-      verify_setting(hs, hi, "hd128 ", combos);
-    }
+    // The attention paths the released head sizes take on the GPU (fast/attention_sm90.cuh: head_dim 128 for
+    // gemma2-27b, 256 for gemma2-2b and gemma2-9b, each with kernels of its own) at small widths, where the
+    // tolerances are tight: trainer-side companions (the reference's code path is gemma2-odd's).
+    if (run_fast)
+      for (const char* hd : {"128", "256"}) {
+        InputSpec hs = cs;
+        hs.model = std::string("gemma2-hd") + hd;
+        hs.quantize = spec.quantize;
+        const Inputs hi = load_inputs(hs);
+        std::printf("\n");
+        verify_setting(hs, hi, std::string("hd") + hd + " ", combos);
+      }
   }
   report.print_summary();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -301,6 +304,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       nlohmann::json j = shaped(runs);
       if (!companion_runs.empty()) j["companion"] = shaped(companion_runs);
       if (!hd128_runs.empty()) j["companion_hd128"] = shaped(hd128_runs);
+      if (!hd256_runs.empty()) j["companion_hd256"] = shaped(hd256_runs);
       j["checks"] = checks_json(report);
       j["pass"] = report.all_pass();
       j["source"] = in.source;
@@ -329,7 +333,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> softcap, json_path, junit_path, dump_path;
   std::optional<std::string> backend;
   std::optional<uint64_t> seed;
-  app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro, gemma2-odd, gemma2-hd128)");
+  app.add_option("--model", spec.model, "preset with synthetic weights (gemma2-2b, gemma2-9b, gemma2-27b, gemma2-tiny, gemma2-micro, gemma2-odd, gemma2-hd128, gemma2-hd256)");
   app.add_option("--case", spec.case_path, "HDF5 case file (docs/formats.md)");
   app.add_option("--config", spec.config, "HF config.json");
   app.add_option("--weights", spec.weights, "safetensors file or checkpoint directory");
