@@ -873,6 +873,9 @@ bool bare_base_name(const std::string& n) {
 void check_peft_internal_name(const std::string& n, const std::string& source) {
   for (const char* ab : {".lora_A.", ".lora_B."}) {
     const size_t at = n.find(ab);
+    // PEFT's lora_bias = True saves a bias on lora_B ('...lora_B.bias'): an adapter kind, not a raw state_dict.
+    if (at != std::string::npos && n.compare(at + 8, std::string::npos, "bias") == 0)
+      fail(source, "tensor '" + n + "' is a bias on the adapter's B (PEFT's lora_bias): not implemented");
     if (at != std::string::npos && n.compare(at + 8, std::string::npos, "weight") != 0)
       fail(source, "tensor '" + n + "' carries PEFT's adapter name ('" + n.substr(at + 8, n.rfind('.') - at - 8) +
                        "'): it is a PEFT model's raw state_dict, not an adapter file; save the adapter with "

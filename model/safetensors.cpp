@@ -207,10 +207,11 @@ TensorMap read_safetensors_any(const std::string& path, ByteTensorMap* u8) {
     if (fs::path(path).extension() == ".json") return read_safetensors_index(path, u8);
     return read_safetensors(path, u8);
   }
+  // HF's order (transformers' from_pretrained): a single model.safetensors wins over a shard index beside it.
   const fs::path dir(path);
+  if (fs::exists(dir / "model.safetensors", ec)) return read_safetensors((dir / "model.safetensors").string(), u8);
   if (fs::exists(dir / "model.safetensors.index.json", ec))
     return read_safetensors_index((dir / "model.safetensors.index.json").string(), u8);
-  if (fs::exists(dir / "model.safetensors", ec)) return read_safetensors((dir / "model.safetensors").string(), u8);
   if (fs::exists(dir / "adapter_model.safetensors", ec))
     return read_safetensors((dir / "adapter_model.safetensors").string(), u8);
   fail(path, "directory has neither model.safetensors nor model.safetensors.index.json");

@@ -1118,6 +1118,10 @@ TEST(BadFlags, LayersWithCase) {
   TempDir d;
   expect_rejected(verify_case(d, write_tiny_case(d), {"--layers", "1"}), "verify",
                   {"--layers: does not apply to --case"});
+  // The seed makes synthetic weights and batches; a case file fixes both, so a seed there would change nothing.
+  expect_rejected(verify_case(d, write_tiny_case(d), {"--seed", "3"}), "verify", {"--seed: does not apply to --case"});
+  expect_rejected(run_tool(kVerify, {"diagnose", "--case", write_tiny_case(d), "--seed", "3"}, d), "verify",
+                  {"--seed: does not apply to --case"});
 }
 
 TEST(BadFlags, NegativeSeed) {
@@ -1164,7 +1168,7 @@ TEST(BadFlags, TrainMicroBatchesNotDividingTheBatch) {
 
 TEST(BadFlags, TrainNegativeLearningRate) {
   TempDir d;
-  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--lr", "-1e-3"}, d), "train", {"--lr: must be a positive number"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--lr", "-1e-3"}, d), "train", {"--lr: must be 0 or a positive number"});
 }
 
 TEST(BadFlags, TrainWithoutInputNamesItself) {

@@ -309,6 +309,16 @@ TEST(Checkpoints, IndexFileAsWeightsLoadsItsShards) {
   expect_ok(verify_ckpt(d, cfg, d / "sharded/model.safetensors.index.json", {"--seq", "6", "--json", d / "idx.json"}));
   expect_ok(verify_ckpt(d, cfg, weights, {"--seq", "6", "--json", d / "one.json"}));
   EXPECT_EQ(json_loss(d / "idx.json"), json_loss(d / "one.json"));
+  // A directory holding both a model.safetensors and an index: HF's from_pretrained takes the single file, and so
+  // does this loader (other weights there, so that the two readings give different losses).
+  const TensorMap other = synthetic_weights(tiny_config(), 99);
+  write_safetensors(d / "sharded/model.safetensors", other);
+  fs::create_directories(d.dir / "single");
+  write_safetensors(d / "single/model.safetensors", other);
+  expect_ok(verify_ckpt(d, cfg, d / "sharded", {"--seq", "6", "--json", d / "both.json"}));
+  expect_ok(verify_ckpt(d, cfg, d / "single/model.safetensors", {"--seq", "6", "--json", d / "other.json"}));
+  EXPECT_EQ(json_loss(d / "both.json"), json_loss(d / "other.json"));
+  EXPECT_NE(json_loss(d / "both.json"), json_loss(d / "idx.json"));
 }
 
 // Names only a PEFT model's live state_dict (or DoRA) has are refused with that cause, not "missing tensor".
@@ -336,6 +346,14 @@ TEST(Checkpoints, PeftStateDictNamesGetTheirRealCause) {
                     t = r;
                   }),
                   "verify", {"lora_A.default.weight' carries PEFT's adapter name ('default')", "save_pretrained"});
+  // PEFT's lora_bias saves '...lora_B.bias': named as that adapter kind, not as a raw state_dict.
+  expect_rejected(with_adapter([](TensorMap& t) {
+                    const std::string w = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+                    Tensor b = t.at(w);
+                    b.shape = {b.shape[0]};
+                    t[w.substr(0, w.size() - 6) + "bias"] = b;
+                  }),
+                  "verify", {"q_proj.lora_B.bias' is a bias on the adapter's B (PEFT's lora_bias)"});
   expect_rejected(with_adapter([](TensorMap& t) {
                     t["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight"] =
                         tensor_from_doubles(DType::f32, {4}, {1, 1, 1, 1});

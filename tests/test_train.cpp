@@ -121,6 +121,39 @@ TEST(TrainData, PackedRowsRestartPositionsAndDoNotScoreAcrossExamples) {
   validate_batch(tiny(), b, "test");
 }
 
+// A row's own position_ids (documents packed into one example, positions restarting at 0) are its positions in the
+// packed row, so the documents stay apart (Batch::document_ids); TRL's completion_mask unscores the prompt; keys
+// train does not use are named in one warning. position_ids without --packing would sit under an attention mask,
+// where HF separates nothing: refused, as is an example whose positions do not start at 0 (it would merge with the
+// one before it).
+TEST(TrainData, RowPositionIdsCompletionMaskAndUnusedKeys) {
+  TempDir d;
+  const std::string p = write(d, "a.jsonl",
+                              "{\"input_ids\": [2, 10, 11, 2, 20], \"position_ids\": [0, 1, 2, 0, 1], \"token_type_ids\": [0, 0, 0, 0, 0]}\n"
+                              "{\"input_ids\": [2, 30, 31], \"completion_mask\": [0, 0, 1]}\n");
+  std::vector<std::string> warnings;
+  const Dataset ds = load_dataset({p, 8, true}, tiny(), nullptr, &warnings);
+  ASSERT_EQ(ds.rows.size(), 1u);
+  EXPECT_EQ(ds.rows[0].input_ids, (std::vector<int64_t>{2, 10, 11, 2, 20, 2, 30, 31}));
+  EXPECT_EQ(ds.rows[0].position_ids, (std::vector<int64_t>{0, 1, 2, 0, 1, 0, 1, 2}));
+  // Within the first example the labels are as given (HF scores 11 -> 2 across its own boundary); the second
+  // example's first label is -100 as packing makes it, its second by the completion mask.
+  EXPECT_EQ(ds.rows[0].labels, (std::vector<int64_t>{-100, 10, 11, 2, 20, -100, -100, 31}));
+  const Batch b = step_batch(ds, 1, 0, false, 1);
+  EXPECT_EQ(b.document_ids(), (std::vector<int32_t>{0, 0, 0, 1, 1, 2, 2, 2}));
+  validate_batch(tiny(), b, "test");
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("'token_type_ids'"), std::string::npos) << warnings[0];
+  // Without the packing the same rows are refused, naming the key.
+  expect_input_error([&] { load_dataset({p, 8, false}, tiny(), nullptr, nullptr); }, {"a.jsonl:1", "position_ids", "--packing"});
+  const std::string late = write(d, "b.jsonl", "{\"input_ids\": [2, 10, 11], \"position_ids\": [5, 6, 7]}\n");
+  expect_input_error([&] { load_dataset({late, 8, true}, tiny(), nullptr, nullptr); }, {"b.jsonl:1", "position_ids[0] is 5"});
+  const std::string mask2 = write(d, "c.jsonl", "{\"input_ids\": [2, 10, 11], \"completion_mask\": [0, 2, 1]}\n");
+  expect_input_error([&] { load_dataset({mask2, 8, false}, tiny(), nullptr, nullptr); }, {"c.jsonl:1", "completion_mask[1] is 2"});
+  const std::string text = write(d, "e.jsonl", "{\"text\": \"hello\", \"labels\": [1, 2]}\n");
+  expect_input_error([&] { load_dataset({text, 8, false}, tiny(), nullptr, nullptr); }, {"e.jsonl:1", "'labels' belongs to a tokenized row"});
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // lora_dropout (PEFT: result + lora_B(lora_A(dropout(x))) * scaling), in the reference trainer
 
@@ -628,6 +661,13 @@ TEST(TrainBinary, BadDataAndOptionsExit2) {
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--max-grad-norm", "-1"}, d), "train", {"--max-grad-norm"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--epochs", "2"}, d), "train", {"--epochs", "synthetic"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--packing"}, d), "train", {"--packing", "give --data"});
+  // The tokenizer's flags act only on text rows: each is refused where it would change nothing, naming itself.
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--bos-id", "5"}, d), "train", {"--bos-id", "give --data"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/tiny.jsonl", "--eos-id", "7"}, d),
+                  "train", {"--eos-id", "give --tokenizer"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/tiny.jsonl", "--tokenizer",
+                                    kExamples + "/tiny-tokenizer.model"}, d),
+                  "train", {"--tokenizer", "tokenized already"});
   // The fast backend's activation-memory modes: not for the reference, and not in the combinations the engine
   // has no layout for (checked before any GPU is looked for).
   for (const char* flag : {"--no-recompute", "--recompute-mlp-only", "--offload"})

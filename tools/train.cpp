@@ -584,7 +584,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.epochs && *o.epochs < 1) fail("--epochs", "must be at least 1");
   if (o.epochs && !o.data) fail("--epochs", "counts passes over --data; synthetic batches have no epochs (give --max-steps)");
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
-  if (!(o.adamw.lr > 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be a positive number");
+  if (!(o.adamw.lr >= 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be 0 or a positive number");
   if (!(o.max_grad_norm >= 0) || !std::isfinite(o.max_grad_norm)) fail("--max-grad-norm", "must be 0 (no clipping) or positive");
   if (o.warmup_steps < 0) fail("--warmup-steps", "must be 0 or more");
   if (o.save_steps < 0) fail("--save-steps", "must be 0 (only the end) or more");
@@ -593,9 +593,13 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (sched == Scheduler::constant && o.warmup_steps > 0)
     fail("--warmup-steps", "'constant' has no warmup (HF ignores it): use --lr-scheduler constant_with_warmup");
   if (o.packing && !o.data) fail("--packing", "packs --data rows; give --data");
-  if ((o.tokenizer.model_path || o.tokenizer.config_path || o.tokenizer.bos_id || o.tokenizer.eos_id) && !o.data && !o.eval_data)
-    fail("--tokenizer", "tokenizes --data text rows; give --data");
+  // The tokenizer's flags act on --data text rows only; each is refused where it would change nothing.
+  const char* tok_flag = o.tokenizer.model_path ? "--tokenizer" : o.tokenizer.config_path ? "--tokenizer-config"
+                         : o.tokenizer.bos_id ? "--bos-id" : o.tokenizer.eos_id ? "--eos-id" : nullptr;
+  if (tok_flag && !o.data && !o.eval_data) fail(tok_flag, "acts on --data text rows; give --data");
   if (o.tokenizer.config_path && !o.tokenizer.model_path) fail("--tokenizer-config", "goes with --tokenizer");
+  if ((o.tokenizer.bos_id || o.tokenizer.eos_id) && !o.tokenizer.model_path)
+    fail(o.tokenizer.bos_id ? "--bos-id" : "--eos-id", "frames the text rows --tokenizer tokenizes; give --tokenizer");
   if (o.output_dir && o.save_adapter) fail("--save-adapter", "conflicts with --output-dir (they name the same directory)");
   if (o.save_steps > 0 && !o.output_dir && !o.save_adapter) fail("--save-steps", "writes checkpoints into --output-dir; give it");
   if (on_gpu) {
@@ -675,6 +679,9 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     p.total_steps = o.max_steps.value_or(10);
   }
   if (o.eval_data) p.eval = load_dataset({*o.eval_data, in.batch.T, o.packing}, c, tok.get(), &warnings);
+  if (tok && (p.data ? p.data->text_examples : 0) + (p.eval ? p.eval->text_examples : 0) == 0)
+    fail(tok_flag, "every row of the data is tokenized already (input_ids): the tokenizer and its BOS / EOS would "
+                   "change nothing");
   print_warnings("train", warnings);
   if (p.batch % o.micro_batches != 0)
     fail("--micro-batches", std::to_string(o.micro_batches) + " does not divide the batch of " + std::to_string(p.batch));

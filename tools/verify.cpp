@@ -390,6 +390,9 @@ int main(int argc, char** argv) {
   try {
     // CLI11 reads an empty list as no option at all; asking for no rows is a mistake, not "all rows".
     if (diag->count("--variants") && !dopt.variants) fail("--variants", "names no variant");
+    // A case file fixes its weights and batch: a seed would be accepted and change nothing.
+    if ((*diag ? dseed && dspec.case_path : seed && spec.case_path))
+      fail("--seed", "does not apply to --case (the case file fixes the weights and the batch)");
     if (*diag) return run_diagnose(dspec, dopt);
     return run_verify(spec, softcap, backend, json_path, junit_path, dump_path);
   } catch (const InputError& e) {

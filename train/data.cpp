@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "check/golden.hpp"
@@ -107,8 +108,19 @@ namespace {
 
 struct Example {
   std::vector<int64_t> ids, labels;
+  std::vector<int64_t> positions;  // the row's own position_ids (with --packing only), else empty
+  bool text = false;               // tokenized here (a text or instruction row)
   int64_t line = 0;
 };
+
+// The keys a tokenized row may carry besides input_ids; any other key is reported once (load_dataset's warnings)
+// and not used, as HF's Trainer drops the dataset columns its model's forward does not take.
+bool known_row_key(const std::string& k) {
+  for (const char* known : {"input_ids", "labels", "attention_mask", "position_ids", "completion_mask", "text",
+                            "instruction", "input", "output"})
+    if (k == known) return true;
+  return false;
+}
 
 std::vector<int64_t> int_list(const json& v, const std::string& where, const char* key) {
   if (!v.is_array()) fail(where, std::string(key) + " is not a list of integers");
@@ -132,7 +144,8 @@ std::string str_field(const json& j, const char* key, const std::string& where, 
   return it->get<std::string>();
 }
 
-Example parse_line(const std::string& text, const std::string& where, const Config& c, const Tokenizer* tok) {
+Example parse_line(const std::string& text, const std::string& where, const Config& c, const Tokenizer* tok,
+                   bool packing, std::set<std::string>* unknown) {
   json j;
   try {
     j = json::parse(text);
@@ -140,10 +153,15 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
     fail(where, std::string("not valid JSON: ") + e.what());
   }
   if (!j.is_object()) fail(where, "a line is one JSON object");
+  for (const auto& [k, v] : j.items())
+    if (!known_row_key(k) && unknown) unknown->insert(k);
+  if (!j.contains("input_ids"))
+    for (const char* k : {"labels", "attention_mask", "position_ids", "completion_mask"})
+      if (j.contains(k)) fail(where, std::string("'") + k + "' belongs to a tokenized row (input_ids), not a text row");
   Example ex;
   const int64_t V = c.vocab_size;
   if (j.contains("input_ids")) {
-    for (const char* k : {"text", "instruction", "output"})
+    for (const char* k : {"text", "instruction", "input", "output"})
       if (j.contains(k)) fail(where, std::string("has both input_ids and '") + k + "': give one form per row");
     ex.ids = int_list(j["input_ids"], where, "input_ids");
     if (ex.ids.empty()) fail(where, "input_ids is empty");
@@ -171,12 +189,40 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
           fail(where, "attention_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) +
                           ": give only the real tokens (train pads or packs the rows itself)");
     }
+    // TRL's completion-only loss: tokens outside the completion (0) are not scored, as its collator sets their
+    // labels to -100.
+    if (j.contains("completion_mask")) {
+      const std::vector<int64_t> m = int_list(j["completion_mask"], where, "completion_mask");
+      if (m.size() != ex.ids.size()) fail(where, "completion_mask and input_ids differ in length");
+      for (size_t i = 0; i < m.size(); ++i) {
+        if (m[i] != 0 && m[i] != 1)
+          fail(where, "completion_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) + ", not 0 or 1");
+        if (m[i] == 0) ex.labels[i] = kIgnoreIndex;
+      }
+    }
+    // A row's own RoPE positions, e.g. documents packed into it with positions restarting at 0: HF's model then
+    // keeps each document to itself (Batch::packed). Only with --packing, whose rows carry no attention mask; a
+    // padded row has one, under which HF would neither separate the documents nor is there one right answer.
+    if (j.contains("position_ids")) {
+      if (!packing)
+        fail(where, "position_ids (a row's own RoPE positions and packed documents) needs --packing: padded rows carry "
+                    "an attention mask, under which HF does not separate documents");
+      ex.positions = int_list(j["position_ids"], where, "position_ids");
+      if (ex.positions.size() != ex.ids.size()) fail(where, "position_ids and input_ids differ in length");
+      if (ex.positions[0] != 0)
+        fail(where, "position_ids[0] is " + std::to_string(ex.positions[0]) +
+                        ": with --packing an example starts at position 0, so that it stays apart from the one before");
+      for (size_t i = 0; i < ex.positions.size(); ++i)
+        if (ex.positions[i] < 0)
+          fail(where, "position_ids[" + std::to_string(i) + "] is " + std::to_string(ex.positions[i]) + ", negative");
+    }
     return ex;
   }
   const bool text_row = j.contains("text"), instr_row = j.contains("instruction") || j.contains("output");
   if (!text_row && !instr_row) fail(where, "a row needs input_ids, text, or instruction and output");
   if (text_row && instr_row) fail(where, "has both 'text' and instruction fields: give one form per row");
   if (!tok) fail(where, "a text row needs a tokenizer (--tokenizer tokenizer.model)");
+  ex.text = true;
   if (tok->add_bos_token) ex.ids.push_back(tok->bos_id);
   if (text_row) {
     const std::string t = str_field(j, "text", where, true);
@@ -216,6 +262,7 @@ Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok
   std::ifstream in(o.path, std::ios::binary);
   if (!in) fail(o.path, "cannot open for reading");
   std::vector<Example> examples;
+  std::set<std::string> unknown;
   std::string line;
   int64_t lineno = 0;
   while (std::getline(in, line)) {
@@ -223,11 +270,12 @@ Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
     const std::string where = o.path + ":" + std::to_string(lineno);
-    Example ex = parse_line(line, where, c, tok);
+    Example ex = parse_line(line, where, c, tok, o.packing, &unknown);
     ex.line = lineno;
     if (int64_t(ex.ids.size()) > T) {
       ex.ids.resize(size_t(T));
       ex.labels.resize(size_t(T));
+      if (!ex.positions.empty()) ex.positions.resize(size_t(T));
       ++d.truncated;
     }
     // Position t is scored against labels[t + 1]: the first label never counts.
@@ -243,6 +291,12 @@ Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok
   if (examples.empty()) fail(o.path, "holds no example");
   d.examples = int64_t(examples.size());
   d.sha256 = check::sha256_file(o.path);
+  if (!unknown.empty() && warnings) {
+    std::string keys;
+    for (const std::string& k : unknown) keys += (keys.empty() ? "'" : ", '") + k + "'";
+    warnings->push_back(o.path + ": rows carry " + keys +
+                        ", which train does not use (as HF's Trainer drops columns the model does not take)");
+  }
   if (d.truncated && warnings)
     warnings->push_back(o.path + ": " + std::to_string(d.truncated) + " of " + std::to_string(d.examples) +
                         " examples are longer than --seq-len " + std::to_string(T) + " and were cut to their first " +
@@ -281,12 +335,15 @@ Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok
       for (size_t i = 0; i < ex.ids.size(); ++i) {
         r.input_ids.push_back(ex.ids[i]);
         r.labels.push_back(i == 0 ? kIgnoreIndex : ex.labels[i]);
-        r.position_ids.push_back(int64_t(i));
+        r.position_ids.push_back(ex.positions.empty() ? int64_t(i) : ex.positions[i]);
       }
     }
     if (!r.input_ids.empty()) close();
   }
-  for (const Example& ex : examples) d.tokens += int64_t(ex.ids.size());
+  for (const Example& ex : examples) {
+    d.tokens += int64_t(ex.ids.size());
+    d.text_examples += ex.text;
+  }
   for (const Row& r : d.rows)
     for (size_t t = 1; t < r.labels.size(); ++t) d.scored += r.labels[t] != kIgnoreIndex;
   return d;

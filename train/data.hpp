@@ -1,7 +1,9 @@
 // Training data: a JSONL file read into fixed-length rows, and the rows each optimizer step trains on.
 //
 // A line is one example, in one of three forms (docs/train.md):
-//   {"input_ids": [2, 651, ...], "labels": [-100, 651, ...]}   tokenized; labels optional (default: input_ids)
+//   {"input_ids": [2, 651, ...], "labels": [-100, 651, ...]}   tokenized; labels optional (default: input_ids);
+//       also attention_mask (all ones), completion_mask (TRL's: 0 = not scored) and, with --packing,
+//       position_ids (the row's own positions: documents restart at 0)
 //   {"instruction": "...", "input": "...", "output": "..."}   Alpaca; needs a tokenizer; prompt tokens get -100
 //   {"text": "..."}                                           plain text; needs a tokenizer; every token scored
 // Labels follow HF's causal-LM convention, unshifted: position t is scored against labels[t + 1] (Batch::target).
@@ -67,6 +69,7 @@ struct Dataset {
   bool packing = false;
   std::vector<Row> rows;
   int64_t examples = 0;        // JSONL examples read (blank lines are skipped)
+  int64_t text_examples = 0;   // of them, text or instruction rows (tokenized here)
   int64_t truncated = 0;       // examples longer than seq_len, cut to their first seq_len tokens
   int64_t tokens = 0;          // real (non-padding) tokens in all rows
   int64_t scored = 0;          // scored targets in all rows
