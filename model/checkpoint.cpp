@@ -944,8 +944,14 @@ void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_d
     wanted.insert(w.name);
     auto it = renamed.find(w.name);
     if (it == renamed.end()) fail(source, "missing tensor '" + w.name + "'");
-    if (it->second.shape != w.shape)
-      fail(source, "tensor '" + w.name + "' has shape " + shape_str(it->second.shape) + ", expected " + shape_str(w.shape));
+    if (it->second.shape != w.shape) {
+      // Expected from the config: where that left a size out, its default is a likely cause, so say so.
+      std::string defaulted;
+      for (const std::string& m : ck.warnings)
+        if (m.find("is missing: Gemma2Config's default") != std::string::npos) defaulted += "; " + m;
+      fail(source, "tensor '" + w.name + "' has shape " + shape_str(it->second.shape) + ", expected " +
+                       shape_str(w.shape) + defaulted);
+    }
   }
   TensorMap kept;
   for (auto& [n, t] : renamed) {

@@ -399,8 +399,14 @@ void parse_rope(const Reader& r, Config& c, const std::function<void(const std::
   const json* params = r.find("rope_parameters");
   const json* top = r.find("rope_theta");
   const json* rope = set(scaling) ? scaling : set(params) ? params : nullptr;
+  // No theta anywhere: transformers 5 standardizes the RoPE parameters with rope_theta 10000.0 (Gemma2Config's
+  // default, read on the GPU host with 5.17), so that is the value, with a warning.
+  auto default_theta = [&](const std::string& where) {
+    warn("no rope_theta " + where + ": the default 10000.0 is used, as transformers 5 does");
+    c.rope_theta = 10000.0;
+  };
   if (!rope) {
-    if (!top) fail(source, "missing key 'rope_theta' (or 'rope_parameters.rope_theta')");
+    if (!top) return default_theta("(nor rope_parameters or rope_scaling)");
     c.rope_theta = r.number(*top, "rope_theta");
     return;
   }
@@ -430,7 +436,7 @@ void parse_rope(const Reader& r, Config& c, const std::function<void(const std::
   } else if (top) {
     c.rope_theta = r.number(*top, "rope_theta");
   } else {
-    fail(source, "missing key 'rope_theta' (in " + name + " or at the top level)");
+    default_theta("in " + name + " or at the top level");
   }
 }
 
@@ -467,23 +473,35 @@ Config parse_config_json(const std::string& text, const std::string& source, std
       fail(source, key + " = " + json_brief(v) + " is not implemented (implemented: " + rule->key.why + ")");
   }
 
+  // A key the file leaves out takes Gemma2Config's default, as HF's loader gives it (the defaults of
+  // transformers 5.17's Gemma2Config.__init__, read on the GPU host), with a warning naming the key and the value:
+  // a missing cap is 50 or 30, not off (off is null). Present keys are read as written.
+  auto given = [&](const char* key, const std::string& dflt) {
+    if (r.find(key)) return true;
+    warn("key '" + std::string(key) + "' is missing: Gemma2Config's default " + dflt + " is used, as HF does");
+    return false;
+  };
   Config c;
-  c.vocab_size = r.integer("vocab_size");
-  c.hidden_size = r.integer("hidden_size");
-  c.intermediate_size = r.integer("intermediate_size");
-  c.num_hidden_layers = r.integer("num_hidden_layers");
-  c.num_attention_heads = r.integer("num_attention_heads");
-  c.num_key_value_heads = r.integer("num_key_value_heads");
-  c.head_dim = r.integer("head_dim");
-  c.query_pre_attn_scalar = r.number("query_pre_attn_scalar");
-  {
+  auto integer = [&](const char* key, int64_t dflt) { return given(key, std::to_string(dflt)) ? r.integer(key) : dflt; };
+  c.vocab_size = integer("vocab_size", 256000);
+  c.hidden_size = integer("hidden_size", 2304);
+  c.intermediate_size = integer("intermediate_size", 9216);
+  c.num_hidden_layers = integer("num_hidden_layers", 26);
+  c.num_attention_heads = integer("num_attention_heads", 8);
+  c.num_key_value_heads = integer("num_key_value_heads", 4);
+  c.head_dim = integer("head_dim", 256);
+  c.query_pre_attn_scalar = given("query_pre_attn_scalar", "256") ? r.number("query_pre_attn_scalar") : 256.0;
+  if (given("sliding_window", "4096")) {
     const json* w = r.find("sliding_window");
-    if (!w) fail(source, "missing key 'sliding_window'");
     if (!w->is_null()) c.sliding_window = r.as_integer(*w, "sliding_window");
+  } else {
+    c.sliding_window = 4096;
   }
-  c.attn_logit_softcapping = r.nullable_number("attn_logit_softcapping");
-  c.final_logit_softcapping = r.nullable_number("final_logit_softcapping");
-  c.rms_norm_eps = r.number("rms_norm_eps");
+  c.attn_logit_softcapping =
+      given("attn_logit_softcapping", "50.0") ? r.nullable_number("attn_logit_softcapping") : std::optional<double>(50.0);
+  c.final_logit_softcapping =
+      given("final_logit_softcapping", "30.0") ? r.nullable_number("final_logit_softcapping") : std::optional<double>(30.0);
+  c.rms_norm_eps = given("rms_norm_eps", "1e-06") ? r.number("rms_norm_eps") : 1e-6;
   parse_rope(r, c, warn);
 
   // Gemma2MLP applies ACT2FN[config.hidden_activation], whose default is gelu_pytorch_tanh. hidden_act, which

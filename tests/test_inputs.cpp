@@ -176,8 +176,62 @@ TEST(ConfigKeys, RopeScalingOfDefaultTypeIsReadOthersRefused) {
     expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
                        {"config.json: rope_scaling.rope_type = \"" + std::string(type) + "\" is not implemented"});
   }
+  // No theta anywhere: transformers 5's default 10000.0, with a warning (not the tiny config's 10000 by chance: the
+  // top-level key is erased and the dict has none).
+  c.erase("rope_theta");
   c["rope_scaling"] = {{"rope_type", "default"}};
-  expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); }, {"missing key 'rope_theta'"});
+  std::vector<std::string> w2;
+  EXPECT_EQ(parse_config_json(c.dump(), "config.json", &w2).rope_theta, 10000.0);
+  ASSERT_EQ(w2.size(), 1u);
+  EXPECT_NE(w2[0].find("no rope_theta"), std::string::npos) << w2[0];
+}
+
+// A key the file leaves out takes Gemma2Config's default (transformers 5.17's Gemma2Config.__init__, as HF's loader
+// fills it), with one warning naming the key and the value; a missing cap is its default, never "off" (null).
+TEST(ConfigKeys, MissingKeysTakeGemma2ConfigDefaults) {
+  const std::vector<std::pair<const char*, double>> defaults = {
+      {"vocab_size", 256000}, {"hidden_size", 2304}, {"intermediate_size", 9216}, {"num_hidden_layers", 26},
+      {"num_attention_heads", 8}, {"num_key_value_heads", 4}, {"head_dim", 256}, {"query_pre_attn_scalar", 256},
+      {"sliding_window", 4096}, {"attn_logit_softcapping", 50}, {"final_logit_softcapping", 30},
+      {"rms_norm_eps", 1e-6}, {"rope_theta", 10000}};
+  for (const auto& [key, value] : defaults) {
+    json c = old_style_tiny();
+    if (std::string(key) == "rope_theta") c["rope_theta"] = 500.0;  // so that the default is visibly not the file's
+    else if (std::string(key) == "num_hidden_layers") c.erase("layer_types");
+    ASSERT_TRUE(c.contains(key)) << key;
+    c.erase(key);
+    std::vector<std::string> w;
+    Config cfg;
+    try {
+      cfg = parse_config_json(c.dump(), "config.json", &w);
+    } catch (const InputError& e) {
+      // The default can contradict the file's other keys (4 KV heads for the tiny model's 2 query heads): then the
+      // refusal names the key, as it would for that value written out.
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << key << ": " << e.what();
+      continue;
+    }
+    const std::map<std::string, double> got = {
+        {"vocab_size", double(cfg.vocab_size)}, {"hidden_size", double(cfg.hidden_size)},
+        {"intermediate_size", double(cfg.intermediate_size)}, {"num_hidden_layers", double(cfg.num_hidden_layers)},
+        {"num_attention_heads", double(cfg.num_attention_heads)}, {"num_key_value_heads", double(cfg.num_key_value_heads)},
+        {"head_dim", double(cfg.head_dim)}, {"query_pre_attn_scalar", cfg.query_pre_attn_scalar},
+        {"sliding_window", double(cfg.sliding_window.value_or(-1))},
+        {"attn_logit_softcapping", cfg.attn_logit_softcapping.value_or(-1)},
+        {"final_logit_softcapping", cfg.final_logit_softcapping.value_or(-1)}, {"rms_norm_eps", cfg.rms_norm_eps},
+        {"rope_theta", cfg.rope_theta}};
+    EXPECT_EQ(got.at(key), value) << key;
+    bool named = false;
+    for (const auto& line : w) named |= line.find(key) != std::string::npos;
+    EXPECT_TRUE(named) << key << ": no warning names it";
+  }
+  // Against a checkpoint the default is checked like a written value: the tiny embedding has 384 rows, not 256000.
+  TempDir d;
+  json c = old_style_tiny();
+  c.erase("vocab_size");
+  const auto [cfg, weights] = write_tiny_checkpoint(d, c, tiny_case().model.weights);
+  const ToolRun r = verify_ckpt(d, cfg, weights, {"--seq", "6"});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("vocab_size"), std::string::npos) << r.err;
 }
 
 TEST(ConfigKeys, PadTokenAsTorchsPaddingIdx) {
