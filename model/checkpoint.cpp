@@ -948,7 +948,7 @@ void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_d
       // Expected from the config: where that left a size out, its default is a likely cause, so say so.
       std::string defaulted;
       for (const std::string& m : ck.warnings)
-        if (m.find("is missing: Gemma2Config's default") != std::string::npos) defaulted += "; " + m;
+        if (m.find(kDefaultedKeyNote) != std::string::npos) defaulted += "; " + m;
       fail(source, "tensor '" + w.name + "' has shape " + shape_str(it->second.shape) + ", expected " +
                        shape_str(w.shape) + defaulted);
     }

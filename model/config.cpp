@@ -155,19 +155,26 @@ Config with_layers(const Config& c, int64_t n) {
 
 namespace {
 
-// Typed field access with errors that name the file and the key.
+// Typed field access with errors that name the file and the key. A key the file leaves out takes the default the
+// caller gives (Gemma2Config's), with a warning naming the key and the value, as HF's loader fills it in.
 struct Reader {
   const json& j;
   const std::string& source;
+  const std::function<void(const std::string&)>& warn;
 
   const json* find(const char* key) const {
     auto it = j.find(key);
     return it == j.end() ? nullptr : &*it;
   }
-  int64_t integer(const char* key) const {
+  // The key's value, or null after warning that `dflt` stands in for it.
+  const json* find_or_default(const char* key, const std::string& dflt) const {
     const json* v = find(key);
-    if (!v) fail(source, std::string("missing key '") + key + "'");
-    return as_integer(*v, key);
+    if (!v) warn("key '" + std::string(key) + "' " + kDefaultedKeyNote + " " + dflt + " is used, as HF does");
+    return v;
+  }
+  int64_t integer(const char* key, int64_t dflt) const {
+    const json* v = find_or_default(key, std::to_string(dflt));
+    return v ? as_integer(*v, key) : dflt;
   }
   int64_t as_integer(const json& v, const std::string& key) const {
     if (v.is_number_integer()) return v.get<int64_t>();
@@ -182,14 +189,14 @@ struct Reader {
     if (!v.is_number()) fail(source, "key '" + key + "' must be a number, got " + json_brief(v));
     return v.get<double>();
   }
-  double number(const char* key) const {
-    const json* v = find(key);
-    if (!v) fail(source, std::string("missing key '") + key + "'");
-    return number(*v, key);
+  double number(const char* key, double dflt) const {
+    const json* v = find_or_default(key, json(dflt).dump());
+    return v ? number(*v, key) : dflt;
   }
-  std::optional<double> nullable_number(const char* key) const {
-    const json* v = find(key);
-    if (!v) fail(source, std::string("missing key '") + key + "' (write null to switch it off)");
+  // null is off; a missing key is `dflt`, never off.
+  std::optional<double> nullable_number(const char* key, double dflt) const {
+    const json* v = find_or_default(key, json(dflt).dump());
+    if (!v) return dflt;
     if (v->is_null()) return std::nullopt;
     return number(*v, key);
   }
@@ -392,8 +399,9 @@ namespace {
 // RoPE as transformers 5 reads it (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): the rope_scaling
 // dict when it is set (non-empty), else rope_parameters, with rope_theta from the top level when the dict has
 // none; the older spelling "type" stands for "rope_type". Only default RoPE is implemented.
-void parse_rope(const Reader& r, Config& c, const std::function<void(const std::string&)>& warn) {
+void parse_rope(const Reader& r, Config& c) {
   const std::string& source = r.source;
+  const auto& warn = r.warn;
   auto set = [](const json* v) { return v && !v->is_null() && !(v->is_object() && v->empty()); };
   const json* scaling = r.find("rope_scaling");
   const json* params = r.find("rope_parameters");
@@ -451,10 +459,10 @@ Config parse_config_json(const std::string& text, const std::string& source, std
     fail(source, std::string("malformed JSON: ") + e.what());
   }
   if (!j.is_object()) fail(source, "config is not a JSON object");
-  Reader r{j, source};
-  auto warn = [&](const std::string& m) {
+  const std::function<void(const std::string&)> warn = [&](const std::string& m) {
     if (warnings) warnings->push_back(one_line(source + ": " + m));
   };
+  Reader r{j, source, warn};
   if (const json* mt = r.find("model_type")) {
     if (!is_gemma2(*mt)) fail(source, "model_type is " + json_brief(*mt) + ", expected \"gemma2\"");
   }
@@ -473,36 +481,25 @@ Config parse_config_json(const std::string& text, const std::string& source, std
       fail(source, key + " = " + json_brief(v) + " is not implemented (implemented: " + rule->key.why + ")");
   }
 
-  // A key the file leaves out takes Gemma2Config's default, as HF's loader gives it (the defaults of
-  // transformers 5.17's Gemma2Config.__init__, read on the GPU host), with a warning naming the key and the value:
-  // a missing cap is 50 or 30, not off (off is null). Present keys are read as written.
-  auto given = [&](const char* key, const std::string& dflt) {
-    if (r.find(key)) return true;
-    warn("key '" + std::string(key) + "' is missing: Gemma2Config's default " + dflt + " is used, as HF does");
-    return false;
-  };
+  // The defaults are transformers 5.17's Gemma2Config.__init__ (read on the GPU host); a missing cap is 50 or 30,
+  // not off (off is null).
   Config c;
-  auto integer = [&](const char* key, int64_t dflt) { return given(key, std::to_string(dflt)) ? r.integer(key) : dflt; };
-  c.vocab_size = integer("vocab_size", 256000);
-  c.hidden_size = integer("hidden_size", 2304);
-  c.intermediate_size = integer("intermediate_size", 9216);
-  c.num_hidden_layers = integer("num_hidden_layers", 26);
-  c.num_attention_heads = integer("num_attention_heads", 8);
-  c.num_key_value_heads = integer("num_key_value_heads", 4);
-  c.head_dim = integer("head_dim", 256);
-  c.query_pre_attn_scalar = given("query_pre_attn_scalar", "256") ? r.number("query_pre_attn_scalar") : 256.0;
-  if (given("sliding_window", "4096")) {
-    const json* w = r.find("sliding_window");
-    if (!w->is_null()) c.sliding_window = r.as_integer(*w, "sliding_window");
-  } else {
+  c.vocab_size = r.integer("vocab_size", 256000);
+  c.hidden_size = r.integer("hidden_size", 2304);
+  c.intermediate_size = r.integer("intermediate_size", 9216);
+  c.num_hidden_layers = r.integer("num_hidden_layers", 26);
+  c.num_attention_heads = r.integer("num_attention_heads", 8);
+  c.num_key_value_heads = r.integer("num_key_value_heads", 4);
+  c.head_dim = r.integer("head_dim", 256);
+  c.query_pre_attn_scalar = r.number("query_pre_attn_scalar", 256);
+  if (const json* w = r.find_or_default("sliding_window", "4096"); !w)
     c.sliding_window = 4096;
-  }
-  c.attn_logit_softcapping =
-      given("attn_logit_softcapping", "50.0") ? r.nullable_number("attn_logit_softcapping") : std::optional<double>(50.0);
-  c.final_logit_softcapping =
-      given("final_logit_softcapping", "30.0") ? r.nullable_number("final_logit_softcapping") : std::optional<double>(30.0);
-  c.rms_norm_eps = given("rms_norm_eps", "1e-06") ? r.number("rms_norm_eps") : 1e-6;
-  parse_rope(r, c, warn);
+  else if (!w->is_null())
+    c.sliding_window = r.as_integer(*w, "sliding_window");
+  c.attn_logit_softcapping = r.nullable_number("attn_logit_softcapping", 50.0);
+  c.final_logit_softcapping = r.nullable_number("final_logit_softcapping", 30.0);
+  c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
+  parse_rope(r, c);
 
   // Gemma2MLP applies ACT2FN[config.hidden_activation], whose default is gelu_pytorch_tanh. hidden_act, which
   // real Gemma 2 configs often carry too, is not read: a config with only hidden_act gets the default, as in HF.

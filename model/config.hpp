@@ -69,6 +69,9 @@ Config with_layers(const Config& c, int64_t n);
 // run but deserves a word (a key nobody knows, a hidden_act HF does not use) is appended to `warnings` as
 // one line "<source>: ..."; pass nullptr only where nothing could print them (fuzzers, unit tests).
 Config parse_config_json(const std::string& text, const std::string& source, std::vector<std::string>* warnings);
+// In the warning for a key the file leaves out, which takes Gemma2Config's default: a shape error elsewhere repeats
+// such warnings as the likely cause (validate_checkpoint).
+inline constexpr const char* kDefaultedKeyNote = "is missing: Gemma2Config's default";
 // How a config.json key is treated.
 enum class KeyKind : uint8_t {
   used,      // parsed into Config

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
 
 #include "model/errors.hpp"
 #include "model/h5util.hpp"
@@ -82,12 +83,15 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                         ") or fewer layers");
 
   Report report;
-  nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array(),
-                 hd128_runs = nlohmann::json::array(), hd256_runs = nlohmann::json::array();
-  // Where a setting's runs go in --json: the main setting's, gemma2-odd's (its NF4 run too), gemma2-hd128's,
-  // gemma2-hd256's.
+  nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array();
+  // The head-size companions' runs by tag ("hd128 ", "hd256 "), each its own object in --json.
+  std::map<std::string, nlohmann::json> hd_runs;
+  // Where a setting's runs go in --json: the main setting's, gemma2-odd's (its NF4 run too), a head-size
+  // companion's.
   auto runs_for = [&](const std::string& tag) -> nlohmann::json& {
-    return tag.empty() ? runs : tag == "hd128 " ? hd128_runs : tag == "hd256 " ? hd256_runs : companion_runs;
+    if (tag.empty()) return runs;
+    if (tag.rfind("hd", 0) == 0) return hd_runs.try_emplace(tag, nlohmann::json::array()).first->second;
+    return companion_runs;
   };
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
@@ -303,8 +307,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       };
       nlohmann::json j = shaped(runs);
       if (!companion_runs.empty()) j["companion"] = shaped(companion_runs);
-      if (!hd128_runs.empty()) j["companion_hd128"] = shaped(hd128_runs);
-      if (!hd256_runs.empty()) j["companion_hd256"] = shaped(hd256_runs);
+      for (const auto& [tag, rs] : hd_runs) j["companion_" + tag.substr(0, tag.size() - 1)] = shaped(rs);
       j["checks"] = checks_json(report);
       j["pass"] = report.all_pass();
       j["source"] = in.source;

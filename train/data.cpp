@@ -134,6 +134,13 @@ std::vector<int64_t> int_list(const json& v, const std::string& where, const cha
   return out;
 }
 
+// A per-token list beside input_ids (attention_mask, completion_mask, position_ids): integers, one per token.
+std::vector<int64_t> token_list(const json& j, const char* key, const std::string& where, size_t n) {
+  std::vector<int64_t> v = int_list(j[key], where, key);
+  if (v.size() != n) fail(where, std::string(key) + " and input_ids differ in length");
+  return v;
+}
+
 std::string str_field(const json& j, const char* key, const std::string& where, bool required) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
@@ -182,8 +189,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
     }
     // A mask from a tokenizer call is all ones for an unpadded example; padding here is train's job.
     if (j.contains("attention_mask")) {
-      const std::vector<int64_t> m = int_list(j["attention_mask"], where, "attention_mask");
-      if (m.size() != ex.ids.size()) fail(where, "attention_mask and input_ids differ in length");
+      const std::vector<int64_t> m = token_list(j, "attention_mask", where, ex.ids.size());
       for (size_t i = 0; i < m.size(); ++i)
         if (m[i] != 1)
           fail(where, "attention_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) +
@@ -192,8 +198,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
     // TRL's completion-only loss: tokens outside the completion (0) are not scored, as its collator sets their
     // labels to -100.
     if (j.contains("completion_mask")) {
-      const std::vector<int64_t> m = int_list(j["completion_mask"], where, "completion_mask");
-      if (m.size() != ex.ids.size()) fail(where, "completion_mask and input_ids differ in length");
+      const std::vector<int64_t> m = token_list(j, "completion_mask", where, ex.ids.size());
       for (size_t i = 0; i < m.size(); ++i) {
         if (m[i] != 0 && m[i] != 1)
           fail(where, "completion_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) + ", not 0 or 1");
@@ -207,8 +212,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
       if (!packing)
         fail(where, "position_ids (a row's own RoPE positions and packed documents) needs --packing: padded rows carry "
                     "an attention mask, under which HF does not separate documents");
-      ex.positions = int_list(j["position_ids"], where, "position_ids");
-      if (ex.positions.size() != ex.ids.size()) fail(where, "position_ids and input_ids differ in length");
+      ex.positions = token_list(j, "position_ids", where, ex.ids.size());
       if (ex.positions[0] != 0)
         fail(where, "position_ids[0] is " + std::to_string(ex.positions[0]) +
                         ": with --packing an example starts at position 0, so that it stays apart from the one before");
