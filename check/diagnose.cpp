@@ -180,7 +180,10 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   if (spec.quantize && *spec.quantize != "nf4") fail("--quantize", "'" + *spec.quantize + "' is not nf4 (the one quantization implemented)");
   const std::string quantized = spec.quantize ? "; " + quantize_base_projections(s.ck) : "";
   const int64_t r = spec.lora_r.value_or(kDefaultPresetLoraR);
-  s.ck.adapter = synthetic_adapter_config(r > 0 ? r : kDefaultPresetLoraR);
+  // The diagnosis compares adapter gradients (a full-weight run at true widths does not fit as float64).
+  if (r < 1) fail("--lora-r", "diagnose needs LoRA adapters: a rank >= 1");
+  if (spec.adapter) fail("--adapter", "applies to --config/--weights only (a preset's synthetic base takes synthetic adapters: --lora-r R)");
+  s.ck.adapter = synthetic_adapter_config(r);
   TensorMap a = synthetic_adapters(c, *s.ck.adapter, seed);
   s.ck.weights.insert(a.begin(), a.end());
   Batch batch = synthetic_batch(c, B, T, seed);

@@ -57,6 +57,11 @@ Inputs load_inputs(const InputSpec& s) {
   if (s.quantize && *s.quantize != "nf4") fail("--quantize", "'" + *s.quantize + "' is not nf4 (the one quantization implemented)");
   if (s.quantize && s.case_path)
     fail("--quantize", "does not apply to --case (the case file fixes the weights its expected values were computed with)");
+  // A PEFT adapter belongs to a checkpoint: a preset's weights are synthetic and a case file carries its own.
+  if (s.adapter && !s.config && !s.weights)
+    fail("--adapter", std::string("applies to --config/--weights only (") +
+                          (s.case_path ? "the case file fixes the adapters, or their absence)"
+                                       : "a preset's synthetic base takes synthetic adapters: --lora-r R)"));
   Inputs in;
   if (s.case_path) {
     const char* fixed = "does not apply to --case (the case file fixes the model and the batch)";
@@ -106,7 +111,8 @@ Inputs load_inputs(const InputSpec& s) {
     const std::string quantized = s.quantize ? "; " + quantize_base_projections(in.model)
                                   : in.model.quantization ? "; base projections " + *in.model.quantization +
                                                                 ", dequantized on load"
-                                                          : "";    if (s.lora_r && *s.lora_r > 0) {
+                                                          : "";
+    if (s.lora_r && *s.lora_r > 0) {
       // Synthetic adapters (seeded by --seed) on the real base weights, exactly as on a preset.
       in.model.adapter = synthetic_adapter_config(*s.lora_r);
       TensorMap a = synthetic_adapters(in.model.config, *in.model.adapter, s.seed);
@@ -120,6 +126,12 @@ Inputs load_inputs(const InputSpec& s) {
                      (s.lora_r && *s.lora_r > 0 ? "; synthetic LoRA adapters, seed " + std::to_string(s.seed) : "") +
                      quantized + ")";
   }
+  // Gradients of 4-bit weights are not defined (QLoRA trains adapters on a frozen quantized base; HF's Trainer
+  // refuses "purely quantized models"), so a quantized base needs adapters.
+  if ((s.quantize || in.model.quantization) && !in.model.adapter)
+    fail(s.lora_r ? "--lora-r" : in.source,
+         "a 4-bit quantized base trains only LoRA adapters: give --lora-r R >= 1 or --adapter (--lora-r 0 would ask "
+         "for gradients of the quantized weights)");
   if (in.batch.count_targets() == 0) fail(in.source, "every label is ignored (-100): the mean loss is undefined (0/0)");
   return in;
 }

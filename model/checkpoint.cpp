@@ -314,8 +314,12 @@ const std::vector<AdapterKeyRule>& adapter_rules() {
 // never hang the tools. Back-references, which that matcher cannot run, are refused at compile time.
 constexpr auto kRegexFlags = std::regex::ECMAScript | std::regex_constants::__polynomial;
 
-// A pattern from the file, compiled once: ECMAScript syntax, which agrees with Python's re on everything a
-// module-name pattern uses (., *, +, ?, |, groups, classes, \d); a pattern it cannot compile is refused.
+// A pattern from the file, compiled once. PEFT's patterns are Python re; they run here as ECMAScript, which agrees
+// with it on what module-name patterns use (., *, +, ?, |, groups, classes, \d \w \s \b and their negations).
+// Where the two differ the pattern is translated or refused, never read another way: Python's \A and \Z (start
+// and end of the string) become ^ and $, the same anchors without the multiline flag; any other escaped letter
+// (ECMAScript reads an unknown one as the letter, Python refuses it or means something else) and a POSIX class
+// "[:alpha:]" inside brackets (Python reads its characters literally) are refused.
 std::regex compile(const std::string& pattern, const std::string& what, const std::string& source) {
   // Deeply nested patterns make the compiler recurse as deep; no module name needs more than this.
   if (pattern.size() > 4096)
@@ -327,19 +331,34 @@ std::regex compile(const std::string& pattern, const std::string& what, const st
   // polynomial matcher cannot run them, and Python's re reads "\\1" inside a class as an octal escape instead).
   constexpr long kMaxRepeat = 1000;
   bool in_class = false;
+  std::string translated;
   for (size_t i = 0; i < pattern.size(); ++i) {
     const char ch = pattern[i];
+    translated += ch;
     if (ch == '\\' && i + 1 < pattern.size()) {
-      if (std::isdigit(static_cast<unsigned char>(pattern[i + 1])) && pattern[i + 1] != '0')
-        fail(source, what + " '" + pattern + "' uses a back-reference (\\" + pattern[i + 1] +
+      const char e = pattern[i + 1];
+      if (std::isdigit(static_cast<unsigned char>(e)) && e != '0')
+        fail(source, what + " '" + pattern + "' uses a back-reference (\\" + e +
                          "), which module-name matching does not support");
+      if (!in_class && (e == 'A' || e == 'Z')) {
+        translated.back() = e == 'A' ? '^' : '$';
+        ++i;
+        continue;
+      }
+      if (std::isalpha(static_cast<unsigned char>(e)) && std::string("dDwWsSbBntrfvxu").find(e) == std::string::npos)
+        fail(source, what + " '" + pattern + "' uses the escape \\" + e +
+                         ", which Python's re (PEFT's matcher) and ECMAScript read differently");
+      translated += e;
       ++i;
     } else if (in_class) {
+      if (ch == '[' && i + 1 < pattern.size() && (pattern[i + 1] == ':' || pattern[i + 1] == '=' || pattern[i + 1] == '.'))
+        fail(source, what + " '" + pattern + "' has '[" + pattern[i + 1] +
+                         "' inside brackets: a POSIX class here, literal characters in Python's re (PEFT's matcher)");
       if (ch == ']') in_class = false;
     } else if (ch == '[') {
       in_class = true;
-      if (i + 1 < pattern.size() && pattern[i + 1] == '^') ++i;
-      if (i + 1 < pattern.size() && pattern[i + 1] == ']') ++i;  // "[]" and "[^]" open with a literal ']'
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') translated += pattern[++i];
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') translated += pattern[++i];  // "[]" and "[^]" open with a literal ']'
     } else if (ch == '{') {
       // Every digit run of the brace body, whatever follows it: "{12", "{1,99999", "{,5}".
       for (size_t j = i + 1; j < pattern.size() && pattern[j] != '}'; ++j) {
@@ -355,7 +374,7 @@ std::regex compile(const std::string& pattern, const std::string& what, const st
     }
   }
   try {
-    return std::regex(pattern, kRegexFlags);
+    return std::regex(translated, kRegexFlags);
   } catch (const std::regex_error& e) {
     fail(source,
          what + " '" + pattern + "' is not a regular expression this project can compile (ECMAScript): " + e.what());

@@ -503,7 +503,11 @@ Config parse_config_json(const std::string& text, const std::string& source, std
 
   // Gemma2MLP applies ACT2FN[config.hidden_activation], whose default is gelu_pytorch_tanh. hidden_act, which
   // real Gemma 2 configs often carry too, is not read: a config with only hidden_act gets the default, as in HF.
-  if (const json* act = r.find("hidden_activation"); act && !act->is_null())
+  // An explicit null is not the default: HF's Gemma2MLP looks up ACT2FN[None] and fails to build.
+  if (const json* act = r.find("hidden_activation"); act && act->is_null())
+    fail(source, "hidden_activation is null: HF's Gemma2MLP cannot build an activation from it (ACT2FN[None]); "
+                 "Gemma 2's is \"gelu_pytorch_tanh\"");
+  else if (act)
     c.hidden_activation = act->get<std::string>();
   if (const json* ha = r.find("hidden_act"); ha && !ha->is_null()) {
     if (!(ha->is_string() && ha->get<std::string>() == c.hidden_activation))
@@ -606,8 +610,10 @@ void validate(const Config& c, const std::string& source) {
     fail(source, "query_pre_attn_scalar must be positive");
   if (!(std::isfinite(c.rms_norm_eps) && c.rms_norm_eps > 0)) fail(source, "rms_norm_eps must be positive");
   if (!(std::isfinite(c.rope_theta) && c.rope_theta > 1)) fail(source, "rope_theta must be greater than 1");
-  for (auto cap : {c.attn_logit_softcapping, c.final_logit_softcapping})
-    if (cap && !(std::isfinite(*cap) && *cap > 0)) fail(source, "a softcap must be positive or null");
+  for (const auto& [key, cap] : {std::pair{"attn_logit_softcapping", c.attn_logit_softcapping},
+                                  std::pair{"final_logit_softcapping", c.final_logit_softcapping}})
+    if (cap && !(std::isfinite(*cap) && *cap > 0))
+      fail(source, std::string(key) + " must be positive or null (c tanh(x / c) divides by it), got " + json(*cap).dump());
   if (c.hidden_activation != "gelu_pytorch_tanh")
     fail(source, "hidden_activation '" + c.hidden_activation + "' is not Gemma 2's gelu_pytorch_tanh");
   if (int64_t(c.layer_types.size()) != c.num_hidden_layers)

@@ -1166,6 +1166,17 @@ TEST(BadFlags, TrainNegativeLearningRate) {
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--lr", "-1e-3"}, d), "train", {"--lr: must be 0 or a positive number"});
 }
 
+// torch.optim.AdamW refuses these in its constructor; train once ran them (beta2 = 1 ended in NaN, exit 1).
+TEST(BadFlags, TrainAdamWValuesTorchRefuses) {
+  TempDir d;
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"--adam-beta1", "1.5"}, {"--adam-beta1", "-0.5"}, {"--adam-beta2", "1.0"},
+      {"--adam-epsilon", "-1e-8"}, {"--weight-decay", "-0.1"}};
+  for (const auto& [flag, value] : bad)
+    expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", flag, value}, d), "train",
+                    {flag + ": must be", "torch.optim.AdamW"});
+}
+
 TEST(BadFlags, TrainWithoutInputNamesItself) {
   TempDir d;
   const ToolRun r = run_tool(kTrain, {"--steps", "1"}, d);

@@ -160,6 +160,21 @@ TEST(ConfigKeys, HiddenActAloneIsReadAsHfReadsIt) {
   EXPECT_TRUE(w.empty());
 }
 
+// hidden_activation: null once read as the default; HF cannot build that model (ACT2FN[None]). A cap of 0 is
+// refused naming which cap.
+TEST(ConfigKeys, NullActivationAndZeroCapsAreRefusedByName) {
+  json c = old_style_tiny();
+  c["hidden_activation"] = nullptr;
+  expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
+                     {"config.json: hidden_activation is null", "ACT2FN[None]"});
+  for (const char* key : {"attn_logit_softcapping", "final_logit_softcapping"}) {
+    c = old_style_tiny();
+    c[key] = 0.0;
+    expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
+                       {std::string("config.json: ") + key + " must be positive or null"});
+  }
+}
+
 TEST(ConfigKeys, RopeScalingOfDefaultTypeIsReadOthersRefused) {
   json c = old_style_tiny();
   c.erase("rope_theta");
@@ -563,6 +578,21 @@ TEST(PeftRules, HugeRepetitionCountsAndBackReferencesAreRefusedBeforeCompiling) 
   EXPECT_EQ(adapted(parse(lora(R"(.*[{]?\.(q_proj))"))), "0.q_proj 1.q_proj");
 }
 
+// PEFT matches with Python's re, this project with ECMAScript: \A and \Z once read as the letters A and Z (an
+// alpha_pattern "q_proj\Z" silently missed, keeping the default alpha), and "[[:alpha:]]" as a POSIX class
+// (adapting q, k, v, o where PEFT matches nothing). Python's anchors are translated; readings that differ are refused.
+TEST(PeftRules, PythonOnlyRegexSyntaxIsTranslatedOrRefused) {
+  EXPECT_EQ(adapted(parse(lora(R"(\A.*\.q_proj\Z)"))), "0.q_proj 1.q_proj");
+  json j = lora({"q_proj"});
+  j["alpha_pattern"] = {{R"(q_proj\Z)", 16}};
+  EXPECT_EQ(parse(j).module(0, Proj::q_proj).lora_alpha, 16);
+  expect_input_error([] { parse(lora(R"(.*\.[[:alpha:]]_proj)")); }, {"'[:' inside brackets", "Python's re"});
+  expect_input_error([] { parse(lora(R"(.*\.q_proj\z)")); }, {"the escape \\z", "Python's re"});
+  j = lora({"q_proj"});
+  j["rank_pattern"] = {{R"(\Lq_proj)", 4}};
+  expect_input_error([&] { parse(j); }, {"rank_pattern key", "the escape \\L"});
+}
+
 // A file must not hang the tools: "(.*)*x" takes minutes per module name on a backtracking matcher.
 TEST(PeftRules, ABacktrackingPatternIsMatchedInPolynomialTime) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -840,6 +870,34 @@ TEST(LoraRFlag, ConflictsWithAdapterOrCaseAreRefused) {
                   {"--lora-r: conflicts with --case"});
   expect_rejected(run_tool(kVerify, {"--case", d / "case.h5", "--lora-r", "0"}, d), "verify",
                   {"--lora-r: conflicts with --case"});
+}
+
+// --adapter with --case or --model once ran without it (exit 0, the same loss): an adapter belongs to a checkpoint.
+TEST(AdapterFlag, OutsideACheckpointIsRefused) {
+  TempDir d;
+  const std::string ad = kReported + "/peft_regex_target/adapter";
+  write_case(d / "case.h5", tiny_case());
+  expect_rejected(run_tool(kVerify, {"--case", d / "case.h5", "--adapter", ad}, d), "verify",
+                  {"--adapter: applies to --config/--weights only", "case file"});
+  expect_rejected(run_tool(kVerify, {"--model", "gemma2-tiny", "--adapter", ad}, d), "verify",
+                  {"--adapter: applies to --config/--weights only", "--lora-r"});
+  expect_rejected(run_tool(kVerify, {"diagnose", "--model", "gemma2-tiny", "--adapter", ad}, d), "verify",
+                  {"--adapter: applies to --config/--weights only"});
+  expect_rejected(run_tool(kVerify, {"diagnose", "--model", "gemma2-tiny", "--lora-r", "0"}, d), "verify",
+                  {"--lora-r: diagnose needs LoRA adapters"});
+  expect_rejected(run_tool(kTrain, {"--case", d / "case.h5", "--adapter", ad, "--max-steps", "1"}, d), "train",
+                  {"--adapter: applies to --config/--weights only"});
+}
+
+// A quantized base has no weight gradients to give (QLoRA trains adapters only; HF's Trainer refuses purely
+// quantized models): --lora-r 0 with --quantize once reported "gradients" of the NF4 weights.
+TEST(AdapterFlag, QuantizedBaseWithoutAdaptersIsRefused) {
+  TempDir d;
+  expect_rejected(run_tool(kVerify, {"--model", "gemma2-tiny", "--quantize", "nf4", "--lora-r", "0"}, d), "verify",
+                  {"--lora-r: a 4-bit quantized base trains only LoRA adapters"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--quantize", "nf4", "--lora-r", "0", "--max-steps", "1"},
+                           d),
+                  "train", {"--lora-r: a 4-bit quantized base trains only LoRA adapters"});
 }
 
 // ------------------------------------------------------------------------------------------------------

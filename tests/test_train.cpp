@@ -546,6 +546,30 @@ TEST(TrainBinary, FullWeightTrainingWritesAnHFCheckpoint) {
                   {"--save-adapter", "use --output-dir"});
 }
 
+// --softcap turning a cap off once left it on in the config.json train wrote (--save-base, a full-weight
+// --output-dir): HF loading the result computed another model than the one trained.
+TEST(TrainBinary, ACapTurnedOffIsOffInTheConfigsWritten) {
+  TempDir d;
+  const std::string base = write_base(d);
+  const ToolRun r = run_tool(kTrain, common_args(base) + std::vector<std::string>{"--max-steps", "1", "--softcap", "logits",
+                                                                                   "--output-dir", d / "out",
+                                                                                   "--save-base", d / "saved"},
+                             d);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  for (const std::string f : {d / "out/config.json", d / "saved/config.json"}) {
+    const Config c = parse_config_json(slurp(f), f, nullptr);
+    EXPECT_FALSE(c.attn_logit_softcapping) << f;
+    EXPECT_TRUE(c.final_logit_softcapping) << f;
+  }
+  // An adapter cannot carry it: saving one says so.
+  const ToolRun a = run_tool(kTrain, common_args(base) + std::vector<std::string>{"--max-steps", "1", "--softcap", "none",
+                                                                                   "--lora-r", "2", "--save-adapter",
+                                                                                   d / "ad"},
+                             d);
+  ASSERT_EQ(a.status, 0) << a.err << a.out;
+  EXPECT_NE(a.err.find("--softcap none: the adapter is trained with a cap off"), std::string::npos) << a.err;
+}
+
 TEST(TrainBinary, TextRowsWithTheShippedTokenizer) {
   TempDir d;
   const ToolRun r = run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/alpaca-tiny.jsonl", "--tokenizer",

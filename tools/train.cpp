@@ -585,6 +585,12 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.epochs && !o.data) fail("--epochs", "counts passes over --data; synthetic batches have no epochs (give --max-steps)");
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
   if (!(o.adamw.lr >= 0) || !std::isfinite(o.adamw.lr)) fail("--lr", "must be 0 or a positive number");
+  // torch.optim.AdamW's own checks (its __init__): a value it refuses would train a run no peer can.
+  if (!(o.adamw.beta1 >= 0 && o.adamw.beta1 < 1)) fail("--adam-beta1", "must be in [0, 1) (torch.optim.AdamW)");
+  if (!(o.adamw.beta2 >= 0 && o.adamw.beta2 < 1)) fail("--adam-beta2", "must be in [0, 1) (torch.optim.AdamW)");
+  if (!(o.adamw.eps >= 0) || !std::isfinite(o.adamw.eps)) fail("--adam-epsilon", "must be 0 or positive (torch.optim.AdamW)");
+  if (!(o.adamw.weight_decay >= 0) || !std::isfinite(o.adamw.weight_decay))
+    fail("--weight-decay", "must be 0 or positive (torch.optim.AdamW)");
   if (!(o.max_grad_norm >= 0) || !std::isfinite(o.max_grad_norm)) fail("--max-grad-norm", "must be 0 (no clipping) or positive");
   if (o.warmup_steps < 0) fail("--warmup-steps", "must be 0 or more");
   if (o.save_steps < 0) fail("--save-steps", "must be 0 (only the end) or more");
@@ -630,6 +636,32 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
          std::string("lora_dropout ") + s + " is applied by the reference backend only (the CUDA trainer has no "
          "dropout yet): refused rather than trained without it");
   }
+  if (o.save_adapter && !in.model.adapter)
+    fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
+  p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
+  const Config& c = in.model.config;
+  std::vector<std::string> warnings;
+  const bool all_softcaps = o.softcap && *o.softcap == "all";
+  if (all_softcaps) {
+    // Four runs compared: what one of them would save or resume is not a question to guess.
+    if (!p.out_dir.empty() || o.resume || o.save_steps > 0 || o.eval_data)
+      fail("--softcap all", "compares four runs' curves: save, resume or evaluate one combination at a time");
+    check_softcap_available(c, {true, true}, "--softcap all");
+    p.sc = {true, true};
+  } else {
+    p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
+    check_softcap_available(c, p.sc, "--softcap");
+    const Softcap in_config = config_softcaps(c);
+    // A cap the run turns off is off in the model it trains, and so in every config.json it writes (--save-base,
+    // a full-weight --output-dir): HF loading that file must compute what was trained. An adapter's config has no
+    // place for it, so a saved adapter gets a warning instead.
+    if (!p.sc.attn) p.in.model.config.attn_logit_softcapping.reset();
+    if (!p.sc.logits) p.in.model.config.final_logit_softcapping.reset();
+    if (!(p.sc == in_config) && in.model.adapter && !p.out_dir.empty())
+      warnings.push_back("--softcap " + softcap_name(p.sc) +
+                         ": the adapter is trained with a cap off that the base's config.json has on; load it on a "
+                         "base whose config sets that cap to null");
+  }
   if (o.save_base) {
     // The base the run starts from, as HF loads it: for a preset's synthetic weights the only way to get them
     // into HF + PEFT (tools/peft_roundtrip.py). Frozen weights are written as stored (bf16).
@@ -645,25 +677,9 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     check::write_text_atomically(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
     std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
   }
-  if (o.save_adapter && !in.model.adapter)
-    fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
-  p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
-  const Config& c = in.model.config;
-  const bool all_softcaps = o.softcap && *o.softcap == "all";
-  if (all_softcaps) {
-    // Four runs compared: what one of them would save or resume is not a question to guess.
-    if (!p.out_dir.empty() || o.resume || o.save_steps > 0 || o.eval_data)
-      fail("--softcap all", "compares four runs' curves: save, resume or evaluate one combination at a time");
-    check_softcap_available(c, {true, true}, "--softcap all");
-    p.sc = {true, true};
-  } else {
-    p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
-    check_softcap_available(c, p.sc, "--softcap");
-  }
   p.synthetic_data = !spec.case_path;
   std::unique_ptr<Tokenizer> tok;
   if (o.tokenizer.model_path) tok = Tokenizer::load(o.tokenizer, c.vocab_size);
-  std::vector<std::string> warnings;
   if (o.data) {
     if (spec.case_path) fail("--data", "conflicts with --case (the case file fixes the batch)");
     p.data = load_dataset({*o.data, in.batch.T, o.packing}, c, tok.get(), &warnings);
