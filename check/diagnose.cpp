@@ -182,7 +182,7 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   const int64_t r = spec.lora_r.value_or(kDefaultPresetLoraR);
   // The diagnosis compares adapter gradients (a full-weight run at true widths does not fit as float64).
   if (r < 1) fail("--lora-r", "diagnose needs LoRA adapters: a rank >= 1");
-  if (spec.adapter) fail("--adapter", "applies to --config/--weights only (a preset's synthetic base takes synthetic adapters: --lora-r R)");
+  refuse_adapter_outside_checkpoint(spec);
   s.ck.adapter = synthetic_adapter_config(r);
   TensorMap a = synthetic_adapters(c, *s.ck.adapter, seed);
   s.ck.weights.insert(a.begin(), a.end());

@@ -50,6 +50,13 @@ PresetShape preset_shape(const std::string& name) {
   return {c.num_hidden_layers, 2, 20};
 }
 
+void refuse_adapter_outside_checkpoint(const InputSpec& s) {
+  if (s.adapter && !s.config && !s.weights)
+    fail("--adapter", std::string("applies to --config/--weights only (") +
+                          (s.case_path ? "the case file fixes the adapters, or their absence)"
+                                       : "a preset's synthetic base takes synthetic adapters: --lora-r R)"));
+}
+
 Inputs load_inputs(const InputSpec& s) {
   const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
   if (given != 1) fail("--model/--case/--config", "give exactly one of --model, --case, or --config with --weights");
@@ -57,11 +64,7 @@ Inputs load_inputs(const InputSpec& s) {
   if (s.quantize && *s.quantize != "nf4") fail("--quantize", "'" + *s.quantize + "' is not nf4 (the one quantization implemented)");
   if (s.quantize && s.case_path)
     fail("--quantize", "does not apply to --case (the case file fixes the weights its expected values were computed with)");
-  // A PEFT adapter belongs to a checkpoint: a preset's weights are synthetic and a case file carries its own.
-  if (s.adapter && !s.config && !s.weights)
-    fail("--adapter", std::string("applies to --config/--weights only (") +
-                          (s.case_path ? "the case file fixes the adapters, or their absence)"
-                                       : "a preset's synthetic base takes synthetic adapters: --lora-r R)"));
+  refuse_adapter_outside_checkpoint(s);
   Inputs in;
   if (s.case_path) {
     const char* fixed = "does not apply to --case (the case file fixes the model and the batch)";

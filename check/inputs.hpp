@@ -57,6 +57,11 @@ PresetShape preset_shape(const std::string& name);
 
 Inputs load_inputs(const InputSpec& spec);
 
+// Throws InputError naming --adapter when it is given without --config/--weights: a PEFT adapter belongs to a
+// checkpoint (a case file carries its own adapters; a preset's synthetic base takes --lora-r). load_inputs and
+// diagnose's synthetic setting both call it.
+void refuse_adapter_outside_checkpoint(const InputSpec& spec);
+
 // Synthetic LoRA adapters in PEFT's layout on all seven projections, alpha = 2r.
 AdapterConfig synthetic_adapter_config(int64_t r);
 

@@ -300,7 +300,7 @@ int main(int argc, char** argv) {
                   (long long)T, (long long)B, double(one->peak_device_bytes()) / gib, double(total_b - free_b) / gib);
       if (steps == 0) {  // the search alone: a step at this length may take minutes (attention is quadratic)
         if (!json.empty()) {
-          std::ostringstream f;
+          std::ofstream f(json, std::ios::app);
           f << "{\"model\":\"" << model << "\",\"batch\":" << B << ",\"longest_seq\":" << T
             << ",\"quantize\":\"" << (o.quantize_nf4 ? "nf4" : "none") << "\",\"memory_limit_gib\":" << memory_limit_gib
             << ",\"offload\":" << (offload ? 1 : 0) << ",\"reserved_gib\":" << double(one->peak_device_bytes()) / gib

@@ -649,9 +649,9 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     check_softcap_available(c, {true, true}, "--softcap all");
     p.sc = {true, true};
   } else {
-    p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : config_softcaps(c);
-    check_softcap_available(c, p.sc, "--softcap");
     const Softcap in_config = config_softcaps(c);
+    p.sc = o.softcap ? parse_softcap(*o.softcap, "--softcap") : in_config;
+    check_softcap_available(c, p.sc, "--softcap");
     // A cap the run turns off is off in the model it trains, and so in every config.json it writes (--save-base,
     // a full-weight --output-dir): HF loading that file must compute what was trained. An adapter's config has no
     // place for it, so a saved adapter gets a warning instead.
