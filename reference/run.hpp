@@ -23,7 +23,8 @@ struct DirectionalCheck {
   double analytic = 0;  // g . u from the backward pass
   double numeric = 0;   // the best extrapolated central difference of the forward loss along u
   double rel_err = 0;   // |numeric - analytic| / |analytic|
-  double fd_err = 0;    // that estimate's own error (the extrapolation tableau's), relative to |analytic|
+  double fd_err = 0;    // that estimate's own error (the extrapolation tableau's), relative to the smaller of
+                        // |analytic| and |numeric| (run.cpp says why)
   double step = 0;      // the step h of the best estimate
   int64_t passes = 0;   // forward passes spent
   int64_t tensors = 0;  // trainable tensors in the direction
@@ -34,7 +35,7 @@ struct DirectionalCheck {
 // The derivative along u comes from central differences at steps h0, h0/2, h0/4, ... extrapolated by
 // Richardson's rule into a tableau (Ridders' method: Numerical Recipes, 3rd ed., 5.7): each new step adds a row
 // of ever higher-order estimates and an error estimate for each, and the best estimate is kept. It stops once the
-// error estimate is below `target` (relative to |analytic|), when the estimates stop improving (rounding has taken
+// error estimate is below `target` (relative to the smaller of |analytic| and the estimate), when the estimates stop improving (rounding has taken
 // over), or after `max_halvings` halvings of the step. On ordinary inputs three steps resolve the derivative to
 // ~1e-11; sharply peaked attention (scores spread over hundreds, no cap) needs smaller steps.
 DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, const RunOptions& opt, const TensorMap& grads,

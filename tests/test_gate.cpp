@@ -17,6 +17,8 @@
 #include "model/bugs.hpp"
 #include "reference/policy.hpp"
 #include "model/casefile.hpp"
+#include "model/safetensors.hpp"
+#include "model/synthetic.hpp"
 #include "reference/run.hpp"
 #include "tests/badinput_support.hpp"
 
@@ -78,6 +80,76 @@ TEST(Gate, AGradientBugOnTheSameInputStillFails) {
   EXPECT_FALSE(r.checks[0].unresolved) << "error estimate " << fd.fd_err << ", disagreement " << fd.rel_err;
   EXPECT_FALSE(r.all_pass());
   EXPECT_GT(fd.rel_err, 100 * std::max(1e-7, 3 * fd.fd_err));
+}
+
+// Found by an adversarial probe (2026-12-04): with pad_token_id null, an all-zero embedding row looked up at a
+// row's first position keeps that token's hidden state 0 through every RMSNorm of every layer, and the backward
+// multiplies by (1 + w) / sqrt(eps) at each: 3.0e14 along the check's direction here (the probe's own case gave
+// 1e14, which torch's float64 autograd agreed with to 3e-15). The loss is that steep only within about eps^(n/2) of
+// the row, so the central differences at the steps tried double with every halving. Their tableau's error,
+// measured against the 3.0e14, looked like 1.4e-11, and the check failed correct code. Measured against the
+// estimate (the smaller of the two values), the estimate is 49% unsure of itself: "unresolved", which does not
+// fail the run.
+namespace {
+struct ZeroRowCase {
+  Checkpoint model;
+  Batch batch;
+};
+ZeroRowCase zero_row_at_first_position() {
+  const std::string dir = kReported + "/pad_token_null/model";
+  ZeroRowCase z{load_hf_checkpoint(dir + "/config.json", dir, std::nullopt, std::nullopt), {}};
+  const Config& c = z.model.config;
+  Tensor& e = z.model.weights.at(kEmbedName);
+  std::vector<double> w = e.to_double();
+  const int64_t D = c.hidden_size;
+  std::fill(w.begin(), w.begin() + D, 0.0);  // row 0: all zero
+  e = tensor_from_doubles(e.dtype, e.shape, w);
+  z.batch = synthetic_batch(c, 2, 16, 7);
+  z.batch.input_ids[0] = 0;  // row 0 of the batch starts with the zero row; the second row stays ordinary
+  return z;
+}
+}  // namespace
+
+TEST(Gate, FiniteDifferencesSayUnresolvedWhereTheyCannotResolve) {
+  const ZeroRowCase z = zero_row_at_first_position();
+  ASSERT_FALSE(z.model.config.pad_token_id.has_value());
+  ref::RunOptions opt;
+  opt.softcap = config_softcaps(z.model.config);
+  const ref::Output out = ref::run(z.model, z.batch, opt);
+  const ref::DirectionalCheck fd = ref::directional_check(z.model, z.batch, opt, out.grads);
+  std::printf("analytic %.4g, numeric %.4g, estimate's error %.3g\n", fd.analytic, fd.numeric, fd.fd_err);
+  EXPECT_GT(fd.analytic, 1e12) << "the input no longer makes the loss steep at the zero row";
+  check::Report r;
+  check::add_fd_check(r, "", fd);
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_TRUE(r.checks[0].unresolved) << "error estimate " << fd.fd_err << ", disagreement " << fd.rel_err;
+  EXPECT_TRUE(r.all_pass());
+}
+
+// Measuring the estimate's error against the estimate must not let a backward with a gradient where the loss has
+// none pass: on the same checkpoint with an ordinary batch, a spurious gradient on an embedding row no token looks
+// up (an estimate near its true value, the analytic value far above it) still fails, confidently.
+TEST(Gate, AGradientWhereTheLossHasNoneStillFails) {
+  ZeroRowCase z = zero_row_at_first_position();
+  z.batch.input_ids[0] = 1;
+  for (int64_t& t : z.batch.input_ids)
+    if (t == 3) t = 4;  // row 3 of the embedding is looked up by no token: its true gradient is 0
+  ref::RunOptions opt;
+  opt.softcap = config_softcaps(z.model.config);
+  ref::Output out = ref::run(z.model, z.batch, opt);
+  Tensor& g = out.grads.at(kEmbedName);
+  std::vector<double> v = g.to_double();
+  const int64_t D = z.model.config.hidden_size;
+  double norm = 0;
+  for (double x : v) norm += x * x;
+  for (int64_t j = 0; j < D; ++j) v[size_t(3 * D + j)] = 10 * std::sqrt(norm / double(D));
+  g = tensor_from_doubles(g.dtype, g.shape, v);
+  const ref::DirectionalCheck fd = ref::directional_check(z.model, z.batch, opt, out.grads);
+  check::Report r;
+  check::add_fd_check(r, "", fd);
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_FALSE(r.checks[0].pass);
+  EXPECT_FALSE(r.checks[0].unresolved) << "error estimate " << fd.fd_err << ", disagreement " << fd.rel_err;
 }
 
 // The verdicts of add_fd_check: agreement within the estimate's own error passes while that error is small, is

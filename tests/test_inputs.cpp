@@ -459,6 +459,27 @@ TEST(Reported, RegexTargetAdaptsQAndVOfEveryLayer) {
   EXPECT_EQ(got, want);
 }
 
+// The same adapter as PEFT names it on a bare Gemma2Model ('base_model.model.layers...'): refused naming that
+// cause. Before, the bare names met the base's prefixed ones and the message blamed a mix of prefixes, quoting the
+// base's 'model.embed_tokens.weight' against the adapter file.
+TEST(Reported, AdapterOfABareGemma2ModelIsRefusedForItsNames) {
+  TempDir d;
+  const std::string base = kReported + "/base9b_small/model", ad = kReported + "/peft_regex_target/adapter";
+  fs::create_directories(d / "adapter");
+  fs::copy_file(ad + "/adapter_config.json", d / "adapter/adapter_config.json");
+  TensorMap bare;
+  for (const auto& [n, t] : read_safetensors(ad + "/adapter_model.safetensors")) {
+    ASSERT_EQ(n.rfind("base_model.model.model.layers.", 0), 0u) << n;
+    bare["base_model.model." + n.substr(23)] = t;
+  }
+  write_safetensors(d / "adapter/adapter_model.safetensors", bare);
+  const ToolRun r = verify_ckpt(d, base + "/config.json", base, {"--adapter", d / "adapter"});
+  expect_rejected(r, "verify",
+                  {d / "adapter/adapter_model.safetensors", "'base_model.model.layers.",
+                   "names its module without 'model.'", "an adapter made on a bare Gemma2Model"});
+  EXPECT_EQ(r.err.find("mixes names"), std::string::npos) << r.err;
+}
+
 // Adapters on exactly layers 16..41, all seven projections, r 16; the dropout is named, not applied.
 TEST(Reported, LayersToTransformAdaptsExactlyThoseLayers) {
   TempDir d;
