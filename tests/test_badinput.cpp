@@ -1117,6 +1117,9 @@ TEST(BadFlags, LayersWithCase) {
   expect_rejected(verify_case(d, write_tiny_case(d), {"--seed", "3"}), "verify", {"--seed: does not apply to --case"});
   expect_rejected(run_tool(kVerify, {"diagnose", "--case", write_tiny_case(d), "--seed", "3"}, d), "verify",
                   {"--seed: does not apply to --case"});
+  // train's seed also seeds LoRA dropout's masks: with a case file and no dropout it changes no bit.
+  expect_rejected(run_tool(kTrain, {"--case", write_tiny_case(d), "--seed", "3", "--backend", "reference"}, d), "train",
+                  {"--seed: changes nothing here", "no lora_dropout for it to seed"});
 }
 
 TEST(BadFlags, NegativeSeed) {

@@ -42,6 +42,7 @@ struct TrainOptions {
   std::string lr_scheduler = "linear";  // HF's default
   int64_t warmup_steps = 0;
   double max_grad_norm = 1.0;           // HF's default; 0: no clipping
+  bool seed_given = false;              // --seed was on the command line (a case file leaves it little to seed)
   std::optional<std::string> softcap, log_path, report_path;
   std::string backend = "reference";
   int gpus = 1;  // --gpus: data parallel over this many GPUs (fast backend)
@@ -636,6 +637,12 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
          std::string("lora_dropout ") + s + " is applied by the reference backend only (the CUDA trainer has no "
          "dropout yet): refused rather than trained without it");
   }
+  // With a case file the seed reaches only LoRA dropout's masks (the weights and the batch are the file's, and
+  // --data is refused with --case): without dropout it would change no bit, and a user varying it would be
+  // misled into thinking the runs differ.
+  if (o.seed_given && spec.case_path && !(in.model.adapter && in.model.adapter->lora_dropout > 0))
+    fail("--seed", "changes nothing here: the case file fixes the weights and the batch, and there is no "
+                   "lora_dropout for it to seed");
   if (o.save_adapter && !in.model.adapter)
     fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
   p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
@@ -802,6 +809,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (seed) spec.seed = *seed;
+  o.seed_given = seed.has_value();
   try {
     return run_train(spec, o);
   } catch (const InputError& e) {
