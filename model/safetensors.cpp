@@ -169,13 +169,22 @@ TensorMap read_safetensors_index(const std::string& ip, ByteTensorMap* u8) {
   if (!idx.is_object() || !idx.contains("weight_map") || !idx["weight_map"].is_object())
     fail(ip, "missing object 'weight_map'");
   std::map<std::string, std::set<std::string>> by_file;
+  std::map<std::string, std::string> file_of;
   for (auto& [name, file] : idx["weight_map"].items()) {
     if (!file.is_string()) fail(ip, "weight_map entry for '" + name + "' is not a file name");
     const std::string f = file.get<std::string>();
     if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
       fail(ip, "shard name '" + f + "' must be a plain file name in the same directory");
     by_file[f].insert(name);
+    file_of[name] = f;
   }
+  const std::string index_name = fs::path(ip).filename().string();
+  // A tensor found in a shard the index does not place it in: say where the index does place it, if anywhere.
+  auto unlisted = [&](const std::string& shard_path, const std::string& n) {
+    auto it = file_of.find(n);
+    if (it == file_of.end()) fail(shard_path, "tensor '" + n + "' is not listed in " + index_name);
+    fail(shard_path, "tensor '" + n + "' is in this shard, but " + index_name + " places it in '" + it->second + "'");
+  };
   TensorMap all;
   for (const auto& [f, names] : by_file) {
     const std::string sp = (dir / f).string();
@@ -190,9 +199,9 @@ TensorMap read_safetensors_index(const std::string& ip, ByteTensorMap* u8) {
       if (!fresh) fail(sp, "tensor '" + n + "' appears in more than one shard");
     }
     for (const auto& [n, t] : shard)
-      if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in " + fs::path(ip).filename().string());
+      if (!names.count(n)) unlisted(sp, n);
     for (const auto& [n, t] : shard_u8)
-      if (!names.count(n)) fail(sp, "tensor '" + n + "' is not listed in " + fs::path(ip).filename().string());
+      if (!names.count(n)) unlisted(sp, n);
   }
   return all;
 }

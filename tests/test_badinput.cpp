@@ -927,6 +927,22 @@ TEST(BadShards, IndexPlacesATensorInTheWrongShard) {
                   {d / "model-00001-of-00002.safetensors", "missing tensor 'model.norm.weight' that the index places in this shard"});
 }
 
+// The other direction (found by an adversarial probe, 2026-12-04): a tensor of the first shard that the index
+// places in the second. The first shard is read first, and the message said the tensor "is not listed" in an
+// index that lists it.
+TEST(BadShards, IndexPlacesATensorOfTheFirstShardInTheSecond) {
+  TempDir d;
+  json idx = write_shards(d);
+  idx["weight_map"][kEmbedName] = "model-00002-of-00002.safetensors";
+  spit(d / "model.safetensors.index.json", idx.dump());
+  const ToolRun r = verify_checkpoint(d, d / "config.json", d.dir.string());
+  expect_rejected(r, "verify",
+                  {d / "model-00001-of-00002.safetensors",
+                   "tensor 'model.embed_tokens.weight' is in this shard, but model.safetensors.index.json places it "
+                   "in 'model-00002-of-00002.safetensors'"});
+  EXPECT_EQ(r.err.find("is not listed"), std::string::npos) << r.err;
+}
+
 TEST(BadShards, ShardHoldsATensorTheIndexDoesNotList) {
   TempDir d;
   json idx = write_shards(d);
