@@ -880,13 +880,6 @@ int64_t layer_of(const std::string& name) {
   return std::stoll(name.substr(i, j - i));
 }
 
-// HF's loader gives a checkpoint of the bare Gemma2Model (no `model.` in its names) the prefix the causal-LM
-// wrapper expects; a checkpoint with both kinds of names is refused, since HF would load one kind and leave the
-// weights of the other at their random initialisation.
-bool bare_base_name(const std::string& n) {
-  return n.rfind("embed_tokens.", 0) == 0 || n.rfind("layers.", 0) == 0 || n.rfind("norm.", 0) == 0;
-}
-
 // Names that only a PEFT model's live state_dict, or an adapter kind that is not implemented, produces: each
 // gets its real cause before any "missing tensor" could hide it.
 void check_peft_internal_name(const std::string& n, const std::string& source) {
@@ -911,6 +904,13 @@ void check_peft_internal_name(const std::string& n, const std::string& source) {
 }
 
 }  // namespace
+
+// HF's loader gives a checkpoint of the bare Gemma2Model (no `model.` in its names) the prefix the causal-LM
+// wrapper expects; a checkpoint with both kinds of names is refused, since HF would load one kind and leave the
+// weights of the other at their random initialisation.
+bool bare_base_name(const std::string& n) {
+  return n.rfind("embed_tokens.", 0) == 0 || n.rfind("layers.", 0) == 0 || n.rfind("norm.", 0) == 0;
+}
 
 void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper) {
   const Config& c = ck.config;

@@ -152,6 +152,9 @@ struct Checkpoint {
   std::vector<std::string> warnings;
 };
 
+// A name of the bare Gemma2Model's state_dict (`embed_tokens.`, `layers.`, `norm.`, without `model.`).
+bool bare_base_name(const std::string& n);
+
 // Normalises names as HF and PEFT load them (drops PEFT's `base_model.model.` prefix; gives a Gemma2Model
 // checkpoint's `embed_tokens...`, `layers...`, `norm...` the `model.` prefix), then checks that every tensor the
 // config needs is present with its exact shape and finite values, that nothing unknown is there, and that a

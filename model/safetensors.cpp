@@ -312,7 +312,7 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
       // checkpoint, but PEFT matches an adapter's keys to the loss-computing Gemma2ForCausalLM's modules
       // ('model.layers.N...') as they are: none would match, and the adapter would stay at its initialisation.
       // Said here, before validate_checkpoint would see bare and prefixed names together and blame the mix.
-      if (name.rfind("layers.", 0) == 0 || name.rfind("embed_tokens.", 0) == 0 || name.rfind("norm.", 0) == 0)
+      if (bare_base_name(name))
         fail(tensors, "tensor '" + n + "' names its module without 'model.': an adapter made on a bare Gemma2Model, "
                       "whose keys PEFT does not match to Gemma2ForCausalLM's modules ('model." + name.substr(0, name.find(".lora_")) +
                       "'), so it would load none of them; rename the keys to 'base_model.model.model." + name + "'");

@@ -110,14 +110,16 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
     std::vector<double> row{(up - down) / (2 * h)};
     r.passes += 2;
     const double noise = 1e-14 * loss_mag / h;
+    // The derivative's size against which an entry v's error is measured (the comment above says why).
+    const auto magnitude = [&](double v) { return std::min(scale, std::max(std::fabs(v), 100 * noise)); };
     double row_best_err = INFINITY;
     double f = 1;
     for (int j = 1; j <= k; ++j) {
       f *= 4;
       row.push_back((f * row[size_t(j - 1)] - a[size_t(k - 1)][size_t(j - 1)]) / (f - 1));
       const double v = row[size_t(j)];
-      const double e = std::max(std::fabs(v - row[size_t(j - 1)]), std::fabs(v - a[size_t(k - 1)][size_t(j - 1)])) /
-                       std::min(scale, std::max(std::fabs(v), 100 * noise));
+      const double e =
+          std::max(std::fabs(v - row[size_t(j - 1)]), std::fabs(v - a[size_t(k - 1)][size_t(j - 1)])) / magnitude(v);
       row_best_err = std::min(row_best_err, e);
       if (e < best_err) {
         best_err = e;
@@ -133,8 +135,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
     // the step is not yet small enough for the extrapolation (a sharply curved loss: peaked attention under a cap, a
     // small final cap), and the halving goes on; stopping there left an estimate whose own error was
     // underestimated, and the check failed correct code (8.8e-5 estimated, 4.6e-4 actual).
-    if (k >= 2 && (best_err <= target ||
-                   (row_best_err > 2 * best_err && best_err * std::min(scale, std::max(std::fabs(best), 100 * noise)) <= 1e4 * noise)))
+    if (k >= 2 && (best_err <= target || (row_best_err > 2 * best_err && best_err * magnitude(best) <= 1e4 * noise)))
       break;
   }
   r.numeric = best;
