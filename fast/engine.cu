@@ -721,11 +721,12 @@ struct Engine::Impl : Dims {
                     opt.recompute_mlp_only, gate_up_kept, att_current(l)};
   }
   // Layer l's weights in place (NF4 staged, adapter splits prepared), then its pass (layer.cuh).
-  void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T) {
+  void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T, const float* x_mid_pin = nullptr,
+                     float* x_mid_own = nullptr) {
     stage(l);
     ensure_splits(l);
     fast::layer_forward(layer_run(l), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, x_out, B,
-                        T);
+                        T, x_mid_pin, x_mid_own);
   }
   void layer_backward(int64_t l, const float* x_in, int64_t B, int64_t T) {
     stage(l);
@@ -875,14 +876,18 @@ struct Engine::Impl : Dims {
   }
 
   std::map<std::string, std::vector<float>> probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
-                                                        const std::vector<float>& dy) {
+                                                        const std::vector<float>& dy, const std::vector<float>& x_mid) {
     upload_inputs(mb, {}, 0);
     const int64_t N = mb.B * mb.T;
-    if (int64_t(x.size()) != N * D || int64_t(dy.size()) != N * D) throw InputError("fast: probe inputs must be (N, D)");
+    if (int64_t(x.size()) != N * D || int64_t(dy.size()) != N * D || int64_t(x_mid.size()) != N * D)
+      throw InputError("fast: probe inputs must be (N, D)");
     float* xin = ck_dev(0);
     h2d(xin, x.data(), size_t(N * D) * 4);
+    // The pinned residual and the attention half's own, beside the engine's buffers (a probe's, freed on return).
+    DeviceArray<float> mid(size_t(2 * N * D), "gate probe x_mid", mem);
+    h2d(mid.get(), x_mid.data(), size_t(N * D) * 4);
     GEMMA_CUDA(cudaMemsetAsync(lora.grads.get(), 0, size_t(lora.n_params) * 4, stream));
-    layer_forward(l, xin, ws.x_scratch.get(), mb.B, mb.T);
+    layer_forward(l, xin, ws.x_scratch.get(), mb.B, mb.T, mid.get(), mid.get() + N * D);
     Acts& A = acts_for(l);
     std::map<std::string, std::vector<float>> out;
     out["xn1"] = d2h(A.xn1, N * D);
@@ -891,7 +896,7 @@ struct Engine::Impl : Dims {
     out["v"] = d2h(A.qkv + HD + KVHD, N * KVHD, QKV, KVHD);
     out["att"] = d2h(A.att, N * HD);
     out["o"] = d2h(A.o, N * D);
-    out["x_mid"] = d2h(A.x_mid, N * D);
+    out["x_mid"] = d2h(mid.get() + N * D, N * D);
     out["xn2"] = d2h(A.xn2, N * D);
     out["gate"] = d2h(A.gu, N * I, 2 * I, I);
     out["up"] = d2h(A.gu + I, N * I, 2 * I, I);
@@ -1052,9 +1057,9 @@ double Engine::grad_norm() {
   return impl_->grad_norm();
 }
 std::map<std::string, std::vector<float>> Engine::probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
-                                                              const std::vector<float>& dy) {
+                                                              const std::vector<float>& dy, const std::vector<float>& x_mid) {
   GEMMA_ON_DEVICE();
-  return impl_->probe_layer(l, mb, x, dy);
+  return impl_->probe_layer(l, mb, x, dy, x_mid);
 }
 std::map<std::string, std::vector<float>> Engine::probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale) {
   GEMMA_ON_DEVICE();

@@ -66,6 +66,7 @@ struct LayerProbeInput {
   int64_t layer = 0;
   std::vector<float> x;   // (N, D) residual entering the layer
   std::vector<float> dy;  // (N, D) gradient of the layer's output (bf16 values)
+  std::vector<float> x_mid;  // (N, D) the post-attention residual the MLP half runs on, in place of its own
 };
 struct HeadProbeInput {
   int64_t micro = 0;
@@ -76,7 +77,8 @@ struct GateOutput {
   Output step;
   TensorMap adapters_after_step;                  // fp32, after one AdamW step on step.grads
   std::vector<std::vector<float>> embedding;      // per micro-batch: (N, D) embedding times normalizer
-  // Per LayerProbeInput: xn1, q, k, v (after RoPE), att, o, x_mid, xn2, gate, up, act, down, x_out; dx, d_o, d_gate,
+  // Per LayerProbeInput: xn1, q, k, v (after RoPE), att, o, x_mid (the layer's own, before the pin), xn2, gate, up,
+  // act, down, x_out (the MLP half's on the pinned x_mid); dx, d_o, d_gate,
   // d_up, d_att, dq, dk, dv; the layer's adapter gradients by name (that micro-batch alone).
   std::vector<std::map<std::string, std::vector<float>>> layers;
   std::vector<std::map<std::string, std::vector<float>>> heads;  // per HeadProbeInput: row_loss, xf, dxf, dx

@@ -85,9 +85,11 @@ inline AttnParams attn_params(const LayerRun& run, int64_t l, int64_t B, int64_t
 // post_attention_layernorm(o(attention(RoPE(q|k|v(xn1))))), xn1, xn2 the input norms; activations into A. In a
 // recompute_mlp_only recomputation the attention block and down_proj are skipped (A holds them), and gate|up too
 // where the layer keeps it (gate_up_kept), and x_out is not written. W: the layer's norm scales; G: its projection
-// groups (base weights and adapters, splits prepared).
+// groups (base weights and adapters, splits prepared). x_mid_pin (the gate's probes; else null): (N, D) fp32, the
+// x_mid the MLP half runs on (and A.x_mid holds, for the backward), the attention half's own copied to x_mid_own.
 inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W, const std::array<LoraGroupDev, 4>& G,
-                          const Acts& A, const float* x_in, float* x_out, int64_t B, int64_t T) {
+                          const Acts& A, const float* x_in, float* x_out, int64_t B, int64_t T,
+                          const float* x_mid_pin = nullptr, float* x_mid_own = nullptr) {
   const Dims& d = run.d;
   Workspace& ws = run.ws;
   const int64_t N = B * T, D = d.D, I = d.I;
@@ -115,6 +117,10 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
     run.mark(ph + " o_proj LoRA terms");
   }
   rmsnorm_forward_post(A.x_mid, A.rstd + N, A.o, W.scale.get() + D, x_in, N, D, eps, stream);
+  if (x_mid_pin) {
+    GEMMA_CUDA(cudaMemcpyAsync(x_mid_own, A.x_mid, size_t(N * D) * 4, cudaMemcpyDeviceToDevice, stream));
+    GEMMA_CUDA(cudaMemcpyAsync(A.x_mid, x_mid_pin, size_t(N * D) * 4, cudaMemcpyDeviceToDevice, stream));
+  }
   rmsnorm_forward_in(A.xn2, A.rstd + 2 * N, A.x_mid, W.scale.get() + 2 * D, N, D, eps, stream);
   run.mark(ph + " norms");
   if (!run.gate_up_kept) {

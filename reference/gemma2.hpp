@@ -773,6 +773,7 @@ struct LayerCache {
 template <class Real>
 struct LayerTrace {
   LayerCache<Real> cache;  // forward intermediates; cache.x is the layer's input
+  Mat<Real> x_mid_own;     // (N, D) where a probe pinned cache.x_mid (probe_layer): the residual its own attention gave
   Mat<Real> x_out;         // (N, D) the layer's output
   Mat<Real> dy;            // (N, D) gradient of the output: the backward's input
   Mat<Real> dx;            // (N, D) gradient of the input
@@ -781,6 +782,12 @@ struct LayerTrace {
   Mat<Real> d_att;         // (N, H*hd) gradient of the attention output
   Mat<Real> dq, dk, dv;    // gradients of the q/k/v_proj outputs (after the RoPE backward)
 };
+
+// The post-attention residual the layer computed: a pinned probe's own, else the one its MLP half ran on.
+template <class Real>
+const Mat<Real>& own_x_mid(const LayerTrace<Real>& t) {
+  return t.x_mid_own.size() ? t.x_mid_own : t.cache.x_mid;
+}
 
 // A whole micro-batch traced: the embedding output, every layer, and the head.
 template <class Real>
@@ -803,10 +810,14 @@ Real activation_grad(const Real& x, const Semantics& sem) {
   return sem.gelu_exact ? gelu_erf_grad(x) : gelu_tanh_grad(x);
 }
 
+// One decoder layer (HF Gemma2DecoderLayer.forward) on the residual x, its intermediates kept in c for the
+// backward. x_mid_pin (a probe's, else null): the post-attention residual the MLP half runs on instead of the one the
+// attention half gave, which then goes to *x_mid_own; c.x_mid holds the pinned one, so the backward is the MLP's
+// on the values it saw.
 template <class Real>
 void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
                    Mat<Real>& x,  // (N, D) residual stream, updated in place
-                   LayerCache<Real>& c) {
+                   LayerCache<Real>& c, const Mat<Real>* x_mid_pin = nullptr, Mat<Real>* x_mid_own = nullptr) {
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
   // Each projection with its own adapter, scaled by that module's own scaling; with lora_dropout, the adapter's
@@ -844,6 +855,12 @@ void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
   rmsnorm_forward(c.o, L.norm[size_t(Norm::post_attention_layernorm)], ctx, h, c.rstd2);
   x += h;
   cast(p, Cast::residual, x);
+  if (x_mid_pin) {
+    if (x_mid_pin->rows() != x.rows() || x_mid_pin->cols() != x.cols())
+      throw std::logic_error("layer_forward: the pinned x_mid is not (N, D)");
+    *x_mid_own = std::move(x);
+    x = *x_mid_pin;
+  }
   c.x_mid = x;
 
   rmsnorm_forward(x, L.norm[size_t(Norm::pre_feedforward_layernorm)], ctx, c.xn2, c.rstd3);
@@ -1136,14 +1153,16 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
 
 // One layer on given inputs (x: the residual entering it, dy: the gradient of its output), forward and backward,
 // traced, with its gradients accumulated into g: how the gate measures a layer's own bf16 noise (jittered
-// policies) on exactly the inputs the fast trainer's layer was given.
+// policies) on exactly the inputs the fast trainer's layer was given. x_mid (or null): the post-attention residual
+// its MLP half runs on (layer_forward's pin; the attention half's own goes to t.x_mid_own), so that the attention's
+// roundings do not reach the MLP's probes.
 template <class Real>
 LayerTrace<Real> probe_layer(const Model<Real>& m, const Batch& batch, const RunOptions& opt, int64_t l, const Mat<Real>& x,
-                             const Mat<Real>& dy, LayerGrads<Real>* g) {
+                             const Mat<Real>& dy, LayerGrads<Real>* g, const Mat<Real>* x_mid = nullptr) {
   const Ctx<Real> ctx = run_ctx<Real>(m.config, opt, batch);
   LayerTrace<Real> t;
   Mat<Real> xx = x;
-  layer_forward(m.layers[size_t(l)], l, ctx, xx, t.cache);
+  layer_forward(m.layers[size_t(l)], l, ctx, xx, t.cache, x_mid, &t.x_mid_own);
   t.x_out = xx;
   t.dy = dy;
   Mat<Real> d = dy;
