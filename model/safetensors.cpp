@@ -5,11 +5,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <tuple>
+#include <vector>
 #include <sstream>
 
 #include "errors.hpp"
@@ -98,9 +101,17 @@ TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
   const std::byte* data = base.get() + 8 + n;
 
   TensorMap out;
+  struct Span {
+    uint64_t begin, end;
+    std::string name;
+  };
+  std::vector<Span> spans;
   for (auto& [name, e] : h.items()) {
     if (name == "__metadata__") {
+      // The safetensors library reads it as a map of strings to strings and refuses the file otherwise.
       if (!e.is_object()) fail(path, "__metadata__ is not an object");
+      for (auto& [k, v] : e.items())
+        if (!v.is_string()) fail(path, "__metadata__ entry '" + k + "' is not a string (the format allows only strings)");
       continue;
     }
     const std::string where = "tensor '" + name + "'";
@@ -142,6 +153,7 @@ TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
     if (en - b != numel * element)
       fail(path, where + " has " + std::to_string(en - b) + " data bytes, its shape " + shape_str(shape) + " and dtype " +
                      dts + " need " + std::to_string(numel * element));
+    spans.push_back({b, en, name});
     if (bytes) {
       u8->emplace(name, ByteTensor{std::move(shape), std::shared_ptr<const std::byte>(base, data + b)});
       continue;
@@ -152,6 +164,29 @@ TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
     t.bytes = std::shared_ptr<const std::byte>(base, data + b);
     out.emplace(name, std::move(t));
   }
+  // The tensors must tile the data exactly, in offset order: the safetensors library refuses a file where one starts
+  // before the previous one ends or after it (Metadata::validate, "invalid offset") or whose data runs on past the last
+  // (MetadataIncompleteBuffer). Two tensors sharing bytes would otherwise alias, and HF could not load the file at all.
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& c) { return std::tie(a.begin, a.end) < std::tie(c.begin, c.end); });
+  auto offs = [](const Span& sp) {
+    return "tensor '" + sp.name + "' data_offsets [" + std::to_string(sp.begin) + ", " + std::to_string(sp.end) + "]";
+  };
+  // Overlaps first: a tensor pointed at another's bytes also leaves its own unused, and the overlap is the cause.
+  for (size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].begin < spans[i - 1].end)
+      fail(path, offs(spans[i]) + " overlap those of tensor '" + spans[i - 1].name +
+                     "' (the format requires each tensor to start where the previous one ends)");
+  uint64_t at = 0;
+  for (const Span& sp : spans) {
+    if (sp.begin > at)
+      fail(path, offs(sp) + " leave the " + std::to_string(sp.begin - at) + " bytes before it unused (the format " +
+                     "requires each tensor to start where the previous one ends)");
+    at = sp.end;
+  }
+  if (at != data_size)
+    fail(path, std::to_string(data_size - at) + " bytes after the last tensor's data (the format requires the tensors to "
+                                                "cover the data exactly)");
   return out;
 }
 

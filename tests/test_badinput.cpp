@@ -767,6 +767,50 @@ TEST(BadSafetensors, DataOffsetsReversed) {
   expect_input_error([&] { read_safetensors(d / "w.safetensors"); }, {"tensor 'model.norm.weight' data_offsets", "fall outside"});
 }
 
+// The tensors must tile the data exactly, as the safetensors library requires (its Metadata::validate and
+// read_metadata refuse the file otherwise, so HF cannot load it): no two sharing bytes, no gap, nothing after the last.
+TEST(BadSafetensors, TensorsThatShareBytes) {
+  TempDir d;
+  const auto ck = write_checkpoint(d);
+  json e = kNormEntry;
+  e["data_offsets"] = {-16, 0};  // the previous tensor's last 16 bytes; the file's last 16 then belong to no tensor
+  spit(ck.weights, with_norm_entry(e));
+  expect_rejected(verify_checkpoint(d, ck.config, ck.weights), "verify",
+                  {ck.weights, "tensor 'model.norm.weight' data_offsets", "overlap those of tensor"});
+}
+
+TEST(BadSafetensors, BytesAfterTheLastTensor) {
+  TempDir d;
+  const auto ck = write_checkpoint(d);
+  spit(ck.weights, with_norm_entry(kNormEntry) + std::string(64, '\0'));
+  expect_rejected(verify_checkpoint(d, ck.config, ck.weights), "verify",
+                  {ck.weights, "64 bytes after the last tensor's data"});
+}
+
+TEST(BadSafetensors, GapBeforeATensor) {
+  TempDir d;
+  json e = kNormEntry;
+  e["data_offsets"] = {16, 32};
+  std::string s = with_norm_entry(e);
+  s.insert(s.size() - 16, std::string(16, '\0'));  // the norm's bytes moved 16 on, after 16 that no tensor names
+  spit(d / "w.safetensors", s);
+  expect_input_error([&] { read_safetensors(d / "w.safetensors"); },
+                     {"tensor 'model.norm.weight' data_offsets", "leave the 16 bytes before it unused"});
+}
+
+TEST(BadSafetensors, MetadataValueThatIsNotAString) {
+  TempDir d;
+  const auto ck = write_checkpoint(d);
+  const std::string s = with_norm_entry(kNormEntry);
+  uint64_t n = 0;
+  std::memcpy(&n, s.data(), 8);
+  json h = json::parse(s.substr(8, size_t(n)));
+  h["__metadata__"] = {{"format", "pt"}, {"step", 3}};
+  spit(ck.weights, safetensors_bytes(h.dump(), s.substr(8 + size_t(n))));
+  expect_rejected(verify_checkpoint(d, ck.config, ck.weights), "verify",
+                  {ck.weights, "__metadata__ entry 'step' is not a string"});
+}
+
 TEST(BadSafetensors, DataOffsetsDisagreeWithShape) {
   TempDir d;
   const auto ck = write_checkpoint(d);
