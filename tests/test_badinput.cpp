@@ -1299,6 +1299,34 @@ TEST(NothingHalfWritten, OutputFailingAfterOthersRemovesThem) {
   EXPECT_EQ(leftovers(d, {"case.h5"}), std::vector<std::string>{});
 }
 
+// train checks its outputs before the run as verify does: a --log in a missing directory once trained every step
+// and wrote the adapter before failing; --save-base once wrote the base before a flag checked later refused the run.
+TEST(NothingHalfWritten, TrainRefusesAnUnwritableLogBeforeTraining) {
+  TempDir d;
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--steps", "2", "--save-adapter", d / "ad", "--log",
+                                    d / "no/such/dir/log.json"}, d),
+                  "train", {"--log: cannot write", "does not exist"});
+  EXPECT_EQ(leftovers(d, {}), std::vector<std::string>{});
+}
+
+TEST(NothingHalfWritten, TrainRefusesTwoOutputsOnOnePath) {
+  TempDir d;
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--steps", "1", "--log", d / "x", "--report", d / "x"}, d),
+                  "train", {"--report: '" + d / "x" + "' is also the path of --log"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--steps", "1", "--lora-r", "0", "--save-base", d / "m",
+                                    "--output-dir", d / "m"}, d),
+                  "train", {"--save-base: '" + d / "m" + "' is also the path of --output-dir"});
+  EXPECT_EQ(leftovers(d, {}), std::vector<std::string>{});
+}
+
+TEST(NothingHalfWritten, TrainRefusedAfterItsInputsLoadWritesNoBase) {
+  TempDir d;
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--batch", "2", "--micro-batches", "3", "--save-base",
+                                    d / "base"}, d),
+                  "train", {"--micro-batches: 3 does not divide the batch of 2"});
+  EXPECT_EQ(leftovers(d, {}), std::vector<std::string>{});
+}
+
 TEST(NothingHalfWritten, SuccessfulRunWritesEveryOutputAndNoTemporaries) {
   TempDir d;
   const std::string p = write_tiny_case(d);

@@ -622,6 +622,24 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   }
 
   if (!o.report_with.empty() && !o.report_path) fail("--report-with", "adds curves to --report; give --report");
+  // Output paths are checked before the run, as verify's are: a log or report that cannot be written would
+  // otherwise be found out after the last step, and two outputs naming one file would silently keep the last.
+  {
+    namespace fs = std::filesystem;
+    std::vector<std::pair<std::string, std::string>> files, dirs;  // (flag, path)
+    if (o.log_path) files.emplace_back("--log", *o.log_path);
+    if (o.report_path) files.emplace_back("--report", *o.report_path);
+    if (o.output_dir) dirs.emplace_back("--output-dir", *o.output_dir);
+    if (o.save_adapter) dirs.emplace_back("--save-adapter", *o.save_adapter);
+    if (o.save_base) dirs.emplace_back("--save-base", *o.save_base);
+    for (const auto& [flag, path] : files) check::check_output_path(path, flag);
+    std::vector<std::pair<std::string, std::string>> all = files;
+    all.insert(all.end(), dirs.begin(), dirs.end());
+    for (size_t i = 0; i < all.size(); ++i)
+      for (size_t j = 0; j < i; ++j)
+        if (std::error_code e1, e2; fs::weakly_canonical(all[i].second, e1) == fs::weakly_canonical(all[j].second, e2))
+          fail(all[i].first, "'" + all[i].second + "' is also the path of " + all[j].first);
+  }
   Plan p;
   p.seed = spec.seed;
   for (const std::string& f : o.report_with) p.report_with.push_back(read_log(f));
@@ -669,21 +687,6 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
                          ": the adapter is trained with a cap off that the base's config.json has on; load it on a "
                          "base whose config sets that cap to null");
   }
-  if (o.save_base) {
-    // The base the run starts from, as HF loads it: for a preset's synthetic weights the only way to get them
-    // into HF + PEFT (tools/peft_roundtrip.py). Frozen weights are written as stored (bf16).
-    if (in.model.weights.count(kEmbedPaddingName))
-      fail("--save-base", "this run's head is padded in memory (the gate setting of a released preset), which no HF "
-                          "checkpoint has: use gemma2-tiny, gemma2-odd or a checkpoint");
-    TensorMap base;
-    for (const auto& [n, t] : in.model.weights)
-      if (n.find(".lora_") == std::string::npos) base.emplace(n, t);
-    std::error_code ec;
-    std::filesystem::create_directories(*o.save_base, ec);
-    write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
-    check::write_text_atomically(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
-    std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
-  }
   p.synthetic_data = !spec.case_path;
   std::unique_ptr<Tokenizer> tok;
   if (o.tokenizer.model_path) tok = Tokenizer::load(o.tokenizer, c.vocab_size);
@@ -709,6 +712,22 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (p.batch % o.micro_batches != 0)
     fail("--micro-batches", std::to_string(o.micro_batches) + " does not divide the batch of " + std::to_string(p.batch));
   p.micro_rows = p.batch / o.micro_batches;
+  // Written once every input and flag has been checked: a run refused with exit 2 leaves nothing behind.
+  if (o.save_base) {
+    // The base the run starts from, as HF loads it: for a preset's synthetic weights the only way to get them
+    // into HF + PEFT (tools/peft_roundtrip.py). Frozen weights are written as stored (bf16).
+    if (in.model.weights.count(kEmbedPaddingName))
+      fail("--save-base", "this run's head is padded in memory (the gate setting of a released preset), which no HF "
+                          "checkpoint has: use gemma2-tiny, gemma2-odd or a checkpoint");
+    TensorMap base;
+    for (const auto& [n, t] : in.model.weights)
+      if (n.find(".lora_") == std::string::npos) base.emplace(n, t);
+    std::error_code ec;
+    std::filesystem::create_directories(*o.save_base, ec);
+    write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
+    check::write_text_atomically(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
+    std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
+  }
   p.schedule = {sched, o.adamw.lr, o.warmup_steps, p.total_steps};
   p.run = {{"source", in.source},
            {"description", in.description},
