@@ -524,6 +524,21 @@ TEST(TrainBinary, ResumeIsBitExact) {
   other[std::find(other.begin(), other.end(), "--lr") - other.begin() + 1] = "2e-2";
   expect_rejected(run_tool(kTrain, other + std::vector<std::string>{"--resume", d / "full/checkpoint-3"}, d), "train",
                   {"learning_rate was 0.01 in the saved run"});
+  // Another model at the same path is another run: its config.json edited in place (a cap changed), or a base
+  // weight changed, is refused (once resumed without a word: the config was recorded by its path only).
+  const std::string cfg = slurp(base + "/config.json");
+  Config c2 = tiny();
+  c2.final_logit_softcapping = 3.0;
+  spit(base + "/config.json", to_config_json(c2));
+  expect_rejected(run_tool(kTrain, args + std::vector<std::string>{"--resume", d / "full/checkpoint-3"}, d), "train",
+                  {"model was", "in the saved run"});
+  spit(base + "/config.json", cfg);
+  TensorMap w2 = synthetic_weights(tiny(), 5);
+  w2.at("model.norm.weight") = synthetic_weights(tiny(), 6).at("model.norm.weight");
+  write_safetensors(base + "/model.safetensors", w2);
+  expect_rejected(run_tool(kTrain, args + std::vector<std::string>{"--resume", d / "full/checkpoint-3"}, d), "train",
+                  {"model was", "base_weights"});
+  write_safetensors(base + "/model.safetensors", synthetic_weights(tiny(), 5));
   // A modified save is refused.
   spit(d / "full/checkpoint-6/adapter_config.json", "{}");
   expect_rejected(run_tool(kTrain, args + std::vector<std::string>{"--resume", d / "full/checkpoint-6"}, d), "train",
