@@ -106,6 +106,18 @@ void check_output_path(const std::string& path, const std::string& flag) {
     fail(flag, "cannot write '" + path + "': directory '" + dir.string() + "' does not exist");
 }
 
+void check_output_paths(const std::vector<std::pair<std::string, std::string>>& files,
+                        const std::vector<std::pair<std::string, std::string>>& dirs) {
+  for (const auto& [flag, path] : files) check_output_path(path, flag);
+  std::vector<std::pair<std::string, std::string>> all = files;
+  all.insert(all.end(), dirs.begin(), dirs.end());
+  for (size_t i = 0; i < all.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (std::error_code e1, e2; std::filesystem::weakly_canonical(all[i].second, e1) ==
+                                  std::filesystem::weakly_canonical(all[j].second, e2))
+        fail(all[i].first, "'" + all[i].second + "' is also the path of " + all[j].first);
+}
+
 void write_junit(const std::string& path, const std::string& suite, const Report& r) {
   std::string x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
   x += "<testsuites>\n<testsuite name=\"" + xml_escape(suite) + "\" tests=\"" + std::to_string(r.checks.size()) +

@@ -3,6 +3,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace gemma::check {
@@ -37,6 +38,12 @@ double rel_err(double a, double b);
 // Refuses an output path before any work is done: its directory must exist and the path must not be a
 // directory. `flag` names the option in the error ("--json: ...").
 void check_output_path(const std::string& path, const std::string& flag);
+
+// A tool's outputs, each (flag, path), refused before any work is done: every file by check_output_path, and any two
+// (files or directories) that name one path ("--report: 'x' is also the path of --log"), which would otherwise
+// leave only the last one written.
+void check_output_paths(const std::vector<std::pair<std::string, std::string>>& files,
+                        const std::vector<std::pair<std::string, std::string>>& dirs = {});
 
 // `s` with &, <, > and " as XML / HTML entities (attribute values and text).
 std::string xml_escape(const std::string& s);

@@ -1215,7 +1215,7 @@ TEST(BadFlags, OutputIsADirectory) {
 TEST(BadFlags, TwoOutputsToOneFile) {
   TempDir d;
   expect_rejected(run_tool(kVerify, {"--model", "gemma2-micro", "--json", d / "out", "--junit", d / "out"}, d), "verify",
-                  {"--junit: '" + d / "out" + "' is also the file of --json"});
+                  {"--junit: '" + d / "out" + "' is also the path of --json"});
 }
 
 TEST(BadFlags, TrainMicroBatchesNotDividingTheBatch) {

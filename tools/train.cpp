@@ -660,20 +660,13 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   // Output paths are checked before the run, as verify's are: a log or report that cannot be written would
   // otherwise be found out after the last step, and two outputs naming one file would silently keep the last.
   {
-    namespace fs = std::filesystem;
     std::vector<std::pair<std::string, std::string>> files, dirs;  // (flag, path)
     if (o.log_path) files.emplace_back("--log", *o.log_path);
     if (o.report_path) files.emplace_back("--report", *o.report_path);
     if (o.output_dir) dirs.emplace_back("--output-dir", *o.output_dir);
     if (o.save_adapter) dirs.emplace_back("--save-adapter", *o.save_adapter);
     if (o.save_base) dirs.emplace_back("--save-base", *o.save_base);
-    for (const auto& [flag, path] : files) check::check_output_path(path, flag);
-    std::vector<std::pair<std::string, std::string>> all = files;
-    all.insert(all.end(), dirs.begin(), dirs.end());
-    for (size_t i = 0; i < all.size(); ++i)
-      for (size_t j = 0; j < i; ++j)
-        if (std::error_code e1, e2; fs::weakly_canonical(all[i].second, e1) == fs::weakly_canonical(all[j].second, e2))
-          fail(all[i].first, "'" + all[i].second + "' is also the path of " + all[j].first);
+    check::check_output_paths(files, dirs);
   }
   Plan p;
   p.seed = spec.seed;

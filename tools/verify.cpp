@@ -53,13 +53,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   if (json_path && *json_path != "-") outputs.emplace_back("--json", *json_path);
   if (junit_path) outputs.emplace_back("--junit", *junit_path);
   if (dump_path) outputs.emplace_back("--dump-grads", *dump_path);
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    check_output_path(outputs[i].second, outputs[i].first);
-    for (size_t j = 0; j < i; ++j)
-      if (std::error_code e1, e2; std::filesystem::weakly_canonical(outputs[i].second, e1) ==
-                                  std::filesystem::weakly_canonical(outputs[j].second, e2))
-        fail(outputs[i].first, "'" + outputs[i].second + "' is also the file of " + outputs[j].first);
-  }
+  check_output_paths(outputs);
 
   Inputs in = load_inputs(spec);
   print_warnings("verify", in.model.warnings);
