@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -121,54 +121,58 @@ int64_t real_tokens(const Batch& b) {
   return n;
 }
 
+// A running 64-bit digest (splitmix64 from FNV-1a's offset basis), for telling a resumed run's inputs from
+// another's: not a cryptographic hash.
+struct Digest {
+  uint64_t h = 0xcbf29ce484222325ull;
+  void mix(uint64_t v) { h = splitmix64(h ^ v); }
+  void bytes(const void* p, size_t n) {  // 8 bytes at a time, the last word zero-padded, then the length
+    for (size_t i = 0; i < n; i += 8) {
+      uint64_t w = 0;
+      std::memcpy(&w, static_cast<const char*>(p) + i, std::min<size_t>(8, n - i));
+      mix(w);
+    }
+    mix(n);
+  }
+  std::string hex() const {
+    char b[20];
+    std::snprintf(b, sizeof b, "%016llx", (unsigned long long)h);
+    return b;
+  }
+};
+
 // A digest of the rows the run trains on (ids, labels, positions, mask): a resumed run must see the same rows,
 // whatever tokenizer, template or flags made them.
 std::string rows_digest(const Dataset& d) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  auto mix = [&](int64_t v) { h = splitmix64(h ^ uint64_t(v)); };
+  Digest g;
   for (const Row& r : d.rows) {
-    for (int64_t v : r.input_ids) mix(v);
-    for (int64_t v : r.labels) mix(v);
-    for (int64_t v : r.position_ids) mix(v);
-    for (uint8_t v : r.attention_mask) mix(v);
-    mix(-1);
+    for (int64_t v : r.input_ids) g.mix(uint64_t(v));
+    for (int64_t v : r.labels) g.mix(uint64_t(v));
+    for (int64_t v : r.position_ids) g.mix(uint64_t(v));
+    for (uint8_t v : r.attention_mask) g.mix(v);
+    g.mix(uint64_t(-1));
   }
-  char b[20];
-  std::snprintf(b, sizeof b, "%016llx", (unsigned long long)h);
-  return b;
+  return g.hex();
 }
+
+// The tensors an adapter adds (PEFT's lora_A / lora_B); the rest are the base model's.
+bool adapter_tensor(const std::string& name) { return name.find(".lora_") != std::string::npos; }
 
 // A digest of the model the run starts from: its config.json as the run reads it and every base tensor (name, dtype,
 // shape, bytes). A resumed run must start from the same model: its path alone let an edited config.json through
 // (caps 50/30 changed in place to 5/3 resumed without a word, and the next step's loss moved from 6.2074 to 6.0317).
 json model_digest(const Inputs& in) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  auto mix = [&](uint64_t v) { h = splitmix64(h ^ v); };
-  auto mix_bytes = [&](const char* p, size_t n) {
-    for (size_t i = 0; i < n; i += 8) {
-      uint64_t w = 0;
-      std::memcpy(&w, p + i, std::min<size_t>(8, n - i));
-      mix(w);
-    }
-    mix(n);
-  };
-  auto hex = [&] {
-    char b[20];
-    std::snprintf(b, sizeof b, "%016llx", (unsigned long long)h);
-    return std::string(b);
-  };
+  Digest config, base;
   const std::string cfg = to_config_json(in.model.config);
-  mix_bytes(cfg.data(), cfg.size());
-  const std::string config = hex();
-  h = 0xcbf29ce484222325ull;
+  config.bytes(cfg.data(), cfg.size());
   for (const auto& [name, t] : in.model.weights) {  // a std::map: name order
-    if (name.find(".lora_") != std::string::npos) continue;
-    mix_bytes(name.data(), name.size());
-    mix(uint64_t(t.dtype));
-    for (int64_t d : t.shape) mix(uint64_t(d));
-    mix_bytes(reinterpret_cast<const char*>(t.bytes.get()), size_t(t.numel()) * dtype_size(t.dtype));
+    if (adapter_tensor(name)) continue;
+    base.bytes(name.data(), name.size());
+    base.mix(uint64_t(t.dtype));
+    for (int64_t d : t.shape) base.mix(uint64_t(d));
+    base.bytes(t.bytes.get(), size_t(t.numel()) * dtype_size(t.dtype));
   }
-  return {{"config", config}, {"base_weights", hex()}};
+  return {{"config", config.hex()}, {"base_weights", base.hex()}};
 }
 
 struct Plan {
@@ -749,7 +753,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
                           "checkpoint has: use gemma2-tiny, gemma2-odd or a checkpoint");
     TensorMap base;
     for (const auto& [n, t] : in.model.weights)
-      if (n.find(".lora_") == std::string::npos) base.emplace(n, t);
+      if (!adapter_tensor(n)) base.emplace(n, t);
     std::error_code ec;
     std::filesystem::create_directories(*o.save_base, ec);
     write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
