@@ -34,10 +34,12 @@ struct DirectionalCheck {
 // gradient is wrong by a factor (1 + e) moves the result by about e / (number of tensors).
 // The derivative along u comes from central differences at steps h0, h0/2, h0/4, ... extrapolated by
 // Richardson's rule into a tableau (Ridders' method: Numerical Recipes, 3rd ed., 5.7): each new step adds a row
-// of ever higher-order estimates and an error estimate for each, and the best estimate is kept. It stops once the
-// error estimate is below `target` (relative to the smaller of |analytic| and the estimate), when the estimates stop improving (rounding has taken
-// over), or after `max_halvings` halvings of the step. On ordinary inputs three steps resolve the derivative to
-// ~1e-11; sharply peaked attention (scores spread over hundreds, no cap) needs smaller steps.
+// of ever higher-order estimates and an error estimate for each (never below the loss's float64 rounding over the
+// step), and the best estimate is kept. It stops once the error estimate is below `target` (relative to the smaller
+// of |analytic| and the estimate), once the newest row's error is the rounding's (rounding has taken over), or after
+// `max_halvings` halvings of the step. The first step is 1e-4 of the rms parameter and at most 1e-2 of the smallest
+// nonzero tensor's norm. On ordinary inputs three steps resolve the derivative to ~1e-11; sharply peaked attention
+// (scores spread over hundreds, no cap) and tiny caps need smaller steps.
 DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, const RunOptions& opt, const TensorMap& grads,
                                    double target = 1e-9, int max_halvings = 10);
 

@@ -152,6 +152,70 @@ TEST(Gate, AGradientWhereTheLossHasNoneStillFails) {
   EXPECT_FALSE(r.checks[0].unresolved) << "error estimate " << fd.fd_err << ", disagreement " << fd.rel_err;
 }
 
+// Extreme-but-valid models from an adversarial probe (2026-12-05), each built from the reported base9b_small
+// checkpoint. The verdict of verify's self-check on each, with the reference's own backward.
+namespace {
+check::Report fd_verdict(const std::function<void(Checkpoint&)>& edit, ref::DirectionalCheck* fd_out = nullptr) {
+  const std::string dir = kReported + "/base9b_small/model";
+  Checkpoint model = load_hf_checkpoint(dir + "/config.json", dir, std::nullopt, std::nullopt);
+  edit(model);
+  const Batch batch = synthetic_batch(model.config, 1, 32, 0);  // verify's own batch for a checkpoint
+  ref::RunOptions opt;
+  opt.softcap = config_softcaps(model.config);
+  const ref::Output out = ref::run(model, batch, opt);
+  const ref::DirectionalCheck fd = ref::directional_check(model, batch, opt, out.grads);
+  std::printf("analytic %.12g, numeric %.12g, step %.3g, %lld passes, estimate's error %.3g, disagreement %.3g\n",
+              fd.analytic, fd.numeric, fd.step, (long long)fd.passes, fd.fd_err, fd.rel_err);
+  if (fd_out) *fd_out = fd;
+  check::Report r;
+  check::add_fd_check(r, "", fd);
+  return r;
+}
+}  // namespace
+
+// An attention cap of 1e-6 makes each score a smoothed sign, curved on the scale of 1e-6. The fourth row of
+// differences came out 7000 x its rounding noise worse than the third; a stopping rule that took that for rounding
+// kept the third row's chance agreement (3.5e-6 claimed, 4.2e-5 actual) and failed correct code. Halving on while
+// the rows are not noise resolves the derivative to ~5e-8.
+TEST(Gate, FiniteDifferencesResolveATinyAttentionCap) {
+  const check::Report r = fd_verdict([](Checkpoint& m) { m.config.attn_logit_softcapping = 1e-6; });
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_TRUE(r.checks[0].pass) << r.checks[0].value << " tol " << r.checks[0].tolerance;
+  EXPECT_FALSE(r.checks[0].unresolved);
+}
+
+// Embeddings scaled to 1e-12 (rms_norm_eps 1e-30, so the first RMSNorm still normalizes them): a step sized by the
+// whole model moved the embedding by ~1e5 x itself, and through the scale-invariant RMSNorm the differences
+// converged, smoothly, to the slope of another function (0.0797 where the backward says 2.062)
+// with an error estimate of 3.6e-6, failing correct code. The step now respects the smallest tensor; the loss's
+// rounding cannot resolve a step that small, and the check says so.
+TEST(Gate, FiniteDifferencesDoNotStepOverATinyTensor) {
+  ref::DirectionalCheck fd;
+  const check::Report r = fd_verdict(
+      [](Checkpoint& m) {
+        m.config.rms_norm_eps = 1e-30;
+        Tensor& e = m.weights.at(kEmbedName);
+        std::vector<double> w = e.to_double();
+        for (double& x : w) x *= 1e-12;
+        e = tensor_from_doubles(e.dtype, e.shape, w);
+      },
+      &fd);
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_TRUE(r.all_pass()) << r.checks[0].value << " tol " << r.checks[0].tolerance;
+  EXPECT_LT(fd.step, 1e-12) << "the step is not held to the embedding's scale";
+}
+
+// A final cap of 1e-6 saturates the logits: the loss moves by less than its rounding at every step tried, the
+// central differences come out exactly 0, and zeros agree with each other perfectly. Without a floor at the rounding
+// noise that agreement is an error estimate of 0, and a correct backward fails at "1.0 relative" (seen with the
+// floor removed). It is unresolved.
+TEST(Gate, FiniteDifferencesBelowTheLossRoundingAreNotConfident) {
+  const check::Report r = fd_verdict([](Checkpoint& m) { m.config.final_logit_softcapping = 1e-6; });
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_TRUE(r.all_pass()) << r.checks[0].value << " tol " << r.checks[0].tolerance;
+  EXPECT_TRUE(r.checks[0].unresolved);
+}
+
 // The verdicts of add_fd_check: agreement within the estimate's own error passes while that error is small, is
 // "unresolved" (neither pass nor failure) when it is not, and a confident disagreement fails.
 TEST(Gate, UnresolvedFiniteDifferencesAreNeitherAPassNorAFailure) {
