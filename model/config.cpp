@@ -230,7 +230,7 @@ void bnb_nf4_or_null(const json& v, const std::string& source, std::vector<std::
 
 bool is_null_or(const json& v, bool b) { return v.is_null() || (v.is_boolean() && v.get<bool>() == b); }
 bool null_or_false(const json& v) { return is_null_or(v, false); }
-bool null_or_true(const json& v) { return is_null_or(v, true); }
+bool is_true(const json& v) { return v.is_boolean() && v.get<bool>(); }
 bool null_or_zero(const json& v) { return v.is_null() || (v.is_number() && v.get<double>() == 0.0); }
 bool null_or_one(const json& v) { return v.is_null() || (v.is_number() && v.get<double>() == 1.0); }
 bool null_or_empty(const json& v) { return v.is_null() || (v.is_structured() && v.empty()); }
@@ -273,7 +273,11 @@ const std::vector<KeyRule>& rules() {
       {{"hidden_activation", M,
         "Gemma 2's MLP applies hidden_activation; gelu_pytorch_tanh (HF's default) is implemented", "\"gelu\""},
        tanh_gelu},
-      {{"tie_word_embeddings", M, "the LM head is the embedding (true, HF's default)", "false"}, null_or_true},
+      // null is not HF's default but an explicit value: PretrainedConfig stores it, and the loader's
+      // `if config.tie_word_embeddings` reads it as false (no tie, lm_head.weight then loaded or left random).
+      {{"tie_word_embeddings", M, "the LM head is the embedding (true, HF's default; null is read by HF as untied)",
+        "false"},
+       is_true},
       {{"attention_bias", M, "projections without biases (false)", "true"}, null_or_false},
       {{"attention_dropout", M,
         "no attention dropout (0): HF applies it whenever the model trains, so gradients with it are those of a random "

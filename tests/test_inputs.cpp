@@ -175,6 +175,16 @@ TEST(ConfigKeys, NullActivationAndZeroCapsAreRefusedByName) {
   }
 }
 
+// tie_word_embeddings: null was read as HF's default (tied). To HF it is an explicit value, read as untied.
+TEST(ConfigKeys, NullTieWordEmbeddingsIsRefused) {
+  json c = old_style_tiny();
+  c["tie_word_embeddings"] = nullptr;
+  expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
+                     {"config.json: tie_word_embeddings = null is not implemented", "null is read by HF as untied"});
+  c["tie_word_embeddings"] = true;
+  EXPECT_NO_THROW(parse_config_json(c.dump(), "config.json", nullptr));
+}
+
 TEST(ConfigKeys, RopeScalingOfDefaultTypeIsReadOthersRefused) {
   json c = old_style_tiny();
   c.erase("rope_theta");

@@ -413,6 +413,15 @@ TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
   spit(d / "bad.model", "not a model");
   expect_input_error([&] { Tokenizer::load({d / "bad.model", std::nullopt, std::nullopt, std::nullopt}, 384); },
                      {"not a SentencePiece model"});
+  // add_eos_token: false is the recipe's own one EOS; true (a second EOS, or the same one?) is refused, not read past.
+  spit(d / "eos.json", "{\"add_eos_token\": false}");
+  EXPECT_NO_THROW(Tokenizer::load({model, d / "eos.json", std::nullopt, std::nullopt}, 384));
+  spit(d / "eos.json", "{\"add_eos_token\": true}");
+  expect_input_error([&] { Tokenizer::load({model, d / "eos.json", std::nullopt, std::nullopt}, 384); },
+                     {"eos.json", "add_eos_token = true is not implemented"});
+  spit(d / "eos.json", "{\"add_eos_token\": \"yes\"}");
+  expect_input_error([&] { Tokenizer::load({model, d / "eos.json", std::nullopt, std::nullopt}, 384); },
+                     {"add_eos_token is not true or false"});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -571,7 +580,7 @@ TEST(TrainBinary, ACapTurnedOffIsOffInTheConfigsWritten) {
                                                                                    "--save-base", d / "saved"},
                              d);
   ASSERT_EQ(r.status, 0) << r.err << r.out;
-  for (const std::string f : {d / "out/config.json", d / "saved/config.json"}) {
+  for (const std::string& f : {d / "out/config.json", d / "saved/config.json"}) {
     const Config c = parse_config_json(slurp(f), f, nullptr);
     EXPECT_FALSE(c.attn_logit_softcapping) << f;
     EXPECT_TRUE(c.final_logit_softcapping) << f;

@@ -65,6 +65,15 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
       if (!it->is_boolean()) fail(cp, "add_bos_token is not true or false");
       t->add_bos_token = it->get<bool>();
     }
+    // add_eos_token makes HF's tokenizer end every encoded text with EOS. The recipe ends each example with exactly
+    // one EOS of its own (docs/train.md), so false (Gemma's setting) is what it computes; true would mean a second
+    // EOS to one reader and the same one to another, and is refused rather than guessed.
+    if (auto it = j.find("add_eos_token"); it != j.end()) {
+      if (!it->is_boolean()) fail(cp, "add_eos_token is not true or false");
+      if (it->get<bool>())
+        fail(cp, "add_eos_token = true is not implemented: the recipe ends every text example with one EOS of its own "
+                 "(add_eos_token false, Gemma's setting)");
+    }
     auto piece = [&](const char* key, int64_t& id) {
       if (auto s = special_token(j, key, cp)) {
         const int v = t->impl_->sp.PieceToId(*s);
