@@ -273,8 +273,10 @@ const std::vector<KeyRule>& rules() {
       {{"hidden_activation", M,
         "Gemma 2's MLP applies hidden_activation; gelu_pytorch_tanh (HF's default) is implemented", "\"gelu\""},
        tanh_gelu},
-      // null is not HF's default but an explicit value: PretrainedConfig stores it, and the loader's
-      // `if config.tie_word_embeddings` reads it as false (no tie, lm_head.weight then loaded or left random).
+      // null is not HF's default but an explicit value: the config stores it, and transformers 5.x's loader
+      // (modeling_utils, get_expanded_tied_weights_keys: `if not self.config.tie_word_embeddings and not
+      // self.config.tie_encoder_decoder: return {}`) then ties nothing; lm_head.weight is loaded or left random.
+      // Read from the source, not measured on the GPU host.
       {{"tie_word_embeddings", M, "the LM head is the embedding (true, HF's default; null is read by HF as untied)",
         "false"},
        is_true},
