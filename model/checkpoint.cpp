@@ -12,6 +12,7 @@
 
 #include "errors.hpp"
 #include "json_brief.hpp"
+#include "json_text.hpp"
 
 namespace gemma {
 
@@ -508,7 +509,7 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const Config& c
                                         std::vector<std::string>* warnings) {
   ojson j;
   try {
-    j = ojson::parse(text);
+    j = parse_json<ojson>(text);
   } catch (const ojson::exception& e) {
     // parse_error for bad syntax, out_of_range for a number no double holds (1e999): both are bad files.
     fail(source, std::string("malformed JSON: ") + e.what());

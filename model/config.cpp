@@ -7,6 +7,7 @@
 #include "errors.hpp"
 #include "json_brief.hpp"
 #include "nf4.hpp"
+#include "json_text.hpp"
 
 namespace gemma {
 
@@ -459,7 +460,7 @@ void parse_rope(const Reader& r, Config& c) {
 Config parse_config_json(const std::string& text, const std::string& source, std::vector<std::string>* warnings) {
   json j;
   try {
-    j = json::parse(text);
+    j = parse_json(text);
   } catch (const json::exception& e) {
     // parse_error for bad syntax, out_of_range for a number no double holds (1e999): both are bad files.
     fail(source, std::string("malformed JSON: ") + e.what());

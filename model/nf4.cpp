@@ -8,6 +8,7 @@
 
 #include "errors.hpp"
 #include "json_brief.hpp"
+#include "json_text.hpp"
 
 namespace gemma {
 
@@ -300,7 +301,7 @@ Nf4Weight read_nf4_weight(const std::string& w, TensorMap& weights, ByteTensorMa
   if (qs.shape.size() != 1) fail(source, where(qs_name) + " has shape " + shape_str(qs.shape) + ", expected one dimension");
   json st;
   try {
-    st = json::parse(std::string(reinterpret_cast<const char*>(qs.bytes.get()), size_t(qs.numel())));
+    st = parse_json(std::string(reinterpret_cast<const char*>(qs.bytes.get()), size_t(qs.numel())));
   } catch (const json::exception& e) {
     fail(source, where(qs_name) + " is not the JSON of a quant state: " + e.what());
   }

@@ -17,6 +17,7 @@
 
 #include "errors.hpp"
 #include "nf4.hpp"
+#include "json_text.hpp"
 
 namespace gemma {
 
@@ -75,7 +76,7 @@ json parse_header(const std::string& text, const std::string& path) {
     return true;
   };
   try {
-    return json::parse(text, cb);
+    return parse_json(text, cb);
   } catch (const json::exception& e) {
     fail(path, std::string("header is not valid JSON: ") + e.what());
   }
@@ -197,7 +198,7 @@ TensorMap read_safetensors_index(const std::string& ip, ByteTensorMap* u8) {
   const fs::path dir = fs::path(ip).parent_path();
   json idx;
   try {
-    idx = json::parse(read_text_file(ip));
+    idx = parse_json(read_text_file(ip));
   } catch (const json::exception& e) {
     fail(ip, std::string("malformed JSON: ") + e.what());
   }
@@ -308,7 +309,7 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
   // deeper than its config is refused (its extra layers would silently not run).
   const bool allow_deeper = layers.has_value();
   // parse_config_json has refused every quantization but bitsandbytes 4-bit NF4 already.
-  const json qc = json::parse(config_text).value("quantization_config", json());
+  const json qc = parse_json(config_text).value("quantization_config", json());
   if (const std::optional<BnbConfig> q = parse_quantization_config(qc, config_path, nullptr)) {
     ByteTensorMap u8;
     ck.weights = read_safetensors_any(weights_path, &u8);

@@ -175,6 +175,15 @@ TEST(ConfigKeys, NullActivationAndZeroCapsAreRefusedByName) {
   }
 }
 
+// A NUL byte ended nlohmann's input: the keys after it were dropped (here the cap that turns attention capping
+// off), where Python's json.loads, HF's reader, refuses the file.
+TEST(ConfigKeys, ANulByteIsNotTheEndOfTheFile) {
+  const std::string head = old_style_tiny().dump();
+  const std::string text = head.substr(0, head.size() - 1) + '\0' + ", \"attn_logit_softcapping\": null}";
+  expect_input_error([&] { parse_config_json(text, "config.json", nullptr); },
+                     {"config.json: malformed JSON", "a NUL byte"});
+}
+
 // tie_word_embeddings: null was read as HF's default (tied). To HF it is an explicit value, read as untied.
 TEST(ConfigKeys, NullTieWordEmbeddingsIsRefused) {
   json c = old_style_tiny();

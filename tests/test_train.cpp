@@ -353,6 +353,12 @@ TEST(TrainData, BadLinesAreNamed) {
   expect_data_error("{\"instruction\": \"hi\", \"output\": \"yo\"}", {"needs a tokenizer"});
   expect_data_error("{\"prompt\": \"hi\"}", {"needs input_ids, text, or instruction and output"});
   expect_data_error("{\"input_ids\": [2, 3], \"text\": \"x\"}", {"give one form per row"});
+  // Alpaca's "input" beside "text" was dropped without a word; alone it is an instruction row without an instruction.
+  expect_data_error("{\"text\": \"x\", \"input\": \"y\"}", {"has both 'text' and instruction fields"});
+  expect_data_error("{\"input\": \"y\"}", {"needs a tokenizer"});
+  // A NUL byte ended the JSON parser's input: the line's second record was dropped without a word.
+  expect_data_error(std::string("{\"input_ids\": [2, 3]}") + '\0' + "{\"input_ids\": [4, 5]}",
+                    {"not valid JSON", "a NUL byte"});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +412,10 @@ TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
   const auto t2 = Tokenizer::load({model, d / "tokenizer_config.json", std::nullopt, std::nullopt}, 384);
   EXPECT_FALSE(t2->add_bos_token);
   EXPECT_EQ(t2->eos_id, 2);
+  // --bos-id where add_bos_token is false would change nothing: refused.
+  expect_input_error([&] { Tokenizer::load({model, d / "tokenizer_config.json", int64_t(5), std::nullopt}, 384); },
+                     {"--bos-id", "changes nothing: add_bos_token is false"});
+  spit(d / "tokenizer_config.json", "{\"eos_token\": {\"content\": \"<s>\"}}");
   const auto t3 = Tokenizer::load({model, d / "tokenizer_config.json", int64_t(5), std::nullopt}, 384);
   EXPECT_EQ(t3->bos_id, 5);
   expect_input_error([&] { Tokenizer::load({model, std::nullopt, std::nullopt, std::nullopt}, 50); }, {"pieces, more than"});

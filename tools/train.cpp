@@ -28,6 +28,7 @@
 #include "train/html_report.hpp"
 #include "train/save.hpp"
 #include "train/schedule.hpp"
+#include "model/json_text.hpp"
 
 using namespace gemma;
 using namespace gemma::check;
@@ -228,7 +229,7 @@ void write_report(const Plan& p, const TrainOptions& o, const json& history) {
 std::pair<std::string, json> read_log(const std::string& path) {
   json j;
   try {
-    j = json::parse(read_text_file(path));
+    j = parse_json(read_text_file(path));
   } catch (const json::exception& e) {
     fail(path, std::string("malformed JSON: ") + e.what());
   }

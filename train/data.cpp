@@ -12,6 +12,7 @@
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
+#include "model/json_text.hpp"
 
 namespace gemma::train {
 
@@ -56,7 +57,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
     const std::string& cp = *o.config_path;
     json j;
     try {
-      j = json::parse(read_text_file(cp));
+      j = parse_json(read_text_file(cp));
     } catch (const json::exception& e) {
       fail(cp, std::string("malformed JSON: ") + e.what());
     }
@@ -86,6 +87,10 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
     piece("bos_token", t->bos_id);
     piece("eos_token", t->eos_id);
   }
+  // With add_bos_token false no BOS is prepended, so --bos-id would change nothing; a flag that is read past is
+  // refused, as --tokenizer is on data that is tokenized already.
+  if (o.bos_id && !t->add_bos_token)
+    fail("--bos-id", "changes nothing: add_bos_token is false in " + *o.config_path + ", so no BOS is prepended");
   if (o.bos_id) t->bos_id = *o.bos_id;
   if (o.eos_id) t->eos_id = *o.eos_id;
   if (t->bos_id < 0 || t->bos_id >= vocab_size)
@@ -164,7 +169,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
                    bool packing, std::set<std::string>* unknown) {
   json j;
   try {
-    j = json::parse(text);
+    j = parse_json(text);
   } catch (const json::exception& e) {
     fail(where, std::string("not valid JSON: ") + e.what());
   }
@@ -231,7 +236,9 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
     }
     return ex;
   }
-  const bool text_row = j.contains("text"), instr_row = j.contains("instruction") || j.contains("output");
+  // Alpaca's "input" makes a row an instruction row too: beside "text" it was dropped without a word.
+  const bool text_row = j.contains("text"),
+             instr_row = j.contains("instruction") || j.contains("input") || j.contains("output");
   if (!text_row && !instr_row) fail(where, "a row needs input_ids, text, or instruction and output");
   if (text_row && instr_row) fail(where, "has both 'text' and instruction fields: give one form per row");
   if (!tok) fail(where, "a text row needs a tokenizer (--tokenizer tokenizer.model)");

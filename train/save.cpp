@@ -9,6 +9,7 @@
 #include "check/report.hpp"
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
+#include "model/json_text.hpp"
 
 namespace gemma::train {
 
@@ -118,7 +119,7 @@ Resumed read_resume_dir(const std::string& dir) {
   if (!fs::exists(sp, ec)) fail(dir, "has no trainer_state.json: not a directory train saved, or an incomplete save");
   Resumed r;
   try {
-    r.trainer_state = json::parse(read_text_file(sp));
+    r.trainer_state = parse_json(read_text_file(sp));
   } catch (const json::exception& e) {
     fail(sp, std::string("malformed JSON: ") + e.what());
   }
