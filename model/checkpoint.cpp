@@ -913,32 +913,52 @@ bool bare_base_name(const std::string& n) {
   return n.rfind("embed_tokens.", 0) == 0 || n.rfind("layers.", 0) == 0 || n.rfind("norm.", 0) == 0;
 }
 
-void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper) {
-  const Config& c = ck.config;
-  TensorMap renamed;
-  for (auto& [name, t] : ck.weights) {
-    std::string n = name;
-    const std::string peft = "base_model.model.";
-    if (n.rfind(peft, 0) == 0) n = n.substr(peft.size());
-    if (renamed.count(n)) fail(source, "tensor '" + n + "' appears twice (with and without the PEFT prefix)");
-    renamed.emplace(n, t);
+namespace {
+
+template <class Map, class Rename>
+Map renamed_map(Map& m, Rename rename, const std::string& source) {
+  Map out;
+  for (auto& [name, t] : m) {
+    const std::string n = rename(name);
+    if (out.count(n)) fail(source, "tensor '" + n + "' appears twice (with and without the PEFT prefix)");
+    out.emplace(n, std::move(t));
   }
-  {
-    const std::string* prefixed = nullptr;
-    const std::string* bare = nullptr;
-    for (const auto& [n, t] : renamed) {
+  return out;
+}
+
+}  // namespace
+
+void normalize_checkpoint_names(TensorMap& weights, ByteTensorMap* bytes, const std::string& source) {
+  const auto unprefixed = [](const std::string& n) {
+    const std::string peft = "base_model.model.";
+    return n.rfind(peft, 0) == 0 ? n.substr(peft.size()) : n;
+  };
+  weights = renamed_map(weights, unprefixed, source);
+  if (bytes) *bytes = renamed_map(*bytes, unprefixed, source);
+  const std::string* prefixed = nullptr;
+  const std::string* bare = nullptr;
+  const auto scan = [&](const auto& m) {
+    for (const auto& [n, t] : m) {
       if (!prefixed && n.rfind("model.", 0) == 0) prefixed = &n;
       if (!bare && bare_base_name(n)) bare = &n;
     }
-    if (prefixed && bare)
-      fail(source, "mixes names with and without the 'model.' prefix ('" + *prefixed + "' and '" + *bare +
-                       "'): HF would load one kind and leave the other's weights random");
-    if (bare) {
-      TensorMap prefixed_all;
-      for (auto& [n, t] : renamed) prefixed_all.emplace(bare_base_name(n) ? "model." + n : n, t);
-      renamed = std::move(prefixed_all);
-    }
+  };
+  scan(weights);
+  if (bytes) scan(*bytes);
+  if (prefixed && bare)
+    fail(source, "mixes names with and without the 'model.' prefix ('" + *prefixed + "' and '" + *bare +
+                     "'): HF would load one kind and leave the other's weights random");
+  if (bare) {
+    const auto with_model = [](const std::string& n) { return bare_base_name(n) ? "model." + n : n; };
+    weights = renamed_map(weights, with_model, source);
+    if (bytes) *bytes = renamed_map(*bytes, with_model, source);
   }
+}
+
+void validate_checkpoint(Checkpoint& ck, const std::string& source, bool allow_deeper) {
+  const Config& c = ck.config;
+  normalize_checkpoint_names(ck.weights, nullptr, source);
+  TensorMap& renamed = ck.weights;
   for (const auto& [n, t] : renamed) check_peft_internal_name(n, source);
   // Layers the config does not have: dropped when --layers asked for fewer, refused otherwise.
   {

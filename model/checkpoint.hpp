@@ -155,6 +155,14 @@ struct Checkpoint {
 // A name of the bare Gemma2Model's state_dict (`embed_tokens.`, `layers.`, `norm.`, without `model.`).
 bool bare_base_name(const std::string& n);
 
+// Renames a checkpoint's tensors as HF and PEFT load them: PEFT's `base_model.model.` prefix dropped, a
+// Gemma2Model checkpoint's `embed_tokens...`, `layers...`, `norm...` given `model.`. `bytes`, a bitsandbytes
+// checkpoint's U8 tensors (packed weights and quant states), is renamed with `weights`, so that a quantized
+// projection is found under the name its float form would have; renaming only the float tensors, after
+// dequantization, let prefixed and bare bnb checkpoints go unread. Refuses (InputError naming `source`) a name
+// present with and without the PEFT prefix, and a checkpoint that mixes bare and `model.` names. Idempotent.
+void normalize_checkpoint_names(TensorMap& weights, ByteTensorMap* bytes, const std::string& source);
+
 // Normalises names as HF and PEFT load them (drops PEFT's `base_model.model.` prefix; gives a Gemma2Model
 // checkpoint's `embed_tokens...`, `layers...`, `norm...` the `model.` prefix), then checks that every tensor the
 // config needs is present with its exact shape and finite values, that nothing unknown is there, and that a

@@ -386,35 +386,27 @@ Nf4Weight read_nf4_weight(const std::string& w, TensorMap& weights, ByteTensorMa
 
 }  // namespace
 
-int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, const Config& c, const BnbConfig& q,
-                                  const std::string& source, bool allow_deeper, std::map<std::string, Nf4Weight>* forms) {
-  int64_t quantized_here = 0;
+void dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, const Config& c, const BnbConfig& q,
+                               const std::string& source, bool allow_deeper, std::map<std::string, Nf4Weight>* forms) {
   auto too_deep = [&](const std::string& n) { return layer_number(n) >= c.num_hidden_layers; };
   if (allow_deeper) {
     std::erase_if(weights, [&](const auto& e) { return too_deep(e.first); });
     std::erase_if(bytes, [&](const auto& e) { return too_deep(e.first); });
   }
-  // A Gemma2Model checkpoint names its layers without "model."; the dequantized weight keeps the file's spelling
-  // and validate_checkpoint prefixes it with the rest.
-  const bool bare = std::any_of(bytes.begin(), bytes.end(), [](const auto& e) { return e.first.rfind("layers.", 0) == 0; });
   for (int64_t l = 0; l < c.num_hidden_layers; ++l)
     for (Proj p : kAllProj) {
-      const std::string w = (bare ? "" : "model.") + std::string("layers.") + std::to_string(l) + "." + proj_module(p) + ".weight";
+      const std::string w = proj_weight_name(l, p);
       const Shape shape{proj_out(c, p), proj_in(c, p)};
       const bool skipped = bnb_skips(q.skip_modules, l, p);
       if (!bytes.count(w)) {
-        // transformers loads a float weight into a Linear4bit by quantizing it then (Params4bit(...).to(device)),
-        // with the layer's blocksize 64 and the config's double quantization.
-        auto it = weights.find(w);
-        if (skipped || it == weights.end() || it->second.shape != shape) continue;
-        if (it->second.dtype == DType::f64)
-          fail(source, "tensor '" + w + "' is F64, which quantization_config would have quantized on load; bitsandbytes "
-                       "quantizes 16- and 32-bit floats only");
-        Nf4Weight form = quantize_nf4(it->second, kNF4Blocksize, q.double_quant);
-        it->second = dequantize_nf4(form);
-        if (forms) (*forms)[proj_weight_name(l, p)] = std::move(form);
-        ++quantized_here;
-        continue;
+        // A checkpoint with a quantization_config is pre-quantized to transformers, which then refuses a float
+        // weight of a Linear4bit: "Supplied state dict for ... does not contain `bitsandbytes__*`"
+        // (Bnb4BitHfQuantizer.create_quantized_param, 4.x; read from the source). Quantizing it here instead ran a
+        // model HF would not load.
+        if (skipped || !weights.count(w)) continue;  // a missing weight is validate_checkpoint's to name
+        fail(source, "tensor '" + w + "' is stored as floats although quantization_config quantizes its module "
+                     "(no llm_int8_skip_modules entry exempts it); transformers refuses such a checkpoint ('does not "
+                     "contain bitsandbytes__*'): store it packed, or list the module in llm_int8_skip_modules");
       }
       if (skipped)
         fail(source, "tensor '" + w + "' is packed 4-bit but quantization_config.llm_int8_skip_modules keeps its module unquantized");
@@ -435,7 +427,6 @@ int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, cons
                        std::to_string(c.num_hidden_layers) + " layers (num_hidden_layers)");
     fail(source, "tensor '" + n + "' has dtype U8 and is no part of a bitsandbytes 4-bit projection weight of this config");
   }
-  return quantized_here;
 }
 
 std::string quantize_base_projections(Checkpoint& ck) {

@@ -98,13 +98,13 @@ bool bnb_skips(const std::vector<std::string>& skip_modules, int64_t layer, Proj
 // dequantized weight in `weights` under `<module>.weight`. Every problem is an InputError naming `source`, the
 // tensor and what is wrong; a U8 tensor left over is refused. Tensors of layers beyond the config's depth are
 // dropped when `allow_deeper` (--layers), as validate_checkpoint drops them. A projection stored as floats although
-// the skip list does not exempt it is quantized here, as transformers quantizes it on load (blocksize 64, the
-// config's double quantization); returns how many were.
+// the skip list does not exempt it is refused, as transformers refuses it. Names are those of
+// normalize_checkpoint_names (`model.layers.N...`), which runs first.
 // With `forms`, each quantized projection's NF4 form is also put there under its HF name (proj_weight_name),
 // for the CUDA trainer, which keeps the base in that form (Checkpoint::nf4).
-int64_t dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, const Config& c, const BnbConfig& q,
-                                  const std::string& source, bool allow_deeper,
-                                  std::map<std::string, Nf4Weight>* forms = nullptr);
+void dequantize_bnb_checkpoint(TensorMap& weights, ByteTensorMap& bytes, const Config& c, const BnbConfig& q,
+                               const std::string& source, bool allow_deeper,
+                               std::map<std::string, Nf4Weight>* forms = nullptr);
 
 // --quantize nf4: every projection weight of every layer quantized as QLoRA does (nf4, blocksize 64, double
 // quantization) and replaced by its dequantized value (its form kept in ck.nf4); embeddings and norms untouched (transformers quantizes

@@ -313,12 +313,9 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
   if (const std::optional<BnbConfig> q = parse_quantization_config(qc, config_path, nullptr)) {
     ByteTensorMap u8;
     ck.weights = read_safetensors_any(weights_path, &u8);
-    const int64_t on_load = dequantize_bnb_checkpoint(ck.weights, u8, ck.config, *q, weights_path, allow_deeper, &ck.nf4);
+    normalize_checkpoint_names(ck.weights, &u8, weights_path);
+    dequantize_bnb_checkpoint(ck.weights, u8, ck.config, *q, weights_path, allow_deeper, &ck.nf4);
     ck.quantization = q->describe() + ", read from the checkpoint";
-    if (on_load > 0)
-      ck.warnings.push_back(weights_path + ": " + std::to_string(on_load) +
-                            " projection weights are stored unquantized although quantization_config quantizes them: "
-                            "quantized on load, as transformers does (nf4, blocksize 64)");
   } else {
     ck.weights = read_safetensors_any(weights_path);
   }

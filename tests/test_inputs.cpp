@@ -182,6 +182,9 @@ TEST(ConfigKeys, ANulByteIsNotTheEndOfTheFile) {
   const std::string text = head.substr(0, head.size() - 1) + '\0' + ", \"attn_logit_softcapping\": null}";
   expect_input_error([&] { parse_config_json(text, "config.json", nullptr); },
                      {"config.json: malformed JSON", "a NUL byte"});
+  // Inside a value the parser stopped with "unexpected end of input"; the NUL is named instead.
+  expect_input_error([&] { parse_config_json(std::string("{\"vocab_size\": ") + '\0' + "16}", "config.json", nullptr); },
+                     {"config.json: malformed JSON", "at byte 16: a NUL byte"});
 }
 
 // tie_word_embeddings: null was read as HF's default (tied). To HF it is an explicit value, read as untied.

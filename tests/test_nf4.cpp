@@ -520,7 +520,10 @@ TEST(BnbCheckpoint, RefusesU8TensorsWithoutQuantizationConfig) {
   expect_input_error([&] { load(ck); }, {ck.weights, "dtype U8", "no quantization_config"});
 }
 
-TEST(BnbCheckpoint, UnquantizedProjectionIsQuantizedOnLoadAsTransformersDoes) {
+// A projection stored as floats in a checkpoint whose config quantizes it: transformers takes the checkpoint for
+// pre-quantized and refuses the float weight ("does not contain bitsandbytes__*"). It used to be quantized here on
+// load, a model HF would not have loaded.
+TEST(BnbCheckpoint, RefusesAFloatProjectionAsTransformersDoes) {
   TempDir d;
   const Config c = preset("gemma2-tiny");
   const Tensor q0 = synthetic_weights(c, 5).at(kQ);
@@ -529,11 +532,37 @@ TEST(BnbCheckpoint, UnquantizedProjectionIsQuantizedOnLoadAsTransformersDoes) {
       e.erase(kQ + k);
     e[kQ] = {"BF16", q0.shape, std::string(reinterpret_cast<const char*>(q0.bytes.get()), size_t(q0.numel()) * 2)};
   });
-  const Checkpoint got = load(ck);
-  expect_same_weights(got.weights, ck.expected);
-  ASSERT_EQ(got.warnings.size(), 1u);
-  EXPECT_NE(got.warnings[0].find("quantized on load"), std::string::npos) << got.warnings[0];
-  expect_forms(got, [](int64_t, Proj) { return true; }, true);
+  expect_input_error([&] { load(ck); }, {ck.weights, kQ, "stored as floats although quantization_config quantizes",
+                                         "bitsandbytes__*"});
+}
+
+// The same packed checkpoint under PEFT's prefix and as a bare Gemma2Model reads as under HF's names. The
+// quantized projections were looked for under `model.layers.N...` before the names were normalised: a prefixed or
+// bare file's float projections escaped quantization while the run said its base was NF4, and its packed ones
+// were refused as "no part of a bitsandbytes 4-bit projection weight".
+TEST(BnbCheckpoint, PrefixedAndBareNamesReadAsHFNames) {
+  for (const auto& [from, to] : {std::pair<std::string, std::string>{"model.", "base_model.model.model."},
+                                 std::pair<std::string, std::string>{"model.", ""}}) {
+    SCOPED_TRACE("'" + to + "'");
+    TempDir d;
+    BnbCheckpoint ck = write_bnb(d, [&](Entries& e) {
+      Entries renamed;
+      for (auto& [n, v] : e) renamed[n.rfind(from, 0) == 0 ? to + n.substr(from.size()) : n] = v;
+      e = renamed;
+    });
+    const Checkpoint got = load(ck);
+    expect_same_weights(got.weights, ck.expected);
+    expect_forms(got, [](int64_t, Proj) { return true; }, true);
+  }
+  // Float projections under those names are refused as under HF's.
+  TempDir d;
+  const Tensor q0 = synthetic_weights(preset("gemma2-tiny"), 5).at(kQ);
+  BnbCheckpoint ck = write_bnb(d, [&](Entries& e) {
+    for (const char* k : {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"})
+      e.erase(kQ + k);
+    e["base_model.model." + kQ] = {"BF16", q0.shape, std::string(reinterpret_cast<const char*>(q0.bytes.get()), size_t(q0.numel()) * 2)};
+  });
+  expect_input_error([&] { load(ck); }, {ck.weights, kQ, "stored as floats"});
 }
 
 // ------------------------------------------------------------------------------------------------------------
