@@ -282,6 +282,9 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   if (policy.exact()) fail("--policy", "the correct policy must round somewhere (f64 is what it is compared with)");
   const bool synthetic = spec.model.has_value();
   if (!synthetic && d.window) fail("--window", "applies to synthetic runs (--model) only");
+  // Before the run, as verify does: at 27b widths the table takes minutes, and a bad --json path found only when
+  // writing it lost them.
+  if (d.json_path && *d.json_path != "-") check_output_paths({{"--json", *d.json_path}});
 
   Setting s = synthetic ? synthetic_setting(spec, d, spec.seed) : case_setting(load_inputs(spec), d);
   const Config& c = s.ck.config;

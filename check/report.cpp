@@ -73,6 +73,8 @@ std::string xml_escape(const std::string& s) {
 }
 
 void write_text_atomically(const std::string& path, const std::string& text) {
+  // Said here too, for a directory created at the path during the run: rename() would say "Success" or nothing.
+  if (std::error_code ec; std::filesystem::is_directory(path, ec)) fail(path, "is a directory, expected a file name");
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   {
     std::ofstream out(tmp);

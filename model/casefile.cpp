@@ -19,6 +19,7 @@
 
 #include "errors.hpp"
 #include "h5util.hpp"
+#include "json_text.hpp"
 
 namespace gemma {
 
@@ -453,6 +454,12 @@ CaseFile read_case(const std::string& path) {
   CaseFile cf;
   if (!raw.config_json) fail(path, "missing root attribute 'config_json'");
   cf.model.config = parse_config_json(*raw.config_json, path + ": config_json", &cf.model.warnings);
+  // parse_config_json accepts a bitsandbytes NF4 quantization_config, which a checkpoint's packed weights carry
+  // out. A case file's /weights are floats and its /expected values are of those floats: nothing here would
+  // quantize them, so the key was read past (the run was the unquantized model's, bit for bit). Refused.
+  if (!parse_json(*raw.config_json).value("quantization_config", nlohmann::json()).is_null())
+    fail(path + ": config_json", "quantization_config is not implemented for a case file (its /weights are used as "
+                                 "stored); quantize the weights into the case, or verify the checkpoint with --config");
   if (raw.adapter_json)
     cf.model.adapter = parse_adapter_config_json(*raw.adapter_json, cf.model.config, path + ": adapter_config_json",
                                                  &cf.model.warnings);

@@ -271,6 +271,20 @@ TEST(BadCaseFile, ConfigAttributeIsMalformedJson) {
   expect_rejected(verify_case(d, p), "verify", {p, "config_json: malformed JSON"});
 }
 
+// A bitsandbytes NF4 quantization_config is implemented for a checkpoint's packed weights; a case file's float
+// /weights were run unquantized with the key read past (found by an adversarial probe, 2026-12-05).
+TEST(BadCaseFile, QuantizationConfigIsRefused) {
+  TempDir d;
+  const std::string p = write_tiny_case(d);
+  edit_h5(p, [&](H5::H5File& f) {
+    json c = json::parse(h5::read_string_attr(f, "config_json", p));
+    c["quantization_config"] = {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}, {"bnb_4bit_quant_type", "nf4"}};
+    f.removeAttr("config_json");
+    h5::write_string_attr(f, "config_json", c.dump());
+  });
+  expect_rejected(verify_case(d, p), "verify", {p, "config_json: quantization_config is not implemented for a case file"});
+}
+
 TEST(BadCaseFile, AdapterConfigWithoutAdapterTensors) {
   TempDir d;
   const std::string p = write_tiny_case(d, [](CaseFile& cf) { cf.model.adapter = tiny_adapter(); });

@@ -150,6 +150,16 @@ TEST(Diagnose, BadValuesAreRejectedWithExit2) {
   EXPECT_EQ(r.status, 2) << r.output;
   EXPECT_NE(r.output.find("--position-offset"), std::string::npos) << r.output;
   EXPECT_EQ(run_verify("diagnose --model gemma2-tiny --policy f64").status, 2);
+  // --json is checked before the table is computed (it was checked when written, after minutes at 27b widths),
+  // and a directory is named as one (the late check said "cannot write: Success").
+  const ToolRun j = run_verify("diagnose --model gemma2-tiny --json /nonexistent-dir/d.json");
+  EXPECT_EQ(j.status, 2) << j.output;
+  EXPECT_NE(j.output.find("--json: cannot write '/nonexistent-dir/d.json': directory '/nonexistent-dir' does not exist"),
+            std::string::npos) << j.output;
+  EXPECT_EQ(j.output.find("gelu-exact"), std::string::npos) << "the table was computed first\n" << j.output;
+  const ToolRun dir = run_verify("diagnose --model gemma2-tiny --json /tmp");
+  EXPECT_EQ(dir.status, 2) << dir.output;
+  EXPECT_NE(dir.output.find("'/tmp' is a directory"), std::string::npos) << dir.output;
 }
 
 // Exact RoPE depends on positions only through their differences, so moving the batch to positions 200.. leaves
