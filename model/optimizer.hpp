@@ -2,6 +2,11 @@
 // fast/adamw.cuh implement them): torch.optim.AdamW's hyperparameters.
 #pragma once
 
+#include <algorithm>
+#include <cctype>
+#include <regex>
+#include <string>
+
 namespace gemma {
 
 struct AdamWConfig {
@@ -10,5 +15,19 @@ struct AdamWConfig {
   double eps = 1e-8;
   double weight_decay = 0.0;  // decoupled: the weight is scaled by (1 - lr weight_decay) before the Adam update
 };
+
+// Whether HF's Trainer decays the parameter of this (HF) name: its create_optimizer puts every parameter that
+// get_decay_parameter_names leaves out in a group with weight_decay 0. The names it leaves out are those matching,
+// lowercased, any of r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)" (transformers'
+// trainer.py, 4.4x and 5.x; read from the source), and parameters of nn.LayerNorm modules, which Gemma 2 has none
+// of. So Gemma 2's four RMSNorm weights per layer and model.norm.weight are never decayed; the embedding, the
+// projections and LoRA's A and B are. Decaying the norms too moved them by lr * weight_decay per step in a
+// full-weight run where HF's would not have moved them (found by a probe, 2026-12-05).
+inline bool weight_decay_applies(const std::string& hf_name) {
+  static const std::regex no_decay(R"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))");
+  std::string lower = hf_name;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return char(std::tolower(ch)); });
+  return !std::regex_search(lower, no_decay);
+}
 
 }  // namespace gemma

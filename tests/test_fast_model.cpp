@@ -275,7 +275,9 @@ TEST_F(FastModel, RecomputingOnlySomeLayersGivesTheSameBits) {
         // products, which the count leaves out.
         EXPECT_EQ(b.layers_rebuilt, 3 * std::max<int64_t>(n - 1, 0)) << what;
         // Past n a layer keeps only gate|up's output with the MLP recomputed alone: less than every activation.
-        if (mlp_only && n == 0) EXPECT_LT(b.peak_device_bytes, all_kept.peak_device_bytes) << what;
+        if (mlp_only && n == 0) {
+          EXPECT_LT(b.peak_device_bytes, all_kept.peak_device_bytes) << what;
+        }
       }
     }
   for (int64_t n : {int64_t(-2), int64_t(5)}) {

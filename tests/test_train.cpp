@@ -13,7 +13,9 @@
 
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
+#include "reference/adamw.hpp"
 #include "reference/gemma2.hpp"
+#include "reference/policy.hpp"
 #include "tests/badinput_support.hpp"
 #include "train/data.hpp"
 #include "train/html_report.hpp"
@@ -74,6 +76,54 @@ TEST(TrainSchedule, ClipGradNormIsTorchs) {
   std::vector<std::pair<double*, int64_t>> w{{d.data(), 2}};
   EXPECT_EQ(clip_grad_norm(w, 0.0), 50.0);
   EXPECT_EQ(d[0], 30.0);
+}
+
+// HF's Trainer decays neither biases nor norms (get_decay_parameter_names' patterns). A full-weight step with
+// weight decay moved Gemma 2's RMSNorm weights by lr * weight_decay where HF's would not have moved them; now one
+// step with and without decay leaves every norm bit-identical and moves the embedding and projections by exactly
+// the decay factor. LoRA's A and B are decayed, as HF's Trainer decays a PEFT model's.
+TEST(TrainOptimizer, WeightDecaySparesNormsAsHFsTrainerDoes) {
+  for (const char* n : {"model.layers.0.input_layernorm.weight", "model.layers.3.post_feedforward_layernorm.weight",
+                        "model.norm.weight", "model.layers.0.self_attn.q_proj.bias"})
+    EXPECT_FALSE(weight_decay_applies(n)) << n;
+  for (const char* n : {"model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
+                        "model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight"})
+    EXPECT_TRUE(weight_decay_applies(n)) << n;
+
+  Checkpoint ck;
+  ck.config = preset("gemma2-tiny");
+  ck.weights = synthetic_weights(ck.config, 3);
+  const ref::Policy policy = ref::policy_named("f64");
+  std::map<std::string, std::vector<double>> after[2];
+  for (int decayed = 0; decayed < 2; ++decayed) {
+    ref::Model<double> m = ref::make_model<double>(ck, policy);
+    ref::Grads<double> g = ref::zero_grads(m);
+    uint64_t k = 0;
+    ref::for_each_trainable(m, g, [&](const std::string&, const Shape&, double*, double* gr, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) gr[i] = std::sin(double(++k));  // a gradient of every sign, never 0
+    });
+    ref::AdamWState<double> st;
+    AdamWConfig h;
+    h.lr = 1e-2;
+    h.weight_decay = decayed ? 0.5 : 0.0;
+    ref::adamw_step(m, g, st, h, policy);
+    ref::for_each_trainable(m, g, [&](const std::string& name, const Shape&, double* p, double*, int64_t n) {
+      after[decayed][name].assign(p, p + n);
+    });
+  }
+  int norms = 0, decayed_tensors = 0;
+  for (const auto& [name, plain] : after[0]) {
+    const std::vector<double>& wd = after[1].at(name);
+    if (name.find("norm") != std::string::npos) {
+      ++norms;
+      EXPECT_EQ(plain, wd) << name << " was decayed";
+    } else {
+      ++decayed_tensors;
+      EXPECT_NE(plain, wd) << name << " was not decayed";
+    }
+  }
+  EXPECT_EQ(norms, 4 * ck.config.num_hidden_layers + 1);
+  EXPECT_GT(decayed_tensors, 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
