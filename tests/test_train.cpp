@@ -554,6 +554,30 @@ TEST(TrainBinary, AdapterLoadsBackThroughTheReaderBitExactly) {
   EXPECT_EQ(r2.status, 0) << r2.err;
 }
 
+// --layers N on a checkpoint trains an N-layer model. Its adapter named the full checkpoint as its base (PEFT would
+// run every layer, the missing ones' lora_B at 0) with target_modules on all layers: another model than the one
+// trained. It is refused unless --save-base writes the N-layer base beside it, which the adapter then names.
+TEST(TrainBinary, AnAdapterOfFewerLayersNamesTheBaseItBelongsTo) {
+  TempDir d;
+  const std::string base = write_base(d);
+  const auto args = common_args(base) + std::vector<std::string>{"--lora-r", "4", "--max-steps", "1", "--layers", "1"};
+  expect_rejected(run_tool(kTrain, args + std::vector<std::string>{"--output-dir", d / "out"}, d), "train",
+                  {"--layers: 1 of the checkpoint's 2 layers", "--save-base"});
+  EXPECT_FALSE(fs::exists(d / "out"));
+  const ToolRun r =
+      run_tool(kTrain, args + std::vector<std::string>{"--output-dir", d / "out", "--save-base", d / "base1"}, d);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  EXPECT_EQ(json::parse(slurp(d / "out/adapter_config.json"))["base_model_name_or_path"], d / "base1");
+  // Adapter and base load together, as HF + PEFT would load them.
+  const Checkpoint ck = load_hf_checkpoint(d / "base1/config.json", d / "base1", d / "out", std::nullopt);
+  EXPECT_EQ(ck.config.num_hidden_layers, 1);
+  // Without --layers, or with all of them, the adapter's base is the checkpoint itself.
+  const ToolRun all = run_tool(kTrain, common_args(base) + std::vector<std::string>{"--lora-r", "4", "--max-steps", "1",
+                                                                                     "--layers", "2", "--output-dir", d / "out2"}, d);
+  ASSERT_EQ(all.status, 0) << all.err;
+  EXPECT_EQ(json::parse(slurp(d / "out2/adapter_config.json"))["base_model_name_or_path"], base);
+}
+
 // k steps, a stop, --resume, n - k steps: the same bits as n steps without a stop. Data over two epochs
 // (reshuffled), warmup and linear decay, clipping that bites, two micro-batches, packing.
 TEST(TrainBinary, ResumeIsBitExact) {

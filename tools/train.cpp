@@ -178,6 +178,7 @@ json model_digest(const Inputs& in) {
 
 struct Plan {
   Inputs in;
+  std::string adapter_base;  // a saved adapter's base_model_name_or_path: in.source, or --save-base's N-layer base
   Softcap sc;
   std::optional<Dataset> data;
   std::optional<Dataset> eval;
@@ -298,7 +299,7 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
   }
   if (!p.out_dir.empty()) {
     TensorMap w = trainer.adapters();
-    save_dir(p.out_dir, in.model.config, in.model.adapter, in.source, w, nullptr, trainer_state_json(p, p.total_steps, history));
+    save_dir(p.out_dir, in.model.config, in.model.adapter, p.adapter_base, w, nullptr, trainer_state_json(p, p.total_steps, history));
     std::printf("saved %s (adapter; no optimizer state: the fast trainer keeps it on the device)\n", p.out_dir.c_str());
   }
   write_log(p, o, history, {{"peak_device_bytes", trainer.peak_device_bytes()}});
@@ -446,14 +447,14 @@ int train_reference(const Plan& p, const TrainOptions& o, json* curve = nullptr)
     const bool last = step == p.total_steps;
     if (!p.out_dir.empty() && (o.save_steps > 0 && step % o.save_steps == 0 && !last)) {
       const TrainState ts = capture(m, g, state);
-      const std::string d = save_checkpoint(p.out_dir, in.model.config, in.model.adapter, in.source, trained_weights(ts), ts,
+      const std::string d = save_checkpoint(p.out_dir, in.model.config, in.model.adapter, p.adapter_base, trained_weights(ts), ts,
                                             trainer_state_json(p, step, history));
       if (::isatty(2)) std::fputc('\n', stderr);
       std::printf("saved %s\n", d.c_str());
     }
     if (last && !p.out_dir.empty()) {
       const TrainState ts = capture(m, g, state);
-      save_dir(p.out_dir, in.model.config, in.model.adapter, in.source, trained_weights(ts), &ts,
+      save_dir(p.out_dir, in.model.config, in.model.adapter, p.adapter_base, trained_weights(ts), &ts,
                trainer_state_json(p, step, history));
     }
   }
@@ -697,6 +698,22 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.save_adapter && !in.model.adapter)
     fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
   p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
+  p.adapter_base = in.source;
+  // --layers N on a checkpoint trains its first N layers, a model of N layers. A full-weight save writes that
+  // model (its config.json says N), but an adapter names its base by path, and PEFT puts it on the whole depth of
+  // the checkpoint there (the missing layers' lora_B left 0): another model than the one trained. The adapter is
+  // therefore written only beside the N-layer base it belongs to (--save-base), and names that as its base.
+  if (spec.config && spec.layers && in.model.adapter && !p.out_dir.empty()) {
+    const int64_t depth = parse_config_json(read_text_file(*spec.config), *spec.config, nullptr).num_hidden_layers;
+    if (*spec.layers < depth) {
+      if (!o.save_base)
+        fail("--layers", std::to_string(*spec.layers) + " of the checkpoint's " + std::to_string(depth) +
+                             " layers: the adapter in " + p.out_dir + " would belong to that " +
+                             std::to_string(*spec.layers) + "-layer model, which its base " + in.source +
+                             " is not; add --save-base DIR to write the base it belongs to");
+      p.adapter_base = *o.save_base;
+    }
+  }
   const Config& c = in.model.config;
   std::vector<std::string> warnings;
   const bool all_softcaps = o.softcap && *o.softcap == "all";
