@@ -114,6 +114,9 @@ struct Batch {
   std::vector<int64_t> labels;        // [B, T], kIgnoreIndex where not scored
   std::vector<int64_t> position_ids;  // [B, T], or empty: 0..T-1 in every row
   std::vector<uint8_t> attention_mask;  // [B, T] of 0/1, or empty: every token real
+  // Tokens of the rows that are padding although no mask says so: train's packed rows end in a document of pad
+  // tokens that nothing scored sees. Counted here so that a step's token count means one thing, packed or not.
+  int64_t unmasked_padding = 0;
   int64_t id(int64_t b, int64_t t) const { return input_ids[size_t(b * T + t)]; }
   // The target scored at position t, or kIgnoreIndex (the last position has none).
   int64_t target(int64_t b, int64_t t) const { return t + 1 < T ? labels[size_t(b * T + t + 1)] : kIgnoreIndex; }

@@ -578,6 +578,26 @@ TEST(TrainBinary, AnAdapterOfFewerLayersNamesTheBaseItBelongsTo) {
   EXPECT_EQ(json::parse(slurp(d / "out2/adapter_config.json"))["base_model_name_or_path"], base);
 }
 
+// The log's per-step "tokens" are the step's real tokens, packed or padded: over one epoch they sum to the data
+// line's count. A packed row's tail of pad tokens (no attention mask marks it) was counted: 736 against 548.
+TEST(TrainBinary, StepTokensLeaveOutPaddingPackedOrNot) {
+  TempDir d;
+  for (const bool packing : {false, true}) {
+    std::vector<std::string> args = {"--model", "gemma2-tiny", "--lora-r", "4", "--data", kExamples + "/tiny.jsonl",
+                                     "--seq-len", "32", "--batch", "4", "--epochs", "1", "--log", d / "log.json"};
+    if (packing) args.push_back("--packing");
+    const ToolRun r = run_tool(kTrain, args, d);
+    ASSERT_EQ(r.status, 0) << r.err;
+    const size_t at = r.out.find(" real tokens");
+    ASSERT_NE(at, std::string::npos) << r.out;
+    const int64_t data_tokens = std::stoll(r.out.substr(r.out.rfind(' ', at - 1) + 1));
+    const json log = json::parse(slurp(d / "log.json"));
+    int64_t sum = 0;
+    for (const json& step : log["steps"]) sum += step["tokens"].get<int64_t>();
+    EXPECT_EQ(sum, data_tokens) << (packing ? "packed" : "padded");
+  }
+}
+
 // k steps, a stop, --resume, n - k steps: the same bits as n steps without a stop. Data over two epochs
 // (reshuffled), warmup and linear decay, clipping that bites, two micro-batches, packing.
 TEST(TrainBinary, ResumeIsBitExact) {

@@ -115,8 +115,11 @@ class Progress {
   std::chrono::steady_clock::time_point t0_;
 };
 
+// The step's tokens that are not padding: a padded row's masked tail and a packed row's tail of pad tokens both
+// left out, so that the per-step figures of an epoch sum to the data line's "real tokens" in either mode (the
+// packed tail used to be counted, 736 against 548 on examples/tiny.jsonl).
 int64_t real_tokens(const Batch& b) {
-  if (b.attention_mask.empty()) return b.B * b.T;
+  if (b.attention_mask.empty()) return b.B * b.T - b.unmasked_padding;
   int64_t n = 0;
   for (uint8_t m : b.attention_mask) n += m;
   return n;

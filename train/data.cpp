@@ -346,6 +346,7 @@ Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok
         r.input_ids.push_back(pad);
         r.labels.push_back(kIgnoreIndex);
         r.position_ids.push_back(p);
+        ++r.tail;
       }
       d.rows.push_back(std::move(r));
       r = new_row();
@@ -396,6 +397,7 @@ Batch make_batch(const Dataset& d, const std::vector<int64_t>& rows) {
     b.labels.insert(b.labels.end(), r.labels.begin(), r.labels.end());
     b.position_ids.insert(b.position_ids.end(), r.position_ids.begin(), r.position_ids.end());
     b.attention_mask.insert(b.attention_mask.end(), r.attention_mask.begin(), r.attention_mask.end());
+    b.unmasked_padding += r.tail;
   }
   return b;
 }

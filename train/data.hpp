@@ -61,6 +61,7 @@ struct Row {
   std::vector<int64_t> input_ids, labels;  // [T]
   std::vector<int64_t> position_ids;       // [T] when packing (restarting at 0 per example), else empty
   std::vector<uint8_t> attention_mask;     // [T] when padding (0 = padding), else empty
+  int64_t tail = 0;                        // packing: the pad tokens that fill the row after its last example
 };
 
 struct Dataset {
