@@ -112,6 +112,23 @@ TEST(GoodInput, TinyCaseFilePassesVerify) {
   EXPECT_EQ(r.status, 0) << r.err << r.out;
 }
 
+// A case whose only /expected results are of another softcap combination than the run's: nothing of them is
+// compared, which "1/1 checks passed" did not say (found by a probe, 2026-12-05). A warning says it; with that
+// combination asked for they are compared (and the wrong loss here fails).
+TEST(GoodInput, ExpectedResultsOfAnotherCombinationAreSaidToBeUncompared) {
+  TempDir d;
+  const std::string p = write_tiny_case(d, [](CaseFile& cf) {
+    cf.expected["none"].loss = 123.0;
+    cf.provenance["expected_kind"] = "hf-float64";
+  });
+  const ToolRun r = verify_case(d, p, {"--softcap", "attn,logits"});
+  EXPECT_EQ(r.status, 0) << r.err << r.out;
+  EXPECT_NE(r.err.find("its /expected results (--softcap none) are not compared"), std::string::npos) << r.err;
+  const ToolRun none = verify_case(d, p, {"--softcap", "none"});
+  EXPECT_EQ(none.status, 1) << none.err << none.out;
+  EXPECT_EQ(none.err.find("not compared"), std::string::npos) << none.err;
+}
+
 TEST(GoodInput, TinyCheckpointPassesVerify) {
   TempDir d;
   const auto ck = write_checkpoint(d);

@@ -66,6 +66,17 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     combos.push_back(config_softcaps(in.model.config));
   }
   for (Softcap s : combos) check_softcap_available(in.model.config, s, "--softcap");
+  if (!in.expected.empty() && std::none_of(combos.begin(), combos.end(),
+                                           [&](Softcap s) { return in.expected.count(softcap_combo(s)) > 0; })) {
+    // A case file whose results are all of combinations this run does not compute: none of them is compared, and
+    // "1/1 checks passed" (the finite differences alone) would read as if they had been. Said.
+    std::string have;
+    for (Softcap s : all_softcaps())
+      if (in.expected.count(softcap_combo(s))) have += (have.empty() ? "" : ", ") + softcap_name(s);
+    print_warnings("verify", {in.source + ": its /expected results (--softcap " + have + ") are not compared: this run "
+                              "computes --softcap " + (combos.size() == 1 ? softcap_name(combos[0]) : "all") +
+                              "; give --softcap with one of theirs"});
+  }
   if (dump_path && combos.size() != 1) fail("--dump-grads", "needs a single --softcap combination");
   if (dump_path && !run_ref) fail("--dump-grads", "writes the reference backend's gradients: not with --backend fast");
 
