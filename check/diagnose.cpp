@@ -30,6 +30,9 @@ struct Setting {
   Tensor pad_rows;           // LM-head padding rows (zeros), P x D
   int64_t position_offset = 0;
   std::vector<std::string> notes;
+  // With --quantize: the weights before quantization, from which the trained-like setting is made and then
+  // quantized in turn (QLoRA quantizes the pretrained base as it is, as verify's order has it).
+  std::optional<TensorMap> unquantized;
 };
 
 struct Outcome {
@@ -178,6 +181,7 @@ Setting synthetic_setting(const InputSpec& spec, const DiagnoseOptions& d, uint6
   s.ck.config = c;
   s.ck.weights = synthetic_weights(c, seed);
   if (spec.quantize && *spec.quantize != "nf4") fail("--quantize", "'" + *spec.quantize + "' is not nf4 (the one quantization implemented)");
+  if (spec.quantize) s.unquantized = s.ck.weights;
   const std::string quantized = spec.quantize ? "; " + quantize_base_projections(s.ck) : "";
   const int64_t r = spec.lora_r.value_or(kDefaultPresetLoraR);
   // The diagnosis compares adapter gradients (a full-weight run at true widths does not fit as float64).
@@ -327,7 +331,15 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
   if (std::any_of(vs.begin(), vs.end(), in_trained_setting)) {
     trained = s;
     trained->notes.clear();
+    // Edited from the unquantized weights and quantized after: editing the dequantized projections (what this did)
+    // left a base that was no NF4 dequantization while the table called it NF4 (found by a probe, 2026-12-05).
+    if (s.unquantized) {
+      for (const auto& [n, t] : *s.unquantized) trained->ck.weights.insert_or_assign(n, t);
+      trained->ck.nf4.clear();
+      trained->ck.quantization.reset();
+    }
     trained->notes.push_back(make_trained_like(trained->ck, 6.0, 0.25, -2.7, 0.5));
+    if (s.unquantized) trained->notes[0] += "; then " + quantize_base_projections(trained->ck);
     // No variant measured here is about micro-batches (grad-accum-mean-of-means runs on the drawn weights), and
     // each micro-batch pays for the 256000-row LM head again: one batch.
     trained->micro = {trained->whole};

@@ -139,6 +139,18 @@ TEST(Diagnose, VariantsChoosesTheRowsAndTheSettingsMeasured) {
   EXPECT_EQ(t["control"][0]["setting"], "trained-like weights");
 }
 
+// With --quantize nf4 the trained-like setting is made from the unquantized weights and quantized after, as verify
+// orders it (QLoRA quantizes the pretrained base as it is). It used to edit the dequantized projections, leaving a
+// base that was no NF4 dequantization under a header that called it NF4.
+TEST(Diagnose, TheTrainedLikeSettingIsQuantizedAfterItIsMade) {
+  const ToolRun r = run_verify("diagnose --model gemma2-tiny --quantize nf4 --variants gelu-exact");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const size_t at = r.output.find("  trained-like weights: post-norm scales");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const std::string line = r.output.substr(at, r.output.find('\n', at) - at);
+  EXPECT_NE(line.find("; then 14 base projection weights NF4-quantized"), std::string::npos) << line;
+}
+
 TEST(Diagnose, BadValuesAreRejectedWithExit2) {
   const ToolRun v = run_verify("diagnose --model gemma2-tiny --variants gelu-exact,gelu-tanh");
   EXPECT_EQ(v.status, 2) << v.output;
