@@ -302,6 +302,18 @@ TEST(BadCaseFile, QuantizationConfigIsRefused) {
   expect_rejected(verify_case(d, p), "verify", {p, "config_json: quantization_config is not implemented for a case file"});
 }
 
+// expected_kind picks the tolerances; as an integer it was skipped and the default ones applied (found by a probe).
+TEST(BadCaseFile, ExpectedKindThatIsNotAString) {
+  TempDir d;
+  const std::string p = write_tiny_case(d, [](CaseFile& cf) { cf.expected["attn_logits"].loss = 1.0; });
+  edit_h5(p, [](H5::H5File& f) {
+    H5::Group e = f.openGroup("expected");
+    const int v = 3;
+    e.createAttribute("expected_kind", H5::PredType::NATIVE_INT, H5::DataSpace(H5S_SCALAR)).write(H5::PredType::NATIVE_INT, &v);
+  });
+  expect_rejected(verify_case(d, p), "verify", {p, "attribute 'expected_kind' is not a string"});
+}
+
 TEST(BadCaseFile, AdapterConfigWithoutAdapterTensors) {
   TempDir d;
   const std::string p = write_tiny_case(d, [](CaseFile& cf) { cf.model.adapter = tiny_adapter(); });
