@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <regex>
 #include <string>
 
 namespace gemma {
@@ -24,10 +23,18 @@ struct AdamWConfig {
 // projections and LoRA's A and B are. Decaying the norms too moved them by lr * weight_decay per step in a
 // full-weight run where HF's would not have moved them (found by a probe, 2026-12-05).
 inline bool weight_decay_applies(const std::string& hf_name) {
-  static const std::regex no_decay(R"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))");
-  std::string lower = hf_name;
-  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return char(std::tolower(ch)); });
-  return !std::regex_search(lower, no_decay);
+  std::string n = hf_name;
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char ch) { return char(std::tolower(ch)); });
+  if (n.find("bias") != std::string::npos || n.find("layernorm") != std::string::npos ||
+      n.find("rmsnorm") != std::string::npos)
+    return false;
+  // The last two patterns together: "norm" after the start, a '.' or a '_', and before the end or a '.'.
+  for (size_t at = n.find("norm"); at != std::string::npos; at = n.find("norm", at + 1)) {
+    const bool starts = at == 0 || n[at - 1] == '.' || n[at - 1] == '_';
+    const bool ends = at + 4 == n.size() || n[at + 4] == '.';
+    if (starts && ends) return false;
+  }
+  return true;
 }
 
 }  // namespace gemma

@@ -84,10 +84,13 @@ TEST(TrainSchedule, ClipGradNormIsTorchs) {
 // the decay factor. LoRA's A and B are decayed, as HF's Trainer decays a PEFT model's.
 TEST(TrainOptimizer, WeightDecaySparesNormsAsHFsTrainerDoes) {
   for (const char* n : {"model.layers.0.input_layernorm.weight", "model.layers.3.post_feedforward_layernorm.weight",
-                        "model.norm.weight", "model.layers.0.self_attn.q_proj.bias"})
+                        "model.norm.weight", "model.layers.0.self_attn.q_proj.bias", "x.q_norm.weight", "model.norm",
+                        "norm.weight", "Model.LayerNorm.Weight", "a.RMSNorm.w"})
     EXPECT_FALSE(weight_decay_applies(n)) << n;
+  // Names near the patterns that match none of them: "norm" inside a word, or not at a name boundary.
   for (const char* n : {"model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
-                        "model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight"})
+                        "model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight",
+                        "model.normalizer.weight", "x.enorm.weight", "x.q_norms.weight", "abnormal"})
     EXPECT_TRUE(weight_decay_applies(n)) << n;
 
   Checkpoint ck;
