@@ -28,9 +28,9 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   Model<double> m = make_model<double>(ck, opt.numerics.policy);
   Grads<double> dir = zero_grads(m);
   DirectionalCheck r;
-  // Direction: per-tensor unit gradients. Step: 1e-4 of the rms parameter magnitude, far above the
-  // ~1e-16 relative rounding of the loss and small enough that Richardson extrapolation leaves an O(h^4)
-  // truncation error.
+  // Direction: per-tensor unit gradients. Step: 1e-4 of the rms parameter magnitude (held to the scale of a tiny
+  // tensor, below), far above the ~1e-16 relative rounding of the loss and small enough that Richardson
+  // extrapolation leaves an O(h^4) truncation error.
   double analytic = 0, param_sq = 0, smallest_norm = INFINITY;
   int64_t param_n = 0;
   for_each_trainable(m, dir, [&](const std::string& name, const Shape&, const double* p, double* u, int64_t n) {
@@ -74,7 +74,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   // scale-invariant RMSNorm (the embedding, o_proj, down_proj) makes the loss curve on the scale of the tensor: the
   // differences then converge, smoothly and confidently, to the slope of a different function. Found by an
   // adversarial probe (2026-12-05): embeddings scaled to 1e-12 with rms_norm_eps 1e-30 gave differences agreeing to
-  // 3.6e-6 on 0.0796 where the backward says ~2 (a correct backward failed). The step is held to 1e-2 of the
+  // 3.6e-6 on 0.0797 where the backward says 2.062 (a correct backward failed). The step is held to 1e-2 of the
   // smallest nonzero tensor's norm; where that is below what the loss's rounding can resolve, the noise floor below
   // makes the check say "unresolved". (An all-zero tensor, LoRA B before training, has no scale to respect; a single
   // tiny row inside an ordinary tensor is the zero-row case the tableau itself reports as unresolved.)
@@ -134,7 +134,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
       row.push_back((f * row[size_t(j - 1)] - a[size_t(k - 1)][size_t(j - 1)]) / (f - 1));
       const double v = row[size_t(j)];
       // No entry is surer than the rounding of the differences it is made of: tableau entries that agree because
-      // the loss did not change at all within its rounding (a final cap of 1e-5 saturates it; all entries 0) are not
+      // the loss did not change at all within its rounding (a final cap of 1e-6 saturates it; all entries 0) are not
       // an estimate of error 0.
       const double d = std::max({std::fabs(v - row[size_t(j - 1)]), std::fabs(v - a[size_t(k - 1)][size_t(j - 1)]), noise});
       const double e = d / magnitude(v);
