@@ -80,11 +80,18 @@ void add_fd_check(Report& r, const std::string& prefix, const ref::DirectionalCh
                 "directional derivative along per-tensor unit gradients (%lld tensors): backward %.12g, extrapolated "
                 "central differences %.12g (step %.3g, %lld forward passes, estimated error %.2e relative)",
                 (long long)fd.tensors, fd.analytic, fd.numeric, fd.step, (long long)fd.passes, fd.fd_err);
+  std::string why_s = why;
+  if (fd.not_smooth)
+    why_s += "; the loss is not smooth at these steps (its second differences L(h) - 2 L(0) + L(-h) shrink less than "
+             "3-fold per halving of h, a smooth loss's 4-fold), so the "
+             "differences cannot give its derivative";
   const std::string name = prefix + "backward vs finite differences of forward (rel)";
-  if (tol > resolvable && fd.rel_err <= tol)
-    r.add_unresolved(name, fd.rel_err, tol, why);
+  if (fd.not_smooth)  // no tolerance applies: the differences are not an estimate of the derivative
+    r.add_unresolved(name, fd.rel_err, INFINITY, why_s);
+  else if (tol > resolvable && fd.rel_err <= tol)
+    r.add_unresolved(name, fd.rel_err, tol, why_s);
   else
-    r.add(name, fd.rel_err, std::min(tol, resolvable), why);
+    r.add(name, fd.rel_err, std::min(tol, resolvable), why_s);
 }
 
 }  // namespace gemma::check

@@ -114,11 +114,16 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   const double h0 = r.step, scale = r.analytic != 0 ? std::fabs(r.analytic) : 1.0;
   std::vector<std::vector<double>> a;
   double best = 0, best_err = INFINITY, best_h = h0;
-  double loss_mag = 0;  // |loss| near theta: the scale of its float64 rounding
+  int best_k = 0;
+  const double at_theta = loss_at(0);
+  r.passes += 1;
+  double loss_mag = std::fabs(at_theta);  // |loss| near theta: the scale of its float64 rounding
+  std::vector<double> second;             // L(h) - 2 L(0) + L(-h) of each row
   for (int k = 0; k <= max_halvings; ++k) {
     const double h = h0 / double(int64_t(1) << k);
     const double up = loss_at(h), down = loss_at(-h);
     loss_mag = std::max({loss_mag, std::fabs(up), std::fabs(down)});
+    second.push_back(up - 2 * at_theta + down);
     std::vector<double> row{(up - down) / (2 * h)};
     r.passes += 2;
     const double noise = 1e-14 * loss_mag / h;
@@ -143,6 +148,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
         best_err = e;
         best = v;
         best_h = h;
+        best_k = k;
       }
     }
     a.push_back(std::move(row));
@@ -157,6 +163,32 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
     // of 1e-6, where a rule "the best is within 1e4 of the noise" fired while the newest row was 7000 x the noise;
     // three more halvings resolve it to 5e-8).
     if (k >= 2 && (best_err <= target || row_best_abs <= 4 * noise)) break;
+  }
+  // Smoothness at the steps' scale. Richardson's rule assumes L(h) - L(-h) is a series in odd powers of h, and
+  // then so is L(h) - 2 L(0) + L(-h) = h^2 L'' + O(h^4) in even ones: it shrinks 4-fold per halving. A loss with a
+  // kink at a scale below every step (|L(h) - L(0)| growing like a |h| + b h) has central differences that converge,
+  // confidently, to b, while its derivative at theta, the backward's, is set below the kink. Found by an adversarial
+  // probe (2026-12-05): an all-zero embedding makes every hidden state 0, each RMSNorm multiplies by
+  // (1 + w) / sqrt(eps), the loss is linear only within far below any resolvable step, and the differences
+  // converged to 0.0193 (error estimate 1e-5) against the backward's exact 0, failing correct code. Its second
+  // differences shrank 2.0-2.4-fold per halving (smooth losses: 3.7-4.0 at the best row); with eps 1e-4 and two
+  // layers they stayed constant (a jump below the steps). Two consecutive ratios between 0 and 3 at the best row,
+  // with the second differences far above their rounding, say the loss is not smooth there: the differences are
+  // then no estimate of the derivative at all (the one-sided slopes disagree by S / h, which need not shrink with
+  // h), and the check cannot resolve it. fd_err records that disagreement, a lower bound on the estimate's error.
+  if (best_k >= 2) {
+    const double s_noise = 4e-14 * loss_mag;
+    bool kink = true;
+    for (int k = best_k - 2; k <= best_k; ++k) kink = kink && std::fabs(second[size_t(k)]) > 100 * s_noise;
+    for (int k = best_k - 1; k <= best_k; ++k) {
+      const double ratio = second[size_t(k - 1)] / second[size_t(k)];
+      kink = kink && ratio > 0 && ratio < 3;
+    }
+    if (kink) {
+      r.not_smooth = true;
+      const double mag = r.analytic == 0 ? scale : std::min(scale, std::max(std::fabs(best), 100 * 1e-14 * loss_mag / best_h));
+      best_err = std::max(best_err, std::fabs(second[size_t(best_k)]) / (2 * best_h) / mag);
+    }
   }
   r.numeric = best;
   r.step = best_h;

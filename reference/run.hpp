@@ -28,6 +28,7 @@ struct DirectionalCheck {
   double step = 0;      // the step h of the best estimate
   int64_t passes = 0;   // forward passes spent
   int64_t tensors = 0;  // trainable tensors in the direction
+  bool not_smooth = false;  // the loss's second differences shrank like h, not h^2 (run.cpp): a kink below the steps
 };
 
 // u is every trainable tensor's gradient scaled to unit norm, so each tensor weighs the same: a tensor whose
@@ -37,7 +38,9 @@ struct DirectionalCheck {
 // of ever higher-order estimates and an error estimate for each (never below the loss's float64 rounding over the
 // step), and the best estimate is kept. It stops once the error estimate is below `target` (relative to the smaller
 // of |analytic| and the estimate), once the newest row's error is the rounding's (rounding has taken over), or after
-// `max_halvings` halvings of the step. The first step is 1e-4 of the rms parameter and at most 1e-2 of the smallest
+// `max_halvings` halvings of the step. Where the second differences L(h) - 2 L(0) + L(-h) shrink like h rather
+// than h^2 around the best row (a kink in the loss below every step), the estimate's error is at least the
+// one-sided slopes' disagreement and `not_smooth` is set. The first step is 1e-4 of the rms parameter and at most 1e-2 of the smallest
 // nonzero tensor's norm. On ordinary inputs three steps resolve the derivative to ~1e-11; sharply peaked attention
 // (scores spread over hundreds, no cap) and tiny caps need smaller steps.
 DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, const RunOptions& opt, const TensorMap& grads,

@@ -216,6 +216,26 @@ TEST(Gate, FiniteDifferencesBelowTheLossRoundingAreNotConfident) {
   EXPECT_TRUE(r.checks[0].unresolved);
 }
 
+// An all-zero embedding (a probe's model, 2026-12-05): every hidden state is 0, each RMSNorm multiplies by
+// (1 + w) / sqrt(eps), and the loss is linear only far below any step the differences can resolve. The backward's
+// derivative is exactly 0; the central differences converged, confidently, to the slope of the kinked loss above
+// that scale (0.0193, estimated error 1.2e-5 on the probe's model) and failed correct code. The second differences
+// shrink about 2-fold per halving there, not 4-fold: the check says the loss is not smooth at its steps.
+TEST(Gate, FiniteDifferencesSayUnresolvedWhereTheLossIsNotSmoothAtTheirSteps) {
+  ref::DirectionalCheck fd;
+  const check::Report r = fd_verdict(
+      [](Checkpoint& m) {
+        Tensor& e = m.weights.at(kEmbedName);
+        e = tensor_from_doubles(e.dtype, e.shape, std::vector<double>(size_t(e.numel()), 0.0));
+      },
+      &fd);
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_EQ(fd.analytic, 0.0) << "the input no longer has an exactly zero derivative";
+  EXPECT_TRUE(fd.not_smooth);
+  EXPECT_TRUE(r.checks[0].unresolved) << r.checks[0].value << " tol " << r.checks[0].tolerance;
+  EXPECT_TRUE(r.all_pass());
+}
+
 // The verdicts of add_fd_check: agreement within the estimate's own error passes while that error is small, is
 // "unresolved" (neither pass nor failure) when it is not, and a confident disagreement fails.
 TEST(Gate, UnresolvedFiniteDifferencesAreNeitherAPassNorAFailure) {

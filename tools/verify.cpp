@@ -168,7 +168,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       }
     }
     w.opt.keep_logits = (w.ex && w.ex->logits) || w.golden || run_fast;
-    // The reference's self-check costs six or more forward passes, a minute per combination at the released widths.
+    // The reference's self-check costs seven or more forward passes, a minute per combination at the released widths.
     // With the fast backend the gate's time goes to the trainer's comparison, and the self-check runs on the
     // companion (gemma2-odd), whose code path is the same; `--backend reference` runs it at these widths.
     // Judging a torch result at released widths runs the reference five times already (float64, the policy, three
@@ -192,7 +192,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
           progress("reference forward + backward");
           w->out = ref::run(in.model, in.batch, w->opt, in.micro_rows);
           if (w->fd) {
-            progress("directional finite-difference check (6 forward passes, more where the loss is sharply curved)");
+            progress("directional finite-difference check (7 forward passes, more where the loss is sharply curved)");
             w->fd_result = ref::directional_check(in.model, in.batch, w->opt, w->out.grads);
           }
         };
