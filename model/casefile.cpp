@@ -335,12 +335,29 @@ RawCase read_raw(const std::string& path) {
           fail(path, "'/expected/" + combo + "' is not one of none, attn, logits, attn_logits");
         if (e.childObjType(combo) != H5O_TYPE_GROUP) fail(path, "'/expected/" + combo + "' is not a group");
         H5::Group g = e.openGroup(combo);
+        // A result under a name this reader does not know (a misspelt `logit`, a gradient outside grads/, a loss
+        // stored as an attribute) went unread while the run said "1/1 checks passed" (found by a probe,
+        // 2026-12-05): refused, as at the root. So is a combo holding nothing to compare.
+        for (const auto& name : h5::children(g))
+          if (name != "loss" && name != "logits" && name != "grads")
+            fail(path, "'/expected/" + combo + "/" + name + "' is not an expected result (known: loss, logits, grads)");
+        // String attributes are provenance (the HF cross-check records its loss dtype there); a result stored as
+        // an attribute, or a number, is refused.
+        for (int i = 0, na = g.getNumAttrs(); i < na; ++i) {
+          H5::Attribute a = g.openAttribute(unsigned(i));
+          const std::string an = a.getName();
+          if (an == "loss" || an == "logits" || an == "grads" || a.getTypeClass() != H5T_STRING)
+            fail(path, "'/expected/" + combo + "' has attribute '" + an +
+                           "': results are datasets (loss, logits, grads/<name>); attributes are provenance strings");
+        }
+        if (h5::children(g).empty()) fail(path, "'/expected/" + combo + "' holds no result (loss, logits or grads)");
         RawExpected x;
         if (h5::exists(g, "loss")) x.loss = h5::read_float_tensor(g, "loss", path, &budget);
         if (h5::exists(g, "logits")) x.logits = h5::read_float_tensor(g, "logits", path, &budget);
         if (h5::exists(g, "grads")) {
           if (g.childObjType("grads") != H5O_TYPE_GROUP) fail(path, "'/expected/" + combo + "/grads' is not a group");
           H5::Group gg = g.openGroup("grads");
+          if (h5::children(gg).empty()) fail(path, "'/expected/" + combo + "/grads' holds no gradient");
           for (const auto& name : h5::children(gg)) {
             if (gg.childObjType(name) != H5O_TYPE_DATASET)
               fail(path, "'/expected/" + combo + "/grads/" + name + "' is not a dataset");
@@ -450,6 +467,11 @@ std::map<std::string, std::string> read_root_attributes(const std::string& path)
   return r;
 }
 
+bool known_expected_kind(const std::string& kind) {
+  return kind == "hf-float64-shipped" || kind == "hf-float64-patched" || kind == "reference-float64" ||
+         kind.rfind("torch-", 0) == 0;
+}
+
 CaseFile read_case(const std::string& path) {
   check_hdf5_signature(path);
   RawCase raw = decode(in_child(path, [&] { return encode(read_raw(path)); }));
@@ -494,6 +516,11 @@ CaseFile read_case(const std::string& path) {
   }
 
   cf.provenance = std::move(raw.provenance);
+  // expected_kind picks the tolerances: an unknown one (a typo, a trailing space) got float64's without a word.
+  if (auto it = cf.provenance.find("expected_kind"); it != cf.provenance.end() && !known_expected_kind(it->second))
+    fail(path, "/expected has expected_kind '" + it->second +
+                   "', which picks the tolerances and is not one this reader knows (known: hf-float64-shipped, "
+                   "hf-float64-patched, reference-float64, torch-<dtype>)");
   for (auto& [combo, rx] : raw.expected) {
     Expected x;
     if (rx.loss) {

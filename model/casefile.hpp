@@ -22,6 +22,10 @@ struct CaseFile {
   std::map<std::string, std::string> provenance;  // string attributes on /expected (who wrote it, how)
 };
 
+// Whether /expected's expected_kind is one the comparison knows (docs/formats.md's table): hf-float64-shipped,
+// hf-float64-patched, reference-float64, or torch-<dtype> (whose dtype check/torch_result.cpp judges).
+bool known_expected_kind(const std::string& kind);
+
 // Reads and validates a case file; every problem is an InputError naming `path` and the tensor.
 CaseFile read_case(const std::string& path);
 // Writes to a temporary name beside `path` and renames it into place, so no half-written file is seen.

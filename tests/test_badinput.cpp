@@ -119,7 +119,7 @@ TEST(GoodInput, ExpectedResultsOfAnotherCombinationAreSaidToBeUncompared) {
   TempDir d;
   const std::string p = write_tiny_case(d, [](CaseFile& cf) {
     cf.expected["none"].loss = 123.0;
-    cf.provenance["expected_kind"] = "hf-float64";
+    cf.provenance["expected_kind"] = "hf-float64-patched";
   });
   const ToolRun r = verify_case(d, p, {"--softcap", "attn,logits"});
   EXPECT_EQ(r.status, 0) << r.err << r.out;
@@ -312,6 +312,51 @@ TEST(BadCaseFile, ExpectedKindThatIsNotAString) {
     e.createAttribute("expected_kind", H5::PredType::NATIVE_INT, H5::DataSpace(H5S_SCALAR)).write(H5::PredType::NATIVE_INT, &v);
   });
   expect_rejected(verify_case(d, p), "verify", {p, "attribute 'expected_kind' is not a string"});
+}
+
+// Results under names the reader does not know were never compared while the run said "1/1 checks passed" (found
+// by a probe, 2026-12-05): a misspelt loss, a result stored as a numeric attribute, a combo with nothing in it, an
+// expected_kind the tolerances do not know (a trailing space got float64's tolerances without a word).
+TEST(BadCaseFile, ExpectedResultsUnderUnknownNamesAreRefused) {
+  TempDir d;
+  const auto with_loss = [](CaseFile& cf) { cf.expected["attn_logits"].loss = 1.0; };
+  const std::string misspelt = write_tiny_case(d, with_loss, "misspelt.h5");
+  edit_h5(misspelt, [](H5::H5File& f) {
+    H5::Group g = f.openGroup("expected/attn_logits");
+    const double v = 123.0;
+    g.createDataSet("Loss", H5::PredType::NATIVE_DOUBLE, H5::DataSpace(H5S_SCALAR)).write(&v, H5::PredType::NATIVE_DOUBLE);
+  });
+  expect_rejected(verify_case(d, misspelt), "verify", {misspelt, "'/expected/attn_logits/Loss' is not an expected result"});
+
+  const std::string attr = write_tiny_case(d, with_loss, "attr.h5");
+  edit_h5(attr, [](H5::H5File& f) {
+    H5::Group g = f.openGroup("expected/attn_logits");
+    const double v = 123.0;
+    g.createAttribute("logits", H5::PredType::NATIVE_DOUBLE, H5::DataSpace(H5S_SCALAR)).write(H5::PredType::NATIVE_DOUBLE, &v);
+  });
+  expect_rejected(verify_case(d, attr), "verify", {attr, "'/expected/attn_logits' has attribute 'logits'"});
+
+  const std::string empty = write_tiny_case(d, with_loss, "empty.h5");
+  edit_h5(empty, [](H5::H5File& f) { f.openGroup("expected").createGroup("none"); });
+  expect_rejected(verify_case(d, empty), "verify", {empty, "'/expected/none' holds no result"});
+
+  const std::string kind = write_tiny_case(d, [&](CaseFile& cf) {
+    with_loss(cf);
+    cf.provenance["expected_kind"] = "hf-float64-shipped ";
+  }, "kind.h5");
+  expect_rejected(verify_case(d, kind), "verify", {kind, "expected_kind 'hf-float64-shipped '", "not one this reader knows"});
+
+  // Provenance strings on a combo (the HF cross-check's hf_loss_dtype) and known kinds stay accepted.
+  const std::string good = write_tiny_case(d, [&](CaseFile& cf) {
+    cf.expected["attn_logits"].loss = 1.0;
+    cf.provenance["expected_kind"] = "reference-float64";
+  }, "good.h5");
+  edit_h5(good, [](H5::H5File& f) {
+    H5::Group g = f.openGroup("expected/attn_logits");
+    h5::write_string_attr(g, "hf_loss_dtype", "float32");
+  });
+  const ToolRun r = verify_case(d, good);
+  EXPECT_EQ(r.status, 1) << "the wrong loss is compared and fails: " << r.err << r.out;
 }
 
 TEST(BadCaseFile, AdapterConfigWithoutAdapterTensors) {
