@@ -822,10 +822,19 @@ std::optional<std::string> beyond_max_positions(const Config& c, int64_t T, cons
          ": RoPE continues past the positions the model was trained on, as transformers does (no error there either)";
 }
 
+std::optional<std::string> beyond_max_positions(const Config& c, const Batch& b, const std::string& source) {
+  if (b.position_ids.empty()) return beyond_max_positions(c, b.T, source);
+  // With position_ids the positions RoPE sees are theirs, not 0..T-1: a long packed row can stay within the trained
+  // range, and a short row can leave it (found by a probe, 2026-12-05: the warning followed T in both cases).
+  const int64_t largest = *std::max_element(b.position_ids.begin(), b.position_ids.end());
+  if (largest < c.max_position_embeddings) return std::nullopt;
+  return source + ": position_ids reach " + std::to_string(largest) + ", past max_position_embeddings " +
+         std::to_string(c.max_position_embeddings) +
+         ": RoPE continues past the positions the model was trained on, as transformers does (no error there either)";
+}
+
 void validate_batch(const Config& c, const Batch& b, const std::string& source, std::vector<std::string>* warnings) {
   if (b.B < 1 || b.T < 1) fail(source, "batch shape [" + std::to_string(b.B) + ", " + std::to_string(b.T) + "] is empty");
-  if (warnings)
-    if (auto w = beyond_max_positions(c, b.T, source)) warnings->push_back(*w);
   if (int64_t(b.input_ids.size()) != b.B * b.T || int64_t(b.labels.size()) != b.B * b.T)
     fail(source, "input_ids and labels must both have B*T entries");
   for (size_t i = 0; i < b.input_ids.size(); ++i) {
@@ -848,6 +857,8 @@ void validate_batch(const Config& c, const Batch& b, const std::string& source, 
       if (b.position_ids[i] < 0 || b.position_ids[i] >= (int64_t(1) << 30))
         fail(source, "position_ids" + at(i) + " = " + std::to_string(b.position_ids[i]) + " is outside [0, 2^30)");
   }
+  if (warnings)
+    if (auto w = beyond_max_positions(c, b, source)) warnings->push_back(*w);
   if (!b.attention_mask.empty()) {
     if (int64_t(b.attention_mask.size()) != b.B * b.T) fail(source, "attention_mask must have B*T entries");
     for (size_t i = 0; i < b.attention_mask.size(); ++i)

@@ -133,11 +133,14 @@ struct Batch {
 std::vector<Batch> split_batch(const Batch& b, int64_t rows);
 // Shapes, token and label ranges, position_ids, attention_mask; InputError naming `source` and the entry.
 // A sequence longer than max_position_embeddings is accepted, as transformers accepts it (RoPE is a formula of the
-// position and continues past the trained range); its warning (beyond_max_positions) is added to `warnings`.
+// position and continues past the trained range); its warning (beyond_max_positions, on the positions used) is
+// added to `warnings`.
 void validate_batch(const Config& c, const Batch& b, const std::string& source,
                     std::vector<std::string>* warnings = nullptr);
-// The warning for T > max_position_embeddings, or nothing.
+// The warning for T > max_position_embeddings (positions 0..T-1), or nothing.
 std::optional<std::string> beyond_max_positions(const Config& c, int64_t T, const std::string& source);
+// The same for a batch: its position_ids' largest value against max_position_embeddings when it has them.
+std::optional<std::string> beyond_max_positions(const Config& c, const Batch& b, const std::string& source);
 
 struct Checkpoint {
   Config config;

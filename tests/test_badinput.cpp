@@ -618,6 +618,24 @@ TEST(LongCaseFile, SequenceBeyondMaxPositionsRunsWithAWarning) {
   EXPECT_NE(r.err.find("sequence length 17 exceeds max_position_embeddings 16: RoPE continues"), std::string::npos) << r.err;
 }
 
+// With position_ids, the positions RoPE sees are theirs: the warning followed T (found by a probe, 2026-12-05), so
+// a packed row of 17 whose documents stay within 16 positions was warned about, and positions up to 40 in a row of
+// 4 were not.
+TEST(LongCaseFile, TheWarningFollowsThePositionIds) {
+  TempDir d;
+  const std::string packed = write_tiny_case(d, [](CaseFile& cf) {
+    cf.batch = synthetic_batch(cf.model.config, 1, 17, 3, 0.0);
+    for (int64_t t = 0; t < 17; ++t) cf.batch.position_ids.push_back(t < 9 ? t : t - 9);
+  }, "packed.h5");
+  const ToolRun p = verify_case(d, packed);
+  EXPECT_EQ(p.status, 0) << p.err;
+  EXPECT_EQ(p.err.find("max_position_embeddings"), std::string::npos) << p.err;
+  const std::string far = write_tiny_case(d, [](CaseFile& cf) { cf.batch.position_ids = {37, 38, 39, 40, 0, 1, 2, 3}; }, "far.h5");
+  const ToolRun f = verify_case(d, far);
+  EXPECT_EQ(f.status, 0) << f.err;
+  EXPECT_NE(f.err.find("position_ids reach 40, past max_position_embeddings 16: RoPE continues"), std::string::npos) << f.err;
+}
+
 // Documented behaviour (docs/robustness.md): a batch with nothing to score is refused, not given loss 0.
 TEST(BadCaseFile, EveryLabelIgnored) {
   TempDir d;
