@@ -22,6 +22,10 @@ namespace gemma::check {
 
 namespace {
 
+// A fingerprint (a variant's float64 effect) this small relative to the observable is float64 rounding, not a
+// direction (diagnose's fingerprint loop says why).
+constexpr double kNegligibleFingerprint = 1e-12;
+
 // The model and batch every variant runs on, so that differences come from the variant alone.
 struct Setting {
   Checkpoint ck;
@@ -527,8 +531,19 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
         const Observable& ob = observables[k];
         auto [unit, size] = unit_of(fv.*ob.of, fc.*ob.of);
         if (size == 0) continue;
-        const auto [seen, ratio] = projection_ratio(r, b, ob, unit);
         const double rel_size = size / l2_norm(b.f64.*ob.of);
+        // A float64 effect at the level of float64's own rounding is no direction of the bug's: the variant does
+        // not change the math on this input (gelu-exact where every gate input is ~0 gave 1.7e-20), and projecting
+        // on that noise called the control "DETECTED" at 5.09x (found by a probe, 2026-12-05). 1e-12 is four orders
+        // above float64 rounding and far below the smallest variant effect there is (2^-24 relative, an fp32 cast).
+        if (!(rel_size > kNegligibleFingerprint)) {
+          std::printf("%-25s fingerprint on the %s: float64 effect %s of it, within float64 rounding: no direction to "
+                      "project on\n",
+                      "", ob.name, sci(rel_size).c_str());
+          jf[ob.name] = {{"exact_effect_rel_l2", rel_size}, {"negligible", true}};
+          continue;
+        }
+        const auto [seen, ratio] = projection_ratio(r, b, ob, unit);
         fp_detectable |= ratio > factor;
         std::printf("%-25s fingerprint on the %s: float64 effect %s of it; the %s run moves %.2f of it along it, %.2fx the "
                     "jitter runs' projection: %s\n",
@@ -542,6 +557,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
       }
       if (!jf.empty()) {
         jf["detectable"] = fp_detectable;
+        // A negligible observable leaves its unit empty, so the controls are not projected on it either.
         j["fingerprint"] = jf;
         detectable = fp_detectable;
         j["detectable"] = detectable;
@@ -582,7 +598,8 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
       }
     }
     if (!worst_id.empty()) {
-      std::printf("%-25s on the fingerprints: at most %.2fx the jitter runs' projection (%s)\n", "", worst, worst_id.c_str());
+      std::printf("%-25s on the fingerprints: at most %.2fx the jitter runs' projection (%s): %s\n", "", worst,
+                  worst_id.c_str(), worst > factor ? "yes" : "no");
       j["fingerprint_noise_ratio"] = worst;
       j["fingerprint_worst"] = worst_id;
       if (worst > factor) {
