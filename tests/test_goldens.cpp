@@ -2,6 +2,7 @@
 // from each other by far more than the tolerance (a switch that silently does nothing cannot pass); and the
 // real verify binary exits 1 on a golden perturbed by 1e-9 and 2 on one whose hash no longer matches.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdlib>
 #include <filesystem>
@@ -121,6 +122,25 @@ class GoldenGate : public ::testing::Test {
 
 TEST_F(GoldenGate, UntouchedGoldenPasses) {
   EXPECT_EQ(run_verify(dir, "--model gemma2-tiny --softcap attn,logits", dir / "log"), 0) << slurp(dir / "log");
+}
+
+// Run outside the repository root, a standard recipe's golden is not looked for. The line used to say "no golden
+// for this recipe", which was false (found by a probe, 2026-12-05); it now says why, warns on stderr, and the JSON
+// records it. With the manifest there, the golden is compared and the JSON says so.
+TEST_F(GoldenGate, AGoldenNotLookedForIsSaidToBeSo) {
+  const fs::path away = dir / "elsewhere";
+  fs::create_directories(away);
+  EXPECT_EQ(run_verify(away, "--model gemma2-tiny --softcap attn,logits --json result.json", away / "log"), 0)
+      << slurp(away / "log");
+  const std::string log = slurp(away / "log");
+  EXPECT_NE(log.find("warning: the golden of this standard recipe"), std::string::npos) << log;
+  EXPECT_NE(log.find("run verify from the repository root"), std::string::npos) << log;
+  const auto golden_of = [](const fs::path& p) {
+    return nlohmann::json::parse(slurp(p))["results"].value("golden", std::string("(none)"));
+  };
+  EXPECT_EQ(golden_of(away / "result.json").rfind("not found: no goldens/MANIFEST.json", 0), 0u) << golden_of(away / "result.json");
+  EXPECT_EQ(run_verify(dir, "--model gemma2-tiny --softcap attn,logits --json result.json", dir / "log"), 0);
+  EXPECT_EQ(golden_of(dir / "result.json"), "compared: " + golden_path(rc));
 }
 
 TEST_F(GoldenGate, LossPerturbedByOnePartInABillionFailsWithExitOne) {

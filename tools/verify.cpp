@@ -138,6 +138,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     std::optional<GoldenRecipe> recipe;
     std::optional<Golden> golden;
     std::string golden_path;
+    bool standard = false;  // a recipe of standard_goldens(): the project keeps (or will keep) its golden
     bool fd = false;  // the reference's finite-difference self-check runs here
     std::string no_fd;  // else why not
     ref::Output out;
@@ -158,10 +159,10 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     // Goldens are kept for the standard recipes only (a preset at its default shape and seed); any other shape or
     // seed has none, even where a file of the same name exists.
     const std::vector<GoldenRecipe> kept = standard_goldens();
-    const bool standard = w.recipe && std::find(kept.begin(), kept.end(), *w.recipe) != kept.end();
+    w.standard = w.recipe && std::find(kept.begin(), kept.end(), *w.recipe) != kept.end();
     if (w.recipe) {
       w.golden_path = std::string(kGoldenDir) + "/" + w.recipe->file_name();
-      if (standard && std::filesystem::exists(w.golden_path)) {
+      if (w.standard && std::filesystem::exists(w.golden_path)) {
         check_manifest(w.golden_path);
         w.golden = read_golden(w.golden_path);
         if (!(w.golden->recipe == *w.recipe)) fail(w.golden_path, "its recipe does not match its file name");
@@ -230,8 +231,23 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
       std::printf("  golden %s (sha256 matches the manifest; %s, %s)\n", w.golden_path.c_str(),
                   w.golden->provenance["generator"].c_str(), w.golden->provenance["date"].c_str());
       compare_golden(report, pre, *w.golden, golden_from(*w.recipe, in.batch, c.vocab_size, out), GoldenTolerances{});
+      results["golden"] = "compared: " + w.golden_path;
     } else if (w.recipe) {
-      std::printf("  no golden for this recipe (%s): self-checks only\n", w.recipe->file_name().c_str());
+      // Why there is none, in words that hold: run outside the repository root, a standard recipe's golden was not
+      // looked for at all, and the line used to say the recipe had none (found by a probe, 2026-12-05).
+      std::string why;
+      if (!w.standard) {
+        why = "not a standard recipe (goldens are kept for a preset at verify's default shape and seed 0)";
+      } else if (!std::filesystem::exists(kManifest)) {
+        why = "not found: no " + std::string(kManifest) + " under the working directory " +
+              std::filesystem::current_path().string() + " (run verify from the repository root)";
+        std::fprintf(stderr, "verify: warning: the golden of this standard recipe, %s, was not looked for: %s\n",
+                     w.golden_path.c_str(), why.c_str());
+      } else {
+        why = "none kept for this standard recipe yet";
+      }
+      std::printf("  no golden compared (%s): %s; self-checks only\n", w.recipe->file_name().c_str(), why.c_str());
+      results["golden"] = why;
     }
     if (w.fd_result)
       add_fd_check(report, pre, *w.fd_result);
