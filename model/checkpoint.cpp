@@ -573,6 +573,11 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const Config& c
   if (tm.is_string() && !lp.is_null())
     fail(source, "layers_pattern cannot be used when target_modules is a string (PEFT refuses it)");
   if (lp_set && ltt.is_null()) fail(source, "layers_pattern needs layers_to_transform (PEFT refuses it alone)");
+  // PEFT's check is Python truthiness, `if self.layers_pattern and not self.layers_to_transform`: layer 0 given as
+  // the integer 0, and the empty list, count as not given there (found by a probe, 2026-12-05).
+  if (lp_set && ((ltt.is_number_integer() && ltt.get<int64_t>() == 0) || (ltt.is_array() && ltt.empty())))
+    fail(source, "layers_pattern with layers_to_transform " + json_brief(ltt) +
+                     ": PEFT's LoraConfig refuses it (its check reads 0 and [] as not given)");
 
   NameRule target;
   if (tm.is_null()) {

@@ -693,6 +693,14 @@ TEST(PeftRules, CombinationsPeftRefusesAreRefused) {
   j = lora({"q_proj"});
   j["layers_pattern"] = "layers";
   expect_input_error([&] { parse(j); }, {"layers_pattern needs layers_to_transform"});
+  // PEFT's check is truthiness: 0 and [] are "not given" there (found by a probe, 2026-12-05; they were read as
+  // layer 0 and every layer).
+  for (const json& falsy : {json(0), json::array()}) {
+    j["layers_to_transform"] = falsy;
+    expect_input_error([&] { parse(j); }, {"layers_pattern with layers_to_transform " + falsy.dump(), "reads 0 and [] as not given"});
+  }
+  j["layers_to_transform"] = 1;  // a true value passes the check
+  EXPECT_NO_THROW(parse(j));
 }
 
 // get_pattern_key: the first key, in the file's order, with re.match(rf"(.*\.)?({key})$", name).
