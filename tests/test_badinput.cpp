@@ -359,6 +359,20 @@ TEST(BadCaseFile, ExpectedResultsUnderUnknownNamesAreRefused) {
   EXPECT_EQ(r.status, 1) << "the wrong loss is compared and fails: " << r.err << r.out;
 }
 
+// An unsigned 64-bit id above INT64_MAX arrived as INT64_MAX (libhdf5's conversion), so its refusal quoted
+// 9223372036854775807 for 2^64 - 5 (found by a probe, 2026-12-05). The value is now named as stored.
+TEST(BadCaseFile, AnUnsigned64BitIdIsQuotedAsStored) {
+  TempDir d;
+  const std::string p = write_tiny_case(d);
+  edit_h5(p, [](H5::H5File& f) {
+    f.unlink("input_ids");
+    const hsize_t dims[2] = {2, 4};
+    std::vector<uint64_t> ids = {1, 2, ~uint64_t(4), 3, 1, 2, 3, 4};
+    f.createDataSet("input_ids", H5::PredType::NATIVE_UINT64, H5::DataSpace(2, dims)).write(ids.data(), H5::PredType::NATIVE_UINT64);
+  });
+  expect_rejected(verify_case(d, p), "verify", {p, "'input_ids' has the value 18446744073709551611 at flat index 2"});
+}
+
 TEST(BadCaseFile, AdapterConfigWithoutAdapterTensors) {
   TempDir d;
   const std::string p = write_tiny_case(d, [](CaseFile& cf) { cf.model.adapter = tiny_adapter(); });
