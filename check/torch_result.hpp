@@ -31,6 +31,7 @@ struct TorchJudgement {
     double ratio = 0;  // the difference's projection on the bug's float64 effect over correct variants' largest
   };
   std::vector<Fingerprint> fingerprints;  // on failure only, largest ratio first
+  std::string note;  // on failure, when the result is more exact than the policy allows (no fingerprints then)
   nlohmann::json json() const;
 };
 
