@@ -1,5 +1,7 @@
 #include "check/golden.hpp"
 
+#include "model/atomic_file.hpp"
+
 #include <openssl/evp.h>
 #include <unistd.h>
 
@@ -271,13 +273,7 @@ void record_in_manifest(const std::string& path, const std::map<std::string, std
   e["sha256"] = sha256_file(path);
   e["bytes"] = uint64_t(fs::file_size(path));
   m["files"][fs::path(path).lexically_normal().string()] = e;
-  const std::string tmp = std::string(kManifest) + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp);
-    out << m.dump(2) << "\n";
-    if (!out) fail(kManifest, "cannot write");
-  }
-  fs::rename(tmp, kManifest);
+  write_text_file_atomically(kManifest, m.dump(2) + "\n");
 }
 
 }  // namespace gemma::check

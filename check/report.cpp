@@ -1,5 +1,7 @@
 #include "check/report.hpp"
 
+#include "model/atomic_file.hpp"
+
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -72,27 +74,6 @@ std::string xml_escape(const std::string& s) {
   return r;
 }
 
-void write_text_atomically(const std::string& path, const std::string& text) {
-  // Said here too, for a directory created at the path during the run: rename() would say "Success" or nothing.
-  if (std::error_code ec; std::filesystem::is_directory(path, ec)) fail(path, "is a directory, expected a file name");
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp);
-    if (!out) fail(path, "cannot write");
-    out << text;
-    if (!out) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      fail(path, "write failed");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    fail(path, "cannot write: " + ec.message());
-  }
-}
 
 namespace {
 
@@ -134,7 +115,7 @@ void write_junit(const std::string& path, const std::string& suite, const Report
     x += "<system-out>" + xml_escape(std::string(buf) + "; " + c.why) + "</system-out></testcase>\n";
   }
   x += "</testsuite>\n</testsuites>\n";
-  write_text_atomically(path, x);
+  write_text_file_atomically(path, x);
 }
 
 void write_json(const std::string& path, const nlohmann::json& j) {
@@ -144,7 +125,7 @@ void write_json(const std::string& path, const nlohmann::json& j) {
     std::cout << text;
     return;
   }
-  write_text_atomically(path, text);
+  write_text_file_atomically(path, text);
 }
 
 nlohmann::json checks_json(const Report& r) {

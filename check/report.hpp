@@ -1,6 +1,7 @@
 // Checks and how they are reported: one line per check with value, tolerance and OK/FAIL, then
 // "N/M checks passed" (the shape of ggml's test-backend-ops), plus JSON and JUnit XML for CI systems.
 #pragma once
+#include "model/atomic_file.hpp"
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
@@ -47,9 +48,6 @@ void check_output_paths(const std::vector<std::pair<std::string, std::string>>& 
 
 // `s` with &, <, > and " as XML / HTML entities (attribute values and text).
 std::string xml_escape(const std::string& s);
-// Writes `text` to `path` through a temporary file and a rename: a reader never sees half a file. InputError
-// naming the path when it cannot be written.
-void write_text_atomically(const std::string& path, const std::string& text);
 // JUnit XML with one testcase per check; written atomically.
 void write_junit(const std::string& path, const std::string& suite, const Report& r);
 // Writes JSON text atomically to `path`, or to stdout for "-".

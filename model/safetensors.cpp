@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "errors.hpp"
+#include "atomic_file.hpp"
 #include "nf4.hpp"
 #include "json_text.hpp"
 
@@ -276,27 +277,12 @@ void write_safetensors(const std::string& path, const TensorMap& tensors, const 
   }
   std::string text = h.dump();
   while ((text.size() + 8) % 8) text += ' ';  // pad so the data starts 8-byte aligned, as HF does
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    if (!out) fail(path, "cannot write");
+  write_file_atomically(path, [&](const ByteSink& put) {
     const uint64_t n = text.size();
-    out.write(reinterpret_cast<const char*>(&n), 8);
-    out.write(text.data(), std::streamsize(n));
-    for (const auto& [name, t] : tensors)
-      out.write(reinterpret_cast<const char*>(t.bytes.get()), std::streamsize(uint64_t(t.numel()) * dtype_size(t.dtype)));
-    if (!out) {
-      std::error_code ec;
-      fs::remove(tmp, ec);
-      fail(path, "write failed");
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(path, "cannot write: " + ec.message());
-  }
+    put(&n, 8);
+    put(text.data(), n);
+    for (const auto& [name, t] : tensors) put(t.bytes.get(), size_t(uint64_t(t.numel()) * dtype_size(t.dtype)));
+  });
 }
 
 Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string& weights_path,

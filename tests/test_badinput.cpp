@@ -6,6 +6,8 @@
 // rejection mean something. Inputs found by the fuzzers live in tests/badinput/.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <csignal>
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -1445,6 +1447,33 @@ TEST(NothingHalfWritten, TrainRefusedAfterItsInputsLoadWritesNoBase) {
                                     d / "base"}, d),
                   "train", {"--micro-batches: 3 does not divide the batch of 2"});
   EXPECT_EQ(leftovers(d, {}), std::vector<std::string>{});
+}
+
+// A full disk surfaced only at the output stream's final flush, which nothing checked: a truncated adapter was
+// renamed into place, trainer_state.json recorded its hash, and train said "saved" with exit 0 (found by a probe,
+// 2026-12-05, with strace's fault injection and a full tmpfs). Here a file-size limit (RLIMIT_FSIZE, SIGXFSZ
+// ignored, both inherited by the child) makes the adapter's write fail: exit 2 naming the file and the system's
+// reason, and nothing of the save left behind.
+TEST(NothingHalfWritten, AWriteThatFailsLeavesNoFileOfTheSave) {
+  TempDir d;
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  rlimit small = old;
+  small.rlim_cur = 8192;  // below gemma2-micro's adapter (r 8), above the run's stdout and stderr
+  struct sigaction ign{}, prev{};
+  ign.sa_handler = SIG_IGN;
+  ASSERT_EQ(sigaction(SIGXFSZ, &ign, &prev), 0);
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  const ToolRun r = run_tool(kTrain, {"--model", "gemma2-micro", "--steps", "1", "--save-adapter", d / "ad"}, d);
+  setrlimit(RLIMIT_FSIZE, &old);
+  sigaction(SIGXFSZ, &prev, nullptr);
+  ASSERT_TRUE(r.exited) << r.err;
+  EXPECT_EQ(r.status, 2) << r.err;  // stderr also holds the step's progress line: the error is its last line
+  EXPECT_NE(r.err.find("train: " + d / "ad/adapter_model.safetensors: cannot write: File too large"), std::string::npos)
+      << r.err;
+  EXPECT_EQ(leftovers(d, {"ad"}), std::vector<std::string>{});
+  std::error_code ec;
+  EXPECT_TRUE(fs::is_empty(d / "ad", ec)) << "files of a failed save are left in " << d / "ad";
 }
 
 TEST(NothingHalfWritten, SuccessfulRunWritesEveryOutputAndNoTemporaries) {

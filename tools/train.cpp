@@ -778,7 +778,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     std::error_code ec;
     std::filesystem::create_directories(*o.save_base, ec);
     write_safetensors(*o.save_base + "/model.safetensors", base, {{"format", "pt"}});
-    check::write_text_atomically(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
+    write_text_file_atomically(*o.save_base + "/config.json", to_config_json(in.model.config) + "\n");
     std::printf("saved the base model to %s (config.json, model.safetensors)\n", o.save_base->c_str());
   }
   p.schedule = {sched, o.adamw.lr, o.warmup_steps, p.total_steps};

@@ -144,7 +144,7 @@ std::string html_report(const std::string& title, const std::vector<ReportSeries
 
 void write_html_report(const std::string& path, const std::string& title, const std::vector<ReportSeries>& series,
                        const json& settings) {
-  check::write_text_atomically(path, html_report(title, series, settings));
+  write_text_file_atomically(path, html_report(title, series, settings));
 }
 
 }  // namespace gemma::train

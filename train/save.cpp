@@ -56,41 +56,53 @@ void save_dir(const std::string& dir, const Config& c, const std::optional<Adapt
   if (ec || !fs::is_directory(dir, ec)) fail(dir, "cannot create the directory" + (ec ? ": " + ec.message() : std::string()));
   const fs::path d(dir);
   json files = json::object();
-  auto record = [&](const std::string& name) { files[name] = check::sha256_file((d / name).string()); };
-  // float32, as PEFT and HF save a float32 model: the exact float64 values are in training_state.safetensors.
-  TensorMap out;
-  for (const auto& [name, t] : weights) {
-    if (name == kEmbedPaddingName) continue;  // the gate's in-memory head padding is not part of an HF model
-    const std::string n = adapter ? kPeftPrefix + name : name;
-    out.emplace(n, tensor_from_doubles(DType::f32, t.shape, t.to_double()));
-  }
-  const std::map<std::string, std::string> meta{{"format", "pt"}};
-  if (adapter) {
-    write_safetensors((d / "adapter_model.safetensors").string(), out, meta);
-    check::write_text_atomically((d / "adapter_config.json").string(), peft_adapter_config_json(*adapter, base_model_name_or_path));
-    record("adapter_model.safetensors");
-    record("adapter_config.json");
-  } else {
-    write_safetensors((d / "model.safetensors").string(), out, meta);
-    check::write_text_atomically((d / "config.json").string(), to_config_json(c) + "\n");
-    record("model.safetensors");
-    record("config.json");
-  }
-  if (state) {
-    TensorMap st;
-    for (const auto& [name, p] : state->params) {
-      const Shape& s = state->shapes.at(name);
-      st.emplace(name, f64_tensor(s, p));
-      st.emplace(name + ".exp_avg", f64_tensor(s, state->exp_avg.at(name)));
-      st.emplace(name + ".exp_avg_sq", f64_tensor(s, state->exp_avg_sq.at(name)));
+  std::vector<fs::path> written;  // by this call, removed again if a later file fails
+  auto record = [&](const std::string& name) {
+    written.push_back(d / name);
+    files[name] = check::sha256_file((d / name).string());
+  };
+  // A save that fails part-way left the files written before it (an adapter without its config, no
+  // trainer_state.json) under their final names (found by a probe, 2026-12-05): they are removed, so the directory
+  // holds a whole save or none of this one. Each file is itself written whole or not at all (write_file_atomically).
+  try {
+    // float32, as PEFT and HF save a float32 model: the exact float64 values are in training_state.safetensors.
+    TensorMap out;
+    for (const auto& [name, t] : weights) {
+      if (name == kEmbedPaddingName) continue;  // the gate's in-memory head padding is not part of an HF model
+      const std::string n = adapter ? kPeftPrefix + name : name;
+      out.emplace(n, tensor_from_doubles(DType::f32, t.shape, t.to_double()));
     }
-    write_safetensors((d / "training_state.safetensors").string(), st, {{"format", "gemma-train"}, {"step", std::to_string(state->step)}});
-    record("training_state.safetensors");
+    const std::map<std::string, std::string> meta{{"format", "pt"}};
+    if (adapter) {
+      write_safetensors((d / "adapter_model.safetensors").string(), out, meta);
+      record("adapter_model.safetensors");
+      write_text_file_atomically((d / "adapter_config.json").string(), peft_adapter_config_json(*adapter, base_model_name_or_path));
+      record("adapter_config.json");
+    } else {
+      write_safetensors((d / "model.safetensors").string(), out, meta);
+      record("model.safetensors");
+      write_text_file_atomically((d / "config.json").string(), to_config_json(c) + "\n");
+      record("config.json");
+    }
+    if (state) {
+      TensorMap st;
+      for (const auto& [name, p] : state->params) {
+        const Shape& s = state->shapes.at(name);
+        st.emplace(name, f64_tensor(s, p));
+        st.emplace(name + ".exp_avg", f64_tensor(s, state->exp_avg.at(name)));
+        st.emplace(name + ".exp_avg_sq", f64_tensor(s, state->exp_avg_sq.at(name)));
+      }
+      write_safetensors((d / "training_state.safetensors").string(), st, {{"format", "gemma-train"}, {"step", std::to_string(state->step)}});
+      record("training_state.safetensors");
+    }
+    trainer_state["gemma_train"]["version"] = kStateVersion;
+    trainer_state["gemma_train"]["files"] = files;
+    trainer_state["gemma_train"]["resumable"] = state != nullptr;
+    write_text_file_atomically((d / "trainer_state.json").string(), trainer_state.dump(2) + "\n");
+  } catch (...) {
+    for (const fs::path& p : written) fs::remove(p, ec);
+    throw;
   }
-  trainer_state["gemma_train"]["version"] = kStateVersion;
-  trainer_state["gemma_train"]["files"] = files;
-  trainer_state["gemma_train"]["resumable"] = state != nullptr;
-  check::write_text_atomically((d / "trainer_state.json").string(), trainer_state.dump(2) + "\n");
 }
 
 std::string save_checkpoint(const std::string& dir, const Config& c, const std::optional<AdapterConfig>& adapter,
@@ -105,8 +117,9 @@ std::string save_checkpoint(const std::string& dir, const Config& c, const std::
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
   if (ec) {
+    const std::string why = ec.message();  // before remove_all reuses ec ("cannot write: Success", from a probe)
     fs::remove_all(tmp, ec);
-    fail(final_dir.string(), "cannot write: " + ec.message());
+    fail(final_dir.string(), "cannot write: " + why);
   }
   return final_dir.string();
 }
