@@ -22,20 +22,40 @@ AdapterConfig synthetic_adapter_config(int64_t r) {
 
 namespace {
 
+// Refusing a batch that cannot fit up front beats being killed by the kernel's OOM killer (a signal, no message)
+// half an hour into the run. Two terms grow past any machine: the float64 logits, B * T * V * 8 bytes, and one
+// sequence's attention caches, which the float64 reference keeps for every layer (scores and weights, (T, T) per
+// head: L * H * 2 * T^2 * 8 bytes). The second used to be found by std::bad_alloc inside an OpenMP region, which
+// cannot reach main's handler: train and verify aborted (SIGABRT) at --seq 100000 on gemma2-tiny, and the OOM
+// killer took them at 40000 (found by a probe, 2026-12-05).
+void refuse_beyond_memory(const Config& c, int64_t B, int64_t T, bool reference_runs, const std::string& batch_flag,
+                          const std::string& seq_flag) {
+  const double memory = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+  if (!(memory > 0)) return;
+  const double logits_bytes = double(B) * double(T) * double(c.vocab_size) * 8.0;
+  const double attention_bytes = !reference_runs ? 0.0 :
+      double(c.num_hidden_layers) * double(c.num_attention_heads) * 2.0 * double(T) * double(T) * 8.0;
+  char msg[320];
+  if (logits_bytes > memory) {
+    std::snprintf(msg, sizeof msg, "%lld x %lld tokens need %.3g GB for the float64 logits alone; this machine has %.3g GB",
+                  (long long)B, (long long)T, logits_bytes / 1e9, memory / 1e9);
+    fail(batch_flag, msg);
+  }
+  if (logits_bytes + attention_bytes > memory) {
+    std::snprintf(msg, sizeof msg,
+                  "a sequence of %lld tokens needs %.3g GB for the float64 reference's attention caches alone (every "
+                  "layer's scores and weights: %lld x %lld heads x 2 x T^2 x 8 bytes); this machine has %.3g GB",
+                  (long long)T, attention_bytes / 1e9, (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
+                  memory / 1e9);
+    fail(seq_flag, msg);
+  }
+}
+
 Batch batch_for(const Config& c, const InputSpec& s, int64_t dflt_b, int64_t dflt_t) {
   const int64_t B = s.batch.value_or(dflt_b), T = s.seq.value_or(dflt_t);
   if (B < 1) fail("--batch", "must be at least 1, got " + std::to_string(B));
   if (T < 2) fail("--seq", "must be at least 2 (position t is scored against token t + 1), got " + std::to_string(T));
-  // The float64 logits alone take B * T * V * 8 bytes. Refusing a batch that cannot fit up front beats being
-  // killed by the kernel's OOM killer (a signal, no message) half an hour into the run.
-  const double logits_bytes = double(B) * double(T) * double(c.vocab_size) * 8.0;
-  const double memory = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
-  if (memory > 0 && logits_bytes > memory) {
-    char msg[200];
-    std::snprintf(msg, sizeof msg, "%lld x --seq %lld needs %.3g GB for the float64 logits alone; this machine has %.3g GB",
-                  (long long)B, (long long)T, logits_bytes / 1e9, memory / 1e9);
-    fail("--batch", msg);
-  }
+  refuse_beyond_memory(c, B, T, s.reference_runs, "--batch", "--seq");
   return synthetic_batch(c, B, T, s.seed);
 }
 
@@ -73,6 +93,7 @@ Inputs load_inputs(const InputSpec& s) {
     if (s.batch) fail("--batch", fixed);
     if (s.lora_r) fail("--lora-r", "conflicts with --case: the case file fixes the adapters (or their absence)");
     CaseFile cf = read_case(*s.case_path);
+    refuse_beyond_memory(cf.model.config, cf.batch.B, cf.batch.T, s.reference_runs, *s.case_path, *s.case_path);
     in.model = std::move(cf.model);
     in.batch = std::move(cf.batch);
     in.expected = std::move(cf.expected);

@@ -24,6 +24,9 @@ struct InputSpec {
   // dequantized values, on a preset or an unquantized checkpoint. Refused with --case (its expected values are of
   // the weights it holds).
   std::optional<std::string> quantize;
+  // Whether the float64 reference will run this batch (everything but train --backend fast): its attention caches
+  // then bound the sequence length by this machine's memory (refuse_beyond_memory in inputs.cpp).
+  bool reference_runs = true;
 };
 
 // A preset's synthetic adapters when --lora-r is not given.

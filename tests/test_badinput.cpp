@@ -1283,7 +1283,18 @@ TEST(BadFlags, BatchNegative) {
 TEST(BadFlags, BatchBeyondMemory) {
   TempDir d;
   expect_rejected(run_tool(kVerify, {"--model", "gemma2-micro", "--batch", "100000000000", "--seq", "64"}, d), "verify",
-                  {"--batch: 100000000000 x --seq 64 needs", "GB for the float64 logits alone"});
+                  {"--batch: 100000000000 x 64 tokens need", "GB for the float64 logits alone"});
+}
+
+// One sequence's attention caches (every layer's scores and weights, T^2 each) were found by std::bad_alloc inside an
+// OpenMP region, which cannot reach main's handler: verify and train aborted with SIGABRT at --seq 100000 on
+// gemma2-tiny (found by a probe, 2026-12-05). Refused up front, naming the flag.
+TEST(BadFlags, SequenceBeyondMemory) {
+  TempDir d;
+  expect_rejected(run_tool(kVerify, {"--model", "gemma2-tiny", "--seq", "100000", "--backend", "reference"}, d), "verify",
+                  {"--seq: a sequence of 100000 tokens needs", "for the float64 reference's attention caches alone"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--seq-len", "100000", "--batch", "1", "--steps", "1"}, d),
+                  "train", {"--seq: a sequence of 100000 tokens needs"});
 }
 
 TEST(BadFlags, LayersBeyondTheModel) {

@@ -680,7 +680,9 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   Plan p;
   p.seed = spec.seed;
   for (const std::string& f : o.report_with) p.report_with.push_back(read_log(f));
-  p.in = load_inputs(spec);
+  InputSpec loaded = spec;
+  loaded.reference_runs = o.backend != "fast";
+  p.in = load_inputs(loaded);
   print_warnings("train", p.in.model.warnings);
   const Inputs& in = p.in;
   // LoRA dropout changes every step's gradients; until train applies it, training without it would be
