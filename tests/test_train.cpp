@@ -434,6 +434,18 @@ std::string train_sentencepiece(const TempDir& d) {
   return prefix + ".model";
 }
 
+// Stanford Alpaca's two prompts, character for character (tatsu-lab/stanford_alpaca, train.py, PROMPT_DICT): they end
+// at "### Response:", and the output follows directly. The trainer's ended "### Response:\n" (found by a probe).
+TEST(TrainTokenizer, AlpacaPromptsAreStanfordAlpacas) {
+  EXPECT_EQ(alpaca_prompt("Add two and three.", ""),
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\nAdd two and three.\n\n### Response:");
+  EXPECT_EQ(alpaca_prompt("Add.", "two and three"),
+            "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+            "response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\ntwo and three"
+            "\n\n### Response:");
+}
+
 TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
   TempDir d;
   const std::string model = train_sentencepiece(d);

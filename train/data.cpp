@@ -109,13 +109,16 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
   return std::vector<int64_t>(ids.begin(), ids.end());
 }
 
+// Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py): the prompt ends at "### Response:" and the
+// output follows it directly. It ended "### Response:\n" here (alpaca-lora's variant) while docs/train.md said
+// Stanford's: one more prompt token on every row (found by a probe, 2026-12-05).
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
   if (input.empty())
     return "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-           "### Instruction:\n" + instruction + "\n\n### Response:\n";
+           "### Instruction:\n" + instruction + "\n\n### Response:";
   return "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
          "response that appropriately completes the request.\n\n### Instruction:\n" + instruction +
-         "\n\n### Input:\n" + input + "\n\n### Response:\n";
+         "\n\n### Input:\n" + input + "\n\n### Response:";
 }
 
 namespace {
