@@ -1515,6 +1515,24 @@ TEST(TrainStops, NonFiniteLossAfterAHugeStep) {
   EXPECT_EQ(r.out.find("step    2"), std::string::npos) << "step 2 was logged as if it had finished:\n" << r.out;
 }
 
+// A stopped run keeps what it did: --log and --report hold the steps before the stop and the reason (they were written
+// only at the end, so a diverged run left neither), and a checkpoint whose float32 values overflowed to inf says
+// so (found by a probe, 2026-12-05).
+TEST(TrainStops, TheLogAndReportOfAStoppedRunAreWritten) {
+  TempDir d;
+  const ToolRun r = run_tool(kTrain, {"--model", "gemma2-micro", "--lr", "1e300", "--steps", "3", "--log", d / "log.json",
+                                      "--report", d / "r.html", "--save-adapter", d / "ad", "--save-steps", "1"},
+                             d);
+  ASSERT_TRUE(r.exited) << "signal " << r.status;
+  EXPECT_EQ(r.status, 1) << r.err;
+  const nlohmann::json log = nlohmann::json::parse(slurp(d / "log.json"));
+  EXPECT_EQ(log["steps"].size(), 1u) << log.dump();
+  EXPECT_NE(log.value("stopped", std::string()).find("non-finite loss"), std::string::npos) << log.dump();
+  EXPECT_NE(slurp(d / "r.html").find("<svg"), std::string::npos);
+  EXPECT_NE(r.err.find("train: warning: " + d / "ad/checkpoint-1: "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("beyond float32's range and are saved as inf"), std::string::npos) << r.err;
+}
+
 // A case file whose embedding (1e308, finite) overflows the forward pass at the first step.
 TEST(TrainStops, NonFiniteLossFromOverflowingWeights) {
   TempDir d;

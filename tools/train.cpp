@@ -229,6 +229,16 @@ void write_report(const Plan& p, const TrainOptions& o, const json& history) {
   write_html_report(*o.report_path, "train: " + p.in.description, series, p.run);
 }
 
+// A run stopped by a non-finite value (exit 1) keeps the steps it took in --log and --report, with the reason: they
+// were written only at the end, so a diverged run left neither, though its checkpoints were saved (found by a
+// probe, 2026-12-05). Not under --softcap all / --backend both, whose caller writes one log for every run.
+void write_outputs_of_stopped_run(const Plan& p, const TrainOptions& o, const json& history, const std::string& why,
+                                  const json* curve) {
+  if (curve) return;
+  write_log(p, o, history, {{"stopped", why}});
+  write_report(p, o, history);
+}
+
 // Another run's --log, to be plotted beside this one (e.g. the fast backend's curve beside the reference's).
 std::pair<std::string, json> read_log(const std::string& path) {
   json j;
@@ -285,7 +295,12 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
     const int64_t per_gpu = batch.B / o.gpus, micro = (per_gpu + p.micro_rows - 1) / p.micro_rows;
     const double lr = lr_at(p.schedule, step);
     const fast::DataParallelTrainer::Step st = trainer.step(batch, micro, {lr, o.max_grad_norm});
-    check_finite(step, 0, "loss", st.loss);
+    try {
+      check_finite(step, 0, "loss", st.loss);
+    } catch (const std::runtime_error& e) {
+      write_outputs_of_stopped_run(p, o, history, e.what(), curve);
+      throw;
+    }
     std::printf("step %4lld  loss %.12f  targets %lld  lr %.6e  grad_norm %.6e  %.3f s on the device\n",
                 (long long)step, st.loss, (long long)st.tokens, lr, st.grad_norm, st.seconds);
     std::fflush(stdout);
@@ -439,7 +454,15 @@ int train_reference(const Plan& p, const TrainOptions& o, json* curve = nullptr)
   ref::Grads<double> g;
   for (int64_t step = start + 1; step <= p.total_steps; ++step) {
     const Batch batch = batch_of_step(p, step);
-    const RefStep r = reference_step(m, g, state, p, o, opt, step, batch);
+    RefStep r{};
+    try {
+      r = reference_step(m, g, state, p, o, opt, step, batch);
+    } catch (const InputError&) {
+      throw;
+    } catch (const std::runtime_error& e) {
+      write_outputs_of_stopped_run(p, o, history, e.what(), curve);
+      throw;
+    }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("step %4lld  loss %.12f  targets %lld  lr %.6e  grad_norm %.6e  %.1f s\n", (long long)step, r.loss,
                 (long long)r.targets, r.lr, r.grad_norm, secs);
@@ -450,15 +473,19 @@ int train_reference(const Plan& p, const TrainOptions& o, json* curve = nullptr)
     const bool last = step == p.total_steps;
     if (!p.out_dir.empty() && (o.save_steps > 0 && step % o.save_steps == 0 && !last)) {
       const TrainState ts = capture(m, g, state);
+      std::vector<std::string> save_warnings;
       const std::string d = save_checkpoint(p.out_dir, in.model.config, in.model.adapter, p.adapter_base, trained_weights(ts), ts,
-                                            trainer_state_json(p, step, history));
+                                            trainer_state_json(p, step, history), &save_warnings);
       if (::isatty(2)) std::fputc('\n', stderr);
+      print_warnings("train", save_warnings);
       std::printf("saved %s\n", d.c_str());
     }
     if (last && !p.out_dir.empty()) {
       const TrainState ts = capture(m, g, state);
+      std::vector<std::string> save_warnings;
       save_dir(p.out_dir, in.model.config, in.model.adapter, p.adapter_base, trained_weights(ts), &ts,
-               trainer_state_json(p, step, history));
+               trainer_state_json(p, step, history), &save_warnings);
+      print_warnings("train", save_warnings);
     }
   }
   progress.finish();

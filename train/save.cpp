@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -50,7 +51,7 @@ std::string peft_adapter_config_json(const AdapterConfig& a, const std::string& 
 
 void save_dir(const std::string& dir, const Config& c, const std::optional<AdapterConfig>& adapter,
               const std::string& base_model_name_or_path, const TensorMap& weights, const TrainState* state,
-              json trainer_state) {
+              json trainer_state, std::vector<std::string>* warnings) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec || !fs::is_directory(dir, ec)) fail(dir, "cannot create the directory" + (ec ? ": " + ec.message() : std::string()));
@@ -72,6 +73,16 @@ void save_dir(const std::string& dir, const Config& c, const std::optional<Adapt
       const std::string n = adapter ? kPeftPrefix + name : name;
       out.emplace(n, tensor_from_doubles(DType::f32, t.shape, t.to_double()));
     }
+    // A diverged run's checkpoint (lr 1e300) was all inf without a word (found by a probe, 2026-12-05).
+    int64_t overflowed = 0, total = 0;
+    for (const auto& [n, t] : out) {
+      for (double x : t.to_double()) overflowed += !std::isfinite(x);
+      total += t.numel();
+    }
+    if (overflowed > 0 && warnings)
+      warnings->push_back(dir + ": " + std::to_string(overflowed) + " of " + std::to_string(total) +
+                          " trained values are beyond float32's range and are saved as inf" +
+                          (state ? " (training_state.safetensors keeps them in float64)" : ""));
     const std::map<std::string, std::string> meta{{"format", "pt"}};
     if (adapter) {
       write_safetensors((d / "adapter_model.safetensors").string(), out, meta);
@@ -107,12 +118,15 @@ void save_dir(const std::string& dir, const Config& c, const std::optional<Adapt
 
 std::string save_checkpoint(const std::string& dir, const Config& c, const std::optional<AdapterConfig>& adapter,
                             const std::string& base_model_name_or_path, const TensorMap& weights, const TrainState& state,
-                            const json& trainer_state) {
+                            const json& trainer_state, std::vector<std::string>* warnings) {
   const fs::path final_dir = fs::path(dir) / ("checkpoint-" + std::to_string(state.step));
   const fs::path tmp = fs::path(dir) / (".checkpoint-" + std::to_string(state.step) + ".tmp-" + std::to_string(::getpid()));
   std::error_code ec;
   fs::remove_all(tmp, ec);
-  save_dir(tmp.string(), c, adapter, base_model_name_or_path, weights, &state, trainer_state);
+  std::vector<std::string> w;
+  save_dir(tmp.string(), c, adapter, base_model_name_or_path, weights, &state, trainer_state, &w);
+  if (warnings)  // said of the checkpoint's own name, not of the temporary one it is built under
+    for (std::string& line : w) warnings->push_back(final_dir.string() + line.substr(tmp.string().size()));
   // A checkpoint of the same step from an earlier run is replaced whole, as HF's Trainer overwrites it.
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);

@@ -37,14 +37,15 @@ std::string peft_adapter_config_json(const AdapterConfig& a, const std::string& 
 
 // Writes `dir` (created if missing). `weights` are the trained tensors by HF name (float32 is written); `state`
 // may be null (the fast backend, whose moments stay on the device): then no training_state.safetensors, and the
-// directory cannot be resumed from. `trainer_state` gets "gemma_train.files" added.
+// directory cannot be resumed from. `trainer_state` gets "gemma_train.files" added. Trained values beyond float32's
+// range are written as +-inf (the float64 ones stay in training_state.safetensors), with a line in `warnings`.
 void save_dir(const std::string& dir, const Config& c, const std::optional<AdapterConfig>& adapter,
               const std::string& base_model_name_or_path, const TensorMap& weights, const TrainState* state,
-              nlohmann::json trainer_state);
+              nlohmann::json trainer_state, std::vector<std::string>* warnings = nullptr);
 // The same into dir/checkpoint-<step> (HF's name), built as a whole under a temporary name and renamed.
 std::string save_checkpoint(const std::string& dir, const Config& c, const std::optional<AdapterConfig>& adapter,
                             const std::string& base_model_name_or_path, const TensorMap& weights, const TrainState& state,
-                            const nlohmann::json& trainer_state);
+                            const nlohmann::json& trainer_state, std::vector<std::string>* warnings = nullptr);
 
 struct Resumed {
   TrainState state;
