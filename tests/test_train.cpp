@@ -446,6 +446,29 @@ TEST(TrainTokenizer, AlpacaPromptsAreStanfordAlpacas) {
             "\n\n### Response:");
 }
 
+// A special token's text inside a row (a chat template rendered to a string starts with "<bos>") was spelled out
+// as ordinary pieces, where HF's tokenizer gives the token (found by a probe, 2026-12-05): refused, naming the
+// field and the token. Ordinary text with angle brackets is not.
+TEST(TrainTokenizer, TextHoldingASpecialTokensTextIsRefused) {
+  TempDir d;
+  const std::string model = train_sentencepiece(d);
+  const auto tok = Tokenizer::load({model, std::nullopt, std::nullopt, std::nullopt}, 384);
+  for (const auto& [row, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"{\"text\": \"Say </s> hello.\"}", "'text' contains '</s>'"},
+           {"{\"instruction\": \"<s>Say hello.\", \"output\": \"Hello!\"}", "'instruction' contains '<s>'"},
+           {"{\"instruction\": \"Say hello.\", \"output\": \"Hello!<pad>\"}", "'output' contains '<pad>'"}}) {
+    const std::string p = write(d, "s.jsonl", row + "\n");
+    try {
+      load_dataset({p, 64, false}, tiny(), tok.get(), nullptr);
+      ADD_FAILURE() << "accepted: " << row;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  }
+  const std::string ok = write(d, "ok.jsonl", "{\"text\": \"a < b and c > d, <tag>\"}\n");
+  EXPECT_EQ(load_dataset({ok, 64, false}, tiny(), tok.get(), nullptr).rows.size(), 1u);
+}
+
 TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
   TempDir d;
   const std::string model = train_sentencepiece(d);

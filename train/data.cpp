@@ -21,6 +21,7 @@ namespace fs = std::filesystem;
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
+  std::vector<std::string> special;  // the text of every control and unknown piece, longest first
 };
 
 Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
@@ -53,6 +54,11 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
                    ": it is not this model's tokenizer");
   t->bos_id = t->impl_->sp.bos_id();
   t->eos_id = t->impl_->sp.eos_id();
+  for (int id = 0; id < t->impl_->sp.GetPieceSize(); ++id)
+    if (t->impl_->sp.IsControl(id) || t->impl_->sp.IsUnknown(id))
+      if (const std::string p = t->impl_->sp.IdToPiece(id); !p.empty()) t->impl_->special.push_back(p);
+  std::stable_sort(t->impl_->special.begin(), t->impl_->special.end(),
+                   [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
   if (o.config_path) {
     const std::string& cp = *o.config_path;
     json j;
@@ -112,6 +118,12 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
 // Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py): the prompt ends at "### Response:" and the
 // output follows it directly. It ended "### Response:\n" here (alpaca-lora's variant) while docs/train.md said
 // Stanford's: one more prompt token on every row (found by a probe, 2026-12-05).
+std::optional<std::string> Tokenizer::special_text_in(const std::string& text) const {
+  for (const std::string& p : impl_->special)
+    if (text.find(p) != std::string::npos) return p;
+  return std::nullopt;
+}
+
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
   if (input.empty())
     return "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -247,6 +259,14 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
   if (!tok) fail(where, "a text row needs a tokenizer (--tokenizer tokenizer.model)");
   ex.text = true;
   if (tok->add_bos_token) ex.ids.push_back(tok->bos_id);
+  // Text holding a special token's text (a chat template rendered to a string starts with "<bos>") was spelled
+  // out as ordinary pieces, where HF's tokenizer gives the token (found by a probe, 2026-12-05): refused, naming it.
+  for (const char* field : {"text", "instruction", "input", "output"})
+    if (auto it = j.find(field); it != j.end() && it->is_string())
+      if (auto sp = tok->special_text_in(it->get<std::string>()))
+        fail(where, std::string("'") + field + "' contains '" + *sp +
+                        "', the text of a special token: HF's tokenizer reads it as that token, SentencePiece as "
+                        "characters (give this row as input_ids)");
   if (text_row) {
     const std::string t = str_field(j, "text", where, true);
     const std::vector<int64_t> body = tok->encode(t);
@@ -256,8 +276,8 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
     return ex;
   }
   // Stanford Alpaca's recipe: tokenize prompt + response as one text, and mask as many leading tokens as the
-  // prompt alone tokenizes to (where the two meet, SentencePiece may merge across the boundary; the prompt ends
-  // with a newline, which Gemma's tokenizer keeps as its own piece).
+  // prompt alone tokenizes to (where the two meet, SentencePiece may merge across the boundary, as it may in
+  // Stanford's own masking).
   const std::string prompt = alpaca_prompt(str_field(j, "instruction", where, true), str_field(j, "input", where, false));
   const std::string output = str_field(j, "output", where, true);
   const size_t n_prompt = ex.ids.size() + tok->encode(prompt).size();

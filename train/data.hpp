@@ -37,6 +37,10 @@ class Tokenizer {
   static std::unique_ptr<Tokenizer> load(const TokenizerOptions& options, int64_t vocab_size);
   ~Tokenizer();
   std::vector<int64_t> encode(const std::string& text) const;  // no BOS, no EOS
+  // The first special token (a control or unknown piece: <bos>, <eos>, <pad>, <unk>, ...) whose text appears in
+  // `text`, or nothing. HF's tokenizer reads such text as the token; SentencePiece's Encode spells it out as
+  // ordinary pieces, so a row holding it would train on other ids than HF's.
+  std::optional<std::string> special_text_in(const std::string& text) const;
   int64_t bos_id = 2, eos_id = 1;
   bool add_bos_token = true;
   int64_t pieces = 0;  // the SentencePiece vocabulary size
