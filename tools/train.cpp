@@ -771,7 +771,10 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   }
   p.synthetic_data = !spec.case_path;
   std::unique_ptr<Tokenizer> tok;
-  if (o.tokenizer.model_path) tok = Tokenizer::load(o.tokenizer, c.vocab_size);
+  if (o.tokenizer.model_path) {
+    tok = Tokenizer::load(o.tokenizer, c.vocab_size);
+    warnings.insert(warnings.end(), tok->warnings.begin(), tok->warnings.end());
+  }
   if (o.data) {
     if (spec.case_path) fail("--data", "conflicts with --case (the case file fixes the batch)");
     p.data = load_dataset({*o.data, in.batch.T, o.packing}, c, tok.get(), &warnings);

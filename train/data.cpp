@@ -92,6 +92,23 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
     };
     piece("bos_token", t->bos_id);
     piece("eos_token", t->eos_id);
+    // Nothing is read past without a word (found by a probe, 2026-12-05: chat_template, legacy and the rest went
+    // unmentioned). Read above: add_bos_token, add_eos_token, bos_token, eos_token. Known to leave the ids of this
+    // recipe alone: provenance and limits (tokenizer_class, name_or_path, model_max_length: rows are --seq-len),
+    // decoding (clean_up_tokenization_spaces, spaces_between_special_tokens), the chat template (never applied:
+    // rows are text or Alpaca), padding and truncation sides (rows are padded and cut on the right by the recipe),
+    // and the special tokens' list (their text in a row is refused). Any other key is named in one warning.
+    static const std::set<std::string> known = {
+        "add_bos_token", "add_eos_token", "bos_token", "eos_token", "tokenizer_class", "name_or_path",
+        "model_max_length", "clean_up_tokenization_spaces", "spaces_between_special_tokens", "chat_template",
+        "padding_side", "truncation_side", "added_tokens_decoder", "additional_special_tokens", "pad_token",
+        "unk_token", "mask_token"};
+    std::string unread;
+    for (const auto& [k, v] : j.items())
+      if (!known.count(k)) unread += (unread.empty() ? "'" : ", '") + k + "'";
+    if (!unread.empty())
+      t->warnings.push_back(cp + ": not read: " + unread +
+                            " (this recipe tokenizes with the SentencePiece model as is; check they do not change the ids)");
   }
   // With add_bos_token false no BOS is prepended, so --bos-id would change nothing; a flag that is read past is
   // refused, as --tokenizer is on data that is tokenized already.

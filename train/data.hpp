@@ -44,6 +44,8 @@ class Tokenizer {
   int64_t bos_id = 2, eos_id = 1;
   bool add_bos_token = true;
   int64_t pieces = 0;  // the SentencePiece vocabulary size
+  // tokenizer_config.json's keys that were not read and are not known to leave the ids alone: one line, to print.
+  std::vector<std::string> warnings;
 
  private:
   Tokenizer();
