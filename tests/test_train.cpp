@@ -467,6 +467,13 @@ TEST(TrainTokenizer, TextHoldingASpecialTokensTextIsRefused) {
   }
   const std::string ok = write(d, "ok.jsonl", "{\"text\": \"a < b and c > d, <tag>\"}\n");
   EXPECT_EQ(load_dataset({ok, 64, false}, tiny(), tok.get(), nullptr).rows.size(), 1u);
+  // Messages that said the wrong thing (the same probe): a null text was "an instruction row needs 'text'", and
+  // /dev/null given to --eval-data was "no such file (--data wants a JSONL file)".
+  const std::string null_text = write(d, "n.jsonl", "{\"text\": null}\n");
+  expect_input_error([&] { load_dataset({null_text, 64, false}, tiny(), tok.get(), nullptr); },
+                     {"a text row needs 'text' as a string, not null"});
+  expect_input_error([&] { load_dataset({"/dev/null", 64, false, "--eval-data"}, tiny(), tok.get(), nullptr); },
+                     {"/dev/null: is not a regular file (--eval-data wants a JSONL file)"});
 }
 
 TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {

@@ -789,7 +789,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     p.batch = in.batch.B;
     p.total_steps = o.max_steps.value_or(10);
   }
-  if (o.eval_data) p.eval = load_dataset({*o.eval_data, in.batch.T, o.packing}, c, tok.get(), &warnings);
+  if (o.eval_data) p.eval = load_dataset({*o.eval_data, in.batch.T, o.packing, "--eval-data"}, c, tok.get(), &warnings);
   if (tok && (p.data ? p.data->text_examples : 0) + (p.eval ? p.eval->text_examples : 0) == 0)
     fail(tok_flag, "every row of the data is tokenized already (input_ids): the tokenizer and its BOS / EOS would "
                    "change nothing");

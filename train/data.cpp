@@ -3,6 +3,7 @@
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -190,7 +191,9 @@ std::vector<int64_t> token_list(const json& j, const char* key, const std::strin
 std::string str_field(const json& j, const char* key, const std::string& where, bool required) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
-    if (required) fail(where, std::string("an instruction row needs '") + key + "'");
+    if (required)
+      fail(where, std::string(std::strcmp(key, "text") == 0 ? "a text row needs '" : "an instruction row needs '") + key +
+                      "'" + (it == j.end() ? "" : " as a string, not null"));
     return "";
   }
   if (!it->is_string()) fail(where, std::string("'") + key + "' is not a string");
@@ -318,7 +321,10 @@ Dataset load_dataset(const DataOptions& o, const Config& c, const Tokenizer* tok
   const int64_t T = o.seq_len;
   if (T < 2) fail("--seq-len", "must be at least 2 (position t is scored against token t + 1)");
   std::error_code ec;
-  if (!fs::is_regular_file(o.path, ec)) fail(o.path, "no such file (--data wants a JSONL file)");
+  // Said of the flag that named it, and of what the path is: /dev/null passed to --eval-data was "no such file
+  // (--data wants ...)" (found by a probe, 2026-12-05).
+  if (!fs::exists(o.path, ec)) fail(o.path, "no such file (" + o.flag + " wants a JSONL file)");
+  if (!fs::is_regular_file(o.path, ec)) fail(o.path, "is not a regular file (" + o.flag + " wants a JSONL file)");
   std::ifstream in(o.path, std::ios::binary);
   if (!in) fail(o.path, "cannot open for reading");
   std::vector<Example> examples;

@@ -60,6 +60,7 @@ struct DataOptions {
   std::string path;       // --data FILE.jsonl
   int64_t seq_len = 0;    // T: every row is T tokens (--seq-len)
   bool packing = false;   // --packing: examples concatenated into rows, position_ids restarting per example
+  std::string flag = "--data";  // the option that named `path`, for messages
 };
 
 // One fixed-length row of the dataset (T tokens).
