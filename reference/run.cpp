@@ -171,7 +171,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   // probe (2026-12-05): an all-zero embedding makes every hidden state 0, each RMSNorm multiplies by
   // (1 + w) / sqrt(eps), the loss is linear only within far below any resolvable step, and the differences
   // converged to 0.0193 (error estimate 1e-5) against the backward's exact 0, failing correct code. Its second
-  // differences shrank 2.0-2.4-fold per halving (smooth losses: 3.7-4.0 at the best row); with eps 1e-4 and two
+  // differences shrank 2.0-2.4-fold per halving (smooth losses printed: 4.0 at the best row); with eps 1e-4 and two
   // layers they stayed constant (a jump below the steps). Two consecutive ratios between 0 and 3 at the best row,
   // with the second differences far above their rounding, say the loss is not smooth there: the differences are
   // then no estimate of the derivative at all (the one-sided slopes disagree by S / h, which need not shrink with
