@@ -629,6 +629,14 @@ TEST(TrainBinary, AnAdapterOfFewerLayersNamesTheBaseItBelongsTo) {
                                                                                      "--layers", "2", "--output-dir", d / "out2"}, d);
   ASSERT_EQ(all.status, 0) << all.err;
   EXPECT_EQ(json::parse(slurp(d / "out2/adapter_config.json"))["base_model_name_or_path"], base);
+  // With --save-base the adapter names the base written beside it whatever the depth: a preset was named
+  // "preset:gemma2-tiny", and a cap turned off is null in that base's config.json only (found by a probe).
+  const ToolRun pre = run_tool(kTrain, {"--model", "gemma2-tiny", "--lora-r", "2", "--max-steps", "1", "--softcap", "attn",
+                                        "--output-dir", d / "out3", "--save-base", d / "base3"}, d);
+  ASSERT_EQ(pre.status, 0) << pre.err;
+  EXPECT_EQ(json::parse(slurp(d / "out3/adapter_config.json"))["base_model_name_or_path"], d / "base3");
+  EXPECT_TRUE(json::parse(slurp(d / "base3/config.json"))["final_logit_softcapping"].is_null());
+  EXPECT_EQ(pre.err.find("load it on a base whose config sets that cap to null"), std::string::npos) << pre.err;
 }
 
 // The log's per-step "tokens" are the step's real tokens, packed or padded: over one epoch they sum to the data

@@ -181,7 +181,7 @@ json model_digest(const Inputs& in) {
 
 struct Plan {
   Inputs in;
-  std::string adapter_base;  // a saved adapter's base_model_name_or_path: in.source, or --save-base's N-layer base
+  std::string adapter_base;  // a saved adapter's base_model_name_or_path: --save-base's base when given, else in.source
   Softcap sc;
   std::optional<Dataset> data;
   std::optional<Dataset> eval;
@@ -746,6 +746,10 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
       p.adapter_base = *o.save_base;
     }
   }
+  // With --save-base the adapter belongs to the base written beside it in every case: a preset's base was named
+  // "preset:gemma2-tiny", which no loader finds, and a cap the run turns off is off in that base's config.json
+  // only (found by a probe, 2026-12-05).
+  if (o.save_base && in.model.adapter) p.adapter_base = *o.save_base;
   const Config& c = in.model.config;
   std::vector<std::string> warnings;
   const bool all_softcaps = o.softcap && *o.softcap == "all";
@@ -764,7 +768,7 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     // place for it, so a saved adapter gets a warning instead.
     if (!p.sc.attn) p.in.model.config.attn_logit_softcapping.reset();
     if (!p.sc.logits) p.in.model.config.final_logit_softcapping.reset();
-    if (!(p.sc == in_config) && in.model.adapter && !p.out_dir.empty())
+    if (!(p.sc == in_config) && in.model.adapter && !p.out_dir.empty() && !o.save_base)
       warnings.push_back("--softcap " + softcap_name(p.sc) +
                          ": the adapter is trained with a cap off that the base's config.json has on; load it on a "
                          "base whose config sets that cap to null");
