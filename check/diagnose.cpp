@@ -22,10 +22,6 @@ namespace gemma::check {
 
 namespace {
 
-// A fingerprint (a variant's float64 effect) this small relative to the observable is float64 rounding, not a
-// direction (diagnose's fingerprint loop says why).
-constexpr double kNegligibleFingerprint = 1e-12;
-
 // The model and batch every variant runs on, so that differences come from the variant alone.
 struct Setting {
   Checkpoint ck;
@@ -532,10 +528,7 @@ int run_diagnose(const InputSpec& spec, const DiagnoseOptions& d) {
         auto [unit, size] = unit_of(fv.*ob.of, fc.*ob.of);
         if (size == 0) continue;
         const double rel_size = size / l2_norm(b.f64.*ob.of);
-        // A float64 effect at the level of float64's own rounding is no direction of the bug's: the variant does
-        // not change the math on this input (gelu-exact where every gate input is ~0 gave 1.7e-20), and projecting
-        // on that noise called the control "DETECTED" at 5.09x (found by a probe, 2026-12-05). 1e-12 is four orders
-        // above float64 rounding and far below the smallest variant effect there is (2^-24 relative, an fp32 cast).
+        // Within float64's rounding: no direction to project on (kNegligibleFingerprint, diagnose.hpp).
         if (!(rel_size > kNegligibleFingerprint)) {
           std::printf("%-25s fingerprint on the %s: float64 effect %s of it, within float64 rounding: no direction to "
                       "project on\n",

@@ -1,7 +1,6 @@
 // Checks and how they are reported: one line per check with value, tolerance and OK/FAIL, then
 // "N/M checks passed" (the shape of ggml's test-backend-ops), plus JSON and JUnit XML for CI systems.
 #pragma once
-#include "model/atomic_file.hpp"
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>

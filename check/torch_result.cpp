@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "check/compare.hpp"
+#include "check/diagnose.hpp"
 #include "check/fast_backend.hpp"
 #include "model/bugs.hpp"
 #include "model/errors.hpp"
@@ -216,6 +217,8 @@ TorchJudgement judge_torch_result(Report& r, const std::string& prefix, const In
   const std::vector<double> x_got = flat(got), x_pol = flat(pol), x_f64 = flat(exact);
   std::vector<std::vector<double>> x_var;
   for (const Observed& v : variants) x_var.push_back(flat(v));
+  double f64_sq = 0;
+  for (double x : x_f64) f64_sq += x * x;
   for (const BugInfo& info : bug_table()) {
     ref::RunOptions bo;
     bo.softcap = sc;
@@ -229,10 +232,8 @@ TorchJudgement judge_torch_result(Report& r, const std::string& prefix, const In
       n2 += e[i] * e[i];
     }
     // The bug cannot act on this run (one micro-batch, no norm-weight gradients), or only at float64's rounding,
-    // which is no direction (diagnose's fingerprints say why: check/diagnose.cpp).
-    double f2 = 0;
-    for (double x : x_f64) f2 += x * x;
-    if (!(std::sqrt(n2) > 1e-12 * std::sqrt(f2))) continue;
+    // which is no direction (kNegligibleFingerprint, check/diagnose.hpp).
+    if (!(std::sqrt(n2) > kNegligibleFingerprint * std::sqrt(f64_sq))) continue;
     for (double& x : e) x /= std::sqrt(n2);
     double noise = 0;
     for (const auto& v : x_var) noise = std::max(noise, std::fabs(project(v, x_pol, e)));

@@ -338,19 +338,21 @@ RawCase read_raw(const std::string& path) {
         // A result under a name this reader does not know (a misspelt `logit`, a gradient outside grads/, a loss
         // stored as an attribute) went unread while the run said "1/1 checks passed" (found by a probe,
         // 2026-12-05): refused, as at the root. So is a combo holding nothing to compare.
-        for (const auto& name : h5::children(g))
-          if (name != "loss" && name != "logits" && name != "grads")
+        const auto is_result = [](const std::string& n) { return n == "loss" || n == "logits" || n == "grads"; };
+        const std::vector<std::string> members = h5::children(g);
+        for (const auto& name : members)
+          if (!is_result(name))
             fail(path, "'/expected/" + combo + "/" + name + "' is not an expected result (known: loss, logits, grads)");
         // String attributes are provenance (the HF cross-check records its loss dtype there); a result stored as
         // an attribute, or a number, is refused.
         for (int i = 0, na = g.getNumAttrs(); i < na; ++i) {
           H5::Attribute a = g.openAttribute(unsigned(i));
           const std::string an = a.getName();
-          if (an == "loss" || an == "logits" || an == "grads" || a.getTypeClass() != H5T_STRING)
+          if (is_result(an) || a.getTypeClass() != H5T_STRING)
             fail(path, "'/expected/" + combo + "' has attribute '" + an +
                            "': results are datasets (loss, logits, grads/<name>); attributes are provenance strings");
         }
-        if (h5::children(g).empty()) fail(path, "'/expected/" + combo + "' holds no result (loss, logits or grads)");
+        if (members.empty()) fail(path, "'/expected/" + combo + "' holds no result (loss, logits or grads)");
         RawExpected x;
         if (h5::exists(g, "loss")) x.loss = h5::read_float_tensor(g, "loss", path, &budget);
         if (h5::exists(g, "logits")) x.logits = h5::read_float_tensor(g, "logits", path, &budget);

@@ -119,6 +119,13 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
   r.passes += 1;
   double loss_mag = std::fabs(at_theta);  // |loss| near theta: the scale of its float64 rounding
   std::vector<double> second;             // L(h) - 2 L(0) + L(-h) of each row
+  // The loss's rounding noise on a difference over 2h (1e-14 relative for a summed float64 loss), and the
+  // derivative's size against which an entry v at step h has its error measured (the comment above says why).
+  // With every gradient zero (scale 1) errors are absolute: an estimate of 0 within the noise then agrees.
+  const auto noise_at = [&](double h) { return 1e-14 * loss_mag / h; };
+  const auto magnitude = [&](double v, double h) {
+    return r.analytic == 0 ? scale : std::min(scale, std::max(std::fabs(v), 100 * noise_at(h)));
+  };
   for (int k = 0; k <= max_halvings; ++k) {
     const double h = h0 / double(int64_t(1) << k);
     const double up = loss_at(h), down = loss_at(-h);
@@ -126,12 +133,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
     second.push_back(up - 2 * at_theta + down);
     std::vector<double> row{(up - down) / (2 * h)};
     r.passes += 2;
-    const double noise = 1e-14 * loss_mag / h;
-    // The derivative's size against which an entry v's error is measured (the comment above says why).
-    // With every gradient zero (scale 1) errors are absolute: an estimate of 0 within the noise then agrees.
-    const auto magnitude = [&](double v) {
-      return r.analytic == 0 ? scale : std::min(scale, std::max(std::fabs(v), 100 * noise));
-    };
+    const double noise = noise_at(h);
     double row_best_abs = INFINITY;  // the newest row's smallest absolute error estimate
     double f = 1;
     for (int j = 1; j <= k; ++j) {
@@ -142,7 +144,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
       // the loss did not change at all within its rounding (a final cap of 1e-6 saturates it; all entries 0) are not
       // an estimate of error 0.
       const double d = std::max({std::fabs(v - row[size_t(j - 1)]), std::fabs(v - a[size_t(k - 1)][size_t(j - 1)]), noise});
-      const double e = d / magnitude(v);
+      const double e = d / magnitude(v, h);
       row_best_abs = std::min(row_best_abs, d);
       if (e < best_err) {
         best_err = e;
@@ -186,8 +188,7 @@ DirectionalCheck directional_check(const Checkpoint& ck, const Batch& batch, con
     }
     if (kink) {
       r.not_smooth = true;
-      const double mag = r.analytic == 0 ? scale : std::min(scale, std::max(std::fabs(best), 100 * 1e-14 * loss_mag / best_h));
-      best_err = std::max(best_err, std::fabs(second[size_t(best_k)]) / (2 * best_h) / mag);
+      best_err = std::max(best_err, std::fabs(second[size_t(best_k)]) / (2 * best_h) / magnitude(best, best_h));
     }
   }
   r.numeric = best;

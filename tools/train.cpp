@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "model/atomic_file.hpp"
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "check/report.hpp"
+#include "model/atomic_file.hpp"
 #include "train/save.hpp"
 
 namespace gemma::train {

@@ -8,6 +8,7 @@
 
 #include "check/golden.hpp"
 #include "check/report.hpp"
+#include "model/atomic_file.hpp"
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 #include "model/json_text.hpp"
@@ -67,17 +68,17 @@ void save_dir(const std::string& dir, const Config& c, const std::optional<Adapt
   // holds a whole save or none of this one. Each file is itself written whole or not at all (write_file_atomically).
   try {
     // float32, as PEFT and HF save a float32 model: the exact float64 values are in training_state.safetensors.
+    // A diverged run's checkpoint (lr 1e300) was all inf without a word (found by a probe, 2026-12-05): the values
+    // float32 cannot hold are counted as they are converted.
     TensorMap out;
+    int64_t overflowed = 0, total = 0;
     for (const auto& [name, t] : weights) {
       if (name == kEmbedPaddingName) continue;  // the gate's in-memory head padding is not part of an HF model
       const std::string n = adapter ? kPeftPrefix + name : name;
-      out.emplace(n, tensor_from_doubles(DType::f32, t.shape, t.to_double()));
-    }
-    // A diverged run's checkpoint (lr 1e300) was all inf without a word (found by a probe, 2026-12-05).
-    int64_t overflowed = 0, total = 0;
-    for (const auto& [n, t] : out) {
-      for (double x : t.to_double()) overflowed += !std::isfinite(x);
-      total += t.numel();
+      const std::vector<double> v = t.to_double();
+      for (double x : v) overflowed += !std::isfinite(float(x));
+      total += int64_t(v.size());
+      out.emplace(n, tensor_from_doubles(DType::f32, t.shape, v));
     }
     if (overflowed > 0 && warnings)
       warnings->push_back(dir + ": " + std::to_string(overflowed) + " of " + std::to_string(total) +
