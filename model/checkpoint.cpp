@@ -320,7 +320,8 @@ constexpr auto kRegexFlags = std::regex::ECMAScript | std::regex_constants::__po
 // Where the two differ the pattern is translated or refused, never read another way: Python's \A and \Z (start
 // and end of the string) become ^ and $, the same anchors without the multiline flag; any other escaped letter
 // (ECMAScript reads an unknown one as the letter, Python refuses it or means something else) and a POSIX class
-// "[:alpha:]" inside brackets (Python reads its characters literally) are refused.
+// "[:alpha:]" inside brackets (Python reads its characters literally) are refused; a ']' first in a class, Python's
+// literal, is escaped.
 std::regex compile(const std::string& pattern, const std::string& what, const std::string& source) {
   // Deeply nested patterns make the compiler recurse as deep; no module name needs more than this.
   if (pattern.size() > 4096)
@@ -359,7 +360,12 @@ std::regex compile(const std::string& pattern, const std::string& what, const st
     } else if (ch == '[') {
       in_class = true;
       if (i + 1 < pattern.size() && pattern[i + 1] == '^') translated += pattern[++i];
-      if (i + 1 < pattern.size() && pattern[i + 1] == ']') translated += pattern[++i];  // "[]" and "[^]" open with a literal ']'
+      // A ']' first in a class is a literal in Python's re ("[]q]", "[^]x]"); ECMAScript reads "[]" as an empty
+      // class and "[^]" as any character, so it is escaped.
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') {
+        translated += "\\]";
+        ++i;
+      }
     } else if (ch == '{') {
       // Every digit run of the brace body, whatever follows it: "{12", "{1,99999", "{,5}".
       for (size_t j = i + 1; j < pattern.size() && pattern[j] != '}'; ++j) {

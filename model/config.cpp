@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "errors.hpp"
@@ -178,11 +179,18 @@ struct Reader {
     return v ? as_integer(*v, key) : dflt;
   }
   int64_t as_integer(const json& v, const std::string& key) const {
+    // An integer above INT64_MAX is stored unsigned (and one beyond uint64 as a float): get<int64_t> would wrap
+    // 2^64 - 384 to -384, a valid-looking padding row.
+    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+      fail(source, "key '" + key + "' is " + std::to_string(v.get<uint64_t>()) + ", out of range (at most " +
+                       std::to_string(std::numeric_limits<int64_t>::max()) + ")");
     if (v.is_number_integer()) return v.get<int64_t>();
     // Some writers emit 4096.0; accept a float only when it is an exact integer.
     if (v.is_number_float()) {
       double d = v.get<double>();
       if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return int64_t(d);
+      if (std::isfinite(d) && d == std::floor(d))
+        fail(source, "key '" + key + "' is " + json_brief(v) + ", out of range (at most 9.0e15 as a float)");
     }
     fail(source, "key '" + key + "' must be an integer, got " + json_brief(v));
   }

@@ -93,6 +93,14 @@ TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
   if (size < 8) fail(path, "file of " + std::to_string(size) + " bytes is too short for a safetensors header");
   uint64_t n = 0;
   std::memcpy(&n, base.get(), 8);  // little-endian u64, as the format says
+  // PyTorch's own formats, which HF and PEFT also save (pytorch_model.bin, adapter_model.bin): a zip archive
+  // (torch.save since 1.6) or a bare pickle. Where the header length is impossible anyway, such a file is named as
+  // what it is rather than as a safetensors header gone wrong.
+  const auto* b = reinterpret_cast<const unsigned char*>(base.get());
+  const bool torch_file = (b[0] == 'P' && b[1] == 'K' && b[2] == 3 && b[3] == 4) || (b[0] == 0x80 && b[1] >= 2 && b[1] <= 5);
+  if (torch_file && (n > 100u * 1024 * 1024 || n > size - 8))
+    fail(path, "is a PyTorch pickle/zip file (torch.save), not safetensors: only safetensors is read (convert it "
+               "with safetensors.torch.save_file)");
   if (n > 100u * 1024 * 1024) fail(path, "header length " + std::to_string(n) + " is absurdly large (> 100 MiB)");
   if (n > size - 8)
     fail(path, "header length " + std::to_string(n) + " runs beyond the end of the file (" + std::to_string(size) + " bytes)");
@@ -260,6 +268,10 @@ TensorMap read_safetensors_any(const std::string& path, ByteTensorMap* u8) {
     return read_safetensors_index((dir / "model.safetensors.index.json").string(), u8);
   if (fs::exists(dir / "adapter_model.safetensors", ec))
     return read_safetensors((dir / "adapter_model.safetensors").string(), u8);
+  for (const char* bin : {"pytorch_model.bin", "pytorch_model.bin.index.json"})
+    if (fs::exists(dir / bin, ec))
+      fail(path, std::string("directory has ") + bin + " but no model.safetensors: only safetensors is read "
+                 "(convert with safetensors.torch.save_file, or save with save_pretrained(safe_serialization=True))");
   fail(path, "directory has neither model.safetensors nor model.safetensors.index.json");
 }
 
@@ -313,6 +325,9 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
     if (fs::is_directory(*adapter_path, ec)) {
       cfg = (fs::path(*adapter_path) / "adapter_config.json").string();
       tensors = (fs::path(*adapter_path) / "adapter_model.safetensors").string();
+      if (!fs::exists(tensors, ec) && fs::exists(fs::path(*adapter_path) / "adapter_model.bin", ec))
+        fail(*adapter_path, "has adapter_model.bin but no adapter_model.safetensors: only safetensors is read "
+                            "(save with save_pretrained(safe_serialization=True), PEFT's default)");
     } else {
       tensors = *adapter_path;
       cfg = (fs::path(*adapter_path).parent_path() / "adapter_config.json").string();

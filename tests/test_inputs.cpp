@@ -287,6 +287,23 @@ TEST(ConfigKeys, PadTokenAsTorchsPaddingIdx) {
                      {"pad_token_id 8 is outside the vocabulary"});
 }
 
+// An integer above INT64_MAX is stored unsigned by the JSON reader: read as int64 it wrapped (2^64 - 384 became -384,
+// row 0 counted from the end, and the run went on with row 0 as its padding row; found by a probe). It is refused,
+// quoted as written; so is an integral float beyond what a double holds exactly.
+TEST(ConfigKeys, IntegersBeyondInt64AreRefusedAsWritten) {
+  json c = old_style_tiny();
+  c["pad_token_id"] = 18446744073709551232ull;
+  expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
+                     {"key 'pad_token_id' is 18446744073709551232, out of range"});
+  c["pad_token_id"] = 0;
+  c["sliding_window"] = 9223372036854775808ull;
+  expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
+                     {"key 'sliding_window' is 9223372036854775808, out of range"});
+  c["sliding_window"] = 1e30;
+  expect_input_error([&] { parse_config_json(c.dump(), "config.json", nullptr); },
+                     {"key 'sliding_window' is 1e+30, out of range"});
+}
+
 // ------------------------------------------------------------------------------------------------------
 // Reported inputs: configs
 
@@ -634,6 +651,19 @@ TEST(PeftRules, PythonOnlyRegexSyntaxIsTranslatedOrRefused) {
   j = lora({"q_proj"});
   j["rank_pattern"] = {{R"(\Lq_proj)", 4}};
   expect_input_error([&] { parse(j); }, {"rank_pattern key", "the escape \\L"});
+}
+
+// A ']' first in a bracket class is a literal in Python's re ("[]q]" is "] or q", "[^]x]" anything but ']' or 'x');
+// ECMAScript reads "[]" as an empty class and "[^]" as any character, so alpha_pattern {"[]q]_proj": 16} silently
+// kept q_proj's default alpha (found by a probe: the loss of no pattern where PEFT's is that of {"q_proj": 16}).
+TEST(PeftRules, ACloseBracketFirstInAClassIsALiteral) {
+  json j = lora({"q_proj", "k_proj"});
+  j["alpha_pattern"] = {{"[]q]_proj", 16}};
+  EXPECT_EQ(parse(j).module(0, Proj::q_proj).lora_alpha, 16);
+  EXPECT_NE(parse(j).module(0, Proj::k_proj).lora_alpha, 16);
+  j["alpha_pattern"] = {{"[^]x]_proj", 16}};
+  EXPECT_EQ(parse(j).module(1, Proj::k_proj).lora_alpha, 16);
+  EXPECT_EQ(adapted(parse(lora(".*[]q]_proj"))), "0.q_proj 1.q_proj");
 }
 
 // A file must not hang the tools: "(.*)*x" takes minutes per module name on a backtracking matcher.
