@@ -61,14 +61,41 @@ double rel_err(double a, double b) {
 }
 
 std::string xml_escape(const std::string& s) {
+  // XML 1.0 holds only #x9, #xA, #xD, #x20-#xD7FF, #xE000-#xFFFD and #x10000-#x10FFFF, as UTF-8; a file name may
+  // hold anything (a probe's case path with \x01 or a lone \xff made the JUnit file unreadable to xmllint). Each
+  // byte sequence that is not such a character becomes U+FFFD, as JSON's writer does (error_handler_t::replace).
   std::string r;
-  for (char ch : s) {
-    switch (ch) {
-      case '&': r += "&amp;"; break;
-      case '<': r += "&lt;"; break;
-      case '>': r += "&gt;"; break;
-      case '"': r += "&quot;"; break;
-      default: r += ch;
+  const auto* b = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = b[i];
+    if (c < 0x80) {
+      switch (c) {
+        case '&': r += "&amp;"; break;
+        case '<': r += "&lt;"; break;
+        case '>': r += "&gt;"; break;
+        case '"': r += "&quot;"; break;
+        default: r += (c >= 0x20 || c == '\t' || c == '\n' || c == '\r') ? std::string(1, char(c)) : "\xEF\xBF\xBD";
+      }
+      ++i;
+      continue;
+    }
+    // The length and the smallest code point of a well-formed sequence starting with c (0: not a lead byte).
+    const size_t len = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+    uint32_t cp = len == 2 ? c & 0x1F : len == 3 ? c & 0x0F : c & 0x07;
+    bool ok = len != 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) {
+      ok = (b[i + k] & 0xC0) == 0x80;
+      cp = (cp << 6) | (b[i + k] & 0x3F);
+    }
+    const uint32_t least = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+    ok = ok && cp >= least && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF) && cp != 0xFFFE && cp != 0xFFFF;
+    if (ok) {
+      r.append(s, i, len);
+      i += len;
+    } else {
+      r += "\xEF\xBF\xBD";
+      ++i;
     }
   }
   return r;
@@ -90,15 +117,22 @@ void check_output_path(const std::string& path, const std::string& flag) {
 }
 
 void check_output_paths(const std::vector<std::pair<std::string, std::string>>& files,
-                        const std::vector<std::pair<std::string, std::string>>& dirs) {
+                        const std::vector<std::pair<std::string, std::string>>& dirs,
+                        const std::vector<std::pair<std::string, std::string>>& inputs) {
   for (const auto& [flag, path] : files) check_output_path(path, flag);
   std::vector<std::pair<std::string, std::string>> all = files;
   all.insert(all.end(), dirs.begin(), dirs.end());
-  for (size_t i = 0; i < all.size(); ++i)
+  const auto same = [](const std::string& a, const std::string& b) {
+    std::error_code e1, e2;
+    return std::filesystem::weakly_canonical(a, e1) == std::filesystem::weakly_canonical(b, e2);
+  };
+  for (size_t i = 0; i < all.size(); ++i) {
     for (size_t j = 0; j < i; ++j)
-      if (std::error_code e1, e2; std::filesystem::weakly_canonical(all[i].second, e1) ==
-                                  std::filesystem::weakly_canonical(all[j].second, e2))
-        fail(all[i].first, "'" + all[i].second + "' is also the path of " + all[j].first);
+      if (same(all[i].second, all[j].second)) fail(all[i].first, "'" + all[i].second + "' is also the path of " + all[j].first);
+    for (const auto& [flag, path] : inputs)
+      if (same(all[i].second, path))
+        fail(all[i].first, "'" + all[i].second + "' is also the path of the input " + flag + ": writing it would replace it");
+  }
 }
 
 void write_junit(const std::string& path, const std::string& suite, const Report& r) {

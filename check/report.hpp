@@ -42,8 +42,11 @@ void check_output_path(const std::string& path, const std::string& flag);
 // A tool's outputs, each (flag, path), refused before any work is done: every file by check_output_path, and any two
 // (files or directories) that name one path ("--report: 'x' is also the path of --log"), which would otherwise
 // leave only the last one written.
+// `inputs`, each (flag, path) too: an output naming an input's path is refused, since writing it would replace
+// the input (a probe's --json over its own --case file, --log over --data).
 void check_output_paths(const std::vector<std::pair<std::string, std::string>>& files,
-                        const std::vector<std::pair<std::string, std::string>>& dirs = {});
+                        const std::vector<std::pair<std::string, std::string>>& dirs = {},
+                        const std::vector<std::pair<std::string, std::string>>& inputs = {});
 
 // `s` with &, <, > and " as XML / HTML entities (attribute values and text).
 std::string xml_escape(const std::string& s);

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "model/atomic_file.hpp"
+
 namespace gemma::h5 {
 
 void quiet() {
@@ -223,8 +225,13 @@ void write_ints(H5::Group& g, const std::string& name, const Shape& shape, const
 
 void write_scalar(H5::Group& g, const std::string& name, double v) { write_doubles(g, name, {}, &v); }
 
-void write_atomically(const std::string& path, const std::function<void(H5::H5File&)>& body) {
+void write_atomically(const std::string& path_given, const std::function<void(H5::H5File&)>& body) {
   quiet();
+  // Through a symbolic link to the file it names (renaming over the link would replace it); HDF5 needs a file it
+  // can seek in, so a device or pipe is refused rather than replaced by a regular file (write_file_atomically).
+  const OutputTarget target = output_target(path_given);
+  if (target.special) fail(path_given, "is not a regular file (a device or pipe): an HDF5 file cannot be written there");
+  const std::string& path = target.path;
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   try {
     {
@@ -235,11 +242,11 @@ void write_atomically(const std::string& path, const std::function<void(H5::H5Fi
   } catch (const H5::Exception& e) {
     std::error_code ec;
     std::filesystem::remove(tmp, ec);
-    fail(path, "cannot write: " + e.getDetailMsg());
+    fail(path_given, "cannot write: " + e.getDetailMsg());
   } catch (const std::filesystem::filesystem_error& e) {
     std::error_code ec;
     std::filesystem::remove(tmp, ec);
-    fail(path, std::string("cannot write: ") + e.what());
+    fail(path_given, std::string("cannot write: ") + e.what());
   } catch (...) {
     std::error_code ec;
     std::filesystem::remove(tmp, ec);
