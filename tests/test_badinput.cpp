@@ -26,6 +26,7 @@ namespace {
 
 const std::string kVerify = GEMMA_VERIFY_BIN;
 const std::string kTrain = GEMMA_TRAIN_BIN;
+const std::string kMakeCase = GEMMA_MAKE_CASE_BIN;
 const std::string kFound = GEMMA_BADINPUT_DIR;  // fuzz-found inputs
 
 std::string write_tiny_case(const TempDir& d, const std::function<void(CaseFile&)>& mutate = {},
@@ -1134,6 +1135,19 @@ TEST(BadShards, DirectoryWithoutWeights) {
                   {d.dir.string(), "directory has neither model.safetensors nor model.safetensors.index.json"});
 }
 
+// PyTorch's own formats, which HF and PEFT also save, are named as such (a probe's adapter_model.bin was called a
+// safetensors file with an "absurdly large" header, and a directory holding only it "no such file").
+TEST(BadShards, PyTorchBinFilesAreNamed) {
+  TempDir d;
+  const auto ck = write_checkpoint(d);
+  std::filesystem::remove(ck.weights);
+  spit(d / "pytorch_model.bin", std::string("PK\x03\x04", 4) + std::string(64, 'x'));
+  expect_rejected(verify_checkpoint(d, ck.config, d / "pytorch_model.bin"), "verify",
+                  {"is a PyTorch pickle/zip file (torch.save), not safetensors"});
+  expect_rejected(verify_checkpoint(d, ck.config, d.dir.string()), "verify",
+                  {"directory has pytorch_model.bin but no model.safetensors"});
+}
+
 // ------------------------------------------------------------------------------------------------------
 // PEFT adapters
 
@@ -1321,6 +1335,30 @@ TEST(BadFlags, NegativeSeed) {
                   {"--seed: a seed is a non-negative integer, got -1"});
 }
 
+// verify diagnose and make-case read their seeds as verify and train do (a probe: diagnose --seed -1 ran as seed
+// 2^64 - 1); make-case's batch is bounded (--batch 0 crashed with SIGSEGV, 1e11 aborted on bad_alloc).
+TEST(BadFlags, DiagnoseAndMakeCaseSeedsAndSizes) {
+  TempDir d;
+  expect_rejected(run_tool(kVerify, {"diagnose", "--model", "gemma2-micro", "--seed", "-1"}, d), "verify",
+                  {"--seed: a seed is a non-negative integer, got -1"});
+  expect_rejected(run_tool(kMakeCase, {"--out", d / "c.h5", "--seed", "-1"}, d), "make-case",
+                  {"--seed: a seed is a non-negative integer, got -1"});
+  for (const char* b : {"0", "-1", "100000000000"})
+    expect_rejected(run_tool(kMakeCase, {"--out", d / "c.h5", "--batch", b}, d), "make-case", {"--batch"});
+  expect_rejected(run_tool(kMakeCase, {"--out", d / "c.h5", "--seq", "1"}, d), "make-case", {"--seq: must be in 2.."});
+  expect_rejected(run_tool(kMakeCase, {"--out", d / "c.h5", "--lora-r", "-1"}, d), "make-case", {"--lora-r"});
+  EXPECT_FALSE(std::filesystem::exists(d / "c.h5"));
+}
+
+// A data row nested 10^5 deep was quoted whole in its error message: dump() recursed as deep and train died with
+// SIGSEGV (a probe; 5 x 10^4 still fit the stack). The value is named by its kind instead.
+TEST(BadFlags, TrainDataRowNestedDeep) {
+  TempDir d;
+  spit(d / "deep.jsonl", "{\"input_ids\": " + std::string(100000, '[') + std::string(100000, ']') + "}\n");
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--data", d / "deep.jsonl", "--max-steps", "1"}, d),
+                  "train", {"deep.jsonl:1: input_ids[0] is a list of 1 entries, not an integer"});
+}
+
 TEST(BadFlags, NoInputGiven) {
   TempDir d;
   expect_rejected(run_tool(kVerify, {"--softcap", "none"}, d), "verify",
@@ -1349,6 +1387,58 @@ TEST(BadFlags, TwoOutputsToOneFile) {
   TempDir d;
   expect_rejected(run_tool(kVerify, {"--model", "gemma2-micro", "--json", d / "out", "--junit", d / "out"}, d), "verify",
                   {"--junit: '" + d / "out" + "' is also the path of --json"});
+}
+
+// An output naming an input's path would replace the input after the run (a probe's --json over its own --case
+// turned the case file into JSON; --log over --data overwrote the training data), so it is refused before.
+TEST(BadFlags, AnOutputOverAnInput) {
+  TempDir d;
+  const std::string c = write_tiny_case(d);
+  const std::string before = slurp(c);
+  expect_rejected(run_tool(kVerify, {"--case", c, "--json", c}, d), "verify",
+                  {"--json: '" + c + "' is also the path of the input --case"});
+  EXPECT_EQ(slurp(c), before);
+  const auto ck = write_checkpoint(d);
+  expect_rejected(verify_checkpoint(d, ck.config, ck.weights, {"--dump-grads", ck.weights}), "verify",
+                  {"--dump-grads: '" + ck.weights + "' is also the path of the input --weights"});
+  spit(d / "rows.jsonl", "{\"input_ids\": [1, 2, 3, 4]}\n");
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--data", d / "rows.jsonl", "--log", d / "rows.jsonl"}, d),
+                  "train", {"--log: '" + d / "rows.jsonl" + "' is also the path of the input --data"});
+}
+
+// An output that is a symbolic link is written through it (renaming over the link replaced it with a plain file,
+// and as root --json /dev/null replaced /dev/null itself: found by a probe). A link to /dev/null here, so that the
+// old behaviour only replaces the link.
+TEST(BadFlags, AnOutputThroughASymbolicLink) {
+  TempDir d;
+  std::filesystem::create_symlink(d / "target.json", d / "link.json");
+  std::filesystem::create_symlink("/dev/null", d / "null.xml");
+  const ToolRun r = run_tool(kVerify, {"--model", "gemma2-micro", "--json", d / "link.json", "--junit", d / "null.xml"}, d);
+  ASSERT_TRUE(r.exited);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(std::filesystem::is_symlink(d / "link.json"));
+  EXPECT_TRUE(std::filesystem::is_symlink(d / "null.xml"));
+  EXPECT_TRUE(std::filesystem::is_character_file("/dev/null"));
+  EXPECT_NO_THROW((void)nlohmann::json::parse(slurp(d / "target.json")));
+  EXPECT_TRUE(std::filesystem::is_empty(d.dir) == false);
+  for (const auto& e : std::filesystem::directory_iterator(d.dir))
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
+// A check's name carries the case file's path, which may hold any bytes: a probe's \x01 and a lone \xff made the
+// JUnit file unreadable (xmllint: "invalid character in attribute value", "not proper UTF-8"). Characters XML
+// cannot hold become U+FFFD (check::xml_escape); well-formed UTF-8 stays as it is.
+TEST(BadFlags, JUnitIsXmlWhateverThePathHolds) {
+  TempDir d;
+  const std::string odd = d / "ctl\x01x\xff\xc3\xa9.h5";
+  std::filesystem::rename(write_tiny_case(d), odd);
+  const ToolRun r = verify_case(d, odd, {"--junit", d / "out.xml"});
+  ASSERT_TRUE(r.exited);
+  ASSERT_LE(r.status, 1) << r.err;
+  const std::string x = slurp(d / "out.xml");
+  EXPECT_NE(x.find("ctl\xef\xbf\xbdx\xef\xbf\xbd\xc3\xa9.h5"), std::string::npos);
+  for (unsigned char c : x) EXPECT_TRUE(c >= 0x20 || c == '\n' || c == '\t' || c == '\r') << int(c);
+  EXPECT_EQ(x.find('\xff'), std::string::npos);
 }
 
 TEST(BadFlags, TrainMicroBatchesNotDividingTheBatch) {

@@ -8,6 +8,7 @@
 #include "model/errors.hpp"
 #include "model/synthetic.hpp"
 #include "check/inputs.hpp"
+#include "tools/cli_checks.hpp"
 
 using namespace gemma;
 
@@ -27,7 +28,7 @@ int main(int argc, char** argv) {
   app.add_option("--qpas", qpas, "query_pre_attn_scalar");
   app.add_option("--batch", B, "sequences");
   app.add_option("--seq", T, "sequence length");
-  app.add_option("--seed", seed, "seed of weights and batch");
+  app.add_option("--seed", seed, "seed of weights and batch")->check(kNonNegativeSeed);
   app.add_option("--lora-r", lora_r, "LoRA rank on all seven projections (0: no adapters, every weight trains)");
   app.add_flag("--rslora", rslora, "rank-stabilised LoRA scaling alpha / sqrt(r)");
   app.add_option("--pad-token-uses", pad_token_uses, "put the pad token (id 0) at this many positions");
@@ -52,6 +53,12 @@ int main(int argc, char** argv) {
     if (window) c.sliding_window = *window;
     if (qpas) c.query_pre_attn_scalar = *qpas;
     validate(c, "make-case");
+    // The batch a case holds is read whole by verify; these bounds are what it runs (T >= 2: one target at least)
+    // and keep B * T far from memory the synthetic batch cannot have (--batch 0 crashed, 1e11 aborted).
+    if (B < 1 || B > 4096) fail("--batch", "must be in 1..4096, got " + std::to_string(B));
+    if (T < 2 || T > 1 << 20) fail("--seq", "must be in 2..1048576, got " + std::to_string(T));
+    if (B * T > int64_t(1) << 24) fail("--batch", std::to_string(B) + " x --seq " + std::to_string(T) + " is more than 2^24 tokens");
+    if (lora_r < 0) fail("--lora-r", "must be 0 (no adapters) or positive, got " + std::to_string(lora_r));
     CaseFile cf;
     cf.model.config = c;
     cf.model.weights = synthetic_weights(c, seed);

@@ -30,6 +30,7 @@
 #include "train/save.hpp"
 #include "train/schedule.hpp"
 #include "model/json_text.hpp"
+#include "tools/cli_checks.hpp"
 
 using namespace gemma;
 using namespace gemma::check;
@@ -703,7 +704,14 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     if (o.output_dir) dirs.emplace_back("--output-dir", *o.output_dir);
     if (o.save_adapter) dirs.emplace_back("--save-adapter", *o.save_adapter);
     if (o.save_base) dirs.emplace_back("--save-base", *o.save_base);
-    check::check_output_paths(files, dirs);
+    std::vector<std::pair<std::string, std::string>> inputs;
+    for (const auto& [flag, path] :
+         {std::pair{"--data", o.data}, std::pair{"--eval-data", o.eval_data}, std::pair{"--tokenizer", o.tokenizer.model_path},
+          std::pair{"--tokenizer-config", o.tokenizer.config_path}, std::pair{"--case", spec.case_path},
+          std::pair{"--config", spec.config}, std::pair{"--weights", spec.weights}, std::pair{"--adapter", spec.adapter}})
+      if (path) inputs.emplace_back(flag, *path);
+    for (const std::string& f : o.report_with) inputs.emplace_back("--report-with", f);
+    check::check_output_paths(files, dirs, inputs);
   }
   Plan p;
   p.seed = spec.seed;
@@ -849,10 +857,6 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
 
 }  // namespace
 
-// CLI11 reads "-1" into an unsigned seed as 2^64 - 1 without a word; a user who typed it meant something else.
-const CLI::Validator kNonNegativeSeed(
-    [](std::string& v) { return v.find('-') != std::string::npos ? "a seed is a non-negative integer, got " + v : std::string(); },
-    "SEED");
 
 int main(int argc, char** argv) {
   CLI::App app{"train: finetune Gemma 2 (LoRA or full weights) with AdamW and gradient accumulation"};

@@ -21,6 +21,7 @@
 #include "check/report.hpp"
 #include "check/setting.hpp"
 #include "check/torch_result.hpp"
+#include "tools/cli_checks.hpp"
 
 using namespace gemma;
 using namespace gemma::check;
@@ -53,7 +54,11 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   if (json_path && *json_path != "-") outputs.emplace_back("--json", *json_path);
   if (junit_path) outputs.emplace_back("--junit", *junit_path);
   if (dump_path) outputs.emplace_back("--dump-grads", *dump_path);
-  check_output_paths(outputs);
+  std::vector<std::pair<std::string, std::string>> inputs;
+  for (const auto& [flag, path] : {std::pair{"--case", spec.case_path}, std::pair{"--config", spec.config},
+                                   std::pair{"--weights", spec.weights}, std::pair{"--adapter", spec.adapter}})
+    if (path) inputs.emplace_back(flag, *path);
+  check_output_paths(outputs, {}, inputs);
 
   Inputs in = load_inputs(spec);
   print_warnings("verify", in.model.warnings);
@@ -346,10 +351,6 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
 
 }  // namespace
 
-// CLI11 reads "-1" into an unsigned seed as 2^64 - 1 without a word; a user who typed it meant something else.
-const CLI::Validator kNonNegativeSeed(
-    [](std::string& v) { return v.find('-') != std::string::npos ? "a seed is a non-negative integer, got " + v : std::string(); },
-    "SEED");
 
 int main(int argc, char** argv) {
   CLI::App app{"verify: Gemma 2 finetuning numerics against the float64 reference"};
@@ -391,7 +392,7 @@ int main(int argc, char** argv) {
   diag->add_option("--layers", dspec.layers, "layers of a synthetic run");
   diag->add_option("--seq", dspec.seq, "sequence length of a synthetic batch (default 40)");
   diag->add_option("--batch", dspec.batch, "sequences of a synthetic batch (default 2, one per micro-batch)");
-  diag->add_option("--seed", dseed, "seed of synthetic weights and batch");
+  diag->add_option("--seed", dseed, "seed of synthetic weights and batch")->check(kNonNegativeSeed);
   diag->add_option("--lora-r", dspec.lora_r, "rank of synthetic LoRA adapters");
   diag->add_option("--quantize", dspec.quantize, "nf4: base projections NF4-quantized as QLoRA does, used dequantized");
   diag->add_option("--window", dopt.window, "sliding window of a synthetic run (default: shrunk below the sequence)");

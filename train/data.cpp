@@ -11,6 +11,7 @@
 
 #include "check/golden.hpp"
 #include "model/errors.hpp"
+#include "model/json_brief.hpp"
 #include "model/safetensors.hpp"
 #include "model/synthetic.hpp"
 #include "model/json_text.hpp"
@@ -175,7 +176,7 @@ std::vector<int64_t> int_list(const json& v, const std::string& where, const cha
   out.reserve(v.size());
   for (size_t i = 0; i < v.size(); ++i) {
     if (!v[i].is_number_integer())
-      fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + v[i].dump() + ", not an integer");
+      fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + json_brief(v[i]) + ", not an integer");
     out.push_back(v[i].get<int64_t>());
   }
   return out;

@@ -9,6 +9,7 @@
 #include "check/golden.hpp"
 #include "check/report.hpp"
 #include "model/atomic_file.hpp"
+#include "model/json_brief.hpp"
 #include "model/errors.hpp"
 #include "model/safetensors.hpp"
 #include "model/json_text.hpp"
@@ -190,7 +191,7 @@ void check_same_run(const json& saved, const json& now, const std::string& dir) 
   for (const auto& [key, value] : now.items()) {
     if (!saved.contains(key)) fail("--resume " + dir, "the saved run does not record '" + key + "'");
     if (saved[key] != value)
-      fail("--resume " + dir, key + " was " + saved[key].dump() + " in the saved run, is " + value.dump() +
+      fail("--resume " + dir, key + " was " + json_brief(saved[key]) + " in the saved run, is " + json_brief(value) +
                                   " now: a resumed run must continue the same run");
   }
   for (const auto& [key, value] : saved.items())
