@@ -5,9 +5,11 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -110,16 +112,35 @@ void check_output_path(const std::string& path, const std::string& flag) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (path.empty()) fail(flag, "empty file name");
+  if (path == "-") fail(flag, "'-' (standard output) is not supported here: give a file name");
   if (fs::is_directory(path, ec)) fail(flag, "'" + path + "' is a directory, expected a file name");
   const fs::path dir = fs::path(path).parent_path();
   if (!dir.empty() && !fs::is_directory(dir, ec))
     fail(flag, "cannot write '" + path + "': directory '" + dir.string() + "' does not exist");
+  // The file is written through a temporary one beside it: its directory must take new files.
+  if (::access(dir.empty() ? "." : dir.c_str(), W_OK | X_OK) != 0)
+    fail(flag, "cannot write '" + path + "': " + std::strerror(errno));
+}
+
+// A directory output (--output-dir, --save-adapter, --save-base), refused before the run as files are.
+void check_output_dir(const std::string& path, const std::string& flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (path.empty()) fail(flag, "empty directory name");
+  if (path == "-") fail(flag, "'-' is not a directory name");
+  if (fs::exists(path, ec) && !fs::is_directory(path, ec)) fail(flag, "'" + path + "' exists and is not a directory");
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty() && !fs::is_directory(parent, ec))
+    fail(flag, "cannot create '" + path + "': directory '" + parent.string() + "' does not exist");
+  const std::string where = fs::is_directory(path, ec) ? path : parent.empty() ? "." : parent.string();
+  if (::access(where.c_str(), W_OK | X_OK) != 0) fail(flag, "cannot write into '" + where + "': " + std::strerror(errno));
 }
 
 void check_output_paths(const std::vector<std::pair<std::string, std::string>>& files,
                         const std::vector<std::pair<std::string, std::string>>& dirs,
                         const std::vector<std::pair<std::string, std::string>>& inputs) {
   for (const auto& [flag, path] : files) check_output_path(path, flag);
+  for (const auto& [flag, path] : dirs) check_output_dir(path, flag);
   std::vector<std::pair<std::string, std::string>> all = files;
   all.insert(all.end(), dirs.begin(), dirs.end());
   const auto same = [](const std::string& a, const std::string& b) {

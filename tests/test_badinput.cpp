@@ -1359,6 +1359,26 @@ TEST(BadFlags, TrainDataRowNestedDeep) {
                   "train", {"deep.jsonl:1: input_ids[0] is a list of 1 entries, not an integer"});
 }
 
+// An empty value was read as 0 or as the default without a word (a probe trained at learning rate 0 with --lr '',
+// saved nothing with --save-adapter ''); '-' was a file named '-' except for --json, the one output that means
+// stdout; a --save-adapter that is a file was found out after the last step. All refused before any work.
+TEST(BadFlags, EmptyValuesDashAndADirectoryThatIsAFile) {
+  TempDir d;
+  expect_rejected(run_tool(kVerify, {"--model", "gemma2-micro", "--layers", ""}, d), "verify", {"--layers: empty value"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--lr="}, d), "train", {"--lr: empty value"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--save-adapter", ""}, d), "train",
+                  {"--save-adapter: empty value"});
+  expect_rejected(run_tool(kMakeCase, {"--out", d / "c.h5", "--seed", ""}, d), "make-case", {"--seed: empty value"});
+  expect_rejected(run_tool(kVerify, {"--model", "gemma2-micro", "--junit", "-"}, d), "verify",
+                  {"--junit: '-' (standard output) is not supported here"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--log", "-"}, d), "train",
+                  {"--log: '-' (standard output) is not supported here"});
+  spit(d / "afile", "x");
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--save-adapter", d / "afile"}, d), "train",
+                  {"--save-adapter: '" + d / "afile" + "' exists and is not a directory"});
+  EXPECT_FALSE(std::filesystem::exists(d / "-"));
+}
+
 TEST(BadFlags, NoInputGiven) {
   TempDir d;
   expect_rejected(run_tool(kVerify, {"--softcap", "none"}, d), "verify",

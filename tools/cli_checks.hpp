@@ -10,4 +10,22 @@ inline const CLI::Validator kNonNegativeSeed(
     [](std::string& v) { return v.find('-') != std::string::npos ? "a seed is a non-negative integer, got " + v : std::string(); },
     "SEED");
 
+// "--lr ''" or "--lr=": CLI11 reads an empty value into a number as 0, or leaves the default, without a word (a
+// probe trained at learning rate 0, saved nothing with --save-adapter '', ran the default --layers with --layers '').
+// Returns "--flag: empty value" for the first option given one, else "". Every option of these tools takes a
+// non-empty value (a file name, a number, a list), so none is exempt.
+inline std::string empty_value_error(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--", 0) != 0 || a == "--") continue;
+    const size_t eq = a.find('=');
+    if (eq != std::string::npos) {
+      if (eq + 1 == a.size()) return a.substr(0, eq) + ": empty value";
+    } else if (i + 1 < argc && argv[i + 1][0] == '\0') {
+      return a + ": empty value";
+    }
+  }
+  return "";
+}
+
 }  // namespace gemma

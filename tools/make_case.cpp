@@ -32,6 +32,10 @@ int main(int argc, char** argv) {
   app.add_option("--lora-r", lora_r, "LoRA rank on all seven projections (0: no adapters, every weight trains)");
   app.add_flag("--rslora", rslora, "rank-stabilised LoRA scaling alpha / sqrt(r)");
   app.add_option("--pad-token-uses", pad_token_uses, "put the pad token (id 0) at this many positions");
+  if (const std::string e = empty_value_error(argc, argv); !e.empty()) {
+    std::fprintf(stderr, "make-case: %s\n", e.c_str());
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

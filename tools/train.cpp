@@ -915,6 +915,10 @@ int main(int argc, char** argv) {
   app.add_option("--log", o.log_path, "write the per-step log as JSON");
   app.add_option("--report", o.report_path, "write an HTML page with the loss, learning rate and grad norm curves");
   app.add_option("--report-with", o.report_with, "other runs' --log files to plot beside this run's (repeatable)");
+  if (const std::string e = empty_value_error(argc, argv); !e.empty()) {
+    std::fprintf(stderr, "train: %s\n", e.c_str());
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -402,6 +402,10 @@ int main(int argc, char** argv) {
   diag->add_option("--variants", dopt.variants, "comma-separated variant ids to diagnose (default: all)")->delimiter(',');
   diag->add_option("--noise-seeds", dopt.noise_seeds, "jitter seeds for the bf16 noise estimate (default 3)");
   diag->add_option("--json", dopt.json_path, "write the table as JSON (- for stdout)");
+  if (const std::string e = empty_value_error(argc, argv); !e.empty()) {
+    std::fprintf(stderr, "verify: %s\n", e.c_str());
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
