@@ -77,6 +77,14 @@ void refuse_adapter_outside_checkpoint(const InputSpec& s) {
                                        : "a preset's synthetic base takes synthetic adapters: --lora-r R)"));
 }
 
+std::vector<std::pair<std::string, std::string>> input_paths(const InputSpec& spec) {
+  std::vector<std::pair<std::string, std::string>> r;
+  for (const auto& [flag, path] : {std::pair{"--case", spec.case_path}, std::pair{"--config", spec.config},
+                                   std::pair{"--weights", spec.weights}, std::pair{"--adapter", spec.adapter}})
+    if (path) r.emplace_back(flag, *path);
+  return r;
+}
+
 Inputs load_inputs(const InputSpec& s) {
   const int given = int(s.model.has_value()) + int(s.case_path.has_value()) + int(s.weights.has_value() || s.config.has_value());
   if (given != 1) fail("--model/--case/--config", "give exactly one of --model, --case, or --config with --weights");

@@ -5,6 +5,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/casefile.hpp"
@@ -59,6 +60,10 @@ struct PresetShape {
 PresetShape preset_shape(const std::string& name);
 
 Inputs load_inputs(const InputSpec& spec);
+
+// The files `spec` reads, each (flag, path): --case, --config, --weights, --adapter where given. The tools refuse an
+// output naming one of them (check_output_paths' inputs).
+std::vector<std::pair<std::string, std::string>> input_paths(const InputSpec& spec);
 
 // Throws InputError naming --adapter when it is given without --config/--weights: a PEFT adapter belongs to a
 // checkpoint (a case file carries its own adapters; a preset's synthetic base takes --lora-r). load_inputs and

@@ -41,7 +41,7 @@ void write_file_atomically(const std::string& path_given, const std::function<vo
   if (std::error_code ec; fs::is_directory(path_given, ec)) fail(path_given, "is a directory, expected a file name");
   const OutputTarget target = output_target(path_given);
   const std::string& path = target.path;
-  const std::string tmp = target.special ? path : path + ".tmp-" + std::to_string(::getpid());
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());  // unused for a special file
   const int fd = target.special ? ::open(path.c_str(), O_WRONLY | O_CLOEXEC)
                                 : ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail(path_given, "cannot write: " + reason(errno));

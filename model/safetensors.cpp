@@ -98,10 +98,11 @@ TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
   // what it is rather than as a safetensors header gone wrong.
   const auto* b = reinterpret_cast<const unsigned char*>(base.get());
   const bool torch_file = (b[0] == 'P' && b[1] == 'K' && b[2] == 3 && b[3] == 4) || (b[0] == 0x80 && b[1] >= 2 && b[1] <= 5);
-  if (torch_file && (n > 100u * 1024 * 1024 || n > size - 8))
+  constexpr uint64_t kMaxHeaderBytes = 100u * 1024 * 1024;
+  if (torch_file && (n > kMaxHeaderBytes || n > size - 8))
     fail(path, "is a PyTorch pickle/zip file (torch.save), not safetensors: only safetensors is read (convert it "
                "with safetensors.torch.save_file)");
-  if (n > 100u * 1024 * 1024) fail(path, "header length " + std::to_string(n) + " is absurdly large (> 100 MiB)");
+  if (n > kMaxHeaderBytes) fail(path, "header length " + std::to_string(n) + " is absurdly large (> 100 MiB)");
   if (n > size - 8)
     fail(path, "header length " + std::to_string(n) + " runs beyond the end of the file (" + std::to_string(size) + " bytes)");
   const std::string text(reinterpret_cast<const char*>(base.get()) + 8, size_t(n));

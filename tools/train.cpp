@@ -704,11 +704,10 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     if (o.output_dir) dirs.emplace_back("--output-dir", *o.output_dir);
     if (o.save_adapter) dirs.emplace_back("--save-adapter", *o.save_adapter);
     if (o.save_base) dirs.emplace_back("--save-base", *o.save_base);
-    std::vector<std::pair<std::string, std::string>> inputs;
-    for (const auto& [flag, path] :
-         {std::pair{"--data", o.data}, std::pair{"--eval-data", o.eval_data}, std::pair{"--tokenizer", o.tokenizer.model_path},
-          std::pair{"--tokenizer-config", o.tokenizer.config_path}, std::pair{"--case", spec.case_path},
-          std::pair{"--config", spec.config}, std::pair{"--weights", spec.weights}, std::pair{"--adapter", spec.adapter}})
+    std::vector<std::pair<std::string, std::string>> inputs = input_paths(spec);
+    for (const auto& [flag, path] : {std::pair{"--data", o.data}, std::pair{"--eval-data", o.eval_data},
+                                     std::pair{"--tokenizer", o.tokenizer.model_path},
+                                     std::pair{"--tokenizer-config", o.tokenizer.config_path}})
       if (path) inputs.emplace_back(flag, *path);
     for (const std::string& f : o.report_with) inputs.emplace_back("--report-with", f);
     check::check_output_paths(files, dirs, inputs);
@@ -856,7 +855,6 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
 }
 
 }  // namespace
-
 
 int main(int argc, char** argv) {
   CLI::App app{"train: finetune Gemma 2 (LoRA or full weights) with AdamW and gradient accumulation"};

@@ -54,11 +54,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   if (json_path && *json_path != "-") outputs.emplace_back("--json", *json_path);
   if (junit_path) outputs.emplace_back("--junit", *junit_path);
   if (dump_path) outputs.emplace_back("--dump-grads", *dump_path);
-  std::vector<std::pair<std::string, std::string>> inputs;
-  for (const auto& [flag, path] : {std::pair{"--case", spec.case_path}, std::pair{"--config", spec.config},
-                                   std::pair{"--weights", spec.weights}, std::pair{"--adapter", spec.adapter}})
-    if (path) inputs.emplace_back(flag, *path);
-  check_output_paths(outputs, {}, inputs);
+  check_output_paths(outputs, {}, input_paths(spec));
 
   Inputs in = load_inputs(spec);
   print_warnings("verify", in.model.warnings);
@@ -350,7 +346,6 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
 }
 
 }  // namespace
-
 
 int main(int argc, char** argv) {
   CLI::App app{"verify: Gemma 2 finetuning numerics against the float64 reference"};

@@ -9,8 +9,8 @@
 #include "check/golden.hpp"
 #include "check/report.hpp"
 #include "model/atomic_file.hpp"
-#include "model/json_brief.hpp"
 #include "model/errors.hpp"
+#include "model/json_brief.hpp"
 #include "model/safetensors.hpp"
 #include "model/json_text.hpp"
 
