@@ -1350,6 +1350,25 @@ TEST(BadFlags, DiagnoseAndMakeCaseSeedsAndSizes) {
   EXPECT_FALSE(std::filesystem::exists(d / "c.h5"));
 }
 
+// CLI11 clamped a seed beyond 2^64 - 1 to 2^64 - 1 without a word (a probe: verify, diagnose and train ran
+// --seed 18446744073709551616 as seed 18446744073709551615, make-case wrote its case with it).
+TEST(BadFlags, SeedBeyond64BitsInEveryTool) {
+  TempDir d;
+  const std::vector<std::pair<std::string, std::vector<std::string>>> runs = {
+      {kVerify, {"--model", "gemma2-micro"}},
+      {kVerify, {"diagnose", "--model", "gemma2-micro"}},
+      {kTrain, {"--model", "gemma2-micro", "--max-steps", "1"}},
+      {kMakeCase, {"--out", d / "c.h5"}}};
+  for (const char* seed : {"18446744073709551616", "99999999999999999999999999", "0x10000000000000000"})
+    for (auto [bin, args] : runs) {
+      args.insert(args.end(), {"--seed", seed});
+      const std::string tool = bin == kMakeCase ? "make-case" : bin == kTrain ? "train" : "verify";
+      expect_rejected(run_tool(bin, args, d), tool,
+                      {std::string("--seed: a seed is at most 2^64 - 1 = 18446744073709551615, got ") + seed});
+    }
+  EXPECT_FALSE(std::filesystem::exists(d / "c.h5"));
+}
+
 // A data row nested 10^5 deep was quoted whole in its error message: dump() recursed as deep and train died with
 // SIGSEGV (a probe; 5 x 10^4 still fit the stack). The value is named by its kind instead.
 TEST(BadFlags, TrainDataRowNestedDeep) {
