@@ -531,7 +531,9 @@ Config parse_config_json(const std::string& text, const std::string& source, std
            "); hidden_act is ignored, as HF ignores it");
   }
   if (const json* m = r.find("max_position_embeddings")) c.max_position_embeddings = r.as_integer(*m, "max_position_embeddings");
-  if (const json* p = r.find("pad_token_id")) {
+  // A missing pad_token_id is Gemma2Config's 0 and, like every defaulted used key, said: it decides which embedding
+  // row gets no lookup gradient.
+  if (const json* p = r.find_or_default("pad_token_id", "0")) {
     if (p->is_null()) {
       c.pad_token_id.reset();
     } else {

@@ -278,8 +278,13 @@ TEST(ConfigKeys, PadTokenAsTorchsPaddingIdx) {
   EXPECT_FALSE(none.pad_token_id.has_value());
   EXPECT_TRUE(json::parse(to_config_json(none))["pad_token_id"].is_null()) << "to_config_json must write null";
   EXPECT_FALSE(parse_config_json(to_config_json(none), "config.json", nullptr).pad_token_id.has_value());
-  c.erase("pad_token_id");  // absent: Gemma2Config's default 0
-  EXPECT_EQ(parse_config_json(c.dump(), "config.json", nullptr).pad_token_id, 0);
+  // Absent: Gemma2Config's default 0, with the warning every defaulted key gets (docs/inputs.md): the default decides
+  // which embedding row gets no lookup gradient. A probe found it taken without one.
+  c.erase("pad_token_id");
+  std::vector<std::string> w;
+  EXPECT_EQ(parse_config_json(c.dump(), "config.json", &w).pad_token_id, 0);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_EQ(w[0], "config.json: key 'pad_token_id' is missing: Gemma2Config's default 0 is used, as HF does");
   c["pad_token_id"] = -1;  // nn.Embedding counts a negative padding_idx from the end
   EXPECT_EQ(parse_config_json(c.dump(), "config.json", nullptr).pad_token_id, 7);
   c["pad_token_id"] = 8;
@@ -321,7 +326,10 @@ TEST(Reported, RopeScalingDefaultLoadsWithItsTheta) {
   const std::string dir = kReported + "/rope_scaling_default/model";
   const ToolRun r = verify_ckpt(d, dir + "/config.json", dir, {"--json", d / "a.json"});
   expect_ok(r);
-  EXPECT_TRUE(warning_lines(r, "verify").empty()) << r.err;
+  // Read without a word about RoPE; the file has no pad_token_id, and its default is the one warning.
+  const std::vector<std::string> w = warning_lines(r, "verify");
+  ASSERT_EQ(w.size(), 1u) << r.err;
+  EXPECT_NE(w[0].find("key 'pad_token_id' is missing"), std::string::npos) << w[0];
   json c = json::parse(slurp(dir + "/config.json"));
   c.erase("rope_scaling");
   c["rope_theta"] = 10000.0;
