@@ -106,6 +106,10 @@ TensorMap read_safetensors(const std::string& path, ByteTensorMap* u8) {
   if (n > size - 8)
     fail(path, "header length " + std::to_string(n) + " runs beyond the end of the file (" + std::to_string(size) + " bytes)");
   const std::string text(reinterpret_cast<const char*>(base.get()) + 8, size_t(n));
+  // nlohmann's parser skips a byte order mark; the safetensors library (serde_json) refuses the file, which HF could
+  // then not load.
+  if (text.rfind("\xEF\xBB\xBF", 0) == 0)
+    fail(path, "header starts with a UTF-8 byte order mark (EF BB BF), which the safetensors library refuses");
   json h = parse_header(text, path);
   if (!h.is_object()) fail(path, "header is not a JSON object");
   const uint64_t data_size = size - 8 - n;

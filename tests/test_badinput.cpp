@@ -10,6 +10,7 @@
 #include <csignal>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -863,6 +864,19 @@ TEST(BadSafetensors, HeaderNotJson) {
   const auto ck = write_checkpoint(d);
   spit(ck.weights, safetensors_bytes("{\"model.norm.weight\": {\"dtype\": ", std::string(16, '\0')));
   expect_rejected(verify_checkpoint(d, ck.config, ck.weights), "verify", {ck.weights, "header is not valid JSON"});
+}
+
+// nlohmann's parser skips a UTF-8 byte order mark before the header; the safetensors library (serde_json) refuses
+// the file, so it loaded here and nowhere else (a probe). The header is otherwise the valid one.
+TEST(BadSafetensors, HeaderStartsWithAByteOrderMark) {
+  TempDir d;
+  const auto ck = write_checkpoint(d);
+  const std::string s = slurp(ck.weights);
+  uint64_t n = 0;
+  std::memcpy(&n, s.data(), 8);
+  spit(ck.weights, safetensors_bytes("\xEF\xBB\xBF" + s.substr(8, n), s.substr(8 + n)));
+  expect_rejected(verify_checkpoint(d, ck.config, ck.weights), "verify",
+                  {ck.weights, "header starts with a UTF-8 byte order mark"});
 }
 
 TEST(BadSafetensors, HeaderNotAnObject) {
