@@ -226,8 +226,8 @@ using ojson = nlohmann::ordered_json;
 // |   use_bdlora, arrow_config,|          |                                                                       |
 // |   kasa_config              |          |                                                                       |
 // | peft_type                  | math     | "LORA" only                                                           |
-// | task_type, inference_mode, | harmless | wrapper class and requires_grad flags; provenance                     |
-// |   base_model_name_or_path, |          |                                                                       |
+// | task_type, inference_mode, | harmless | wrapper class and requires_grad flags; provenance. task_type: one     |
+// |   base_model_name_or_path, |          | of PEFT's TaskType values or null (PEFT raises on any other)          |
 // |   revision, auto_mapping,  |          |                                                                       |
 // |   peft_version             |          |                                                                       |
 // | megatron_config,           | harmless | only read for Megatron parallel layers, which Gemma 2 has none of     |
@@ -288,7 +288,7 @@ const std::vector<AdapterKeyRule>& adapter_rules() {
       {{"use_bdlora", KeyKind::math, "null: block-diagonal LoRA is not implemented", R"({"nblocks": 2})"}, a_null},
       {{"arrow_config", KeyKind::math, "null: Arrow routing is not implemented", R"({"top_k": 2})"}, a_null},
       {{"kasa_config", KeyKind::math, "null: KaSA is not implemented", "{}"}, a_null},
-      {{"task_type", KeyKind::harmless, "the PEFT wrapper class", "\"SEQ_2_SEQ_LM\""}},
+      {{"task_type", KeyKind::harmless, "the PEFT wrapper class (one of PEFT's TaskType values or null)", "\"SEQ_2_SEQ_LM\""}},
       {{"inference_mode", KeyKind::harmless, "requires_grad flags only", "false"}},
       {{"base_model_name_or_path", KeyKind::harmless, "provenance", "\"someone/else\""}},
       {{"revision", KeyKind::harmless, "provenance", "\"main\""}},
@@ -531,6 +531,15 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const Config& c
   };
   if (const ojson& pt = get("peft_type"); !a_lora(pt))
     fail(source, "peft_type is " + json_brief(pt) + ", only \"LORA\" is supported");
+  // task_type only picks PEFT's wrapper class, but PeftConfig.__post_init__ raises on a value outside its TaskType
+  // enum: a file PEFT cannot load is not loaded here either.
+  if (const ojson& tt = get("task_type"); !tt.is_null()) {
+    static const std::set<std::string> peft_task_types = {"SEQ_CLS",      "SEQ_2_SEQ_LM",      "CAUSAL_LM",
+                                                          "TOKEN_CLS",    "QUESTION_ANS",      "FEATURE_EXTRACTION"};
+    if (!tt.is_string() || !peft_task_types.count(tt.get<std::string>()))
+      fail(source, "task_type = " + json_brief(tt) + " is not one of PEFT's task types (SEQ_CLS, SEQ_2_SEQ_LM, " +
+                       "CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, or null): PEFT refuses it");
+  }
   for (const auto& [key, v] : j.items()) {
     const AdapterKeyRule* rule = nullptr;
     for (const AdapterKeyRule& r : adapter_rules())

@@ -721,6 +721,27 @@ TEST(PeftRules, LayersToTransformAndLayersPattern) {
   }
 }
 
+// PeftConfig.__post_init__ raises on a task_type outside PEFT's TaskType (a probe: "FOO" loaded here). Its six values
+// and null load, the wrapper class being all they choose; any other value, another case or a non-string included,
+// is refused.
+TEST(PeftRules, TaskTypeIsOneOfPeftsOrNull) {
+  const json base = lora({"q_proj"});
+  const std::string want = to_adapter_config_json(parse(base));
+  for (const json& ok : {json("SEQ_CLS"), json("SEQ_2_SEQ_LM"), json("CAUSAL_LM"), json("TOKEN_CLS"),
+                         json("QUESTION_ANS"), json("FEATURE_EXTRACTION"), json(nullptr)}) {
+    json j = base;
+    j["task_type"] = ok;
+    std::vector<std::string> w;
+    EXPECT_EQ(to_adapter_config_json(parse(j, &w)), want) << ok;
+    EXPECT_TRUE(w.empty()) << ok;
+  }
+  for (const json& bad : {json("FOO"), json("causal_lm"), json(""), json(5), json::array({"CAUSAL_LM"})}) {
+    json j = base;
+    j["task_type"] = bad;
+    expect_input_error([&] { parse(j); }, {"a.json: task_type = " + bad.dump() + " is not one of PEFT's task types"});
+  }
+}
+
 TEST(PeftRules, CombinationsPeftRefusesAreRefused) {
   json j = lora(".*q_proj");
   j["layers_to_transform"] = {0};
