@@ -356,6 +356,16 @@ Checkpoint load_hf_checkpoint(const std::string& config_path, const std::string&
                       "whose keys PEFT does not match to Gemma2ForCausalLM's modules ('model." + name.substr(0, name.find(".lora_")) +
                       "'), so it would load none of them; rename the keys to 'base_model.model.model." + name + "'");
     }
+    // PEFT writes every key with its prefix. A file that mixes the two kinds was put together by something else, and
+    // a loader matching only one kind would leave the other's adapters at their initialisation: refused, not merged.
+    // After the two checks above, whose defects are the more particular.
+    const std::string* prefixed = nullptr;
+    const std::string* unprefixed = nullptr;
+    for (const auto& [n, t] : ad.weights)
+      if (const std::string*& first = n.rfind("base_model.model.", 0) == 0 ? prefixed : unprefixed; !first) first = &n;
+    if (prefixed && unprefixed)
+      fail(tensors, "mixes tensor names with and without PEFT's 'base_model.model.' prefix ('" + *prefixed + "' and '" +
+                        *unprefixed + "'): PEFT writes every key prefixed");
     // Base weights are already checked: validate the adapter tensors on their own, against base + adapter specs.
     for (const auto& [n, t] : ck.weights) ad.weights.emplace(n, t);
     validate_checkpoint(ad, tensors, allow_deeper);

@@ -1218,6 +1218,21 @@ TEST(BadAdapter, AdapterFileCarriesABaseWeight) {
                   {"adapter_model.safetensors", "tensor 'base_model.model.model.norm.weight' is a base weight"});
 }
 
+// PEFT writes every adapter key with its 'base_model.model.' prefix. A file with some keys prefixed and some not was
+// loaded whole here (the prefix dropped where present), though a loader matching one kind leaves the other's
+// adapters at their initialisation (a probe).
+TEST(BadAdapter, PrefixedAndUnprefixedNamesMixed) {
+  TempDir d;
+  const auto ck = write_checkpoint(d);
+  TensorMap t;
+  for (auto& [n, x] : synthetic_adapters(tiny_config(), tiny_adapter(), 3))
+    t.emplace(n.find(".q_proj.") != std::string::npos ? "base_model.model." + n : n, x);
+  const std::string dir = write_adapter(d, tiny_adapter(), t);
+  expect_rejected(verify_checkpoint(d, ck.config, ck.weights, {"--adapter", dir}), "verify",
+                  {"adapter_model.safetensors", "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'",
+                   "'model.layers.0.self_attn.v_proj.lora_A.weight'", "with and without PEFT's 'base_model.model.' prefix"});
+}
+
 TEST(BadAdapter, AdapterConfigMissing) {
   TempDir d;
   const auto ck = write_checkpoint(d);
