@@ -523,6 +523,19 @@ TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
   EXPECT_EQ(t4->warnings[0].find("chat_template"), std::string::npos) << t4->warnings[0];
   expect_input_error([&] { Tokenizer::load({model, std::nullopt, std::nullopt, std::nullopt}, 50); }, {"pieces, more than"});
   expect_input_error([&] { Tokenizer::load({model, std::nullopt, int64_t(400), std::nullopt}, 384); }, {"--bos-id", "400"});
+  // A flag's id out of range is said to be so; "give --bos-id" is advice for an id the tokenizer supplied (a probe
+  // saw it answer --bos-id -1).
+  for (const auto& [bos, eos, flag] : {std::tuple{int64_t(-1), std::optional<int64_t>(), "--bos-id"},
+                                       std::tuple{int64_t(2), std::optional<int64_t>(-1), "--eos-id"}}) {
+    try {
+      Tokenizer::load({model, std::nullopt, bos, eos}, 384);
+      ADD_FAILURE() << flag << " -1 was accepted";
+    } catch (const InputError& e) {
+      const std::string m = e.what();
+      EXPECT_EQ(m.rfind(std::string(flag) + ": -1 is out of range: not in the vocabulary [0, 384)", 0), 0u) << m;
+      EXPECT_EQ(m.find("give"), std::string::npos) << m;
+    }
+  }
   spit(d / "bad.model", "not a model");
   expect_input_error([&] { Tokenizer::load({d / "bad.model", std::nullopt, std::nullopt, std::nullopt}, 384); },
                      {"not a SentencePiece model"});

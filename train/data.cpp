@@ -118,12 +118,15 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
     fail("--bos-id", "changes nothing: add_bos_token is false in " + *o.config_path + ", so no BOS is prepended");
   if (o.bos_id) t->bos_id = *o.bos_id;
   if (o.eos_id) t->eos_id = *o.eos_id;
-  if (t->bos_id < 0 || t->bos_id >= vocab_size)
-    fail(o.bos_id ? "--bos-id" : path, "BOS id " + std::to_string(t->bos_id) + " is not in the vocabulary [0, " +
-                                           std::to_string(vocab_size) + ") (give --bos-id)");
-  if (t->eos_id < 0 || t->eos_id >= vocab_size)
-    fail(o.eos_id ? "--eos-id" : path, "EOS id " + std::to_string(t->eos_id) + " is not in the vocabulary [0, " +
-                                           std::to_string(vocab_size) + ") (give --eos-id)");
+  // "give --bos-id" is advice for an id the tokenizer supplied; a flag's own id out of range is said to be so.
+  const auto check_id = [&](const char* what, int64_t id, const std::optional<int64_t>& given, const char* flag) {
+    if (id >= 0 && id < vocab_size) return;
+    const std::string vocab = "not in the vocabulary [0, " + std::to_string(vocab_size) + ")";
+    if (given) fail(flag, std::to_string(id) + " is out of range: " + vocab);
+    fail(path, std::string(what) + " id " + std::to_string(id) + " is " + vocab + " (give " + flag + ")");
+  };
+  check_id("BOS", t->bos_id, o.bos_id, "--bos-id");
+  check_id("EOS", t->eos_id, o.eos_id, "--eos-id");
   return t;
 }
 
