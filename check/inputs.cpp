@@ -13,6 +13,11 @@
 namespace gemma::check {
 
 AdapterConfig synthetic_adapter_config(int64_t r) {
+  // Every caller's rank is --lora-r's. Past the bound an adapter config reads back nowhere, and the adapters were
+  // allocated before anything said so (make-case aborted on std::bad_alloc at 2147483648).
+  if (r > kMaxLoraRank)
+    fail("--lora-r", "must be at most " + std::to_string(kMaxLoraRank) + " (the largest rank an adapter config may " +
+                         "give), got " + std::to_string(r));
   AdapterConfig a;
   a.r = r;
   a.lora_alpha = 2.0 * double(r);

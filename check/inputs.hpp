@@ -70,7 +70,8 @@ std::vector<std::pair<std::string, std::string>> input_paths(const InputSpec& sp
 // diagnose's synthetic setting both call it.
 void refuse_adapter_outside_checkpoint(const InputSpec& spec);
 
-// Synthetic LoRA adapters in PEFT's layout on all seven projections, alpha = 2r.
+// Synthetic LoRA adapters in PEFT's layout on all seven projections, alpha = 2r. `r` is --lora-r's: above
+// kMaxLoraRank it is refused naming that flag.
 AdapterConfig synthetic_adapter_config(int64_t r);
 
 }  // namespace gemma::check

@@ -472,8 +472,8 @@ std::vector<Pattern> patterns(const ojson& v, const std::string& what, bool rank
     const std::string where = what + "['" + k + "']";
     double value;
     if (rank) {
-      if (!x.is_number_integer() || x.get<int64_t>() < 1 || x.get<int64_t>() > 65536)
-        fail(source, where + " = " + json_brief(x) + " is not a rank in 1..65536");
+      if (!x.is_number_integer() || x.get<int64_t>() < 1 || x.get<int64_t>() > kMaxLoraRank)
+        fail(source, where + " = " + json_brief(x) + " is not a rank in 1.." + std::to_string(kMaxLoraRank));
       value = double(x.get<int64_t>());
     } else {
       if (!x.is_number() || !std::isfinite(x.get<double>()))
@@ -557,7 +557,8 @@ AdapterConfig parse_adapter_config_json(const std::string& text, const Config& c
     const ojson& v = get("r");
     if (!v.is_number_integer()) fail(source, "adapter config needs an integer 'r'");
     a.r = v.get<int64_t>();
-    if (a.r < 1 || a.r > 65536) fail(source, "lora rank r = " + std::to_string(a.r) + " is outside 1..65536");
+    if (a.r < 1 || a.r > kMaxLoraRank)
+      fail(source, "lora rank r = " + std::to_string(a.r) + " is outside 1.." + std::to_string(kMaxLoraRank));
   }
   {
     const ojson& v = get("lora_alpha");

@@ -54,6 +54,10 @@ struct LoraModule {
   bool adapted() const { return r > 0; }
 };
 
+// The largest LoRA rank read or made: far beyond any real adapter, and a bound that keeps a rank from a file or a
+// flag from sizing allocations past memory before anything else is checked.
+inline constexpr int64_t kMaxLoraRank = 65536;
+
 // A LoRA adapter in PEFT's terms. Two forms:
 //  - uniform: `target_modules` in every layer, each with rank `r` and `lora_alpha` (the synthetic adapters, and
 //    every PEFT adapter that comes out that way);

@@ -1379,6 +1379,22 @@ TEST(BadFlags, DiagnoseAndMakeCaseSeedsAndSizes) {
   EXPECT_FALSE(std::filesystem::exists(d / "c.h5"));
 }
 
+// Messages that did not name the flag at fault (a probe): --lora-r 2147483648 aborted make-case on std::bad_alloc
+// (SIGABRT) and sent train out of memory naming --layers, --seq and --batch; a shape flag the preset cannot take
+// was reported as "make-case: make-case: ...", naming neither.
+TEST(BadFlags, RankAndShapeFlagsAreNamed) {
+  TempDir d;
+  expect_rejected(run_tool(kMakeCase, {"--out", d / "c.h5", "--lora-r", "2147483648"}, d), "make-case",
+                  {"--lora-r: must be at most 65536", "got 2147483648"});
+  expect_rejected(run_tool(kTrain, {"--model", "gemma2-micro", "--lora-r", "2147483648"}, d), "train",
+                  {"--lora-r: must be at most 65536", "got 2147483648"});
+  const ToolRun r = run_tool(kMakeCase, {"--out", d / "c.h5", "--kv-heads", "3"}, d);
+  expect_rejected(r, "make-case",
+                  {"make-case: --model gemma2-tiny --kv-heads 3: num_attention_heads (4) is not a multiple of "
+                   "num_key_value_heads (3)"});
+  EXPECT_FALSE(std::filesystem::exists(d / "c.h5"));
+}
+
 // CLI11 clamped a seed beyond 2^64 - 1 to 2^64 - 1 without a word (a probe: verify, diagnose and train ran
 // --seed 18446744073709551616 as seed 18446744073709551615, make-case wrote its case with it).
 TEST(BadFlags, SeedBeyond64BitsInEveryTool) {

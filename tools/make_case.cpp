@@ -3,6 +3,9 @@
 // so that cases cover grouped-KV ratios, rank-stabilised LoRA and windows shorter than the sequence.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <new>
+#include <optional>
+#include <sstream>
 
 #include "model/casefile.hpp"
 #include "model/errors.hpp"
@@ -56,21 +59,31 @@ int main(int argc, char** argv) {
     if (kv_heads) c.num_key_value_heads = *kv_heads;
     if (window) c.sliding_window = *window;
     if (qpas) c.query_pre_attn_scalar = *qpas;
-    validate(c, "make-case");
+    // A config error here is the shape flags' (the presets are valid): named by them, where "make-case" as the
+    // source printed "make-case: make-case: ..." and named none.
+    std::ostringstream shape;
+    shape << "--model " << model;
+    if (layers) shape << " --layers " << *layers;
+    if (kv_heads) shape << " --kv-heads " << *kv_heads;
+    if (window) shape << " --window " << *window;
+    if (qpas) shape << " --qpas " << *qpas;
+    validate(c, shape.str());
     // The batch a case holds is read whole by verify; these bounds are what it runs (T >= 2: one target at least)
     // and keep B * T far from memory the synthetic batch cannot have (--batch 0 crashed, 1e11 aborted).
     if (B < 1 || B > 4096) fail("--batch", "must be in 1..4096, got " + std::to_string(B));
     if (T < 2 || T > 1 << 20) fail("--seq", "must be in 2..1048576, got " + std::to_string(T));
     if (B * T > int64_t(1) << 24) fail("--batch", std::to_string(B) + " x --seq " + std::to_string(T) + " is more than 2^24 tokens");
     if (lora_r < 0) fail("--lora-r", "must be 0 (no adapters) or positive, got " + std::to_string(lora_r));
+    // Before the weights are drawn: synthetic_adapter_config bounds the rank.
+    std::optional<AdapterConfig> adapter;
+    if (lora_r > 0) adapter = check::synthetic_adapter_config(lora_r);
     CaseFile cf;
     cf.model.config = c;
     cf.model.weights = synthetic_weights(c, seed);
-    if (lora_r > 0) {
-      AdapterConfig a = check::synthetic_adapter_config(lora_r);
-      a.use_rslora = rslora;
-      cf.model.adapter = a;
-      TensorMap t = synthetic_adapters(c, a, seed);
+    if (adapter) {
+      adapter->use_rslora = rslora;
+      cf.model.adapter = adapter;
+      TensorMap t = synthetic_adapters(c, *adapter, seed);
       cf.model.weights.insert(t.begin(), t.end());
     }
     cf.batch = synthetic_batch(c, B, T, seed);
@@ -84,6 +97,11 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const InputError& e) {
     std::fprintf(stderr, "make-case: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    // Within the bounds above a released preset's full depth and a large rank can still outgrow memory: a message
+    // naming the flags that size the case, not an abort.
+    std::fprintf(stderr, "make-case: out of memory (try fewer --layers, a smaller --lora-r, --batch or --seq)\n");
     return 2;
   }
 }
