@@ -79,9 +79,9 @@ struct ToolRun {
   }
 };
 
-// Runs a built tool with `args`, stdout and stderr captured in files of `dir`; extra environment
-// variables in `env` ("NAME=value").
-inline ToolRun run_tool(const std::string& bin, const std::vector<std::string>& args, const TempDir& dir,
+// Starts a built tool with `args`, stdout and stderr captured in files of `dir`; extra environment
+// variables in `env` ("NAME=value"). Returns its pid, or -1.
+inline pid_t start_tool(const std::string& bin, const std::vector<std::string>& args, const TempDir& dir,
                         const std::vector<std::string>& env = {}) {
   const std::string out = dir / "tool.stdout", err = dir / "tool.stderr";
   posix_spawn_file_actions_t fa;
@@ -100,21 +100,33 @@ inline ToolRun run_tool(const std::string& bin, const std::vector<std::string>& 
   for (auto& e : env_s) envp.push_back(e.data());
   envp.push_back(nullptr);
   pid_t pid = 0;
-  ToolRun r;
   const int rc = posix_spawn(&pid, bin.c_str(), &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) {
-    r.err = "posix_spawn failed for " + bin;
-    return r;
-  }
+  return rc == 0 ? pid : -1;
+}
+
+// Waits for a tool start_tool started and collects its status and output.
+inline ToolRun wait_tool(pid_t pid, const TempDir& dir) {
+  ToolRun r;
   int st = 0;
   while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
   }
   r.exited = WIFEXITED(st);
   r.status = r.exited ? WEXITSTATUS(st) : WTERMSIG(st);
-  r.out = slurp(out);
-  r.err = slurp(err);
+  r.out = slurp(dir / "tool.stdout");
+  r.err = slurp(dir / "tool.stderr");
   return r;
+}
+
+inline ToolRun run_tool(const std::string& bin, const std::vector<std::string>& args, const TempDir& dir,
+                        const std::vector<std::string>& env = {}) {
+  const pid_t pid = start_tool(bin, args, dir, env);
+  if (pid < 0) {
+    ToolRun r;
+    r.err = "posix_spawn failed for " + bin;
+    return r;
+  }
+  return wait_tool(pid, dir);
 }
 
 // The contract for bad input: exit status 2, no signal, and exactly one line on stderr that starts with

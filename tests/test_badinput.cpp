@@ -1707,6 +1707,31 @@ TEST(TrainStops, TheLogAndReportOfAStoppedRunAreWritten) {
   EXPECT_NE(r.err.find("beyond float32's range and are saved as inf"), std::string::npos) << r.err;
 }
 
+// SIGINT or SIGTERM during a run stops it between steps: --log and --report hold the steps taken and the reason, and
+// the status is 128 + the signal (a probe: the signal killed train, and neither file was written).
+TEST(TrainStops, ASignalStopsTheRunAndItsLogIsWritten) {
+  for (const int sig : {SIGINT, SIGTERM}) {
+    TempDir d;
+    const pid_t pid = start_tool(kTrain, {"--model", "gemma2-micro", "--steps", "100000", "--log", d / "log.json",
+                                          "--report", d / "r.html"},
+                                 d);
+    ASSERT_GT(pid, 0);
+    // Past step 2, so that a step's work has been done and logged before the signal.
+    for (int i = 0; i < 600 && slurp(d / "tool.stdout").find("step    2") == std::string::npos; ++i) ::usleep(100000);
+    ::kill(pid, sig);
+    const ToolRun r = wait_tool(pid, d);
+    const std::string name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    ASSERT_TRUE(r.exited) << "killed by signal " << r.status;
+    EXPECT_EQ(r.status, 128 + sig) << r.err;
+    EXPECT_NE(r.err.find("train: interrupted by " + name + " after step "), std::string::npos) << r.err;
+    ASSERT_TRUE(fs::exists(d / "log.json")) << r.err;
+    const nlohmann::json log = nlohmann::json::parse(slurp(d / "log.json"));
+    EXPECT_GE(log["steps"].size(), 2u) << log.dump();
+    EXPECT_NE(log.value("stopped", std::string()).find("interrupted by " + name), std::string::npos) << log.dump();
+    EXPECT_NE(slurp(d / "r.html").find("<svg"), std::string::npos);
+  }
+}
+
 // A case file whose embedding (1e308, finite) overflows the forward pass at the first step.
 TEST(TrainStops, NonFiniteLossFromOverflowingWeights) {
   TempDir d;

@@ -3,12 +3,14 @@
 // dataset (train/data.hpp); writing PEFT adapters (or an HF checkpoint) and a state it resumes from bit-exactly
 // (train/save.hpp). The reference backend is float64 and deterministic: the same inputs and seed give the same
 // bits, with or without a stop and --resume in between. docs/train.md has the options and a worked example.
+#include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -241,6 +243,63 @@ void write_outputs_of_stopped_run(const Plan& p, const TrainOptions& o, const js
   write_report(p, o, history);
 }
 
+// SIGINT or SIGTERM during a run's steps: the handler only records the signal, and the step loop looks at it between
+// steps, stopping as a non-finite value stops it (--log and --report written with the steps taken and the reason;
+// they were lost with the process, found by a probe) and exiting 128 + the signal. A second signal does not wait for
+// the step in progress: the default action, at once. Outside a step loop, and under --softcap all / --backend both
+// (whose caller writes one log for every run), the signals keep their default action.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void record_stop_signal(int sig) {
+  if (g_stop_signal) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
+  g_stop_signal = sig;
+}
+
+// Thrown out of a step loop once the stopped run's outputs are written; main turns it into the exit status.
+struct Interrupted {
+  int sig;
+  std::string why;
+};
+
+// The handler for one step loop, the previous dispositions restored after it.
+class StopBetweenSteps {
+ public:
+  explicit StopBetweenSteps(bool active) : active_(active) {
+    if (!active_) return;
+    struct sigaction sa {};
+    sa.sa_handler = record_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~StopBetweenSteps() {
+    if (!active_) return;
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  StopBetweenSteps(const StopBetweenSteps&) = delete;
+  StopBetweenSteps& operator=(const StopBetweenSteps&) = delete;
+
+  // Called before each step: after a signal, writes the outputs of the steps up to `done` and throws Interrupted.
+  void check(const Plan& p, const TrainOptions& o, const json& history, int64_t done) const {
+    if (!active_ || !g_stop_signal) return;
+    const int sig = g_stop_signal;
+    const std::string why = std::string("interrupted by ") + (sig == SIGINT ? "SIGINT" : "SIGTERM") + " after step " +
+                            std::to_string(done) + " of " + std::to_string(p.total_steps);
+    if (::isatty(2)) std::fputc('\n', stderr);  // past the progress line rewritten in place
+    write_outputs_of_stopped_run(p, o, history, why, nullptr);
+    throw Interrupted{sig, why};
+  }
+
+ private:
+  bool active_;
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
 // Another run's --log, to be plotted beside this one (e.g. the fast backend's curve beside the reference's).
 std::pair<std::string, json> read_log(const std::string& path) {
   json j;
@@ -292,7 +351,9 @@ int train_fast(const Plan& p, const TrainOptions& o, json* curve = nullptr) {
               (long long)(p.data ? p.data->seq_len : in.batch.T), (long long)p.micro_rows, o.adamw.lr, o.adamw.weight_decay);
   json history = json::array();
   Progress progress(p.total_steps);
+  const StopBetweenSteps stop(curve == nullptr);
   for (int64_t step = 1; step <= p.total_steps; ++step) {
+    stop.check(p, o, history, step - 1);
     const Batch batch = batch_of_step(p, step);
     const int64_t per_gpu = batch.B / o.gpus, micro = (per_gpu + p.micro_rows - 1) / p.micro_rows;
     const double lr = lr_at(p.schedule, step);
@@ -454,7 +515,9 @@ int train_reference(const Plan& p, const TrainOptions& o, json* curve = nullptr)
   const auto t0 = std::chrono::steady_clock::now();
   Progress progress(p.total_steps);
   ref::Grads<double> g;
+  const StopBetweenSteps stop(curve == nullptr);
   for (int64_t step = start + 1; step <= p.total_steps; ++step) {
+    stop.check(p, o, history, step - 1);
     const Batch batch = batch_of_step(p, step);
     RefStep r{};
     try {
@@ -929,6 +992,13 @@ int main(int argc, char** argv) {
   o.seed_given = seed.has_value();
   try {
     return run_train(spec, o);
+  } catch (const Interrupted& e) {
+    const std::string kept = o.log_path && o.report_path ? " (--log and --report hold the steps taken)"
+                             : o.log_path                ? " (--log holds the steps taken)"
+                             : o.report_path             ? " (--report holds the steps taken)"
+                                                         : "";
+    std::fprintf(stderr, "train: %s%s\n", e.why.c_str(), kept.c_str());
+    return 128 + e.sig;
   } catch (const InputError& e) {
     std::fprintf(stderr, "train: %s\n", e.what());
     return 2;
