@@ -94,8 +94,8 @@ GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const
   GateOutput out;
   // Probes first: they must see the adapters before the optimizer step.
   for (const Batch& b : micro) out.embedding.push_back(e.probe_embedding(b));
-  for (const LayerProbeInput& p : layers) out.layers.push_back(e.probe_layer(p.layer, micro_of(p.micro), p.x, p.dy, p.x_mid));
-  for (const HeadProbeInput& p : heads) out.heads.push_back(e.probe_head(micro_of(p.micro), p.x, float(p.grad_scale)));
+  for (const LayerProbeInput& p : layers) out.layers.push_back(e.probe_layer(p.layer, micro_of(p.micro), p.x, p.dy, p.pins));
+  for (const HeadProbeInput& p : heads) out.heads.push_back(e.probe_head(micro_of(p.micro), p.x, p.xf, float(p.grad_scale)));
   const auto t0 = std::chrono::steady_clock::now();
   Engine::Pass p = e.forward_backward(micro, opt.logit_rows);
   e.synchronize();

@@ -66,6 +66,7 @@ struct Engine::Impl : Dims {
   Profiler prof;
   const char* phase = "fwd";  // the forward's profile segments: "fwd", or "recompute" in the backward
   bool recomputing = false;   // layer_forward is the backward's recomputation
+  const OpPin* probe_pin = nullptr;  // a gate probe's pins while probe_layer runs (LayerRun::pin); else null
   int64_t layers_rebuilt = 0; // layer recomputations of the current forward_backward (Pass::layers_rebuilt)
 
   void mark(const std::string& name) { prof.mark(name, stream); }
@@ -717,16 +718,15 @@ struct Engine::Impl : Dims {
 
   LayerRun layer_run(int64_t l) {
     const bool gate_up_kept = recomputing && opt.recompute_mlp_only && gate_up_current(l);
+    // A pinned probe's backward follows its forward on the same layer, whose attention output (pinned) is current.
     return LayerRun{cfg, *this, opt.softcap, blas->h, stream, ws, prof, phase, recomputing, keep_stats(),
-                    opt.recompute_mlp_only, gate_up_kept, att_current(l)};
+                    opt.recompute_mlp_only, gate_up_kept, probe_pin ? true : att_current(l), probe_pin};
   }
   // Layer l's weights in place (NF4 staged, adapter splits prepared), then its pass (layer.cuh).
-  void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T, const float* x_mid_pin = nullptr,
-                     float* x_mid_own = nullptr) {
+  void layer_forward(int64_t l, const float* x_in, float* x_out, int64_t B, int64_t T) {
     stage(l);
     ensure_splits(l);
-    fast::layer_forward(layer_run(l), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, x_out, B,
-                        T, x_mid_pin, x_mid_own);
+    fast::layer_forward(layer_run(l), l, base.layers[size_t(l)], lora.groups[size_t(l)], acts_for(l), x_in, x_out, B, T);
   }
   void layer_backward(int64_t l, const float* x_in, int64_t B, int64_t T) {
     stage(l);
@@ -735,10 +735,11 @@ struct Engine::Impl : Dims {
   }
 
   // Final norm, then the LM head and the loss chunk by chunk, then the final norm's backward: dres holds the
-  // gradient of the residual x (N, D) entering the final norm.
-  void head(int64_t N, const float* x, float grad_scale) {
+  // gradient of the residual x (N, D) entering the final norm. pin (a gate probe's, else null): "xf", the LM head's input.
+  void head(int64_t N, const float* x, float grad_scale, const OpPin* pin = nullptr) {
     rmsnorm_forward_in(ws.xf.get(), ws.rstd_f.get(), x, base.final_scale.get(), N, D, eps, stream);
     mark("fwd norms");
+    if (pin) (*pin)("xf", ws.xf.get(), N, D, D, false);
     for (int64_t c0 = 0; c0 < N; c0 += ws.chunk_rows) {
       LossChunk c;
       c.xf = ws.xf.get() + c0 * D;
@@ -875,46 +876,77 @@ struct Engine::Impl : Dims {
     return v;
   }
 
+  // A gate probe's OpPin (layer.cuh): the operation's own output into `own` by name, the pin from `pins` in its place.
+  OpPin pin_from(const std::map<std::string, std::vector<float>>& pins, std::map<std::string, std::vector<float>>& own) {
+    return [this, &pins, &own](const char* name, void* ptr, int64_t rows, int64_t cols, int64_t ld, bool fp32) {
+      const auto it = pins.find(name);
+      if (it == pins.end()) throw InputError(std::string("fast: probe pins have no '") + name + "'");
+      if (int64_t(it->second.size()) != rows * cols)
+        throw InputError(std::string("fast: probe pin '") + name + "' is not (" + std::to_string(rows) + ", " +
+                         std::to_string(cols) + ")");
+      const size_t esz = fp32 ? 4 : 2, width = size_t(cols) * esz, pitch = size_t(ld) * esz;
+      std::vector<uint16_t> raw;
+      const void* src = it->second.data();
+      if (fp32) {
+        own[name] = d2h(static_cast<const float*>(ptr), rows * cols, ld, cols);
+      } else {
+        own[name] = d2h(static_cast<const bf16*>(ptr), rows * cols, ld, cols);
+        raw.resize(it->second.size());
+        for (size_t i = 0; i < raw.size(); ++i) raw[i] = float_to_bf16(it->second[i]);
+        src = raw.data();
+      }
+      GEMMA_CUDA(cudaMemcpy2DAsync(ptr, pitch, src, width, width, size_t(rows), cudaMemcpyHostToDevice, stream));
+      GEMMA_CUDA(cudaStreamSynchronize(stream));
+    };
+  }
+
   std::map<std::string, std::vector<float>> probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
-                                                        const std::vector<float>& dy, const std::vector<float>& x_mid) {
+                                                        const std::vector<float>& dy,
+                                                        const std::map<std::string, std::vector<float>>& pins) {
     upload_inputs(mb, {}, 0);
     const int64_t N = mb.B * mb.T;
-    if (int64_t(x.size()) != N * D || int64_t(dy.size()) != N * D || int64_t(x_mid.size()) != N * D)
-      throw InputError("fast: probe inputs must be (N, D)");
+    if (int64_t(x.size()) != N * D || int64_t(dy.size()) != N * D) throw InputError("fast: probe inputs must be (N, D)");
     float* xin = ck_dev(0);
     h2d(xin, x.data(), size_t(N * D) * 4);
-    // The pinned residual and the attention half's own, beside the engine's buffers (a probe's, freed on return).
-    DeviceArray<float> mid(size_t(2 * N * D), "gate probe x_mid", mem);
-    h2d(mid.get(), x_mid.data(), size_t(N * D) * 4);
     GEMMA_CUDA(cudaMemsetAsync(lora.grads.get(), 0, size_t(lora.n_params) * 4, stream));
-    layer_forward(l, xin, ws.x_scratch.get(), mb.B, mb.T, mid.get(), mid.get() + N * D);
-    Acts& A = acts_for(l);
+    // Pinned, each operation's own output is taken where it is made, before its pin replaces it.
     std::map<std::string, std::vector<float>> out;
-    out["xn1"] = d2h(A.xn1, N * D);
-    out["q"] = d2h(A.qkv, N * HD, QKV, HD);
-    out["k"] = d2h(A.qkv + HD, N * KVHD, QKV, KVHD);
-    out["v"] = d2h(A.qkv + HD + KVHD, N * KVHD, QKV, KVHD);
-    out["att"] = d2h(A.att, N * HD);
-    out["o"] = d2h(A.o, N * D);
-    out["x_mid"] = d2h(mid.get() + N * D, N * D);
-    out["xn2"] = d2h(A.xn2, N * D);
-    out["gate"] = d2h(A.gu, N * I, 2 * I, I);
-    out["up"] = d2h(A.gu + I, N * I, 2 * I, I);
-    out["act"] = d2h(A.act, N * I);
-    out["down"] = d2h(A.down, N * D);
+    const OpPin pin = pin_from(pins, out);
+    probe_pin = pins.empty() ? nullptr : &pin;
+    struct Unpin {
+      const OpPin*& p;
+      ~Unpin() { p = nullptr; }
+    } unpin{probe_pin};
+    layer_forward(l, xin, ws.x_scratch.get(), mb.B, mb.T);
+    Acts& A = acts_for(l);
+    auto unless_pinned = [&](const char* name, auto get) {
+      if (!out.count(name)) out[name] = get();
+    };
+    unless_pinned("xn1", [&] { return d2h(A.xn1, N * D); });
+    unless_pinned("q", [&] { return d2h(A.qkv, N * HD, QKV, HD); });
+    unless_pinned("k", [&] { return d2h(A.qkv + HD, N * KVHD, QKV, KVHD); });
+    unless_pinned("v", [&] { return d2h(A.qkv + HD + KVHD, N * KVHD, QKV, KVHD); });
+    unless_pinned("att", [&] { return d2h(A.att, N * HD); });
+    unless_pinned("o", [&] { return d2h(A.o, N * D); });
+    unless_pinned("x_mid", [&] { return d2h(A.x_mid, N * D); });
+    unless_pinned("xn2", [&] { return d2h(A.xn2, N * D); });
+    unless_pinned("gate", [&] { return d2h(A.gu, N * I, 2 * I, I); });
+    unless_pinned("up", [&] { return d2h(A.gu + I, N * I, 2 * I, I); });
+    unless_pinned("act", [&] { return d2h(A.act, N * I); });
+    unless_pinned("down", [&] { return d2h(A.down, N * D); });
     out["x_out"] = d2h(ws.x_scratch.get(), N * D);
     std::vector<uint16_t> dyb(dy.size());
     for (size_t i = 0; i < dy.size(); ++i) dyb[i] = float_to_bf16(dy[i]);
     h2d(ws.dres.get(), dyb.data(), dyb.size() * 2);
     layer_backward(l, xin, mb.B, mb.T);
     out["dx"] = d2h(ws.dres.get(), N * D);
-    out["d_o"] = d2h(ws.dsmall.get(), N * D);
-    out["d_gate"] = d2h(ws.dgu.get(), N * I, 2 * I, I);
-    out["d_up"] = d2h(ws.dgu.get() + I, N * I, 2 * I, I);
-    out["d_att"] = d2h(ws.datt.get(), N * HD);
-    out["dq"] = d2h(ws.dqkv.get(), N * HD, QKV, HD);
-    out["dk"] = d2h(ws.dqkv.get() + HD, N * KVHD, QKV, KVHD);
-    out["dv"] = d2h(ws.dqkv.get() + HD + KVHD, N * KVHD, QKV, KVHD);
+    unless_pinned("d_o", [&] { return d2h(ws.dsmall.get(), N * D); });
+    unless_pinned("d_gate", [&] { return d2h(ws.dgu.get(), N * I, 2 * I, I); });
+    unless_pinned("d_up", [&] { return d2h(ws.dgu.get() + I, N * I, 2 * I, I); });
+    unless_pinned("d_att", [&] { return d2h(ws.datt.get(), N * HD); });
+    unless_pinned("dq", [&] { return d2h(ws.dqkv.get(), N * HD, QKV, HD); });
+    unless_pinned("dk", [&] { return d2h(ws.dqkv.get() + HD, N * KVHD, QKV, KVHD); });
+    unless_pinned("dv", [&] { return d2h(ws.dqkv.get() + HD + KVHD, N * KVHD, QKV, KVHD); });
     const std::string pre = "model.layers." + std::to_string(l) + ".";
     for (auto& [name, t] : download(lora.grads.get()))
       if (name.rfind(pre, 0) == 0) {
@@ -924,16 +956,20 @@ struct Engine::Impl : Dims {
     return out;
   }
 
-  std::map<std::string, std::vector<float>> probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale) {
+  std::map<std::string, std::vector<float>> probe_head(const Batch& mb, const std::vector<float>& x,
+                                                       const std::vector<float>& xf, float grad_scale) {
     upload_inputs(mb, {}, 0);
     const int64_t N = mb.B * mb.T;
-    if (int64_t(x.size()) != N * D) throw InputError("fast: probe inputs must be (N, D)");
+    if (int64_t(x.size()) != N * D || (!xf.empty() && int64_t(xf.size()) != N * D))
+      throw InputError("fast: probe inputs must be (N, D)");
     float* xin = ck_dev(0);
     h2d(xin, x.data(), size_t(N * D) * 4);
-    head(N, xin, grad_scale);
     std::map<std::string, std::vector<float>> out;
+    const std::map<std::string, std::vector<float>> pins = {{"xf", xf}};
+    const OpPin pin = pin_from(pins, out);
+    head(N, xin, grad_scale, xf.empty() ? nullptr : &pin);
     out["row_loss"] = d2h(ws.row_loss.get(), N);
-    out["xf"] = d2h(ws.xf.get(), N * D);
+    if (!out.count("xf")) out["xf"] = d2h(ws.xf.get(), N * D);
     out["dxf"] = d2h(ws.dxf.get(), N * D);
     out["dx"] = d2h(ws.dres.get(), N * D);
     return out;
@@ -1057,13 +1093,15 @@ double Engine::grad_norm() {
   return impl_->grad_norm();
 }
 std::map<std::string, std::vector<float>> Engine::probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
-                                                              const std::vector<float>& dy, const std::vector<float>& x_mid) {
+                                                              const std::vector<float>& dy,
+                                                              const std::map<std::string, std::vector<float>>& pins) {
   GEMMA_ON_DEVICE();
-  return impl_->probe_layer(l, mb, x, dy, x_mid);
+  return impl_->probe_layer(l, mb, x, dy, pins);
 }
-std::map<std::string, std::vector<float>> Engine::probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale) {
+std::map<std::string, std::vector<float>> Engine::probe_head(const Batch& mb, const std::vector<float>& x,
+                                                             const std::vector<float>& xf, float grad_scale) {
   GEMMA_ON_DEVICE();
-  return impl_->probe_head(mb, x, grad_scale);
+  return impl_->probe_head(mb, x, xf, grad_scale);
 }
 std::vector<float> Engine::probe_embedding(const Batch& mb) {
   GEMMA_ON_DEVICE();

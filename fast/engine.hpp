@@ -72,11 +72,14 @@ class Engine {
   // The 2-norm of every adapter gradient together (float64 sum of squares of the fp32 gradients; deterministic).
   double grad_norm();
   // The gate's probes (fast.hpp, Probe): layer l, the head and the embedding run by the engine's own code on the
-  // given micro-batch (positions, documents, padding) and inputs. probe_layer zeroes the adapter gradients; its MLP
-  // half runs on x_mid (LayerProbeInput's pin), and its "x_mid" output is the attention half's own.
+  // given micro-batch (positions, documents, padding) and inputs. probe_layer zeroes the adapter gradients; with
+  // pins (LayerProbeInput::pins) every operation runs on its inputs' pins, and each output named is the operation's
+  // own. probe_head's xf (or empty) is the LM head's input in place of the final norm's own.
   std::map<std::string, std::vector<float>> probe_layer(int64_t l, const Batch& mb, const std::vector<float>& x,
-                                                        const std::vector<float>& dy, const std::vector<float>& x_mid);
-  std::map<std::string, std::vector<float>> probe_head(const Batch& mb, const std::vector<float>& x, float grad_scale);
+                                                        const std::vector<float>& dy,
+                                                        const std::map<std::string, std::vector<float>>& pins);
+  std::map<std::string, std::vector<float>> probe_head(const Batch& mb, const std::vector<float>& x,
+                                                       const std::vector<float>& xf, float grad_scale);
   std::vector<float> probe_embedding(const Batch& mb);
   void synchronize();
 

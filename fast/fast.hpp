@@ -66,22 +66,26 @@ struct LayerProbeInput {
   int64_t layer = 0;
   std::vector<float> x;   // (N, D) residual entering the layer
   std::vector<float> dy;  // (N, D) gradient of the layer's output (bf16 values)
-  std::vector<float> x_mid;  // (N, D) the post-attention residual the MLP half runs on, in place of its own
+  // The pins: by name (ref::kPinnedOps: xn1, q, k, v after RoPE, att, o, x_mid, xn2, gate, up, act, down; d_gate,
+  // d_up, d_o, d_att, dq, dk, dv), (N, width) row-major, the value each operation's successor runs on in place of
+  // the operation's own output (the gate's emulation's). Empty: nothing pinned, the layer runs as in a step.
+  std::map<std::string, std::vector<float>> pins;
 };
 struct HeadProbeInput {
   int64_t micro = 0;
   std::vector<float> x;   // (N, D) residual entering the final norm
+  std::vector<float> xf;  // (N, D) the LM head's input in place of the final norm's own (bf16 values); empty: none
   double grad_scale = 1;  // 1 / (the step's scored targets)
 };
 struct GateOutput {
   Output step;
   TensorMap adapters_after_step;                  // fp32, after one AdamW step on step.grads
   std::vector<std::vector<float>> embedding;      // per micro-batch: (N, D) embedding times normalizer
-  // Per LayerProbeInput: xn1, q, k, v (after RoPE), att, o, x_mid (the layer's own, before the pin), xn2, gate, up,
-  // act, down, x_out (the MLP half's on the pinned x_mid); dx, d_o, d_gate,
-  // d_up, d_att, dq, dk, dv; the layer's adapter gradients by name (that micro-batch alone).
+  // Per LayerProbeInput: xn1, q, k, v (after RoPE), att, o, x_mid, xn2, gate, up, act, down, x_out; dx, d_o,
+  // d_gate, d_up, d_att, dq, dk, dv, each what its own operation computed (before a pin replaced it); the layer's
+  // adapter gradients by name (that micro-batch alone).
   std::vector<std::map<std::string, std::vector<float>>> layers;
-  std::vector<std::map<std::string, std::vector<float>>> heads;  // per HeadProbeInput: row_loss, xf, dxf, dx
+  std::vector<std::map<std::string, std::vector<float>>> heads;  // per HeadProbeInput: row_loss, xf (its own), dxf, dx
 };
 GateOutput gate_run(const Checkpoint& ck, const std::vector<Batch>& micro, const Options& opt, const AdamWConfig& adamw,
                     const std::vector<LayerProbeInput>& layers, const std::vector<HeadProbeInput>& heads);

@@ -8,6 +8,8 @@
 #pragma once
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <functional>
 #include <string>
 
 #include "fast/attention_sm90.cuh"
@@ -22,6 +24,12 @@
 
 namespace gemma::fast {
 namespace {
+
+// A gate probe's pin (LayerProbeInput::pins, ref::kPinnedOps): called right after the operation that wrote tensor
+// `name`, (rows, cols) at ptr with leading dimension ld elements, fp32 or bf16; it keeps the operation's own output
+// and writes the pinned value in its place, so the next operation runs on the gate's emulation's input. Synchronous
+// with the host: probes only.
+using OpPin = std::function<void(const char* name, void* ptr, int64_t rows, int64_t cols, int64_t ld, bool fp32)>;
 
 // What a layer's passes run with besides the layer's own weights and activations.
 struct LayerRun {
@@ -38,8 +46,12 @@ struct LayerRun {
   bool mlp_only = false;     // recompute_mlp_only: the attention block's and down_proj's outputs are the layer's own
   bool gate_up_kept = false;  // this recomputation's layer keeps its gate|up output: only the norms and GeGLU run
   bool att_current = true;    // A.att holds this layer's bf16 attention output; if not, the backward rounds A.o32
+  const OpPin* pin = nullptr;  // a gate probe's pins (then att_current: A.att holds the pinned output); else null
 
   void mark(const std::string& name) const { prof.mark(name, stream); }
+  void pinned(const char* name, void* ptr, int64_t rows, int64_t cols, int64_t ld, bool fp32 = false) const {
+    if (pin) (*pin)(name, ptr, rows, cols, ld, fp32);
+  }
 };
 
 // The attention kernels' arguments for layer l on activations A (fast/attention.cuh, AttnParams).
@@ -85,14 +97,13 @@ inline AttnParams attn_params(const LayerRun& run, int64_t l, int64_t B, int64_t
 // post_attention_layernorm(o(attention(RoPE(q|k|v(xn1))))), xn1, xn2 the input norms; activations into A. In a
 // recompute_mlp_only recomputation the attention block and down_proj are skipped (A holds them), and gate|up too
 // where the layer keeps it (gate_up_kept), and x_out is not written. W: the layer's norm scales; G: its projection
-// groups (base weights and adapters, splits prepared). x_mid_pin (the gate's probes; else null): (N, D) fp32, the
-// x_mid the MLP half runs on (and A.x_mid holds, for the backward), the attention half's own copied to x_mid_own.
+// groups (base weights and adapters, splits prepared). With run.pin (a gate probe), every operation's output is
+// replaced by its pin before the next operation reads it (reference/gemma2.hpp's layer_forward pins the same ones).
 inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W, const std::array<LoraGroupDev, 4>& G,
-                          const Acts& A, const float* x_in, float* x_out, int64_t B, int64_t T,
-                          const float* x_mid_pin = nullptr, float* x_mid_own = nullptr) {
+                          const Acts& A, const float* x_in, float* x_out, int64_t B, int64_t T) {
   const Dims& d = run.d;
   Workspace& ws = run.ws;
-  const int64_t N = B * T, D = d.D, I = d.I;
+  const int64_t N = B * T, D = d.D, I = d.I, HD = d.HD, KVHD = d.KVHD, QKV = d.QKV;
   const int r = d.r;
   const float s = d.s, eps = d.eps;
   cudaStream_t stream = run.stream;
@@ -103,6 +114,7 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
   const int64_t delta_n = int64_t(ws.dacc.size());
   rmsnorm_forward_in(A.xn1, A.rstd, x_in, W.scale.get(), N, D, eps, stream);
   run.mark(ph + " norms");
+  run.pinned("xn1", A.xn1, N, D, D);
   if (!kept) {
     group_forward(h, G[kQKV], r, s, A.xn1, N, A.qkv, A.L[kQKV], ws.part.get(), delta, delta_n, stream,
                   [&] { run.mark(ph + " q|k|v_proj (base product)"); });
@@ -110,30 +122,37 @@ inline void layer_forward(const LayerRun& run, int64_t l, const LayerWeights& W,
     // q's H heads and k's KV heads are adjacent in a q|k|v row: one launch rotates both.
     rope_forward(A.qkv, d.QKV, N, T, ws.pos.get(), int(d.H + d.KV), int(d.hd), ws.cosv.get(), ws.sinv.get(), stream);
     run.mark(ph + " rope");
+    run.pinned("q", A.qkv, N, HD, QKV);
+    run.pinned("k", A.qkv + HD, N, KVHD, QKV);
+    run.pinned("v", A.qkv + HD + KVHD, N, KVHD, QKV);
     attention_forward(attn_params(run, l, B, T, A), stream);
     run.mark(ph + " attention");
+    run.pinned("att", A.att, N, HD, HD);
     group_forward(h, G[kO], r, s, A.att, N, A.o, A.L[kO], ws.part.get(), delta, delta_n, stream,
                   [&] { run.mark(ph + " o_proj (base product)"); });
     run.mark(ph + " o_proj LoRA terms");
+    run.pinned("o", A.o, N, D, D);
   }
   rmsnorm_forward_post(A.x_mid, A.rstd + N, A.o, W.scale.get() + D, x_in, N, D, eps, stream);
-  if (x_mid_pin) {
-    GEMMA_CUDA(cudaMemcpyAsync(x_mid_own, A.x_mid, size_t(N * D) * 4, cudaMemcpyDeviceToDevice, stream));
-    GEMMA_CUDA(cudaMemcpyAsync(A.x_mid, x_mid_pin, size_t(N * D) * 4, cudaMemcpyDeviceToDevice, stream));
-  }
+  run.pinned("x_mid", A.x_mid, N, D, D, true);
   rmsnorm_forward_in(A.xn2, A.rstd + 2 * N, A.x_mid, W.scale.get() + 2 * D, N, D, eps, stream);
   run.mark(ph + " norms");
+  run.pinned("xn2", A.xn2, N, D, D);
   if (!run.gate_up_kept) {
     group_forward(h, G[kGU], r, s, A.xn2, N, A.gu, A.L[kGU], ws.part.get(), delta, delta_n, stream,
                   [&] { run.mark(ph + " gate|up_proj (base product)"); });
     run.mark(ph + " gate|up_proj LoRA terms");
   }
+  run.pinned("gate", A.gu, N, I, 2 * I);
+  run.pinned("up", A.gu + I, N, I, 2 * I);
   geglu_forward(A.act, A.gu, N, I, stream);
   run.mark(ph + " geglu");
+  run.pinned("act", A.act, N, I, I);
   if (kept) return;  // down_proj's output and the last norm's 1/rms are kept; the layer's output is not needed
   group_forward(h, G[kDown], r, s, A.act, N, A.down, A.L[kDown], ws.part.get(), delta, delta_n, stream,
                 [&] { run.mark(ph + " down_proj (base product)"); });
   run.mark(ph + " down_proj LoRA terms");
+  run.pinned("down", A.down, N, D, D);
   rmsnorm_forward_post(x_out, A.rstd + 3 * N, A.down, W.scale.get() + 3 * D, A.x_mid, N, D, eps, stream);
   run.mark(ph + " norms");
 }
@@ -158,6 +177,8 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
   run.mark("bwd down_proj LoRA terms");
   geglu_backward(ws.dgu.get(), ws.dacc.get(), A.gu, N, I, stream);
   run.mark("bwd geglu");
+  run.pinned("d_gate", ws.dgu.get(), N, I, 2 * I);
+  run.pinned("d_up", ws.dgu.get() + I, N, I, 2 * I);
   group_backward(h, G[kGU], r, s, A.xn2, ws.dgu.get(), A.L[kGU], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
                  ws.gpart.get(), stream, [&] { run.mark("bwd gate|up_proj (base product)"); },
                  [&] { run.mark("bwd gate|up_proj LoRA terms"); });
@@ -166,6 +187,7 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
   // x_mid = x + post_attention_layernorm(o_proj(attention(...)))
   rmsnorm_backward_post(ws.dsmall.get(), ws.dres.get(), A.o, A.rstd + N, W.scale.get() + D, N, D, stream);
   run.mark("bwd norms");
+  run.pinned("d_o", ws.dsmall.get(), N, D, D);
   if (!run.att_current) {  // the attention kernels' rounding of the same fp32 values: the same bits
     to_bf16(A.att, HD, A.o32, HD, N, HD, stream);
     run.mark("bwd attention output to bf16");
@@ -175,6 +197,7 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
                  [&] { run.mark("bwd o_proj LoRA terms"); });
   to_bf16(ws.datt.get(), HD, ws.dacc.get(), HD, N, HD, stream);
   run.mark("bwd o_proj LoRA terms");
+  run.pinned("d_att", ws.datt.get(), N, HD, HD);
   attention_backward(attn_params(run, l, B, T, A), stream);
   run.mark("bwd attention");
   rope_backward(ws.dqkv.get(), QKV, ws.dQ.get(), HD, N, T, ws.pos.get(), int(H), int(hd), ws.cosv.get(),
@@ -183,6 +206,9 @@ inline void layer_backward(const LayerRun& run, int64_t l, const LayerWeights& W
                 ws.sinv.get(), stream);
   to_bf16(ws.dqkv.get() + HD + KVHD, QKV, ws.dV.get(), KVHD, N, KVHD, stream);
   run.mark("bwd rope, dv to bf16");
+  run.pinned("dq", ws.dqkv.get(), N, HD, QKV);
+  run.pinned("dk", ws.dqkv.get() + HD, N, KVHD, QKV);
+  run.pinned("dv", ws.dqkv.get() + HD + KVHD, N, KVHD, QKV);
   group_backward(h, G[kQKV], r, s, A.xn1, ws.dqkv.get(), A.L[kQKV], N, ws.dacc.get(), ws.part.get(), ws.Lb.get(),
                  ws.gpart.get(), stream, [&] { run.mark("bwd q|k|v_proj (base product)"); },
                  [&] { run.mark("bwd q|k|v_proj LoRA terms"); });

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -444,22 +445,26 @@ void rmsnorm_backward(const Mat<Real>& dout,  // (N, D)
 // gemma2-2b widths, the head's backward): the trainer sat at rel L2 8.4e-4 from the emulation, where this model
 // gives about 1e-3 and jitter alone 1e-4. y (n values, before their cast) moves by a deterministic pseudo-random
 // fraction in [-1, 1) of that size; q holds sqrt(sum_k (a_k b_k)^2) for each.
+// One value's move: y, the i-th of its array, a sum of K terms whose root-sum-square is q.
+template <class Real>
+Real accum_noised(const Policy& p, const Real& y, const Real& q, int64_t i, int64_t K) {
+  const double v = static_cast<double>(y);
+  uint64_t b;
+  std::memcpy(&b, &v, 8);
+  b ^= (uint64_t(i) + 0x5bd1e995ull * (p.jitter_seed + 1)) * 0x9e3779b97f4a7c15ull;
+  b = (b ^ (b >> 30)) * 0xbf58476d1ce4e5b9ull;  // SplitMix64's finalizer, as in jittered()
+  b = (b ^ (b >> 27)) * 0x94d049bb133111ebull;
+  b ^= b >> 31;
+  const double r = double(b >> 11) * 0x1.0p-52 - 1.0;
+  const double bound = p.accum_jitter * 0x1p-24 * double((K + 15) / 16);
+  return Real(v + r * bound * static_cast<double>(q));
+}
+
 template <class Real>
 void accum_noise(const Policy& p, Real* y, const Real* q, int64_t n, int64_t K) {
   if (p.accum_jitter == 0) return;
-  const double bound = p.accum_jitter * 0x1p-24 * double((K + 15) / 16);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = static_cast<double>(y[i]);
-    uint64_t b;
-    std::memcpy(&b, &v, 8);
-    b ^= (uint64_t(i) + 0x5bd1e995ull * (p.jitter_seed + 1)) * 0x9e3779b97f4a7c15ull;
-    b = (b ^ (b >> 30)) * 0xbf58476d1ce4e5b9ull;  // SplitMix64's finalizer, as in jittered()
-    b = (b ^ (b >> 27)) * 0x94d049bb133111ebull;
-    b ^= b >> 31;
-    const double r = double(b >> 11) * 0x1.0p-52 - 1.0;
-    y[i] = Real(v + r * bound * static_cast<double>(q[i]));
-  }
+  for (int64_t i = 0; i < n; ++i) y[i] = accum_noised(p, y[i], q[i], i, K);
 }
 
 // sqrt(a^2 b^2), elementwise squares: the root-sum-square of the products of a b.
@@ -685,14 +690,11 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
         if (s > mx) mx = s;
       }
       Real sum = Real(0);
+      for (int64_t j = 0; j <= i; ++j)
+        if (ctx.visible(layer, b, i, j)) sum += exp(P(i, j) - mx);
       for (int64_t j = 0; j <= i; ++j) {
         if (!ctx.visible(layer, b, i, j)) continue;
-        P(i, j) = exp(P(i, j) - mx);
-        sum += P(i, j);
-      }
-      for (int64_t j = 0; j <= i; ++j) {
-        if (!ctx.visible(layer, b, i, j)) continue;
-        P(i, j) = cast(p, Cast::attn_probs, P(i, j) / sum);
+        P(i, j) = cast(p, Cast::attn_probs, Real(exp(P(i, j) - mx) / sum));
         for (int64_t d = 0; d < hd; ++d) out(b * T + i, h * hd + d) += P(i, j) * v(b * T + j, g * hd + d);
       }
     }
@@ -707,41 +709,104 @@ void attention_backward(const Mat<Real>& dout,  // (N, H*hd)
                         Mat<Real>& dq,  // (N, H*hd)
                         Mat<Real>& dk,  // (N, KV*hd)
                         Mat<Real>& dv) {  // (N, KV*hd)
+  using std::sqrt;
   const Config& c = ctx.cfg;
+  const Policy& p = ctx.policy;
   const int64_t B = ctx.B, T = ctx.T, H = c.num_attention_heads, KV = c.num_key_value_heads, hd = c.head_dim,
                 G = c.kv_groups();
   dq.setZero(B * T, H * hd);
   dk.setZero(B * T, KV * hd);
   dv.setZero(B * T, KV * hd);
+  // Tensor-core accumulation (Policy::accum_jitter) in the backward's sums: dP = dO v (hd terms), the row's
+  // sum D = sum_j P dP (its keys), and dq, dk, dv (their keys or queries). A fused kernel computes D from the fp32
+  // output instead and dS in fp32, so its D is off by about as much, and D matters most: dS = P (dP - D) cancels
+  // to a small dq where dP hardly varies over the keys, and an error in D moves dq by D's error times the row's
+  // mean key, unattenuated. Without this the correct variants agreed with the emulation on dq nearly bit for bit
+  // on probed layers, and the H200's correct kernels differed in 6.1% of dq values (gemma2-2b; docs/verification.md).
+  const bool noisy = p.accum_jitter != 0;
+  Mat<Real> rq, rk, rv;  // the sums of squares of dq's, dk's and dv's terms
+  Mat<int64_t> nq, nkv;  // how many terms each row of dq (per query head) and of dk, dv (per kv head) summed
+  if (noisy) {
+    rq.setZero(B * T, H * hd);
+    rk.setZero(B * T, KV * hd);
+    rv.setZero(B * T, KV * hd);
+    nq.setZero(B * T, H);
+    nkv.setZero(B * T, KV);
+  }
   // One task per (sequence, kv head): it owns that head's dk and dv and its query heads' dq.
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bg = 0; bg < B * KV; ++bg) {
     const int64_t b = bg / KV, g = bg % KV;
     std::vector<Real> dP(static_cast<size_t>(T));
+    std::vector<Real> o_row(noisy ? static_cast<size_t>(hd) : 0);  // the fp32 output row O = P v, for D's bound
     for (int64_t h = g * G; h < (g + 1) * G; ++h) {
       const Mat<Real>& S = cache.S[size_t(b * H + h)];
       const Mat<Real>& P = cache.P[size_t(b * H + h)];
       for (int64_t i = 0; i < T; ++i) {
-        Real rowdot = Real(0);
+        Real rowdot = Real(0), rowdot_sq = Real(0);
+        int64_t keys = 0;
         for (int64_t j = 0; j <= i; ++j) {
           if (!ctx.visible(layer, b, i, j)) continue;
-          Real d = Real(0);
-          for (int64_t e = 0; e < hd; ++e) d += dout(b * T + i, h * hd + e) * v(b * T + j, g * hd + e);
+          Real d = Real(0), d_sq = Real(0);
+          for (int64_t e = 0; e < hd; ++e) {
+            const Real t = dout(b * T + i, h * hd + e) * v(b * T + j, g * hd + e);
+            d += t;
+            if (noisy) d_sq += t * t;
+          }
+          if (noisy) d = accum_noised(p, d, Real(sqrt(d_sq)), ((b * H + h) * T + i) * T + j, hd);
           dP[size_t(j)] = d;
           rowdot += P(i, j) * d;
+          if (noisy) rowdot_sq += P(i, j) * d * P(i, j) * d;
+          ++keys;
+        }
+        if (noisy && keys) {
+          // A fused kernel sums D = dO . O over head_dim instead, O being its fp32 output: the bound takes both
+          // forms of the sum (keys and head_dim steps), since either is a correct kernel's.
+          std::fill(o_row.begin(), o_row.end(), Real(0));
+          for (int64_t j = 0; j <= i; ++j)
+            if (ctx.visible(layer, b, i, j))
+              for (int64_t e = 0; e < hd; ++e) o_row[size_t(e)] += P(i, j) * v(b * T + j, g * hd + e);
+          Real o_sq = Real(0);
+          for (int64_t e = 0; e < hd; ++e) {
+            const Real t = dout(b * T + i, h * hd + e) * o_row[size_t(e)];
+            o_sq += t * t;
+          }
+          const Real bound = Real(double((keys + 15) / 16)) * sqrt(rowdot_sq) + Real(double((hd + 15) / 16)) * sqrt(o_sq);
+          rowdot = accum_noised(p, rowdot, bound, (b * H + h) * T + i, 16);
+          nq(b * T + i, h) = keys;
         }
         for (int64_t j = 0; j <= i; ++j) {
           if (!ctx.visible(layer, b, i, j)) continue;
-          for (int64_t e = 0; e < hd; ++e) dv(b * T + j, g * hd + e) += P(i, j) * dout(b * T + i, h * hd + e);
+          for (int64_t e = 0; e < hd; ++e) {
+            const Real t = P(i, j) * dout(b * T + i, h * hd + e);
+            dv(b * T + j, g * hd + e) += t;
+            if (noisy) rv(b * T + j, g * hd + e) += t * t;
+          }
           Real dS = P(i, j) * (dP[size_t(j)] - rowdot);  // softmax backward
           if (ctx.attn_cap_on && !ctx.sem.attn_softcap_grad_missing) dS *= softcap_grad(S(i, j), ctx.attn_cap);
           dS *= ctx.scale;
           for (int64_t e = 0; e < hd; ++e) {
-            dq(b * T + i, h * hd + e) += dS * k(b * T + j, g * hd + e);
-            dk(b * T + j, g * hd + e) += dS * q(b * T + i, h * hd + e);
+            const Real tq = dS * k(b * T + j, g * hd + e), tk = dS * q(b * T + i, h * hd + e);
+            dq(b * T + i, h * hd + e) += tq;
+            dk(b * T + j, g * hd + e) += tk;
+            if (noisy) {
+              rq(b * T + i, h * hd + e) += tq * tq;
+              rk(b * T + j, g * hd + e) += tk * tk;
+            }
           }
+          if (noisy) ++nkv(b * T + j, g);
         }
       }
+    }
+  }
+  if (!noisy) return;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < B * T; ++n) {
+    for (int64_t x = 0; x < H * hd; ++x)
+      dq(n, x) = accum_noised(p, dq(n, x), Real(sqrt(rq(n, x))), n * H * hd + x, nq(n, x / hd));
+    for (int64_t x = 0; x < KV * hd; ++x) {
+      dk(n, x) = accum_noised(p, dk(n, x), Real(sqrt(rk(n, x))), n * KV * hd + x, nkv(n, x / hd));
+      dv(n, x) = accum_noised(p, dv(n, x), Real(sqrt(rv(n, x))), (B * T + n) * KV * hd + x, nkv(n, x / hd));
     }
   }
 }
@@ -767,13 +832,12 @@ struct LayerCache {
   Mat<Real> down;                  // (N, D) down_proj output (post_feedforward_layernorm input)
 };
 
-// What a probe of one layer records (the gate's layer-by-layer comparison, check/gate.cpp): the forward's
+// What a probe of one layer records (the gate's layer-by-layer comparison, check/fast_backend.cpp): the forward's
 // intermediates, the layer's output, and the backward's activation gradients at the points where a trainer
 // hands them from one kernel to the next (each after its grad_act cast).
 template <class Real>
 struct LayerTrace {
-  LayerCache<Real> cache;  // forward intermediates; cache.x is the layer's input
-  Mat<Real> x_mid_own;     // (N, D) where a probe pinned cache.x_mid (probe_layer): the residual its own attention gave
+  LayerCache<Real> cache;  // forward intermediates as the next operation used them; cache.x is the layer's input
   Mat<Real> x_out;         // (N, D) the layer's output
   Mat<Real> dy;            // (N, D) gradient of the output: the backward's input
   Mat<Real> dx;            // (N, D) gradient of the input
@@ -781,12 +845,54 @@ struct LayerTrace {
   Mat<Real> d_gate, d_up;  // (N, I) gradients of the gate_proj and up_proj outputs
   Mat<Real> d_att;         // (N, H*hd) gradient of the attention output
   Mat<Real> dq, dk, dv;    // gradients of the q/k/v_proj outputs (after the RoPE backward)
+  // A pinned probe's own outputs (probe_layer): by kPinnedOps name, what the operation computed before the pin
+  // replaced it with the emulation's value. Empty when nothing was pinned.
+  std::map<std::string, Mat<Real>> own;
 };
 
-// The post-attention residual the layer computed: a pinned probe's own, else the one its MLP half ran on.
+// The tensors a pinned probe replaces, each right after the operation that makes it (probe_layer): the forward's
+// in the order the layer computes them, then the backward's. A layer's output and its input gradient are not
+// pinned: nothing in the layer reads them.
+inline constexpr std::array<const char*, 19> kPinnedOps = {"xn1",   "q",    "k",      "v",    "att",  "o",  "x_mid",
+                                                          "xn2",   "gate", "up",     "act",  "down", "d_gate", "d_up",
+                                                          "d_o",   "d_att", "dq",    "dk",   "dv"};
+
+// What layer operation `name` computed: a pinned probe's own value, else the one the layer went on with (`used`).
 template <class Real>
-const Mat<Real>& own_x_mid(const LayerTrace<Real>& t) {
-  return t.x_mid_own.size() ? t.x_mid_own : t.cache.x_mid;
+const Mat<Real>& probed(const LayerTrace<Real>& t, const std::string& name, const Mat<Real>& used) {
+  const auto it = t.own.find(name);
+  return it != t.own.end() ? it->second : used;
+}
+
+// The values a pinned probe runs a layer's operations on (probe_layer), by kPinnedOps name, each (N, width).
+template <class Real>
+using LayerPins = std::map<std::string, Mat<Real>>;
+
+// The pins for a probe of the layer `t` traced (the emulation's values at every operation), in Real.
+template <class Real, class From>
+LayerPins<Real> pins_from(const LayerTrace<From>& t) {
+  const LayerCache<From>& c = t.cache;
+  const std::map<std::string, const Mat<From>*> at = {
+      {"xn1", &c.xn1},     {"q", &c.q},       {"k", &c.k},     {"v", &c.v},       {"att", &c.att},
+      {"o", &c.o},         {"x_mid", &c.x_mid}, {"xn2", &c.xn2}, {"gate", &c.gate}, {"up", &c.up},
+      {"act", &c.act},     {"down", &c.down}, {"d_gate", &t.d_gate}, {"d_up", &t.d_up}, {"d_o", &t.d_o},
+      {"d_att", &t.d_att}, {"dq", &t.dq},     {"dk", &t.dk},   {"dv", &t.dv}};
+  LayerPins<Real> p;
+  for (const char* name : kPinnedOps) p[name] = at.at(name)->template cast<Real>();
+  return p;
+}
+
+// A pinned probe's step after operation `name`: its own output v goes to own[name] and v becomes the pin, so the
+// next operation runs on the emulation's value and no correct kernel's rounding reaches it. No-op without pins.
+template <class Real>
+void pin_op(const char* name, Mat<Real>& v, const LayerPins<Real>* pins, std::map<std::string, Mat<Real>>* own) {
+  if (!pins) return;
+  const auto it = pins->find(name);
+  if (it == pins->end()) throw std::logic_error(std::string("pin_op: no pin for ") + name);
+  if (it->second.rows() != v.rows() || it->second.cols() != v.cols())
+    throw std::logic_error(std::string("pin_op: the pin for ") + name + " has another shape than the operation's output");
+  (*own)[name] = std::move(v);
+  v = it->second;
 }
 
 // A whole micro-batch traced: the embedding output, every layer, and the head.
@@ -795,7 +901,8 @@ struct Trace {
   Mat<Real> x0;                      // (N, D) embedding times normalizer
   std::vector<LayerTrace<Real>> layers;
   Mat<Real> x_final;                 // (N, D) residual entering the final norm
-  Mat<Real> xf;                      // (N, D) final norm output (the LM head's input)
+  Mat<Real> xf;                      // (N, D) final norm output (the LM head's input, pinned where probe_head was given one)
+  Mat<Real> xf_own;                  // (N, D) a pinned head probe's own final norm output; empty otherwise
   Mat<Real> dxf;                     // (N, D) its gradient
   Mat<Real> dx_final;                // (N, D) gradient of the residual entering the final norm
   std::vector<Real> row_loss;        // (N) per-position losses
@@ -811,13 +918,14 @@ Real activation_grad(const Real& x, const Semantics& sem) {
 }
 
 // One decoder layer (HF Gemma2DecoderLayer.forward) on the residual x, its intermediates kept in c for the
-// backward. x_mid_pin (a probe's, else null): the post-attention residual the MLP half runs on instead of the one the
-// attention half gave, which then goes to *x_mid_own; c.x_mid holds the pinned one, so the backward is the MLP's
-// on the values it saw.
+// backward. pins (a probe's, else null): each operation's output is replaced by pins' value of it before the next
+// operation reads it, the layer's own going to *own (pin_op); c holds the pinned values, so the backward is the
+// layer's on the values its operations saw.
 template <class Real>
 void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
                    Mat<Real>& x,  // (N, D) residual stream, updated in place
-                   LayerCache<Real>& c, const Mat<Real>* x_mid_pin = nullptr, Mat<Real>* x_mid_own = nullptr) {
+                   LayerCache<Real>& c, const LayerPins<Real>* pins = nullptr,
+                   std::map<std::string, Mat<Real>>* own = nullptr) {
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
   // Each projection with its own adapter, scaled by that module's own scaling; with lora_dropout, the adapter's
@@ -841,6 +949,7 @@ void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
   c.x = x;
   rmsnorm_forward(x, L.norm[size_t(Norm::input_layernorm)], ctx, c.xn1, c.rstd1);
   cast(p, Cast::matmul_in, c.xn1);
+  pin_op("xn1", c.xn1, pins, own);
   project(Proj::q_proj, c.xn1, c.q);
   project(Proj::k_proj, c.xn1, c.k);
   project(Proj::v_proj, c.xn1, c.v);
@@ -848,25 +957,28 @@ void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
   rope_apply(c.k, ctx.cfg.num_key_value_heads, ctx, false);
   cast(p, Cast::rope_out, c.q);
   cast(p, Cast::rope_out, c.k);
+  pin_op("q", c.q, pins, own);
+  pin_op("k", c.k, pins, own);
+  pin_op("v", c.v, pins, own);
   attention_forward(c.q, c.k, c.v, layer, ctx, c.att, c.attn);
   cast(p, Cast::matmul_in, c.att);
+  pin_op("att", c.att, pins, own);
   project(Proj::o_proj, c.att, c.o);
+  pin_op("o", c.o, pins, own);
   Mat<Real> h;
   rmsnorm_forward(c.o, L.norm[size_t(Norm::post_attention_layernorm)], ctx, h, c.rstd2);
   x += h;
   cast(p, Cast::residual, x);
-  if (x_mid_pin) {
-    if (x_mid_pin->rows() != x.rows() || x_mid_pin->cols() != x.cols())
-      throw std::logic_error("layer_forward: the pinned x_mid is not (N, D)");
-    *x_mid_own = std::move(x);
-    x = *x_mid_pin;
-  }
+  pin_op("x_mid", x, pins, own);
   c.x_mid = x;
 
   rmsnorm_forward(x, L.norm[size_t(Norm::pre_feedforward_layernorm)], ctx, c.xn2, c.rstd3);
   cast(p, Cast::matmul_in, c.xn2);
+  pin_op("xn2", c.xn2, pins, own);
   project(Proj::gate_proj, c.xn2, c.gate);
   project(Proj::up_proj, c.xn2, c.up);
+  pin_op("gate", c.gate, pins, own);
+  pin_op("up", c.up, pins, own);
   c.act.resize(c.gate.rows(), c.gate.cols());
   const int64_t n = c.gate.size();
 #pragma omp parallel for schedule(static)
@@ -875,7 +987,9 @@ void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
     c.act.data()[i] = cast(p, Cast::geglu, a * c.up.data()[i]);
   }
   cast(p, Cast::matmul_in, c.act);
+  pin_op("act", c.act, pins, own);
   project(Proj::down_proj, c.act, c.down);
+  pin_op("down", c.down, pins, own);
   rmsnorm_forward(c.down, L.norm[size_t(Norm::post_feedforward_layernorm)], ctx, h, c.rstd4);
   x += h;
   cast(p, Cast::residual, x);
@@ -884,7 +998,10 @@ void layer_forward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx,
 template <class Real>
 void layer_backward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx, const LayerCache<Real>& c,
                     Mat<Real>& dx,  // (N, D) gradient of the layer output in, of the layer input out
-                    LayerGrads<Real>* g, bool train_all, bool train_norms, LayerTrace<Real>* trace = nullptr) {
+                    LayerGrads<Real>* g, bool train_all, bool train_norms, LayerTrace<Real>* trace = nullptr,
+                    const LayerPins<Real>* pins = nullptr) {  // layer_forward's, for the backward's tensors
+  if (pins && !trace) throw std::logic_error("layer_backward: a pinned backward keeps its own values in a trace");
+  std::map<std::string, Mat<Real>>* own = trace ? &trace->own : nullptr;
   const Policy& p = ctx.policy;
   const auto P = [](Proj q) { return size_t(q); };
   auto dW = [&](Proj q) { return (g && train_all) ? &g->proj[P(q)] : nullptr; };
@@ -913,6 +1030,8 @@ void layer_backward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx, c
   }
   cast(p, Cast::grad_act, dgate);
   cast(p, Cast::grad_act, dup);
+  pin_op("d_gate", dgate, pins, own);
+  pin_op("d_up", dup, pins, own);
   if (trace) {
     trace->d_gate = dgate;
     trace->d_up = dup;
@@ -931,10 +1050,12 @@ void layer_backward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx, c
   Mat<Real> d_o;
   rmsnorm_backward(dx, c.o, c.rstd2, L.norm[size_t(Norm::post_attention_layernorm)], ctx, d_o,
                    dN(Norm::post_attention_layernorm));
+  pin_op("d_o", d_o, pins, own);
   if (trace) trace->d_o = d_o;
   Mat<Real> datt = Mat<Real>::Zero(c.att.rows(), c.att.cols());
   project_back(Proj::o_proj, d_o, c.att, datt);
   cast(p, Cast::grad_act, datt);
+  pin_op("d_att", datt, pins, own);
   if (trace) trace->d_att = datt;
   Mat<Real> dq, dk, dv;
   attention_backward(datt, c.q, c.k, c.v, c.attn, layer, ctx, dq, dk, dv);
@@ -943,6 +1064,9 @@ void layer_backward(const Layer<Real>& L, int64_t layer, const Ctx<Real>& ctx, c
   cast(p, Cast::grad_act, dq);
   cast(p, Cast::grad_act, dk);
   cast(p, Cast::grad_act, dv);
+  pin_op("dq", dq, pins, own);
+  pin_op("dk", dk, pins, own);
+  pin_op("dv", dv, pins, own);
   if (trace) {
     trace->dq = dq;
     trace->dk = dk;
@@ -1031,17 +1155,24 @@ Ctx<Real> run_ctx(const Config& cfg, const RunOptions& opt, const Batch& batch) 
 }
 
 // Final norm, LM head (padded rows masked), final softcap and cross-entropy; with g, the backward down to the
-// residual entering the final norm (dx, (N, D)). Returns the sum of the per-token losses.
+// residual entering the final norm (dx, (N, D)). Returns the sum of the per-token losses. xf_pin (a probe's, else
+// null): (N, D), the LM head's input in place of the final norm's own output, which goes to trace->xf_own.
 template <class Real>
 Real head_forward_backward(const Model<Real>& m, const Batch& batch, const Ctx<Real>& ctx, const Mat<Real>& x,
                            const Real& grad_scale, Grads<Real>* g, Mat<Real>* capped, Mat<Real>* dx,
-                           Trace<Real>* trace) {
+                           Trace<Real>* trace, const Mat<Real>* xf_pin = nullptr) {
   const Policy& p = ctx.policy;
   const int64_t N = x.rows(), D = x.cols();
   Mat<Real> xf;
   Vec<Real> rstd_f;
   rmsnorm_forward(x, m.norm, ctx, xf, rstd_f);
   cast(p, Cast::matmul_in, xf);
+  if (xf_pin) {
+    if (!trace || xf_pin->rows() != N || xf_pin->cols() != D)
+      throw std::logic_error("head_forward_backward: a pinned xf is (N, D) and its own value goes to a trace");
+    trace->xf_own = std::move(xf);
+    xf = *xf_pin;
+  }
   // The real vocabulary's logits are computed exactly as without padding, so padding cannot change them.
   Mat<Real> logits, pad_logits(N, 0);
   linear_forward(xf, m.embed_tokens, logits, &p);
@@ -1153,33 +1284,35 @@ Result<Real> forward_backward(const Model<Real>& m, const Batch& batch, const Ru
 
 // One layer on given inputs (x: the residual entering it, dy: the gradient of its output), forward and backward,
 // traced, with its gradients accumulated into g: how the gate measures a layer's own bf16 noise (jittered
-// policies) on exactly the inputs the fast trainer's layer was given. x_mid (or null): the post-attention residual
-// its MLP half runs on (layer_forward's pin; the attention half's own goes to t.x_mid_own), so that the attention's
-// roundings do not reach the MLP's probes.
+// policies) on exactly the inputs the fast trainer's layer was given. pins (or null): every operation of the layer
+// runs on the emulation's values of its inputs (layer_forward, layer_backward; the operations' own outputs go to
+// t.own), so that a correct implementation's rounding flips stay in the operation that made them and each tensor
+// is judged on its own operation (docs/verification.md, "Every operation pinned").
 template <class Real>
 LayerTrace<Real> probe_layer(const Model<Real>& m, const Batch& batch, const RunOptions& opt, int64_t l, const Mat<Real>& x,
-                             const Mat<Real>& dy, LayerGrads<Real>* g, const Mat<Real>* x_mid = nullptr) {
+                             const Mat<Real>& dy, LayerGrads<Real>* g, const LayerPins<Real>* pins = nullptr) {
   const Ctx<Real> ctx = run_ctx<Real>(m.config, opt, batch);
   LayerTrace<Real> t;
   Mat<Real> xx = x;
-  layer_forward(m.layers[size_t(l)], l, ctx, xx, t.cache, x_mid, &t.x_mid_own);
+  layer_forward(m.layers[size_t(l)], l, ctx, xx, t.cache, pins, &t.own);
   t.x_out = xx;
   t.dy = dy;
   Mat<Real> d = dy;
-  layer_backward(m.layers[size_t(l)], l, ctx, t.cache, d, g, m.train_all, m.train_all || m.train_norms, &t);
+  layer_backward(m.layers[size_t(l)], l, ctx, t.cache, d, g, m.train_all, m.train_all || m.train_norms, &t, pins);
   t.dx = d;
   return t;
 }
 
-// The head on a given final residual x: per-position losses, the final norm's output and the gradients.
+// The head on a given final residual x: per-position losses, the final norm's output and the gradients. xf_pin (or
+// null): the LM head's input in place of the final norm's own (which goes to t.xf_own), as probe_layer's pins.
 template <class Real>
 Trace<Real> probe_head(const Model<Real>& m, const Batch& batch, const RunOptions& opt, const Mat<Real>& x,
-                       const Real& grad_scale) {
+                       const Real& grad_scale, const Mat<Real>* xf_pin = nullptr) {
   const Ctx<Real> ctx = run_ctx<Real>(m.config, opt, batch);
   Trace<Real> t;
   Grads<Real> g = zero_grads(m);
   Mat<Real> dx;
-  head_forward_backward<Real>(m, batch, ctx, x, grad_scale, &g, nullptr, &dx, &t);
+  head_forward_backward<Real>(m, batch, ctx, x, grad_scale, &g, nullptr, &dx, &t, xf_pin);
   return t;
 }
 
