@@ -3,15 +3,18 @@
 // (key j visible to query i iff 0 <= i - j <= W - 1) on sliding layers, causal everywhere. bf16 tensor-core
 // products (mma.sync m16n8k16) with fp32 accumulation; softmax, softcap and its derivative in fp32.
 //
-// Forward, two passes over the keys per query tile: the first finds each row's max m and sum l of
-// exp(z - m) (online, rescaling l as m grows); the second recomputes the capped scores z, forms the
-// normalised probabilities P = exp(z - m) / l, rounds them to bf16 (attn_probs) and accumulates O = P V in fp32.
-// This is the reference's order exactly (normalise, round, multiply), which a one-pass online softmax (round the
-// unnormalised exp, divide O at the end) is not. O is kept in fp32 for the backward and rounded once to bf16
-// (attn_out). Cast points: attn_scores f32, attn_capped f32, attn_probs bf16, attn_out bf16.
+// Forward, one pass over the keys per query tile in 64-key tiles, in ascending order: tile n's capped scores z
+// raise the row's running maximum to m_n, its weights exp(z - m_n) are rounded to bf16 (attn_probs) and O += P~ V
+// in fp32 after O and the row's sum l are scaled by exp(m_{n-1} - m_n); O is divided by l at the end. Since the
+// tiles are the reference's 64-key blocks (Policy::attn_probs_blockwise), each rounding is the reference's: the
+// running maximum at a tile does not depend on how a kernel schedules its work within the row, only on the tiles
+// being visited in order. HF's order (normalise, round, multiply) would need m and l before the first rounding, a
+// second pass. O is kept in fp32 for the backward and rounded once to bf16 (attn_out). Cast points: attn_scores
+// f32, attn_capped f32, attn_probs bf16 (blockwise in the forward), attn_out bf16.
 //
-// Backward recomputes the scores from q and k (pre-cap and post-cap scores are never both stored), rebuilds the
-// same bf16 P from the saved m and l, and uses dS = P (dP - D) sech^2(s / c) scale with D = rowsum(dO * O) and
+// Backward recomputes the scores from q and k (pre-cap and post-cap scores are never both stored), rebuilds P in
+// HF's form bf16(exp(z - m) / l) from the saved m and l, and uses dS = P (dP - D) sech^2(s / c) scale with
+// D = rowsum(dO * O) (the forward's weights, not P: the reference's cache.W) and
 // sech^2 of the recomputed pre-cap score (omitting it is the flash-attn 2.6.0 bug). dS stays fp32: the products
 // dQ = dS K and dK = dS^T Q use its exact three-way bf16 split (common.cuh), so no rounding the reference does not
 // have. dK and dV come from one kernel (a block per key tile, looping over the group's query heads and the query
@@ -55,7 +58,7 @@ struct AttnParams {
   float* m = nullptr;   // (B, H, T) row max of the capped scores
   float* l = nullptr;   // (B, H, T) sum of exp(z - m)
   // m and l already hold these inputs' statistics (a recomputed forward after the first one wrote them): the
-  // forward skips its first pass and leaves them as they are. The outputs are the same bits either way.
+  // forward leaves them as they are. It computes the same bits either way (one pass, the same order).
   bool stats_in = false;
   // backward
   const bf16* dout = nullptr;  // (N, H*hd)
@@ -163,18 +166,6 @@ __device__ __forceinline__ float attn_prob(float z, float m, float inv_l) { retu
 // 1 / l of a row's sum; a row that sees no key (l = 0) never forms a P.
 __device__ __forceinline__ float attn_inv_l(float l) { return l > 0.0f ? __frcp_rn(l) : 0.0f; }
 
-// A forward's saved row statistics for its two rows per thread (stats_in). Rows past T have none saved and see no
-// key (attn_visible), so no P of theirs is ever formed; they get m = +inf and l = 0, values that would make one 0.
-__device__ __forceinline__ void attn_load_stats(const AttnParams& p, int b, int h, const int (&row)[2],
-                                                float (&m)[2], float (&l)[2]) {
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int64_t si = (int64_t(b) * p.H + h) * p.T + row[hr];
-    m[hr] = row[hr] < p.T ? p.m[si] : INFINITY;
-    l[hr] = row[hr] < p.T ? p.l[si] : 0.0f;
-  }
-}
-
 // Shared-memory tile s (rows x HDP, row stride HDP + 8) = rows [row0, row0 + rows) of a head in global memory,
 // zero beyond T and beyond hd (zero padding leaves every dot product exact).
 template <int HDP>
@@ -281,7 +272,7 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[2][4], const bf16 (&x)[4][4
 
 template <int HDP, bool LDM>
 __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnParams p) {
-  constexpr int BR = 64, BC = 32, LDS = HDP + 8, NTD = HDP / 8;
+  constexpr int BR = 64, BC = 64, LDS = HDP + 8, NTD = HDP / 8;  // BC: the reference's kAttnKeyBlock
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + BR * LDS;
@@ -300,45 +291,10 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
   const int j_begin = p.window > 0 ? max(0, i0 - p.window + 1) : 0;
   const int kt0 = j_begin / BC, kt1 = (j_end + BC - 1) / BC;
 
-  // Pass 1: row max and sum (or the ones this attention's first forward saved).
+  // One pass over the 64-key tiles in ascending order (the Hopper forward's, attention_sm90.cuh): tile kt's
+  // weights exp(z - m_kt) rounded to bf16 against the running maximum, O and l scaled by exp(m_{kt-1} - m_kt) first,
+  // O divided by l at the end.
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  if (p.stats_in) attn_load_stats(p, b, h, row, mrow, lrow);
-  for (int kt = kt0; kt < kt1 && !p.stats_in; ++kt) {
-    __syncthreads();
-    load_tile<HDP>(Ks, kg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
-    __syncthreads();
-    float s[4][4];
-    tile_abt<HDP, 4, LDM>(s, Qs, warp * 16, Ks, lane);
-    float z[4][4];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = kt * BC + nt * 8 + 2 * t + (e & 1);
-        z[nt][e] = attn_visible(p, b, row[e >> 1], j) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p)
-                                                                : -INFINITY;
-      }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(z[nt][2 * hr], z[nt][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(mrow[hr], mx);
-      const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
-      float sum = 0;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) sum += attn_exp(z[nt][2 * hr], mref) + attn_exp(z[nt][2 * hr + 1], mref);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref) + sum;
-      mrow[hr] = mnew;
-    }
-  }
-
-  // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V.
-  const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
   float o[NTD][4];
 #pragma unroll
   for (int nd = 0; nd < NTD; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
@@ -347,30 +303,67 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
     load_tile<HDP>(Ks, kg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
     load_tile<HDP>(Vs, vg, p.ld_qkv, kt * BC, BC, p.T, p.hd, p.vec);
     __syncthreads();
-    float s[4][4];
-    tile_abt<HDP, 4, LDM>(s, Qs, warp * 16, Ks, lane);
-    bf16 pb[4][4];
+    float s[8][4];
+    tile_abt<HDP, 8, LDM>(s, Qs, warp * 16, Ks, lane);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int hr = e >> 1, j = kt * BC + nt * 8 + 2 * t + (e & 1);
-        float pv = 0.0f;
-        if (attn_visible(p, b, row[hr], j))
-          pv = attn_prob(attn_capped(__fmul_rn(s[nt][e], p.scale), p), mrow[hr], inv_l[hr]);
-        pb[nt][e] = __float2bfloat16_rn(pv);
+        const int j = kt * BC + nt * 8 + 2 * t + (e & 1);
+        s[nt][e] = attn_visible(p, b, row[e >> 1], j) ? attn_capped(__fmul_rn(s[nt][e], p.scale), p) : -INFINITY;
       }
-    uint32_t aP[2][4];
-    c_to_a(aP, pb);
+    float alpha[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mnew = fmaxf(mrow[hr], mx);
+      const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
+      alpha[hr] = attn_exp(mrow[hr], mref);  // exactly 1 where the maximum stays
+      float sum = 0;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
+          s[nt][e] = s[nt][e] == -INFINITY ? 0.0f : attn_exp(s[nt][e], mref);
+          sum += s[nt][e];
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      lrow[hr] = lrow[hr] * alpha[hr] + sum;
+      mrow[hr] = mnew;
+    }
 #pragma unroll
     for (int nd = 0; nd < NTD; ++nd)
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        uint32_t bb[2];
-        frag_b_kn<LDM>(bb, Vs, LDS, kk * 16, nd * 8, lane);
-        mma16816(o[nd], aP[kk], bb);
-      }
+      for (int e = 0; e < 4; ++e) o[nd][e] *= alpha[e >> 1];
+    bf16 pb[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pb[nt][e] = __float2bfloat16_rn(s[nt][e]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      uint32_t aP[2][4];
+      c_to_a(aP, *reinterpret_cast<const bf16(*)[4][4]>(&pb[4 * half]));
+#pragma unroll
+      for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          uint32_t bb[2];
+          frag_b_kn<LDM>(bb, Vs, LDS, 32 * half + kk * 16, nd * 8, lane);
+          mma16816(o[nd], aP[kk], bb);
+        }
+    }
   }
+  const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
+#pragma unroll
+  for (int nd = 0; nd < NTD; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nd][e] *= inv_l[e >> 1];
 
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -395,8 +388,9 @@ __global__ void __launch_bounds__(kAttnThreads) attn_forward_kernel(const AttnPa
   }
 }
 
-// D = rowsum(dO * O) per (token, head), the softmax backward's rowsum(P * dP) (equal in exact arithmetic, since
-// O = P V with the same bf16 P; O is the fp32 sum, so no rounding enters here). A warp per (token, head), the
+// D = rowsum(dO * O) per (token, head), the softmax backward's rowsum(W * dP) with W the forward's weights
+// (O = W V; the reference's attention_backward takes D in this form under Policy::attn_probs_blockwise). O is the
+// fp32 sum, so no rounding enters here. A warp per (token, head), the
 // warps in (b, h, t) order: consecutive warps' lane 0 then read m, l and write D and p.tile_stats at consecutive
 // addresses (in token order they were T floats apart: 63-67 us a launch at 9b 2 x 4096 against 58-60 now, ncu).
 __global__ void attn_rowdot_kernel(const AttnParams p) {
@@ -718,7 +712,7 @@ inline void attn_set_derived(AttnParams& p) {
 
 template <int HDP, bool LDM>
 void attn_forward_launch(const AttnParams& p, cudaStream_t st) {
-  const int smem = (64 + 32 + 32) * (HDP + 8) * int(sizeof(bf16));
+  const int smem = (64 + 64 + 64) * (HDP + 8) * int(sizeof(bf16));
   GEMMA_CUDA(cudaFuncSetAttribute(attn_forward_kernel<HDP, LDM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(unsigned((p.T + 63) / 64), unsigned(p.H), unsigned(p.B));
   attn_forward_kernel<HDP, LDM><<<grid, kAttnThreads, smem, st>>>(p);

@@ -1,5 +1,6 @@
-// Attention for Hopper (sm_90a): the same algorithm and cast points as attention.cuh (two passes, P normalised
-// and rounded to bf16 before P V, scores recomputed in the backward), with the products on warpgroup MMA
+// Attention for Hopper (sm_90a): the same algorithm and cast points as attention.cuh (one pass over 64-key tiles
+// in ascending order, each tile's weights rounded to bf16 against the running maximum, scores recomputed in the
+// backward), with the products on warpgroup MMA
 // (wgmma.mma_async, fp32 accumulation) reading 128-byte-swizzled shared-memory tiles that TMA fills (tma.cuh): in
 // the forward a producer warp keeps a ring of slots ahead of the consumers; in the ping-pong backward kernels each
 // warpgroup's first thread fetches its next tile once its products are done, and the other warpgroup's work covers
@@ -141,7 +142,7 @@ inline void attn_check_grid(int64_t batch, int64_t row_blocks) {
 
 // Forward: a block per (128 queries, head, sequence) of three warpgroups: warpgroups 0 and 1 (the consumers) own
 // rows 64 w .. 64 w + 63 of the query tile, warpgroup 2's first thread (the producer) copies every tile by TMA
-// (tma.cuh). The copies run in one order known to all (Q; pass 1: K_0 .. K_{n-1}; pass 2: K_0, V_0, K_1, V_1, ...)
+// (tma.cuh). The copies run in one order known to all (Q, then K_0, V_0, K_1, V_1, ...)
 // through a ring of attn_fwd_slots 64-row slots, each with a "full" barrier (the producer's expected bytes) and an
 // "empty" one (one arrival per consumer warp once the products reading the slot are complete), so neither side
 // waits for the other but at a slot: no block-wide barrier, no copy instructions or address arithmetic in the
@@ -149,13 +150,12 @@ inline void attn_check_grid(int64_t batch, int64_t row_blocks) {
 // take turns issuing their products (ping-pong, as FlashAttention 3 schedules them): warpgroup w waits at barrier 3 + w
 // for the other's signal, issues one step's products, then signals the other, so that one's exponentials run while
 // the other's products do instead of both at once (the barrier-per-tile kernel kept them in step, ncu: issue slots
-// 30% busy). Within a warpgroup pass 2 is software-pipelined as before (Q K_i^T and P_{i-1} V_{i-1} issued
-// together, tile i's probabilities computed while P_{i-1} V_{i-1} runs); pass 1 is not (two score accumulators in
-// flight make ptxas serialize every product, C7514). Pass 2 never rescales O (the statistics are final). Every
-// consumer runs every tile's products, also the (at most one per pass and block) tile its rows cannot see, whose
-// scores it then ignores: a product issued only on some paths makes ptxas serialize all of them (C7514). The
-// products, their order and the per-score arithmetic are those of the unpipelined kernel, so the results are the
-// same bits.
+// 30% busy). Within a warpgroup the pass is software-pipelined (Q K_i^T and P_{i-1} V_{i-1} issued together, tile
+// i's weights computed while P_{i-1} V_{i-1} runs, O rescaled once that product is complete). One pass, not the
+// two HF's order needs: the second pass alone ran at 398-435 TFLOP/s on the forward's counted FLOPs, both at
+// 257-268 (docs/benchmarks.md, 2026-12-04). Every
+// consumer runs every tile's products, also the (at most one per block) tile its rows cannot see, whose
+// scores it then ignores: a product issued only on some paths makes ptxas serialize all of them (C7514).
 constexpr int kFwdThreads = 384;
 template <int HD>
 __host__ __device__ constexpr int attn_fwd_slots() {
@@ -212,8 +212,6 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
         tma_tile<BC, HD>(sKV + s * KBYTES, map, kvh * p.hd, (kt0 + i) * BC, b, bar_full + 8 * s);
         ++L;
       };
-      if (!p.stats_in)
-        for (int i = 0; i < n; ++i) put(&tm.k, i);
       for (int i = 0; i < n; ++i) {
         put(&tm.k, i);
         put(&tm.v, i);
@@ -241,7 +239,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty + 8 * (L % NS));
   };
-  // The turn-taking around each step's products (one step: pass 1's score product of a tile, pass 2's score product
+  // The turn-taking around each step's products (one step: the first tile's score product, a tile's score product
   // with the previous tile's P V, the last P V). Warpgroup 1 signals once ahead, so warpgroup 0 goes first, and
   // leaves out its last signal, which nothing waits for: both run the same number of steps.
   auto turn = [&] { bar_sync(3 + wg, 256); };
@@ -268,49 +266,11 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   };
   mbar_wait_spin(bar_q, 0);
 
-  // Pass 1: row max and sum (or the ones this attention's first forward saved).
+  // One pass over the key tiles in ascending order: tile i's weights exp(z - m_i) are rounded to bf16 against the
+  // row's running maximum m_i over tiles 0..i (Policy::attn_probs_blockwise: tiles are the reference's 64-key
+  // blocks), O and l are scaled by exp(m_{i-1} - m_i) before tile i's P V adds to them, and O is divided by l at the
+  // end. Tile i's K is copy 2 i, its V copy 2 i + 1.
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  int L = 0;  // copies consumed
-  if (p.stats_in) {
-    attn_load_stats(p, b, h, row, mrow, lrow);
-  } else {
-    // Tile i's statistics from its scores s (product complete), folded into mrow, lrow.
-    auto stats = [&](float (&s)[8][4], int i) {
-      if (!seen(i)) return;
-      capped(s, i);
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mnew = fmaxf(mrow[hr], mx);
-        const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
-        float sum = 0;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) sum += attn_exp(s[nt][2 * hr], mref) + attn_exp(s[nt][2 * hr + 1], mref);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        lrow[hr] = lrow[hr] * attn_exp(mrow[hr], mref) + sum;
-        mrow[hr] = mnew;
-      }
-    };
-    for (int i = 0; i < n; ++i, ++L) {
-      float s[8][4];
-      arrived(L);
-      turn();
-      wg_abt_issue<BR, HD>(s, a_base, slot(L));
-      pass_turn(false);
-      wg_wait<0>();
-      wg_hold(s);
-      release(L);
-      stats(s, i);
-    }
-  }
-
-  // Pass 2: P = exp(z - m) / l rounded to bf16, O = P V. Tile i's K is copy L + 2 i, its V copy L + 2 i + 1.
-  const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
   float o[ND][8][4];
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc)
@@ -318,9 +278,10 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
     for (int nt = 0; nt < 8; ++nt) o[dc][nt][0] = o[dc][nt][1] = o[dc][nt][2] = o[dc][nt][3] = 0.0f;
   float s[8][4];
   uint32_t aP[4][4];
-  // Tile i's probabilities (unrounded) in place of its scores, then (after the P V product reading aP is
-  // complete) rounded to bf16 into aP.
+  float alpha[2];  // tile i's factor exp(m_{i-1} - m_i) for O, per row
+  // Tile i's weights (unrounded) in place of its scores, the tile folded into mrow and lrow, alpha set.
   auto probs = [&](int i) {
+    alpha[0] = alpha[1] = 1.0f;
     if (!seen(i)) {  // its product ran (the pipeline is the same for every tile) but no score is visible
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -328,12 +289,40 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
     }
     capped(s, i);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hr = e >> 1;
-        s[nt][e] = s[nt][e] == -INFINITY ? 0.0f : attn_prob(s[nt][e], mrow[hr], inv_l[hr]);
-      }
+      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mnew = fmaxf(mrow[hr], mx);
+      const float mref = mnew == -INFINITY ? 0.0f : mnew;  // a row with no visible key yet keeps l = 0
+      // exp(0) = 1 exactly where the maximum stays (attn_exp2 of 0), so O is rescaled only where it moved.
+      alpha[hr] = attn_exp(mrow[hr], mref);
+      float sum = 0;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
+          s[nt][e] = s[nt][e] == -INFINITY ? 0.0f : attn_exp(s[nt][e], mref);
+          sum += s[nt][e];
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      lrow[hr] = lrow[hr] * alpha[hr] + sum;
+      mrow[hr] = mnew;
+    }
+  };
+  // O (the products up to tile i - 1, complete) scaled to tile i's maximum. Skipped by the whole warp when no row
+  // of it moved (most tiles past the first few of a causal row): a multiply by 1 changes no bits either way.
+  auto rescale = [&] {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) return;
+#pragma unroll
+    for (int dc = 0; dc < ND; ++dc)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[dc][nt][e] *= alpha[e >> 1];
   };
   // The C fragments of the 16 x 64 tile (8 n-tiles) as the A fragments of four k16 steps, each pair rounded by one
   // paired conversion.
@@ -347,17 +336,17 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
         aP[kk][q] = *reinterpret_cast<const uint32_t*>(&pp);
       }
   };
-  arrived(L);
+  arrived(0);
   turn();
-  wg_abt_issue<BR, HD>(s, a_base, slot(L));
+  wg_abt_issue<BR, HD>(s, a_base, slot(0));
   pass_turn(false);
   wg_wait<0>();
   wg_hold(s);
-  release(L);
-  probs(0);
+  release(0);
+  probs(0);  // O is still 0: no rescale
   round_p();
   for (int i = 1; i < n; ++i) {
-    const int Lk = L + 2 * i, Lv = Lk - 1;  // K_i, V_{i-1}
+    const int Lk = 2 * i, Lv = Lk - 1;  // K_i, V_{i-1}
     arrived(Lv);
     arrived(Lk);
     turn();
@@ -372,9 +361,10 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
 #pragma unroll
     for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
     release(Lv);
+    rescale();
     round_p();
   }
-  const int Lv = L + 2 * n - 1;  // V_{n-1}
+  const int Lv = 2 * n - 1;  // V_{n-1}
   arrived(Lv);
   turn();
   wg_pv_issue<ND>(o, aP, slot(Lv));
@@ -383,6 +373,13 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
 #pragma unroll
   for (int dc = 0; dc < ND; ++dc) wg_hold(o[dc]);
   release(Lv);  // the producer waits for every copy's release before it leaves
+  const float inv_l[2] = {attn_inv_l(lrow[0]), attn_inv_l(lrow[1])};
+#pragma unroll
+  for (int dc = 0; dc < ND; ++dc)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dc][nt][e] *= inv_l[e >> 1];
 
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {

@@ -9,8 +9,8 @@
 // cap on and off, the Hopper kernels and the mma.sync ones), each the median of --steps runs, as TFLOP/s beside
 // a cuBLAS bf16 product measured in the same run. FLOPs are counted as is usual for causal attention: 4 hd per
 // visible (query, key) pair and head forward (Q K^T and P V), 2.5 times that backward (five products). The
-// kernels execute more than that (the forward's first pass recomputes Q K^T; the backward's dS products run over
-// its three-way split), so the rate counted is below the rate the tensor cores run at.
+// kernels execute more than that (the backward's dS products run over its three-way split, and every kernel runs
+// the products of the diagonal tiles in full), so the rate counted is below the rate the tensor cores run at.
 //
 // --quantize nf4: the base projections in NF4 on the device as QLoRA keeps them (blocksize 64, double
 // quantization), dequantized a layer at a time. --longest: the longest sequence (a multiple of 1024) whose step

@@ -579,8 +579,10 @@ struct Engine::Impl : Dims {
     per(ws.act_bf16, &Acts::att, kShared, N * HD, "activations: attention output");
     per(ws.act_f32, &Acts::o32, kKept, N * HD, "activations: attention output (fp32)");
     // With recompute, every layer's softmax statistics (8 bytes per token, head and layer) outlive the shared
-    // activations, so the recomputed forward skips the attention's first pass (attn_params, stats_in); not with
-    // offload, the mode for the longest sequences, where they would cost 0.7 GiB of 80 at 9b, T = 131072.
+    // activations, and the recomputed forward leaves them as the first forward wrote them (attn_params, stats_in;
+    // it computes the same bits). This saved the two-pass forward's first pass; the one-pass forward gains nothing
+    // from it, so it is memory a later change can give back. Not with offload, the mode for the longest sequences,
+    // where they would cost 0.7 GiB of 80 at 9b, T = 131072.
     per(ws.act_f32, &Acts::m, kStats, ws.capB * H * ws.capT, "activations: softmax max");
     per(ws.act_f32, &Acts::l, kStats, ws.capB * H * ws.capT, "activations: softmax sum");
     per(ws.act_bf16, &Acts::o, kKept, N * D, "activations: o_proj output");

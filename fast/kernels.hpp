@@ -66,7 +66,7 @@ Attention attention(const AttnShape& s, const std::vector<float>& q, const std::
                     const std::vector<float>& v, const std::vector<float>& dout, bool mma_only = false);
 
 // Device time of the attention forward (attention_forward), backward (attention_backward, rowdot included) and
-// recomputed forward (attention_forward with stats_in: the second pass alone) on
+// recomputed forward (attention_forward with stats_in: the same pass, the saved statistics left as they are) on
 // the engine's fused q|k|v layout, inputs drawn on the device (q, k, v uniform in [-1, 1], dout in [-0.01, 0.01]):
 // the median over `iters` runs after one warm-up, in milliseconds (CUDA events).
 struct AttnTiming {

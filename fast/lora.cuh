@@ -474,7 +474,7 @@ __global__ void __launch_bounds__(128 * lora_out_wg_groups(Kp), 1)
   }
   // The product, the add and the store of a tile run in turn within a warpgroup; the warpgroups drift apart.
   // (Issuing the next tile's product before this one's add needs two accumulator sets in flight by turns, which
-  // made ptxas serialize every product, C7514, as in the attention's pass 1.)
+  // made ptxas serialize every product, C7514, as in the attention's former first pass.)
   int b = 0, bn = S - 1;  // this tile's stage and the stage the copies issued now go to
   for (int it = 0; it < n_it; ++it) {
     if (it + S - 1 < n_it) load(first + it + S - 1, bn);

@@ -655,6 +655,9 @@ template <class Real>
 struct AttnCache {
   std::vector<Mat<Real>> S;  // B*H of (T, T): scale * q.k before the cap (visible entries)
   std::vector<Mat<Real>> P;  // B*H of (T, T): probabilities, exactly 0 where masked
+  // B*H of (T, T), only under Policy::attn_probs_blockwise (else empty): the weights the forward's P V used, which
+  // then differ from P by a bf16 rounding each. The backward's row sum D = sum_j W dP is a fused kernel's dO . O.
+  std::vector<Mat<Real>> W;
 };
 
 template <class Real>
@@ -671,6 +674,7 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
   out.setZero(B * T, H * hd);
   cache.S.assign(size_t(B * H), Mat<Real>());
   cache.P.assign(size_t(B * H), Mat<Real>());
+  cache.W.assign(p.attn_probs_blockwise ? size_t(B * H) : 0, Mat<Real>());
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H, g = h / G;  // query head h reads kv head h / (H / KV)
@@ -678,6 +682,7 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
     Mat<Real>& P = cache.P[size_t(bh)];
     S.setZero(T, T);
     P.setZero(T, T);
+    if (p.attn_probs_blockwise) cache.W[size_t(bh)].setZero(T, T);
     for (int64_t i = 0; i < T; ++i) {
       Real mx = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j <= i; ++j) {
@@ -692,10 +697,25 @@ void attention_forward(const Mat<Real>& q,  // (N, H*hd) after RoPE
       Real sum = Real(0);
       for (int64_t j = 0; j <= i; ++j)
         if (ctx.visible(layer, b, i, j)) sum += exp(P(i, j) - mx);
+      if (p.attn_probs_blockwise) {  // the one-pass order (Policy::attn_probs_blockwise), from the capped scores
+        Real m_run = -std::numeric_limits<double>::infinity();
+        for (int64_t j0 = 0; j0 <= i; j0 += kAttnKeyBlock) {
+          const int64_t j1 = std::min(i + 1, j0 + kAttnKeyBlock);
+          for (int64_t j = j0; j < j1; ++j)
+            if (ctx.visible(layer, b, i, j) && P(i, j) > m_run) m_run = P(i, j);
+          for (int64_t j = j0; j < j1; ++j) {
+            if (!ctx.visible(layer, b, i, j)) continue;
+            const Real w = cast(p, Cast::attn_probs, Real(exp(P(i, j) - m_run))) * exp(m_run - mx) / sum;
+            cache.W[size_t(bh)](i, j) = w;
+            for (int64_t d = 0; d < hd; ++d) out(b * T + i, h * hd + d) += w * v(b * T + j, g * hd + d);
+          }
+        }
+      }
       for (int64_t j = 0; j <= i; ++j) {
         if (!ctx.visible(layer, b, i, j)) continue;
         P(i, j) = cast(p, Cast::attn_probs, Real(exp(P(i, j) - mx) / sum));
-        for (int64_t d = 0; d < hd; ++d) out(b * T + i, h * hd + d) += P(i, j) * v(b * T + j, g * hd + d);
+        if (!p.attn_probs_blockwise)
+          for (int64_t d = 0; d < hd; ++d) out(b * T + i, h * hd + d) += P(i, j) * v(b * T + j, g * hd + d);
       }
     }
   }
@@ -738,10 +758,11 @@ void attention_backward(const Mat<Real>& dout,  // (N, H*hd)
   for (int64_t bg = 0; bg < B * KV; ++bg) {
     const int64_t b = bg / KV, g = bg % KV;
     std::vector<Real> dP(static_cast<size_t>(T));
-    std::vector<Real> o_row(noisy ? static_cast<size_t>(hd) : 0);  // the fp32 output row O = P v, for D's bound
+    std::vector<Real> o_row(noisy ? static_cast<size_t>(hd) : 0);  // the fp32 output row O = W v, for D's bound
     for (int64_t h = g * G; h < (g + 1) * G; ++h) {
       const Mat<Real>& S = cache.S[size_t(b * H + h)];
       const Mat<Real>& P = cache.P[size_t(b * H + h)];
+      const Mat<Real>& W = cache.W.empty() ? P : cache.W[size_t(b * H + h)];  // the weights of O = W v
       for (int64_t i = 0; i < T; ++i) {
         Real rowdot = Real(0), rowdot_sq = Real(0);
         int64_t keys = 0;
@@ -755,8 +776,8 @@ void attention_backward(const Mat<Real>& dout,  // (N, H*hd)
           }
           if (noisy) d = accum_noised(p, d, Real(sqrt(d_sq)), ((b * H + h) * T + i) * T + j, hd);
           dP[size_t(j)] = d;
-          rowdot += P(i, j) * d;
-          if (noisy) rowdot_sq += P(i, j) * d * P(i, j) * d;
+          rowdot += W(i, j) * d;
+          if (noisy) rowdot_sq += W(i, j) * d * W(i, j) * d;
           ++keys;
         }
         if (noisy && keys) {
@@ -765,7 +786,7 @@ void attention_backward(const Mat<Real>& dout,  // (N, H*hd)
           std::fill(o_row.begin(), o_row.end(), Real(0));
           for (int64_t j = 0; j <= i; ++j)
             if (ctx.visible(layer, b, i, j))
-              for (int64_t e = 0; e < hd; ++e) o_row[size_t(e)] += P(i, j) * v(b * T + j, g * hd + e);
+              for (int64_t e = 0; e < hd; ++e) o_row[size_t(e)] += W(i, j) * v(b * T + j, g * hd + e);
           Real o_sq = Real(0);
           for (int64_t e = 0; e < hd; ++e) {
             const Real t = dout(b * T + i, h * hd + e) * o_row[size_t(e)];

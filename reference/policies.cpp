@@ -52,6 +52,7 @@ Policy policy_fast() {
                  Cast::attn_capped, Cast::gelu, Cast::residual, Cast::logits, Cast::logits_capped, Cast::grads,
                  Cast::adapters, Cast::optimizer_state})
     p[c] = DType::f32;
+  p.attn_probs_blockwise = true;  // one pass over the keys (fast/attention_sm90.cuh, attention.cuh)
   return p;  // Cast::loss stays f64
 }
 

@@ -61,6 +61,9 @@ inline constexpr double kFp32Jitter = 0x1p-23;
 // over 8 steps of 16 products (accum_noise, gemma2.hpp), a projection over 128 inputs. Measured on gemma2-odd
 // (2026-11-30): at 2^-23 correct stand-ins under unseen seeds still failed at up to 5.7 x, at 2^-21 none above 0.6.
 inline constexpr double kBoundaryJitter = 0x1p-21;
+// The key block of Policy::attn_probs_blockwise: keys [64 n, 64 n + 64) share a running maximum. fast/'s forward
+// kernels step over keys in tiles of this size (or pairs of 32-key steps), aligned to it.
+inline constexpr int64_t kAttnKeyBlock = 64;
 
 struct Policy {
   std::string name = "f64";
@@ -79,11 +82,21 @@ struct Policy {
   bool jitter_toward_boundary = false;
   // Tensor-core accumulation (0: off, 1: on): every long product (projections, the LM head, the adapters' inner
   // products) moves each output by a pseudo-random amount within what a GPU's fp32 accumulation may lose, up to
-  // one fp32 ulp of the running sum per step of 16 products (gemma2.hpp, accum_noise). The jitter above perturbs
+  // one fp32 ulp of the running sum per step of 16 products (gemma2.hpp, accum_noise); so do the attention
+  // backward's sums (dP, the row's sum D, dq, dk, dv: attention_backward). The jitter above perturbs
   // a value relative to itself, which is what an fp32 trainer differs by after a short sum; after thousands of
   // accumulation steps over cancelling terms (the LM head's backward sums 256000 of them) a correct GPU result is
   // further away, and only this models it.
   double accum_jitter = 0;
+  // The forward's P V rounds each weight against the row's running maximum over kAttnKeyBlock-key blocks instead of
+  // after the softmax: w_j = bf16(exp(z_j - m_b)) exp(m_b - m) / l, m_b the largest visible capped score of the
+  // blocks up to j's, m and l the row's maximum and sum (attention_forward). A one-pass kernel (FlashAttention's
+  // schedule, blocks in ascending order) computes exactly these roundings, since its running maximum at a block is
+  // m_b; HF's order (bf16(exp(z - m) / l)) needs the row's final m and l first, a second pass over the keys. The
+  // block's largest weight is exp(0) = 1, exact, so an fp32 error in a score moves single weights, never the
+  // rounding of a whole row (an integer anchor did: docs/fast.md). The backward's P keeps HF's form, as the kernels
+  // recompute it from the saved m and l.
+  bool attn_probs_blockwise = false;
   DType& operator[](Cast c) { return fmt[size_t(c)]; }
   DType operator[](Cast c) const { return fmt[size_t(c)]; }
   bool exact() const;

@@ -219,6 +219,73 @@ TEST(SlidingWindow, AKeyJustOutsideTheWindowChangesNothingOnSlidingLayers) {
   }
 }
 
+// The fast policy's forward (Policy::attn_probs_blockwise) is what a FlashAttention-style kernel computes when it
+// visits 64-key tiles in order, keeps a running max, rounds each tile's exp(z - m_b) to bf16 and rescales O and l
+// when the max rises (fast/attention_sm90.cuh, fast/attention.cuh): that schedule, written out here in float64,
+// gives the reference's output to float64 rounding. The tile is 64 keys because fast/'s kernels use 64.
+TEST(OnePassAttention, TheBlockwiseOrderIsARunningMaxScheduleOver64KeyTiles) {
+  AttnSetup s;
+  s.B = 1;
+  s.T = 150;  // tiles [0, 64), [64, 128), [128, 150)
+  s.policy = policy_fast();
+  ASSERT_TRUE(s.policy.attn_probs_blockwise);
+  s.policy[Cast::attn_out] = DType::f64;  // compare O before its own rounding
+  const int64_t T = s.T, H = s.cfg.num_attention_heads, hd = s.cfg.head_dim, G = s.cfg.kv_groups();
+  const uint64_t key = stream_key(10, "one-pass");
+  auto fill = [&](Mat<double>& m, int64_t cols, uint64_t salt) {
+    m.resize(T, cols);
+    for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = 3.0 * stream_uniform(key + salt, uint64_t(i));
+  };
+  fill(s.q, H * hd, 1);
+  fill(s.k, s.cfg.num_key_value_heads * hd, 2);
+  fill(s.v, s.cfg.num_key_value_heads * hd, 3);
+  const int64_t layer = 1;  // global: every row sees every tile up to its own
+  Mat<double> out;
+  AttnCache<double> cache;
+  attention_forward(s.q, s.k, s.v, layer, s.ctx(), out, cache);
+
+  double worst = 0;
+  int64_t rises = 0;  // rows whose max rose after their first tile: the rescale was exercised
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t g = h / G;
+    for (int64_t i = 0; i < T; ++i) {
+      double m = -INFINITY, l = 0;
+      std::vector<double> o(size_t(hd), 0.0);
+      for (int64_t j0 = 0; j0 <= i; j0 += 64) {
+        const int64_t j1 = std::min(i + 1, j0 + 64);
+        std::vector<double> z;
+        for (int64_t j = j0; j < j1; ++j)
+          z.push_back(round_to(DType::f32, softcap(cache.S[size_t(h)](i, j), 50.0)));
+        const double mb = std::max(m, *std::max_element(z.begin(), z.end()));
+        if (j0 > 0 && mb > m) ++rises;
+        const double alpha = std::exp(m - mb);
+        l *= alpha;
+        for (double& x : o) x *= alpha;
+        for (int64_t j = j0; j < j1; ++j) {
+          const double e = std::exp(z[size_t(j - j0)] - mb);
+          l += e;
+          const double w = round_to(DType::bf16, e);
+          for (int64_t d = 0; d < hd; ++d) o[size_t(d)] += w * s.v(j, g * hd + d);
+        }
+        m = mb;
+      }
+      for (int64_t d = 0; d < hd; ++d)
+        worst = std::max(worst, std::fabs(o[size_t(d)] / l - out(i, h * hd + d)) / (std::fabs(o[size_t(d)] / l) + 1e-3));
+    }
+  }
+  std::printf("rows whose max rose past their first tile: %lld; worst relative difference %.2e\n", (long long)rises,
+              worst);
+  EXPECT_GT(rises, 10);
+  EXPECT_LE(worst, 1e-12);  // float64 rounding of two orders of the same sums (a wrong tile gives about 2^-9)
+
+  // HF's order rounds other values: the flag must change the output, or this test could not tell them apart.
+  AttnSetup hf = s;
+  hf.policy.attn_probs_blockwise = false;
+  Mat<double> out_hf;
+  attention_forward(hf.q, hf.k, hf.v, layer, hf.ctx(), out_hf, cache);
+  EXPECT_GT((out_hf - out).cwiseAbs().maxCoeff(), 1e-4);
+}
+
 TEST(SlidingWindow, OneSlidingLayerModelIgnoresTokensBeyondTheWindowEndToEnd) {
   for (LayerType type : {LayerType::sliding, LayerType::full}) {
     Config c = with_layers(preset("gemma2-tiny"), 1);
