@@ -373,8 +373,10 @@ GateRunner reference_runner(const ref::RunOptions& how) {
       for (Eigen::Index i = 0; i < mt.size(); ++i) v[size_t(i)] = float(mt.data()[i]);
       return v;
     };
+    // A probe input of token rows, (N, size / N), row-major, as the reference's matrix.
     auto dmat = [&](const std::vector<float>& v, const Batch& b) {
-      ref::Mat<double> x(b.B * b.T, ck.config.hidden_size);
+      const int64_t N = b.B * b.T;
+      ref::Mat<double> x(N, int64_t(v.size()) / N);
       for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = double(v[size_t(i)]);
       return x;
     };
@@ -390,13 +392,8 @@ GateRunner reference_runner(const ref::RunOptions& how) {
     for (const fast::LayerProbeInput& p : layers) {
       const Batch& b = micro[size_t(p.micro)];
       ref::LayerGrads<double> g = ref::zero_grads(m).layers[size_t(p.layer)];
-      const int64_t N = b.B * b.T;
       ref::LayerPins<double> pins;
-      for (const auto& [name, v] : p.pins) {
-        ref::Mat<double> x(N, int64_t(v.size()) / N);
-        for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = double(v[size_t(i)]);
-        pins[name] = std::move(x);
-      }
+      for (const auto& [name, v] : p.pins) pins[name] = dmat(v, b);
       const ref::LayerTrace<double> t = ref::probe_layer<double>(m, b, o, p.layer, dmat(p.x, b), dmat(p.dy, b), &g,
                                                                  p.pins.empty() ? nullptr : &pins);
       std::map<std::string, std::vector<float>> r;
