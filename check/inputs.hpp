@@ -59,6 +59,13 @@ struct PresetShape {
 };
 PresetShape preset_shape(const std::string& name);
 
+// The sequence length of the gate's gemma2-odd companion when the trainer runs it (verify --backend fast or both,
+// gate-mutants): 150 rather than the preset's 40, so that queries past 64 see more than one of the mma.sync
+// kernels' 64-key tiles (fast/attention.cuh, gemma2-odd's head_dim 18) and the forward's rescaling of its running
+// output is exercised. At 40 every row sees one tile, and a build without that rescale passed the gate at 0.43 of
+// its tolerance (H100, 2026-12-05). `--backend reference` keeps 40, the shape of gemma2-odd's goldens.
+inline constexpr int64_t kOddTrainerSeq = 150;
+
 Inputs load_inputs(const InputSpec& spec);
 
 // The files `spec` reads, each (flag, path): --case, --config, --weights, --adapter where given. The tools refuse an

@@ -193,6 +193,7 @@ int main(int argc, char** argv) {
       InputSpec cs;
       cs.model = "gemma2-odd";
       cs.seed = spec.seed;
+      cs.seq = kOddTrainerSeq;  // as verify runs it with the trainer: several of the mma.sync kernels' key tiles
       settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
       tags.push_back("odd ");
       cs.quantize = "nf4";  // the trainer's NF4 path, as verify runs it: the companion quantized, first combination

@@ -275,6 +275,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     cs.seed = spec.seed;
     cs.lora_r = spec.lora_r;
     cs.quantize = spec.quantize;
+    if (run_fast) cs.seq = kOddTrainerSeq;
     const Inputs ci = load_inputs(cs);
     std::printf("\n");
     verify_setting(cs, ci, "odd ", combos);
