@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -102,6 +103,7 @@ inline pid_t start_tool(const std::string& bin, const std::vector<std::string>& 
   pid_t pid = 0;
   const int rc = posix_spawn(&pid, bin.c_str(), &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) errno = rc;  // posix_spawn reports its error by value, not in errno
   return rc == 0 ? pid : -1;
 }
 
@@ -122,8 +124,12 @@ inline ToolRun run_tool(const std::string& bin, const std::vector<std::string>& 
                         const std::vector<std::string>& env = {}) {
   const pid_t pid = start_tool(bin, args, dir, env);
   if (pid < 0) {
+    // A tool that cannot start (a bundle copied without it, a build path that did not travel) fails the test here
+    // with the path, rather than as a bare "exited: false" at the caller's assertion.
     ToolRun r;
-    r.err = "posix_spawn failed for " + bin;
+    r.err = "cannot start " + bin + ": " + std::strerror(errno);
+    ADD_FAILURE() << r.err << " (the test runs the built tool at this path; where a bundle moved the build, "
+                  << "test_fast_train takes it from GEMMA_TRAIN_BIN)";
     return r;
   }
   return wait_tool(pid, dir);
