@@ -126,10 +126,10 @@ inline ToolRun run_tool(const std::string& bin, const std::vector<std::string>& 
   if (pid < 0) {
     // A tool that cannot start (a bundle copied without it, a build path that did not travel) fails the test here
     // with the path, rather than as a bare "exited: false" at the caller's assertion.
+    const int e = errno;
     ToolRun r;
-    r.err = "cannot start " + bin + ": " + std::strerror(errno);
-    ADD_FAILURE() << r.err << " (the test runs the built tool at this path; where a bundle moved the build, "
-                  << "test_fast_train takes it from GEMMA_TRAIN_BIN)";
+    r.err = "cannot start " + bin + ": " + std::strerror(e);
+    ADD_FAILURE() << r.err << " (the test runs the built tool at this path)";
     return r;
   }
   return wait_tool(pid, dir);

@@ -200,6 +200,7 @@ int main(int argc, char** argv) {
       settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
       tags.push_back("odd nf4 ");
       cs.quantize.reset();
+      cs.seq.reset();  // the head-size companions' own shape (preset_shape), not gemma2-odd's on the trainer
       cs.model = "gemma2-hd128";  // the Hopper attention at small widths, as verify runs it
       settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
       tags.push_back("hd128 ");

@@ -293,6 +293,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     if (run_fast)
       for (const char* hd : {"128", "256"}) {
         InputSpec hs = cs;
+        hs.seq.reset();  // the head-size companions' own shape (preset_shape), not gemma2-odd's on the trainer
         hs.model = std::string("gemma2-hd") + hd;
         hs.quantize = spec.quantize;
         const Inputs hi = load_inputs(hs);
