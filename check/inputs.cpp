@@ -173,4 +173,29 @@ Inputs load_inputs(const InputSpec& s) {
   return in;
 }
 
+std::vector<GateCompanion> gate_companions(const InputSpec& main, bool trainer) {
+  std::vector<GateCompanion> out;
+  if (!main.model || !gate_preset(*main.model) || gate_companion(*main.model)) return out;
+  InputSpec odd;
+  odd.model = "gemma2-odd";
+  odd.seed = main.seed;
+  odd.lora_r = main.lora_r;
+  odd.quantize = main.quantize;
+  if (trainer) odd.seq = kOddTrainerSeq;
+  out.push_back({"odd ", odd});
+  if (!trainer) return out;
+  if (!main.quantize) {
+    InputSpec q = odd;
+    q.quantize = "nf4";
+    out.push_back({"odd nf4 ", q, true});
+  }
+  for (const char* hd : {"128", "256"}) {
+    InputSpec h = odd;
+    h.seq.reset();
+    h.model = std::string("gemma2-hd") + hd;
+    out.push_back({std::string("hd") + hd + " ", h});
+  }
+  return out;
+}
+
 }  // namespace gemma::check

@@ -66,6 +66,24 @@ PresetShape preset_shape(const std::string& name);
 // its tolerance (H100, 2026-12-05). `--backend reference` keeps 40, the shape of gemma2-odd's goldens.
 inline constexpr int64_t kOddTrainerSeq = 150;
 
+// One setting a released preset's gate runs beside the preset itself: what the released widths cannot reach.
+struct GateCompanion {
+  std::string tag;  // its prefix in reports and its key in --json: "odd ", "odd nf4 ", "hd128 ", "hd256 "
+  InputSpec spec;
+  bool first_combination_only = false;  // the NF4 run: one more small run, in the first softcap combination
+};
+
+// The companions of a gate of `main`, in the order verify runs and reports them; none unless `main` is a released
+// preset (check/setting.hpp gate_preset, not gate_companion). Each takes main's seed, --lora-r and --quantize.
+//  - gemma2-odd: an odd vocabulary, a padding mask, sqrt(hidden) not a bf16 number, head_dim 18; at kOddTrainerSeq
+//    tokens when `trainer` (verify --backend fast|both, gate-mutants), the preset's 40 otherwise.
+//  - with `trainer` and main not quantized: gemma2-odd again with its base in NF4 (the trainer's QLoRA path, code a
+//    bf16 run never reaches), first combination only.
+//  - with `trainer`: gemma2-hd128 and gemma2-hd256 in their own shape (preset_shape), the attention kernels of the
+//    released head sizes (fast/attention_sm90.cuh) at widths where the tolerances are tight. The reference's code
+//    path for them is gemma2-odd's, so `--backend reference` does not run them.
+std::vector<GateCompanion> gate_companions(const InputSpec& main, bool trainer);
+
 Inputs load_inputs(const InputSpec& spec);
 
 // The files `spec` reads, each (flag, path): --case, --config, --weights, --adapter where given. The tools refuse an

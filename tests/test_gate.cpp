@@ -388,6 +388,51 @@ TEST(Gate, ACorrectTrainerPassesTheGate) {
   }
 }
 
+// verify and gate-mutants take their companions from one list: with the trainer, gemma2-odd at kOddTrainerSeq tokens
+// (at 40 one 64-key tile holds every row and the mma.sync forward never rescales), its NF4 run in one combination,
+// and the head-size companions in their own 150-token shape; with the reference alone, gemma2-odd at its goldens' 40.
+TEST(Gate, CompanionsAreTheSameForVerifyAndGateMutants) {
+  check::InputSpec main;
+  main.model = "gemma2-27b";
+  main.seed = 7;
+  main.lora_r = 4;
+  const auto tags = [](const std::vector<check::GateCompanion>& cs) {
+    std::vector<std::string> t;
+    for (const auto& c : cs) t.push_back(c.tag);
+    return t;
+  };
+  const auto trainer = check::gate_companions(main, true);
+  ASSERT_EQ(tags(trainer), (std::vector<std::string>{"odd ", "odd nf4 ", "hd128 ", "hd256 "}));
+  EXPECT_EQ(trainer[0].spec.seq, check::kOddTrainerSeq);
+  EXPECT_FALSE(trainer[0].spec.quantize);
+  EXPECT_EQ(trainer[1].spec.quantize, "nf4");
+  EXPECT_TRUE(trainer[1].first_combination_only);
+  for (const auto& c : trainer) {
+    EXPECT_EQ(c.spec.seed, 7u) << c.tag;
+    EXPECT_EQ(c.spec.lora_r, 4) << c.tag;
+    EXPECT_EQ(c.first_combination_only, c.tag == "odd nf4 ") << c.tag;
+  }
+  for (int i : {2, 3}) {
+    EXPECT_FALSE(trainer[i].spec.seq) << trainer[i].tag;  // preset_shape's, not gemma2-odd's on the trainer
+    EXPECT_EQ(check::load_inputs(trainer[i].spec).batch.T, 150) << trainer[i].tag;
+  }
+  EXPECT_EQ(check::load_inputs(trainer[0].spec).batch.T, check::kOddTrainerSeq);
+
+  const auto reference = check::gate_companions(main, false);
+  ASSERT_EQ(tags(reference), (std::vector<std::string>{"odd "}));
+  EXPECT_FALSE(reference[0].spec.seq);  // gemma2-odd's goldens are of its preset shape
+
+  main.quantize = "nf4";  // already quantized: no second NF4 run, and every companion quantized as main is
+  const auto quantized = check::gate_companions(main, true);
+  ASSERT_EQ(tags(quantized), (std::vector<std::string>{"odd ", "hd128 ", "hd256 "}));
+  for (const auto& c : quantized) EXPECT_EQ(c.spec.quantize, "nf4") << c.tag;
+
+  for (const char* name : {"gemma2-odd", "gemma2-hd128", "gemma2-tiny"}) {  // companions and test presets have none
+    main.model = name;
+    EXPECT_TRUE(check::gate_companions(main, true).empty()) << name;
+  }
+}
+
 // The head-size companions' settings (2 x 150 tokens, head_dim 128 or 256, padding masks) on the CPU: correct
 // stand-ins pass them and attention bugs fail them with margin, as on gemma2-odd. (Their GPU runs are the trainer's:
 // docs/verification.md.)

@@ -189,31 +189,20 @@ int main(int argc, char** argv) {
     std::vector<std::string> tags;
     settings.push_back(std::make_unique<Inputs>(load_inputs(spec)));
     tags.push_back("");
-    if (gate_preset(*spec.model) && !gate_companion(*spec.model)) {
-      InputSpec cs;
-      cs.model = "gemma2-odd";
-      cs.seed = spec.seed;
-      cs.seq = kOddTrainerSeq;  // as verify runs it with the trainer: several of the mma.sync kernels' key tiles
-      settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
-      tags.push_back("odd ");
-      cs.quantize = "nf4";  // the trainer's NF4 path, as verify runs it: the companion quantized, first combination
-      settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
-      tags.push_back("odd nf4 ");
-      cs.quantize.reset();
-      cs.seq.reset();  // the head-size companions' own shape (preset_shape), not gemma2-odd's on the trainer
-      cs.model = "gemma2-hd128";  // the Hopper attention at small widths, as verify runs it
-      settings.push_back(std::make_unique<Inputs>(load_inputs(cs)));
-      tags.push_back("hd128 ");
-      // head_dim 256's kernels, asked last (settings run from the back): a build another setting kills keeps the
-      // verdict and deciding check it had before this companion existed.
-      cs.model = "gemma2-hd256";
-      settings.insert(settings.begin(), std::make_unique<Inputs>(load_inputs(cs)));
-      tags.insert(tags.begin(), "hd256 ");
+    std::vector<bool> first_only{false};
+    // The companions verify runs with the trainer (check/inputs.hpp gate_companions), gemma2-hd256's asked last
+    // (settings run from the back): a build another setting kills keeps the verdict and deciding check it had
+    // before that companion existed.
+    for (const GateCompanion& c : gate_companions(spec, true)) {
+      const bool last = c.tag == "hd256 ";
+      settings.insert(last ? settings.begin() : settings.end(), std::make_unique<Inputs>(load_inputs(c.spec)));
+      tags.insert(last ? tags.begin() : tags.end(), c.tag);
+      first_only.insert(last ? first_only.begin() : first_only.end(), c.first_combination_only);
     }
     // The companion first: its cases take a second each, and most broken builds fail there already.
     std::vector<Case> cases;
     for (size_t s = settings.size(); s-- > 0;)
-      for (size_t k = 0; k < (tags[s] == "odd nf4 " ? 1 : combos.size()); ++k) {
+      for (size_t k = 0; k < (first_only[s] ? 1 : combos.size()); ++k) {
         const Softcap sc = combos[k];
         check_softcap_available(settings[s]->model.config, sc, "--softcap");
         cases.push_back({"[" + tags[s] + softcap_name(sc) + "] ", settings[s].get(), sc, nullptr});

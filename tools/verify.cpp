@@ -35,6 +35,15 @@ void dump_grads(const std::string& path, const TensorMap& grads) {
   });
 }
 
+// A companion's key in --json (docs/formats.md): "odd " → companion, "odd nf4 " → companion_nf4, "hd128 " →
+// companion_hd128, "hd256 " → companion_hd256.
+std::string companion_json_key(std::string tag) {
+  tag.pop_back();
+  if (tag == "odd") return "companion";
+  if (tag.rfind("odd ", 0) == 0) tag.erase(0, 4);
+  return "companion_" + tag;
+}
+
 int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_flag,
                const std::optional<std::string>& backend_flag,
                const std::optional<std::string>& json_path, const std::optional<std::string>& junit_path,
@@ -89,15 +98,13 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
                         ") or fewer layers");
 
   Report report;
-  nlohmann::json runs = nlohmann::json::array(), companion_runs = nlohmann::json::array();
-  // The head-size companions' runs by tag ("hd128 ", "hd256 "), each its own object in --json.
-  std::map<std::string, nlohmann::json> hd_runs;
-  // Where a setting's runs go in --json: the main setting's, gemma2-odd's (its NF4 run too), a head-size
-  // companion's.
+  nlohmann::json runs = nlohmann::json::array();
+  // A companion's runs (check/inputs.hpp gate_companions), by its --json key: each its own object, so that no run's
+  // results overwrite another's of the same combination (gemma2-odd's NF4 run is of the first one).
+  std::map<std::string, nlohmann::json> companion_runs;
   auto runs_for = [&](const std::string& tag) -> nlohmann::json& {
     if (tag.empty()) return runs;
-    if (tag.rfind("hd", 0) == 0) return hd_runs.try_emplace(tag, nlohmann::json::array()).first->second;
-    return companion_runs;
+    return companion_runs.try_emplace(companion_json_key(tag), nlohmann::json::array()).first->second;
   };
   TensorMap last_grads;
   // One setting's checks, every softcap combination: the main one, and for a released preset its companion.
@@ -267,39 +274,12 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
   }
   };
   verify_setting(spec, in, "", combos);
-  // A released preset's gate also runs gemma2-odd: what the released widths cannot reach (an odd vocabulary, a
-  // padding mask, sqrt(hidden) not a bf16 number, head_dim 18); with the trainer, gemma2-hd128 and gemma2-hd256 too.
-  if (spec.model && gate_preset(*spec.model) && !gate_companion(*spec.model)) {
-    InputSpec cs;
-    cs.model = "gemma2-odd";
-    cs.seed = spec.seed;
-    cs.lora_r = spec.lora_r;
-    cs.quantize = spec.quantize;
-    if (run_fast) cs.seq = kOddTrainerSeq;
-    const Inputs ci = load_inputs(cs);
+  // A released preset's gate also runs its companions (check/inputs.hpp gate_companions): gemma2-odd, what the
+  // released widths cannot reach; with the trainer, gemma2-odd's NF4 run and gemma2-hd128, gemma2-hd256 too.
+  for (const GateCompanion& c : gate_companions(spec, run_fast)) {
+    const Inputs ci = load_inputs(c.spec);
     std::printf("\n");
-    verify_setting(cs, ci, "odd ", combos);
-    // The trainer's NF4 path (QLoRA: packed base, a layer dequantized before it runs) is code a bf16 run never
-    // reaches: the companion once more with its base quantized, in the first combination (one more small run).
-    if (run_fast && !spec.quantize) {
-      cs.quantize = "nf4";
-      const Inputs qi = load_inputs(cs);
-      std::printf("\n");
-      verify_setting(cs, qi, "odd nf4 ", {combos.front()});
-    }
-    // The attention paths the released head sizes take on the GPU (fast/attention_sm90.cuh: head_dim 128 for
-    // gemma2-27b, 256 for gemma2-2b and gemma2-9b, each with kernels of its own) at small widths, where the
-    // tolerances are tight: trainer-side companions (the reference's code path is gemma2-odd's).
-    if (run_fast)
-      for (const char* hd : {"128", "256"}) {
-        InputSpec hs = cs;
-        hs.seq.reset();  // the head-size companions' own shape (preset_shape), not gemma2-odd's on the trainer
-        hs.model = std::string("gemma2-hd") + hd;
-        hs.quantize = spec.quantize;
-        const Inputs hi = load_inputs(hs);
-        std::printf("\n");
-        verify_setting(hs, hi, std::string("hd") + hd + " ", combos);
-      }
+    verify_setting(c.spec, ci, c.tag, c.first_combination_only ? std::vector<Softcap>{combos.front()} : combos);
   }
   report.print_summary();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -318,7 +298,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
     if (json_path) {
       // One combination: the contract's shape. --softcap all: "softcap" is "all" and "results" holds one
       // entry per combination, keyed by its case-file name (none, attn, logits, attn_logits).
-      // A released preset's companion (gemma2-odd) has its own object, in the same shape.
+      // A released preset's companions have an object each, in the same shape.
       auto shaped = [](const nlohmann::json& rs) {
         nlohmann::json j = rs[0];
         if (rs.size() > 1) {
@@ -330,8 +310,7 @@ int run_verify(const InputSpec& spec, const std::optional<std::string>& softcap_
         return j;
       };
       nlohmann::json j = shaped(runs);
-      if (!companion_runs.empty()) j["companion"] = shaped(companion_runs);
-      for (const auto& [tag, rs] : hd_runs) j["companion_" + tag.substr(0, tag.size() - 1)] = shaped(rs);
+      for (const auto& [key, rs] : companion_runs) j[key] = shaped(rs);
       j["checks"] = checks_json(report);
       j["pass"] = report.all_pass();
       j["source"] = in.source;
