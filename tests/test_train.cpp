@@ -417,7 +417,8 @@ TEST(TrainData, BadLinesAreNamed) {
 // ---------------------------------------------------------------------------------------------------------------
 // SentencePiece: a tiny model trained here (no tokenizer is downloaded), with Gemma's special ids.
 
-std::string train_sentencepiece(const TempDir& d) {
+// `extra`: more spm_train flags (--user_defined_symbols=...).
+std::string train_sentencepiece(const TempDir& d, const std::string& extra = "") {
   std::string corpus;
   const char* lines[] = {"Below is an instruction that describes a task.", "Write a response that appropriately completes the request.",
                          "### Instruction:", "### Input:", "### Response:", "Add two and three.", "The answer is five.",
@@ -429,7 +430,7 @@ std::string train_sentencepiece(const TempDir& d) {
   const auto st = sentencepiece::SentencePieceTrainer::Train(
       "--input=" + (d / "corpus.txt") + " --model_prefix=" + prefix +
       " --vocab_size=120 --model_type=bpe --character_coverage=1.0 --pad_id=0 --eos_id=1 --bos_id=2 --unk_id=3"
-      " --hard_vocab_limit=false --minloglevel=2");
+      " --hard_vocab_limit=false --minloglevel=2" + extra);
   EXPECT_TRUE(st.ok()) << st.ToString();
   return prefix + ".model";
 }
@@ -474,6 +475,52 @@ TEST(TrainTokenizer, TextHoldingASpecialTokensTextIsRefused) {
                      {"a text row needs 'text' as a string, not null"});
   expect_input_error([&] { load_dataset({"/dev/null", 64, false, "--eval-data"}, tiny(), tok.get(), nullptr); },
                      {"/dev/null: is not a regular file (--eval-data wants a JSONL file)"});
+}
+
+// An added token of tokenizer_config.json that the SentencePiece model lacks ("<extra>" at id 200, as
+// tokenizer.add_tokens leaves it) was spelled as characters where HF gives its one id (found by a probe, 2026-12-06):
+// a row holding it is refused. One the model has as a user-defined piece of the same id is read as that id, as HF
+// reads it. The same piece declared at another id is refused.
+TEST(TrainTokenizer, AddedTokensSentencePieceDoesNotReadAsOneIdAreRefused) {
+  TempDir d;
+  // Gemma's normalization (none, no dummy prefix): with a dummy prefix "<start_of_turn>" alone encodes as "▁" and
+  // the piece, two ids, and the token is refused.
+  const std::string model = train_sentencepiece(d, " --user_defined_symbols=<start_of_turn> --add_dummy_prefix=false"
+                                                   " --normalization_rule_name=identity --remove_extra_whitespaces=false");
+  const auto load = [&](const std::string& cfg) {
+    return Tokenizer::load({model, write(d, "tokenizer_config.json", cfg), std::nullopt, std::nullopt}, 384);
+  };
+  const std::string row = write(d, "r.jsonl", "{\"text\": \"Say<start_of_turn>hello <extra> x\"}\n");
+  const std::string turn = write(d, "t.jsonl", "{\"text\": \"Say<start_of_turn>hello.\"}\n");
+  const auto extra = load(R"({"added_tokens_decoder": {"200": {"content": "<extra>", "special": true}}})");
+  expect_input_error([&] { load_dataset({row, 64, false}, tiny(), extra.get(), nullptr); },
+                     {"'text' contains '<extra>', an added token (added_tokens_decoder, id 200)"});
+  const auto listed = load(R"({"additional_special_tokens": ["<extra>"]})");
+  expect_input_error([&] { load_dataset({row, 64, false}, tiny(), listed.get(), nullptr); },
+                     {"'text' contains '<extra>', an added token (additional_special_tokens)"});
+  const auto own = load(R"({"added_tokens_decoder": {"4": {"content": "<start_of_turn>", "special": true}}})");
+  ASSERT_EQ(own->encode("<start_of_turn>"), std::vector<int64_t>{4});  // spm_train puts it after the four specials
+  const Dataset ok = load_dataset({turn, 64, false}, tiny(), own.get(), nullptr);
+  ASSERT_EQ(ok.rows.size(), 1u);
+  EXPECT_EQ(std::count(ok.rows[0].input_ids.begin(), ok.rows[0].input_ids.end(), 4), 1);
+  const auto wrong_id = load(R"({"added_tokens_decoder": {"5": {"content": "<start_of_turn>", "special": true}}})");
+  expect_input_error([&] { load_dataset({turn, 64, false}, tiny(), wrong_id.get(), nullptr); },
+                     {"'text' contains '<start_of_turn>', an added token (added_tokens_decoder, id 5)"});
+  expect_input_error([&] { load(R"({"added_tokens_decoder": {"x": {"content": "<extra>"}}})"); },
+                     {"added_tokens_decoder key 'x' is not a token id"});
+}
+
+// Stanford Alpaca formats "input": null as the text "None" (train.py tests `!= ""`); other loaders read no input.
+// It was read as no input without a word (found by a probe, 2026-12-06): refused.
+TEST(TrainTokenizer, AlpacaNullInputIsRefused) {
+  TempDir d;
+  const std::string model = train_sentencepiece(d);
+  const auto tok = Tokenizer::load({model, std::nullopt, std::nullopt, std::nullopt}, 384);
+  const std::string p = write(d, "a.jsonl", "{\"instruction\": \"Say hello.\", \"input\": null, \"output\": \"Hello!\"}\n");
+  expect_input_error([&] { load_dataset({p, 64, false}, tiny(), tok.get(), nullptr); },
+                     {"'input' is null, which Stanford Alpaca's recipe formats as the text \"None\""});
+  const std::string empty = write(d, "e.jsonl", "{\"instruction\": \"Say hello.\", \"input\": \"\", \"output\": \"Hello!\"}\n");
+  EXPECT_EQ(load_dataset({empty, 64, false}, tiny(), tok.get(), nullptr).rows.size(), 1u);
 }
 
 TEST(TrainTokenizer, AlpacaRowsMaskThePromptAndEndWithEos) {
@@ -887,6 +934,25 @@ TEST(TrainBinary, BadDataAndOptionsExit2) {
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--max-grad-norm", "-1"}, d), "train", {"--max-grad-norm"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--epochs", "2"}, d), "train", {"--epochs", "synthetic"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--packing"}, d), "train", {"--packing", "give --data"});
+  // --max-steps 0 only evaluates: the flags of training were accepted and changed nothing (found by a probe,
+  // 2026-12-06: exit 0, the same eval_loss with --lr 5 and without). Refused, each naming itself; --seed with it is
+  // refused only where nothing synthetic is drawn.
+  const std::vector<std::string> eval_only = {"--model", "gemma2-tiny", "--lora-r", "2", "--max-steps", "0",
+                                              "--eval-data", kExamples + "/tiny.jsonl", "--seq-len", "32"};
+  for (const std::vector<std::string>& f : std::vector<std::vector<std::string>>{
+           {"--lr", "5"}, {"--batch", "4"}, {"--micro-batches", "2"}, {"--data", kExamples + "/tiny.jsonl"},
+           {"--adam-beta1", "0.5"}, {"--weight-decay", "0.3"}, {"--lr-scheduler", "cosine"}, {"--warmup-steps", "3"},
+           {"--max-grad-norm", "0.5"}, {"--adam-beta2", "0.9"}, {"--adam-epsilon", "1"}})
+    expect_rejected(run_tool(kTrain, eval_only + f, d), "train", {f[0] + ": changes nothing with --max-steps 0"});
+  const ToolRun seeded = run_tool(kTrain, eval_only + std::vector<std::string>{"--seed", "5"}, d);
+  EXPECT_EQ(seeded.status, 0) << seeded.err;  // the preset's synthetic weights follow the seed
+  const std::string base = write_base(d);
+  const std::vector<std::string> on_checkpoint = {"--config", base + "/config.json", "--weights", base, "--max-steps",
+                                                  "0", "--eval-data", kExamples + "/tiny.jsonl", "--seq-len", "32",
+                                                  "--seed", "5"};
+  expect_rejected(run_tool(kTrain, on_checkpoint, d), "train", {"--seed: changes nothing with --max-steps 0 here"});
+  const ToolRun adapters = run_tool(kTrain, on_checkpoint + std::vector<std::string>{"--lora-r", "2"}, d);
+  EXPECT_EQ(adapters.status, 0) << adapters.err;  // synthetic adapters follow the seed
   // The tokenizer's flags act only on text rows: each is refused where it would change nothing, naming itself.
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--bos-id", "5"}, d), "train", {"--bos-id", "give --data"});
   expect_rejected(run_tool(kTrain, {"--model", "gemma2-tiny", "--data", kExamples + "/tiny.jsonl", "--eos-id", "7"}, d),

@@ -50,6 +50,7 @@ struct TrainOptions {
   int64_t warmup_steps = 0;
   double max_grad_norm = 1.0;           // HF's default; 0: no clipping
   bool seed_given = false;              // --seed was on the command line (a case file leaves it little to seed)
+  std::set<std::string> given;          // every option on the command line, by its first long name
   std::optional<std::string> softcap, log_path, report_path;
   std::string backend = "reference";
   int gpus = 1;  // --gpus: data parallel over this many GPUs (fast backend)
@@ -718,6 +719,13 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
     fail("--max-steps", "must be at least 1 (0 only with --eval-data: evaluate without training)");
   if (o.max_steps == 0 && (o.output_dir || o.save_adapter || o.resume || o.save_steps))
     fail("--max-steps", "0 trains nothing: there is nothing to save or resume");
+  // --max-steps 0 evaluates --eval-data and trains nothing, so the flags of training change nothing; accepted, they
+  // let a user believe a run with --lr or --epochs had trained (found by a probe, 2026-12-06: exit 0, the same
+  // eval_loss with and without them). --batch and --micro-batches only split the evaluation's rows.
+  if (o.max_steps == 0)
+    for (const char* f : {"--data", "--epochs", "--batch", "--micro-batches", "--lr", "--weight-decay", "--adam-beta1",
+                          "--adam-beta2", "--adam-epsilon", "--lr-scheduler", "--warmup-steps", "--max-grad-norm"})
+      if (o.given.count(f)) fail(f, "changes nothing with --max-steps 0, which only evaluates --eval-data");
   if (o.epochs && *o.epochs < 1) fail("--epochs", "must be at least 1");
   if (o.epochs && !o.data) fail("--epochs", "counts passes over --data; synthetic batches have no epochs (give --max-steps)");
   if (o.micro_batches < 1) fail("--micro-batches", "must be at least 1");
@@ -798,6 +806,11 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   if (o.seed_given && spec.case_path && !(in.model.adapter && in.model.adapter->lora_dropout > 0))
     fail("--seed", "changes nothing here: the case file fixes the weights and the batch, and there is no "
                    "lora_dropout for it to seed");
+  // Evaluating only, the seed reaches synthetic weights (a preset) or synthetic adapters (--lora-r on a checkpoint)
+  // and nothing else: no batch is drawn, no row is shuffled, dropout is off in evaluation.
+  if (o.seed_given && o.max_steps == 0 && !spec.model && !(spec.lora_r && *spec.lora_r > 0 && !spec.adapter))
+    fail("--seed", "changes nothing with --max-steps 0 here: the weights and adapters are the checkpoint's, and "
+                   "evaluation draws nothing");
   if (o.save_adapter && !in.model.adapter)
     fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
   p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");
@@ -990,6 +1003,8 @@ int main(int argc, char** argv) {
   }
   if (seed) spec.seed = *seed;
   o.seed_given = seed.has_value();
+  for (const CLI::Option* opt : app.get_options())
+    if (opt->count() > 0) o.given.insert(opt->get_name());
   try {
     return run_train(spec, o);
   } catch (const Interrupted& e) {

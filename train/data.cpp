@@ -23,7 +23,9 @@ namespace fs = std::filesystem;
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
-  std::vector<std::string> special;  // the text of every control and unknown piece, longest first
+  // Text a row must not hold, longest first, each with what it is: every control and unknown piece, and every added
+  // token of tokenizer_config.json that SentencePiece does not read as its one id (added_token_is_read).
+  std::vector<std::pair<std::string, std::string>> special;
 };
 
 Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
@@ -56,11 +58,11 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
                    ": it is not this model's tokenizer");
   t->bos_id = t->impl_->sp.bos_id();
   t->eos_id = t->impl_->sp.eos_id();
+  auto& special = t->impl_->special;
   for (int id = 0; id < t->impl_->sp.GetPieceSize(); ++id)
     if (t->impl_->sp.IsControl(id) || t->impl_->sp.IsUnknown(id))
-      if (const std::string p = t->impl_->sp.IdToPiece(id); !p.empty()) t->impl_->special.push_back(p);
-  std::stable_sort(t->impl_->special.begin(), t->impl_->special.end(),
-                   [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+      if (const std::string p = t->impl_->sp.IdToPiece(id); !p.empty())
+        special.emplace_back(p, "the text of a special token");
   if (o.config_path) {
     const std::string& cp = *o.config_path;
     json j;
@@ -94,12 +96,49 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
     };
     piece("bos_token", t->bos_id);
     piece("eos_token", t->eos_id);
+    // Added tokens (tokenizer.add_tokens, a chat template's markers): HF's tokenizer splits their text out of a row
+    // before SentencePiece sees it and gives each its one id; SentencePiece alone spells a token it does not have as
+    // characters (found by a probe, 2026-12-06: "<extra>" at id 200 became 6 pieces). A token SentencePiece reads as
+    // its declared id on its own and inside a word (Gemma's <start_of_turn>, a user-defined piece) is left to it;
+    // any other one is refused in a row's text.
+    auto added = [&](const json& tok, std::optional<int64_t> id, const std::string& where) {
+      std::string c;
+      if (tok.is_string())
+        c = tok.get<std::string>();
+      else if (tok.is_object() && tok.contains("content") && tok["content"].is_string())
+        c = tok["content"].get<std::string>();
+      else
+        fail(cp, where + " has an entry that is neither a string nor an object with a string 'content'");
+      if (c.empty() || t->added_token_is_read(c, id)) return;
+      special.emplace_back(c, "an added token (" + where + (id ? ", id " + std::to_string(*id) : std::string()) +
+                                  ") that SentencePiece does not read as one token");
+    };
+    if (auto it = j.find("added_tokens_decoder"); it != j.end() && !it->is_null()) {
+      if (!it->is_object()) fail(cp, "added_tokens_decoder is not an object of id: token");
+      for (const auto& [k, v] : it->items()) {
+        int64_t id = -1;
+        try {
+          size_t n = 0;
+          id = std::stoll(k, &n);
+          if (n != k.size() || id < 0) id = -1;
+        } catch (const std::exception&) {
+        }
+        if (id < 0) fail(cp, "added_tokens_decoder key '" + k + "' is not a token id");
+        added(v, id, "added_tokens_decoder");
+      }
+    }
+    if (auto it = j.find("additional_special_tokens"); it != j.end() && !it->is_null()) {
+      if (!it->is_array()) fail(cp, "additional_special_tokens is not a list");
+      for (const auto& v : *it) added(v, std::nullopt, "additional_special_tokens");
+    }
+    for (const char* key : {"pad_token", "unk_token", "mask_token"})
+      if (auto it = j.find(key); it != j.end() && !it->is_null()) added(*it, std::nullopt, key);
     // Nothing is read past without a word (found by a probe, 2026-12-05: chat_template, legacy and the rest went
     // unmentioned). Read above: add_bos_token, add_eos_token, bos_token, eos_token. Known to leave the ids of this
     // recipe alone: provenance and limits (tokenizer_class, name_or_path, model_max_length: rows are --seq-len),
     // decoding (clean_up_tokenization_spaces, spaces_between_special_tokens), the chat template (never applied:
-    // rows are text or Alpaca), padding and truncation sides (rows are padded and cut on the right by the recipe),
-    // and the special tokens' list (their text in a row is refused). Any other key is named in one warning.
+    // rows are text or Alpaca), padding and truncation sides (rows are padded and cut on the right by the recipe).
+    // The added and special tokens' lists are read above. Any other key is named in one warning.
     static const std::set<std::string> known = {
         "add_bos_token", "add_eos_token", "bos_token", "eos_token", "tokenizer_class", "name_or_path",
         "model_max_length", "clean_up_tokenization_spaces", "spaces_between_special_tokens", "chat_template",
@@ -112,6 +151,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
       t->warnings.push_back(cp + ": not read: " + unread +
                             " (this recipe tokenizes with the SentencePiece model as is; check they do not change the ids)");
   }
+  std::stable_sort(special.begin(), special.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   // With add_bos_token false no BOS is prepended, so --bos-id would change nothing; a flag that is read past is
   // refused, as --tokenizer is on data that is tokenized already.
   if (o.bos_id && !t->add_bos_token)
@@ -140,10 +180,21 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
 // Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py): the prompt ends at "### Response:" and the
 // output follows it directly. It ended "### Response:\n" here (alpaca-lora's variant) while docs/train.md said
 // Stanford's: one more prompt token on every row (found by a probe, 2026-12-05).
-std::optional<std::string> Tokenizer::special_text_in(const std::string& text) const {
-  for (const std::string& p : impl_->special)
-    if (text.find(p) != std::string::npos) return p;
+std::optional<std::pair<std::string, std::string>> Tokenizer::special_text_in(const std::string& text) const {
+  for (const auto& p : impl_->special)
+    if (text.find(p.first) != std::string::npos) return p;
   return std::nullopt;
+}
+
+bool Tokenizer::added_token_is_read(const std::string& content, std::optional<int64_t> id) const {
+  const int piece = impl_->sp.PieceToId(content);
+  if (impl_->sp.IdToPiece(piece) != content || (id && *id != piece)) return false;
+  if (impl_->sp.IsControl(piece) || impl_->sp.IsUnknown(piece)) return false;
+  const auto has = [&](const std::string& text) {
+    const std::vector<int64_t> ids = encode(text);
+    return std::count(ids.begin(), ids.end(), piece) == 1;
+  };
+  return encode(content) == std::vector<int64_t>{piece} && has("a" + content + "a") && has("\n" + content + " ");
 }
 
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
@@ -194,6 +245,12 @@ std::vector<int64_t> token_list(const json& j, const char* key, const std::strin
 
 std::string str_field(const json& j, const char* key, const std::string& where, bool required) {
   auto it = j.find(key);
+  // An Alpaca "input": null has two readings: Stanford's train.py tests `example.get("input", "") != ""`, so None
+  // formats the prompt with an input reading "None", where other loaders take it as no input (found by a probe,
+  // 2026-12-06). Refused rather than one reading picked.
+  if (!required && it != j.end() && it->is_null())
+    fail(where, std::string("'") + key + "' is null, which Stanford Alpaca's recipe formats as the text \"None\" and "
+                "others as no input: give \"\" (or leave it out) for none, \"None\" for the text");
   if (it == j.end() || it->is_null()) {
     if (required)
       fail(where, std::string(std::strcmp(key, "text") == 0 ? "a text row needs '" : "an instruction row needs '") + key +
@@ -288,9 +345,9 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
   for (const char* field : {"text", "instruction", "input", "output"})
     if (auto it = j.find(field); it != j.end() && it->is_string())
       if (auto sp = tok->special_text_in(it->get<std::string>()))
-        fail(where, std::string("'") + field + "' contains '" + *sp +
-                        "', the text of a special token: HF's tokenizer reads it as that token, SentencePiece as "
-                        "characters (give this row as input_ids)");
+        fail(where, std::string("'") + field + "' contains '" + sp->first + "', " + sp->second +
+                        ": HF's tokenizer reads it as that token, SentencePiece as characters (give this row as "
+                        "input_ids)");
   if (text_row) {
     const std::string t = str_field(j, "text", where, true);
     const std::vector<int64_t> body = tok->encode(t);

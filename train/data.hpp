@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/checkpoint.hpp"
@@ -40,7 +41,12 @@ class Tokenizer {
   // The first special token (a control or unknown piece: <bos>, <eos>, <pad>, <unk>, ...) whose text appears in
   // `text`, or nothing. HF's tokenizer reads such text as the token; SentencePiece's Encode spells it out as
   // ordinary pieces, so a row holding it would train on other ids than HF's.
-  std::optional<std::string> special_text_in(const std::string& text) const;
+  // Returns the text and what it is ("the text of a special token", "an added token (...) that ...").
+  std::optional<std::pair<std::string, std::string>> special_text_in(const std::string& text) const;
+  // Whether SentencePiece reads `content` (an added token of tokenizer_config.json, with its declared id if known)
+  // as that one token, as HF's tokenizer does: a piece of the model with that id, neither control nor unknown, encoded
+  // alone as itself and once inside "a...a" and "\n... ". A user-defined piece passes; text the model lacks does not.
+  bool added_token_is_read(const std::string& content, std::optional<int64_t> id) const;
   int64_t bos_id = 2, eos_id = 1;
   bool add_bos_token = true;
   int64_t pieces = 0;  // the SentencePiece vocabulary size
