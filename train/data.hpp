@@ -45,7 +45,7 @@ class Tokenizer {
   std::optional<std::pair<std::string, std::string>> special_text_in(const std::string& text) const;
   // Whether SentencePiece reads `content` (an added token of tokenizer_config.json, with its declared id if known)
   // as that one token, as HF's tokenizer does: a piece of the model with that id, neither control nor unknown, encoded
-  // alone as itself and once inside "a...a" and "\n... ". A user-defined piece passes; text the model lacks does not.
+  // alone as itself and once inside "a...a". A user-defined piece passes; text the model lacks does not.
   bool added_token_is_read(const std::string& content, std::optional<int64_t> id) const;
   int64_t bos_id = 2, eos_id = 1;
   bool add_bos_token = true;
