@@ -743,7 +743,9 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   // HF's "constant" ignores warmup; asking for warmup and not getting it would train another run than asked for.
   if (sched == Scheduler::constant && o.warmup_steps > 0)
     fail("--warmup-steps", "'constant' has no warmup (HF ignores it): use --lr-scheduler constant_with_warmup");
-  if (o.packing && !o.data) fail("--packing", "packs --data rows; give --data");
+  // --eval-data's rows are packed too, so that rows carrying their own position_ids can be evaluated alone
+  // (--max-steps 0 refuses --data).
+  if (o.packing && !o.data && !o.eval_data) fail("--packing", "packs --data or --eval-data rows; give one");
   // The tokenizer's flags act on --data text rows only; each is refused where it would change nothing.
   const char* tok_flag = o.tokenizer.model_path ? "--tokenizer" : o.tokenizer.config_path ? "--tokenizer-config"
                          : o.tokenizer.bos_id ? "--bos-id" : o.tokenizer.eos_id ? "--eos-id" : nullptr;
@@ -809,8 +811,8 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   // Evaluating only, the seed reaches synthetic weights (a preset) or synthetic adapters (--lora-r on a checkpoint)
   // and nothing else: no batch is drawn, no row is shuffled, dropout is off in evaluation.
   if (o.seed_given && o.max_steps == 0 && !spec.model && !(spec.lora_r && *spec.lora_r > 0 && !spec.adapter))
-    fail("--seed", "changes nothing with --max-steps 0 here: the weights and adapters are the checkpoint's, and "
-                   "evaluation draws nothing");
+    fail("--seed", "changes nothing with --max-steps 0 here: no synthetic weights or adapters are drawn, and "
+                   "evaluation draws nothing else");
   if (o.save_adapter && !in.model.adapter)
     fail("--save-adapter", "this run trains every weight (no adapters): use --output-dir, which writes model.safetensors");
   p.out_dir = o.output_dir ? *o.output_dir : o.save_adapter.value_or("");

@@ -62,7 +62,8 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
   for (int id = 0; id < t->impl_->sp.GetPieceSize(); ++id)
     if (t->impl_->sp.IsControl(id) || t->impl_->sp.IsUnknown(id))
       if (const std::string p = t->impl_->sp.IdToPiece(id); !p.empty())
-        special.emplace_back(p, "the text of a special token");
+        special.emplace_back(p, "the text of a special token: HF's tokenizer reads it as that token, SentencePiece "
+                                "as characters");
   if (o.config_path) {
     const std::string& cp = *o.config_path;
     json j;
@@ -111,7 +112,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
         fail(cp, where + " has an entry that is neither a string nor an object with a string 'content'");
       if (c.empty() || t->added_token_is_read(c, id)) return;
       special.emplace_back(c, "an added token (" + where + (id ? ", id " + std::to_string(*id) : std::string()) +
-                                  ") that SentencePiece does not read as one token");
+                                  "): HF's tokenizer reads it as that one token, SentencePiece otherwise");
     };
     if (auto it = j.find("added_tokens_decoder"); it != j.end() && !it->is_null()) {
       if (!it->is_object()) fail(cp, "added_tokens_decoder is not an object of id: token");
@@ -348,8 +349,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
     if (auto it = j.find(field); it != j.end() && it->is_string())
       if (auto sp = tok->special_text_in(it->get<std::string>()))
         fail(where, std::string("'") + field + "' contains '" + sp->first + "', " + sp->second +
-                        ": HF's tokenizer reads it as that token, SentencePiece as characters (give this row as "
-                        "input_ids)");
+                        " (give this row as input_ids)");
   if (text_row) {
     const std::string t = str_field(j, "text", where, true);
     const std::vector<int64_t> body = tok->encode(t);

@@ -41,7 +41,7 @@ class Tokenizer {
   // The first special token (a control or unknown piece: <bos>, <eos>, <pad>, <unk>, ...) whose text appears in
   // `text`, or nothing. HF's tokenizer reads such text as the token; SentencePiece's Encode spells it out as
   // ordinary pieces, so a row holding it would train on other ids than HF's.
-  // Returns the text and what it is ("the text of a special token", "an added token (...) that ...").
+  // Returns the text and what it is, with how the two tokenizers read it ("the text of a special token: ...").
   std::optional<std::pair<std::string, std::string>> special_text_in(const std::string& text) const;
   // Whether SentencePiece reads `content` (an added token of tokenizer_config.json, with its declared id if known)
   // as that one token, as HF's tokenizer does: a piece of the model with that id, neither control nor unknown, encoded
