@@ -38,10 +38,10 @@ class Tokenizer {
   static std::unique_ptr<Tokenizer> load(const TokenizerOptions& options, int64_t vocab_size);
   ~Tokenizer();
   std::vector<int64_t> encode(const std::string& text) const;  // no BOS, no EOS
-  // The first special token (a control or unknown piece: <bos>, <eos>, <pad>, <unk>, ...) whose text appears in
-  // `text`, or nothing. HF's tokenizer reads such text as the token; SentencePiece's Encode spells it out as
-  // ordinary pieces, so a row holding it would train on other ids than HF's.
-  // Returns the text and what it is, with how the two tokenizers read it ("the text of a special token: ...").
+  // The first special token (a control or unknown piece: <bos>, <eos>, <pad>, <unk>, ...) or added token that
+  // SentencePiece does not read as its one id (added_token_is_read) whose text appears in `text`, or nothing. HF's
+  // tokenizer reads such text as the token, SentencePiece otherwise, so a row holding it would train on other ids
+  // than HF's. Returns the text and what it is, with how the two tokenizers read it.
   std::optional<std::pair<std::string, std::string>> special_text_in(const std::string& text) const;
   // Whether SentencePiece reads `content` (an added token of tokenizer_config.json, with its declared id if known)
   // as that one token, as HF's tokenizer does: a piece of the model with that id, neither control nor unknown, encoded
