@@ -33,13 +33,19 @@ Tokenizer::~Tokenizer() = default;
 
 namespace {
 
-// HF writes special tokens either as a string or as an AddedToken object {"content": "<bos>", ...}.
+// HF writes a token either as a string or as an AddedToken object {"content": "<bos>", ...}; `what` names the
+// entry in the error (exit 2) for anything else.
+std::string token_text(const json& v, const std::string& what, const std::string& path) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  fail(path, what + " is neither a string nor an object with a string 'content'");
+}
+
+// A special token's text under `key`, or nothing where the key is absent or null.
 std::optional<std::string> special_token(const json& j, const char* key, const std::string& path) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return std::nullopt;
-  if (it->is_string()) return it->get<std::string>();
-  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) return (*it)["content"].get<std::string>();
-  fail(path, std::string(key) + " is neither a string nor an object with a string 'content'");
+  return token_text(*it, key, path);
 }
 
 }  // namespace
@@ -103,13 +109,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const TokenizerOptions& o, int64_t vo
     // its declared id on its own and inside a word (Gemma's <start_of_turn>, a user-defined piece) is left to it;
     // any other one is refused in a row's text.
     auto added = [&](const json& tok, std::optional<int64_t> id, const std::string& where) {
-      std::string c;
-      if (tok.is_string())
-        c = tok.get<std::string>();
-      else if (tok.is_object() && tok.contains("content") && tok["content"].is_string())
-        c = tok["content"].get<std::string>();
-      else
-        fail(cp, where + " has an entry that is neither a string nor an object with a string 'content'");
+      const std::string c = token_text(tok, where + " has an entry that", cp);
       if (c.empty() || t->added_token_is_read(c, id)) return;
       special.emplace_back(c, "an added token (" + where + (id ? ", id " + std::to_string(*id) : std::string()) +
                                   "): HF's tokenizer reads it as that one token, SentencePiece otherwise");
@@ -178,9 +178,6 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
   return std::vector<int64_t>(ids.begin(), ids.end());
 }
 
-// Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py): the prompt ends at "### Response:" and the
-// output follows it directly. It ended "### Response:\n" here (alpaca-lora's variant) while docs/train.md said
-// Stanford's: one more prompt token on every row (found by a probe, 2026-12-05).
 std::optional<std::pair<std::string, std::string>> Tokenizer::special_text_in(const std::string& text) const {
   for (const auto& p : impl_->special)
     if (text.find(p.first) != std::string::npos) return p;
@@ -200,6 +197,9 @@ bool Tokenizer::added_token_is_read(const std::string& content, std::optional<in
   return encode(content) == std::vector<int64_t>{piece} && has("a" + content + "a");
 }
 
+// Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py): the prompt ends at "### Response:" and the
+// output follows it directly. It ended "### Response:\n" here (alpaca-lora's variant) while docs/train.md said
+// Stanford's: one more prompt token on every row (found by a probe, 2026-12-05).
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
   if (input.empty())
     return "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
