@@ -49,7 +49,6 @@ struct TrainOptions {
   std::string lr_scheduler = "linear";  // HF's default
   int64_t warmup_steps = 0;
   double max_grad_norm = 1.0;           // HF's default; 0: no clipping
-  bool seed_given = false;              // --seed was on the command line (a case file leaves it little to seed)
   std::set<std::string> given;          // every option on the command line, by its first long name
   std::optional<std::string> softcap, log_path, report_path;
   std::string backend = "reference";
@@ -805,12 +804,12 @@ int run_train(const InputSpec& spec, const TrainOptions& o) {
   // With a case file the seed reaches only LoRA dropout's masks (the weights and the batch are the file's, and
   // --data is refused with --case): without dropout it would change no bit, and a user varying it would be
   // misled into thinking the runs differ.
-  if (o.seed_given && spec.case_path && !(in.model.adapter && in.model.adapter->lora_dropout > 0))
+  if (o.given.count("--seed") && spec.case_path && !(in.model.adapter && in.model.adapter->lora_dropout > 0))
     fail("--seed", "changes nothing here: the case file fixes the weights and the batch, and there is no "
                    "lora_dropout for it to seed");
   // Evaluating only, the seed reaches synthetic weights (a preset) or synthetic adapters (--lora-r on a checkpoint)
   // and nothing else: no batch is drawn, no row is shuffled, dropout is off in evaluation.
-  if (o.seed_given && o.max_steps == 0 && !spec.model && !(spec.lora_r && *spec.lora_r > 0 && !spec.adapter))
+  if (o.given.count("--seed") && o.max_steps == 0 && !spec.model && !(spec.lora_r && *spec.lora_r > 0 && !spec.adapter))
     fail("--seed", "changes nothing with --max-steps 0 here: no synthetic weights or adapters are drawn, and "
                    "evaluation draws nothing else");
   if (o.save_adapter && !in.model.adapter)
@@ -1004,7 +1003,6 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (seed) spec.seed = *seed;
-  o.seed_given = seed.has_value();
   for (const CLI::Option* opt : app.get_options())
     if (opt->count() > 0) o.given.insert(opt->get_name());
   try {
