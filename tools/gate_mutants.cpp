@@ -185,34 +185,37 @@ int main(int argc, char** argv) {
     if (names.empty()) fail("--mutants", "no .so build in " + dir);
 
     const auto t0 = std::chrono::steady_clock::now();
-    std::vector<std::unique_ptr<Inputs>> settings;
-    std::vector<std::string> tags;
-    settings.push_back(std::make_unique<Inputs>(load_inputs(spec)));
-    tags.push_back("");
-    std::vector<bool> first_only{false};
+    // One setting per preset run: its inputs, its tag in the table, and whether only the first softcap combination
+    // is asked of it.
+    struct Setting {
+      std::unique_ptr<Inputs> in;
+      std::string tag;
+      bool first_only = false;
+    };
+    std::vector<Setting> settings;
+    settings.push_back({std::make_unique<Inputs>(load_inputs(spec)), "", false});
     // The companions verify runs with the trainer (check/inputs.hpp gate_companions), gemma2-hd256's asked last
     // (settings run from the back): a build another setting kills keeps the verdict and deciding check it had
     // before that companion existed.
     for (const GateCompanion& c : gate_companions(spec, true)) {
       const bool last = c.tag == "hd256 ";
-      settings.insert(last ? settings.begin() : settings.end(), std::make_unique<Inputs>(load_inputs(c.spec)));
-      tags.insert(last ? tags.begin() : tags.end(), c.tag);
-      first_only.insert(last ? first_only.begin() : first_only.end(), c.first_combination_only);
+      settings.insert(last ? settings.begin() : settings.end(),
+                      {std::make_unique<Inputs>(load_inputs(c.spec)), c.tag, c.first_combination_only});
     }
     // The companion first: its cases take a second each, and most broken builds fail there already.
     std::vector<Case> cases;
     for (size_t s = settings.size(); s-- > 0;)
-      for (size_t k = 0; k < (first_only[s] ? 1 : combos.size()); ++k) {
+      for (size_t k = 0; k < (settings[s].first_only ? 1 : combos.size()); ++k) {
         const Softcap sc = combos[k];
-        check_softcap_available(settings[s]->model.config, sc, "--softcap");
-        cases.push_back({"[" + tags[s] + softcap_name(sc) + "] ", settings[s].get(), sc, nullptr});
+        check_softcap_available(settings[s].in->model.config, sc, "--softcap");
+        cases.push_back({"[" + settings[s].tag + softcap_name(sc) + "] ", settings[s].in.get(), sc, nullptr});
       }
     // The reference side of each setting's combinations side by side (check/parallel.hpp), as far as memory allows;
     // one setting after the other, so that the companion's quick cases do not hold threads the big ones could use.
     for (size_t s = settings.size(); s-- > 0;) {
       std::vector<std::function<void()>> tasks;
       for (Case& c : cases)
-        if (c.in == settings[s].get())
+        if (c.in == settings[s].in.get())
           tasks.push_back([k = &c] {
             set_progress_tag(k->prefix);
             progress("reference side: " + k->in->source);
@@ -224,7 +227,7 @@ int main(int argc, char** argv) {
               f64 = ref::run(k->in->model, k->in->batch, o, k->in->micro_rows);
             });
           });
-      run_tasks(std::move(tasks), workers_for_memory(working_set_bytes(*settings[s], true)));
+      run_tasks(std::move(tasks), workers_for_memory(working_set_bytes(*settings[s].in, true)));
     }
     const double ref_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("gate-mutants: %s, softcap %s, %zu builds; reference side %.1f s\n", spec.model->c_str(), softcap.c_str(),
