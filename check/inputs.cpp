@@ -44,7 +44,8 @@ void refuse_beyond_memory(const Config& c, int64_t B, int64_t T, bool reference_
   if (logits_bytes > memory) {
     std::snprintf(msg, sizeof msg, "%lld x %lld tokens need %.3g GB for the float64 logits alone; this machine has %.3g GB",
                   (long long)B, (long long)T, logits_bytes / 1e9, memory / 1e9);
-    fail(batch_flag, msg);
+    // Both flags make the product: --seq 99999999999 alone was blamed on --batch (found by a probe, 2026-12-06).
+    fail(batch_flag == seq_flag ? batch_flag : batch_flag + " and " + seq_flag, msg);
   }
   if (logits_bytes + attention_bytes > memory) {
     std::snprintf(msg, sizeof msg,

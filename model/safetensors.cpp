@@ -66,13 +66,21 @@ std::shared_ptr<const std::byte> map_file(const std::string& path, size_t& size)
                                           [len](const std::byte* q) { ::munmap(const_cast<std::byte*>(q), len); });
 }
 
-// Refuses duplicate keys at the top level of the header (nlohmann would silently keep the last one).
+// Refuses a key given twice, where nlohmann would silently keep the last one: a tensor name at the top level, and a
+// field (dtype, shape, data_offsets) within one tensor's entry, which the safetensors library's TensorInfo (a serde
+// struct) refuses as a duplicate field (found by a probe, 2026-12-06: a bf16 tensor whose entry ended with a second
+// "dtype": "F16" was read as F16). __metadata__ is a map of strings, which serde reads last-wins; it is left alone.
 json parse_header(const std::string& text, const std::string& path) {
-  std::set<std::string> seen;
+  std::set<std::string> seen, fields;
+  std::string tensor;
   json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json& parsed) {
     if (ev == json::parse_event_t::key && depth == 1) {
-      const std::string k = parsed.get<std::string>();
-      if (!seen.insert(k).second) fail(path, "tensor '" + k + "' appears twice in the header");
+      tensor = parsed.get<std::string>();
+      if (!seen.insert(tensor).second) fail(path, "tensor '" + tensor + "' appears twice in the header");
+      fields.clear();
+    } else if (ev == json::parse_event_t::key && depth == 2 && tensor != "__metadata__") {
+      const std::string f = parsed.get<std::string>();
+      if (!fields.insert(f).second) fail(path, "tensor '" + tensor + "' has '" + f + "' twice in its header entry");
     }
     return true;
   };

@@ -999,6 +999,26 @@ TEST(BadSafetensors, DuplicateTensorName) {
                   {ck.weights, "tensor 'model.norm.weight' appears twice in the header"});
 }
 
+// A field given twice within one tensor's entry: nlohmann keeps the last value, so the first dtype (the bytes' true
+// one) was read past; the safetensors library refuses the file (a duplicate field of its serde TensorInfo).
+TEST(BadSafetensors, DuplicateFieldInATensorsEntry) {
+  TempDir d;
+  const std::string s = with_norm_entry(kNormEntry);
+  uint64_t n = 0;
+  std::memcpy(&n, s.data(), 8);
+  std::string header = s.substr(8, size_t(n));
+  const std::string data = s.substr(8 + size_t(n));
+  const size_t at = header.find("\"dtype\":\"F32\"", header.find("\"model.norm.weight\""));
+  ASSERT_NE(at, std::string::npos) << header;
+  header.insert(at, "\"dtype\":\"BF16\",");
+  n = header.size();
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &n, 8);
+  spit(d / "w.safetensors", out + header + data);
+  expect_input_error([&] { read_safetensors(d / "w.safetensors"); },
+                     {"tensor 'model.norm.weight' has 'dtype' twice in its header entry"});
+}
+
 TEST(BadSafetensors, MissingTensor) {
   TempDir d;
   const auto ck = write_checkpoint(d, [](TensorMap& w) { w.erase("model.layers.0.post_attention_layernorm.weight"); });
@@ -1326,7 +1346,7 @@ TEST(BadFlags, BatchNegative) {
 TEST(BadFlags, BatchBeyondMemory) {
   TempDir d;
   expect_rejected(run_tool(kVerify, {"--model", "gemma2-micro", "--batch", "100000000000", "--seq", "64"}, d), "verify",
-                  {"--batch: 100000000000 x 64 tokens need", "GB for the float64 logits alone"});
+                  {"--batch and --seq: 100000000000 x 64 tokens need", "GB for the float64 logits alone"});
 }
 
 // One sequence's attention caches (every layer's scores and weights, T^2 each) were found by std::bad_alloc inside an
