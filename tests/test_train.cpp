@@ -208,6 +208,51 @@ TEST(TrainData, RowPositionIdsCompletionMaskAndUnusedKeys) {
   expect_input_error([&] { load_dataset({text, 8, false}, tiny(), nullptr, nullptr); }, {"e.jsonl:1", "'labels' belongs to a tokenized row"});
 }
 
+// TRL's other per-token columns, each against the row written out as it means (the expected rows are given, not
+// computed by the code under test): assistant_masks unscores where it is 0 as completion_mask does (TRL's collator
+// sets labels to -100 under either), and seq_lengths are packed documents' lengths, positions restarting at each.
+// Both were named as unused and dropped (found by a probe, 2026-12-06), as was an integer beyond int64 read as
+// wrapped: a label 2^64 - 100 became -100.
+TEST(TrainData, TrlAssistantMasksSeqLengthsAndIntegersBeyondInt64) {
+  TempDir d;
+  const auto rows_of = [&](const std::string& name, const std::string& text, bool packing) {
+    return load_dataset({write(d, name, text), 8, packing}, tiny(), nullptr, nullptr).rows;
+  };
+  const auto same = [](const std::vector<Row>& a, const std::vector<Row>& b) {
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i].input_ids, b[i].input_ids);
+      EXPECT_EQ(a[i].labels, b[i].labels);
+      EXPECT_EQ(a[i].position_ids, b[i].position_ids);
+      EXPECT_EQ(a[i].attention_mask, b[i].attention_mask);
+    }
+  };
+  same(rows_of("a1.jsonl", "{\"input_ids\": [2, 10, 11, 12], \"assistant_masks\": [0, 0, 1, 1]}\n", false),
+       rows_of("a2.jsonl", "{\"input_ids\": [2, 10, 11, 12], \"labels\": [-100, -100, 11, 12]}\n", false));
+  same(rows_of("b1.jsonl", "{\"input_ids\": [2, 10, 11, 12], \"completion_mask\": [0, 1, 1, 1], \"assistant_masks\": [1, 1, 0, 1]}\n", false),
+       rows_of("b2.jsonl", "{\"input_ids\": [2, 10, 11, 12], \"labels\": [-100, 10, -100, 12]}\n", false));
+  same(rows_of("c1.jsonl", "{\"input_ids\": [2, 10, 11, 2, 20], \"seq_lengths\": [3, 2]}\n{\"input_ids\": [2, 30], \"seq_lengths\": [2]}\n", true),
+       rows_of("c2.jsonl", "{\"input_ids\": [2, 10, 11, 2, 20], \"position_ids\": [0, 1, 2, 0, 1]}\n{\"input_ids\": [2, 30]}\n", true));
+  const std::vector<Row> packed = rows_of("c3.jsonl", "{\"input_ids\": [2, 10, 11, 2, 20], \"seq_lengths\": [3, 2]}\n", true);
+  EXPECT_EQ(packed[0].position_ids, (std::vector<int64_t>{0, 1, 2, 0, 1, 0, 1, 2}));
+  const auto refused = [&](const std::string& name, const std::string& text, bool packing, std::vector<std::string> says) {
+    const std::string p = write(d, name, text);
+    says.insert(says.begin(), name + ":1");
+    expect_input_error([&] { load_dataset({p, 8, packing}, tiny(), nullptr, nullptr); }, says);
+  };
+  refused("e1.jsonl", "{\"input_ids\": [2, 10, 11], \"assistant_masks\": [0, 2, 1]}\n", false, {"assistant_masks[1] is 2"});
+  refused("e2.jsonl", "{\"input_ids\": [2, 10, 11], \"seq_lengths\": [3]}\n", false, {"seq_lengths", "--packing"});
+  refused("e3.jsonl", "{\"input_ids\": [2, 10, 11], \"seq_lengths\": [2, 2]}\n", true, {"seq_lengths add up to more"});
+  refused("e4.jsonl", "{\"input_ids\": [2, 10, 11], \"seq_lengths\": [2]}\n", true, {"seq_lengths add up to 2"});
+  refused("e5.jsonl", "{\"input_ids\": [2, 10, 11], \"seq_lengths\": [3, 0]}\n", true, {"seq_lengths[1] is 0"});
+  refused("e6.jsonl", "{\"input_ids\": [2, 10, 11], \"seq_lengths\": [3], \"position_ids\": [0, 1, 2]}\n", true,
+          {"both seq_lengths and position_ids"});
+  refused("e7.jsonl", "{\"text\": \"hello\", \"assistant_masks\": [1]}\n", false, {"'assistant_masks' belongs to a tokenized row"});
+  refused("e8.jsonl", "{\"input_ids\": [2, 10, 11], \"labels\": [2, 18446744073709551516, 11]}\n", false,
+          {"labels[1] is 18446744073709551516, out of range"});
+  refused("e9.jsonl", "{\"input_ids\": [2, 18446744073709551615, 11]}\n", false, {"input_ids[1] is 18446744073709551615"});
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // lora_dropout (PEFT: result + lora_B(lora_A(dropout(x))) * scaling), in the reference trainer
 

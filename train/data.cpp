@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <nlohmann/json.hpp>
 
@@ -221,8 +222,8 @@ struct Example {
 // The keys a tokenized row may carry besides input_ids; any other key is reported once (load_dataset's warnings)
 // and not used, as HF's Trainer drops the dataset columns its model's forward does not take.
 bool known_row_key(const std::string& k) {
-  for (const char* known : {"input_ids", "labels", "attention_mask", "position_ids", "completion_mask", "text",
-                            "instruction", "input", "output"})
+  for (const char* known : {"input_ids", "labels", "attention_mask", "position_ids", "completion_mask",
+                            "assistant_masks", "seq_lengths", "text", "instruction", "input", "output"})
     if (k == known) return true;
   return false;
 }
@@ -234,6 +235,11 @@ std::vector<int64_t> int_list(const json& v, const std::string& where, const cha
   for (size_t i = 0; i < v.size(); ++i) {
     if (!v[i].is_number_integer())
       fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + json_brief(v[i]) + ", not an integer");
+    // nlohmann stores an integer above INT64_MAX unsigned, and get<int64_t> wraps it: 2^64 - 100 became -100, a
+    // label silently unscored (found by a probe, 2026-12-06).
+    if (v[i].is_number_unsigned() && v[i].get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+      fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + std::to_string(v[i].get<uint64_t>()) +
+                      ", out of range (at most " + std::to_string(std::numeric_limits<int64_t>::max()) + ")");
     out.push_back(v[i].get<int64_t>());
   }
   return out;
@@ -276,7 +282,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
   for (const auto& [k, v] : j.items())
     if (!known_row_key(k) && unknown) unknown->insert(k);
   if (!j.contains("input_ids"))
-    for (const char* k : {"labels", "attention_mask", "position_ids", "completion_mask"})
+    for (const char* k : {"labels", "attention_mask", "position_ids", "completion_mask", "assistant_masks", "seq_lengths"})
       if (j.contains(k)) fail(where, std::string("'") + k + "' belongs to a tokenized row (input_ids), not a text row");
   Example ex;
   const int64_t V = c.vocab_size;
@@ -308,16 +314,19 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
           fail(where, "attention_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) +
                           ": give only the real tokens (train pads or packs the rows itself)");
     }
-    // TRL's completion-only loss: tokens outside the completion (0) are not scored, as its collator sets their
-    // labels to -100.
-    if (j.contains("completion_mask")) {
-      const std::vector<int64_t> m = token_list(j, "completion_mask", where, ex.ids.size());
-      for (size_t i = 0; i < m.size(); ++i) {
-        if (m[i] != 0 && m[i] != 1)
-          fail(where, "completion_mask[" + std::to_string(i) + "] is " + std::to_string(m[i]) + ", not 0 or 1");
-        if (m[i] == 0) ex.labels[i] = kIgnoreIndex;
+    // TRL's completion-only and assistant-only losses: tokens a mask gives 0 are not scored, as TRL's collator
+    // (trl/trainer/sft_trainer.py, DataCollatorForLanguageModeling) sets their labels to -100; with both masks a token
+    // is scored only where both are 1. assistant_masks was named as unused and dropped, scoring the user's turns
+    // (found by a probe, 2026-12-06).
+    for (const char* key : {"completion_mask", "assistant_masks"})
+      if (j.contains(key)) {
+        const std::vector<int64_t> m = token_list(j, key, where, ex.ids.size());
+        for (size_t i = 0; i < m.size(); ++i) {
+          if (m[i] != 0 && m[i] != 1)
+            fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + std::to_string(m[i]) + ", not 0 or 1");
+          if (m[i] == 0) ex.labels[i] = kIgnoreIndex;
+        }
       }
-    }
     // A row's own RoPE positions, e.g. documents packed into it with positions restarting at 0: HF's model then
     // keeps each document to itself (Batch::packed). Only with --packing, whose rows carry no attention mask; a
     // padded row has one, under which HF would neither separate the documents nor is there one right answer.
@@ -332,6 +341,30 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
       for (size_t i = 0; i < ex.positions.size(); ++i)
         if (ex.positions[i] < 0)
           fail(where, "position_ids[" + std::to_string(i) + "] is " + std::to_string(ex.positions[i]) + ", negative");
+    }
+    // TRL's packed rows (SFTConfig packing, "bfd"): seq_lengths lists the lengths of the documents packed into the
+    // row, and TRL's collator gives each its own positions from 0 (get_position_ids_from_packed_seq_lengths), which
+    // keeps the documents apart as position_ids do above. It was named as unused and dropped, letting the documents
+    // attend to each other (found by a probe, 2026-12-06).
+    if (j.contains("seq_lengths")) {
+      if (!packing)
+        fail(where, "seq_lengths (documents packed into the row) needs --packing: padded rows carry an attention mask, "
+                    "under which HF does not separate documents");
+      if (j.contains("position_ids"))
+        fail(where, "has both seq_lengths and position_ids: TRL derives the positions from seq_lengths; give one");
+      const std::vector<int64_t> lengths = int_list(j["seq_lengths"], where, "seq_lengths");
+      int64_t total = 0;
+      for (size_t i = 0; i < lengths.size(); ++i) {
+        if (lengths[i] < 1)
+          fail(where, "seq_lengths[" + std::to_string(i) + "] is " + std::to_string(lengths[i]) + ", not a length");
+        if (lengths[i] > int64_t(ex.ids.size()) - total)
+          fail(where, "seq_lengths add up to more than input_ids' " + std::to_string(ex.ids.size()) + " tokens");
+        total += lengths[i];
+        for (int64_t p = 0; p < lengths[i]; ++p) ex.positions.push_back(p);
+      }
+      if (total != int64_t(ex.ids.size()))
+        fail(where, "seq_lengths add up to " + std::to_string(total) + ", input_ids has " + std::to_string(ex.ids.size()) +
+                        " tokens");
     }
     return ex;
   }
