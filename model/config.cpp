@@ -179,9 +179,9 @@ struct Reader {
     return v ? as_integer(*v, key) : dflt;
   }
   int64_t as_integer(const json& v, const std::string& key) const {
-    // An integer above INT64_MAX is stored unsigned (and one beyond uint64 as a float): get<int64_t> would wrap
-    // 2^64 - 384 to -384, a valid-looking padding row.
-    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    // One beyond uint64 is stored as a float (below); one beyond int64 would wrap 2^64 - 384 to -384, a
+    // valid-looking padding row.
+    if (beyond_int64(v))
       fail(source, "key '" + key + "' is " + std::to_string(v.get<uint64_t>()) + ", out of range (at most " +
                        std::to_string(std::numeric_limits<int64_t>::max()) + ")");
     if (v.is_number_integer()) return v.get<int64_t>();

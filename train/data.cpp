@@ -219,11 +219,16 @@ struct Example {
   int64_t line = 0;
 };
 
-// The keys a tokenized row may carry besides input_ids; any other key is reported once (load_dataset's warnings)
-// and not used, as HF's Trainer drops the dataset columns its model's forward does not take.
+// The keys only a tokenized row (input_ids) may carry; on a text or instruction row each is refused.
+constexpr const char* kTokenizedRowKeys[] = {"labels", "attention_mask", "position_ids", "completion_mask",
+                                             "assistant_masks", "seq_lengths"};
+
+// The keys a row may carry; any other key is reported once (load_dataset's warnings) and not used, as HF's Trainer
+// drops the dataset columns its model's forward does not take.
 bool known_row_key(const std::string& k) {
-  for (const char* known : {"input_ids", "labels", "attention_mask", "position_ids", "completion_mask",
-                            "assistant_masks", "seq_lengths", "text", "instruction", "input", "output"})
+  for (const char* known : {"input_ids", "text", "instruction", "input", "output"})
+    if (k == known) return true;
+  for (const char* known : kTokenizedRowKeys)
     if (k == known) return true;
   return false;
 }
@@ -235,9 +240,8 @@ std::vector<int64_t> int_list(const json& v, const std::string& where, const cha
   for (size_t i = 0; i < v.size(); ++i) {
     if (!v[i].is_number_integer())
       fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + json_brief(v[i]) + ", not an integer");
-    // nlohmann stores an integer above INT64_MAX unsigned, and get<int64_t> wraps it: 2^64 - 100 became -100, a
-    // label silently unscored (found by a probe, 2026-12-06).
-    if (v[i].is_number_unsigned() && v[i].get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    // Wrapped, a label 2^64 - 100 became -100 and went silently unscored (found by a probe, 2026-12-06).
+    if (beyond_int64(v[i]))
       fail(where, std::string(key) + "[" + std::to_string(i) + "] is " + std::to_string(v[i].get<uint64_t>()) +
                       ", out of range (at most " + std::to_string(std::numeric_limits<int64_t>::max()) + ")");
     out.push_back(v[i].get<int64_t>());
@@ -282,7 +286,7 @@ Example parse_line(const std::string& text, const std::string& where, const Conf
   for (const auto& [k, v] : j.items())
     if (!known_row_key(k) && unknown) unknown->insert(k);
   if (!j.contains("input_ids"))
-    for (const char* k : {"labels", "attention_mask", "position_ids", "completion_mask", "assistant_masks", "seq_lengths"})
+    for (const char* k : kTokenizedRowKeys)
       if (j.contains(k)) fail(where, std::string("'") + k + "' belongs to a tokenized row (input_ids), not a text row");
   Example ex;
   const int64_t V = c.vocab_size;
